@@ -1,0 +1,38 @@
+"""Project ownership and membership, kept in step with guardian object permissions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from guardian.shortcuts import assign_perm, remove_perm
+
+from .models import Project
+
+MEMBER_PERMS = ("board.view_project", "board.change_project")
+
+
+@transaction.atomic
+def create_project(*, organization: Any, name: str, owner: Any) -> Project:
+    """Create a project; its owner gets the member permissions on it."""
+    project = Project.objects.create(organization=organization, name=name, owner=owner)
+    for perm in MEMBER_PERMS:
+        assign_perm(perm, owner, project)
+    assign_perm("board.delete_project", owner, project)
+    return project
+
+
+@transaction.atomic
+def add_member(project: Project, user: Any) -> None:
+    """Make `user` a member of `project` with view and change permissions."""
+    project.members.add(user)
+    for perm in MEMBER_PERMS:
+        assign_perm(perm, user, project)
+
+
+@transaction.atomic
+def remove_member(project: Project, user: Any) -> None:
+    """Take `user` out of `project` and revoke the member permissions."""
+    project.members.remove(user)
+    for perm in MEMBER_PERMS:
+        remove_perm(perm, user, project)

@@ -1,0 +1,10 @@
+from django.contrib import admin
+from django.urls import include, path
+
+from board import views
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("admin/", admin.site.urls),
+    path("", include("realtime.urls")),
+]

@@ -1,0 +1,1 @@
+"""Notifications: built on realtime's public API (see its issue)."""

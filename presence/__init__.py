@@ -1,0 +1,1 @@
+"""Presence: built on realtime's public API (see its issue)."""

@@ -1,0 +1,130 @@
+"""System checks: bad registrations and settings are reported at startup, not at the first save."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import decimal
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from django.apps import AppConfig
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connections, models
+
+from .conf import realtime_settings
+from .registry import Registration, RegistrationError, registry, serializer_problem
+
+
+class _NeedsDatabase(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _no_queries() -> Iterator[None]:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise _NeedsDatabase
+
+    with contextlib.ExitStack() as stack:
+        for alias in connections:
+            stack.enter_context(connections[alias].execute_wrapper(refuse))
+        yield
+
+
+def _probe_value(field: models.Field) -> Any:  # type: ignore[type-arg]
+    if field.is_relation:
+        return 1
+    if isinstance(field, models.BooleanField):
+        return True
+    if isinstance(field, models.UUIDField):
+        return uuid.UUID(int=1)
+    if isinstance(field, (models.IntegerField, models.AutoField)):
+        return 1
+    if isinstance(field, models.DecimalField):
+        return decimal.Decimal(1)
+    if isinstance(field, models.FloatField):
+        return 1.0
+    if isinstance(field, models.DateTimeField):
+        return dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    if isinstance(field, models.DateField):
+        return dt.date(2026, 1, 1)
+    if isinstance(field, models.JSONField):
+        return {}
+    return "probe"
+
+
+def _probe_instance(model: Any) -> Any:
+    """An unsaved instance with plausible values in every concrete field."""
+    instance = model()
+    for field in model._meta.concrete_fields:
+        with contextlib.suppress(Exception):
+            setattr(instance, field.attname, _probe_value(field))
+    return instance
+
+
+def _probe_streams(reg: Registration) -> str | None:
+    """Call the stream callables on a probe instance; return a problem, if one shows."""
+    try:
+        with _no_queries():
+            instance = _probe_instance(reg.model)
+            reg.stream_names(instance)
+    except RegistrationError as exc:
+        return str(exc)
+    except _NeedsDatabase:
+        return None  # it reads related rows; only a real save can tell
+    except Exception as exc:
+        if isinstance(exc.__cause__, _NeedsDatabase) or isinstance(exc.__context__, _NeedsDatabase):
+            return None
+        return (
+            f"{reg.model._meta.label} ({reg.version}) streams raised "
+            f"{type(exc).__name__}: {exc} for an instance with every field set"
+        )
+    return None
+
+
+@checks.register("realtime")
+def check_registrations(app_configs: list[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+    """Report registrations that cannot work."""
+    errors: list[Any] = []
+    for problem in registry.problems:
+        errors.append(checks.Error(problem, id="realtime.E001"))
+    for reg in registry.all():
+        if app_configs is not None and reg.model._meta.app_config not in app_configs:
+            continue
+        problems = [*reg.problems, *filter(None, [serializer_problem(reg)])]
+        for problem in problems:
+            errors.append(checks.Error(problem, obj=reg.model, id="realtime.E002"))
+        if not problems:
+            problem = _probe_streams(reg)
+            if problem:
+                errors.append(
+                    checks.Error(
+                        problem,
+                        hint="A stream name is '<kind>:<key>', such as 'project:42'.",
+                        obj=reg.model,
+                        id="realtime.E003",
+                    )
+                )
+    return errors
+
+
+@checks.register("realtime")
+def check_settings(app_configs: list[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+    """Report unknown REALTIME keys and a missing channel layer."""
+    try:
+        alias = realtime_settings.CHANNEL_LAYER
+    except ImproperlyConfigured as exc:
+        return [checks.Error(str(exc), id="realtime.E010")]
+    layers = getattr(settings, "CHANNEL_LAYERS", {}) or {}
+    if alias not in layers:
+        return [
+            checks.Error(
+                f"REALTIME['CHANNEL_LAYER'] is {alias!r} but CHANNEL_LAYERS has no such entry",
+                hint="Add a channel layer, e.g. channels_redis.pubsub.RedisPubSubChannelLayer.",
+                id="realtime.E011",
+            )
+        ]
+    return []

@@ -1,0 +1,78 @@
+"""The `REALTIME` settings dict, read lazily and reloaded on `setting_changed`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+#: Every key is optional; docs/integration.md explains each one.
+DEFAULTS: dict[str, Any] = {
+    # Turn the whole pipeline off (no events logged or published); used by benchmarks.
+    "ENABLED": True,
+    # Which entry of CHANNEL_LAYERS carries events.
+    "CHANNEL_LAYER": "default",
+    # Prefix of every channel-layer group name (`rt.project.42`).
+    "GROUP_PREFIX": "rt",
+    # The version a subscriber gets when it does not ask for one.
+    "DEFAULT_VERSION": "v1",
+    # Frames waiting to be published in one process; past it the live publish is skipped
+    # (the event stays in the log and the relay publishes it).
+    "PUBLISH_QUEUE_SIZE": 10_000,
+    # Seconds one channel-layer publish may take before it counts as failed.
+    "PUBLISH_TIMEOUT": 5.0,
+    # Events published before the published marks are written in one UPDATE.
+    "PUBLISH_BATCH": 500,
+    # Relay: seconds between passes, how old an unpublished event must be before the relay
+    # takes it (so it does not race the on_commit publish), and events per pass.
+    "RELAY_INTERVAL": 1.0,
+    "RELAY_GRACE": 5.0,
+    "RELAY_BATCH": 500,
+    # Retention: events older than this many seconds, or beyond this many per stream, are
+    # pruned by `manage.py realtime_prune` (None switches a rule off).
+    "RETENTION_MAX_AGE": 7 * 24 * 3600,
+    "RETENTION_MAX_EVENTS": 10_000,
+    "PRUNE_BATCH": 1_000,
+    # Correlation id header read from requests and echoed in responses.
+    "CORRELATION_HEADER": "X-Correlation-ID",
+}
+
+
+class RealtimeSettings:
+    """Attribute access to `settings.REALTIME` merged over `DEFAULTS`."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        user = getattr(django_settings, "REALTIME", None) or {}
+        unknown = set(user) - set(DEFAULTS)
+        if unknown:
+            from django.core.exceptions import ImproperlyConfigured
+
+            raise ImproperlyConfigured(
+                f"Unknown REALTIME setting(s): {', '.join(sorted(unknown))}. "
+                f"Known keys: {', '.join(sorted(DEFAULTS))}."
+            )
+        return {**DEFAULTS, **user}
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"Invalid REALTIME setting: {name!r}")
+        if self._cache is None:
+            self._cache = self._load()
+        return self._cache[name]
+
+    def reload(self) -> None:
+        self._cache = None
+
+
+realtime_settings = RealtimeSettings()
+
+
+@receiver(setting_changed)
+def _reload(*, setting: str, **kwargs: Any) -> None:
+    if setting == "REALTIME":
+        realtime_settings.reload()

@@ -1,0 +1,264 @@
+"""Appending to the event log in the writer's transaction, publishing on commit, relay and prune."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from django.db import connections, router, transaction
+from django.utils import timezone
+
+from .conf import realtime_settings
+from .context import get_correlation_id
+from .events import Envelope, dumps, is_valid_type
+from .models import Event, Stream
+from .publisher import LAYER_MESSAGE_TYPE, Outgoing, publisher
+from .streams import group_name, parse_stream
+
+logger = logging.getLogger("realtime.log")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An event to append: its stream, primary type and data, and other versions."""
+
+    stream: str
+    type: str
+    data: Any
+    variants: dict[str, tuple[str, Any]]
+
+
+def append(pending: Sequence[Pending], *, using: str | None = None) -> list[Envelope]:
+    """Log events in the current transaction (one of its own if none) and publish them on commit.
+
+    Each event takes the next `seq` of its stream under a row lock on the `Stream` row, so seqs
+    are gapless and in commit order. Nothing is published if the transaction rolls back.
+    """
+    if not pending:
+        return []
+    using = using or router.db_for_write(Event)
+    correlation_id = get_correlation_id() or ""
+    envelopes: list[Envelope] = []
+    with transaction.atomic(using=using, savepoint=False):
+        rows: list[Event] = []
+        for item in pending:
+            stream_pk, seq = _next_seq(item.stream, using)
+            event = Event(
+                stream_id=stream_pk,
+                seq=seq,
+                type=item.type,
+                timestamp=timezone.now(),
+                correlation_id=correlation_id,
+                data=item.data,
+                variants={v: {"type": t, "data": d} for v, (t, d) in item.variants.items()},
+            )
+            rows.append(event)
+        if len(rows) == 1:
+            rows[0].save(using=using, force_insert=True)
+        else:
+            Event.objects.using(using).bulk_create(rows)
+            if any(event.pk is None for event in rows):  # backends that return no pks
+                found = dict(
+                    Event.objects.using(using)
+                    .filter(event_id__in=[event.event_id for event in rows])
+                    .values_list("event_id", "pk")
+                )
+                for event in rows:
+                    event.pk = found[event.event_id]
+        for event, item in zip(rows, pending, strict=True):
+            envelopes.append(
+                Envelope(
+                    stream=item.stream,
+                    seq=event.seq,
+                    event_id=event.event_id,
+                    type=event.type,
+                    timestamp=event.timestamp,
+                    correlation_id=correlation_id,
+                    data=event.data,
+                    variants=dict(item.variants),
+                )
+            )
+        pks = [event.pk for event in rows]
+        transaction.on_commit(
+            partial(_publish_committed, envelopes, pks), using=using, robust=True
+        )
+    return envelopes
+
+
+def _publish_committed(envelopes: list[Envelope], pks: list[int]) -> None:
+    publisher.submit(outgoing(env, pk) for env, pk in zip(envelopes, pks, strict=True))
+
+
+def outgoing(envelope: Envelope, event_pk: int) -> Outgoing:
+    """Build the channel-layer message of an event, its frames serialized once per version."""
+    return Outgoing(
+        event_pk=event_pk,
+        stream=envelope.stream,
+        seq=envelope.seq,
+        group=group_name(envelope.stream),
+        message={
+            "type": LAYER_MESSAGE_TYPE,
+            "stream": envelope.stream,
+            "seq": envelope.seq,
+            "eventId": str(envelope.event_id),
+            "frames": envelope.frames(),
+        },
+    )
+
+
+def _next_seq(stream: str, using: str) -> tuple[int, int]:
+    """Lock the stream's row, advance `last_seq`, and return (stream pk, new seq)."""
+    connection = connections[using]
+    table = connection.ops.quote_name(Stream._meta.db_table)
+    returning = connection.vendor in ("postgresql", "sqlite") and getattr(
+        connection.features, "can_return_columns_from_insert", False
+    )
+    for _attempt in range(2):
+        if returning:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"UPDATE {table} SET last_seq = last_seq + 1 WHERE name = %s "
+                    "RETURNING id, last_seq",
+                    [stream],
+                )
+                row = cursor.fetchone()
+            if row is not None:
+                return int(row[0]), int(row[1])
+        else:
+            found = (
+                Stream.objects.using(using)
+                .select_for_update()
+                .filter(name=stream)
+                .values_list("pk", "last_seq")
+                .first()
+            )
+            if found is not None:
+                Stream.objects.using(using).filter(pk=found[0]).update(last_seq=found[1] + 1)
+                return int(found[0]), int(found[1]) + 1
+        # First event of this stream: create its row (a concurrent creator may win).
+        Stream.objects.using(using).bulk_create([Stream(name=stream)], ignore_conflicts=True)
+    raise RuntimeError(f"could not allocate a seq for stream {stream!r}")
+
+
+def emit(
+    stream: str,
+    type: str,
+    data: Any = None,
+    *,
+    variants: dict[str, tuple[str, Any]] | None = None,
+    using: str | None = None,
+) -> Envelope:
+    """Log and publish one event that is not a model change (or one that sent no signal).
+
+    The event joins the current transaction, so it is published only if that commits.
+    """
+    parse_stream(stream)
+    for version, (variant_type, _data) in (variants or {}).items():
+        if not is_valid_type(variant_type) or not variant_type.startswith(f"{version}:"):
+            raise ValueError(f"invalid variant {version!r}: {variant_type!r}")
+    if not is_valid_type(type):
+        raise ValueError(
+            f"invalid event type {type!r}: expected 'v<N>:<noun>.<action>' such as "
+            "'v1:item.updated'"
+        )
+    data = {} if data is None else data
+    dumps(data)  # fail here, not after commit, when the data is not JSON-serializable
+    return append([Pending(stream, type, data, dict(variants or {}))], using=using)[0]
+
+
+# -- relay -------------------------------------------------------------------------------
+
+
+@dataclass
+class RelayResult:
+    """What one relay pass did."""
+
+    found: int = 0
+    published: int = 0
+    failed: int = 0
+
+
+def relay_once(
+    *,
+    grace: float | None = None,
+    limit: int | None = None,
+    timeout: float | None = None,
+    using: str | None = None,
+) -> RelayResult:
+    """Publish committed events that were never published, oldest stream positions first."""
+    grace = realtime_settings.RELAY_GRACE if grace is None else grace
+    limit = realtime_settings.RELAY_BATCH if limit is None else limit
+    using = using or router.db_for_write(Event)
+    cutoff = timezone.now() - dt.timedelta(seconds=grace)
+    result = RelayResult()
+    connection = connections[using]
+    with transaction.atomic(using=using):
+        query = (
+            Event.objects.using(using)
+            .filter(published_at__isnull=True, timestamp__lte=cutoff)
+            .select_related("stream")
+            .order_by("stream_id", "seq")
+        )
+        if connection.features.has_select_for_update_skip_locked:
+            # Two relays never take the same rows; writers' Stream rows stay unlocked.
+            query = query.select_for_update(skip_locked=True, of=("self",))
+        rows = list(query[:limit])
+        result.found = len(rows)
+        if not rows:
+            return result
+        items = [outgoing(Envelope.from_row(row), row.pk) for row in rows]
+        sent = publisher.publish_now(items, timeout=timeout)
+        if sent:
+            Event.objects.using(using).filter(pk__in=sent).update(published_at=timezone.now())
+        result.published = len(sent)
+        result.failed = len(rows) - len(sent)
+    return result
+
+
+# -- retention ---------------------------------------------------------------------------
+
+
+def prune(
+    *,
+    max_age: float | None = None,
+    max_events: int | None = None,
+    batch: int | None = None,
+    using: str | None = None,
+    progress: Any = None,
+) -> int:
+    """Delete published events older than `max_age` seconds or beyond `max_events` per stream."""
+    batch = batch or realtime_settings.PRUNE_BATCH
+    using = using or router.db_for_write(Event)
+    deleted = 0
+    published = Event.objects.using(using).filter(published_at__isnull=False)
+    if max_age is not None:
+        cutoff = timezone.now() - dt.timedelta(seconds=max_age)
+        deleted += _delete_in_batches(published.filter(timestamp__lt=cutoff), batch, progress)
+    if max_events is not None:
+        for stream in Stream.objects.using(using).filter(last_seq__gt=max_events).iterator():
+            doomed = published.filter(stream=stream, seq__lte=stream.last_seq - max_events)
+            deleted += _delete_in_batches(doomed, batch, progress, label=stream.name)
+    return deleted
+
+
+def _delete_in_batches(query: Any, batch: int, progress: Any, label: str = "") -> int:
+    total = 0
+    while True:
+        pks = list(query.order_by("pk").values_list("pk", flat=True)[:batch])
+        if not pks:
+            return total
+        count, _ = Event.objects.using(query.db).filter(pk__in=pks).delete()
+        total += count
+        if progress is not None:
+            progress(total, label)
+
+
+def positions(streams: Iterable[str], *, using: str | None = None) -> dict[str, tuple[int, str]]:
+    """Return {stream: (last_seq, epoch)} for streams that have a log."""
+    using = using or router.db_for_read(Stream)
+    rows = Stream.objects.using(using).filter(name__in=list(streams))
+    return {row.name: (row.last_seq, row.epoch) for row in rows.only("name", "last_seq", "epoch")}

@@ -1,0 +1,42 @@
+"""Delete events beyond the retention limits, in batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from realtime.conf import realtime_settings
+from realtime.log import prune
+
+
+class Command(BaseCommand):
+    help = (
+        "Delete published events older than --max-age seconds or beyond --max-events per "
+        "stream (defaults: REALTIME['RETENTION_MAX_AGE'] and ['RETENTION_MAX_EVENTS'])."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--max-age", type=float, default=None, help="Seconds to keep.")
+        parser.add_argument("--max-events", type=int, default=None, help="Events per stream.")
+        parser.add_argument("--batch", type=int, default=None, help="Rows per DELETE.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        max_age = options["max_age"]
+        max_age = realtime_settings.RETENTION_MAX_AGE if max_age is None else max_age
+        max_events = options["max_events"]
+        max_events = realtime_settings.RETENTION_MAX_EVENTS if max_events is None else max_events
+        if max_age is not None and max_age < 0:
+            raise CommandError("--max-age must not be negative")
+        if max_events is not None and max_events < 0:
+            raise CommandError("--max-events must not be negative")
+        batch = options["batch"] or realtime_settings.PRUNE_BATCH
+        if batch < 1:
+            raise CommandError("--batch must be at least 1")
+
+        def progress(total: int, label: str) -> None:
+            if options["verbosity"] >= 2:
+                self.stdout.write(f"  {total} deleted{f' ({label})' if label else ''}")
+
+        deleted = prune(max_age=max_age, max_events=max_events, batch=batch, progress=progress)
+        self.stdout.write(f"pruned {deleted} event(s)")

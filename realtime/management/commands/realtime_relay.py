@@ -1,0 +1,80 @@
+"""Publish events that were committed but never published."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from realtime.conf import realtime_settings
+from realtime.context import correlation
+from realtime.log import relay_once
+
+
+class Command(BaseCommand):
+    help = (
+        "Publish events that were committed but not published (the process died between "
+        "commit and publish, or the channel layer was down). Runs until stopped, or once."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--once", action="store_true", help="Do one pass and exit.")
+        parser.add_argument(
+            "--interval",
+            type=float,
+            default=None,
+            help="Seconds between passes (REALTIME['RELAY_INTERVAL']; 0.05 to 60).",
+        )
+        parser.add_argument(
+            "--grace",
+            type=float,
+            default=None,
+            help="Only take events older than this many seconds (REALTIME['RELAY_GRACE']).",
+        )
+        parser.add_argument(
+            "--batch", type=int, default=None, help="Events per pass (REALTIME['RELAY_BATCH'])."
+        )
+        parser.add_argument(
+            "--max-passes",
+            type=int,
+            default=None,
+            help="Stop after this many passes (for supervised runs and tests).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        interval = options["interval"]
+        interval = realtime_settings.RELAY_INTERVAL if interval is None else interval
+        interval = min(max(float(interval), 0.05), 60.0)
+        batch = options["batch"] or realtime_settings.RELAY_BATCH
+        if batch < 1:
+            self.stderr.write("--batch must be at least 1")
+            return
+        stop = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+        passes = 0
+        max_passes = 1 if options["once"] else options["max_passes"]
+        verbose = options["verbosity"] >= 1
+        while not stop.is_set():
+            started = time.monotonic()
+            with correlation():
+                try:
+                    result = relay_once(grace=options["grace"], limit=batch)
+                except Exception as exc:  # keep running; the database may come back
+                    self.stderr.write(f"relay pass failed: {type(exc).__name__}: {exc}")
+                    result = None
+            passes += 1
+            if result is not None and (result.found or options["once"]) and verbose:
+                self.stdout.write(
+                    f"relay: {result.published} published, {result.failed} failed "
+                    f"of {result.found} pending ({time.monotonic() - started:.3f}s)"
+                )
+            if max_passes is not None and passes >= max_passes:
+                break
+            # A full batch means more are waiting: go again at once.
+            if result is None or result.found < batch:
+                stop.wait(interval)

@@ -1,0 +1,64 @@
+"""The durable per-stream event log: `Stream` (position, epoch) and `Event` (one change)."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models
+
+
+def new_epoch() -> str:
+    """Return a new random stream epoch."""
+    return secrets.token_hex(8)
+
+
+class Stream(models.Model):
+    """A named stream; `last_seq` is the seq of its newest event, `epoch` names its history."""
+
+    name = models.CharField(max_length=161, unique=True)
+    last_seq = models.BigIntegerField(default=0)
+    epoch = models.CharField(max_length=32, default=new_epoch)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "stream"
+
+    def __str__(self) -> str:
+        return f"{self.name} @ {self.last_seq}"
+
+
+class Event(models.Model):
+    """One logged event: the outbox row the publisher sends and the history replay reads."""
+
+    # The (stream, seq) unique index serves replay, so the FK needs no index of its own.
+    stream = models.ForeignKey(
+        Stream, on_delete=models.CASCADE, related_name="events", db_index=False
+    )
+    seq = models.BigIntegerField()
+    event_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    type = models.CharField(max_length=100)
+    timestamp = models.DateTimeField(db_index=True)
+    correlation_id = models.CharField(max_length=128, blank=True, default="")
+    data = models.JSONField(encoder=DjangoJSONEncoder, default=dict)
+    # Payloads of the other registered versions: {"v2": {"type": ..., "data": ...}}.
+    variants = models.JSONField(encoder=DjangoJSONEncoder, default=dict, blank=True)
+    published_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "event"
+        constraints = [
+            models.UniqueConstraint(fields=["stream", "seq"], name="realtime_event_stream_seq"),
+        ]
+        indexes = [
+            # The relay's scan: unpublished events, oldest first.
+            models.Index(
+                fields=["timestamp"],
+                name="realtime_event_unpublished",
+                condition=models.Q(published_at__isnull=True),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.stream_id}#{self.seq}"

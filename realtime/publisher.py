@@ -1,0 +1,309 @@
+"""Channel-layer fanout of committed events, from a long-lived event loop, never blocking the writer.
+
+A save hands its frames to `publisher.submit()` from `transaction.on_commit`. The frames are
+sent by one worker task per event loop: the ASGI server's own loop when the save runs in a
+`sync_to_async` thread under daphne or uvicorn (so the in-memory layer and the server's Redis
+connections are used as they are), otherwise a private loop on a daemon thread. Sent events
+are marked published in batches; an event whose publish fails or is shed stays unpublished
+and the relay (`manage.py realtime_relay`) sends it later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from asgiref.sync import SyncToAsync
+
+from .conf import realtime_settings
+
+logger = logging.getLogger("realtime.publisher")
+
+#: The `type` of every channel-layer message carrying an event; consumers handle it in
+#: `realtime_event`. The event's own type travels inside the message.
+LAYER_MESSAGE_TYPE = "realtime.event"
+
+# After a failed publish, skip the live path for this long (events go to the relay) instead
+# of paying the timeout once per queued event.
+_BACKOFF_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One event ready to publish: its log row, its group and the layer message."""
+
+    event_pk: int
+    stream: str
+    seq: int
+    group: str
+    message: dict[str, Any]
+
+
+class _LoopWorker:
+    """The queue and the task that publish in one event loop, in submission order."""
+
+    def __init__(self, publisher: Publisher, loop: asyncio.AbstractEventLoop) -> None:
+        self.publisher = publisher
+        self.loop = loop
+        self.pending: collections.deque[Outgoing] = collections.deque()
+        self.wakeup: asyncio.Event | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.paused_until = 0.0
+
+    def enqueue(self, items: list[Outgoing]) -> None:
+        # Runs in the worker's loop.
+        limit = realtime_settings.PUBLISH_QUEUE_SIZE
+        if len(self.pending) + len(items) > limit:
+            logger.warning(
+                "publish queue full (%d events); %d event(s) left for the relay",
+                len(self.pending),
+                len(items),
+            )
+            self.publisher._finished(len(items), shed=len(items))
+            return
+        self.pending.extend(items)
+        if self.wakeup is None:
+            self.wakeup = asyncio.Event()
+        if self.task is None or self.task.done():
+            self.task = self.loop.create_task(self.run(), name="realtime-publisher")
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        assert self.wakeup is not None
+        batch_size = max(1, int(realtime_settings.PUBLISH_BATCH))
+        while True:
+            if not self.pending:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            batch = [self.pending.popleft() for _ in range(min(batch_size, len(self.pending)))]
+            sent: list[int] = []
+            failed = 0
+            try:
+                sent, failed = await self.publisher.send(batch, self)
+                if sent:
+                    await self.loop.run_in_executor(
+                        self.publisher.ack_executor, mark_published, sent
+                    )
+            except Exception:
+                logger.exception("marking %d event(s) published failed", len(sent))
+            finally:
+                self.publisher._finished(len(batch), failed=failed)
+
+
+class Publisher:
+    """Publishes committed events to channel-layer groups without blocking the caller."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._workers: dict[asyncio.AbstractEventLoop, _LoopWorker] = {}
+        self._private_loop: asyncio.AbstractEventLoop | None = None
+        self._private_thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self.ack_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="realtime-ack"
+        )
+        self.submitted = 0
+        self.finished = 0
+        self.failed = 0
+        self.shed = 0
+
+    # -- submission --------------------------------------------------------------------
+
+    def submit(self, items: Iterable[Outgoing]) -> None:
+        """Queue events for publishing and return at once; safe from any thread."""
+        batch = list(items)
+        if not batch:
+            return
+        loop = self._target_loop()
+        with self._lock:
+            self.submitted += len(batch)
+            worker = self._worker(loop)
+        try:
+            loop.call_soon_threadsafe(worker.enqueue, batch)
+        except RuntimeError:  # the loop closed between lookup and call
+            logger.warning("event loop closed; %d event(s) left for the relay", len(batch))
+            self._finished(len(batch), shed=len(batch))
+
+    def publish_now(self, items: list[Outgoing], timeout: float | None = None) -> list[int]:
+        """Publish on the private loop and wait; return the pks of the events that were sent."""
+        if not items:
+            return []
+        loop = self._ensure_private_loop()
+        future = asyncio.run_coroutine_threadsafe(self.send(items, None), loop)
+        sent, _failed = future.result(timeout)
+        return sent
+
+    async def send(
+        self, items: list[Outgoing], worker: _LoopWorker | None
+    ) -> tuple[list[int], int]:
+        """Send each message to its group; return (sent pks, failures)."""
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer(realtime_settings.CHANNEL_LAYER)
+        if layer is None:
+            logger.error(
+                "no channel layer %r configured; %d event(s) left unpublished",
+                realtime_settings.CHANNEL_LAYER,
+                len(items),
+            )
+            return [], len(items)
+        timeout = float(realtime_settings.PUBLISH_TIMEOUT)
+        sent: list[int] = []
+        failed = 0
+        for item in items:
+            if worker is not None and time.monotonic() < worker.paused_until:
+                failed += 1
+                continue
+            try:
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                # that lands as the send completes, and then the loop can never close.
+                async with asyncio.timeout(timeout):
+                    await layer.group_send(item.group, item.message)
+            except Exception as exc:
+                failed += 1
+                logger.warning(
+                    "publish of %s seq %d failed (%s: %s); left for the relay",
+                    item.stream,
+                    item.seq,
+                    type(exc).__name__,
+                    exc,
+                )
+                if worker is not None:
+                    worker.paused_until = time.monotonic() + _BACKOFF_SECONDS
+            else:
+                sent.append(item.event_pk)
+        return sent, failed
+
+    def resume(self) -> None:
+        """End any failure backoff now, so the next events are tried live again."""
+        with self._lock:
+            for worker in self._workers.values():
+                worker.paused_until = 0.0
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything submitted so far was sent or given up; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._done:
+            target = self.submitted
+            while self.finished < target:
+                self._reap_closed_loops()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._done.wait(min(remaining, 0.1))
+        # The published marks are written on the ack thread; wait for them too.
+        self.ack_executor.submit(lambda: None).result(max(0.0, deadline - time.monotonic()))
+        return True
+
+    def _reap_closed_loops(self) -> None:
+        # Called with the lock held: events queued on a loop that has since closed will never
+        # be sent from it; count them as shed (the relay has them).
+        for loop in [lp for lp in self._workers if lp.is_closed()]:
+            worker = self._workers.pop(loop)
+            if worker.pending:
+                logger.warning(
+                    "event loop closed with %d event(s) queued; left for the relay",
+                    len(worker.pending),
+                )
+                self.finished += len(worker.pending)
+                self.shed += len(worker.pending)
+                worker.pending.clear()
+
+    def _finished(self, count: int, *, failed: int = 0, shed: int = 0) -> None:
+        with self._done:
+            self.finished += count
+            self.failed += failed
+            self.shed += shed
+            self._done.notify_all()
+
+    # -- loops ---------------------------------------------------------------------------
+
+    def _target_loop(self) -> asyncio.AbstractEventLoop:
+        self._check_fork()
+        # Inside sync_to_async under an ASGI server: publish on the server's loop.
+        loop = getattr(SyncToAsync.threadlocal, "main_event_loop", None)
+        pid = getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None)
+        if loop is not None and pid == self._pid and loop.is_running():
+            return loop
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:
+            return self._ensure_private_loop()
+
+    def _worker(self, loop: asyncio.AbstractEventLoop) -> _LoopWorker:
+        # Called with the lock held.
+        self._reap_closed_loops()
+        worker = self._workers.get(loop)
+        if worker is None:
+            worker = self._workers[loop] = _LoopWorker(self, loop)
+        return worker
+
+    def _ensure_private_loop(self) -> asyncio.AbstractEventLoop:
+        self._check_fork()
+        with self._lock:
+            if self._private_loop is None or not self._private_thread_alive():
+                loop = asyncio.new_event_loop()
+                started = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(started.set)
+                    loop.run_forever()
+
+                thread = threading.Thread(target=run, name="realtime-publisher", daemon=True)
+                thread.start()
+                started.wait(5)
+                self._private_loop, self._private_thread = loop, thread
+            return self._private_loop
+
+    def _private_thread_alive(self) -> bool:
+        return self._private_thread is not None and self._private_thread.is_alive()
+
+    def _check_fork(self) -> None:
+        # A forked worker must not reuse the parent's loop thread or ack thread.
+        if os.getpid() != self._pid:
+            self.__init__()  # type: ignore[misc]
+
+
+def mark_published(pks: list[int]) -> int:
+    """Set `published_at` on the given events in one UPDATE; runs on the ack thread."""
+    from django.db import close_old_connections
+    from django.utils import timezone
+
+    from .models import Event
+
+    close_old_connections()
+    return Event.objects.filter(pk__in=pks, published_at__isnull=True).update(
+        published_at=timezone.now()
+    )
+
+
+def close_ack_connections() -> None:
+    """Close the ack thread's database connections (test teardown, process shutdown)."""
+    from django.db import connections
+
+    publisher.ack_executor.submit(connections.close_all).result(10)
+
+
+publisher = Publisher()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    # A management command or script that saved something publishes before it exits;
+    # whatever does not make it in time stays in the log for the relay.
+    if publisher.finished < publisher.submitted:
+        publisher.flush(timeout=3.0)

@@ -1,0 +1,446 @@
+"""Model registration: which streams a model change goes to, and how each version serializes it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import connections, models, router, transaction
+from django.db.models import signals
+from django.utils.module_loading import import_string
+
+from .conf import realtime_settings
+from .events import is_valid_type, is_valid_version
+from .streams import InvalidStreamName, parse_stream
+
+logger = logging.getLogger("realtime.registry")
+
+ACTIONS = ("created", "updated", "deleted")
+_LOADED = "_realtime_loaded"
+
+StreamsSpec = str | Callable[[Any], Any] | Iterable[str | Callable[[Any], Any]]
+
+
+class RegistrationError(ValueError):
+    """A registration that cannot work; raised at the first save and reported by checks."""
+
+
+@dataclass
+class Registration:
+    """One model registered for one event version."""
+
+    model: Any
+    streams: list[str | Callable[[Any], Any]]
+    serializer: Any
+    actions: frozenset[str]
+    version: str
+    name: str
+    version_field: str | None
+    problems: list[str] = field(default_factory=list)
+
+    def type_for(self, action: str) -> str:
+        return f"{self.version}:{self.name}.{action}"
+
+    def stream_names(self, instance: Any) -> list[str]:
+        """Return the streams of an instance, validated, in a stable order without repeats."""
+        names: list[str] = []
+        for spec in self.streams:
+            value = spec.format_map(_Attrs(instance)) if isinstance(spec, str) else spec(instance)
+            values = [value] if isinstance(value, str) or value is None else list(value)
+            for name in values:
+                if name is None:
+                    continue  # a callable may say "no stream for this instance"
+                try:
+                    parse_stream(name)
+                except InvalidStreamName as exc:
+                    raise RegistrationError(
+                        f"{_label(self.model)} ({self.version}) streams: {exc}"
+                    ) from None
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def serialize(self, instance: Any) -> Any:
+        serializer = self.resolved_serializer()
+        if serializer is None:
+            return _default_data(instance)
+        if isinstance(serializer, type) and _is_drf_serializer(serializer):
+            return serializer(instance).data
+        return serializer(instance)
+
+    def deleted_data(self, pk: Any, instance: Any) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": pk}
+        if self.version_field:
+            data[self.version_field] = getattr(instance, self.version_field, None)
+        return data
+
+    @functools.cached_property
+    def _serializer(self) -> Any:
+        if isinstance(self.serializer, str):
+            return import_string(self.serializer)
+        return self.serializer
+
+    def resolved_serializer(self) -> Any:
+        return self._serializer
+
+
+class _Attrs(dict):  # type: ignore[type-arg]
+    """Lets a stream template such as 'project:{project_id}' read instance attributes."""
+
+    def __init__(self, instance: Any) -> None:
+        super().__init__()
+        self.instance = instance
+
+    def __missing__(self, key: str) -> Any:
+        return getattr(self.instance, key)
+
+
+def _label(model: Any) -> str:
+    meta = getattr(model, "_meta", None)
+    return meta.label if meta is not None else repr(model)
+
+
+def _is_drf_serializer(value: Any) -> bool:
+    try:
+        from rest_framework.serializers import BaseSerializer
+    except ImportError:  # pragma: no cover - DRF is a dependency
+        return False
+    return isinstance(value, type) and issubclass(value, BaseSerializer)
+
+
+def _default_data(instance: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"id": instance.pk}
+    for f in instance._meta.concrete_fields:
+        if f.primary_key:
+            continue
+        value = f.value_from_object(instance)
+        data[f.attname] = value.name if isinstance(value, models.fields.files.FieldFile) else value
+    return data
+
+
+class Registry:
+    """All registrations, by model; connects the model signals once per model."""
+
+    def __init__(self) -> None:
+        self._by_model: dict[Any, list[Registration]] = {}
+        self.problems: list[str] = []  # registrations that could not be stored at all
+
+    def register(
+        self,
+        model: Any,
+        *,
+        streams: StreamsSpec,
+        serializer: Any = None,
+        actions: Iterable[str] = ACTIONS,
+        version: str = "v1",
+        name: str | None = None,
+        version_field: str | None = "version",
+    ) -> Registration | None:
+        """Register a model; problems are kept for the system check, not raised here."""
+        if not (isinstance(model, type) and issubclass(model, models.Model)):
+            self.problems.append(f"realtime.register() needs a model class, got {model!r}")
+            return None
+        meta = model._meta
+        if meta.abstract:
+            self.problems.append(f"{_label(model)} is abstract and cannot be registered")
+            return None
+        specs = [streams] if isinstance(streams, str) or callable(streams) else list(streams)
+        registration = Registration(
+            model=model,
+            streams=specs,  # type: ignore[arg-type]
+            serializer=serializer,
+            actions=frozenset(actions),
+            version=version,
+            name=name or meta.model_name or "",
+            version_field=(
+                version_field if version_field and _has_field(model, version_field) else None
+            ),
+        )
+        registration.problems.extend(_static_problems(registration))
+        existing = self._by_model.setdefault(model, [])
+        if any(r.version == version for r in existing):
+            registration.problems.append(
+                f"{_label(model)} is registered twice for version {version!r}"
+            )
+        existing.append(registration)
+        if len(existing) == 1:
+            _connect(model)
+        return registration
+
+    def unregister(self, model: Any, version: str | None = None) -> None:
+        """Remove a model's registrations (one version, or all)."""
+        regs = self._by_model.get(model, [])
+        kept = [r for r in regs if version is not None and r.version != version]
+        if kept:
+            self._by_model[model] = kept
+        else:
+            self._by_model.pop(model, None)
+            _disconnect(model)
+
+    def for_model(self, model: Any) -> list[Registration]:
+        return self._by_model.get(model, [])
+
+    def all(self) -> list[Registration]:
+        return [r for regs in self._by_model.values() for r in regs]
+
+
+def _has_field(model: Any, name: str) -> bool:
+    try:
+        model._meta.get_field(name)
+    except Exception:
+        return False
+    return True
+
+
+def _usable_serializer(value: Any) -> bool:
+    return value is None or callable(value)
+
+
+def serializer_problem(reg: Registration) -> str | None:
+    """Resolve a dotted serializer path; return a problem if it cannot be used."""
+    if not isinstance(reg.serializer, str):
+        return None
+    label = f"{_label(reg.model)} ({reg.version})"
+    try:
+        value = reg.resolved_serializer()
+    except ImportError as exc:
+        return f"{label}: serializer {reg.serializer!r} cannot be imported ({exc})"
+    if not _usable_serializer(value):
+        return f"{label}: serializer {reg.serializer!r} is neither a serializer class nor callable"
+    return None
+
+
+def _static_problems(reg: Registration) -> list[str]:
+    problems: list[str] = []
+    label = f"{_label(reg.model)} ({reg.version})"
+    if not is_valid_version(reg.version):
+        problems.append(f"{label}: version must look like 'v1', got {reg.version!r}")
+    bad_actions = reg.actions - set(ACTIONS)
+    if bad_actions or not reg.actions:
+        problems.append(
+            f"{label}: actions must be a non-empty subset of {ACTIONS}, got {sorted(reg.actions)}"
+        )
+    if is_valid_version(reg.version) and not is_valid_type(reg.type_for("created")):
+        problems.append(f"{label}: event name {reg.name!r} does not make a valid event type")
+    if not reg.streams:
+        problems.append(f"{label}: no streams given")
+    for spec in reg.streams:
+        if not (isinstance(spec, str) or callable(spec)):
+            problems.append(f"{label}: a stream must be a template string or a callable, not {spec!r}")
+    if not isinstance(reg.serializer, str) and not _usable_serializer(reg.serializer):
+        problems.append(
+            f"{label}: serializer must be a DRF serializer class, a callable or a dotted path, "
+            f"not {reg.serializer!r}"
+        )
+    return problems
+
+
+registry = Registry()
+
+
+def register(model: Any, **options: Any) -> Registration | None:
+    """Broadcast a model's changes; see `broadcast` for the options."""
+    return registry.register(model, **options)
+
+
+def broadcast(
+    *,
+    streams: StreamsSpec,
+    serializer: Any = None,
+    actions: Iterable[str] = ACTIONS,
+    version: str = "v1",
+    name: str | None = None,
+    version_field: str | None = "version",
+) -> Callable[[Any], Any]:
+    """Class decorator registering a model: its saves and deletes become events on `streams`.
+
+    Parameters
+    ----------
+    streams:
+        A template such as ``"project:{project_id}"``, a callable ``instance -> name | names``,
+        or a list of either.
+    serializer:
+        A DRF serializer class, a callable ``instance -> data``, a dotted path to either, or
+        None for the model's concrete fields.
+    actions:
+        Which of ``created``, ``updated``, ``deleted`` are sent.
+    version:
+        The event version (``v1``); register again with another serializer for ``v2``.
+    name:
+        The noun in the event type (``item`` in ``v1:item.updated``); the model name by default.
+    version_field:
+        A field whose value deleted events also carry, so clients can drop stale versions.
+    """
+
+    def decorate(model: Any) -> Any:
+        registry.register(
+            model,
+            streams=streams,
+            serializer=serializer,
+            actions=actions,
+            version=version,
+            name=name,
+            version_field=version_field,
+        )
+        return model
+
+    return decorate
+
+
+# -- signal wiring -------------------------------------------------------------------------
+
+
+def _connect(model: Any) -> None:
+    uid = f"realtime:{_label(model)}"
+    signals.post_init.connect(_on_init, sender=model, dispatch_uid=uid, weak=False)
+    signals.post_save.connect(_on_save, sender=model, dispatch_uid=uid, weak=False)
+    signals.post_delete.connect(_on_delete, sender=model, dispatch_uid=uid, weak=False)
+    _wrap_save_base(model)
+
+
+def _disconnect(model: Any) -> None:
+    uid = f"realtime:{_label(model)}"
+    signals.post_init.disconnect(sender=model, dispatch_uid=uid)
+    signals.post_save.disconnect(sender=model, dispatch_uid=uid)
+    signals.post_delete.disconnect(sender=model, dispatch_uid=uid)
+
+
+def _wrap_save_base(model: Any) -> None:
+    # In autocommit mode Django sends post_save after the save's own transaction has
+    # committed; wrapping save_base keeps the change and its event in one transaction.
+    original = model.__dict__.get("save_base") or model.save_base
+    if getattr(original, "_realtime_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def save_base(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("raw") or not registry.for_model(type(self)):
+            return original(self, *args, **kwargs)
+        using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
+        if connections[using].in_atomic_block:
+            return original(self, *args, **kwargs)
+        with transaction.atomic(using=using, savepoint=False):
+            return original(self, *args, **kwargs)
+
+    save_base._realtime_wrapped = True  # type: ignore[attr-defined]
+    model.save_base = save_base
+
+
+@functools.cache
+def _attnames(model: Any) -> tuple[str, ...]:
+    return tuple(f.attname for f in model._meta.concrete_fields)
+
+
+def _snapshot(instance: Any) -> dict[str, Any]:
+    values = instance.__dict__
+    return {name: values[name] for name in _attnames(type(instance)) if name in values}
+
+
+def _on_init(sender: Any, instance: Any, **kwargs: Any) -> None:
+    if instance.pk is not None:
+        instance.__dict__[_LOADED] = _snapshot(instance)
+
+
+def _old_copy(instance: Any) -> Any | None:
+    """Return a copy of the instance as it was loaded, or None if no field changed."""
+    loaded = instance.__dict__.get(_LOADED)
+    if not loaded:
+        return None
+    changed = {k for k, v in loaded.items() if instance.__dict__.get(k, v) != v}
+    if not changed:
+        return None
+    old = instance.__class__.__new__(instance.__class__)
+    old.__dict__.update(instance.__dict__)
+    old.__dict__.update(loaded)
+    old._state = type(instance._state)()
+    old._state.db, old._state.adding = instance._state.db, False
+    # Related objects cached for a foreign key that changed belong to the new value.
+    cache = dict(instance._state.fields_cache)
+    for f in instance._meta.concrete_fields:
+        if f.is_relation and f.attname in changed:
+            cache.pop(f.name, None)
+    old._state.fields_cache = cache
+    return old
+
+
+def _on_save(sender: Any, instance: Any, created: bool, raw: bool, using: str, **kwargs: Any) -> None:
+    if raw or not realtime_settings.ENABLED:
+        return
+    regs = registry.for_model(sender)
+    if not regs:
+        return
+    old = None if created else _old_copy(instance)
+    plan: dict[str, dict[str, tuple[str, Any]]] = {}  # stream -> version -> (type, data)
+    order: list[str] = []
+    for reg in regs:
+        _raise_problems(reg)
+        new_streams = reg.stream_names(instance)
+        old_streams = reg.stream_names(old) if old is not None else new_streams
+        data: Any = None
+        for stream in dict.fromkeys([*old_streams, *new_streams]):
+            if stream in new_streams:
+                action = "created" if created or stream not in old_streams else "updated"
+            else:
+                action = "deleted"
+            if action not in reg.actions:
+                continue
+            if action == "deleted":
+                payload: Any = reg.deleted_data(instance.pk, instance)
+            else:
+                if data is None:
+                    data = reg.serialize(instance)
+                payload = data
+            if stream not in plan:
+                plan[stream] = {}
+                order.append(stream)
+            plan[stream].setdefault(reg.version, (reg.type_for(action), payload))
+    _append(plan, order, using)
+    instance.__dict__[_LOADED] = _snapshot(instance)
+
+
+def _on_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
+    if not realtime_settings.ENABLED:
+        return
+    regs = registry.for_model(sender)
+    if not regs:
+        return
+    pk = instance.pk
+    if pk is None:  # Collector clears pks only after post_delete; be safe anyway
+        pk = instance.__dict__.get(_LOADED, {}).get(instance._meta.pk.attname)
+    plan: dict[str, dict[str, tuple[str, Any]]] = {}
+    order: list[str] = []
+    for reg in regs:
+        _raise_problems(reg)
+        if "deleted" not in reg.actions:
+            continue
+        for stream in reg.stream_names(instance):
+            if stream not in plan:
+                plan[stream] = {}
+                order.append(stream)
+            plan[stream].setdefault(
+                reg.version, (reg.type_for("deleted"), reg.deleted_data(pk, instance))
+            )
+    _append(plan, order, using)
+
+
+def _raise_problems(reg: Registration) -> None:
+    problems = [*reg.problems, *filter(None, [serializer_problem(reg)])]
+    if problems:
+        raise RegistrationError("; ".join(problems))
+
+
+def _append(plan: dict[str, dict[str, tuple[str, Any]]], order: list[str], using: str) -> None:
+    from .log import Pending, append
+
+    default = realtime_settings.DEFAULT_VERSION
+    pending = []
+    for stream in order:
+        by_version = plan[stream]
+        primary = default if default in by_version else next(iter(by_version))
+        type_, data = by_version[primary]
+        variants = {v: td for v, td in by_version.items() if v != primary}
+        pending.append(Pending(stream, type_, data, variants))
+    append(pending, using=using)

@@ -1,0 +1,117 @@
+"""Service detection (skip, or fail under CI), publisher hygiene, shared fixtures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import pytest
+from django.db import connection
+
+REQUIRE_SERVICES = os.environ.get("CI", "").lower() == "true" or os.environ.get(
+    "REALTIME_REQUIRE_SERVICES", ""
+) in {"1", "true", "yes"}
+
+
+def need(ok: bool, reason: str) -> None:
+    """Skip the test when a service is missing; fail instead under CI or REQUIRE_SERVICES."""
+    if ok:
+        return
+    if REQUIRE_SERVICES:
+        pytest.fail(f"required service missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def _redis_answers(url: str) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379), 1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("redis"):
+        url = os.environ.get("REDIS_URL", "")
+        need(bool(url), "REDIS_URL is not set (channels-redis tests need a Redis server)")
+        need(_redis_answers(url), f"Redis at {url} does not answer PING")
+    if item.get_closest_marker("postgres"):
+        need(
+            connection.vendor == "postgresql",
+            f"needs PostgreSQL (DATABASE_URL); the database is {connection.vendor}",
+        )
+
+
+@pytest.fixture(autouse=True)
+def _drain_publisher() -> Iterator[None]:
+    """Let each test's publishes finish inside it, so none leaks into the next."""
+    from realtime.publisher import publisher
+
+    yield
+    publisher.flush(timeout=5)
+    publisher.resume()
+
+
+@pytest.fixture
+def close_ack_connections() -> Iterator[None]:
+    """Close the publisher's ack thread connections after a transactional test."""
+    yield
+    from realtime.publisher import close_ack_connections as close
+
+    close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free port, which the test may stop and start."""
+
+    def __init__(self, tmp_path: os.PathLike[str]) -> None:
+        self.port = free_port()
+        self.dir = tmp_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _redis_answers(self.url):
+            if time.monotonic() > deadline:
+                raise RuntimeError("private redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: os.PathLike[str]) -> Iterator[PrivateRedis]:
+    need(shutil.which("redis-server") is not None, "redis-server is not installed")
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

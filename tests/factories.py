@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import factory
+from django.contrib.auth import get_user_model
+
+from board.membership import MEMBER_PERMS
+from board.models import Item, Organization, Project
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = get_user_model()
+        django_get_or_create = ("username",)
+
+    username = factory.Sequence(lambda n: f"user{n}")
+    email = factory.LazyAttribute(lambda u: f"{u.username}@example.com")
+    password = factory.django.Password("pw")
+
+
+class OrganizationFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Organization
+
+    name = factory.Sequence(lambda n: f"Org {n}")
+
+
+class ProjectFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Project
+        skip_postgeneration_save = True
+
+    organization = factory.SubFactory(OrganizationFactory)
+    name = factory.Sequence(lambda n: f"Project {n}")
+    owner = factory.SubFactory(UserFactory)
+
+    @factory.post_generation
+    def owner_perms(self, create: bool, extracted: object, **kwargs: object) -> None:
+        if create:
+            from guardian.shortcuts import assign_perm
+
+            for perm in MEMBER_PERMS:
+                assign_perm(perm, self.owner, self)
+
+
+class ItemFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Item
+
+    project = factory.SubFactory(ProjectFactory)
+    title = factory.Sequence(lambda n: f"Item {n}")
+    position = factory.Sequence(lambda n: n)

@@ -1,0 +1,331 @@
+"""The durable pipeline: log in the writer's transaction, publish after commit, relay."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.core.management import call_command
+from django.db import transaction
+
+import realtime
+from board.models import Item, Project
+from realtime.models import Event, Stream
+from realtime.publisher import publisher
+from realtime.registry import RegistrationError
+from realtime.streams import InvalidStreamName, group_name
+from realtime.testing import flush, receive_published, record_group_sends
+
+from .factories import ItemFactory, OrganizationFactory, ProjectFactory
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("close_ack_connections"),
+]
+
+
+class Boom(Exception):
+    pass
+
+
+def events(stream: str) -> list[Event]:
+    return list(Event.objects.filter(stream__name=stream).order_by("seq"))
+
+
+def frame(message: dict, version: str = "v1") -> dict:
+    return json.loads(message["frames"][version])
+
+
+def test_committed_save_logs_one_event_and_publishes_only_after_commit():
+    project = ProjectFactory()
+    stream = f"project:{project.pk}"
+    flush()
+    seen: dict[str, object] = {}
+
+    def save_in_transaction():
+        with record_group_sends() as sent, transaction.atomic():
+            before = publisher.submitted
+            Item.objects.create(project=project, title="first")
+            seen["logged_inside"] = Event.objects.filter(type="v1:item.created").count()
+            seen["sent_inside"] = len(sent)
+            seen["submitted_inside"] = publisher.submitted - before
+
+    [message] = async_to_sync(receive_published)([stream], save_in_transaction)
+    assert seen == {"logged_inside": 1, "sent_inside": 0, "submitted_inside": 0}
+
+    [event] = [e for e in events(stream) if e.type == "v1:item.created"]
+    published = frame(message)
+    assert message["type"] == "realtime.event"
+    assert published["eventId"] == str(event.event_id)
+    assert published["seq"] == event.seq == Stream.objects.get(name=stream).last_seq
+    assert published["data"]["title"] == "first"
+    flush()
+    event.refresh_from_db()
+    assert event.published_at is not None
+
+
+def test_rolled_back_transaction_logs_and_publishes_nothing():
+    project = ProjectFactory()
+    flush()
+    logged = Event.objects.count()
+    submitted = publisher.submitted
+    with record_group_sends() as sent:
+        with pytest.raises(Boom), transaction.atomic():
+            Item.objects.create(project=project, title="never")
+            raise Boom
+        flush()
+    assert Event.objects.count() == logged
+    assert publisher.submitted == submitted
+    assert sent == []
+
+
+def test_savepoint_rollback_drops_only_its_own_events():
+    project = ProjectFactory()
+    stream = f"project:{project.pk}"
+    flush()
+    base = Stream.objects.get(name=stream).last_seq
+    with record_group_sends() as sent:
+        with transaction.atomic():
+            Item.objects.create(project=project, title="kept 1")
+            with pytest.raises(Boom), transaction.atomic():
+                Item.objects.create(project=project, title="dropped")
+                raise Boom
+            Item.objects.create(project=project, title="kept 2")
+        flush()
+    logged = [e for e in events(stream) if e.seq > base]
+    assert [e.data["title"] for e in logged] == ["kept 1", "kept 2"]
+    assert [e.seq for e in logged] == [base + 1, base + 2]  # no hole where the rollback was
+    assert [frame(m)["data"]["title"] for _, m in sent] == ["kept 1", "kept 2"]
+
+
+def test_autocommit_save_writes_change_and_event_in_one_transaction(monkeypatch):
+    project = ProjectFactory()
+    flush()
+    count = Item.objects.count()
+    import realtime.log
+
+    def fail(*args, **kwargs):
+        raise Boom
+
+    monkeypatch.setattr(realtime.log, "_next_seq", fail)
+    with pytest.raises(Boom):
+        Item.objects.create(project=project, title="orphan")
+    # Without an event the change is not kept either: no change is ever missing from the log.
+    assert Item.objects.count() == count
+
+
+def test_update_delete_and_version_field():
+    item = ItemFactory()
+    stream = f"project:{item.project_id}"
+    item.title = "renamed"
+    item.save()
+    pk = item.pk
+    item.delete()
+    flush()
+    created, updated, deleted = [e for e in events(stream) if e.type.startswith("v1:item.")]
+    assert (created.type, updated.type, deleted.type) == (
+        "v1:item.created", "v1:item.updated", "v1:item.deleted"
+    )
+    assert updated.data["title"] == "renamed" and updated.data["version"] == 2
+    assert deleted.data == {"id": pk, "version": 2}
+    assert created.seq < updated.seq < deleted.seq
+
+
+def test_queryset_delete_sends_one_event_per_instance():
+    project = ProjectFactory()
+    ItemFactory.create_batch(3, project=project)
+    ids = set(project.items.values_list("pk", flat=True))
+    project.items.all().delete()
+    flush()
+    deleted = [e for e in events(f"project:{project.pk}") if e.type == "v1:item.deleted"]
+    assert {e.data["id"] for e in deleted} == ids
+
+
+def test_moving_an_item_deletes_from_old_stream_and_creates_in_new():
+    item = ItemFactory()
+    old_project = item.project
+    new_project = ProjectFactory(organization=old_project.organization)
+    item = Item.objects.get(pk=item.pk)  # as a view would load it
+    item.project = new_project
+    item.save()
+    flush()
+    old_last = events(f"project:{old_project.pk}")[-1]
+    new_last = events(f"project:{new_project.pk}")[-1]
+    assert old_last.type == "v1:item.deleted" and old_last.data["id"] == item.pk
+    assert new_last.type == "v1:item.created" and new_last.data["project"] == new_project.pk
+    # Saving again without a move is a plain update on the new stream only.
+    item.title = "again"
+    item.save()
+    flush()
+    assert events(f"project:{old_project.pk}")[-1].pk == old_last.pk
+    assert events(f"project:{new_project.pk}")[-1].type == "v1:item.updated"
+
+
+def test_project_events_go_to_project_and_tenant_streams():
+    org = OrganizationFactory()
+    project = ProjectFactory(organization=org)
+    flush()
+    assert [e.type for e in events(f"project:{project.pk}")] == ["v1:project.created"]
+    assert [e.type for e in events(f"tenant:{org.pk}")] == ["v1:project.created"]
+    assert events(f"tenant:{org.pk}")[0].data["name"] == project.name
+
+
+def test_emit_logs_and_publishes_in_the_callers_transaction():
+    with record_group_sends() as sent:
+        with realtime.correlation("job-7"), transaction.atomic():
+            envelope = realtime.emit("tenant:acme", "v1:report.ready", {"rows": 3})
+            assert sent == []
+        flush()
+    [event] = events("tenant:acme")
+    assert (event.seq, event.type, event.data, event.correlation_id) == (
+        envelope.seq, "v1:report.ready", {"rows": 3}, "job-7"
+    )
+    [(group, message)] = sent
+    assert group == group_name("tenant:acme") == "rt.tenant.acme"
+    assert frame(message)["correlationId"] == "job-7"
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("not a stream", "v1:a.b", {}), InvalidStreamName),
+        (("tenant:x", "report.ready", {}), ValueError),
+        (("tenant:x", "v1:a.b", {"when": object()}), TypeError),
+    ],
+)
+def test_emit_rejects_bad_input_before_logging(args, error):
+    with pytest.raises(error):
+        realtime.emit(*args)
+    assert Event.objects.count() == 0
+
+
+def test_several_versions_share_one_event_and_seq():
+    realtime.register(
+        Item,
+        streams="project:{project_id}",
+        serializer=lambda item: {"id": item.pk, "name": item.title.upper()},
+        version="v2",
+    )
+    try:
+        project = ProjectFactory()
+        flush()
+
+        def create():
+            Item.objects.create(project=project, title="multi")
+
+        [message] = async_to_sync(receive_published)([f"project:{project.pk}"], create)
+    finally:
+        realtime.registry.registry.unregister(Item, version="v2")
+    [event] = [e for e in events(f"project:{project.pk}") if "item" in e.type]
+    assert event.type == "v1:item.created" and event.data["title"] == "multi"
+    assert event.variants == {"v2": {"type": "v2:item.created", "data": {"id": event.data["id"], "name": "MULTI"}}}
+    v1, v2 = frame(message, "v1"), frame(message, "v2")
+    assert (v1["seq"], v1["eventId"]) == (v2["seq"], v2["eventId"]) == (event.seq, str(event.event_id))
+    assert v2["type"] == "v2:item.created" and v2["data"]["name"] == "MULTI"
+
+
+def test_correlation_id_is_carried_by_events():
+    project = ProjectFactory()
+    with realtime.correlation("abc-123"):
+        Item.objects.create(project=project, title="x")
+    [event] = [e for e in events(f"project:{project.pk}") if e.type == "v1:item.created"]
+    assert event.correlation_id == "abc-123"
+
+
+def test_disabled_pipeline_logs_nothing(settings):
+    settings.REALTIME = {"ENABLED": False}
+    ProjectFactory()
+    assert Event.objects.count() == 0
+
+
+def test_raw_saves_from_fixtures_log_nothing(tmp_path):
+    project = ProjectFactory()
+    flush()
+    fixture = tmp_path / "items.json"
+    fixture.write_text(json.dumps([{
+        "model": "board.item", "pk": 999,
+        "fields": {"project": project.pk, "title": "fixture", "done": False, "position": 0,
+                   "version": 1, "updated_at": "2026-01-01T00:00:00Z"},
+    }]))
+    before = Event.objects.count()
+    call_command("loaddata", str(fixture), verbosity=0)
+    assert Item.objects.filter(pk=999).exists()
+    assert Event.objects.count() == before
+
+
+def test_invalid_stream_at_save_time_fails_the_save():
+    realtime.register(Project, streams=lambda p: "Not A Stream", version="v3")
+    try:
+        with pytest.raises(RegistrationError, match="invalid stream name"):
+            ProjectFactory()
+        assert Project.objects.count() == 0
+    finally:
+        realtime.registry.registry.unregister(Project, version="v3")
+
+
+# -- publish failure and relay --------------------------------------------------------------
+
+
+@pytest.fixture
+def failing_layer():
+    """The channel layer raises on every group_send until the test deletes the override."""
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+
+    async def group_send(group, message):
+        raise ConnectionError("layer down")
+
+    layer.group_send = group_send
+    yield layer
+    layer.__dict__.pop("group_send", None)
+
+
+def test_failed_publish_leaves_event_for_the_relay_which_publishes_it_once(failing_layer):
+    item = ItemFactory()
+    flush()
+    failing = list(Event.objects.filter(published_at__isnull=True).order_by("stream_id", "seq"))
+    assert len(failing) == 3  # project on project: and tenant:, then the item
+    del failing_layer.group_send  # the layer is back
+
+    with record_group_sends() as sent:
+        call_command("realtime_relay", "--once", "--grace", "0", verbosity=0)
+        assert [m["eventId"] for _, m in sent] == [str(e.event_id) for e in failing]
+        assert not Event.objects.filter(published_at__isnull=True).exists()
+        call_command("realtime_relay", "--once", "--grace", "0", verbosity=0)
+    assert len(sent) == 3  # the second pass found nothing
+    item_event = Event.objects.get(stream__name=f"project:{item.project_id}", type="v1:item.created")
+    assert frame(dict(sent)[group_name(f"project:{item.project_id}")])["seq"] in (1, 2)
+    assert item_event.published_at is not None
+
+
+def test_relay_does_not_republish_what_on_commit_published():
+    ItemFactory()
+    flush()
+    assert not Event.objects.filter(published_at__isnull=True).exists()
+    with record_group_sends() as sent:
+        call_command("realtime_relay", "--once", "--grace", "0", verbosity=0)
+    assert sent == []
+
+
+def test_relay_waits_for_the_grace_period(failing_layer):
+    ItemFactory()
+    flush()
+    del failing_layer.group_send
+    with record_group_sends() as sent:
+        call_command("realtime_relay", "--once", "--grace", "60", verbosity=0)
+    assert sent == []
+    assert Event.objects.filter(published_at__isnull=True).count() == 3
+
+
+def test_full_publish_queue_sheds_to_the_relay(settings):
+    settings.REALTIME = {"PUBLISH_QUEUE_SIZE": 0}
+    shed = publisher.shed
+    ItemFactory()
+    flush()
+    assert publisher.shed - shed == 3
+    assert Event.objects.filter(published_at__isnull=True).count() == 3
+    settings.REALTIME = {}
+    call_command("realtime_relay", "--once", "--grace", "0", verbosity=0)
+    assert not Event.objects.filter(published_at__isnull=True).exists()
