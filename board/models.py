@@ -30,9 +30,7 @@ class Project(models.Model):
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="owned_projects"
     )
-    members = models.ManyToManyField(
-        settings.AUTH_USER_MODEL, related_name="projects", blank=True
-    )
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, related_name="projects", blank=True)
 
     class Meta:
         constraints = [

@@ -6,14 +6,16 @@ import contextlib
 import datetime as dt
 import decimal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
+from unittest import mock
 
 from django.apps import AppConfig
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
-from django.db import connections, models
+from django.db import models
+from django.db.backends.base.base import BaseDatabaseWrapper
 
 from .conf import realtime_settings
 from .registry import Registration, RegistrationError, registry, serializer_problem
@@ -25,12 +27,13 @@ class _NeedsDatabase(Exception):
 
 @contextlib.contextmanager
 def _no_queries() -> Iterator[None]:
-    def refuse(*args: Any, **kwargs: Any) -> None:
+    """Make any database access in the block raise `_NeedsDatabase` (checks run before the
+    database may be there, so a probe must not depend on it)."""
+
+    def refuse(self: Any) -> None:
         raise _NeedsDatabase
 
-    with contextlib.ExitStack() as stack:
-        for alias in connections:
-            stack.enter_context(connections[alias].execute_wrapper(refuse))
+    with mock.patch.object(BaseDatabaseWrapper, "ensure_connection", refuse):
         yield
 
 
@@ -86,9 +89,11 @@ def _probe_streams(reg: Registration) -> str | None:
 
 
 @checks.register("realtime")
-def check_registrations(app_configs: list[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+def check_registrations(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
     """Report registrations that cannot work."""
-    errors: list[Any] = []
+    errors: list[checks.CheckMessage] = []
     for problem in registry.problems:
         errors.append(checks.Error(problem, id="realtime.E001"))
     for reg in registry.all():
@@ -98,11 +103,11 @@ def check_registrations(app_configs: list[AppConfig] | None = None, **kwargs: An
         for problem in problems:
             errors.append(checks.Error(problem, obj=reg.model, id="realtime.E002"))
         if not problems:
-            problem = _probe_streams(reg)
-            if problem:
+            probed = _probe_streams(reg)
+            if probed:
                 errors.append(
                     checks.Error(
-                        problem,
+                        probed,
                         hint="A stream name is '<kind>:<key>', such as 'project:42'.",
                         obj=reg.model,
                         id="realtime.E003",
@@ -112,7 +117,9 @@ def check_registrations(app_configs: list[AppConfig] | None = None, **kwargs: An
 
 
 @checks.register("realtime")
-def check_settings(app_configs: list[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+def check_settings(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
     """Report unknown REALTIME keys and a missing channel layer."""
     try:
         alias = realtime_settings.CHANNEL_LAYER

@@ -83,9 +83,7 @@ def append(pending: Sequence[Pending], *, using: str | None = None) -> list[Enve
                 )
             )
         pks = [event.pk for event in rows]
-        transaction.on_commit(
-            partial(_publish_committed, envelopes, pks), using=using, robust=True
-        )
+        transaction.on_commit(partial(_publish_committed, envelopes, pks), using=using, robust=True)
     return envelopes
 
 

@@ -10,6 +10,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from .conf import realtime_settings
 from .context import _correlation_id, clean_correlation_id, new_correlation_id
 
+
 class CorrelationIdMiddleware:
     """Give every request a correlation id that the events it causes carry."""
 

@@ -1,4 +1,4 @@
-"""Channel-layer fanout of committed events, from a long-lived event loop, never blocking the writer.
+"""Channel-layer fanout of committed events from a long-lived loop, never blocking the writer.
 
 A save hands its frames to `publisher.submit()` from `transaction.on_commit`. The frames are
 sent by one worker task per event loop: the ASGI server's own loop when the save runs in a

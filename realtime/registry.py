@@ -229,7 +229,9 @@ def _static_problems(reg: Registration) -> list[str]:
         problems.append(f"{label}: no streams given")
     for spec in reg.streams:
         if not (isinstance(spec, str) or callable(spec)):
-            problems.append(f"{label}: a stream must be a template string or a callable, not {spec!r}")
+            problems.append(
+                f"{label}: a stream must be a template string or a callable, not {spec!r}"
+            )
     if not isinstance(reg.serializer, str) and not _usable_serializer(reg.serializer):
         problems.append(
             f"{label}: serializer must be a DRF serializer class, a callable or a dotted path, "
@@ -329,9 +331,14 @@ def _wrap_save_base(model: Any) -> None:
     model.save_base = save_base
 
 
-@functools.cache
+_ATTNAMES: dict[Any, tuple[str, ...]] = {}
+
+
 def _attnames(model: Any) -> tuple[str, ...]:
-    return tuple(f.attname for f in model._meta.concrete_fields)
+    names = _ATTNAMES.get(model)
+    if names is None:
+        names = _ATTNAMES[model] = tuple(f.attname for f in model._meta.concrete_fields)
+    return names
 
 
 def _snapshot(instance: Any) -> dict[str, Any]:
@@ -366,7 +373,9 @@ def _old_copy(instance: Any) -> Any | None:
     return old
 
 
-def _on_save(sender: Any, instance: Any, created: bool, raw: bool, using: str, **kwargs: Any) -> None:
+def _on_save(
+    sender: Any, instance: Any, created: bool, raw: bool, using: str, **kwargs: Any
+) -> None:
     if raw or not realtime_settings.ENABLED:
         return
     regs = registry.for_model(sender)

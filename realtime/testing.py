@@ -41,7 +41,11 @@ def record_group_sends() -> Iterator[list[tuple[str, dict[str, Any]]]]:
 
 
 async def receive_published(
-    streams: list[str], action: Callable[[], Any], *, count: int = 1, timeout: float = 5.0
+    streams: list[str],
+    action: Callable[[], Any],
+    *,
+    count: int = 1,
+    timeout: float = 5.0,  # noqa: ASYNC109
 ) -> list[dict[str, Any]]:
     """Listen on the streams' groups, run the sync `action`, and return `count` layer messages.
 

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import factory
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
 
 from board.membership import MEMBER_PERMS
 from board.models import Item, Organization, Project
 
 
-class UserFactory(factory.django.DjangoModelFactory):
+class UserFactory(factory.django.DjangoModelFactory[User]):
     class Meta:
         model = get_user_model()
         django_get_or_create = ("username",)
@@ -17,14 +18,14 @@ class UserFactory(factory.django.DjangoModelFactory):
     password = factory.django.Password("pw")
 
 
-class OrganizationFactory(factory.django.DjangoModelFactory):
+class OrganizationFactory(factory.django.DjangoModelFactory[Organization]):
     class Meta:
         model = Organization
 
     name = factory.Sequence(lambda n: f"Org {n}")
 
 
-class ProjectFactory(factory.django.DjangoModelFactory):
+class ProjectFactory(factory.django.DjangoModelFactory[Project]):
     class Meta:
         model = Project
         skip_postgeneration_save = True
@@ -39,10 +40,10 @@ class ProjectFactory(factory.django.DjangoModelFactory):
             from guardian.shortcuts import assign_perm
 
             for perm in MEMBER_PERMS:
-                assign_perm(perm, self.owner, self)
+                assign_perm(perm, self.owner, self)  # type: ignore[arg-type]
 
 
-class ItemFactory(factory.django.DjangoModelFactory):
+class ItemFactory(factory.django.DjangoModelFactory[Item]):
     class Meta:
         model = Item
 

@@ -7,9 +7,13 @@ from realtime.events import Envelope, format_timestamp, is_valid_type
 
 def make(**kw):
     defaults = dict(
-        stream="project:1", seq=7, event_id=uuid.UUID(int=5), type="v1:item.updated",
+        stream="project:1",
+        seq=7,
+        event_id=uuid.UUID(int=5),
+        type="v1:item.updated",
         timestamp=dt.datetime(2026, 11, 27, 12, 0, 0, 123456, tzinfo=dt.UTC),
-        correlation_id="abc", data={"id": 1, "title": "é"},
+        correlation_id="abc",
+        data={"id": 1, "title": "é"},
     )
     defaults.update(kw)
     return Envelope(**defaults)
@@ -24,9 +28,13 @@ def test_timestamp_is_utc_with_milliseconds():
 def test_frame_matches_the_wire_contract():
     frame = make().frame()
     assert frame == {
-        "op": "event", "stream": "project:1", "seq": 7,
-        "eventId": "00000000-0000-0000-0000-000000000005", "type": "v1:item.updated",
-        "timestamp": "2026-11-27T12:00:00.123Z", "correlationId": "abc",
+        "op": "event",
+        "stream": "project:1",
+        "seq": 7,
+        "eventId": "00000000-0000-0000-0000-000000000005",
+        "type": "v1:item.updated",
+        "timestamp": "2026-11-27T12:00:00.123Z",
+        "correlationId": "abc",
         "data": {"id": 1, "title": "é"},
     }
 
@@ -37,7 +45,8 @@ def test_frames_are_serialized_once_per_version():
     assert set(frames) == {"v1", "v2"}
     assert json.loads(frames["v1"])["type"] == "v1:item.updated"
     v2 = json.loads(frames["v2"])
-    assert v2["type"] == "v2:item.updated" and v2["data"] == {"id": 1, "name": "x"}
+    assert v2["type"] == "v2:item.updated"
+    assert v2["data"] == {"id": 1, "name": "x"}
     assert v2["eventId"] == json.loads(frames["v1"])["eventId"]
 
 

@@ -29,6 +29,13 @@ class Boom(Exception):
     pass
 
 
+def create_then_fail(project: Project, title: str) -> None:
+    """Create an item in a transaction (or savepoint) that then rolls back."""
+    with transaction.atomic():
+        Item.objects.create(project=project, title=title)
+        raise Boom
+
+
 def events(stream: str) -> list[Event]:
     return list(Event.objects.filter(stream__name=stream).order_by("seq"))
 
@@ -71,9 +78,8 @@ def test_rolled_back_transaction_logs_and_publishes_nothing():
     logged = Event.objects.count()
     submitted = publisher.submitted
     with record_group_sends() as sent:
-        with pytest.raises(Boom), transaction.atomic():
-            Item.objects.create(project=project, title="never")
-            raise Boom
+        with pytest.raises(Boom):
+            create_then_fail(project, "never")
         flush()
     assert Event.objects.count() == logged
     assert publisher.submitted == submitted
@@ -88,9 +94,8 @@ def test_savepoint_rollback_drops_only_its_own_events():
     with record_group_sends() as sent:
         with transaction.atomic():
             Item.objects.create(project=project, title="kept 1")
-            with pytest.raises(Boom), transaction.atomic():
-                Item.objects.create(project=project, title="dropped")
-                raise Boom
+            with pytest.raises(Boom):
+                create_then_fail(project, "dropped")
             Item.objects.create(project=project, title="kept 2")
         flush()
     logged = [e for e in events(stream) if e.seq > base]
@@ -125,9 +130,12 @@ def test_update_delete_and_version_field():
     flush()
     created, updated, deleted = [e for e in events(stream) if e.type.startswith("v1:item.")]
     assert (created.type, updated.type, deleted.type) == (
-        "v1:item.created", "v1:item.updated", "v1:item.deleted"
+        "v1:item.created",
+        "v1:item.updated",
+        "v1:item.deleted",
     )
-    assert updated.data["title"] == "renamed" and updated.data["version"] == 2
+    assert updated.data["title"] == "renamed"
+    assert updated.data["version"] == 2
     assert deleted.data == {"id": pk, "version": 2}
     assert created.seq < updated.seq < deleted.seq
 
@@ -152,8 +160,10 @@ def test_moving_an_item_deletes_from_old_stream_and_creates_in_new():
     flush()
     old_last = events(f"project:{old_project.pk}")[-1]
     new_last = events(f"project:{new_project.pk}")[-1]
-    assert old_last.type == "v1:item.deleted" and old_last.data["id"] == item.pk
-    assert new_last.type == "v1:item.created" and new_last.data["project"] == new_project.pk
+    assert old_last.type == "v1:item.deleted"
+    assert old_last.data["id"] == item.pk
+    assert new_last.type == "v1:item.created"
+    assert new_last.data["project"] == new_project.pk
     # Saving again without a move is a plain update on the new stream only.
     item.title = "again"
     item.save()
@@ -179,7 +189,10 @@ def test_emit_logs_and_publishes_in_the_callers_transaction():
         flush()
     [event] = events("tenant:acme")
     assert (event.seq, event.type, event.data, event.correlation_id) == (
-        envelope.seq, "v1:report.ready", {"rows": 3}, "job-7"
+        envelope.seq,
+        "v1:report.ready",
+        {"rows": 3},
+        "job-7",
     )
     [(group, message)] = sent
     assert group == group_name("tenant:acme") == "rt.tenant.acme"
@@ -218,11 +231,17 @@ def test_several_versions_share_one_event_and_seq():
     finally:
         realtime.registry.registry.unregister(Item, version="v2")
     [event] = [e for e in events(f"project:{project.pk}") if "item" in e.type]
-    assert event.type == "v1:item.created" and event.data["title"] == "multi"
-    assert event.variants == {"v2": {"type": "v2:item.created", "data": {"id": event.data["id"], "name": "MULTI"}}}
+    assert event.type == "v1:item.created"
+    assert event.data["title"] == "multi"
+    assert event.variants == {
+        "v2": {"type": "v2:item.created", "data": {"id": event.data["id"], "name": "MULTI"}}
+    }
     v1, v2 = frame(message, "v1"), frame(message, "v2")
-    assert (v1["seq"], v1["eventId"]) == (v2["seq"], v2["eventId"]) == (event.seq, str(event.event_id))
-    assert v2["type"] == "v2:item.created" and v2["data"]["name"] == "MULTI"
+    assert (
+        (v1["seq"], v1["eventId"]) == (v2["seq"], v2["eventId"]) == (event.seq, str(event.event_id))
+    )
+    assert v2["type"] == "v2:item.created"
+    assert v2["data"]["name"] == "MULTI"
 
 
 def test_correlation_id_is_carried_by_events():
@@ -243,11 +262,24 @@ def test_raw_saves_from_fixtures_log_nothing(tmp_path):
     project = ProjectFactory()
     flush()
     fixture = tmp_path / "items.json"
-    fixture.write_text(json.dumps([{
-        "model": "board.item", "pk": 999,
-        "fields": {"project": project.pk, "title": "fixture", "done": False, "position": 0,
-                   "version": 1, "updated_at": "2026-01-01T00:00:00Z"},
-    }]))
+    fixture.write_text(
+        json.dumps(
+            [
+                {
+                    "model": "board.item",
+                    "pk": 999,
+                    "fields": {
+                        "project": project.pk,
+                        "title": "fixture",
+                        "done": False,
+                        "position": 0,
+                        "version": 1,
+                        "updated_at": "2026-01-01T00:00:00Z",
+                    },
+                }
+            ]
+        )
+    )
     before = Event.objects.count()
     call_command("loaddata", str(fixture), verbosity=0)
     assert Item.objects.filter(pk=999).exists()
@@ -295,7 +327,9 @@ def test_failed_publish_leaves_event_for_the_relay_which_publishes_it_once(faili
         assert not Event.objects.filter(published_at__isnull=True).exists()
         call_command("realtime_relay", "--once", "--grace", "0", verbosity=0)
     assert len(sent) == 3  # the second pass found nothing
-    item_event = Event.objects.get(stream__name=f"project:{item.project_id}", type="v1:item.created")
+    item_event = Event.objects.get(
+        stream__name=f"project:{item.project_id}", type="v1:item.created"
+    )
     assert frame(dict(sent)[group_name(f"project:{item.project_id}")])["seq"] in (1, 2)
     assert item_event.published_at is not None
 

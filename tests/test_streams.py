@@ -14,8 +14,20 @@ def test_parse_splits_kind_and_key():
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "project", ":42", "project:", "Project:1", "project:4 2", "a:" + "x" * 129,
-     "project:42:1", None, 42, "pro ject:1", "project:\n"],
+    [
+        "",
+        "project",
+        ":42",
+        "project:",
+        "Project:1",
+        "project:4 2",
+        "a:" + "x" * 129,
+        "project:42:1",
+        None,
+        42,
+        "pro ject:1",
+        "project:\n",
+    ],
 )
 def test_parse_rejects_malformed(bad):
     with pytest.raises(InvalidStreamName):
@@ -29,16 +41,32 @@ def test_group_name_is_readable_for_simple_names():
 
 @pytest.mark.parametrize(
     "stream",
-    ["project:42", "tenant:acme.eu", "tenant:acme_eu", "user:a@b", "a_b:c", "k:" + "z" * 128,
-     "k:~+=@"],
+    [
+        "project:42",
+        "tenant:acme.eu",
+        "tenant:acme_eu",
+        "user:a@b",
+        "a_b:c",
+        "k:" + "z" * 128,
+        "k:~+=@",
+    ],
 )
 def test_group_names_are_valid_for_channels(stream):
     assert CHANNELS_GROUP.match(group_name(stream))
 
 
 def test_group_names_do_not_collide():
-    streams = ["tenant:a.b", "tenant:a_b", "tenant:a_2eb", "tenant_a:b", "tenant:a-b",
-               "a_b:c", "a:b_c", "k:" + "z" * 128, "k:" + "z" * 127 + "y"]
+    streams = [
+        "tenant:a.b",
+        "tenant:a_b",
+        "tenant:a_2eb",
+        "tenant_a:b",
+        "tenant:a-b",
+        "a_b:c",
+        "a:b_c",
+        "k:" + "z" * 128,
+        "k:" + "z" * 127 + "y",
+    ]
     names = [group_name(s) for s in streams]
     assert len(set(names)) == len(names)
 

@@ -30,7 +30,8 @@ class Command(BaseCommand):
             raise CommandError("--max-age must not be negative")
         if max_events is not None and max_events < 0:
             raise CommandError("--max-events must not be negative")
-        batch = options["batch"] or realtime_settings.PRUNE_BATCH
+        batch = options["batch"]
+        batch = realtime_settings.PRUNE_BATCH if batch is None else batch
         if batch < 1:
             raise CommandError("--batch must be at least 1")
 

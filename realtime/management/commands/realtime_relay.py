@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from realtime.conf import realtime_settings
 from realtime.context import correlation
@@ -48,10 +48,12 @@ class Command(BaseCommand):
         interval = options["interval"]
         interval = realtime_settings.RELAY_INTERVAL if interval is None else interval
         interval = min(max(float(interval), 0.05), 60.0)
-        batch = options["batch"] or realtime_settings.RELAY_BATCH
+        batch = options["batch"]
+        batch = realtime_settings.RELAY_BATCH if batch is None else batch
         if batch < 1:
-            self.stderr.write("--batch must be at least 1")
-            return
+            raise CommandError("--batch must be at least 1")
+        if options["grace"] is not None and options["grace"] < 0:
+            raise CommandError("--grace must not be negative")
         stop = threading.Event()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):

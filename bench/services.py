@@ -1,0 +1,93 @@
+"""The databases and the Redis server a benchmark uses, all on this machine's loopback."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+#: The PostgreSQL database every run creates and drops; it is never the tests' `test`.
+BENCH_DATABASE = "bench_realtime"
+DEFAULT_POSTGRES_URL = "postgres://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Unavailable(Exception):
+    """A service the benchmark would use is not there; the part that needs it is skipped."""
+
+
+def require_loopback(url: str) -> None:
+    """Refuse a URL whose host is not on this machine's loopback."""
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise Unavailable(f"{host or url!r} is not a loopback address; benchmarks stay local")
+
+
+def redact(url: str) -> str:
+    """Return the URL without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def redis_answers(url: str) -> None:
+    """Raise Unavailable unless the Redis server at `url` answers PING within a second."""
+    require_loopback(url)
+    parts = urlsplit(url)
+    address = (parts.hostname or "127.0.0.1", parts.port or 6379)
+    try:
+        with socket.create_connection(address, timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(16)
+    except OSError as exc:
+        raise Unavailable(f"Redis at {redact(url)} is not answering ({exc})") from None
+    if not reply.startswith(b"+PONG"):
+        raise Unavailable(f"Redis at {redact(url)} answered {reply!r} to PING")
+
+
+@contextmanager
+def sqlite_database() -> Iterator[str]:
+    """Yield the URL of a fresh SQLite file in a temporary directory, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="bench-realtime-") as folder:
+        yield f"sqlite:///{Path(folder) / 'bench.sqlite3'}"
+
+
+@contextmanager
+def postgres_database(server_url: str) -> Iterator[str]:
+    """Create `bench_realtime` on the server of `server_url`, yield its URL, then drop it."""
+    import psycopg
+    from psycopg import sql
+
+    require_loopback(server_url)
+    admin_url = urlsplit(server_url)._replace(path="/postgres").geturl()
+    statements = {
+        "drop": sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(BENCH_DATABASE)
+        ),
+        "create": sql.SQL("CREATE DATABASE {}").format(sql.Identifier(BENCH_DATABASE)),
+    }
+
+    def run(*names: str) -> None:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
+            for name in names:
+                conn.execute(statements[name])
+
+    try:
+        run("drop", "create")
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise Unavailable(f"PostgreSQL at {redact(admin_url)} is not answering ({reason})") from None
+    try:
+        yield urlsplit(server_url)._replace(path=f"/{BENCH_DATABASE}").geturl()
+    finally:
+        run("drop")

@@ -1,0 +1,129 @@
+"""Bad registrations are reported by system checks at startup."""
+
+from __future__ import annotations
+
+import pytest
+from django.core import checks
+from django.db import models
+
+from board.models import Item, Project
+from realtime.checks import check_registrations, check_settings
+from realtime.registry import Registry, registry
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    fresh = Registry()
+    monkeypatch.setattr("realtime.checks.registry", fresh)
+    return fresh
+
+
+def messages(errors):
+    return [e.msg for e in errors]
+
+
+def test_the_demo_registrations_pass():
+    assert check_registrations() == []
+    assert {r.model for r in registry.all()} >= {Item, Project}
+
+
+def test_not_a_model_is_reported(isolated_registry):
+    isolated_registry.register(object, streams="x:{pk}")
+    [error] = check_registrations()
+    assert error.id == "realtime.E001"
+    assert "needs a model class" in error.msg
+
+
+def test_stream_template_making_an_invalid_name_is_reported(isolated_registry):
+    isolated_registry.register(Item, streams="Project {project_id}", version="v1")
+    [error] = check_registrations()
+    assert error.id == "realtime.E003"
+    assert "invalid stream name" in error.msg
+
+
+def test_stream_callable_returning_an_invalid_name_is_reported(isolated_registry):
+    isolated_registry.register(Item, streams=lambda item: f"project/{item.project_id}")
+    [error] = check_registrations()
+    assert error.id == "realtime.E003"
+    assert "'project/1'" in error.msg
+
+
+def test_stream_callable_returning_a_non_string_is_reported(isolated_registry):
+    isolated_registry.register(Item, streams=lambda item: [item.project_id])
+    [error] = check_registrations()
+    assert "must be a string" in error.msg
+
+
+def test_stream_callable_that_raises_is_reported(isolated_registry):
+    isolated_registry.register(Item, streams=lambda item: item.no_such_attribute)
+    [error] = check_registrations()
+    assert "AttributeError" in error.msg
+
+
+def test_stream_callable_that_reads_related_rows_is_not_guessed_at(isolated_registry):
+    # It would need the database; only a real save can tell, so no false error.
+    isolated_registry.register(Item, streams=lambda item: f"tenant:{item.project.organization_id}")
+    assert check_registrations() == []
+
+
+def test_unknown_serializer_path_is_reported(isolated_registry):
+    isolated_registry.register(Item, streams="project:{project_id}", serializer="board.nope.Ser")
+    [error] = check_registrations()
+    assert error.id == "realtime.E002"
+    assert "cannot be imported" in error.msg
+
+
+def test_serializer_that_is_not_callable_is_reported(isolated_registry):
+    isolated_registry.register(Item, streams="project:{project_id}", serializer=42)
+    [error] = check_registrations()
+    assert "serializer must be" in error.msg
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"version": "1"}, "version must look like"),
+        ({"actions": ["created", "moved"]}, "actions must be"),
+        ({"name": "Item Thing"}, "does not make a valid event type"),
+        ({"streams": []}, "no streams given"),
+        ({"streams": [42]}, "template string or a callable"),
+    ],
+)
+def test_bad_options_are_reported(isolated_registry, options, fragment):
+    isolated_registry.register(Item, **{"streams": "project:{project_id}", **options})
+    assert any(fragment in m for m in messages(check_registrations()))
+
+
+def test_duplicate_version_is_reported(isolated_registry):
+    isolated_registry.register(Item, streams="project:{project_id}")
+    isolated_registry.register(Item, streams="project:{project_id}")
+    assert any("registered twice" in m for m in messages(check_registrations()))
+
+
+def test_abstract_model_is_reported(isolated_registry):
+    class Base(models.Model):
+        class Meta:
+            abstract = True
+            app_label = "board"
+
+    isolated_registry.register(Base, streams="x:1")
+    assert any("abstract" in m for m in messages(check_registrations()))
+
+
+def test_missing_channel_layer_is_reported(settings):
+    settings.REALTIME = {"CHANNEL_LAYER": "events"}
+    [error] = check_settings()
+    assert error.id == "realtime.E011"
+
+
+def test_unknown_setting_is_reported(settings):
+    settings.REALTIME = {"CHANEL_LAYER": "default"}
+    [error] = check_settings()
+    assert error.id == "realtime.E010"
+    assert "CHANEL_LAYER" in error.msg
+
+
+def test_checks_run_through_django(isolated_registry):
+    isolated_registry.register(Item, streams="bad name")
+    errors = checks.run_checks(tags=["realtime"])
+    assert any(e.id == "realtime.E003" for e in errors)

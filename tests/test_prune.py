@@ -1,0 +1,65 @@
+"""Retention: by age and by count per stream, in batches, never unpublished events."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+import realtime
+from realtime.models import Event, Stream
+from realtime.testing import flush
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("close_ack_connections"),
+]
+
+
+def emit_many(stream: str, n: int) -> None:
+    for i in range(n):
+        realtime.emit(stream, "v1:tick.happened", {"i": i})
+    flush()
+
+
+def test_prune_by_count_keeps_the_newest_per_stream():
+    emit_many("tenant:a", 12)
+    emit_many("tenant:b", 3)
+    call_command("realtime_prune", "--max-events", "5", "--batch", "2", verbosity=0)
+    assert list(
+        Event.objects.filter(stream__name="tenant:a").values_list("seq", flat=True).order_by("seq")
+    ) == [8, 9, 10, 11, 12]
+    assert Event.objects.filter(stream__name="tenant:b").count() == 3
+    assert Stream.objects.get(name="tenant:a").last_seq == 12  # positions never go back
+
+
+def test_prune_by_age():
+    emit_many("tenant:a", 4)
+    old = timezone.now() - dt.timedelta(days=10)
+    Event.objects.filter(seq__lte=2).update(timestamp=old)
+    call_command("realtime_prune", "--max-age", str(7 * 86400), verbosity=0)
+    assert sorted(Event.objects.values_list("seq", flat=True)) == [3, 4]
+
+
+def test_prune_never_deletes_unpublished_events():
+    emit_many("tenant:a", 4)
+    Event.objects.filter(seq=1).update(published_at=None)
+    call_command("realtime_prune", "--max-events", "0", verbosity=0)
+    assert list(Event.objects.values_list("seq", flat=True)) == [1]
+
+
+def test_prune_reports_progress(capsys):
+    emit_many("tenant:a", 5)
+    call_command("realtime_prune", "--max-events", "1", "--batch", "2", verbosity=2)
+    out = capsys.readouterr().out
+    assert "2 deleted (tenant:a)" in out
+    assert "4 deleted (tenant:a)" in out
+    assert "pruned 4 event(s)" in out
+
+
+@pytest.mark.parametrize("args", [["--max-age", "-1"], ["--max-events", "-2"], ["--batch", "0"]])
+def test_prune_rejects_bad_arguments(args):
+    with pytest.raises(CommandError):
+        call_command("realtime_prune", *args)
