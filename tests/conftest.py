@@ -53,21 +53,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture(autouse=True)
 def _drain_publisher() -> Iterator[None]:
-    """Let each test's publishes finish inside it, so none leaks into the next."""
-    from realtime.publisher import publisher
+    """Let each test's publishes finish inside it, so none leaks into the next; then close
+    the ack thread's database connection so the test database can be dropped."""
+    from realtime.publisher import close_ack_connections, publisher
 
     yield
     publisher.flush(timeout=5)
     publisher.resume()
-
-
-@pytest.fixture
-def close_ack_connections() -> Iterator[None]:
-    """Close the publisher's ack thread connections after a transactional test."""
-    yield
-    from realtime.publisher import close_ack_connections as close
-
-    close()
+    close_ack_connections()
 
 
 def free_port() -> int:

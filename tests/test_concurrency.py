@@ -21,7 +21,6 @@ SAVES = 50
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("close_ack_connections")
 def test_concurrent_saves_get_gapless_seqs_in_commit_order():
     project = ProjectFactory()
     items = [ItemFactory(project=project) for _ in range(THREADS)]

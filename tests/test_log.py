@@ -19,10 +19,7 @@ from realtime.testing import flush, receive_published, record_group_sends
 
 from .factories import ItemFactory, OrganizationFactory, ProjectFactory
 
-pytestmark = [
-    pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("close_ack_connections"),
-]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 class Boom(Exception):

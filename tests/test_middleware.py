@@ -52,7 +52,6 @@ def test_header_name_follows_settings(settings):
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("close_ack_connections")
 def test_events_caused_by_a_request_carry_its_id(client):
     from realtime.models import Event
     from realtime.testing import flush

@@ -28,7 +28,6 @@ def redis_layer(url: str) -> dict:
 @pytest.mark.redis
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("close_ack_connections")
 def test_events_committed_while_redis_is_down_are_relayed_after_it_returns(private_redis, settings):
     settings.CHANNEL_LAYERS = redis_layer(private_redis.url)
     settings.REALTIME = {"PUBLISH_TIMEOUT": 2.0}

@@ -12,10 +12,7 @@ import realtime
 from realtime.models import Event, Stream
 from realtime.testing import flush
 
-pytestmark = [
-    pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("close_ack_connections"),
-]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def emit_many(stream: str, n: int) -> None:

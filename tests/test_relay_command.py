@@ -10,10 +10,7 @@ from realtime.testing import flush, record_group_sends
 
 from .factories import ItemFactory
 
-pytestmark = [
-    pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("close_ack_connections"),
-]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.mark.parametrize("args", [["--batch", "0"], ["--grace", "-1"]])
