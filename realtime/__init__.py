@@ -5,12 +5,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .context import correlation, get_correlation_id
-from .registry import ACTIONS, broadcast, register
+from .registry import ACTIONS, broadcast, emit_instances, register
 
 if TYPE_CHECKING:
     from .events import Envelope
 
-__all__ = ["ACTIONS", "broadcast", "correlation", "emit", "get_correlation_id", "register"]
+__all__ = [
+    "ACTIONS",
+    "broadcast",
+    "correlation",
+    "emit",
+    "emit_instances",
+    "get_correlation_id",
+    "register",
+]
 
 
 def emit(stream: str, type: str, data: Any = None, **kwargs: Any) -> Envelope:

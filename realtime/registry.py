@@ -373,6 +373,9 @@ def _old_copy(instance: Any) -> Any | None:
     return old
 
 
+Plan = dict[str, dict[str, tuple[str, Any]]]  # stream -> version -> (type, data)
+
+
 def _on_save(
     sender: Any, instance: Any, created: bool, raw: bool, using: str, **kwargs: Any
 ) -> None:
@@ -382,8 +385,7 @@ def _on_save(
     if not regs:
         return
     old = None if created else _old_copy(instance)
-    plan: dict[str, dict[str, tuple[str, Any]]] = {}  # stream -> version -> (type, data)
-    order: list[str] = []
+    plan: Plan = {}
     for reg in regs:
         _raise_problems(reg)
         new_streams = reg.stream_names(instance)
@@ -402,37 +404,53 @@ def _on_save(
                 if data is None:
                     data = reg.serialize(instance)
                 payload = data
-            if stream not in plan:
-                plan[stream] = {}
-                order.append(stream)
-            plan[stream].setdefault(reg.version, (reg.type_for(action), payload))
-    _append(plan, order, using)
+            plan.setdefault(stream, {}).setdefault(reg.version, (reg.type_for(action), payload))
+    _append([plan], using)
     instance.__dict__[_LOADED] = _snapshot(instance)
 
 
 def _on_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
     if not realtime_settings.ENABLED:
         return
-    regs = registry.for_model(sender)
+    if registry.for_model(sender):
+        _append([_plan(instance, "deleted")], using)
+
+
+def _plan(instance: Any, action: str) -> Plan:
+    """The events of one action on one instance: every registration's streams and versions."""
+    regs = registry.for_model(type(instance))
     if not regs:
-        return
-    pk = instance.pk
-    if pk is None:  # Collector clears pks only after post_delete; be safe anyway
-        pk = instance.__dict__.get(_LOADED, {}).get(instance._meta.pk.attname)
-    plan: dict[str, dict[str, tuple[str, Any]]] = {}
-    order: list[str] = []
+        raise RegistrationError(f"{_label(type(instance))} is not registered for realtime")
+    plan: Plan = {}
     for reg in regs:
         _raise_problems(reg)
-        if "deleted" not in reg.actions:
+        if action not in reg.actions:
             continue
+        if action == "deleted":
+            payload = reg.deleted_data(instance.pk, instance)
+        else:
+            payload = reg.serialize(instance)
         for stream in reg.stream_names(instance):
-            if stream not in plan:
-                plan[stream] = {}
-                order.append(stream)
-            plan[stream].setdefault(
-                reg.version, (reg.type_for("deleted"), reg.deleted_data(pk, instance))
-            )
-    _append(plan, order, using)
+            plan.setdefault(stream, {}).setdefault(reg.version, (reg.type_for(action), payload))
+    return plan
+
+
+def emit_instances(
+    instances: Iterable[Any], action: str = "updated", *, using: str | None = None
+) -> int:
+    """Log and publish model events for instances changed without signals; return the count.
+
+    For `bulk_create` (action "created") and `queryset.update()` (re-read the rows, then
+    action "updated"); each instance goes to the streams and versions of its registrations,
+    all in one transaction (the current one, if any).
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {ACTIONS}, not {action!r}")
+    instances = list(instances)
+    if not instances:
+        return 0
+    plans = [_plan(instance, action) for instance in instances]
+    return len(_append(plans, using or instances[0]._state.db))
 
 
 def _raise_problems(reg: Registration) -> None:
@@ -441,15 +459,15 @@ def _raise_problems(reg: Registration) -> None:
         raise RegistrationError("; ".join(problems))
 
 
-def _append(plan: dict[str, dict[str, tuple[str, Any]]], order: list[str], using: str) -> None:
+def _append(plans: list[Plan], using: str | None) -> list[Any]:
     from .log import Pending, append
 
     default = realtime_settings.DEFAULT_VERSION
     pending = []
-    for stream in order:
-        by_version = plan[stream]
-        primary = default if default in by_version else next(iter(by_version))
-        type_, data = by_version[primary]
-        variants = {v: td for v, td in by_version.items() if v != primary}
-        pending.append(Pending(stream, type_, data, variants))
-    append(pending, using=using)
+    for plan in plans:
+        for stream, by_version in plan.items():
+            primary = default if default in by_version else next(iter(by_version))
+            type_, data = by_version[primary]
+            variants = {v: td for v, td in by_version.items() if v != primary}
+            pending.append(Pending(stream, type_, data, variants))
+    return append(pending, using=using)

@@ -360,3 +360,29 @@ def test_full_publish_queue_sheds_to_the_relay(settings):
     settings.REALTIME = {}
     call_command("realtime_relay", "--once", "--grace", "0", verbosity=0)
     assert not Event.objects.filter(published_at__isnull=True).exists()
+
+
+def test_emit_instances_covers_bulk_create_and_queryset_update():
+    project = ProjectFactory()
+    flush()
+    items = Item.objects.bulk_create([Item(project=project, title=f"bulk {i}") for i in range(3)])
+    assert [e.type for e in events(f"project:{project.pk}")] == ["v1:project.created"]
+    with transaction.atomic():
+        assert realtime.emit_instances(items, "created") == 3
+    Item.objects.filter(project=project).update(done=True)
+    assert realtime.emit_instances(Item.objects.filter(project=project), "updated") == 3
+    flush()
+    logged = events(f"project:{project.pk}")[1:]
+    assert [e.type for e in logged] == ["v1:item.created"] * 3 + ["v1:item.updated"] * 3
+    assert [e.data["done"] for e in logged] == [False] * 3 + [True] * 3
+    assert [e.seq for e in logged] == [2, 3, 4, 5, 6, 7]
+    assert not Event.objects.filter(published_at__isnull=True).exists()
+
+
+def test_emit_instances_refuses_unregistered_models_and_bad_actions():
+    from board.models import Organization
+
+    with pytest.raises(RegistrationError, match="not registered"):
+        realtime.emit_instances([Organization(name="x")])
+    with pytest.raises(ValueError, match="action must be"):
+        realtime.emit_instances([], "moved")
