@@ -40,3 +40,13 @@ def test_home_page_lists_what_the_user_may_see(client):
     response = client.get("/")
     assert b"Research" in response.content
     assert b"Launch" not in response.content
+
+
+@pytest.mark.django_db
+def test_event_log_admin_is_read_only_and_lists_events(admin_client):
+    call_command("board_demo")
+    response = admin_client.get("/admin/realtime/event/?type=v1:item.created")
+    assert response.status_code == 200
+    assert b"v1:item.created" in response.content
+    assert admin_client.get("/admin/realtime/event/add/").status_code == 403
+    assert admin_client.get("/admin/realtime/stream/").status_code == 200
