@@ -8,3 +8,6 @@ class RealtimeConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401  (registers the system checks)
+        from .invalidation import connect
+
+        connect()

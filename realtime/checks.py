@@ -135,3 +135,20 @@ def check_settings(
             )
         ]
     return []
+
+
+@checks.register("realtime", checks.Tags.security, deploy=False)
+def check_allowed_hosts(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """WebSocket origins are checked against ALLOWED_HOSTS; '*' would accept any site."""
+    if "*" in settings.ALLOWED_HOSTS and not settings.DEBUG:
+        return [
+            checks.Error(
+                "ALLOWED_HOSTS contains '*' while WebSockets are served outside DEBUG: any web "
+                "site could open sockets with your users' cookies.",
+                hint="List the hosts that serve your pages in ALLOWED_HOSTS.",
+                id="realtime.E020",
+            )
+        ]
+    return []

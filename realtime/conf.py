@@ -37,6 +37,36 @@ DEFAULTS: dict[str, Any] = {
     "PRUNE_BATCH": 1_000,
     # Correlation id header read from requests and echoed in responses.
     "CORRELATION_HEADER": "X-Correlation-ID",
+    # Stream kinds configured by settings: {"project": "app.policies.ProjectPolicy"}; kinds
+    # may also be registered in code with @realtime.stream_policy("project").
+    "STREAM_POLICIES": {},
+    # WebSocket: seconds between server pings; a socket silent for two intervals is closed.
+    "HEARTBEAT": 25.0,
+    # Largest inbound frame in bytes, and deepest JSON nesting in it.
+    "MAX_FRAME_BYTES": 64 * 1024,
+    "MAX_DEPTH": 32,
+    # Malformed frames a socket may send before it is closed with 4400.
+    "MALFORMED_LIMIT": 10,
+    "MAX_SUBSCRIPTIONS": 100,
+    "MAX_CONNECTIONS_PER_USER": 20,
+    # Client publishes: token bucket per socket and per user (per node): rate/s and burst;
+    # refusals past ABUSE_LIMIT in a row close the socket with 4429.
+    "PUBLISH_RATE": 10.0,
+    "PUBLISH_BURST": 20,
+    "ABUSE_LIMIT": 50,
+    # Bytes sent to a socket since its last pong before it counts as a slow consumer (4409).
+    "MAX_UNACKED_BYTES": 4 * 1024 * 1024,
+    # Events read per replay query, and live events held per subscription while it replays.
+    "REPLAY_BATCH": 500,
+    "REPLAY_BUFFER": 1_000,
+    # Single-use WebSocket tickets: lifetime in seconds.
+    "TICKET_TTL": 60,
+    # A callable (user) -> str | None naming the connection's tenant, or its dotted path.
+    "TENANT_RESOLVER": None,
+    # Name of this node in Connection rows (hostname:pid by default).
+    "NODE_ID": None,
+    # Connection rows of a node silent for this many seconds are swept.
+    "CONNECTION_SWEEP_AFTER": 90.0,
 }
 
 

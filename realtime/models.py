@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import uuid
 
+from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 
@@ -62,3 +63,40 @@ class Event(models.Model):
 
     def __str__(self) -> str:
         return f"{self.type} {self.stream_id}#{self.seq}"
+
+
+class Connection(models.Model):
+    """A live socket (or SSE stream) on one node; removed on disconnect, swept if the node dies."""
+
+    id = models.CharField(max_length=32, primary_key=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="realtime_connections",
+    )
+    tenant = models.CharField(max_length=128, blank=True, default="")
+    node = models.CharField(max_length=128, db_index=True)
+    transport = models.CharField(max_length=16, default="websocket")
+    client_version = models.CharField(max_length=32, blank=True, default="")
+    remote_addr = models.CharField(max_length=64, blank=True, default="")
+    subscriptions = models.JSONField(default=list, blank=True)
+    connected_at = models.DateTimeField(auto_now_add=True)
+    last_seen = models.DateTimeField(db_index=True)
+
+    class Meta:
+        verbose_name = "live connection"
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.transport} on {self.node})"
+
+
+class UsedTicket(models.Model):
+    """The nonce of a WebSocket ticket that was already used; tickets are single-use."""
+
+    nonce = models.CharField(max_length=32, primary_key=True)
+    expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return self.nonce

@@ -39,9 +39,9 @@ _BACKOFF_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One event ready to publish: its log row, its group and the layer message."""
+    """One message ready to publish: its group, the layer message, and the log row (if any)."""
 
-    event_pk: int
+    event_pk: int | None
     stream: str
     seq: int
     group: str
@@ -135,6 +135,10 @@ class Publisher:
             logger.warning("event loop closed; %d event(s) left for the relay", len(batch))
             self._finished(len(batch), shed=len(batch))
 
+    def send_control(self, group: str, message: dict[str, Any]) -> None:
+        """Queue a message that is not a logged event (authorization changes, logout)."""
+        self.submit([Outgoing(None, "", 0, group, message)])
+
     def publish_now(self, items: list[Outgoing], timeout: float | None = None) -> list[int]:
         """Publish on the private loop and wait; return the pks of the events that were sent."""
         if not items:
@@ -182,7 +186,8 @@ class Publisher:
                 if worker is not None:
                     worker.paused_until = time.monotonic() + _BACKOFF_SECONDS
             else:
-                sent.append(item.event_pk)
+                if item.event_pk is not None:
+                    sent.append(item.event_pk)
         return sent, failed
 
     def resume(self) -> None:

@@ -1,8 +1,12 @@
-"""HTTP URLs of the realtime app (tickets, event feed, SSE arrive with their transports)."""
+"""HTTP URLs of the realtime app."""
 
 from __future__ import annotations
 
-from typing import Any
+from django.urls import path
+
+from .api import TicketView
 
 app_name = "realtime"
-urlpatterns: list[Any] = []
+urlpatterns = [
+    path("api/realtime/tickets/", TicketView.as_view(), name="tickets"),
+]

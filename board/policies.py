@@ -1,0 +1,38 @@
+"""Who may read the demo's streams."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from realtime.policies import ObjectPolicy, TenantPolicy, UserPolicy, stream_policy
+
+from .models import Organization, Project
+
+
+@stream_policy("project")
+class ProjectPolicy(ObjectPolicy):
+    """`project:<pk>`: users with guardian's `board.view_project` on that project."""
+
+    model = Project
+    permission = "board.view_project"
+    client_events = ("v1:typing.started", "v1:typing.stopped")
+    presence = True
+
+
+def is_member(user: Any, key: str) -> bool:
+    """Whether `user` belongs to the organization whose pk is `key`."""
+    if not key.isdigit():
+        return False
+    return Organization.members.through.objects.filter(
+        organization_id=int(key), user_id=user.pk
+    ).exists()
+
+
+@stream_policy("tenant")
+class OrganizationPolicy(TenantPolicy):
+    """`tenant:<organization pk>`: members of the organization."""
+
+    is_member = staticmethod(is_member)
+
+
+stream_policy("user")(UserPolicy)

@@ -1,0 +1,454 @@
+"""The WebSocket endpoint `/ws/realtime/`, protocol v1 (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from typing import Any
+from urllib.parse import parse_qs
+
+from asgiref.sync import sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from . import protocol
+from .conf import realtime_settings
+from .events import format_timestamp
+from .fanout import get_hub, node_id
+from .policies import StreamPolicy, stream_kinds
+from .protocol import Close, Code, ProtocolError
+from .ratelimit import TokenBucket, user_bucket
+from .streams import parse_stream
+
+logger = logging.getLogger("realtime.ws")
+
+_DUPLICATE_WINDOW = 1024
+
+
+def user_group(user_id: Any) -> str:
+    """The control group of one user's sockets, on every node."""
+    return f"rt-ctl.user.{user_id}"
+
+
+def _thread(func: Any) -> Any:
+    # Policies, replay and connection rows touch the database: never on the event loop.
+    return sync_to_async(func, thread_sensitive=False)
+
+
+class Subscription:
+    """One socket's subscription to one stream: authorization, replay seam, dedupe by seq."""
+
+    def __init__(
+        self, consumer: RealtimeConsumer, stream: str, policy: StreamPolicy, version: str | None
+    ) -> None:
+        self.consumer = consumer
+        self.stream = stream
+        self.policy = policy
+        self.version = version
+        self.authorized = True
+        self.replaying = True
+        self.buffer: collections.deque[dict[str, Any]] = collections.deque()
+        self.overflowed = False
+        self.contiguous = 0  # every seq up to this one was delivered (or predates the snapshot)
+        self.above: set[int] = set()  # seqs delivered beyond `contiguous`
+
+    def deliver(self, message: dict[str, Any]) -> None:
+        """Called by the hub for each event of the stream; never awaits."""
+        if not self.authorized:
+            return
+        if message.get("ephemeral"):
+            if message.get("origin") != self.consumer.connection_id and not self.replaying:
+                self.consumer.enqueue(message["frames"]["*"])
+            return
+        if self.replaying:
+            if len(self.buffer) >= realtime_settings.REPLAY_BUFFER:
+                self.buffer.clear()
+                self.overflowed = True  # the replay loop reads the log again instead
+            else:
+                self.buffer.append(message)
+            return
+        self.emit(message["seq"], message["frames"])
+
+    def emit(self, seq: int, frames: dict[str, str]) -> None:
+        if seq <= self.contiguous or seq in self.above:
+            return  # already delivered (replay and live overlap, or the relay's duplicate)
+        if seq == self.contiguous + 1:
+            self.contiguous = seq
+            while self.contiguous + 1 in self.above:
+                self.contiguous += 1
+                self.above.discard(self.contiguous)
+        else:
+            self.above.add(seq)
+            if len(self.above) > _DUPLICATE_WINDOW:
+                self.contiguous = min(self.above)
+                self.above = {s for s in self.above if s > self.contiguous}
+        frame = frames.get(self.version or "") or next(iter(frames.values()))
+        self.consumer.enqueue(frame)
+
+
+class RealtimeConsumer(AsyncWebsocketConsumer):
+    """Authenticated, per-stream authorized, resumable event delivery over one socket."""
+
+    transport = "websocket"
+
+    async def websocket_connect(self, message: dict[str, Any]) -> None:
+        self.connection_id = uuid.uuid4().hex
+        self.subscriptions: dict[str, Subscription] = {}
+        self.outbox: collections.deque[str] = collections.deque()
+        self.wakeup = asyncio.Event()
+        self.drained = asyncio.Event()
+        self.writer: asyncio.Task[None] | None = None
+        self.closing = False
+        self.malformed = 0
+        self.refusals = 0
+        self.unacked = 0
+        self.last_received = time.monotonic()
+        self.registered = False
+        self.user = None
+        self.bucket = TokenBucket(realtime_settings.PUBLISH_RATE, realtime_settings.PUBLISH_BURST)
+
+        origin_refusal = self.scope.get("realtime_origin_refused")
+        if origin_refusal:
+            await self._refuse(Close.FORBIDDEN, "origin not allowed", origin_refusal)
+            return
+        user = await self._authenticate()
+        if user is None or not user.is_authenticated or not user.is_active:
+            await self._refuse(Close.UNAUTHENTICATED, "not authenticated")
+            return
+        self.user = user
+        from .connections import count_for_user, open_connection, resolve_tenant
+
+        limit = int(realtime_settings.MAX_CONNECTIONS_PER_USER)
+        if await _thread(count_for_user)(user) >= limit:
+            await self._refuse(Close.RATE_LIMITED, f"more than {limit} connections for this user")
+            return
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        client = self.scope.get("client") or ("", 0)
+        await _thread(self._open_row)(
+            open_connection, resolve_tenant, (query.get("v") or [""])[0], str(client[0] or "")
+        )
+        self.registered = True
+        await self.channel_layer.group_add(user_group(user.pk), self.channel_name)
+        await self.accept()
+        get_hub().add_connection(self)
+        self.writer = asyncio.get_running_loop().create_task(self._write())
+        heartbeat = float(realtime_settings.HEARTBEAT)
+        self.enqueue(
+            protocol.dumps(
+                {
+                    "op": "welcome",
+                    "connectionId": self.connection_id,
+                    "protocol": protocol.PROTOCOL,
+                    "heartbeat": heartbeat,
+                }
+            )
+        )
+
+    def _open_row(self, open_connection: Any, resolve_tenant: Any, version: str, addr: str) -> None:
+        open_connection(
+            connection_id=self.connection_id,
+            user=self.user,
+            node=node_id(),
+            transport=self.transport,
+            client_version=version,
+            remote_addr=addr,
+            tenant=resolve_tenant(self.user),
+        )
+
+    async def _authenticate(self) -> Any:
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        tickets = query.get("ticket")
+        if tickets:
+            from .tickets import redeem
+
+            return await _thread(redeem)(tickets[0])
+        return self.scope.get("user")
+
+    async def _refuse(self, code: int, reason: str, detail: str = "") -> None:
+        headers = dict(self.scope.get("headers") or [])
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        logger.warning(
+            "websocket refused (%d %s) origin=%r path=%s %s",
+            code,
+            reason,
+            origin,
+            self.scope.get("path"),
+            detail,
+        )
+        # Accept first: a browser cannot read a refused handshake's status, only a close code.
+        await self.accept()
+        await self.close(code)
+
+    # -- inbound --------------------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.closing or self.user is None:
+            return
+        self.last_received = time.monotonic()
+        try:
+            if text_data is None:
+                too_big = len(bytes_data or b"") > realtime_settings.MAX_FRAME_BYTES
+                if too_big:
+                    raise ProtocolError(Code.TOO_LARGE, "frame too large")
+                raise ProtocolError(Code.BINARY_NOT_SUPPORTED, "send JSON text frames")
+            frame = protocol.parse(
+                text_data,
+                max_bytes=int(realtime_settings.MAX_FRAME_BYTES),
+                max_depth=int(realtime_settings.MAX_DEPTH),
+            )
+            await self._handle(frame)
+        except ProtocolError as exc:
+            await self._protocol_error(exc)
+        except Exception:
+            logger.exception("error handling a frame on %s", self.connection_id)
+            self.enqueue(protocol.error(None, Code.INTERNAL_ERROR, "internal error"))
+
+    async def _protocol_error(self, exc: ProtocolError) -> None:
+        self.enqueue(protocol.error(exc.ref, exc.code, exc.message))
+        if exc.code == Code.TOO_LARGE:
+            await self._close(Close.TOO_LARGE)
+            return
+        if exc.code in (Code.FORBIDDEN, Code.RATE_LIMITED, Code.EVENT_NOT_ALLOWED):
+            self.refusals += 1
+            if self.refusals > realtime_settings.ABUSE_LIMIT:
+                await self._close(Close.RATE_LIMITED)
+            return
+        if exc.code in (
+            Code.INVALID_JSON,
+            Code.BINARY_NOT_SUPPORTED,
+            Code.TOO_DEEP,
+            Code.UNKNOWN_OP,
+            Code.INVALID_FRAME,
+            Code.INVALID_STREAM,
+            Code.UNSUPPORTED_VERSION,
+        ):
+            self.malformed += 1
+            if self.malformed > realtime_settings.MALFORMED_LIMIT:
+                await self._close(Close.MALFORMED)
+
+    async def _handle(self, frame: protocol.Frame) -> None:
+        if isinstance(frame, protocol.Ping):
+            self.enqueue(protocol.dumps({"op": "pong", "ref": frame.ref}))
+        elif isinstance(frame, protocol.Pong):
+            self.unacked = 0
+        elif isinstance(frame, protocol.Subscribe):
+            await self._subscribe(frame)
+        elif isinstance(frame, protocol.Unsubscribe):
+            await self._unsubscribe(frame)
+        elif isinstance(frame, protocol.Publish):
+            await self._publish(frame)
+
+    def _policy(self, stream: str, ref: str | None) -> StreamPolicy:
+        kind, _key = parse_stream(stream)
+        policy = stream_kinds.get(kind)
+        if policy is None:
+            raise ProtocolError(Code.UNKNOWN_STREAM, f"no stream kind {kind!r}", ref)
+        return policy
+
+    async def _authorized(self, policy: StreamPolicy, stream: str) -> bool:
+        kind, key = parse_stream(stream)
+        try:
+            return bool(await _thread(policy.check)(self.user, kind, key))
+        except Exception:
+            logger.exception("policy for %s raised; refusing", stream)
+            return False
+
+    async def _subscribe(self, frame: protocol.Subscribe) -> None:
+        from .replay import position, read_after
+
+        if frame.stream in self.subscriptions:
+            raise ProtocolError(Code.ALREADY_SUBSCRIBED, "already subscribed", frame.ref)
+        if len(self.subscriptions) >= realtime_settings.MAX_SUBSCRIPTIONS:
+            raise ProtocolError(
+                Code.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {realtime_settings.MAX_SUBSCRIPTIONS} subscriptions per connection",
+                frame.ref,
+            )
+        policy = self._policy(frame.stream, frame.ref)
+        if not await self._authorized(policy, frame.stream):
+            # Missing objects get the same answer, so existence does not leak.
+            raise ProtocolError(Code.FORBIDDEN, "not allowed", frame.ref)
+        subscription = Subscription(self, frame.stream, policy, frame.version)
+        self.subscriptions[frame.stream] = subscription
+        await get_hub().join(frame.stream, subscription)
+        # Joined first, then read: whatever commits from here on is either in the log read
+        # below or arrives live (buffered until the replay is done), never neither.
+        pos = await _thread(position)(frame.stream)
+        recovered = frame.since is not None and pos.covers(frame.since, frame.epoch)
+        subscription.contiguous = frame.since if recovered and frame.since is not None else pos.seq
+        data: dict[str, Any] = {"seq": pos.seq, "epoch": pos.epoch, "recovered": recovered}
+        self.enqueue(protocol.reply(frame.ref, data))
+        if recovered:
+            await self._replay(subscription, read_after)
+        subscription.replaying = False
+        while subscription.buffer:
+            message = subscription.buffer.popleft()
+            subscription.deliver(message)
+        self._save_subscriptions()
+
+    async def _replay(self, subscription: Subscription, read_after: Any) -> None:
+        batch = int(realtime_settings.REPLAY_BATCH)
+        while True:
+            subscription.overflowed = False
+            while True:
+                rows = await _thread(read_after)(
+                    subscription.stream, subscription.contiguous, batch
+                )
+                for seq, frames in rows:
+                    subscription.emit(seq, frames)
+                await self._drain()
+                if len(rows) < batch or self.closing:
+                    break
+            if not subscription.overflowed or self.closing:
+                return
+
+    async def _unsubscribe(self, frame: protocol.Unsubscribe) -> None:
+        subscription = self.subscriptions.pop(frame.stream, None)
+        if subscription is None:
+            raise ProtocolError(Code.NOT_SUBSCRIBED, "not subscribed", frame.ref)
+        await get_hub().leave(frame.stream, subscription)
+        self.enqueue(protocol.reply(frame.ref))
+        self._save_subscriptions()
+
+    async def _publish(self, frame: protocol.Publish) -> None:
+        from .publisher import LAYER_MESSAGE_TYPE
+        from .streams import group_name
+
+        policy = self._policy(frame.stream, frame.ref)
+        if not policy.allows_client_event(frame.type):
+            raise ProtocolError(Code.EVENT_NOT_ALLOWED, "event type not allowed here", frame.ref)
+        if not (self.bucket.take() and user_bucket(self.user.pk).take()):  # type: ignore[union-attr]
+            raise ProtocolError(Code.RATE_LIMITED, "too many events; slow down", frame.ref)
+        if not await self._authorized(policy, frame.stream):
+            raise ProtocolError(Code.FORBIDDEN, "not allowed", frame.ref)
+        event = {
+            "op": "event",
+            "stream": frame.stream,
+            "eventId": uuid.uuid4().hex,
+            "type": frame.type,
+            "timestamp": format_timestamp(_now()),
+            "from": {"user": self.user.pk, "connectionId": self.connection_id},  # type: ignore[union-attr]
+            "data": frame.data,
+        }
+        message = {
+            "type": LAYER_MESSAGE_TYPE,
+            "stream": frame.stream,
+            "ephemeral": True,
+            "origin": self.connection_id,
+            "frames": {"*": protocol.dumps(event)},
+        }
+        await self.channel_layer.group_send(group_name(frame.stream), message)
+        self.refusals = 0
+        self.enqueue(protocol.reply(frame.ref, {"eventId": event["eventId"]}))
+
+    # -- outbound -------------------------------------------------------------------------
+
+    def enqueue(self, text: str) -> None:
+        """Queue a frame for this socket; never awaits, so the hub never waits for a client."""
+        if self.closing:
+            return
+        self.outbox.append(text)
+        self.drained.clear()
+        self.unacked += len(text)
+        if self.unacked > realtime_settings.MAX_UNACKED_BYTES:
+            logger.warning("slow consumer %s: closing", self.connection_id)
+            self.closing = True
+            self.outbox.clear()
+            asyncio.get_running_loop().create_task(self._close(Close.SLOW_CONSUMER, force=True))
+            return
+        if self.unacked > realtime_settings.MAX_UNACKED_BYTES // 2 and not self._ping_pending:
+            # Ask for a pong early: a reading client answers, a stuck one runs out of credit.
+            self._ping_pending = True
+            self.outbox.append(protocol.dumps({"op": "ping"}))
+        self.wakeup.set()
+
+    _ping_pending = False
+
+    async def _write(self) -> None:
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while self.outbox:
+                await self.send(text_data=self.outbox.popleft())
+            self.drained.set()
+
+    async def _drain(self) -> None:
+        # Let the writer catch up during a long replay, so the outbox stays small.
+        if self.outbox and not self.closing:
+            async with asyncio.timeout(float(realtime_settings.HEARTBEAT)):
+                await self.drained.wait()
+
+    async def heartbeat(self, now: float) -> None:
+        interval = float(realtime_settings.HEARTBEAT)
+        if now - self.last_received > 2 * interval:
+            logger.info("heartbeat timeout on %s", self.connection_id)
+            await self._close(Close.HEARTBEAT_TIMEOUT)
+            return
+        self._ping_pending = True
+        self.enqueue(protocol.dumps({"op": "ping"}))
+
+    async def _close(self, code: int, *, force: bool = False) -> None:
+        if self.closing and not force:
+            return
+        self.closing = True
+        # Flush what is queued (error replies) before the close frame.
+        if not force:
+            while self.outbox:
+                await self.send(text_data=self.outbox.popleft())
+        await self.close(code)
+
+    # -- control messages (channel layer) ----------------------------------------------
+
+    async def realtime_authz(self, message: dict[str, Any]) -> None:
+        """Permissions of this user changed somewhere: decide every subscription again."""
+        for stream, subscription in list(self.subscriptions.items()):
+            if await self._authorized(subscription.policy, stream):
+                subscription.authorized = True
+                continue
+            subscription.authorized = False
+            self.subscriptions.pop(stream, None)
+            await get_hub().leave(stream, subscription)
+            self.enqueue(
+                protocol.dumps({"op": "unsubscribed", "stream": stream, "reason": Code.FORBIDDEN})
+            )
+        self._save_subscriptions()
+
+    async def realtime_logout(self, message: dict[str, Any]) -> None:
+        await self._close(Close.UNAUTHENTICATED)
+
+    async def realtime_disconnect(self, message: dict[str, Any]) -> None:
+        if not message.get("connection") or message["connection"] == self.connection_id:
+            await self._close(int(message.get("code", Close.GOING_AWAY)))
+
+    # -- teardown -------------------------------------------------------------------------
+
+    def _save_subscriptions(self) -> None:
+        from .connections import set_subscriptions
+
+        streams = sorted(self.subscriptions)
+        asyncio.get_running_loop().create_task(
+            _thread(set_subscriptions)(self.connection_id, streams)
+        )
+
+    async def disconnect(self, code: int) -> None:
+        self.closing = True
+        hub = get_hub()
+        hub.remove_connection(self)
+        for stream, subscription in list(self.subscriptions.items()):
+            await hub.leave(stream, subscription)
+        self.subscriptions.clear()
+        if self.writer is not None:
+            self.writer.cancel()
+        if self.user is not None and self.registered:
+            await self.channel_layer.group_discard(user_group(self.user.pk), self.channel_name)
+            from .connections import close_connection
+
+            await _thread(close_connection)(self.connection_id)
+
+
+def _now() -> Any:
+    from django.utils import timezone
+
+    return timezone.now()

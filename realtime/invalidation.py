@@ -1,0 +1,72 @@
+"""Permission changes and logouts reach the affected users' sockets on every node."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from django.contrib.auth import get_user_model, user_logged_out
+from django.db import transaction
+from django.db.models import signals
+
+from .publisher import publisher
+
+logger = logging.getLogger("realtime.invalidation")
+
+
+def _send(user_ids: Iterable[Any], message_type: str) -> None:
+    from .consumers import user_group
+
+    for user_id in set(user_ids):
+        if user_id is not None:
+            publisher.send_control(user_group(user_id), {"type": message_type})
+
+
+def permissions_changed(user_ids: Iterable[Any]) -> None:
+    """Tell these users' sockets to decide their subscriptions again, after commit."""
+    ids = list(user_ids)
+    transaction.on_commit(lambda: _send(ids, "realtime.authz"), robust=True)
+
+
+def _user_perm_changed(sender: Any, instance: Any, **kwargs: Any) -> None:
+    permissions_changed([instance.user_id])
+
+
+def _group_perm_changed(sender: Any, instance: Any, **kwargs: Any) -> None:
+    users = get_user_model()._default_manager.filter(groups=instance.group_id)
+    permissions_changed(users.values_list("pk", flat=True))
+
+
+def _membership_changed(
+    sender: Any, instance: Any, action: str, reverse: bool, pk_set: Any, **kwargs: Any
+) -> None:
+    if action not in ("post_add", "post_remove", "post_clear", "pre_clear"):
+        return
+    if not reverse:  # user.groups.add(...): the instance is the user
+        permissions_changed([instance.pk])
+    elif action == "pre_clear":  # group.user_set.clear(): pk_set is empty, read members now
+        permissions_changed(list(instance.user_set.values_list("pk", flat=True)))
+    else:
+        permissions_changed(pk_set or [])
+
+
+def _logged_out(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+    if user is not None:
+        _send([user.pk], "realtime.logout")
+
+
+def connect() -> None:
+    """Wire the signals (called from the app's ready())."""
+    user_model = get_user_model()
+    signals.m2m_changed.connect(
+        _membership_changed, sender=user_model.groups.through, dispatch_uid="realtime.groups"
+    )
+    user_logged_out.connect(_logged_out, dispatch_uid="realtime.logout")
+    try:
+        from guardian.models import GroupObjectPermission, UserObjectPermission
+    except ImportError:  # guardian is optional for policies that do not use it
+        return
+    for signal in (signals.post_save, signals.post_delete):
+        signal.connect(_user_perm_changed, sender=UserObjectPermission, dispatch_uid="rt.uop")
+        signal.connect(_group_perm_changed, sender=GroupObjectPermission, dispatch_uid="rt.gop")

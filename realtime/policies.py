@@ -1,0 +1,170 @@
+"""Stream authorization: a policy per stream kind, shaped like DRF's permission policies.
+
+A policy says who may subscribe to `<kind>:<key>` (`permission_classes`, then `authorize`),
+which client event types may be published on it, and whether it tracks presence. Policies
+run in a worker thread, so they may query the database; every call reads permissions anew.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+from .streams import KIND_PATTERN
+
+_KIND = re.compile(rf"^{KIND_PATTERN}$")
+
+
+class BasePermission:
+    """A reusable check run before `authorize`, like DRF's permission classes."""
+
+    def has_stream_permission(self, user: Any, kind: str, key: str) -> bool:
+        return True
+
+
+class IsAuthenticated(BasePermission):
+    """Only authenticated, active users."""
+
+    def has_stream_permission(self, user: Any, kind: str, key: str) -> bool:
+        return bool(user is not None and user.is_authenticated and user.is_active)
+
+
+class IsStaff(BasePermission):
+    """Only active staff users."""
+
+    def has_stream_permission(self, user: Any, kind: str, key: str) -> bool:
+        return bool(user is not None and user.is_active and user.is_staff)
+
+
+class StreamPolicy:
+    """Who may subscribe to streams of one kind, and what clients may publish on them."""
+
+    permission_classes: list[type[BasePermission]] = [IsAuthenticated]
+    #: Client event types allowed on `publish` (e.g. "v1:typing.started"); none by default.
+    client_events: tuple[str, ...] = ()
+    #: Whether subscribers are tracked as present (see the presence app).
+    presence: bool = False
+    #: Events kept for replay, overriding REALTIME['RETENTION_MAX_EVENTS'] for this kind.
+    retention: int | None = None
+
+    def get_permissions(self) -> list[BasePermission]:
+        return [permission() for permission in self.permission_classes]
+
+    def check(self, user: Any, kind: str, key: str) -> bool:
+        """Return whether `user` may read the stream; a missing object is simply False."""
+        for permission in self.get_permissions():
+            if not permission.has_stream_permission(user, kind, key):
+                return False
+        return bool(self.authorize(user, key))
+
+    def authorize(self, user: Any, key: str) -> bool:
+        """Decide for one stream key; override this. Deny by default."""
+        return False
+
+    def allows_client_event(self, event_type: str) -> bool:
+        return event_type in self.client_events
+
+
+class ObjectPolicy(StreamPolicy):
+    """`<kind>:<pk>` readable by users holding a django-guardian object permission on the row."""
+
+    model: Any = None
+    permission: str = ""
+    lookup_field: str = "pk"
+
+    def get_object(self, key: str) -> Any | None:
+        try:
+            return self.model._default_manager.get(**{self.lookup_field: key})
+        except (self.model.DoesNotExist, ValueError, TypeError, ArithmeticError):
+            return None
+        except Exception as exc:  # e.g. a ValidationError for a malformed UUID key
+            if type(exc).__name__ in {"ValidationError", "DataError"}:
+                return None
+            raise
+
+    def authorize(self, user: Any, key: str) -> bool:
+        from guardian.core import ObjectPermissionChecker
+
+        obj = self.get_object(key)
+        if obj is None:
+            return False
+        # A new checker per decision: guardian's cache lives on the checker, so this reads
+        # the permissions as they are now.
+        return ObjectPermissionChecker(user).has_perm(self.permission.split(".", 1)[-1], obj)
+
+
+class UserPolicy(StreamPolicy):
+    """`user:<id>`: a user's private stream, readable by that user only."""
+
+    def authorize(self, user: Any, key: str) -> bool:
+        return str(user.pk) == key
+
+
+class TenantPolicy(StreamPolicy):
+    """`tenant:<key>`: readable by members, as decided by a host-project callable."""
+
+    #: A callable (user, key) -> bool, or its dotted path.
+    is_member: Callable[[Any, str], bool] | str | None = None
+
+    def authorize(self, user: Any, key: str) -> bool:
+        check = self.is_member
+        if isinstance(check, str):
+            check = import_string(check)
+        if check is None:
+            raise ImproperlyConfigured(f"{type(self).__name__}.is_member is not set")
+        return bool(check(user, key))
+
+
+class StreamKinds:
+    """The registered stream kinds and their policies."""
+
+    def __init__(self) -> None:
+        self._policies: dict[str, StreamPolicy] = {}
+
+    def register(self, kind: str, policy: type[StreamPolicy] | StreamPolicy) -> None:
+        if not _KIND.match(kind):
+            raise ImproperlyConfigured(f"invalid stream kind {kind!r}: must match {KIND_PATTERN}")
+        instance = policy() if isinstance(policy, type) else policy
+        if not isinstance(instance, StreamPolicy):
+            raise ImproperlyConfigured(f"{policy!r} is not a StreamPolicy")
+        self._policies[kind] = instance
+
+    def unregister(self, kind: str) -> None:
+        self._policies.pop(kind, None)
+
+    def get(self, kind: str) -> StreamPolicy | None:
+        policy = self._policies.get(kind)
+        if policy is None:
+            policy = self._from_settings(kind)
+        return policy
+
+    def _from_settings(self, kind: str) -> StreamPolicy | None:
+        from .conf import realtime_settings
+
+        path = (realtime_settings.STREAM_POLICIES or {}).get(kind)
+        if path is None:
+            return None
+        policy = import_string(path) if isinstance(path, str) else path
+        return policy() if isinstance(policy, type) else policy
+
+    def kinds(self) -> Iterable[str]:
+        from .conf import realtime_settings
+
+        return {*self._policies, *(realtime_settings.STREAM_POLICIES or {})}
+
+
+stream_kinds = StreamKinds()
+
+
+def stream_policy(kind: str) -> Callable[[type[StreamPolicy]], type[StreamPolicy]]:
+    """Class decorator registering a policy for a stream kind."""
+
+    def decorate(policy: type[StreamPolicy]) -> type[StreamPolicy]:
+        stream_kinds.register(kind, policy)
+        return policy
+
+    return decorate

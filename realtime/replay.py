@@ -1,0 +1,51 @@
+"""Reading the log for resume: stream positions and events after a seq, in bounded batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db import close_old_connections
+from django.db.models import Min
+
+from .events import Envelope
+from .models import Event, Stream
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a stream is: its newest seq, its epoch, and the oldest seq still kept."""
+
+    seq: int
+    epoch: str | None
+    first_kept: int
+
+    def covers(self, since: int, epoch: str | None) -> bool:
+        """Whether every event after `since` is still in the log (and the epoch matches)."""
+        if epoch is not None and self.epoch is not None and epoch != self.epoch:
+            return False
+        if since > self.seq:
+            return False
+        return since >= self.first_kept - 1
+
+
+def position(stream: str) -> StreamPosition:
+    close_old_connections()
+    row = Stream.objects.filter(name=stream).values_list("pk", "last_seq", "epoch").first()
+    if row is None:
+        return StreamPosition(seq=0, epoch=None, first_kept=1)
+    pk, last_seq, epoch = row
+    first = Event.objects.filter(stream_id=pk).aggregate(first=Min("seq"))["first"]
+    return StreamPosition(
+        seq=last_seq, epoch=epoch, first_kept=last_seq + 1 if first is None else first
+    )
+
+
+def read_after(stream: str, after: int, limit: int) -> list[tuple[int, dict[str, str]]]:
+    """Return up to `limit` (seq, frames by version) of the stream's events after `after`."""
+    close_old_connections()
+    rows = (
+        Event.objects.filter(stream__name=stream, seq__gt=after)
+        .order_by("seq")
+        .only("seq", "event_id", "type", "timestamp", "correlation_id", "data", "variants")[:limit]
+    )
+    return [(row.seq, Envelope.from_row(row, stream=stream).frames()) for row in rows]

@@ -1,0 +1,57 @@
+"""Single-use, signed, short-lived WebSocket tickets for clients that cannot send cookies."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from typing import Any
+
+from django.core import signing
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from .conf import realtime_settings
+from .models import UsedTicket
+
+_SALT = "realtime.ticket"
+
+
+def issue(user: Any) -> str:
+    """Return a ticket bound to `user`, valid once within REALTIME['TICKET_TTL'] seconds."""
+    return signing.dumps({"u": str(user.pk), "n": secrets.token_hex(12)}, salt=_SALT)
+
+
+def redeem(ticket: str) -> Any | None:
+    """Return the ticket's user if it is authentic, fresh, unused and the user active; else None.
+
+    A ticket is consumed even if the user turns out to be inactive.
+    """
+    from django.contrib.auth import get_user_model
+
+    ttl = float(realtime_settings.TICKET_TTL)
+    try:
+        payload = signing.loads(ticket, salt=_SALT, max_age=ttl)
+    except signing.BadSignature:  # includes SignatureExpired
+        return None
+    if not isinstance(payload, dict) or not {"u", "n"} <= payload.keys():
+        return None
+    try:
+        with transaction.atomic():
+            UsedTicket.objects.create(
+                nonce=str(payload["n"])[:32],
+                expires_at=timezone.now() + dt.timedelta(seconds=ttl),
+            )
+    except IntegrityError:
+        return None  # already used
+    User = get_user_model()
+    try:
+        user = User._default_manager.get(pk=payload["u"])
+    except (User.DoesNotExist, ValueError):
+        return None
+    return user if user.is_active else None
+
+
+def prune_used() -> int:
+    """Forget used tickets that have expired anyway."""
+    count, _ = UsedTicket.objects.filter(expires_at__lt=timezone.now()).delete()
+    return count
