@@ -6,5 +6,6 @@ from board import views
 urlpatterns = [
     path("", views.home, name="home"),
     path("admin/", admin.site.urls),
+    path("accounts/", include("django.contrib.auth.urls")),
     path("", include("realtime.urls")),
 ]

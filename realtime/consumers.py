@@ -132,7 +132,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.registered = True
         await self.channel_layer.group_add(user_group(user.pk), self.channel_name)
         await self.accept()
-        get_hub().add_connection(self)
+        await get_hub().add_connection(self)
         self.writer = asyncio.get_running_loop().create_task(self._write())
         heartbeat = float(realtime_settings.HEARTBEAT)
         self.enqueue(

@@ -85,7 +85,10 @@ class Hub:
                 except Exception:
                     logger.warning("leaving group of %s failed", stream, exc_info=True)
 
-    def add_connection(self, connection: Ticking) -> None:
+    async def add_connection(self, connection: Ticking) -> None:
+        """Include a socket in this loop's heartbeat (and start the hub if it is the first)."""
+        async with self._lock:
+            await self._start()
         self.connections.add(connection)
 
     def remove_connection(self, connection: Ticking) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -70,3 +71,94 @@ async def receive_published(
     finally:
         for stream in streams:
             await layer.group_discard(group_name(stream), channel)
+
+
+class RealtimeClient:
+    """A protocol v1 client over Channels' WebsocketCommunicator, for tests of host projects."""
+
+    def __init__(
+        self,
+        application: Any = None,
+        *,
+        path: str = "/ws/realtime/",
+        origin: str | None = "http://127.0.0.1",
+        session_key: str | None = None,
+    ) -> None:
+        from channels.testing import WebsocketCommunicator
+        from django.conf import settings
+
+        if application is None:
+            from .routing import websocket_application
+
+            application = websocket_application()
+        headers = [(b"origin", origin.encode())] if origin else []
+        if session_key:
+            cookie = f"{settings.SESSION_COOKIE_NAME}={session_key}"
+            headers.append((b"cookie", cookie.encode()))
+        self.communicator = WebsocketCommunicator(application, path, headers=headers)
+        self.refs = 0
+        self.welcome: dict[str, Any] | None = None
+
+    async def connect(self, timeout: float = 5.0) -> dict[str, Any]:  # noqa: ASYNC109
+        """Open the socket; return the welcome frame, or the close message if refused."""
+        connected, _ = await self.communicator.connect(timeout)
+        assert connected, "the handshake was not accepted"
+        first = await self.communicator.receive_output(timeout)
+        if first["type"] == "websocket.close":
+            return first
+        self.welcome = json.loads(first["text"])
+        return self.welcome
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        text = frame if isinstance(frame, str) else json.dumps(frame)
+        await self.communicator.send_to(text_data=text)
+
+    async def receive(self, timeout: float = 5.0) -> dict[str, Any]:  # noqa: ASYNC109
+        """The next frame as a dict, or the close message ({"type": "websocket.close", ...})."""
+        message = await self.communicator.receive_output(timeout)
+        if message["type"] == "websocket.close":
+            return message
+        return json.loads(message["text"])  # type: ignore[no-any-return]
+
+    async def receive_until(self, op: str, timeout: float = 5.0) -> dict[str, Any]:  # noqa: ASYNC109
+        """Skip frames (pings, for one) until one with `op` arrives."""
+        while True:
+            frame = await self.receive(timeout)
+            if frame.get("op") == op or frame.get("type") == "websocket.close":
+                return frame
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send a frame with a fresh ref and return its reply, skipping other frames."""
+        self.refs += 1
+        ref = str(self.refs)
+        await self.send({"op": op, "ref": ref, **fields})
+        while True:
+            frame = await self.receive()
+            if frame.get("op") == "reply" and frame.get("ref") == ref:
+                return frame
+            if frame.get("type") == "websocket.close":
+                raise AssertionError(f"socket closed while waiting for reply {ref}: {frame}")
+
+    async def subscribe(self, stream: str, **fields: Any) -> dict[str, Any]:
+        return await self.request("subscribe", stream=stream, **fields)
+
+    async def nothing_more(self, timeout: float = 0.2) -> bool:  # noqa: ASYNC109
+        """Whether no frame other than a ping arrives within `timeout` (the socket stays up)."""
+        while not await self.communicator.receive_nothing(timeout):
+            if (await self.receive()).get("op") != "ping":
+                return False
+        return True
+
+    async def close(self) -> None:
+        await self.communicator.disconnect()
+
+
+def session_for(user: Any) -> str:
+    """Log `user` in and return the session key (call from sync code)."""
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    from django.conf import settings
+
+    return str(client.cookies[settings.SESSION_COOKIE_NAME].value)

@@ -50,3 +50,13 @@ def test_event_log_admin_is_read_only_and_lists_events(admin_client):
     assert b"v1:item.created" in response.content
     assert admin_client.get("/admin/realtime/event/add/").status_code == 403
     assert admin_client.get("/admin/realtime/stream/").status_code == 200
+
+
+@pytest.mark.django_db
+def test_non_staff_demo_users_can_log_in_and_out(client):
+    call_command("board_demo")
+    response = client.post("/accounts/login/", {"username": "bob", "password": "bob-demo-pw"})
+    assert response.status_code == 302
+    assert b"Launch" in client.get("/").content
+    assert client.post("/accounts/logout/").status_code == 302
+    assert b"log in" in client.get("/").content

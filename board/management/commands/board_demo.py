@@ -12,6 +12,6 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         users = seed()
-        self.stdout.write("Demo logins (http://127.0.0.1:8000/admin/login/):")
+        self.stdout.write("Demo logins (http://127.0.0.1:8000/accounts/login/):")
         for user in users:
             self.stdout.write(f"  {user.username:<6} / {user.password:<14}  {user.note}")

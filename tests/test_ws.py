@@ -1,0 +1,437 @@
+"""The WebSocket endpoint through Channels' communicator: handshake, protocol, resume, authz."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import transaction
+
+from board.membership import add_member, remove_member
+from board.models import Item
+from realtime.models import Connection, Event
+from realtime.testing import RealtimeClient, session_for
+
+from .factories import ItemFactory, ProjectFactory, UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+db = sync_to_async
+
+
+async def client_for(user=None, **kwargs) -> RealtimeClient:
+    session = await db(session_for)(user) if user is not None else None
+    client = RealtimeClient(session_key=session, **kwargs)
+    await client.connect()
+    return client
+
+
+async def make_project():
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    return owner, project
+
+
+# -- handshake ----------------------------------------------------------------------------
+
+
+async def test_session_user_gets_welcome_and_a_connection_row():
+    owner, _ = await make_project()
+    client = await client_for(owner)
+    welcome = client.welcome
+    assert welcome["op"] == "welcome" and welcome["protocol"] == "v1"
+    assert welcome["heartbeat"] == 25.0 and len(welcome["connectionId"]) == 32
+    row = await db(Connection.objects.get)(pk=welcome["connectionId"])
+    assert (row.user_id, row.transport) == (owner.pk, "websocket")
+    await client.close()
+    assert not await db(Connection.objects.filter(pk=welcome["connectionId"]).exists)()
+
+
+async def test_anonymous_socket_is_closed_with_4401():
+    client = RealtimeClient()
+    assert await client.connect() == {"type": "websocket.close", "code": 4401}
+
+
+async def test_foreign_origin_is_closed_with_4403(caplog):
+    owner, _ = await make_project()
+    session = await db(session_for)(owner)
+    client = RealtimeClient(session_key=session, origin="https://evil.example")
+    assert await client.connect() == {"type": "websocket.close", "code": 4403}
+    assert "origin not allowed" in caplog.text and "evil.example" in caplog.text
+
+
+async def test_missing_origin_is_refused():
+    owner, _ = await make_project()
+    client = RealtimeClient(session_key=await db(session_for)(owner), origin=None)
+    assert (await client.connect())["code"] == 4403
+
+
+async def test_ticket_is_single_use_and_never_logged(client, caplog):
+    owner, project = await make_project()
+    await db(client.force_login)(owner)
+    response = await db(client.post)("/api/realtime/tickets/")
+    assert response.status_code == 201 and response["Cache-Control"] == "no-store"
+    ticket = response.json()["ticket"]
+    assert response.json()["expiresIn"] == 60
+
+    first = RealtimeClient(path=f"/ws/realtime/?ticket={ticket}")
+    assert (await first.connect())["op"] == "welcome"
+    reply = await first.subscribe(f"project:{project.pk}")
+    assert reply["ok"] is True
+    again = RealtimeClient(path=f"/ws/realtime/?ticket={ticket}")
+    assert (await again.connect())["code"] == 4401
+    await first.close()
+    assert ticket not in caplog.text
+
+
+async def test_tickets_need_authentication(client):
+    assert (await db(client.post)("/api/realtime/tickets/")).status_code == 403
+
+
+async def test_expired_or_forged_ticket_is_refused(settings):
+    owner, _ = await make_project()
+    from realtime.tickets import issue
+
+    ticket = await db(issue)(owner)
+    forged = ticket[:-2] + ("AA" if not ticket.endswith("AA") else "BB")
+    assert (await RealtimeClient(path=f"/ws/realtime/?ticket={forged}").connect())["code"] == 4401
+    settings.REALTIME = {"TICKET_TTL": -1}
+    assert (await RealtimeClient(path=f"/ws/realtime/?ticket={ticket}").connect())["code"] == 4401
+
+
+async def test_connections_per_user_are_limited(settings):
+    settings.REALTIME = {"MAX_CONNECTIONS_PER_USER": 2}
+    owner, _ = await make_project()
+    a, b = await client_for(owner), await client_for(owner)
+    third = RealtimeClient(session_key=await db(session_for)(owner))
+    assert (await third.connect())["code"] == 4429
+    await a.close()
+    await b.close()
+
+
+# -- subscribe, events, resume ------------------------------------------------------------
+
+
+async def test_subscriber_receives_committed_events_in_order():
+    owner, project = await make_project()
+    client = await client_for(owner)
+    reply = await client.subscribe(f"project:{project.pk}")
+    assert reply["ok"] is True
+    assert reply["data"]["recovered"] is False and reply["data"]["seq"] == 1
+    start = reply["data"]["seq"]
+
+    def save_three():
+        with transaction.atomic():
+            for n in range(3):
+                Item.objects.create(project=project, title=f"t{n}")
+
+    await db(save_three)()
+    frames = [await client.receive_until("event") for _ in range(3)]
+    assert [f["seq"] for f in frames] == [start + 1, start + 2, start + 3]
+    assert [f["data"]["title"] for f in frames] == ["t0", "t1", "t2"]
+    assert all(
+        f["type"] == "v1:item.created" and f["stream"] == f"project:{project.pk}" for f in frames
+    )
+    await client.close()
+
+
+async def test_resume_since_replays_missed_events_then_continues_live():
+    owner, project = await make_project()
+    for n in range(5):
+        await db(ItemFactory)(project=project, title=f"missed {n}")
+    events = await db(list)(
+        Event.objects.filter(stream__name=f"project:{project.pk}").order_by("seq")
+    )
+    epoch = events[0].stream.epoch if False else None
+    client = await client_for(owner)
+    reply = await client.subscribe(f"project:{project.pk}", since=2)
+    assert reply["data"]["recovered"] is True and reply["data"]["seq"] == 6
+    replayed = [await client.receive_until("event") for _ in range(4)]
+    assert [f["seq"] for f in replayed] == [3, 4, 5, 6]
+    assert [f["eventId"] for f in replayed] == [str(e.event_id) for e in events[2:]]
+    await db(ItemFactory)(project=project, title="live")
+    live = await client.receive_until("event")
+    assert live["seq"] == 7 and live["data"]["title"] == "live"
+    assert await client.nothing_more()
+    assert epoch is None
+    await client.close()
+
+
+async def test_resume_with_other_epoch_or_pruned_history_is_not_recovered():
+    owner, project = await make_project()
+    for _ in range(3):
+        await db(ItemFactory)(project=project)
+    stream = f"project:{project.pk}"
+    client = await client_for(owner)
+    reply = await client.subscribe(stream, since=1, epoch="not-the-epoch")
+    assert reply["data"]["recovered"] is False and reply["data"]["seq"] == 4
+    assert await client.nothing_more()  # nothing replayed
+    await client.request("unsubscribe", stream=stream)
+    await db(Event.objects.filter(stream__name=stream, seq__lte=2).delete)()
+    reply = await client.subscribe(stream, since=1, epoch=reply["data"]["epoch"])
+    assert reply["data"]["recovered"] is False
+    reply2 = await client.request("unsubscribe", stream=stream)
+    assert reply2["ok"]
+    reply = await client.subscribe(stream, since=2)
+    assert reply["data"]["recovered"] is True
+    assert [(await client.receive_until("event"))["seq"] for _ in range(2)] == [3, 4]
+    await client.close()
+
+
+async def test_version_is_chosen_per_subscription():
+    import realtime
+
+    owner, project = await make_project()
+    realtime.register(
+        Item,
+        streams="project:{project_id}",
+        version="v2",
+        serializer=lambda i: {"id": i.pk, "label": i.title},
+    )
+    try:
+        v1, v2 = await client_for(owner), await client_for(owner)
+        await v1.subscribe(f"project:{project.pk}")
+        await v2.subscribe(f"project:{project.pk}", version="v2")
+        await db(ItemFactory)(project=project, title="both")
+        a, b = await v1.receive_until("event"), await v2.receive_until("event")
+    finally:
+        realtime.registry.registry.unregister(Item, version="v2")
+    assert a["type"] == "v1:item.created" and a["data"]["title"] == "both"
+    assert b["type"] == "v2:item.created" and b["data"] == {"id": a["data"]["id"], "label": "both"}
+    assert a["seq"] == b["seq"] and a["eventId"] == b["eventId"]
+    await v1.close()
+    await v2.close()
+
+
+# -- authorization ------------------------------------------------------------------------
+
+
+async def test_refused_and_missing_look_the_same_and_unknown_kinds_are_named():
+    owner, project = await make_project()
+    stranger = await db(UserFactory)()
+    client = await client_for(stranger)
+    refused = await client.subscribe(f"project:{project.pk}")
+    missing = await client.subscribe("project:987654")
+    assert refused["ok"] is False and missing["ok"] is False
+    assert refused["error"] == missing["error"] == {"code": "forbidden", "message": "not allowed"}
+    assert (await client.subscribe("nope:1"))["error"]["code"] == "unknown_stream"
+    assert (await client.subscribe(f"user:{owner.pk}"))["error"]["code"] == "forbidden"
+    assert (await client.subscribe(f"user:{stranger.pk}"))["ok"] is True
+    await client.close()
+
+
+async def test_revoked_member_is_unsubscribed_and_gets_nothing_more():
+    owner, project = await make_project()
+    member = await db(UserFactory)()
+    await db(add_member)(project, member)
+    client = await client_for(member)
+    assert (await client.subscribe(f"project:{project.pk}"))["ok"] is True
+    await db(ItemFactory)(project=project, title="before")
+    assert (await client.receive_until("event"))["data"]["title"] == "before"
+
+    await db(remove_member)(project, member)
+    frame = await client.receive_until("unsubscribed", timeout=1.0)
+    assert frame == {"op": "unsubscribed", "stream": f"project:{project.pk}", "reason": "forbidden"}
+    await db(ItemFactory)(project=project, title="after")
+    assert await client.nothing_more(0.5)
+    await client.close()
+
+
+async def test_group_permission_change_reaches_group_members():
+    from django.contrib.auth.models import Group
+    from guardian.shortcuts import assign_perm, remove_perm
+
+    owner, project = await make_project()
+    member = await db(UserFactory)()
+    group = await db(Group.objects.create)(name="readers")
+    await db(member.groups.add)(group)
+    await db(assign_perm)("board.view_project", group, project)
+    client = await client_for(member)
+    assert (await client.subscribe(f"project:{project.pk}"))["ok"] is True
+    await db(remove_perm)("board.view_project", group, project)
+    frame = await client.receive_until("unsubscribed", timeout=1.0)
+    assert frame["reason"] == "forbidden"
+    await client.close()
+
+
+async def test_logout_closes_the_users_sockets(client):
+    owner, _ = await make_project()
+    session = await db(session_for)(owner)
+    socket = RealtimeClient(session_key=session)
+    await socket.connect()
+    await db(client.force_login)(owner)
+    assert (await db(client.post)("/accounts/logout/")).status_code == 302
+    assert (await socket.receive_until("never", timeout=2.0)) == {
+        "type": "websocket.close",
+        "code": 4401,
+    }
+
+
+# -- client publish -----------------------------------------------------------------------
+
+
+async def test_typing_reaches_others_but_not_the_sender_and_is_not_logged():
+    owner, project = await make_project()
+    member = await db(UserFactory)()
+    await db(add_member)(project, member)
+    stream = f"project:{project.pk}"
+    sender, other = await client_for(owner), await client_for(member)
+    await sender.subscribe(stream)
+    await other.subscribe(stream)
+    reply = await sender.request("publish", stream=stream, type="v1:typing.started", data={"x": 1})
+    assert reply["ok"] is True
+    event = await other.receive_until("event")
+    assert event["type"] == "v1:typing.started" and "seq" not in event
+    assert event["from"]["user"] == owner.pk and event["eventId"] == reply["data"]["eventId"]
+    assert await sender.nothing_more()
+    assert not await db(Event.objects.filter(type="v1:typing.started").exists)()
+    await sender.close()
+    await other.close()
+
+
+async def test_publish_rules_and_rate_limit(settings):
+    settings.REALTIME = {"PUBLISH_RATE": 0.001, "PUBLISH_BURST": 2, "ABUSE_LIMIT": 3}
+    owner, project = await make_project()
+    stream = f"project:{project.pk}"
+    client = await client_for(owner)
+    bad_type = await client.request("publish", stream=stream, type="v1:item.created", data={})
+    assert bad_type["error"]["code"] == "event_not_allowed"
+    for _ in range(2):
+        ok = await client.request("publish", stream=stream, type="v1:typing.started", data={})
+        assert ok["ok"] is True
+    limited = await client.request("publish", stream=stream, type="v1:typing.started", data={})
+    assert limited["error"]["code"] == "rate_limited"
+    # Refusals since the last success: 1 (above), then 3 more pass the abuse limit of 3.
+    for _ in range(3):
+        await client.send({"op": "publish", "stream": stream, "type": "v1:typing.started"})
+    assert (await client.receive_until("never")) == {"type": "websocket.close", "code": 4429}
+
+
+async def test_publish_is_reauthorized_every_time():
+    owner, project = await make_project()
+    stranger = await db(UserFactory)()
+    client = await client_for(stranger)
+    reply = await client.request(
+        "publish", stream=f"project:{project.pk}", type="v1:typing.started", data={}
+    )
+    assert reply["error"]["code"] == "forbidden"
+    await client.close()
+
+
+# -- malformed input and limits -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{not json", "invalid_json"),
+        ("[1, 2]", "invalid_frame"),
+        ('{"op": "dance"}', "unknown_op"),
+        ('{"op": "subscribe"}', "invalid_frame"),
+        ('{"op": "subscribe", "stream": 42}', "invalid_frame"),
+        ('{"op": "subscribe", "stream": "no"}', "invalid_stream"),
+        ('{"op": "subscribe", "stream": "project:1", "since": "3"}', "invalid_frame"),
+        ('{"op": "subscribe", "stream": "project:1", "since": true}', "invalid_frame"),
+        ('{"op": "subscribe", "stream": "project:1", "since": -1}', "invalid_frame"),
+        ('{"op": "subscribe", "stream": "project:1", "version": "2"}', "unsupported_version"),
+        ('{"op": "publish", "stream": "project:1", "type": "typing"}', "invalid_frame"),
+        ('{"op": "ping", "ref": 5}', "invalid_frame"),
+        ("[" * 10_000 + "]" * 10_000, "too_deep"),
+        ('{"op": "ping", "x": ' + "[" * 40 + "]" * 40 + "}", "too_deep"),
+        ('{"op": "unsubscribe", "stream": "project:1"}', "not_subscribed"),
+    ],
+)
+async def test_malformed_frames_get_documented_codes(frame, code):
+    owner, _ = await make_project()
+    client = await client_for(owner)
+    await client.send(frame)
+    reply = await client.receive_until("reply")
+    assert reply["ok"] is False and reply["error"]["code"] == code
+    assert "Traceback" not in json.dumps(reply)
+    await client.close()
+
+
+async def test_binary_frames_are_refused():
+    owner, _ = await make_project()
+    client = await client_for(owner)
+    await client.communicator.send_to(bytes_data=b"\x00\x01")
+    assert (await client.receive_until("reply"))["error"]["code"] == "binary_not_supported"
+    await client.close()
+
+
+async def test_repeated_malformed_frames_close_with_4400(settings):
+    settings.REALTIME = {"MALFORMED_LIMIT": 3}
+    owner, _ = await make_project()
+    client = await client_for(owner)
+    for _ in range(4):
+        await client.send("nope")
+    assert (await client.receive_until("never")) == {"type": "websocket.close", "code": 4400}
+
+
+async def test_oversize_frame_closes_with_4413(settings):
+    settings.REALTIME = {"MAX_FRAME_BYTES": 1024}
+    owner, _ = await make_project()
+    client = await client_for(owner)
+    await client.send({"op": "ping", "pad": "x" * 2000})
+    reply = await client.receive()
+    assert reply["error"]["code"] == "frame_too_large"
+    assert (await client.receive()) == {"type": "websocket.close", "code": 4413}
+
+
+async def test_ping_pong_and_subscription_limit(settings):
+    settings.REALTIME = {"MAX_SUBSCRIPTIONS": 1}
+    owner, _ = await make_project()
+    client = await client_for(owner)
+    await client.send({"op": "ping", "ref": "p1"})
+    assert await client.receive_until("pong") == {"op": "pong", "ref": "p1"}
+    assert (await client.subscribe(f"user:{owner.pk}"))["ok"] is True
+    again = await client.subscribe(f"user:{owner.pk}")
+    assert again["error"]["code"] == "already_subscribed"
+    assert (await client.subscribe("tenant:1"))["error"]["code"] == "too_many_subscriptions"
+    await client.close()
+
+
+# -- liveness -----------------------------------------------------------------------------
+
+
+async def test_silent_socket_is_pinged_then_closed_with_4408(settings):
+    settings.REALTIME = {"HEARTBEAT": 0.2}
+    owner, _ = await make_project()
+    client = await client_for(owner)
+    assert client.welcome["heartbeat"] == 0.2
+    assert (await client.receive(timeout=2))["op"] == "ping"
+    assert (await client.receive_until("never", timeout=3)) == {
+        "type": "websocket.close",
+        "code": 4408,
+    }
+
+
+async def test_answering_pings_keeps_the_socket_open(settings):
+    settings.REALTIME = {"HEARTBEAT": 0.2}
+    owner, _ = await make_project()
+    client = await client_for(owner)
+    for _ in range(5):
+        assert (await client.receive(timeout=2))["op"] == "ping"
+        await client.send({"op": "pong"})
+    await client.send({"op": "ping", "ref": "still"})
+    assert (await client.receive_until("pong"))["ref"] == "still"
+    await client.close()
+
+
+async def test_reader_that_never_acknowledges_is_closed_as_slow_consumer(settings):
+    settings.REALTIME = {"MAX_UNACKED_BYTES": 2000}
+    owner, project = await make_project()
+    client = await client_for(owner)
+    await client.subscribe(f"project:{project.pk}")
+
+    def flood():
+        for n in range(20):
+            Item.objects.create(project=project, title="x" * 100 + str(n))
+
+    await db(flood)()
+    while True:
+        frame = await client.receive()
+        if frame.get("type") == "websocket.close":
+            break
+    assert frame["code"] == 4409
