@@ -40,8 +40,10 @@ async def test_session_user_gets_welcome_and_a_connection_row():
     owner, _ = await make_project()
     client = await client_for(owner)
     welcome = client.welcome
-    assert welcome["op"] == "welcome" and welcome["protocol"] == "v1"
-    assert welcome["heartbeat"] == 25.0 and len(welcome["connectionId"]) == 32
+    assert welcome["op"] == "welcome"
+    assert welcome["protocol"] == "v1"
+    assert welcome["heartbeat"] == 25.0
+    assert len(welcome["connectionId"]) == 32
     row = await db(Connection.objects.get)(pk=welcome["connectionId"])
     assert (row.user_id, row.transport) == (owner.pk, "websocket")
     await client.close()
@@ -58,7 +60,8 @@ async def test_foreign_origin_is_closed_with_4403(caplog):
     session = await db(session_for)(owner)
     client = RealtimeClient(session_key=session, origin="https://evil.example")
     assert await client.connect() == {"type": "websocket.close", "code": 4403}
-    assert "origin not allowed" in caplog.text and "evil.example" in caplog.text
+    assert "origin not allowed" in caplog.text
+    assert "evil.example" in caplog.text
 
 
 async def test_missing_origin_is_refused():
@@ -71,7 +74,8 @@ async def test_ticket_is_single_use_and_never_logged(client, caplog):
     owner, project = await make_project()
     await db(client.force_login)(owner)
     response = await db(client.post)("/api/realtime/tickets/")
-    assert response.status_code == 201 and response["Cache-Control"] == "no-store"
+    assert response.status_code == 201
+    assert response["Cache-Control"] == "no-store"
     ticket = response.json()["ticket"]
     assert response.json()["expiresIn"] == 60
 
@@ -118,7 +122,8 @@ async def test_subscriber_receives_committed_events_in_order():
     client = await client_for(owner)
     reply = await client.subscribe(f"project:{project.pk}")
     assert reply["ok"] is True
-    assert reply["data"]["recovered"] is False and reply["data"]["seq"] == 1
+    assert reply["data"]["recovered"] is False
+    assert reply["data"]["seq"] == 1
     start = reply["data"]["seq"]
 
     def save_three():
@@ -146,13 +151,15 @@ async def test_resume_since_replays_missed_events_then_continues_live():
     epoch = events[0].stream.epoch if False else None
     client = await client_for(owner)
     reply = await client.subscribe(f"project:{project.pk}", since=2)
-    assert reply["data"]["recovered"] is True and reply["data"]["seq"] == 6
+    assert reply["data"]["recovered"] is True
+    assert reply["data"]["seq"] == 6
     replayed = [await client.receive_until("event") for _ in range(4)]
     assert [f["seq"] for f in replayed] == [3, 4, 5, 6]
     assert [f["eventId"] for f in replayed] == [str(e.event_id) for e in events[2:]]
     await db(ItemFactory)(project=project, title="live")
     live = await client.receive_until("event")
-    assert live["seq"] == 7 and live["data"]["title"] == "live"
+    assert live["seq"] == 7
+    assert live["data"]["title"] == "live"
     assert await client.nothing_more()
     assert epoch is None
     await client.close()
@@ -165,7 +172,8 @@ async def test_resume_with_other_epoch_or_pruned_history_is_not_recovered():
     stream = f"project:{project.pk}"
     client = await client_for(owner)
     reply = await client.subscribe(stream, since=1, epoch="not-the-epoch")
-    assert reply["data"]["recovered"] is False and reply["data"]["seq"] == 4
+    assert reply["data"]["recovered"] is False
+    assert reply["data"]["seq"] == 4
     assert await client.nothing_more()  # nothing replayed
     await client.request("unsubscribe", stream=stream)
     await db(Event.objects.filter(stream__name=stream, seq__lte=2).delete)()
@@ -197,9 +205,12 @@ async def test_version_is_chosen_per_subscription():
         a, b = await v1.receive_until("event"), await v2.receive_until("event")
     finally:
         realtime.registry.registry.unregister(Item, version="v2")
-    assert a["type"] == "v1:item.created" and a["data"]["title"] == "both"
-    assert b["type"] == "v2:item.created" and b["data"] == {"id": a["data"]["id"], "label": "both"}
-    assert a["seq"] == b["seq"] and a["eventId"] == b["eventId"]
+    assert a["type"] == "v1:item.created"
+    assert a["data"]["title"] == "both"
+    assert b["type"] == "v2:item.created"
+    assert b["data"] == {"id": a["data"]["id"], "label": "both"}
+    assert a["seq"] == b["seq"]
+    assert a["eventId"] == b["eventId"]
     await v1.close()
     await v2.close()
 
@@ -213,7 +224,8 @@ async def test_refused_and_missing_look_the_same_and_unknown_kinds_are_named():
     client = await client_for(stranger)
     refused = await client.subscribe(f"project:{project.pk}")
     missing = await client.subscribe("project:987654")
-    assert refused["ok"] is False and missing["ok"] is False
+    assert refused["ok"] is False
+    assert missing["ok"] is False
     assert refused["error"] == missing["error"] == {"code": "forbidden", "message": "not allowed"}
     assert (await client.subscribe("nope:1"))["error"]["code"] == "unknown_stream"
     assert (await client.subscribe(f"user:{owner.pk}"))["error"]["code"] == "forbidden"
@@ -222,7 +234,7 @@ async def test_refused_and_missing_look_the_same_and_unknown_kinds_are_named():
 
 
 async def test_revoked_member_is_unsubscribed_and_gets_nothing_more():
-    owner, project = await make_project()
+    _owner, project = await make_project()
     member = await db(UserFactory)()
     await db(add_member)(project, member)
     client = await client_for(member)
@@ -242,7 +254,7 @@ async def test_group_permission_change_reaches_group_members():
     from django.contrib.auth.models import Group
     from guardian.shortcuts import assign_perm, remove_perm
 
-    owner, project = await make_project()
+    _owner, project = await make_project()
     member = await db(UserFactory)()
     group = await db(Group.objects.create)(name="readers")
     await db(member.groups.add)(group)
@@ -282,8 +294,10 @@ async def test_typing_reaches_others_but_not_the_sender_and_is_not_logged():
     reply = await sender.request("publish", stream=stream, type="v1:typing.started", data={"x": 1})
     assert reply["ok"] is True
     event = await other.receive_until("event")
-    assert event["type"] == "v1:typing.started" and "seq" not in event
-    assert event["from"]["user"] == owner.pk and event["eventId"] == reply["data"]["eventId"]
+    assert event["type"] == "v1:typing.started"
+    assert "seq" not in event
+    assert event["from"]["user"] == owner.pk
+    assert event["eventId"] == reply["data"]["eventId"]
     assert await sender.nothing_more()
     assert not await db(Event.objects.filter(type="v1:typing.started").exists)()
     await sender.close()
@@ -309,7 +323,7 @@ async def test_publish_rules_and_rate_limit(settings):
 
 
 async def test_publish_is_reauthorized_every_time():
-    owner, project = await make_project()
+    _owner, project = await make_project()
     stranger = await db(UserFactory)()
     client = await client_for(stranger)
     reply = await client.request(
@@ -347,7 +361,8 @@ async def test_malformed_frames_get_documented_codes(frame, code):
     client = await client_for(owner)
     await client.send(frame)
     reply = await client.receive_until("reply")
-    assert reply["ok"] is False and reply["error"]["code"] == code
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == code
     assert "Traceback" not in json.dumps(reply)
     await client.close()
 
