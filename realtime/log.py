@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -44,47 +45,109 @@ def append(pending: Sequence[Pending], *, using: str | None = None) -> list[Enve
     correlation_id = get_correlation_id() or ""
     envelopes: list[Envelope] = []
     with transaction.atomic(using=using, savepoint=False):
-        rows: list[Event] = []
-        for item in pending:
-            stream_pk, seq = _next_seq(item.stream, using)
-            event = Event(
-                stream_id=stream_pk,
-                seq=seq,
-                type=item.type,
-                timestamp=timezone.now(),
-                correlation_id=correlation_id,
-                data=item.data,
-                variants={v: {"type": t, "data": d} for v, (t, d) in item.variants.items()},
-            )
-            rows.append(event)
-        if len(rows) == 1:
-            rows[0].save(using=using, force_insert=True)
-        else:
-            Event.objects.using(using).bulk_create(rows)
-            if any(event.pk is None for event in rows):  # backends that return no pks
-                found = dict(
-                    Event.objects.using(using)
-                    .filter(event_id__in=[event.event_id for event in rows])
-                    .values_list("event_id", "pk")
-                )
-                for event in rows:
-                    event.pk = found[event.event_id]
-        for event, item in zip(rows, pending, strict=True):
+        inserted = [_insert(item, correlation_id, using) for item in pending]
+        for (_pk, seq, event_id, timestamp), item in zip(inserted, pending, strict=True):
             envelopes.append(
                 Envelope(
                     stream=item.stream,
-                    seq=event.seq,
-                    event_id=event.event_id,
-                    type=event.type,
-                    timestamp=event.timestamp,
+                    seq=seq,
+                    event_id=event_id,
+                    type=item.type,
+                    timestamp=timestamp,
                     correlation_id=correlation_id,
-                    data=event.data,
+                    data=item.data,
                     variants=dict(item.variants),
                 )
             )
-        pks = [event.pk for event in rows]
+        pks = [row[0] for row in inserted]
         transaction.on_commit(partial(_publish_committed, envelopes, pks), using=using, robust=True)
     return envelopes
+
+
+def _insert(item: Pending, correlation_id: str, using: str) -> tuple[int, int, uuid.UUID, Any]:
+    """Take the stream's next seq and insert the event row; return (pk, seq, eventId, time)."""
+    connection = connections[using]
+    event_id = uuid.uuid4()
+    timestamp = timezone.now()
+    variants = {v: {"type": t, "data": d} for v, (t, d) in item.variants.items()}
+    if connection.vendor == "postgresql":
+        # One statement locks the stream row, advances it and inserts the event.
+        row = _insert_postgresql(connection, item, event_id, timestamp, correlation_id, variants)
+        if row is not None:
+            return row[0], row[1], event_id, timestamp
+        _create_stream(item.stream, using)
+        row = _insert_postgresql(connection, item, event_id, timestamp, correlation_id, variants)
+        assert row is not None
+        return row[0], row[1], event_id, timestamp
+    stream_pk, seq = _next_seq(item.stream, using)
+    if connection.vendor == "sqlite" and connection.features.can_return_columns_from_insert:
+        values = _prepared(connection, event_id, timestamp, item.data, variants)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {_EVENT} ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, NULL) "
+                "RETURNING id",
+                [stream_pk, seq, values[0], item.type, values[1], correlation_id, *values[2:]],
+            )
+            return int(cursor.fetchone()[0]), seq, event_id, timestamp
+    event = Event(
+        stream_id=stream_pk,
+        seq=seq,
+        event_id=event_id,
+        type=item.type,
+        timestamp=timestamp,
+        correlation_id=correlation_id,
+        data=item.data,
+        variants=variants,
+    )
+    event.save(using=using, force_insert=True)
+    return event.pk, seq, event_id, timestamp
+
+
+_EVENT = f'"{Event._meta.db_table}"'
+_COLUMNS = (
+    '"stream_id", "seq", "event_id", "type", "timestamp", "correlation_id", "data", '
+    '"variants", "published_at"'
+)
+
+
+def _prepared(
+    connection: Any, event_id: uuid.UUID, timestamp: Any, data: Any, variants: Any
+) -> list[Any]:
+    """Column values as the backend wants them, converted by the model's own fields."""
+    field = Event._meta.get_field
+    return [
+        field("event_id").get_db_prep_value(event_id, connection),
+        field("timestamp").get_db_prep_value(timestamp, connection),
+        field("data").get_db_prep_value(data, connection),
+        field("variants").get_db_prep_value(variants, connection),
+    ]
+
+
+def _insert_postgresql(
+    connection: Any,
+    item: Pending,
+    event_id: uuid.UUID,
+    timestamp: Any,
+    correlation_id: str,
+    variants: Any,
+) -> tuple[int, int] | None:
+    values = _prepared(connection, event_id, timestamp, item.data, variants)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f'WITH s AS (UPDATE "{Stream._meta.db_table}" SET "last_seq" = "last_seq" + 1 '
+            'WHERE "name" = %s RETURNING "id", "last_seq") '
+            f"INSERT INTO {_EVENT} ({_COLUMNS}) "
+            "SELECT s.id, s.last_seq, %s::uuid, %s, %s::timestamptz, %s, %s::jsonb, %s::jsonb, "
+            'NULL FROM s RETURNING "id", "seq"',
+            [item.stream, values[0], item.type, values[1], correlation_id, *values[2:]],
+        )
+        row = cursor.fetchone()
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
+def _create_stream(stream: str, using: str) -> None:
+    # First event of this stream: create its row (a concurrent creator may win).
+    Stream.objects.using(using).bulk_create([Stream(name=stream)], ignore_conflicts=True)
 
 
 def _publish_committed(envelopes: list[Envelope], pks: list[int]) -> None:
@@ -137,8 +200,7 @@ def _next_seq(stream: str, using: str) -> tuple[int, int]:
             if found is not None:
                 Stream.objects.using(using).filter(pk=found[0]).update(last_seq=found[1] + 1)
                 return int(found[0]), int(found[1]) + 1
-        # First event of this stream: create its row (a concurrent creator may win).
-        Stream.objects.using(using).bulk_create([Stream(name=stream)], ignore_conflicts=True)
+        _create_stream(stream, using)
     raise RuntimeError(f"could not allocate a seq for stream {stream!r}")
 
 

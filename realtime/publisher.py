@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import concurrent.futures
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterable
@@ -55,9 +55,20 @@ class _LoopWorker:
         self.publisher = publisher
         self.loop = loop
         self.pending: collections.deque[Outgoing] = collections.deque()
+        # Filled by submitting threads under the publisher's lock, emptied by take_inbox.
+        self.inbox: list[Outgoing] = []
+        self.scheduled = False
         self.wakeup: asyncio.Event | None = None
         self.task: asyncio.Task[None] | None = None
         self.paused_until = 0.0
+
+    def take_inbox(self) -> None:
+        # Runs in the worker's loop.
+        with self.publisher._lock:
+            items, self.inbox = self.inbox, []
+            self.scheduled = False
+        if items:
+            self.enqueue(items)
 
     def enqueue(self, items: list[Outgoing]) -> None:
         # Runs in the worker's loop.
@@ -91,11 +102,7 @@ class _LoopWorker:
             try:
                 sent, failed = await self.publisher.send(batch, self)
                 if sent:
-                    await self.loop.run_in_executor(
-                        self.publisher.ack_executor, mark_published, sent
-                    )
-            except Exception:
-                logger.exception("marking %d event(s) published failed", len(sent))
+                    self.publisher.acker.add(sent)
             finally:
                 self.publisher._finished(len(batch), failed=failed)
 
@@ -110,9 +117,7 @@ class Publisher:
         self._private_loop: asyncio.AbstractEventLoop | None = None
         self._private_thread: threading.Thread | None = None
         self._pid = os.getpid()
-        self.ack_executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="realtime-ack"
-        )
+        self.acker = _Acker()
         self.submitted = 0
         self.finished = 0
         self.failed = 0
@@ -129,11 +134,18 @@ class Publisher:
         with self._lock:
             self.submitted += len(batch)
             worker = self._worker(loop)
+            worker.inbox.extend(batch)
+            if worker.scheduled:
+                return  # the loop has a drain pending that will take these too
+            worker.scheduled = True
         try:
-            loop.call_soon_threadsafe(worker.enqueue, batch)
+            loop.call_soon_threadsafe(worker.take_inbox)
         except RuntimeError:  # the loop closed between lookup and call
-            logger.warning("event loop closed; %d event(s) left for the relay", len(batch))
-            self._finished(len(batch), shed=len(batch))
+            with self._lock:
+                lost = len(worker.inbox)
+                worker.inbox.clear()
+            logger.warning("event loop closed; %d event(s) left for the relay", lost)
+            self._finished(lost, shed=lost)
 
     def send_control(self, group: str, message: dict[str, Any]) -> None:
         """Queue a message that is not a logged event (authorization changes, logout)."""
@@ -210,14 +222,15 @@ class Publisher:
                     return False
                 self._done.wait(min(remaining, 0.1))
         # The published marks are written on the ack thread; wait for them too.
-        self.ack_executor.submit(lambda: None).result(max(0.0, deadline - time.monotonic()))
-        return True
+        return self.acker.call(lambda: None, deadline - time.monotonic())
 
     def _reap_closed_loops(self) -> None:
         # Called with the lock held: events queued on a loop that has since closed will never
         # be sent from it; count them as shed (the relay has them).
         for loop in [lp for lp in self._workers if lp.is_closed()]:
             worker = self._workers.pop(loop)
+            worker.pending.extend(worker.inbox)
+            worker.inbox.clear()
             if worker.pending:
                 logger.warning(
                     "event loop closed with %d event(s) queued; left for the relay",
@@ -284,23 +297,106 @@ class Publisher:
 
 
 def mark_published(pks: list[int]) -> int:
-    """Set `published_at` on the given events in one UPDATE; runs on the ack thread."""
-    from django.db import close_old_connections
+    """Set `published_at` on the given events in one UPDATE."""
     from django.utils import timezone
 
     from .models import Event
 
-    close_old_connections()
     return Event.objects.filter(pk__in=pks, published_at__isnull=True).update(
         published_at=timezone.now()
     )
+
+
+class _Acker:
+    """One thread that writes published marks, gathering them for ACK_DELAY into one UPDATE.
+
+    It keeps its database connection open across batches (a reconnect per batch cost more
+    than the publish itself) and reconnects only after an error.
+    """
+
+    ACK_DELAY = 0.1
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def _ensure(self) -> None:
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="realtime-ack", daemon=True)
+                self.thread.start()
+
+    def add(self, pks: list[int]) -> None:
+        self._ensure()
+        self.queue.put(pks)
+
+    def call(self, func: Any, timeout: float) -> bool:
+        """Run `func` on the ack thread after the marks queued before it; False on timeout."""
+        self._ensure()
+        done = threading.Event()
+        self.queue.put((func, done))
+        return done.wait(max(0.0, timeout))
+
+    def _run(self) -> None:
+        while True:
+            batch: list[int] = []
+            calls: list[tuple[Any, threading.Event]] = []
+            item = self.queue.get()
+            deadline = time.monotonic() + self.ACK_DELAY
+            while True:
+                if isinstance(item, tuple):
+                    calls.append(item)
+                else:
+                    batch.extend(item)
+                if calls:  # someone waits: write now
+                    try:
+                        while True:
+                            extra = self.queue.get_nowait()
+                            (calls.append if isinstance(extra, tuple) else batch.extend)(extra)
+                    except queue.Empty:
+                        break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self.queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if batch:
+                self._mark(batch)
+            for func, done in calls:
+                try:
+                    func()
+                except Exception:
+                    logger.exception("ack thread call failed")
+                finally:
+                    done.set()
+
+    def _mark(self, pks: list[int]) -> None:
+        from django.db import DatabaseError, connections
+
+        for attempt in (1, 2):
+            try:
+                mark_published(pks)
+                return
+            except DatabaseError:
+                connections.close_all()  # a broken or stale connection: reconnect once
+                if attempt == 2:
+                    logger.exception(
+                        "marking %d event(s) published failed; the relay may send them again",
+                        len(pks),
+                    )
+            except Exception:
+                logger.exception("marking %d event(s) published failed", len(pks))
+                return
 
 
 def close_ack_connections() -> None:
     """Close the ack thread's database connections (test teardown, process shutdown)."""
     from django.db import connections
 
-    publisher.ack_executor.submit(connections.close_all).result(10)
+    publisher.acker.call(connections.close_all, 10)
 
 
 publisher = Publisher()

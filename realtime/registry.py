@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ class Registration:
     name: str
     version_field: str | None
     problems: list[str] = field(default_factory=list)
+    _local: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     def type_for(self, action: str) -> str:
         return f"{self.version}:{self.name}.{action}"
@@ -68,7 +70,12 @@ class Registration:
         if serializer is None:
             return _default_data(instance)
         if isinstance(serializer, type) and _is_drf_serializer(serializer):
-            return serializer(instance).data
+            # Building a DRF serializer's fields costs more than using them: keep one
+            # instance per thread and call to_representation, as `.data` would.
+            cached = getattr(self._local, "serializer", None)
+            if cached is None:
+                cached = self._local.serializer = serializer()
+            return cached.to_representation(instance)
         return serializer(instance)
 
     def deleted_data(self, pk: Any, instance: Any) -> dict[str, Any]:
@@ -319,7 +326,7 @@ def _wrap_save_base(model: Any) -> None:
 
     @functools.wraps(original)
     def save_base(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("raw") or not registry.for_model(type(self)):
+        if kwargs.get("raw") or not realtime_settings.ENABLED or not registry.for_model(type(self)):
             return original(self, *args, **kwargs)
         using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
         if connections[using].in_atomic_block:

@@ -110,7 +110,7 @@ def test_autocommit_save_writes_change_and_event_in_one_transaction(monkeypatch)
     def fail(*args, **kwargs):
         raise Boom
 
-    monkeypatch.setattr(realtime.log, "_next_seq", fail)
+    monkeypatch.setattr(realtime.log, "_insert", fail)
     with pytest.raises(Boom):
         Item.objects.create(project=project, title="orphan")
     # Without an event the change is not kept either: no change is ever missing from the log.
