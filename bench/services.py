@@ -86,7 +86,9 @@ def postgres_database(server_url: str) -> Iterator[str]:
         run("drop", "create")
     except psycopg.OperationalError as exc:
         reason = str(exc).strip().splitlines()[0]
-        raise Unavailable(f"PostgreSQL at {redact(admin_url)} is not answering ({reason})") from None
+        raise Unavailable(
+            f"PostgreSQL at {redact(admin_url)} is not answering ({reason})"
+        ) from None
     try:
         yield urlsplit(server_url)._replace(path=f"/{BENCH_DATABASE}").geturl()
     finally:
