@@ -58,8 +58,10 @@ class Item(models.Model):
         return self.title
 
     def save(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        self.version += 1
         update_fields = kwargs.get("update_fields")
+        if update_fields is not None and not update_fields:
+            return  # Django's "save nothing"
+        self.version += 1
         if update_fields is not None:
             kwargs["update_fields"] = {*update_fields, "version", "updated_at"}
         super().save(*args, **kwargs)

@@ -90,7 +90,8 @@ DATABASES = {
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not memory, so the publisher's ack thread sees what tests commit.
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / ".test-db.sqlite3")}
+    # One file per test process, so two runs in one checkout do not share it.
+    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / f".test-db-{os.getpid()}.sqlite3")}
     # WAL lets readers and the writer overlap; IMMEDIATE takes the write lock at BEGIN, so
     # two threads wait for each other (up to `timeout`) instead of failing with "locked".
     DATABASES["default"].setdefault("OPTIONS", {}).update(

@@ -5,6 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .context import correlation, get_correlation_id
+from .policies import (
+    BasePermission,
+    IsAuthenticated,
+    IsStaff,
+    ObjectPolicy,
+    StreamPolicy,
+    TenantPolicy,
+    UserPolicy,
+    stream_policy,
+)
 from .registry import ACTIONS, broadcast, emit_instances, register
 
 if TYPE_CHECKING:
@@ -12,12 +22,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACTIONS",
+    "BasePermission",
+    "IsAuthenticated",
+    "IsStaff",
+    "ObjectPolicy",
+    "StreamPolicy",
+    "TenantPolicy",
+    "UserPolicy",
     "broadcast",
     "correlation",
     "emit",
     "emit_instances",
     "get_correlation_id",
     "register",
+    "stream_policy",
 ]
 
 

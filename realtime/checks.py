@@ -125,6 +125,16 @@ def check_settings(
         alias = realtime_settings.CHANNEL_LAYER
     except ImproperlyConfigured as exc:
         return [checks.Error(str(exc), id="realtime.E010")]
+    import re
+
+    prefix = realtime_settings.GROUP_PREFIX
+    if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,20}", prefix):
+        return [
+            checks.Error(
+                f"REALTIME['GROUP_PREFIX'] is {prefix!r}: use 1-20 letters, digits, '-' or '_'",
+                id="realtime.E012",
+            )
+        ]
     layers = getattr(settings, "CHANNEL_LAYERS", {}) or {}
     if alias not in layers:
         return [

@@ -10,16 +10,18 @@ from django.dispatch import receiver
 
 #: Every key is optional; docs/integration.md explains each one.
 DEFAULTS: dict[str, Any] = {
-    # Turn the whole pipeline off (no events logged or published); used by benchmarks.
+    # Off: registered models log and publish nothing on save and delete (benchmarks, data
+    # migrations). realtime.emit() and emit_instances() still work: they are explicit.
     "ENABLED": True,
     # Which entry of CHANNEL_LAYERS carries events.
     "CHANNEL_LAYER": "default",
     # Prefix of every channel-layer group name (`rt.project.42`).
     "GROUP_PREFIX": "rt",
-    # The version a subscriber gets when it does not ask for one.
+    # The version stored as an event row's primary type and data, and sent to subscribers
+    # that ask for no version (or for one the event does not have).
     "DEFAULT_VERSION": "v1",
-    # Frames waiting to be published in one process; past it the live publish is skipped
-    # (the event stays in the log and the relay publishes it).
+    # Frames waiting to be published per event loop (one per process, plus the server's
+    # loop under ASGI); past it the live publish is skipped and the relay sends them.
     "PUBLISH_QUEUE_SIZE": 10_000,
     # Seconds one channel-layer publish may take before it counts as failed.
     "PUBLISH_TIMEOUT": 5.0,

@@ -16,16 +16,19 @@ class RealtimeOriginValidator(OriginValidator):
     let the consumer accept and close with 4403, which a client can act on.
     """
 
+    allowed_origins: list[str]
+
     def __init__(self, application: Any, allowed_origins: list[str] | None = None) -> None:
         super().__init__(application, allowed_origins or [])
+        # Empty: read ALLOWED_HOSTS at each handshake, so settings changes apply.
+        self.configured = list(allowed_origins or [])
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         if scope["type"] != "websocket":
             return await self.application(scope, receive, send)
-        allowed = self.allowed_origins or _allowed_from_settings()
+        self.allowed_origins = self.configured or _allowed_from_settings()
         origin = dict(scope.get("headers") or []).get(b"origin")
         parsed = urlparse(origin.decode("latin1")) if origin else None
-        self.allowed_origins = allowed
         if not self.valid_origin(parsed):
             scope = {
                 **scope,

@@ -114,12 +114,12 @@ def _prepared(
     connection: Any, event_id: uuid.UUID, timestamp: Any, data: Any, variants: Any
 ) -> list[Any]:
     """Column values as the backend wants them, converted by the model's own fields."""
-    field = Event._meta.get_field
+    fields = {f.name: f for f in Event._meta.concrete_fields}
     return [
-        field("event_id").get_db_prep_value(event_id, connection),
-        field("timestamp").get_db_prep_value(timestamp, connection),
-        field("data").get_db_prep_value(data, connection),
-        field("variants").get_db_prep_value(variants, connection),
+        fields["event_id"].get_db_prep_value(event_id, connection),
+        fields["timestamp"].get_db_prep_value(timestamp, connection),
+        fields["data"].get_db_prep_value(data, connection),
+        fields["variants"].get_db_prep_value(variants, connection),
     ]
 
 

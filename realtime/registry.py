@@ -50,7 +50,13 @@ class Registration:
         """Return the streams of an instance, validated, in a stable order without repeats."""
         names: list[str] = []
         for spec in self.streams:
-            value = spec.format_map(_Attrs(instance)) if isinstance(spec, str) else spec(instance)
+            if isinstance(spec, str):
+                try:
+                    value = spec.format_map(_Attrs(instance))
+                except _NoValue:
+                    continue  # a field in the template is None: no such stream
+            else:
+                value = spec(instance)
             values = [value] if isinstance(value, str) or value is None else list(value)
             for name in values:
                 if name is None:
@@ -102,7 +108,14 @@ class _Attrs(dict):  # type: ignore[type-arg]
         self.instance = instance
 
     def __missing__(self, key: str) -> Any:
-        return getattr(self.instance, key)
+        value = getattr(self.instance, key)
+        if value is None:
+            raise _NoValue(key)
+        return value
+
+
+class _NoValue(Exception):
+    """A template field is None, so the instance has no such stream."""
 
 
 def _label(model: Any) -> str:
@@ -144,7 +157,7 @@ class Registry:
         actions: Iterable[str] = ACTIONS,
         version: str = "v1",
         name: str | None = None,
-        version_field: str | None = "version",
+        version_field: str | None = None,
     ) -> Registration | None:
         """Register a model; problems are kept for the system check, not raised here."""
         if not (isinstance(model, type) and issubclass(model, models.Model)):
@@ -162,11 +175,13 @@ class Registry:
             actions=frozenset(actions),
             version=version,
             name=name or meta.model_name or "",
-            version_field=(
-                version_field if version_field and _has_field(model, version_field) else None
-            ),
+            version_field=version_field or ("version" if _has_field(model, "version") else None),
         )
         registration.problems.extend(_static_problems(registration))
+        if version_field and not _has_field(model, version_field):
+            registration.problems.append(
+                f"{_label(model)} ({version}): version_field {version_field!r} is not a field"
+            )
         existing = self._by_model.setdefault(model, [])
         if any(r.version == version for r in existing):
             registration.problems.append(
@@ -262,7 +277,7 @@ def broadcast(
     actions: Iterable[str] = ACTIONS,
     version: str = "v1",
     name: str | None = None,
-    version_field: str | None = "version",
+    version_field: str | None = None,
 ) -> Callable[[Any], Any]:
     """Class decorator registering a model: its saves and deletes become events on `streams`.
 
@@ -281,7 +296,8 @@ def broadcast(
     name:
         The noun in the event type (``item`` in ``v1:item.updated``); the model name by default.
     version_field:
-        A field whose value deleted events also carry, so clients can drop stale versions.
+        A field whose value deleted events also carry, so clients can drop stale versions;
+        a field named ``version`` is used when this is not given.
     """
 
     def decorate(model: Any) -> Any:
@@ -445,7 +461,9 @@ def _plan(instance: Any, action: str) -> Plan:
 def emit_instances(
     instances: Iterable[Any], action: str = "updated", *, using: str | None = None
 ) -> int:
-    """Log and publish model events for instances changed without signals; return the count.
+    """Log and publish model events for instances changed without signals.
+
+    Returns the number of events logged (one per instance and stream).
 
     For `bulk_create` (action "created") and `queryset.update()` (re-read the rows, then
     action "updated"); each instance goes to the streams and versions of its registrations,

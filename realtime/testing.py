@@ -15,6 +15,13 @@ from .publisher import publisher
 from .streams import group_name
 
 
+def close_db_connections() -> None:
+    """Close the publisher's own database connection, so a test database can be dropped."""
+    from .publisher import close_ack_connections
+
+    close_ack_connections()
+
+
 def flush(timeout: float = 10.0) -> None:
     """Wait until every event committed so far was published (or handed to the relay)."""
     if not publisher.flush(timeout):

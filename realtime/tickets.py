@@ -30,7 +30,7 @@ def redeem(ticket: str) -> Any | None:
 
     ttl = float(realtime_settings.TICKET_TTL)
     try:
-        payload = signing.loads(ticket, salt=_SALT, max_age=ttl)
+        payload = signing.loads(ticket, salt=_SALT, max_age=dt.timedelta(seconds=ttl))
     except signing.BadSignature:  # includes SignatureExpired
         return None
     if not isinstance(payload, dict) or not {"u", "n"} <= payload.keys():

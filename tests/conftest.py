@@ -55,12 +55,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def _drain_publisher() -> Iterator[None]:
     """Let each test's publishes finish inside it, so none leaks into the next; then close
     the ack thread's database connection so the test database can be dropped."""
-    from realtime.publisher import close_ack_connections, publisher
+    from realtime.publisher import publisher
+    from realtime.testing import close_db_connections
 
     yield
     publisher.flush(timeout=5)
     publisher.resume()
-    close_ack_connections()
+    close_db_connections()
 
 
 def free_port() -> int:

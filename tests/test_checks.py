@@ -127,3 +127,15 @@ def test_checks_run_through_django(isolated_registry):
     isolated_registry.register(Item, streams="bad name")
     errors = checks.run_checks(tags=["realtime"])
     assert any(e.id == "realtime.E003" for e in errors)
+
+
+def test_version_field_typo_is_reported(isolated_registry):
+    isolated_registry.register(Item, streams="project:{project_id}", version_field="revision")
+    assert any("version_field 'revision'" in m for m in messages(check_registrations()))
+
+
+@pytest.mark.parametrize("prefix", ["", "has space", "a.b", "x" * 21])
+def test_bad_group_prefix_is_reported(settings, prefix):
+    settings.REALTIME = {"GROUP_PREFIX": prefix}
+    [error] = check_settings()
+    assert error.id == "realtime.E012"

@@ -389,3 +389,67 @@ def test_emit_instances_refuses_unregistered_models_and_bad_actions():
         realtime.emit_instances([Organization(name="x")])
     with pytest.raises(ValueError, match="action must be"):
         realtime.emit_instances([], "moved")
+
+
+def test_template_with_a_none_field_makes_no_stream():
+    realtime.register(Project, streams="org:{organization_id}", version="v4", name="proj")
+    try:
+        registration = realtime.registry.registry.for_model(Project)[-1]
+        assert registration.stream_names(Project(organization_id=None)) == []
+        assert registration.stream_names(Project(organization_id=3)) == ["org:3"]
+    finally:
+        realtime.registry.registry.unregister(Project, version="v4")
+
+
+def test_saving_no_fields_sends_nothing():
+    item = ItemFactory()
+    flush()
+    count = Event.objects.count()
+    item.save(update_fields=[])
+    assert Event.objects.count() == count
+
+
+def test_relay_pass_stops_at_the_first_failure(failing_layer):
+    project = ProjectFactory()
+    for n in range(4):
+        Item.objects.create(project=project, title=str(n))
+    flush()
+    calls = []
+    original = failing_layer.group_send
+
+    async def counting(group, message):
+        calls.append(group)
+        await original(group, message)
+
+    failing_layer.group_send = counting
+    result = realtime.log.relay_once(grace=0)
+    assert (result.found, result.published, result.failed) == (6, 0, 6)
+    assert len(calls) == 1
+
+
+def test_events_saved_by_a_script_are_published_and_marked_before_it_exits():
+    import subprocess
+    import sys
+
+    from .live import ROOT, database_url
+
+    project = ProjectFactory()
+    flush()
+    script = (
+        "from board.models import Item\n"
+        f"for n in range(3): Item.objects.create(project_id={project.pk}, title=str(n))\n"
+    )
+    env = {**__import__("os").environ, "DATABASE_URL": database_url()}
+    done = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    created = Event.objects.filter(type="v1:item.created", stream__name=f"project:{project.pk}")
+    assert created.count() == 3
+    assert not created.filter(published_at__isnull=True).exists()

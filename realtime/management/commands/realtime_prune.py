@@ -20,6 +20,9 @@ class Command(BaseCommand):
         parser.add_argument("--max-age", type=float, default=None, help="Seconds to keep.")
         parser.add_argument("--max-events", type=int, default=None, help="Events per stream.")
         parser.add_argument("--batch", type=int, default=None, help="Rows per DELETE.")
+        parser.add_argument(
+            "--database", default=None, help="Database alias holding the event log."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         max_age = options["max_age"]
@@ -39,5 +42,14 @@ class Command(BaseCommand):
             if options["verbosity"] >= 2:
                 self.stdout.write(f"  {total} deleted{f' ({label})' if label else ''}")
 
-        deleted = prune(max_age=max_age, max_events=max_events, batch=batch, progress=progress)
+        deleted = prune(
+            max_age=max_age,
+            max_events=max_events,
+            batch=batch,
+            using=options["database"],
+            progress=progress,
+        )
+        from realtime.tickets import prune_used
+
+        prune_used()
         self.stdout.write(f"pruned {deleted} event(s)")

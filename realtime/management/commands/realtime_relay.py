@@ -10,7 +10,6 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from realtime.conf import realtime_settings
-from realtime.context import correlation
 from realtime.log import relay_once
 
 
@@ -38,6 +37,11 @@ class Command(BaseCommand):
             "--batch", type=int, default=None, help="Events per pass (REALTIME['RELAY_BATCH'])."
         )
         parser.add_argument(
+            "--database",
+            default=None,
+            help="Database alias holding the event log (the router's choice by default).",
+        )
+        parser.add_argument(
             "--max-passes",
             type=int,
             default=None,
@@ -54,6 +58,13 @@ class Command(BaseCommand):
             raise CommandError("--batch must be at least 1")
         if options["grace"] is not None and options["grace"] < 0:
             raise CommandError("--grace must not be negative")
+        from channels.layers import InMemoryChannelLayer, get_channel_layer
+
+        if isinstance(get_channel_layer(realtime_settings.CHANNEL_LAYER), InMemoryChannelLayer):
+            self.stderr.write(
+                "warning: the channel layer is in-memory, so events the relay publishes reach "
+                "only this process; use a shared layer (Redis) with the relay"
+            )
         stop = threading.Event()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -63,12 +74,11 @@ class Command(BaseCommand):
         verbose = options["verbosity"] >= 1
         while not stop.is_set():
             started = time.monotonic()
-            with correlation():
-                try:
-                    result = relay_once(grace=options["grace"], limit=batch)
-                except Exception as exc:  # keep running; the database may come back
-                    self.stderr.write(f"relay pass failed: {type(exc).__name__}: {exc}")
-                    result = None
+            try:
+                result = relay_once(grace=options["grace"], limit=batch, using=options["database"])
+            except Exception as exc:  # keep running; the database may come back
+                self.stderr.write(f"relay pass failed: {type(exc).__name__}: {exc}")
+                result = None
             passes += 1
             if result is not None and (result.found or options["once"]) and verbose:
                 self.stdout.write(
@@ -77,6 +87,7 @@ class Command(BaseCommand):
                 )
             if max_passes is not None and passes >= max_passes:
                 break
-            # A full batch means more are waiting: go again at once.
-            if result is None or result.found < batch:
+            # A full batch that all went out means more are waiting: go again at once. After
+            # a failure, wait: the layer is probably down.
+            if result is None or result.failed or result.found < batch:
                 stop.wait(interval)
