@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from django.db import close_old_connections
 from django.utils import timezone
 
 from .conf import realtime_settings
@@ -22,7 +21,6 @@ def open_connection(
     remote_addr: str,
     tenant: str,
 ) -> None:
-    close_old_connections()
     Connection.objects.create(
         id=connection_id,
         user=user if user is not None and user.is_authenticated else None,
@@ -36,23 +34,19 @@ def open_connection(
 
 
 def close_connection(connection_id: str) -> None:
-    close_old_connections()
     Connection.objects.filter(pk=connection_id).delete()
 
 
 def set_subscriptions(connection_id: str, streams: list[str]) -> None:
-    close_old_connections()
     Connection.objects.filter(pk=connection_id).update(subscriptions=streams)
 
 
 def count_for_user(user: Any) -> int:
-    close_old_connections()
     return Connection.objects.filter(user=user).count()
 
 
 def touch_node(node: str) -> int:
     """Mark this node's connections as seen now, and sweep those of silent nodes."""
-    close_old_connections()
     now = timezone.now()
     touched = Connection.objects.filter(node=node).update(last_seen=now)
     sweep(now=now)

@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qs
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from . import protocol
@@ -34,7 +34,8 @@ def user_group(user_id: Any) -> str:
 
 def _thread(func: Any) -> Any:
     # Policies, replay and connection rows touch the database: never on the event loop.
-    return sync_to_async(func, thread_sensitive=False)
+    # Channels' wrapper closes stale connections around the call, as for its consumers.
+    return database_sync_to_async(func, thread_sensitive=False)
 
 
 class Subscription:

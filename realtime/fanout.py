@@ -115,7 +115,7 @@ class Hub:
                     logger.exception("delivery to a subscriber failed")
 
     async def _tick(self) -> None:
-        from asgiref.sync import sync_to_async
+        from channels.db import database_sync_to_async
 
         from .connections import touch_node
 
@@ -130,7 +130,7 @@ class Hub:
                     logger.exception("heartbeat failed")
             if self.connections:
                 try:
-                    await sync_to_async(touch_node, thread_sensitive=False)(node_id())
+                    await database_sync_to_async(touch_node, thread_sensitive=False)(node_id())
                 except Exception:
                     logger.warning("updating this node's connections failed", exc_info=True)
 

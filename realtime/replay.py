@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db import close_old_connections
 from django.db.models import Min
 
 from .events import Envelope
@@ -29,7 +28,6 @@ class StreamPosition:
 
 
 def position(stream: str) -> StreamPosition:
-    close_old_connections()
     row = Stream.objects.filter(name=stream).values_list("pk", "last_seq", "epoch").first()
     if row is None:
         return StreamPosition(seq=0, epoch=None, first_kept=1)
@@ -42,7 +40,6 @@ def position(stream: str) -> StreamPosition:
 
 def read_after(stream: str, after: int, limit: int) -> list[tuple[int, dict[str, str]]]:
     """Return up to `limit` (seq, frames by version) of the stream's events after `after`."""
-    close_old_connections()
     rows = (
         Event.objects.filter(stream__name=stream, seq__gt=after)
         .order_by("seq")

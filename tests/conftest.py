@@ -62,6 +62,12 @@ def _drain_publisher() -> Iterator[None]:
     publisher.flush(timeout=5)
     publisher.resume()
     close_db_connections()
+    # Async tests run their sync_to_async calls on asgiref's one shared thread; close the
+    # connection it opened, or PostgreSQL refuses to drop the test database at the end.
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(10)
 
 
 def free_port() -> int:

@@ -1,0 +1,35 @@
+"""Connection rows: swept when their node goes silent; the ALLOWED_HOSTS check."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from django.utils import timezone
+
+from realtime.checks import check_allowed_hosts
+from realtime.connections import sweep, touch_node
+from realtime.models import Connection
+
+
+@pytest.mark.django_db(transaction=True)  # touch_node runs on worker threads, in autocommit
+def test_rows_of_a_silent_node_are_swept_and_live_ones_kept(settings):
+    settings.REALTIME = {"CONNECTION_SWEEP_AFTER": 60}
+    old = timezone.now() - dt.timedelta(seconds=120)
+    Connection.objects.create(id="dead1", node="dead:1", last_seen=old)
+    Connection.objects.create(id="live1", node="live:1", last_seen=old)
+    assert touch_node("live:1") == 1  # the live node's heartbeat refreshes its rows
+    assert set(Connection.objects.values_list("id", flat=True)) == {"live1"}
+    assert sweep() == 0
+
+
+@pytest.mark.parametrize(
+    ("hosts", "debug", "errors"),
+    [(["*"], False, 1), (["*"], True, 0), (["example.com"], False, 0)],
+)
+def test_wildcard_allowed_hosts_outside_debug_is_an_error(settings, hosts, debug, errors):
+    settings.ALLOWED_HOSTS = hosts
+    settings.DEBUG = debug
+    found = check_allowed_hosts()
+    assert len(found) == errors
+    assert all(e.id == "realtime.E020" for e in found)

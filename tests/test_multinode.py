@@ -1,0 +1,89 @@
+"""Two daphne nodes on one Redis: events and revocations cross nodes; real websockets client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+import websockets
+from asgiref.sync import async_to_sync
+
+from board.membership import add_member, remove_member
+from realtime.testing import session_for
+
+from .factories import ProjectFactory, UserFactory
+from .live import Browser, Daphne, database_url
+
+
+async def next_frame(socket, op: str, timeout: float = 10) -> dict:  # noqa: ASYNC109
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = json.loads(await socket.recv())
+            if frame.get("op") == "ping":
+                await socket.send(json.dumps({"op": "pong"}))
+            elif frame.get("op") == op:
+                return frame
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_save_on_node_a_reaches_subscriber_on_node_b_and_revocation_follows(tmp_path):
+    alice = UserFactory(username="alice", is_staff=True, is_superuser=True)
+    alice.set_password("alice-pw-1")
+    alice.save()
+    bob = UserFactory(username="bob")
+    project = ProjectFactory(owner=alice)
+    add_member(project, bob)
+    bob_session = session_for(bob)
+    env = {"DATABASE_URL": database_url(), "REDIS_URL": os.environ["REDIS_URL"], "DEBUG": "1"}
+
+    with Daphne(env, tmp_path / "a.log") as node_a, Daphne(env, tmp_path / "b.log") as node_b:
+        admin = Browser(node_a)
+        admin.login("alice", "alice-pw-1")
+
+        def add_items(*titles):
+            for title in titles:
+                admin.post_form(
+                    "/admin/board/item/add/",
+                    {"project": project.pk, "title": title, "position": 0, "version": 0},
+                    {},
+                ).close()
+
+        async def scenario():
+            url = f"ws://127.0.0.1:{node_b.port}/ws/realtime/"
+            async with websockets.connect(
+                url,
+                origin="http://127.0.0.1",
+                additional_headers={"Cookie": f"sessionid={bob_session}"},
+            ) as socket:
+                welcome = await next_frame(socket, "welcome")
+                await socket.send(
+                    json.dumps({"op": "subscribe", "ref": "s", "stream": f"project:{project.pk}"})
+                )
+                reply = await next_frame(socket, "reply")
+                assert reply["ok"] is True, reply
+                await asyncio.to_thread(add_items, "one", "two", "three")
+                events = [await next_frame(socket, "event") for _ in range(3)]
+                assert [e["data"]["title"] for e in events] == ["one", "two", "three"]
+                seqs = [e["seq"] for e in events]
+                assert seqs == list(range(seqs[0], seqs[0] + 3))
+
+                # Revoked in another process; node B hears of it through Redis.
+                await asyncio.to_thread(remove_member, project, bob)
+                gone = await next_frame(socket, "unsubscribed", timeout=2)
+                assert gone == {
+                    "op": "unsubscribed",
+                    "stream": f"project:{project.pk}",
+                    "reason": "forbidden",
+                }
+                await asyncio.to_thread(add_items, "secret")
+                with pytest.raises(TimeoutError):
+                    await next_frame(socket, "event", timeout=1.5)
+                return welcome
+
+        welcome = async_to_sync(scenario)()
+        assert welcome["protocol"] == "v1"
+        assert "Traceback" not in node_a.output() + node_b.output()

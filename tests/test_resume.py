@@ -1,0 +1,106 @@
+"""Resume: replay then live with no gap and no duplicate at the seam, in bounded batches."""
+
+from __future__ import annotations
+
+import pytest
+from asgiref.sync import sync_to_async
+
+import realtime.replay
+from board.models import Item
+from realtime.testing import RealtimeClient, session_for
+
+from .factories import ItemFactory, ProjectFactory, UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+db = sync_to_async
+
+
+async def connected(user) -> RealtimeClient:
+    client = RealtimeClient(session_key=await db(session_for)(user))
+    await client.connect()
+    return client
+
+
+async def receive_seqs(client: RealtimeClient, count: int) -> list[int]:
+    return [(await client.receive_until("event"))["seq"] for _ in range(count)]
+
+
+@pytest.mark.parametrize("when", ["before_read", "after_read"])
+async def test_event_committed_during_replay_arrives_exactly_once(monkeypatch, when):
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    for _ in range(3):
+        await db(ItemFactory)(project=project)
+    original = realtime.replay.read_after
+    calls = []
+
+    def racing_read(stream, after, limit):
+        calls.append(after)
+        if len(calls) == 1 and when == "before_read":
+            Item.objects.create(project=project, title="racer")  # committed, then read
+        rows = original(stream, after, limit)
+        if len(calls) == 1 and when == "after_read":
+            Item.objects.create(project=project, title="racer")  # committed after the read
+        return rows
+
+    monkeypatch.setattr(realtime.replay, "read_after", racing_read)
+    client = await connected(owner)
+    reply = await client.subscribe(f"project:{project.pk}", since=1)
+    assert reply["data"]["recovered"] is True
+    assert await receive_seqs(client, 4) == [2, 3, 4, 5]  # 3 logged + the racer, once
+    assert await client.nothing_more(0.3)
+    await db(ItemFactory)(project=project)
+    assert await receive_seqs(client, 1) == [6]
+    await client.close()
+
+
+async def test_long_replay_streams_in_batches(settings, monkeypatch):
+    settings.REALTIME = {"REPLAY_BATCH": 100}
+    import realtime as rt
+
+    owner = await db(UserFactory)()
+
+    def emit_many():
+        for n in range(1_050):
+            rt.emit(f"user:{owner.pk}", "v1:tick.happened", {"n": n})
+
+    await db(emit_many)()
+    original = realtime.replay.read_after
+    sizes = []
+
+    def counting(stream, after, limit):
+        rows = original(stream, after, limit)
+        sizes.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(realtime.replay, "read_after", counting)
+    client = await connected(owner)
+    reply = await client.subscribe(f"user:{owner.pk}", since=0)
+    assert reply["data"] == {"seq": 1_050, "epoch": reply["data"]["epoch"], "recovered": True}
+    seqs = await receive_seqs(client, 1_050)
+    assert seqs == list(range(1, 1_051))
+    assert max(sizes) == 100
+    assert len(sizes) == 11
+    await client.close()
+
+
+async def test_subscribe_without_since_gets_only_what_commits_afterwards():
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    await db(ItemFactory)(project=project)
+    client = await connected(owner)
+    reply = await client.subscribe(f"project:{project.pk}")
+    assert reply["data"]["recovered"] is False
+    assert reply["data"]["seq"] == 2
+    assert await client.nothing_more()
+    await db(ItemFactory)(project=project)
+    assert await receive_seqs(client, 1) == [3]
+    await client.close()
+
+
+async def test_since_beyond_the_newest_seq_is_not_recovered():
+    owner = await db(UserFactory)()
+    client = await connected(owner)
+    reply = await client.subscribe(f"user:{owner.pk}", since=50)
+    assert reply["data"] == {"seq": 0, "epoch": None, "recovered": False}
+    await client.close()
