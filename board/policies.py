@@ -36,3 +36,9 @@ class OrganizationPolicy(TenantPolicy):
 
 
 stream_policy("user")(UserPolicy)
+
+
+def tenant_of(user: Any) -> str | None:
+    """The organization a connection belongs to, for Connection rows (the first one)."""
+    pk = user.organizations.order_by("pk").values_list("pk", flat=True).first()
+    return None if pk is None else str(pk)

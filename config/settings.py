@@ -134,7 +134,9 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
 }
 
-REALTIME: dict[str, object] = {}
+REALTIME: dict[str, object] = {
+    "TENANT_RESOLVER": "board.policies.tenant_of",
+}
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

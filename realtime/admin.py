@@ -7,7 +7,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from .models import Event, Stream
+from .models import Connection, Event, Stream
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
@@ -33,3 +33,21 @@ class EventAdmin(ReadOnlyAdmin):
     search_fields = ["=correlation_id", "=event_id", "stream__name"]
     list_select_related = ["stream"]
     ordering = ["-pk"]
+
+
+@admin.register(Connection)
+class ConnectionAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id",
+        "user",
+        "node",
+        "transport",
+        "client_version",
+        "tenant",
+        "connected_at",
+        "last_seen",
+    ]
+    list_filter = ["transport", "node"]
+    search_fields = ["=id", "user__username", "tenant", "remote_addr"]
+    list_select_related = ["user"]
+    ordering = ["-connected_at"]

@@ -426,12 +426,26 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     # -- teardown -------------------------------------------------------------------------
 
     def _save_subscriptions(self) -> None:
+        # One writer per connection, always writing the latest list: two writes on two
+        # worker threads could otherwise land in the wrong order.
+        self._subscriptions_dirty = True
+        if self._subscriptions_writer is None or self._subscriptions_writer.done():
+            self._subscriptions_writer = asyncio.get_running_loop().create_task(
+                self._write_subscriptions()
+            )
+
+    _subscriptions_dirty = False
+    _subscriptions_writer: asyncio.Task[None] | None = None
+
+    async def _write_subscriptions(self) -> None:
         from .connections import set_subscriptions
 
-        streams = sorted(self.subscriptions)
-        asyncio.get_running_loop().create_task(
-            _thread(set_subscriptions)(self.connection_id, streams)
-        )
+        while self._subscriptions_dirty and self.registered:
+            self._subscriptions_dirty = False
+            try:
+                await _thread(set_subscriptions)(self.connection_id, sorted(self.subscriptions))
+            except Exception:
+                logger.warning("recording subscriptions of %s failed", self.connection_id)
 
     async def disconnect(self, code: int) -> None:
         self.closing = True

@@ -62,3 +62,20 @@ def test_admin_save_under_daphne_is_published_to_redis_subscribers(tmp_path):
             event.refresh_from_db()
         assert event.published_at is not None, server.output()
         assert "left for the relay" not in server.output()
+
+        # A ticket in the query string never reaches a log line, even daphne's access log.
+        from realtime.tickets import issue
+
+        ticket = issue(admin)
+
+        async def connect_with_ticket():
+            import websockets
+
+            url = f"ws://127.0.0.1:{server.port}/ws/realtime/?ticket={ticket}&v=test-1"
+            async with websockets.connect(url, origin="http://127.0.0.1") as socket:
+                return json.loads(await socket.recv())
+
+        assert async_to_sync(connect_with_ticket)()["op"] == "welcome"
+        time.sleep(0.2)
+        assert "/ws/realtime/" in server.output()
+        assert ticket not in server.output()

@@ -46,6 +46,8 @@ async def test_session_user_gets_welcome_and_a_connection_row():
     assert len(welcome["connectionId"]) == 32
     row = await db(Connection.objects.get)(pk=welcome["connectionId"])
     assert (row.user_id, row.transport) == (owner.pk, "websocket")
+    assert row.tenant == ""  # the owner belongs to no organization
+    assert row.subscriptions == []
     await client.close()
     assert not await db(Connection.objects.filter(pk=welcome["connectionId"]).exists)()
 
@@ -450,3 +452,29 @@ async def test_reader_that_never_acknowledges_is_closed_as_slow_consumer(setting
         if frame.get("type") == "websocket.close":
             break
     assert frame["code"] == 4409
+
+
+async def test_connection_row_records_tenant_version_and_subscriptions(admin_client):
+    import asyncio
+
+    from .factories import OrganizationFactory
+
+    owner, project = await make_project()
+    org = await db(OrganizationFactory)()
+    await db(org.members.add)(owner)
+    session = await db(session_for)(owner)
+    client = RealtimeClient(session_key=session, path="/ws/realtime/?v=js-1.2")
+    welcome = await client.connect()
+    await client.subscribe(f"project:{project.pk}")
+    await client.subscribe(f"user:{owner.pk}")
+    row = None
+    for _ in range(50):
+        row = await db(Connection.objects.get)(pk=welcome["connectionId"])
+        if len(row.subscriptions) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert row.subscriptions == sorted([f"project:{project.pk}", f"user:{owner.pk}"])
+    assert (row.tenant, row.client_version) == (str(org.pk), "js-1.2")
+    page = await db(admin_client.get)("/admin/realtime/connection/")
+    assert welcome["connectionId"].encode() in page.content
+    await client.close()
