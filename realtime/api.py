@@ -1,15 +1,30 @@
-"""HTTP API of the realtime app: WebSocket tickets (the event feed arrives with its issue)."""
+"""HTTP API of the realtime app: WebSocket tickets, and the event feed with long poll."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 from typing import Any
 
+from channels.db import database_sync_to_async
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework import permissions, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from .conf import realtime_settings
+from .fanout import get_hub
+from .feed import (
+    BadRequest,
+    authorize,
+    cursor_of,
+    parse_cursor,
+    parse_streams,
+    read_events,
+    starting_positions,
+)
 from .tickets import issue
 
 
@@ -25,3 +40,78 @@ class TicketView(APIView):
         )
         response["Cache-Control"] = "no-store"
         return response
+
+
+class _Waker:
+    """A hub subscriber that only notes that something arrived."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def deliver(self, message: dict[str, Any]) -> None:
+        if not message.get("ephemeral"):
+            self.event.set()
+
+
+async def event_feed(request: HttpRequest) -> HttpResponse:
+    """GET: events after a cursor, oldest first; with `wait`, held until one arrives (long poll)."""
+    if request.method != "GET":
+        return JsonResponse(
+            {"error": {"code": "method_not_allowed", "message": "GET only"}}, status=405
+        )
+    try:
+        streams = parse_streams(request)
+        cursor = parse_cursor(request.GET.get("cursor"))
+        limit = _number(request, "limit", 100, 1, 500, int)
+        wait = _number(request, "wait", 0, 0, 25, float)
+        user = await request.auser()  # type: ignore[attr-defined]
+        await _db(authorize)(user, streams)
+    except BadRequest as exc:
+        return exc.response()
+    start = await _db(starting_positions)(streams, cursor)
+    events, after = await _db(read_events)(start.positions, limit)
+    if not events and not start.resets and wait > 0:
+        hub = get_hub()
+        waker = _Waker()
+        for stream in streams:
+            await hub.join(stream, waker)
+        try:
+            # Joined first, then read again: an event committed meanwhile is in one or the other.
+            events, after = await _db(read_events)(start.positions, limit)
+            if not events:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await waker.event.wait()
+                events, after = await _db(read_events)(start.positions, limit)
+        finally:
+            for stream in streams:
+                await hub.leave(stream, waker)
+    body = (
+        '{"events":['
+        + ",".join(frame for _s, _q, _t, frame in events)
+        + '],"resets":'
+        + json.dumps(start.resets)
+        + ',"cursor":'
+        + json.dumps(cursor_of(after))
+        + "}"
+    )
+    response = HttpResponse(body, content_type="application/json")
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+def _number(request: HttpRequest, name: str, default: Any, low: Any, high: Any, kind: Any) -> Any:
+    raw = request.GET.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise BadRequest("invalid_parameter", f"'{name}' must be a number") from None
+    if not low <= value <= high:
+        raise BadRequest("invalid_parameter", f"'{name}' must be between {low} and {high}")
+    return value
+
+
+def _db(func: Any) -> Any:
+    return database_sync_to_async(func, thread_sensitive=False)

@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "PUBLISH_QUEUE_SIZE": 10_000,
     # Seconds one channel-layer publish may take before it counts as failed.
     "PUBLISH_TIMEOUT": 5.0,
-    # Events published before the published marks are written in one UPDATE.
+    # Most events one publisher task takes from its queue at a time.
     "PUBLISH_BATCH": 500,
     # Relay: seconds between passes, how old an unpublished event must be before the relay
     # takes it (so it does not race the on_commit publish), and events per pass.

@@ -29,7 +29,7 @@ _DUPLICATE_WINDOW = 1024
 
 def user_group(user_id: Any) -> str:
     """The control group of one user's sockets, on every node."""
-    return f"rt-ctl.user.{user_id}"
+    return f"{realtime_settings.GROUP_PREFIX}-ctl.user.{user_id}"
 
 
 def _thread(func: Any) -> Any:
@@ -42,8 +42,10 @@ class Subscription:
     """One socket's subscription to one stream: authorization, replay seam, dedupe by seq."""
 
     def __init__(
-        self, consumer: RealtimeConsumer, stream: str, policy: StreamPolicy, version: str | None
+        self, consumer: Any, stream: str, policy: StreamPolicy, version: str | None
     ) -> None:
+        # `consumer` is the sink: connection_id, enqueue(text) for ephemeral frames, and
+        # send_event(stream, seq, type, text) for logged ones.
         self.consumer = consumer
         self.stream = stream
         self.policy = policy
@@ -52,6 +54,7 @@ class Subscription:
         self.replaying = True
         self.buffer: collections.deque[dict[str, Any]] = collections.deque()
         self.overflowed = False
+        self.task: asyncio.Task[None] | None = None
         self.contiguous = 0  # every seq up to this one was delivered (or predates the snapshot)
         self.above: set[int] = set()  # seqs delivered beyond `contiguous`
 
@@ -70,9 +73,9 @@ class Subscription:
             else:
                 self.buffer.append(message)
             return
-        self.emit(message["seq"], message["frames"])
+        self.emit(message["seq"], message["frames"], message.get("eventType", ""))
 
-    def emit(self, seq: int, frames: dict[str, str]) -> None:
+    def emit(self, seq: int, frames: dict[str, str], event_type: str = "") -> None:
         if seq <= self.contiguous or seq in self.above:
             return  # already delivered (replay and live overlap, or the relay's duplicate)
         if seq == self.contiguous + 1:
@@ -86,7 +89,7 @@ class Subscription:
                 self.contiguous = min(self.above)
                 self.above = {s for s in self.above if s > self.contiguous}
         frame = frames.get(self.version or "") or next(iter(frames.values()))
-        self.consumer.enqueue(frame)
+        self.consumer.send_event(self.stream, seq, event_type, frame)
 
 
 class RealtimeConsumer(AsyncWebsocketConsumer):
@@ -94,12 +97,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     transport = "websocket"
 
+    @property  # type: ignore[override]
+    def channel_layer_alias(self) -> str:
+        # The layer events travel on, also for this consumer's control group and publishes.
+        return str(realtime_settings.CHANNEL_LAYER)
+
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         self.connection_id = uuid.uuid4().hex
         self.subscriptions: dict[str, Subscription] = {}
         self.outbox: collections.deque[str] = collections.deque()
         self.wakeup = asyncio.Event()
         self.drained = asyncio.Event()
+        self.acked = asyncio.Event()
         self.writer: asyncio.Task[None] | None = None
         self.closing = False
         self.malformed = 0
@@ -200,6 +209,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 max_depth=int(realtime_settings.MAX_DEPTH),
             )
             await self._handle(frame)
+            self.malformed = 0  # the limits count bad frames in a row
+            if not isinstance(frame, (protocol.Ping, protocol.Pong)):
+                self.refusals = 0
         except ProtocolError as exc:
             await self._protocol_error(exc)
         except Exception:
@@ -234,6 +246,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.enqueue(protocol.dumps({"op": "pong", "ref": frame.ref}))
         elif isinstance(frame, protocol.Pong):
             self.unacked = 0
+            self._ping_pending = False
+            self.acked.set()
         elif isinstance(frame, protocol.Subscribe):
             await self._subscribe(frame)
         elif isinstance(frame, protocol.Unsubscribe):
@@ -281,19 +295,33 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         subscription.contiguous = frame.since if recovered and frame.since is not None else pos.seq
         data: dict[str, Any] = {"seq": pos.seq, "epoch": pos.epoch, "recovered": recovered}
         self.enqueue(protocol.reply(frame.ref, data))
-        if recovered:
-            await self._replay(subscription, read_after)
-        subscription.replaying = False
-        while subscription.buffer:
-            message = subscription.buffer.popleft()
-            subscription.deliver(message)
         self._save_subscriptions()
+        # Replay in a task of its own, so this socket's other frames (pongs, above all) are
+        # read while a long history streams out.
+        subscription.task = asyncio.get_running_loop().create_task(
+            self._catch_up(subscription, read_after if recovered else None)
+        )
+
+    async def _catch_up(self, subscription: Subscription, read_after: Any) -> None:
+        try:
+            if read_after is not None:
+                await self._replay(subscription, read_after)
+            subscription.replaying = False
+            while subscription.buffer:
+                subscription.deliver(subscription.buffer.popleft())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("replay of %s failed on %s", subscription.stream, self.connection_id)
+            await self._close(Close.INTERNAL_ERROR)
 
     async def _replay(self, subscription: Subscription, read_after: Any) -> None:
         batch = int(realtime_settings.REPLAY_BATCH)
         while True:
             subscription.overflowed = False
             while True:
+                if not await self._credit():
+                    return
                 rows = await _thread(read_after)(
                     subscription.stream, subscription.contiguous, batch
                 )
@@ -309,6 +337,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         subscription = self.subscriptions.pop(frame.stream, None)
         if subscription is None:
             raise ProtocolError(Code.NOT_SUBSCRIBED, "not subscribed", frame.ref)
+        subscription.authorized = False
+        if subscription.task is not None:
+            subscription.task.cancel()
         await get_hub().leave(frame.stream, subscription)
         self.enqueue(protocol.reply(frame.ref))
         self._save_subscriptions()
@@ -341,10 +372,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             "frames": {"*": protocol.dumps(event)},
         }
         await self.channel_layer.group_send(group_name(frame.stream), message)
-        self.refusals = 0
         self.enqueue(protocol.reply(frame.ref, {"eventId": event["eventId"]}))
 
     # -- outbound -------------------------------------------------------------------------
+
+    def send_event(self, stream: str, seq: int, event_type: str, frame: str) -> None:
+        self.enqueue(frame)
 
     def enqueue(self, text: str) -> None:
         """Queue a frame for this socket; never awaits, so the hub never waits for a client."""
@@ -374,6 +407,26 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             while self.outbox:
                 await self.send(text_data=self.outbox.popleft())
             self.drained.set()
+
+    async def _credit(self) -> bool:
+        """Wait until the client has acknowledged enough of what it was sent (replay pacing).
+
+        Returns False (and closes as a slow consumer) if it does not answer a ping in time.
+        """
+        limit = int(realtime_settings.MAX_UNACKED_BYTES)
+        while self.unacked > limit // 2 and not self.closing:
+            self.acked.clear()
+            if not self._ping_pending:
+                self._ping_pending = True
+                self.outbox.append(protocol.dumps({"op": "ping"}))
+                self.wakeup.set()
+            try:
+                async with asyncio.timeout(2 * float(realtime_settings.HEARTBEAT)):
+                    await self.acked.wait()
+            except TimeoutError:
+                await self._close(Close.SLOW_CONSUMER, force=True)
+                return False
+        return not self.closing
 
     async def _drain(self) -> None:
         # Let the writer catch up during a long replay, so the outbox stays small.
@@ -410,6 +463,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 continue
             subscription.authorized = False
             self.subscriptions.pop(stream, None)
+            if subscription.task is not None:
+                subscription.task.cancel()
             await get_hub().leave(stream, subscription)
             self.enqueue(
                 protocol.dumps({"op": "unsubscribed", "stream": stream, "reason": Code.FORBIDDEN})
@@ -452,6 +507,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         hub = get_hub()
         hub.remove_connection(self)
         for stream, subscription in list(self.subscriptions.items()):
+            if subscription.task is not None:
+                subscription.task.cancel()
             await hub.leave(stream, subscription)
         self.subscriptions.clear()
         if self.writer is not None:

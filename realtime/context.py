@@ -39,3 +39,24 @@ def correlation(correlation_id: str | None = None) -> Iterator[str]:
         yield value
     finally:
         _correlation_id.reset(token)
+
+
+_written: ContextVar[dict[str, int] | None] = ContextVar("realtime_written", default=None)
+
+
+@contextlib.contextmanager
+def collect_positions() -> Iterator[dict[str, int]]:
+    """Collect {stream: seq} of the events logged in the block (for `X-Stream-Position`)."""
+    positions: dict[str, int] = {}
+    token = _written.set(positions)
+    try:
+        yield positions
+    finally:
+        _written.reset(token)
+
+
+def note_position(stream: str, seq: int) -> None:
+    """Record a logged event's position for the innermost `collect_positions` block."""
+    positions = _written.get()
+    if positions is not None:
+        positions[stream] = max(seq, positions.get(stream, 0))

@@ -44,6 +44,9 @@ class Hub:
         self.channel: str | None = None
         self.members: dict[str, set[Subscriber]] = {}
         self.connections: set[Ticking] = set()
+        # Listeners that are not Channels consumers (SSE) get their user's control messages
+        # (authorization changes, logout) through the hub's channel.
+        self.user_listeners: dict[Any, set[Any]] = {}
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.received = 0
@@ -85,6 +88,30 @@ class Hub:
                 except Exception:
                     logger.warning("leaving group of %s failed", stream, exc_info=True)
 
+    async def watch_user(self, user_id: Any, listener: Any) -> None:
+        """Send `listener.control(message)` the control messages of one user."""
+        from .consumers import user_group
+
+        async with self._lock:
+            await self._start()
+            listeners = self.user_listeners.get(user_id)
+            if listeners is None:
+                await self.layer.group_add(user_group(user_id), self.channel)
+                listeners = self.user_listeners[user_id] = set()
+            listeners.add(listener)
+
+    async def unwatch_user(self, user_id: Any, listener: Any) -> None:
+        from .consumers import user_group
+
+        async with self._lock:
+            listeners = self.user_listeners.get(user_id)
+            if listeners is None:
+                return
+            listeners.discard(listener)
+            if not listeners:
+                del self.user_listeners[user_id]
+                await self.layer.group_discard(user_group(user_id), self.channel)
+
     async def add_connection(self, connection: Ticking) -> None:
         """Include a socket in this loop's heartbeat (and start the hub if it is the first)."""
         async with self._lock:
@@ -106,6 +133,11 @@ class Hub:
                 await asyncio.sleep(1)
                 continue
             if message.get("type") != LAYER_MESSAGE_TYPE:
+                for listener in tuple(self.user_listeners.get(message.get("user"), ())):
+                    try:
+                        listener.control(message)
+                    except Exception:
+                        logger.exception("control message to a listener failed")
                 continue
             self.received += 1
             for subscriber in tuple(self.members.get(message.get("stream", ""), ())):

@@ -20,7 +20,7 @@ def _send(user_ids: Iterable[Any], message_type: str) -> None:
 
     for user_id in set(user_ids):
         if user_id is not None:
-            publisher.send_control(user_group(user_id), {"type": message_type})
+            publisher.send_control(user_group(user_id), {"type": message_type, "user": user_id})
 
 
 def permissions_changed(user_ids: Iterable[Any]) -> None:

@@ -11,10 +11,12 @@ from functools import partial
 from typing import Any
 
 from django.db import connections, router, transaction
+from django.db.models import OuterRef, Subquery, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from .conf import realtime_settings
-from .context import get_correlation_id
+from .context import get_correlation_id, note_position
 from .events import Envelope, dumps, is_valid_type
 from .models import Event, Stream
 from .publisher import LAYER_MESSAGE_TYPE, Outgoing, publisher
@@ -59,6 +61,8 @@ def append(pending: Sequence[Pending], *, using: str | None = None) -> list[Enve
                     variants=dict(item.variants),
                 )
             )
+        for envelope in envelopes:
+            note_position(envelope.stream, envelope.seq)
         pks = [row[0] for row in inserted]
         transaction.on_commit(partial(_publish_committed, envelopes, pks), using=using, robust=True)
     return envelopes
@@ -166,6 +170,7 @@ def outgoing(envelope: Envelope, event_pk: int) -> Outgoing:
             "stream": envelope.stream,
             "seq": envelope.seq,
             "eventId": str(envelope.event_id),
+            "eventType": envelope.type,
             "frames": envelope.frames(),
         },
     )
@@ -294,7 +299,19 @@ def prune(
     batch = batch or realtime_settings.PRUNE_BATCH
     using = using or router.db_for_write(Event)
     deleted = 0
-    published = Event.objects.using(using).filter(published_at__isnull=False)
+    # Only published events below each stream's first unpublished one: deleting above it
+    # would leave a hole that a resume could not see.
+    first_unpublished = (
+        Event.objects.using(using)
+        .filter(stream=OuterRef("stream"), published_at__isnull=True)
+        .order_by("seq")
+        .values("seq")[:1]
+    )
+    published = (
+        Event.objects.using(using)
+        .filter(published_at__isnull=False)
+        .filter(seq__lt=Coalesce(Subquery(first_unpublished), Value(2**62)))
+    )
     if max_age is not None:
         cutoff = timezone.now() - dt.timedelta(seconds=max_age)
         deleted += _delete_in_batches(published.filter(timestamp__lt=cutoff), batch, progress)

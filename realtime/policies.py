@@ -168,3 +168,18 @@ def stream_policy(kind: str) -> Callable[[type[StreamPolicy]], type[StreamPolicy
         return policy
 
     return decorate
+
+
+def check_stream(user: Any, stream: str) -> str | None:
+    """Return None if `user` may read `stream`, else the refusal code (runs policy queries)."""
+    from .protocol import Code
+    from .streams import InvalidStreamName, parse_stream
+
+    try:
+        kind, key = parse_stream(stream)
+    except InvalidStreamName:
+        return Code.INVALID_STREAM
+    policy = stream_kinds.get(kind)
+    if policy is None:
+        return Code.UNKNOWN_STREAM
+    return None if policy.check(user, kind, key) else Code.FORBIDDEN

@@ -184,7 +184,8 @@ class Publisher:
                 # every remaining event; it tries again on its next pass.
                 failed += len(items) - index
                 break
-            if worker is not None and time.monotonic() < worker.paused_until:
+            paused = worker is not None and time.monotonic() < worker.paused_until
+            if paused and item.event_pk is not None:  # control messages have no relay: try
                 failed += 1
                 skipped += 1
                 continue
@@ -195,13 +196,18 @@ class Publisher:
                     await layer.group_send(item.group, item.message)
             except Exception as exc:
                 failed += 1
-                logger.warning(
-                    "publish of %s seq %d failed (%s: %s); left for the relay",
-                    item.stream,
-                    item.seq,
-                    type(exc).__name__,
-                    exc,
-                )
+                if item.event_pk is None:
+                    logger.error(
+                        "control message to %s lost (%s: %s)", item.group, type(exc).__name__, exc
+                    )
+                else:
+                    logger.warning(
+                        "publish of %s seq %d failed (%s: %s); left for the relay",
+                        item.stream,
+                        item.seq,
+                        type(exc).__name__,
+                        exc,
+                    )
                 if worker is not None:
                     worker.paused_until = time.monotonic() + _BACKOFF_SECONDS
             else:

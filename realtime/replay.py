@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from django.db.models import Min
 
@@ -40,9 +41,19 @@ def position(stream: str) -> StreamPosition:
 
 def read_after(stream: str, after: int, limit: int) -> list[tuple[int, dict[str, str]]]:
     """Return up to `limit` (seq, frames by version) of the stream's events after `after`."""
+    return [(seq, frames) for seq, _type, frames, _ts in read_typed_after(stream, after, limit)]
+
+
+def read_typed_after(
+    stream: str, after: int, limit: int
+) -> list[tuple[int, str, dict[str, str], Any]]:
+    """Up to `limit` (seq, type, frames by version, timestamp) of the events after `after`."""
     rows = (
         Event.objects.filter(stream__name=stream, seq__gt=after)
         .order_by("seq")
         .only("seq", "event_id", "type", "timestamp", "correlation_id", "data", "variants")[:limit]
     )
-    return [(row.seq, Envelope.from_row(row, stream=stream).frames()) for row in rows]
+    return [
+        (row.seq, row.type, Envelope.from_row(row, stream=stream).frames(), row.timestamp)
+        for row in rows
+    ]

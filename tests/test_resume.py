@@ -104,3 +104,28 @@ async def test_since_beyond_the_newest_seq_is_not_recovered():
     reply = await client.subscribe(f"user:{owner.pk}", since=50)
     assert reply["data"] == {"seq": 0, "epoch": None, "recovered": False}
     await client.close()
+
+
+async def test_client_that_answers_pings_survives_a_replay_larger_than_its_credit(settings):
+    settings.REALTIME = {"MAX_UNACKED_BYTES": 3000, "REPLAY_BATCH": 10}
+    import realtime as rt
+
+    owner = await db(UserFactory)()
+
+    def emit_many():
+        for n in range(200):
+            rt.emit(f"user:{owner.pk}", "v1:tick.happened", {"n": n, "pad": "x" * 40})
+
+    await db(emit_many)()
+    client = await connected(owner)
+    await client.send({"op": "subscribe", "ref": "s", "stream": f"user:{owner.pk}", "since": 0})
+    seqs = []
+    while len(seqs) < 200:
+        frame = await client.receive()
+        assert frame.get("type") != "websocket.close", f"closed after {len(seqs)}: {frame}"
+        if frame.get("op") == "ping":
+            await client.send({"op": "pong"})
+        elif frame.get("op") == "event":
+            seqs.append(frame["seq"])
+    assert seqs == list(range(1, 201))
+    await client.close()

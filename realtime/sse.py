@@ -1,0 +1,192 @@
+"""Server-sent events at /realtime/sse/: the WebSocket's events and authorization, one way."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+
+from .conf import realtime_settings
+from .consumers import Subscription
+from .cursor import Position, encode
+from .fanout import get_hub, node_id
+from .feed import BadRequest, authorize, parse_cursor, parse_streams, starting_positions
+from .policies import check_stream, stream_kinds
+from .replay import read_typed_after
+from .streams import parse_stream
+
+logger = logging.getLogger("realtime.sse")
+
+HEARTBEAT = 15.0
+RETRY_MS = 3000
+MAX_QUEUED = 10_000
+
+
+def _db(func: Any) -> Any:
+    return database_sync_to_async(func, thread_sensitive=False)
+
+
+def _message(event: str, data: str, event_id: str | None = None) -> str:
+    head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id else "")
+    return head + f"data: {data}\n\n"
+
+
+class SSEConnection:
+    """One client's event stream: replay from its cursor, then live events, as SSE messages."""
+
+    transport = "sse"
+
+    def __init__(self, user: Any, streams: list[str], positions: dict[str, Position]) -> None:
+        self.connection_id = uuid.uuid4().hex
+        self.user = user
+        self.positions = dict(positions)
+        self.subscriptions: dict[str, Subscription] = {}
+        for stream in streams:
+            kind, _key = parse_stream(stream)
+            policy = stream_kinds.get(kind)
+            assert policy is not None  # authorized already
+            subscription = Subscription(self, stream, policy, None)
+            subscription.contiguous = positions[stream].seq
+            self.subscriptions[stream] = subscription
+        self.outbox: collections.deque[str] = collections.deque()
+        self.wakeup = asyncio.Event()
+        self.closed = False
+
+    # The sink Subscription delivers into.
+    def send_event(self, stream: str, seq: int, event_type: str, frame: str) -> None:
+        old = self.positions[stream]
+        self.positions[stream] = Position(self.subscriptions[stream].contiguous, old.epoch)
+        self.enqueue(_message(event_type or "message", frame, encode(self.positions)))
+
+    def enqueue(self, text: str) -> None:
+        if self.closed:
+            return
+        if len(self.outbox) >= MAX_QUEUED:
+            logger.warning(
+                "slow SSE client %s: closing; it resumes by Last-Event-ID", self.connection_id
+            )
+            self.closed = True
+        else:
+            self.outbox.append(text)
+        self.wakeup.set()
+
+    def control(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "realtime.logout":
+            self.closed = True
+            self.wakeup.set()
+        elif message.get("type") == "realtime.authz":
+            asyncio.get_running_loop().create_task(self._recheck())
+
+    async def _recheck(self) -> None:
+        hub = get_hub()
+        for stream, subscription in list(self.subscriptions.items()):
+            if await _db(check_stream)(self.user, stream) is None:
+                continue
+            subscription.authorized = False
+            del self.subscriptions[stream]
+            await hub.leave(stream, subscription)
+            frame = {"op": "unsubscribed", "stream": stream, "reason": "forbidden"}
+            self.enqueue(_message("unsubscribed", json.dumps(frame)))
+        if not self.subscriptions:
+            self.closed = True
+            self.wakeup.set()
+
+    async def run(self, resets: list[dict[str, Any]]) -> AsyncIterator[str]:
+        from .connections import close_connection, open_connection
+
+        hub = get_hub()
+        await _db(open_connection)(
+            connection_id=self.connection_id,
+            user=self.user,
+            node=node_id(),
+            transport="sse",
+            client_version="",
+            remote_addr="",
+            tenant="",
+        )
+        await hub.watch_user(self.user.pk, self)
+        try:
+            for stream, subscription in self.subscriptions.items():
+                await hub.join(stream, subscription)
+            yield f"retry: {RETRY_MS}\n\n"
+            for reset in resets:
+                yield _message("reset", json.dumps(reset), encode(self.positions))
+            for subscription in list(self.subscriptions.values()):
+                async for chunk in self._replay(subscription):
+                    yield chunk
+            while not self.closed:
+                while self.outbox:
+                    yield self.outbox.popleft()
+                self.wakeup.clear()
+                if self.closed:
+                    break
+                try:
+                    async with asyncio.timeout(HEARTBEAT):
+                        await self.wakeup.wait()
+                except TimeoutError:
+                    yield ": heartbeat\n\n"
+            while self.outbox:
+                yield self.outbox.popleft()
+        finally:
+            self.closed = True
+            with contextlib.suppress(Exception):
+                for stream, subscription in list(self.subscriptions.items()):
+                    await hub.leave(stream, subscription)
+                await hub.unwatch_user(self.user.pk, self)
+                await _db(close_connection)(self.connection_id)
+
+    async def _replay(self, subscription: Subscription) -> AsyncIterator[str]:
+        batch = int(realtime_settings.REPLAY_BATCH)
+        while True:
+            subscription.overflowed = False
+            while True:
+                rows = await _db(read_typed_after)(
+                    subscription.stream, subscription.contiguous, batch
+                )
+                for seq, event_type, frames, _ts in rows:
+                    subscription.emit(seq, frames, event_type)
+                while self.outbox:
+                    yield self.outbox.popleft()
+                if len(rows) < batch or self.closed:
+                    break
+            if not subscription.overflowed or self.closed:
+                break
+        subscription.replaying = False
+        while subscription.buffer:
+            subscription.deliver(subscription.buffer.popleft())
+
+
+async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
+    """GET /realtime/sse/?streams=…: resumes from `Last-Event-ID` (or ?cursor=) on every stream."""
+    if request.method != "GET":
+        return HttpResponse(status=405)
+    try:
+        streams = parse_streams(request)
+        cursor = parse_cursor(request.headers.get("Last-Event-ID") or request.GET.get("cursor"))
+        user = await request.auser()  # type: ignore[attr-defined]
+        await _db(authorize)(user, streams)
+    except BadRequest as exc:
+        if exc.code == "invalid_cursor":
+            # A cursor we cannot read: start now, and say so with a reset per stream.
+            cursor = {s: Position(-1, "invalid") for s in parse_streams(request)}
+            user = await request.auser()  # type: ignore[attr-defined]
+            try:
+                await _db(authorize)(user, streams)
+            except BadRequest as refused:
+                return refused.response()
+        else:
+            return exc.response()
+    start = await _db(starting_positions)(streams, cursor)
+    connection = SSEConnection(user, streams, start.positions)
+    response = StreamingHttpResponse(connection.run(start.resets), content_type="text/event-stream")
+    response["Cache-Control"] = "no-store"
+    response["X-Accel-Buffering"] = "no"
+    return response
