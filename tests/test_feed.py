@@ -1,0 +1,172 @@
+"""The event feed and long poll: /api/realtime/events/."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import AsyncClient
+
+from realtime.cursor import Position, decode, encode
+
+from .factories import ItemFactory, ProjectFactory, UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+db = sync_to_async
+
+
+async def logged_in(user) -> AsyncClient:
+    client = AsyncClient()
+    await client.aforce_login(user)
+    return client
+
+
+async def setup_project(items: int = 0):
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    for n in range(items):
+        await db(ItemFactory)(project=project, title=f"i{n}")
+    return owner, project
+
+
+async def test_events_after_a_cursor_in_order_then_none():
+    owner, project = await setup_project(items=3)
+    client = await logged_in(owner)
+    stream = f"project:{project.pk}"
+    cursor = encode({stream: Position(1, None)})
+    response = await client.get("/api/realtime/events/", {"streams": stream, "cursor": cursor})
+    assert response.status_code == 200
+    assert response["Cache-Control"] == "no-store"
+    body = response.json()
+    assert [e["seq"] for e in body["events"]] == [2, 3, 4]
+    assert [e["data"]["title"] for e in body["events"]] == ["i0", "i1", "i2"]
+    assert decode(body["cursor"])[stream].seq == 4
+    again = await client.get("/api/realtime/events/", {"streams": stream, "cursor": body["cursor"]})
+    assert again.json()["events"] == []
+
+
+async def test_limit_pages_through_several_streams_without_skipping():
+    owner, project = await setup_project(items=4)
+    client = await logged_in(owner)
+    streams = f"project:{project.pk},user:{owner.pk}"
+    import realtime
+
+    for n in range(3):
+        await db(realtime.emit)(f"user:{owner.pk}", "v1:note.added", {"n": n})
+    cursor = encode(
+        {f"project:{project.pk}": Position(0, None), f"user:{owner.pk}": Position(0, None)}
+    )
+    seen: list[tuple[str, int]] = []
+    for _ in range(10):
+        body = (
+            await client.get(
+                "/api/realtime/events/", {"streams": streams, "cursor": cursor, "limit": 2}
+            )
+        ).json()
+        seen += [(e["stream"], e["seq"]) for e in body["events"]]
+        cursor = body["cursor"]
+        if not body["events"]:
+            break
+    assert sorted(s for s in seen if s[0].startswith("project")) == [
+        (f"project:{project.pk}", n) for n in range(1, 6)
+    ]
+    assert sorted(s for s in seen if s[0].startswith("user")) == [
+        (f"user:{owner.pk}", n) for n in range(1, 4)
+    ]
+    assert len(seen) == len(set(seen))
+
+
+async def test_without_cursor_starts_now():
+    owner, project = await setup_project(items=2)
+    client = await logged_in(owner)
+    body = (await client.get("/api/realtime/events/", {"streams": f"project:{project.pk}"})).json()
+    assert body["events"] == []
+    assert body["resets"] == []
+    assert decode(body["cursor"])[f"project:{project.pk}"].seq == 3
+
+
+async def test_unrecoverable_cursor_gives_a_reset_and_the_current_position():
+    owner, project = await setup_project(items=2)
+    client = await logged_in(owner)
+    stream = f"project:{project.pk}"
+    cursor = encode({stream: Position(1, "another-epoch")})
+    body = (await client.get("/api/realtime/events/", {"streams": stream, "cursor": cursor})).json()
+    [reset] = body["resets"]
+    assert reset["op"] == "reset"
+    assert reset["stream"] == stream
+    assert reset["seq"] == 3
+    assert body["events"] == []
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "code"),
+    [
+        ({}, 400, "invalid_frame"),
+        ({"streams": "bad name"}, 400, "invalid_stream"),
+        ({"streams": "nope:1"}, 400, "unknown_stream"),
+        ({"streams": "user:{me}", "limit": "many"}, 400, "invalid_parameter"),
+        ({"streams": "user:{me}", "limit": "0"}, 400, "invalid_parameter"),
+        ({"streams": "user:{me}", "wait": "26"}, 400, "invalid_parameter"),
+        ({"streams": "user:{me}", "cursor": "%%%"}, 400, "invalid_cursor"),
+        (
+            {"streams": "user:{me}", "cursor": encode({"user:1": Position(0, None)})[:-3] + "zzz"},
+            400,
+            "invalid_cursor",
+        ),
+        ({"streams": "project:987654"}, 403, "forbidden"),
+        ({"streams": "user:{other}"}, 403, "forbidden"),
+    ],
+)
+async def test_bad_parameters_are_answered_with_a_message(query, status, code):
+    me = await db(UserFactory)()
+    other = await db(UserFactory)()
+    client = await logged_in(me)
+    query = {k: v.format(me=me.pk, other=other.pk) for k, v in query.items()}
+    response = await client.get("/api/realtime/events/", query)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["message"]
+
+
+async def test_anonymous_is_refused_with_401():
+    response = await AsyncClient().get("/api/realtime/events/", {"streams": "user:1"})
+    assert response.status_code == 401
+
+
+async def test_long_poll_returns_as_soon_as_an_event_commits():
+    owner, project = await setup_project()
+    client = await logged_in(owner)
+    stream = f"project:{project.pk}"
+    first = (await client.get("/api/realtime/events/", {"streams": stream})).json()
+
+    async def save_later():
+        await asyncio.sleep(0.3)
+        await db(ItemFactory)(project=project, title="late")
+
+    started = time.monotonic()
+    saver = asyncio.create_task(save_later())
+    response = await client.get(
+        "/api/realtime/events/", {"streams": stream, "cursor": first["cursor"], "wait": "10"}
+    )
+    elapsed = time.monotonic() - started
+    await saver
+    assert [e["data"]["title"] for e in response.json()["events"]] == ["late"]
+    assert elapsed < 5  # woke on the event, not at the end of the wait
+
+
+async def test_long_poll_times_out_with_no_events_and_the_same_cursor():
+    owner, project = await setup_project()
+    client = await logged_in(owner)
+    stream = f"project:{project.pk}"
+    first = (await client.get("/api/realtime/events/", {"streams": stream})).json()
+    started = time.monotonic()
+    body = (
+        await client.get(
+            "/api/realtime/events/", {"streams": stream, "cursor": first["cursor"], "wait": "0.5"}
+        )
+    ).json()
+    assert time.monotonic() - started >= 0.5
+    assert body["events"] == []
+    assert decode(body["cursor"]) == decode(first["cursor"])

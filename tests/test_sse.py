@@ -1,0 +1,179 @@
+"""Server-sent events: resume by Last-Event-ID on every stream, resets, revocation, logout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import AsyncClient
+
+from board.membership import add_member, remove_member
+from realtime.cursor import decode
+
+from .factories import ItemFactory, ProjectFactory, UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+db = sync_to_async
+
+
+class SSEReader:
+    """Parses the SSE body of a streaming response into messages."""
+
+    def __init__(self, response) -> None:
+        self.response = response
+        self.chunks = response.streaming_content.__aiter__()
+        self.buffer = ""
+
+    async def message(self, timeout: float = 5) -> dict:  # noqa: ASYNC109
+        async with asyncio.timeout(timeout):
+            while "\n\n" not in self.buffer:
+                self.buffer += (await self.chunks.__anext__()).decode()
+        block, self.buffer = self.buffer.split("\n\n", 1)
+        fields: dict = {}
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                fields.setdefault("comment", line[1:].strip())
+                continue
+            name, _, value = line.partition(": ")
+            fields[name] = value
+        if "data" in fields:
+            fields["data"] = json.loads(fields["data"])
+        return fields
+
+    async def event(self, kind: str | None = None, timeout: float = 5) -> dict:  # noqa: ASYNC109
+        while True:
+            message = await self.message(timeout)
+            if "event" in message and (kind is None or message["event"] == kind):
+                return message
+
+    async def close(self) -> None:
+        await self.chunks.aclose()
+
+
+async def open_sse(user, streams: str, last_event_id: str | None = None) -> tuple[SSEReader, dict]:
+    client = AsyncClient()
+    await client.aforce_login(user)
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    response = await client.get("/realtime/sse/", {"streams": streams}, headers=headers)
+    assert response.status_code == 200, response.content
+    reader = SSEReader(response)
+    first = await reader.message()
+    return reader, {"response": response, "first": first}
+
+
+async def test_sse_headers_and_retry_and_live_events():
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    reader, opened = await open_sse(owner, f"project:{project.pk}")
+    response = opened["response"]
+    assert response["Content-Type"] == "text/event-stream"
+    assert response["Cache-Control"] == "no-store"
+    assert response["X-Accel-Buffering"] == "no"
+    assert opened["first"] == {"retry": "3000"}
+    await db(ItemFactory)(project=project, title="live")
+    message = await reader.event()
+    assert message["event"] == "v1:item.created"
+    assert message["data"]["op"] == "event"
+    assert message["data"]["data"]["title"] == "live"
+    assert decode(message["id"])[f"project:{project.pk}"].seq == message["data"]["seq"]
+    await reader.close()
+
+
+async def test_resume_by_last_event_id_across_two_reconnects_on_two_streams():
+    import realtime
+
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    streams = f"project:{project.pk},user:{owner.pk}"
+    reader, _ = await open_sse(owner, streams)
+    await db(ItemFactory)(project=project, title="a")
+    await db(realtime.emit)(f"user:{owner.pk}", "v1:note.added", {"n": 1})
+    first = [await reader.event(), await reader.event()]
+    last_id = first[-1]["id"]
+    await reader.close()
+
+    # Missed while away: two items and a note.
+    await db(ItemFactory)(project=project, title="b")
+    await db(realtime.emit)(f"user:{owner.pk}", "v1:note.added", {"n": 2})
+    await db(ItemFactory)(project=project, title="c")
+
+    reader, _ = await open_sse(owner, streams, last_event_id=last_id)
+    second = [await reader.event() for _ in range(3)]
+    assert sorted((m["data"]["stream"], m["data"]["seq"]) for m in second) == sorted(
+        [(f"project:{project.pk}", 3), (f"project:{project.pk}", 4), (f"user:{owner.pk}", 2)]
+    )
+    last_id = second[-1]["id"]
+    await reader.close()
+
+    await db(realtime.emit)(f"user:{owner.pk}", "v1:note.added", {"n": 3})
+    reader, _ = await open_sse(owner, streams, last_event_id=last_id)
+    third = await reader.event()
+    assert (third["data"]["stream"], third["data"]["seq"]) == (f"user:{owner.pk}", 3)
+    with pytest.raises(TimeoutError):
+        await reader.event(timeout=0.5)  # nothing twice
+    await reader.close()
+
+
+@pytest.mark.parametrize("bad_id", ["garbage", "eyJ4IjpbMV19"])
+async def test_malformed_last_event_id_gives_reset_events_not_an_error(bad_id):
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    reader, _ = await open_sse(owner, f"project:{project.pk}", last_event_id=bad_id)
+    reset = await reader.event("reset")
+    assert reset["data"] == {
+        "op": "reset",
+        "stream": f"project:{project.pk}",
+        "epoch": reset["data"]["epoch"],
+        "seq": 1,
+    }
+    await db(ItemFactory)(project=project)
+    assert (await reader.event())["data"]["seq"] == 2
+    await reader.close()
+
+
+async def test_refused_and_missing_streams_are_403_alike():
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    stranger = await db(UserFactory)()
+    client = AsyncClient()
+    await client.aforce_login(stranger)
+    refused = await client.get("/realtime/sse/", {"streams": f"project:{project.pk}"})
+    missing = await client.get("/realtime/sse/", {"streams": "project:999999"})
+    assert refused.status_code == missing.status_code == 403
+    assert refused.json()["error"]["code"] == missing.json()["error"]["code"] == "forbidden"
+    anonymous = await AsyncClient().get("/realtime/sse/", {"streams": "user:1"})
+    assert anonymous.status_code == 401
+
+
+async def test_revocation_ends_delivery_of_that_stream():
+    owner = await db(UserFactory)()
+    member = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    await db(add_member)(project, member)
+    reader, _ = await open_sse(member, f"project:{project.pk},user:{member.pk}")
+    await db(remove_member)(project, member)
+    gone = await reader.event("unsubscribed", timeout=2)
+    assert gone["data"] == {
+        "op": "unsubscribed",
+        "stream": f"project:{project.pk}",
+        "reason": "forbidden",
+    }
+    await db(ItemFactory)(project=project, title="secret")
+    import realtime
+
+    await db(realtime.emit)(f"user:{member.pk}", "v1:note.added", {"still": "here"})
+    message = await reader.event()
+    assert message["data"]["stream"] == f"user:{member.pk}"  # the other stream goes on
+    await reader.close()
+
+
+async def test_logout_ends_the_stream():
+    owner = await db(UserFactory)()
+    reader, _ = await open_sse(owner, f"user:{owner.pk}")
+    from realtime.invalidation import _send
+
+    await db(_send)([owner.pk], "realtime.logout")
+    with pytest.raises(StopAsyncIteration):
+        await reader.event(timeout=2)
