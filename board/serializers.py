@@ -7,6 +7,7 @@ class ProjectSerializer(serializers.ModelSerializer):
     class Meta:
         model = Project
         fields = ["id", "organization", "name", "owner"]
+        read_only_fields = ["owner"]
 
 
 class ItemSerializer(serializers.ModelSerializer):
@@ -14,3 +15,8 @@ class ItemSerializer(serializers.ModelSerializer):
         model = Item
         fields = ["id", "project", "title", "done", "position", "version", "updated_at"]
         read_only_fields = ["version", "updated_at"]
+
+
+class ItemWriteSerializer(ItemSerializer):
+    class Meta(ItemSerializer.Meta):
+        read_only_fields = ["project", "version", "updated_at"]

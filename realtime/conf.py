@@ -69,6 +69,8 @@ DEFAULTS: dict[str, Any] = {
     "NODE_ID": None,
     # Connection rows of a node silent for this many seconds are swept.
     "CONNECTION_SWEEP_AFTER": 90.0,
+    # Seconds an Idempotency-Key's first response is kept for its retries.
+    "IDEMPOTENCY_TTL": 24 * 3600,
 }
 
 

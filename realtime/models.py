@@ -100,3 +100,23 @@ class UsedTicket(models.Model):
 
     def __str__(self) -> str:
         return self.nonce
+
+
+class IdempotencyRecord(models.Model):
+    """The first response to a POST with an `Idempotency-Key`, replayed for its retries."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    key = models.CharField(max_length=128)
+    fingerprint = models.CharField(max_length=64)  # method, path and body of the request
+    status = models.PositiveSmallIntegerField(null=True)  # null while the first one runs
+    body = models.TextField(blank=True, default="")
+    headers = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "key"], name="realtime_idempotency_user_key")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id}:{self.key}"

@@ -1,0 +1,230 @@
+"""Conditional requests for DRF views: ETag/304, If-Match/412, Idempotency-Key, stream positions.
+
+`RealtimeResourceMixin` goes on a `GenericAPIView` (or viewset) whose resources are published
+on streams. Reads answer `ETag` and `X-Stream-Position`; the ETag comes from the streams'
+positions, the object's version and the user's permission state, never from serializing, and
+is computed after DRF has authenticated the request and checked object permissions, so a user
+who may not see an object never gets a 304 for it. Writes take `If-Match` (412 when stale) and
+report the position of the events they caused; a POST with an `Idempotency-Key` is done once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from rest_framework import status
+from rest_framework.exceptions import APIException
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from .conf import realtime_settings
+from .context import collect_positions
+from .cursor import header
+from .replay import position
+
+_REPLAYED_HEADERS = ("Location", "ETag", "X-Stream-Position", "Content-Type")
+
+
+class PreconditionFailed(APIException):
+    status_code = status.HTTP_412_PRECONDITION_FAILED
+    default_detail = "The resource changed since you read it (If-Match does not match)."
+    default_code = "precondition_failed"
+
+
+class IdempotencyConflict(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "A request with this Idempotency-Key is still being processed."
+    default_code = "idempotency_in_progress"
+
+
+class IdempotencyMismatch(APIException):
+    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
+    default_detail = "This Idempotency-Key was used for a different request."
+    default_code = "idempotency_key_reused"
+
+
+def stream_positions(streams: list[str]) -> dict[str, int]:
+    """Current {stream: seq}; read before the data, so a client resuming from it misses nothing."""
+    return {stream: position(stream).seq for stream in streams}
+
+
+def make_etag(*parts: Any) -> str:
+    digest = hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()
+    return f'"{digest[:32]}"'
+
+
+def _matches(header_value: str | None, etag: str) -> bool:
+    if not header_value:
+        return False
+    if header_value.strip() == "*":
+        return True
+    candidates = {c.strip().removeprefix("W/") for c in header_value.split(",")}
+    return etag in candidates
+
+
+class RealtimeResourceMixin:
+    """ETag/304, If-Match/412, Idempotency-Key and X-Stream-Position for a DRF view.
+
+    Override `get_streams(obj)` (the streams whose events change what the view returns) and,
+    if needed, `get_permission_state(obj)` and `get_version(obj)`.
+    """
+
+    request: Any
+    kwargs: dict[str, Any]
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def get_streams(self, obj: Any = None) -> list[str]:
+        raise NotImplementedError(f"{type(self).__name__} must define get_streams()")
+
+    def get_version(self, obj: Any) -> Any:
+        for name in ("version", "updated_at"):
+            if hasattr(obj, name):
+                return getattr(obj, name)
+        return None
+
+    def get_permission_state(self, obj: Any = None) -> Any:
+        """What this user may do here; part of the ETag, so permission changes change it."""
+        user: Any = self.request.user
+        if obj is None:
+            return [getattr(user, "pk", None)]
+        from guardian.core import ObjectPermissionChecker
+
+        return [user.pk, sorted(ObjectPermissionChecker(user).get_perms(obj))]
+
+    def get_list_state(self) -> Any:
+        """Anything else a list's content depends on (its filter parameters, by default)."""
+        return sorted(self.request.query_params.lists())
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        obj = self.get_object()  # type: ignore[attr-defined]  # authenticates, checks permissions
+        streams = self.get_streams(obj)
+        positions = stream_positions(streams)
+        obj.refresh_from_db()  # the data, read after the positions
+        etag = make_etag(positions, self.get_version(obj), self.get_permission_state(obj), obj.pk)
+        if _matches(request.headers.get("If-None-Match"), etag):
+            return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
+        serializer = self.get_serializer(obj)  # type: ignore[attr-defined]
+        return self._conditional(Response(serializer.data), etag, positions)
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        self.check_list_permissions()
+        streams = self.get_streams(None)
+        positions = stream_positions(streams)
+        queryset = self.filter_queryset(self.get_queryset())  # type: ignore[attr-defined]
+        etag = make_etag(
+            positions,
+            self.get_permission_state(None),
+            self.get_list_state(),
+            list(queryset.values_list("pk", flat=True)[:10_000]),
+        )
+        if _matches(request.headers.get("If-None-Match"), etag):
+            return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
+        page = self.paginate_queryset(queryset)  # type: ignore[attr-defined]
+        if page is not None:
+            serializer = self.get_serializer(page, many=True)  # type: ignore[attr-defined]
+            response = self.get_paginated_response(serializer.data)  # type: ignore[attr-defined]
+        else:
+            response = Response(self.get_serializer(queryset, many=True).data)  # type: ignore[attr-defined]
+        return self._conditional(response, etag, positions)
+
+    def check_list_permissions(self) -> None:
+        """Checks a list needs beyond DRF's (e.g. access to the parent object)."""
+
+    def _conditional(self, response: Response, etag: str, positions: dict[str, int]) -> Response:
+        response["ETag"] = etag
+        response["X-Stream-Position"] = header(positions)
+        response["Cache-Control"] = "private, no-cache"
+        response["Vary"] = "Cookie, Authorization, Accept"
+        return response
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def _check_if_match(self, obj: Any) -> None:
+        expected = self.request.headers.get("If-Match")
+        if not expected:
+            return
+        positions = stream_positions(self.get_streams(obj))
+        etag = make_etag(positions, self.get_version(obj), self.get_permission_state(obj), obj.pk)
+        if not _matches(expected, etag):
+            raise PreconditionFailed()
+
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        with transaction.atomic(), collect_positions() as written:
+            obj = self.get_object()  # type: ignore[attr-defined]
+            self._check_if_match(obj)
+            response: Response = super().update(request, *args, **kwargs)  # type: ignore[misc]
+        return self._written(response, written)
+
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        with transaction.atomic(), collect_positions() as written:
+            obj = self.get_object()  # type: ignore[attr-defined]
+            self._check_if_match(obj)
+            self.perform_destroy(obj)  # type: ignore[attr-defined]
+        return self._written(Response(status=status.HTTP_204_NO_CONTENT), written)
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        key = request.headers.get("Idempotency-Key")
+        if key and len(key) > 128:
+            return Response(
+                {"detail": "Idempotency-Key is limited to 128 characters."},
+                status=status.HTTP_400_BAD_REQUEST,
+            )
+        with transaction.atomic():
+            record = self._claim(key) if key else None
+            if isinstance(record, Response):
+                return record
+            with collect_positions() as written:
+                response: Response = super().create(request, *args, **kwargs)  # type: ignore[misc]
+            response = self._written(response, written)
+            if record is not None:
+                self._remember(record, response)
+        return response
+
+    def _written(self, response: Response, written: dict[str, int]) -> Response:
+        if written:
+            response["X-Stream-Position"] = header(written)
+        return response
+
+    # -- idempotency ----------------------------------------------------------------------------
+
+    def _fingerprint(self) -> str:
+        request = self.request
+        body = json.dumps(request.data, sort_keys=True, default=str)
+        return hashlib.sha256(f"{request.method} {request.path}\n{body}".encode()).hexdigest()
+
+    def _claim(self, key: str) -> Any:
+        from .models import IdempotencyRecord
+
+        user: Any = self.request.user
+        ttl = dt.timedelta(seconds=float(realtime_settings.IDEMPOTENCY_TTL))
+        IdempotencyRecord.objects.filter(created_at__lt=timezone.now() - ttl).delete()
+        fingerprint = self._fingerprint()
+        try:
+            with transaction.atomic():
+                return IdempotencyRecord.objects.create(user=user, key=key, fingerprint=fingerprint)
+        except IntegrityError:
+            pass
+        first = IdempotencyRecord.objects.select_for_update().get(user=user, key=key)
+        if first.fingerprint != fingerprint:
+            raise IdempotencyMismatch()
+        if first.status is None:
+            raise IdempotencyConflict()
+        replay = Response(json.loads(first.body) if first.body else None, status=first.status)
+        for name, value in first.headers.items():
+            replay[name] = value
+        replay["Idempotent-Replayed"] = "true"
+        return replay
+
+    def _remember(self, record: Any, response: Response) -> None:
+        record.status = response.status_code
+        record.body = json.dumps(response.data, default=str) if response.data is not None else ""
+        record.headers = {h: response[h] for h in _REPLAYED_HEADERS if response.has_header(h)}
+        record.save(update_fields=["status", "body", "headers"])

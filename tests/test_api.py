@@ -1,0 +1,199 @@
+"""Board API on the conditional mixin: ETag/304, If-Match/412, Idempotency-Key, positions."""
+
+from __future__ import annotations
+
+import pytest
+from rest_framework.test import APIClient
+
+from board.membership import add_member, remove_member
+from board.models import Item
+from board.serializers import ItemSerializer
+from realtime.models import Event, Stream
+
+from .factories import ItemFactory, OrganizationFactory, ProjectFactory, UserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def client_for(user) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
+@pytest.fixture
+def board():
+    owner = UserFactory()
+    project = ProjectFactory(owner=owner)
+    item = ItemFactory(project=project, title="first")
+    return owner, project, item
+
+
+def position(stream: str) -> int:
+    return Stream.objects.get(name=stream).last_seq
+
+
+def test_item_read_has_etag_position_and_private_caching(board):
+    owner, project, item = board
+    response = client_for(owner).get(f"/api/items/{item.pk}/")
+    assert response.status_code == 200
+    assert response.data["title"] == "first"
+    assert response["ETag"].startswith('"')
+    assert (
+        response["X-Stream-Position"] == f"project:{project.pk}={position(f'project:{project.pk}')}"
+    )
+    assert response["Cache-Control"] == "private, no-cache"
+    assert "Cookie" in response["Vary"]
+    assert "Authorization" in response["Vary"]
+
+
+def test_matching_if_none_match_is_304_without_running_the_serializer(board, monkeypatch):
+    owner, _, item = board
+    client = client_for(owner)
+    etag = client.get(f"/api/items/{item.pk}/")["ETag"]
+
+    def refuse(self, instance):
+        raise AssertionError("the serializer ran for a 304")
+
+    monkeypatch.setattr(ItemSerializer, "to_representation", refuse)
+    response = client.get(f"/api/items/{item.pk}/", HTTP_IF_NONE_MATCH=etag)
+    assert response.status_code == 304
+    assert response["ETag"] == etag
+
+
+def test_etag_changes_with_the_object_and_with_the_users_permissions(board):
+    _owner, project, item = board
+    member = UserFactory()
+    add_member(project, member)
+    client = client_for(member)
+    first = client.get(f"/api/items/{item.pk}/")["ETag"]
+    ItemFactory(project=project)  # another item: the stream moved
+    second = client.get(f"/api/items/{item.pk}/")["ETag"]
+    assert second != first
+    from guardian.shortcuts import assign_perm
+
+    assign_perm("board.delete_project", member, project)
+    assert client.get(f"/api/items/{item.pk}/")["ETag"] != second
+
+
+def test_a_user_who_cannot_see_the_object_never_gets_a_304(board):
+    owner, project, item = board
+    etag = client_for(owner).get(f"/api/items/{item.pk}/")["ETag"]
+    stranger = UserFactory()
+    response = client_for(stranger).get(f"/api/items/{item.pk}/", HTTP_IF_NONE_MATCH=etag)
+    assert response.status_code == 404
+    member = UserFactory()
+    add_member(project, member)
+    remove_member(project, member)
+    assert (
+        client_for(member).get(f"/api/items/{item.pk}/", HTTP_IF_NONE_MATCH=etag).status_code == 404
+    )
+    assert APIClient().get(f"/api/items/{item.pk}/", HTTP_IF_NONE_MATCH=etag).status_code == 403
+
+
+def test_stale_if_match_is_412_and_changes_nothing(board):
+    owner, _, item = board
+    client = client_for(owner)
+    etag = client.get(f"/api/items/{item.pk}/")["ETag"]
+    ok = client.patch(
+        f"/api/items/{item.pk}/", {"title": "second"}, format="json", HTTP_IF_MATCH=etag
+    )
+    assert ok.status_code == 200
+    stale = client.patch(
+        f"/api/items/{item.pk}/", {"title": "third"}, format="json", HTTP_IF_MATCH=etag
+    )
+    assert stale.status_code == 412
+    assert client.delete(f"/api/items/{item.pk}/", HTTP_IF_MATCH=etag).status_code == 412
+    item.refresh_from_db()
+    assert item.title == "second"
+    fresh = client.get(f"/api/items/{item.pk}/")["ETag"]
+    assert client.delete(f"/api/items/{item.pk}/", HTTP_IF_MATCH=fresh).status_code == 204
+
+
+def test_write_reports_the_position_of_the_event_it_caused(board):
+    owner, project, item = board
+    client = client_for(owner)
+    response = client.patch(f"/api/items/{item.pk}/", {"done": True}, format="json")
+    event = Event.objects.filter(type="v1:item.updated").latest("pk")
+    assert response["X-Stream-Position"] == f"project:{project.pk}={event.seq}"
+    created = client.post(f"/api/projects/{project.pk}/items/", {"title": "new"}, format="json")
+    assert created.status_code == 201
+    event = Event.objects.filter(type="v1:item.created").latest("pk")
+    assert created["X-Stream-Position"] == f"project:{project.pk}={event.seq}"
+
+
+def test_idempotency_key_makes_a_retried_post_create_nothing_twice(board):
+    owner, project, _ = board
+    client = client_for(owner)
+    url = f"/api/projects/{project.pk}/items/"
+    first = client.post(url, {"title": "once"}, format="json", HTTP_IDEMPOTENCY_KEY="k-1")
+    again = client.post(url, {"title": "once"}, format="json", HTTP_IDEMPOTENCY_KEY="k-1")
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.data
+    assert again["Idempotent-Replayed"] == "true"
+    assert again["X-Stream-Position"] == first["X-Stream-Position"]
+    assert Item.objects.filter(title="once").count() == 1
+    assert Event.objects.filter(type="v1:item.created", data__title="once").count() == 1
+    other = client.post(url, {"title": "other"}, format="json", HTTP_IDEMPOTENCY_KEY="k-1")
+    assert other.status_code == 422
+    # Keys belong to their user.
+    member = UserFactory()
+    add_member(project, member)
+    theirs = client_for(member).post(
+        url, {"title": "once"}, format="json", HTTP_IDEMPOTENCY_KEY="k-1"
+    )
+    assert theirs.status_code == 201
+    assert "Idempotent-Replayed" not in theirs
+    assert Item.objects.filter(title="once").count() == 2
+
+
+def test_idempotency_keys_expire(board, settings):
+    owner, project, _ = board
+    client = client_for(owner)
+    url = f"/api/projects/{project.pk}/items/"
+    client.post(url, {"title": "x"}, format="json", HTTP_IDEMPOTENCY_KEY="k-2")
+    settings.REALTIME = {"IDEMPOTENCY_TTL": -1}
+    client.post(url, {"title": "x"}, format="json", HTTP_IDEMPOTENCY_KEY="k-2")
+    assert Item.objects.filter(title="x").count() == 2
+
+
+def test_list_etag_304_and_position_then_no_page_load_gap(board):
+    owner, project, _ = board
+    client = client_for(owner)
+    url = f"/api/projects/{project.pk}/items/"
+    response = client.get(url)
+    assert [i["title"] for i in response.data] == ["first"]
+    assert client.get(url, HTTP_IF_NONE_MATCH=response["ETag"]).status_code == 304
+    since = int(response["X-Stream-Position"].split("=")[1])
+    ItemFactory(project=project, title="after load")
+    assert client.get(url, HTTP_IF_NONE_MATCH=response["ETag"]).status_code == 200
+    later = Event.objects.filter(stream__name=f"project:{project.pk}", seq__gt=since)
+    assert [e.data["title"] for e in later] == ["after load"]  # exactly what the page lacks
+
+
+def test_lists_and_objects_of_others_are_not_found(board):
+    _owner, project, item = board
+    stranger = UserFactory()
+    client = client_for(stranger)
+    assert client.get(f"/api/projects/{project.pk}/items/").status_code == 404
+    assert client.get(f"/api/projects/{project.pk}/").status_code == 404
+    assert client.patch(f"/api/items/{item.pk}/", {"title": "x"}, format="json").status_code == 404
+    assert client.get("/api/projects/").data == []
+
+
+def test_members_may_not_delete_the_project_and_only_org_members_create_projects(board):
+    owner, project, _ = board
+    member = UserFactory()
+    add_member(project, member)
+    assert client_for(member).delete(f"/api/projects/{project.pk}/").status_code == 403
+    org = OrganizationFactory()
+    refused = client_for(owner).post(
+        "/api/projects/", {"organization": org.pk, "name": "P"}, format="json"
+    )
+    assert refused.status_code == 403
+    org.members.add(owner)
+    created = client_for(owner).post(
+        "/api/projects/", {"organization": org.pk, "name": "P"}, format="json"
+    )
+    assert created.status_code == 201
+    assert created["X-Stream-Position"].startswith(f"project:{created.data['id']}=1")
