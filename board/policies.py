@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db.models.signals import m2m_changed
+from django.dispatch import receiver
+
+import realtime
 from realtime.policies import ObjectPolicy, TenantPolicy, UserPolicy, stream_policy
 
 from .models import Organization, Project
@@ -42,3 +46,15 @@ def tenant_of(user: Any) -> str | None:
     """The organization a connection belongs to, for Connection rows (the first one)."""
     pk = user.organizations.order_by("pk").values_list("pk", flat=True).first()
     return None if pk is None else str(pk)
+
+
+@receiver(m2m_changed, sender=Organization.members.through, dispatch_uid="board.org_members")
+def _members_changed(
+    sender: Any, instance: Any, action: str, reverse: bool, pk_set: Any, **kwargs: Any
+) -> None:
+    # Organization membership decides the tenant stream: re-check the users it touched.
+    if action in ("post_add", "post_remove"):
+        realtime.permissions_changed([instance.pk] if reverse else list(pk_set or []))
+    elif action == "pre_clear":
+        users = [instance.pk] if reverse else list(instance.members.values_list("pk", flat=True))
+        realtime.permissions_changed(users)

@@ -17,6 +17,18 @@ from .policies import (
 )
 from .registry import ACTIONS, broadcast, emit_instances, register
 
+
+def permissions_changed(user_ids: Any) -> None:
+    """Make these users' sockets decide their subscriptions again, after the transaction commits.
+
+    Call it when something a stream policy reads changes outside guardian's permission rows and
+    Django's groups (which are watched already), such as a tenant membership table.
+    """
+    from .invalidation import permissions_changed as _changed
+
+    _changed(user_ids)
+
+
 if TYPE_CHECKING:
     from .events import Envelope
 
@@ -34,6 +46,7 @@ __all__ = [
     "emit",
     "emit_instances",
     "get_correlation_id",
+    "permissions_changed",
     "register",
     "stream_policy",
 ]

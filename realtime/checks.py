@@ -135,6 +135,37 @@ def check_settings(
                 id="realtime.E012",
             )
         ]
+    errors: list[checks.CheckMessage] = []
+    for kind, path in (realtime_settings.STREAM_POLICIES or {}).items():
+        from django.utils.module_loading import import_string
+
+        from .policies import StreamPolicy
+
+        try:
+            policy = import_string(path) if isinstance(path, str) else path
+        except ImportError as exc:
+            errors.append(checks.Error(f"STREAM_POLICIES[{kind!r}]: {exc}", id="realtime.E013"))
+            continue
+        if not (
+            isinstance(policy, StreamPolicy)
+            or (isinstance(policy, type) and issubclass(policy, StreamPolicy))
+        ):
+            errors.append(
+                checks.Error(
+                    f"STREAM_POLICIES[{kind!r}] is not a StreamPolicy: {policy!r}",
+                    id="realtime.E013",
+                )
+            )
+    if float(realtime_settings.CONNECTION_SWEEP_AFTER) <= 2 * float(realtime_settings.HEARTBEAT):
+        errors.append(
+            checks.Error(
+                "REALTIME['CONNECTION_SWEEP_AFTER'] must be more than twice HEARTBEAT, or live "
+                "connections are swept between two heartbeats",
+                id="realtime.E014",
+            )
+        )
+    if errors:
+        return errors
     layers = getattr(settings, "CHANNEL_LAYERS", {}) or {}
     if alias not in layers:
         return [

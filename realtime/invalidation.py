@@ -56,6 +56,13 @@ def _logged_out(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
         _send([user.pk], "realtime.logout")
 
 
+def _user_saved(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
+    # A deactivated user's sockets close as on logout.
+    if not created and not instance.is_active:
+        pk = instance.pk
+        transaction.on_commit(lambda: _send([pk], "realtime.logout"), robust=True)
+
+
 def connect() -> None:
     """Wire the signals (called from the app's ready())."""
     user_model = get_user_model()
@@ -63,6 +70,7 @@ def connect() -> None:
         _membership_changed, sender=user_model.groups.through, dispatch_uid="realtime.groups"
     )
     user_logged_out.connect(_logged_out, dispatch_uid="realtime.logout")
+    signals.post_save.connect(_user_saved, sender=user_model, dispatch_uid="realtime.user_saved")
     try:
         from guardian.models import GroupObjectPermission, UserObjectPermission
     except ImportError:  # guardian is optional for policies that do not use it

@@ -315,9 +315,21 @@ def prune(
     if max_age is not None:
         cutoff = timezone.now() - dt.timedelta(seconds=max_age)
         deleted += _delete_in_batches(published.filter(timestamp__lt=cutoff), batch, progress)
-    if max_events is not None:
-        for stream in Stream.objects.using(using).filter(last_seq__gt=max_events).iterator():
-            doomed = published.filter(stream=stream, seq__lte=stream.last_seq - max_events)
+    from .policies import stream_kinds
+
+    # A stream kind's policy may keep more or fewer events than the default.
+    limits = {
+        kind: policy.retention
+        for kind in stream_kinds.kinds()
+        if (policy := stream_kinds.get(kind)) is not None and policy.retention is not None
+    }
+    if max_events is not None or limits:
+        smallest = min([n for n in [max_events, *limits.values()] if n is not None])
+        for stream in Stream.objects.using(using).filter(last_seq__gt=smallest).iterator():
+            keep = limits.get(stream.name.split(":", 1)[0], max_events)
+            if keep is None:
+                continue
+            doomed = published.filter(stream=stream, seq__lte=stream.last_seq - keep)
             deleted += _delete_in_batches(doomed, batch, progress, label=stream.name)
     return deleted
 

@@ -139,3 +139,20 @@ def test_bad_group_prefix_is_reported(settings, prefix):
     settings.REALTIME = {"GROUP_PREFIX": prefix}
     [error] = check_settings()
     assert error.id == "realtime.E012"
+
+
+@pytest.mark.parametrize(
+    ("policies", "fragment"),
+    [({"x": "board.nope.Policy"}, "No module"), ({"x": "board.models.Item"}, "not a StreamPolicy")],
+)
+def test_bad_stream_policy_paths_are_reported(settings, policies, fragment):
+    settings.REALTIME = {"STREAM_POLICIES": policies}
+    [error] = check_settings()
+    assert error.id == "realtime.E013"
+    assert fragment in error.msg
+
+
+def test_sweep_must_outlast_two_heartbeats(settings):
+    settings.REALTIME = {"HEARTBEAT": 30, "CONNECTION_SWEEP_AFTER": 60}
+    [error] = check_settings()
+    assert error.id == "realtime.E014"

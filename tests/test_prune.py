@@ -61,3 +61,22 @@ def test_prune_reports_progress(capsys):
 def test_prune_rejects_bad_arguments(args):
     with pytest.raises(CommandError):
         call_command("realtime_prune", *args)
+
+
+def test_a_stream_kinds_retention_overrides_the_default():
+    from realtime.policies import UserPolicy, stream_kinds
+
+    class ShortHistory(UserPolicy):
+        retention = 2
+
+    stream_kinds.register("brief", ShortHistory)
+    try:
+        emit_many("brief:x", 5)
+        emit_many("tenant:a", 5)
+        call_command("realtime_prune", "--max-events", "4", "--max-age", "999999", verbosity=0)
+        assert sorted(
+            Event.objects.filter(stream__name="brief:x").values_list("seq", flat=True)
+        ) == [4, 5]
+        assert Event.objects.filter(stream__name="tenant:a").count() == 4
+    finally:
+        stream_kinds.unregister("brief")

@@ -478,3 +478,29 @@ async def test_connection_row_records_tenant_version_and_subscriptions(admin_cli
     page = await db(admin_client.get)("/admin/realtime/connection/")
     assert welcome["connectionId"].encode() in page.content
     await client.close()
+
+
+async def test_leaving_the_organization_ends_the_tenant_stream():
+    from .factories import OrganizationFactory
+
+    member = await db(UserFactory)()
+    org = await db(OrganizationFactory)()
+    await db(org.members.add)(member)
+    client = await client_for(member)
+    assert (await client.subscribe(f"tenant:{org.pk}"))["ok"] is True
+    await db(org.members.remove)(member)
+    frame = await client.receive_until("unsubscribed", timeout=1.0)
+    assert frame["stream"] == f"tenant:{org.pk}"
+    assert frame["reason"] == "forbidden"
+    await client.close()
+
+
+async def test_deactivated_user_is_disconnected():
+    owner, _ = await make_project()
+    client = await client_for(owner)
+    owner.is_active = False
+    await db(owner.save)()
+    assert (await client.receive_until("never", timeout=2.0)) == {
+        "type": "websocket.close",
+        "code": 4401,
+    }
