@@ -6,22 +6,128 @@ from typing import Any
 
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
 from guardian.shortcuts import get_objects_for_user
 from rest_framework import mixins, permissions, viewsets
 from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.request import Request
 
+from realtime.api import ErrorSerializer
 from realtime.conditional import RealtimeResourceMixin
 
 from .membership import create_project
 from .models import Item, Project
-from .serializers import ItemSerializer, ItemWriteSerializer, ProjectSerializer
+from .serializers import (
+    ItemSerializer,
+    ItemWriteSerializer,
+    ProjectSerializer,
+    ProjectUpdateSerializer,
+)
 
 
 def visible_projects(user: Any) -> QuerySet[Project]:
     return get_objects_for_user(
         user, "board.view_project", klass=Project, accept_global_perms=False
     )
+
+
+# -- OpenAPI (drf-spectacular) annotations; they document, they change no behaviour ----------
+
+
+IF_NONE_MATCH = OpenApiParameter(
+    "If-None-Match",
+    str,
+    OpenApiParameter.HEADER,
+    description="An ETag from an earlier read: 304 without a body while it still matches.",
+)
+IF_MATCH = OpenApiParameter(
+    "If-Match",
+    str,
+    OpenApiParameter.HEADER,
+    description="The ETag the change is based on: 412 (and nothing changed) when it is stale.",
+)
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    {"type": "string", "maxLength": 128},
+    OpenApiParameter.HEADER,
+    description=(
+        "Makes a retried POST happen once: the same key and body replay the first answer "
+        "(with `Idempotent-Replayed: true`); the same key with another body is 422, and 409 "
+        "while the first request is still running. Keys belong to their user."
+    ),
+)
+_POSITION = "The streams' positions (`project:42=131, tenant:7=9`)"
+
+
+def _read_headers() -> list[OpenApiParameter]:
+    codes: list[int | str] = [200, 304]
+    return [
+        OpenApiParameter(
+            "ETag",
+            str,
+            OpenApiParameter.HEADER,
+            required=True,
+            response=codes,
+            description="From the streams' positions, the version and the user's permissions.",
+        ),
+        OpenApiParameter(
+            "X-Stream-Position",
+            str,
+            OpenApiParameter.HEADER,
+            required=True,
+            response=codes,
+            description=f"{_POSITION} read before the data: resume the feed from them.",
+        ),
+    ]
+
+
+def _write_headers(code: int) -> list[OpenApiParameter]:
+    headers = [
+        OpenApiParameter(
+            "X-Stream-Position",
+            str,
+            OpenApiParameter.HEADER,
+            response=[code],
+            description=f"{_POSITION} of the events this write caused.",
+        )
+    ]
+    if code == 201:
+        headers.append(
+            OpenApiParameter(
+                "Idempotent-Replayed",
+                str,
+                OpenApiParameter.HEADER,
+                response=[code],
+                enum=["true"],
+                description="Present on the replayed answer to a retried Idempotency-Key.",
+            )
+        )
+    return headers
+
+
+def _error(description: str) -> OpenApiResponse:
+    return OpenApiResponse(ErrorSerializer, description=description)
+
+
+NOT_MODIFIED = OpenApiResponse(description="If-None-Match matched: not modified, no body.")
+INVALID = OpenApiResponse(OpenApiTypes.OBJECT, description="Invalid data: errors by field.")
+FORBIDDEN = _error("Not authenticated, or not allowed to do this to a visible object.")
+NOT_FOUND = _error("No such object, or one the user may not see (existence does not leak).")
+STALE = _error("If-Match does not match the current ETag: nothing was changed.")
+IN_PROGRESS = _error("A request with this Idempotency-Key is still being processed.")
+KEY_REUSED = _error("This Idempotency-Key was used for a different request.")
+CREATE_ERRORS = {
+    400: INVALID,
+    403: FORBIDDEN,
+    409: IN_PROGRESS,
+    422: KEY_REUSED,
+}
 
 
 class ProjectPermission(permissions.BasePermission):
@@ -38,12 +144,49 @@ class ProjectPermission(permissions.BasePermission):
         return bool(request.user.has_perm(perm, project))
 
 
+# Ids are positive: /api/items/<int:pk>/ does not even route a negative one.
+ID = {"type": "integer", "minimum": 1}
+PROJECT_ID = OpenApiParameter("id", ID, OpenApiParameter.PATH, description="The project's id.")
+
+
+@extend_schema_view(
+    list=extend_schema(
+        parameters=[IF_NONE_MATCH, *_read_headers()],
+        responses={200: ProjectSerializer(many=True), 304: NOT_MODIFIED, 403: FORBIDDEN},
+    ),
+    retrieve=extend_schema(
+        parameters=[PROJECT_ID, IF_NONE_MATCH, *_read_headers()],
+        responses={200: ProjectSerializer, 304: NOT_MODIFIED, 403: FORBIDDEN, 404: NOT_FOUND},
+    ),
+    create=extend_schema(
+        parameters=[IDEMPOTENCY_KEY, *_write_headers(201)],
+        responses={201: ProjectSerializer, **CREATE_ERRORS},
+    ),
+    partial_update=extend_schema(
+        parameters=[PROJECT_ID, IF_MATCH, *_write_headers(200)],
+        request=ProjectUpdateSerializer,
+        responses={
+            200: ProjectSerializer,
+            400: INVALID,
+            403: FORBIDDEN,
+            404: NOT_FOUND,
+            412: STALE,
+        },
+    ),
+    destroy=extend_schema(
+        parameters=[PROJECT_ID, IF_MATCH, *_write_headers(204)],
+        responses={204: None, 403: FORBIDDEN, 404: NOT_FOUND, 412: STALE},
+    ),
+)
 class ProjectViewSet(RealtimeResourceMixin, viewsets.ModelViewSet):  # type: ignore[type-arg]
     """Projects the user can see; creating one makes the user its owner."""
 
     serializer_class = ProjectSerializer
     permission_classes = [permissions.IsAuthenticated, ProjectPermission]
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
+
+    def get_serializer_class(self) -> type[ProjectSerializer]:
+        return ProjectUpdateSerializer if self.action == "partial_update" else ProjectSerializer
 
     def get_queryset(self) -> QuerySet[Project]:
         # Objects the user cannot see are simply not found (404), so existence does not leak.
@@ -66,6 +209,48 @@ class ProjectViewSet(RealtimeResourceMixin, viewsets.ModelViewSet):  # type: ign
         )
 
 
+PROJECT_PK = OpenApiParameter(
+    "project_pk", ID, OpenApiParameter.PATH, description="The id of the items' project."
+)
+ITEM_ID = OpenApiParameter("id", ID, OpenApiParameter.PATH, description="The item's id.")
+
+
+@extend_schema_view(
+    list=extend_schema(
+        parameters=[PROJECT_PK, IF_NONE_MATCH, *_read_headers()],
+        responses={
+            200: ItemSerializer(many=True),
+            304: NOT_MODIFIED,
+            403: FORBIDDEN,
+            404: NOT_FOUND,
+        },
+    ),
+    create=extend_schema(
+        parameters=[PROJECT_PK, IDEMPOTENCY_KEY, *_write_headers(201)],
+        request=ItemWriteSerializer,
+        responses={201: ItemSerializer, **CREATE_ERRORS, 404: NOT_FOUND},
+    ),
+    retrieve=extend_schema(
+        parameters=[ITEM_ID, IF_NONE_MATCH, *_read_headers()],
+        responses={200: ItemSerializer, 304: NOT_MODIFIED, 403: FORBIDDEN, 404: NOT_FOUND},
+    ),
+    partial_update=extend_schema(
+        parameters=[ITEM_ID, IF_MATCH, *_write_headers(200)],
+        request=ItemWriteSerializer,
+        responses={
+            200: ItemSerializer,
+            400: INVALID,
+            403: FORBIDDEN,
+            404: NOT_FOUND,
+            412: STALE,
+        },
+    ),
+    destroy=extend_schema(
+        parameters=[ITEM_ID, IF_MATCH, *_write_headers(204)],
+        responses={204: None, 403: FORBIDDEN, 404: NOT_FOUND, 412: STALE},
+    ),
+)
+@extend_schema(tags=["items"])
 class ItemViewSet(
     RealtimeResourceMixin,
     mixins.ListModelMixin,
@@ -119,15 +304,3 @@ class ItemViewSet(
         if "project_pk" not in self.kwargs:
             raise NotFound()
         serializer.save(project=self.project())
-
-
-class ItemCreateSerializer(ItemSerializer):
-    class Meta(ItemSerializer.Meta):
-        read_only_fields = ["project", "version", "updated_at"]
-
-
-ItemViewSet.get_serializer_class = lambda self: (  # type: ignore[method-assign]
-    ItemCreateSerializer
-    if self.action in ("create", "update", "partial_update")
-    else ItemSerializer
-)

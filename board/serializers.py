@@ -10,6 +10,13 @@ class ProjectSerializer(serializers.ModelSerializer):
         read_only_fields = ["owner"]
 
 
+class ProjectUpdateSerializer(ProjectSerializer):
+    """A project stays in its organization: moving it would hand it to another tenant."""
+
+    class Meta(ProjectSerializer.Meta):
+        read_only_fields = ["owner", "organization"]
+
+
 class ItemSerializer(serializers.ModelSerializer):
     class Meta:
         model = Item

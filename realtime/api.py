@@ -9,7 +9,8 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from rest_framework import permissions, status
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import permissions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -28,6 +29,26 @@ from .feed import (
 from .tickets import issue
 
 
+class TicketSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """The body of a new ticket (for the OpenAPI schema)."""
+
+    ticket = serializers.CharField(help_text="Single use; pass it as `?ticket=`.")
+    expiresIn = serializers.IntegerField(help_text="Seconds the ticket stays valid.")
+
+
+class ErrorSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """DRF's error body, `{"detail": "..."}` (for the OpenAPI schema)."""
+
+    detail = serializers.CharField()
+
+
+@extend_schema(
+    request=None,
+    responses={
+        201: TicketSerializer,
+        403: OpenApiResponse(ErrorSerializer, description="Not authenticated."),
+    },
+)
 class TicketView(APIView):
     """POST: a single-use ticket for `?ticket=` on `/ws/realtime/`, for clients without cookies."""
 

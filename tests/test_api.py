@@ -197,3 +197,17 @@ def test_members_may_not_delete_the_project_and_only_org_members_create_projects
     )
     assert created.status_code == 201
     assert created["X-Stream-Position"].startswith(f"project:{created.data['id']}=1")
+
+
+def test_a_project_cannot_be_moved_to_another_organization(board):
+    owner, project, _ = board
+    elsewhere = OrganizationFactory()
+    response = client_for(owner).patch(
+        f"/api/projects/{project.pk}/",
+        {"organization": elsewhere.pk, "name": "Renamed"},
+        format="json",
+    )
+    assert response.status_code == 200
+    project.refresh_from_db()
+    assert project.organization_id != elsewhere.pk
+    assert project.name == "Renamed"
