@@ -24,6 +24,7 @@ from .feed import (
     parse_cursor,
     parse_streams,
     read_events,
+    release_request_connections,
     starting_positions,
 )
 from .tickets import issue
@@ -92,6 +93,7 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
     start = await _db(starting_positions)(streams, cursor)
     events, after = await _db(read_events)(start.positions, limit)
     if not events and not start.resets and wait > 0:
+        await release_request_connections()
         hub = get_hub()
         waker = _Waker()
         for stream in streams:

@@ -114,3 +114,16 @@ def read_events(
 
 def cursor_of(positions: dict[str, Position]) -> str:
     return encode(positions)
+
+
+async def release_request_connections() -> None:
+    """Close the database connections of this request's own thread.
+
+    Under ASGI, Django gives each request a thread for its sync work (`request.auser()`,
+    sessions); its connection would otherwise stay open for as long as an SSE stream or a long
+    poll lasts: one server connection per waiting client. Later reads use worker threads.
+    """
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    await sync_to_async(connections.close_all)()

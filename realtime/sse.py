@@ -18,7 +18,14 @@ from .conf import realtime_settings
 from .consumers import Subscription
 from .cursor import Position, encode
 from .fanout import get_hub, node_id
-from .feed import BadRequest, authorize, parse_cursor, parse_streams, starting_positions
+from .feed import (
+    BadRequest,
+    authorize,
+    parse_cursor,
+    parse_streams,
+    release_request_connections,
+    starting_positions,
+)
 from .policies import check_stream, stream_kinds
 from .replay import read_typed_after
 from .streams import parse_stream
@@ -185,6 +192,7 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         else:
             return exc.response()
     start = await _db(starting_positions)(streams, cursor)
+    await release_request_connections()
     connection = SSEConnection(user, streams, start.positions)
     response = StreamingHttpResponse(connection.run(start.resets), content_type="text/event-stream")
     response["Cache-Control"] = "no-store"

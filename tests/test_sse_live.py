@@ -67,3 +67,43 @@ def test_sse_from_daphne_resumes_and_frees_the_connection(tmp_path):
         assert resumed["data"]["seq"] == first[-1]["data"]["seq"] + 1
         conn.close()
         assert "Traceback" not in server.output()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_open_sse_streams_hold_no_database_connections(tmp_path):
+    from django.db import connection
+
+    owner = UserFactory()
+    project = ProjectFactory(owner=owner)
+    cookie = f"sessionid={session_for(owner)}"
+    env = {"DATABASE_URL": database_url(), "REDIS_URL": os.environ["REDIS_URL"], "DEBUG": "1"}
+
+    def sessions() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            )
+            return int(cursor.fetchone()[0])
+
+    with Daphne(env, tmp_path / "sse.log") as server:
+        before = sessions()
+        clients = []
+        for _ in range(20):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            conn.request(
+                "GET", f"/realtime/sse/?streams=project:{project.pk}", headers={"Cookie": cookie}
+            )
+            response = conn.getresponse()
+            assert response.status == 200
+            assert response.read(len(b"retry: 3000\n\n")) == b"retry: 3000\n\n"
+            clients.append(conn)
+        time.sleep(0.5)
+        held = sessions() - before
+        ItemFactory(project=project, title="to all")
+        for conn in clients:
+            conn.close()
+    # A few worker threads may keep one each; one per stream would be 20.
+    assert held < 8, f"{held} database sessions held by 20 open SSE streams"
