@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from django.db.models import QuerySet
-from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -141,6 +140,10 @@ class ProjectPermission(permissions.BasePermission):
             perm = "board.delete_project"
         else:
             perm = "board.change_project"
+        object_perms = getattr(view, "object_perms", None)
+        if object_perms is not None and request.user.is_active:
+            # The view's checker, shared with its ETag, reads the permissions once.
+            return perm.split(".", 1)[1] in object_perms(project)
         return bool(request.user.has_perm(perm, project))
 
 
@@ -266,6 +269,10 @@ class ItemViewSet(
     permission_classes = [permissions.IsAuthenticated, ProjectPermission]
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
 
+    # Every change to a project's items is an event on project:<pk> (items are registered
+    # there), so the stream position alone tells whether the list changed.
+    etag_lists_pks = False
+
     def get_serializer_class(self) -> type[ItemSerializer]:
         # An item's project comes from the URL; it is not moved through this API.
         if self.action in ("create", "partial_update"):
@@ -273,16 +280,21 @@ class ItemViewSet(
         return ItemSerializer
 
     def project(self) -> Project:
-        project = get_object_or_404(
-            visible_projects(self.request.user), pk=self.kwargs["project_pk"]
-        )
+        """The project of a nested URL, once per request: 404 unless the user may view it."""
+        cached = getattr(self, "_project", None)
+        if cached is not None:
+            return cached
+        project = Project.objects.filter(pk=self.kwargs["project_pk"]).first()
+        if project is None or "view_project" not in self.object_perms(project):
+            raise NotFound()  # the same answer whether it is missing or hidden
         self.check_object_permissions(self.request, project)
+        self._project = project
         return project
 
     def get_queryset(self) -> QuerySet[Item]:
-        items = Item.objects.filter(project__in=visible_projects(self.request.user))
         if "project_pk" in self.kwargs:
-            items = items.filter(project_id=self.kwargs["project_pk"])
+            return Item.objects.filter(project=self.project()).order_by("position", "pk")
+        items = Item.objects.filter(project__in=visible_projects(self.request.user))
         return items.order_by("position", "pk")
 
     def get_streams(self, obj: Any = None) -> list[str]:

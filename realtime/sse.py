@@ -130,8 +130,11 @@ class SSEConnection:
                 async for chunk in self._replay(subscription):
                     yield chunk
             while not self.closed:
-                while self.outbox:
-                    yield self.outbox.popleft()
+                if self.outbox:
+                    # Everything queued since the last wake-up goes out as one chunk.
+                    chunk = "".join(self.outbox)
+                    self.outbox.clear()
+                    yield chunk
                 self.wakeup.clear()
                 if self.closed:
                     break
