@@ -84,7 +84,7 @@ class FloorItems(_SameItems):
 class SuggestedItems(ItemViewSet):
     """Bench-only prototype of the suggested changes to board.api and realtime.conditional."""
 
-    _project: Project | None = None
+    _project: Project | None = None  # type: ignore[assignment]
     _perms: tuple[str, ...] = ()
 
     def project(self) -> Project:
@@ -120,7 +120,7 @@ class SuggestedItems(ItemViewSet):
         streams = self.get_streams(None)
         rows = Stream.objects.filter(name__in=streams).values_list("name", "last_seq", "epoch")
         found = {name: (seq, epoch) for name, seq, epoch in rows}
-        positions = {s: found.get(s, (0, None)) for s in streams}
+        positions: dict[str, tuple[int, str | None]] = {s: found.get(s, (0, None)) for s in streams}
         queryset = self.filter_queryset(self.get_queryset())
         etag = make_etag(
             [[s, *found.get(s, (0, None))] for s in streams],  # seq and epoch
@@ -188,7 +188,7 @@ class OneQueryItems(SuggestedItems):
         seq, epoch = next(((n, t) for kind, n, t in rows if kind == "stream"), (0, None))
         items = next((n, t) for kind, n, t in rows if kind == "items")
         etag = make_etag([seq, epoch], [user, perms], self.get_list_state(), items)
-        positions = {stream: (seq, epoch)}
+        positions: dict[str, tuple[int, str | None]] = {stream: (seq, epoch)}
         if _matches(request.headers.get("If-None-Match"), etag):
             return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
         queryset = Item.objects.filter(project_id=pk).order_by("position", "pk")
