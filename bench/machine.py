@@ -7,7 +7,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("Django", "channels", "channels-redis", "redis", "psycopg")
+PACKAGES = ("Django", "channels", "channels-redis", "redis", "psycopg", "daphne", "websockets")
 
 
 def cpu_model() -> str:

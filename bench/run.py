@@ -2,7 +2,8 @@
 
 Each benchmark script is run as a subprocess once per argument set (so each run configures
 Django afresh, e.g. on its own database) and prints one JSON object on stdout: `benchmark`,
-`about`, `title`, `columns`, `rows`, `verdict` and `notes`, or `skipped` with the reason.
+`about`, `title`, `columns`, `rows`, `verdict` and `notes` (or `tables` and `verdicts` for a
+run with several tables, see report.section), or `skipped` with the reason.
 """
 
 from __future__ import annotations
@@ -24,9 +25,16 @@ from services import redact
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 DOC = ROOT / "docs" / "performance.md"
-#: Each benchmark script and the argument sets it runs with, one subprocess per set.
-BENCHMARKS: list[tuple[str, list[list[str]]]] = [
-    ("write_path.py", [["--database", "sqlite"], ["--database", "postgresql"]]),
+#: Each benchmark script, the argument sets it runs with (one subprocess per set), and the
+#: options of this script that it is given too.
+BENCHMARKS: list[tuple[str, list[list[str]], tuple[str, ...]]] = [
+    ("write_path.py", [["--database", "sqlite"], ["--database", "postgresql"]], ("saves",)),
+    ("fanout.py", [[]], ("subscribers",)),
+]
+#: Benchmarks that print their own Markdown tables: (script, arguments).
+TABLE_BENCHMARKS: list[tuple[str, list[str]]] = [
+    ("http_conditional.py", ["--requests", "1000"]),
+    ("sse_fanout.py", []),
 ]
 #: Environment variables that change what the benchmarks measure, shown in the command.
 ENVIRONMENT = ("DATABASE_URL", "REDIS_URL", "CONN_MAX_AGE")
@@ -46,6 +54,22 @@ def run_script(script: str, args: list[str]) -> dict[str, Any]:
     return result
 
 
+def run_table_script(script: str, args: list[str]) -> str:
+    """Run a benchmark that prints Markdown, and return what it printed."""
+    print(f"$ {shlex.join([script, *args])}", file=sys.stderr, flush=True)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+        check=False,
+    )
+    if done.returncode != 0:
+        sys.exit(f"{script} {shlex.join(args)} failed with exit status {done.returncode}")
+    return done.stdout.strip()
+
+
 def command_line() -> str:
     """Return the command as it was run, relative to the repository root."""
     python = Path(sys.executable)
@@ -59,17 +83,39 @@ def main() -> None:
     """Run every benchmark, print the tables and write the document."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--saves", type=int, default=2000, help="timed saves per mode and save")
+    parser.add_argument(
+        "--subscribers", default="100,1000,5000", help="fan-out: subscriber counts, comma-separated"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[script for script, _, _ in BENCHMARKS]
+        + [script for script, _ in TABLE_BENCHMARKS],
+        help="run only this benchmark (repeatable)",
+    )
+    parser.add_argument("--doc", type=Path, default=DOC, help="where to write the document")
     args = parser.parse_args()
     started = time.monotonic()
     body = []
-    for script, argument_sets in BENCHMARKS:
-        results = [run_script(script, [*one, "--saves", str(args.saves)]) for one in argument_sets]
+    for script, argument_sets, options in BENCHMARKS:
+        if args.only and script not in args.only:
+            continue
+        extra = [f"--{name}={getattr(args, name)}" for name in options]
+        results = [run_script(script, [*one, *extra]) for one in argument_sets]
         text = report.benchmark(results)
         print(f"\n{text}\n")
         body.append(text)
-    DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(report.document(machine.facts(), command_line(), body))
-    print(f"Wrote {DOC.relative_to(ROOT)} in {time.monotonic() - started:.0f} s.")
+    for script, arguments in TABLE_BENCHMARKS:
+        if args.only and script not in args.only:
+            continue
+        text = run_table_script(script, arguments)
+        print(f"\n{text}\n")
+        body.append(text)
+    doc = args.doc.resolve()
+    doc.parent.mkdir(exist_ok=True)
+    doc.write_text(report.document(machine.facts(), command_line(), body))
+    shown = doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc
+    print(f"Wrote {shown} in {time.monotonic() - started:.0f} s.")
 
 
 if __name__ == "__main__":

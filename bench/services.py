@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
-#: The PostgreSQL database every run creates and drops; it is never the tests' `test`.
+#: The PostgreSQL database a run creates and drops (by default); never the tests' `test`.
 BENCH_DATABASE = "bench_realtime"
 DEFAULT_POSTGRES_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -63,18 +63,16 @@ def sqlite_database() -> Iterator[str]:
 
 
 @contextmanager
-def postgres_database(server_url: str) -> Iterator[str]:
-    """Create `bench_realtime` on the server of `server_url`, yield its URL, then drop it."""
+def postgres_database(server_url: str, name: str = BENCH_DATABASE) -> Iterator[str]:
+    """Create database `name` on the server of `server_url`, yield its URL, then drop it."""
     import psycopg
     from psycopg import sql
 
     require_loopback(server_url)
     admin_url = urlsplit(server_url)._replace(path="/postgres").geturl()
     statements = {
-        "drop": sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(BENCH_DATABASE)
-        ),
-        "create": sql.SQL("CREATE DATABASE {}").format(sql.Identifier(BENCH_DATABASE)),
+        "drop": sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
+        "create": sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)),
     }
 
     def run(*names: str) -> None:
@@ -90,6 +88,6 @@ def postgres_database(server_url: str) -> Iterator[str]:
             f"PostgreSQL at {redact(admin_url)} is not answering ({reason})"
         ) from None
     try:
-        yield urlsplit(server_url)._replace(path=f"/{BENCH_DATABASE}").geturl()
+        yield urlsplit(server_url)._replace(path=f"/{name}").geturl()
     finally:
         run("drop")
