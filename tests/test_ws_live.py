@@ -8,6 +8,7 @@ import os
 
 import pytest
 import websockets
+from websockets.typing import Origin
 from asgiref.sync import async_to_sync
 
 from realtime.testing import session_for
@@ -32,7 +33,7 @@ def start(tmp_path, realtime: dict) -> Daphne:
 def connect(server: Daphne, session: str):
     return websockets.connect(
         f"ws://127.0.0.1:{server.port}/ws/realtime/",
-        origin="http://127.0.0.1",
+        origin=Origin("http://127.0.0.1"),
         additional_headers={"Cookie": f"sessionid={session}"},
     )
 
