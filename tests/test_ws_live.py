@@ -8,8 +8,8 @@ import os
 
 import pytest
 import websockets
-from websockets.typing import Origin
 from asgiref.sync import async_to_sync
+from websockets.typing import Origin
 
 from realtime.testing import session_for
 
