@@ -36,6 +36,20 @@ def database_url() -> str:
 class Daphne:
     """A daphne process serving config.asgi on a free loopback port."""
 
+    name = "daphne"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "config.asgi:application",
+        ]
+
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.port = free_port()
         self.log_path = log
@@ -45,20 +59,7 @@ class Daphne:
     def __enter__(self) -> Daphne:
         self.log = open(self.log_path, "wb")  # closed in __exit__
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "config.asgi:application",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
+            self.command(), cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + 20
         while True:
@@ -67,7 +68,7 @@ class Daphne:
                 return self
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("daphne did not start:\n" + self.output()) from None
+                    raise RuntimeError(f"{self.name} did not start:\n" + self.output()) from None
                 time.sleep(0.1)
 
     def __exit__(self, *exc: Any) -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import http.client
 import os
-import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
@@ -15,40 +13,26 @@ from realtime.models import Connection
 from realtime.testing import session_for
 
 from .factories import ItemFactory, ProjectFactory, UserFactory
-from .live import ROOT, Daphne, database_url
+from .live import Daphne, database_url
 from .test_sse_live import read_event
 
 
 class Uvicorn(Daphne):
-    """A uvicorn process serving config.asgi on a free loopback port (Daphne's helpers else)."""
+    """A uvicorn process serving config.asgi on a free loopback port."""
 
-    def __enter__(self) -> Uvicorn:
-        self.log = open(self.log_path, "wb")  # closed in __exit__
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "config.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(self.url("/admin/login/"), timeout=1).close()
-                return self
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("uvicorn did not start:\n" + self.output()) from None
-                time.sleep(0.1)
+    name = "uvicorn"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "config.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
 
 
 @pytest.mark.redis
