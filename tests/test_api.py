@@ -211,3 +211,16 @@ def test_a_project_cannot_be_moved_to_another_organization(board):
     project.refresh_from_db()
     assert project.organization_id != elsewhere.pk
     assert project.name == "Renamed"
+
+
+def test_a_body_that_is_not_an_object_is_refused_not_applied_as_nothing(board):
+    owner, project, item = board
+    client = client_for(owner)
+    number = client.patch(f"/api/items/{item.pk}/", "2.5e16", content_type="application/json")
+    assert number.status_code == 400
+    form = client.patch(
+        f"/api/projects/{project.pk}/",
+        b"--x\r\n2--x--\r\n",
+        content_type="multipart/form-data; boundary=x",
+    )
+    assert form.status_code == 415
