@@ -32,6 +32,7 @@ from services import (
     DEFAULT_POSTGRES_URL,
     DEFAULT_REDIS_URL,
     Unavailable,
+    free_port,
     postgres_database,
     redact,
     redis_answers,
@@ -84,12 +85,6 @@ REST_WARNING = 0.5
 
 def progress(message: str) -> None:
     print(f"[fanout] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cpu_seconds(pid: int | None) -> float:

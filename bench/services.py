@@ -91,3 +91,10 @@ def postgres_database(server_url: str, name: str = BENCH_DATABASE) -> Iterator[s
         yield urlsplit(server_url)._replace(path=f"/{name}").geturl()
     finally:
         run("drop")
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -29,7 +29,6 @@ import math
 import os
 import resource
 import select
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from services import (  # noqa: E402
     DEFAULT_POSTGRES_URL,
     DEFAULT_REDIS_URL,
     Unavailable,
+    free_port,
     postgres_database,
     redact,
     redis_answers,
@@ -82,12 +82,6 @@ MAX_CLIENTS, MAX_RATE, MAX_SECONDS = 5_000, 1_000, 30.0
 
 def progress(message: str) -> None:
     print(f"[sse_fanout] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def raise_nofile(needed: int) -> str:
