@@ -7,6 +7,7 @@ import collections
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -74,6 +75,33 @@ class Subscription:
                 self.buffer.append(message)
             return
         self.emit(message["seq"], message["frames"], message.get("eventType", ""))
+
+    async def replay_batches(self) -> AsyncIterator[None]:
+        """Emit the logged events after `contiguous` to the sink, one batch at a time.
+
+        Yields after each batch so the transport can drain and pace itself. Live events that
+        arrive meanwhile are buffered; if the buffer overflowed, the log is read again.
+        """
+        from .replay import read_typed_after
+
+        batch = int(realtime_settings.REPLAY_BATCH)
+        while True:
+            self.overflowed = False
+            while True:
+                rows = await _thread(read_typed_after)(self.stream, self.contiguous, batch)
+                for seq, event_type, frames, _timestamp in rows:
+                    self.emit(seq, frames, event_type)
+                yield
+                if len(rows) < batch:
+                    break
+            if not self.overflowed:
+                return
+
+    def go_live(self) -> None:
+        """End the replay: deliver what arrived meanwhile (deduplicated), then live events."""
+        self.replaying = False
+        while self.buffer:
+            self.deliver(self.buffer.popleft())
 
     def emit(self, seq: int, frames: dict[str, str], event_type: str = "") -> None:
         if seq <= self.contiguous or seq in self.above:
@@ -271,7 +299,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return False
 
     async def _subscribe(self, frame: protocol.Subscribe) -> None:
-        from .replay import position, read_after
+        from .replay import position
 
         if frame.stream in self.subscriptions:
             raise ProtocolError(Code.ALREADY_SUBSCRIBED, "already subscribed", frame.ref)
@@ -299,39 +327,24 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         # Replay in a task of its own, so this socket's other frames (pongs, above all) are
         # read while a long history streams out.
         subscription.task = asyncio.get_running_loop().create_task(
-            self._catch_up(subscription, read_after if recovered else None)
+            self._catch_up(subscription, replay=recovered)
         )
 
-    async def _catch_up(self, subscription: Subscription, read_after: Any) -> None:
+    async def _catch_up(self, subscription: Subscription, *, replay: bool) -> None:
         try:
-            if read_after is not None:
-                await self._replay(subscription, read_after)
-            subscription.replaying = False
-            while subscription.buffer:
-                subscription.deliver(subscription.buffer.popleft())
+            if replay:
+                async for _batch in subscription.replay_batches():
+                    # Let the writer catch up, and wait for the client's pong past half the
+                    # credit, so a long history never outruns a reading client.
+                    await self._drain()
+                    if self.closing or not await self._credit():
+                        return
+            subscription.go_live()
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("replay of %s failed on %s", subscription.stream, self.connection_id)
             await self._close(Close.INTERNAL_ERROR)
-
-    async def _replay(self, subscription: Subscription, read_after: Any) -> None:
-        batch = int(realtime_settings.REPLAY_BATCH)
-        while True:
-            subscription.overflowed = False
-            while True:
-                if not await self._credit():
-                    return
-                rows = await _thread(read_after)(
-                    subscription.stream, subscription.contiguous, batch
-                )
-                for seq, frames in rows:
-                    subscription.emit(seq, frames)
-                await self._drain()
-                if len(rows) < batch or self.closing:
-                    break
-            if not subscription.overflowed or self.closing:
-                return
 
     async def _unsubscribe(self, frame: protocol.Unsubscribe) -> None:
         subscription = self.subscriptions.pop(frame.stream, None)

@@ -39,11 +39,6 @@ def position(stream: str) -> StreamPosition:
     )
 
 
-def read_after(stream: str, after: int, limit: int) -> list[tuple[int, dict[str, str]]]:
-    """Return up to `limit` (seq, frames by version) of the stream's events after `after`."""
-    return [(seq, frames) for seq, _type, frames, _ts in read_typed_after(stream, after, limit)]
-
-
 def read_typed_after(
     stream: str, after: int, limit: int
 ) -> list[tuple[int, str, dict[str, str], Any]]:

@@ -14,7 +14,6 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 
-from .conf import realtime_settings
 from .consumers import Subscription
 from .cursor import Position, encode
 from .fanout import get_hub, node_id
@@ -27,7 +26,6 @@ from .feed import (
     starting_positions,
 )
 from .policies import check_stream, stream_kinds
-from .replay import read_typed_after
 from .streams import parse_stream
 
 logger = logging.getLogger("realtime.sse")
@@ -154,24 +152,12 @@ class SSEConnection:
                 await _db(close_connection)(self.connection_id)
 
     async def _replay(self, subscription: Subscription) -> AsyncIterator[str]:
-        batch = int(realtime_settings.REPLAY_BATCH)
-        while True:
-            subscription.overflowed = False
-            while True:
-                rows = await _db(read_typed_after)(
-                    subscription.stream, subscription.contiguous, batch
-                )
-                for seq, event_type, frames, _ts in rows:
-                    subscription.emit(seq, frames, event_type)
-                while self.outbox:
-                    yield self.outbox.popleft()
-                if len(rows) < batch or self.closed:
-                    break
-            if not subscription.overflowed or self.closed:
+        async for _batch in subscription.replay_batches():
+            while self.outbox:
+                yield self.outbox.popleft()
+            if self.closed:
                 break
-        subscription.replaying = False
-        while subscription.buffer:
-            subscription.deliver(subscription.buffer.popleft())
+        subscription.go_live()
 
 
 async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:

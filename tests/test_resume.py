@@ -31,7 +31,7 @@ async def test_event_committed_during_replay_arrives_exactly_once(monkeypatch, w
     project = await db(ProjectFactory)(owner=owner)
     for _ in range(3):
         await db(ItemFactory)(project=project)
-    original = realtime.replay.read_after
+    original = realtime.replay.read_typed_after
     calls = []
 
     def racing_read(stream, after, limit):
@@ -43,7 +43,7 @@ async def test_event_committed_during_replay_arrives_exactly_once(monkeypatch, w
             Item.objects.create(project=project, title="racer")  # committed after the read
         return rows
 
-    monkeypatch.setattr(realtime.replay, "read_after", racing_read)
+    monkeypatch.setattr(realtime.replay, "read_typed_after", racing_read)
     client = await connected(owner)
     reply = await client.subscribe(f"project:{project.pk}", since=1)
     assert reply["data"]["recovered"] is True
@@ -65,7 +65,7 @@ async def test_long_replay_streams_in_batches(settings, monkeypatch):
             rt.emit(f"user:{owner.pk}", "v1:tick.happened", {"n": n})
 
     await db(emit_many)()
-    original = realtime.replay.read_after
+    original = realtime.replay.read_typed_after
     sizes = []
 
     def counting(stream, after, limit):
@@ -73,7 +73,7 @@ async def test_long_replay_streams_in_batches(settings, monkeypatch):
         sizes.append(len(rows))
         return rows
 
-    monkeypatch.setattr(realtime.replay, "read_after", counting)
+    monkeypatch.setattr(realtime.replay, "read_typed_after", counting)
     client = await connected(owner)
     reply = await client.subscribe(f"user:{owner.pk}", since=0)
     assert reply["data"] == {"seq": 1_050, "epoch": reply["data"]["epoch"], "recovered": True}
