@@ -142,6 +142,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.malformed = 0
         self.refusals = 0
         self.unacked = 0
+        # Read once: enqueue runs for every frame to every subscriber.
+        self.credit = int(realtime_settings.MAX_UNACKED_BYTES)
         self.last_received = time.monotonic()
         self.registered = False
         self.user = None
@@ -399,13 +401,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.outbox.append(text)
         self.drained.clear()
         self.unacked += len(text)
-        if self.unacked > realtime_settings.MAX_UNACKED_BYTES:
+        if self.unacked > self.credit:
             logger.warning("slow consumer %s: closing", self.connection_id)
             self.closing = True
             self.outbox.clear()
             asyncio.get_running_loop().create_task(self._close(Close.SLOW_CONSUMER, force=True))
             return
-        if self.unacked > realtime_settings.MAX_UNACKED_BYTES // 2 and not self._ping_pending:
+        if self.unacked > self.credit // 2 and not self._ping_pending:
             # Ask for a pong early: a reading client answers, a stuck one runs out of credit.
             self._ping_pending = True
             self.outbox.append(protocol.dumps({"op": "ping"}))
@@ -426,7 +428,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
         Returns False (and closes as a slow consumer) if it does not answer a ping in time.
         """
-        limit = int(realtime_settings.MAX_UNACKED_BYTES)
+        limit = self.credit
         while self.unacked > limit // 2 and not self.closing:
             self.acked.clear()
             if not self._ping_pending:
