@@ -17,10 +17,19 @@ from rest_framework import mixins, permissions, viewsets
 from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.request import Request
 
-from realtime.api import ErrorSerializer
+from notifications import notify
 from realtime.conditional import RealtimeResourceMixin
+from realtime.openapi import (
+    IDEMPOTENCY_KEY,
+    IF_MATCH,
+    IF_NONE_MATCH,
+    NOT_MODIFIED,
+    error,
+    read_headers,
+    write_headers,
+)
 
-from .membership import create_project
+from .membership import create_project, readers
 from .models import Item, Project
 from .serializers import (
     ItemSerializer,
@@ -39,88 +48,12 @@ def visible_projects(user: Any) -> QuerySet[Project]:
 # -- OpenAPI (drf-spectacular) annotations; they document, they change no behaviour ----------
 
 
-IF_NONE_MATCH = OpenApiParameter(
-    "If-None-Match",
-    str,
-    OpenApiParameter.HEADER,
-    description="An ETag from an earlier read: 304 without a body while it still matches.",
-)
-IF_MATCH = OpenApiParameter(
-    "If-Match",
-    str,
-    OpenApiParameter.HEADER,
-    description="The ETag the change is based on: 412 (and nothing changed) when it is stale.",
-)
-IDEMPOTENCY_KEY = OpenApiParameter(
-    "Idempotency-Key",
-    {"type": "string", "maxLength": 128},
-    OpenApiParameter.HEADER,
-    description=(
-        "Makes a retried POST happen once: the same key and body replay the first answer "
-        "(with `Idempotent-Replayed: true`); the same key with another body is 422, and 409 "
-        "while the first request is still running. Keys belong to their user."
-    ),
-)
-_POSITION = "The streams' positions (`project:42=131, tenant:7=9`)"
-
-
-def _read_headers() -> list[OpenApiParameter]:
-    codes: list[int | str] = [200, 304]
-    return [
-        OpenApiParameter(
-            "ETag",
-            str,
-            OpenApiParameter.HEADER,
-            required=True,
-            response=codes,
-            description="From the streams' positions, the version and the user's permissions.",
-        ),
-        OpenApiParameter(
-            "X-Stream-Position",
-            str,
-            OpenApiParameter.HEADER,
-            required=True,
-            response=codes,
-            description=f"{_POSITION} read before the data: resume the feed from them.",
-        ),
-    ]
-
-
-def _write_headers(code: int) -> list[OpenApiParameter]:
-    headers = [
-        OpenApiParameter(
-            "X-Stream-Position",
-            str,
-            OpenApiParameter.HEADER,
-            response=[code],
-            description=f"{_POSITION} of the events this write caused.",
-        )
-    ]
-    if code == 201:
-        headers.append(
-            OpenApiParameter(
-                "Idempotent-Replayed",
-                str,
-                OpenApiParameter.HEADER,
-                response=[code],
-                enum=["true"],
-                description="Present on the replayed answer to a retried Idempotency-Key.",
-            )
-        )
-    return headers
-
-
-def _error(description: str) -> OpenApiResponse:
-    return OpenApiResponse(ErrorSerializer, description=description)
-
-
-NOT_MODIFIED = OpenApiResponse(description="If-None-Match matched: not modified, no body.")
 INVALID = OpenApiResponse(OpenApiTypes.OBJECT, description="Invalid data: errors by field.")
-FORBIDDEN = _error("Not authenticated, or not allowed to do this to a visible object.")
-NOT_FOUND = _error("No such object, or one the user may not see (existence does not leak).")
-STALE = _error("If-Match does not match the current ETag: nothing was changed.")
-IN_PROGRESS = _error("A request with this Idempotency-Key is still being processed.")
-KEY_REUSED = _error("This Idempotency-Key was used for a different request.")
+FORBIDDEN = error("Not authenticated, or not allowed to do this to a visible object.")
+NOT_FOUND = error("No such object, or one the user may not see (existence does not leak).")
+STALE = error("If-Match does not match the current ETag: nothing was changed.")
+IN_PROGRESS = error("A request with this Idempotency-Key is still being processed.")
+KEY_REUSED = error("This Idempotency-Key was used for a different request.")
 CREATE_ERRORS = {
     400: INVALID,
     403: FORBIDDEN,
@@ -154,19 +87,19 @@ PROJECT_ID = OpenApiParameter("id", ID, OpenApiParameter.PATH, description="The 
 
 @extend_schema_view(
     list=extend_schema(
-        parameters=[IF_NONE_MATCH, *_read_headers()],
+        parameters=[IF_NONE_MATCH, *read_headers()],
         responses={200: ProjectSerializer(many=True), 304: NOT_MODIFIED, 403: FORBIDDEN},
     ),
     retrieve=extend_schema(
-        parameters=[PROJECT_ID, IF_NONE_MATCH, *_read_headers()],
+        parameters=[PROJECT_ID, IF_NONE_MATCH, *read_headers()],
         responses={200: ProjectSerializer, 304: NOT_MODIFIED, 403: FORBIDDEN, 404: NOT_FOUND},
     ),
     create=extend_schema(
-        parameters=[IDEMPOTENCY_KEY, *_write_headers(201)],
+        parameters=[IDEMPOTENCY_KEY, *write_headers(201)],
         responses={201: ProjectSerializer, **CREATE_ERRORS},
     ),
     partial_update=extend_schema(
-        parameters=[PROJECT_ID, IF_MATCH, *_write_headers(200)],
+        parameters=[PROJECT_ID, IF_MATCH, *write_headers(200)],
         request=ProjectUpdateSerializer,
         responses={
             200: ProjectSerializer,
@@ -177,7 +110,7 @@ PROJECT_ID = OpenApiParameter("id", ID, OpenApiParameter.PATH, description="The 
         },
     ),
     destroy=extend_schema(
-        parameters=[PROJECT_ID, IF_MATCH, *_write_headers(204)],
+        parameters=[PROJECT_ID, IF_MATCH, *write_headers(204)],
         responses={204: None, 403: FORBIDDEN, 404: NOT_FOUND, 412: STALE},
     ),
 )
@@ -220,7 +153,7 @@ ITEM_ID = OpenApiParameter("id", ID, OpenApiParameter.PATH, description="The ite
 
 @extend_schema_view(
     list=extend_schema(
-        parameters=[PROJECT_PK, IF_NONE_MATCH, *_read_headers()],
+        parameters=[PROJECT_PK, IF_NONE_MATCH, *read_headers()],
         responses={
             200: ItemSerializer(many=True),
             304: NOT_MODIFIED,
@@ -229,16 +162,16 @@ ITEM_ID = OpenApiParameter("id", ID, OpenApiParameter.PATH, description="The ite
         },
     ),
     create=extend_schema(
-        parameters=[PROJECT_PK, IDEMPOTENCY_KEY, *_write_headers(201)],
+        parameters=[PROJECT_PK, IDEMPOTENCY_KEY, *write_headers(201)],
         request=ItemWriteSerializer,
         responses={201: ItemSerializer, **CREATE_ERRORS, 404: NOT_FOUND},
     ),
     retrieve=extend_schema(
-        parameters=[ITEM_ID, IF_NONE_MATCH, *_read_headers()],
+        parameters=[ITEM_ID, IF_NONE_MATCH, *read_headers()],
         responses={200: ItemSerializer, 304: NOT_MODIFIED, 403: FORBIDDEN, 404: NOT_FOUND},
     ),
     partial_update=extend_schema(
-        parameters=[ITEM_ID, IF_MATCH, *_write_headers(200)],
+        parameters=[ITEM_ID, IF_MATCH, *write_headers(200)],
         request=ItemWriteSerializer,
         responses={
             200: ItemSerializer,
@@ -249,7 +182,7 @@ ITEM_ID = OpenApiParameter("id", ID, OpenApiParameter.PATH, description="The ite
         },
     ),
     destroy=extend_schema(
-        parameters=[ITEM_ID, IF_MATCH, *_write_headers(204)],
+        parameters=[ITEM_ID, IF_MATCH, *write_headers(204)],
         responses={204: None, 403: FORBIDDEN, 404: NOT_FOUND, 412: STALE},
     ),
 )
@@ -315,4 +248,10 @@ class ItemViewSet(
     def perform_create(self, serializer: Any) -> None:
         if "project_pk" not in self.kwargs:
             raise NotFound()
-        serializer.save(project=self.project())
+        project = self.project()
+        item = serializer.save(project=project)
+        # The project's other readers hear of it, in the same transaction as the item.
+        others = readers(project).exclude(pk=self.request.user.pk)
+        notify(
+            others, "added an item to", actor=self.request.user, target=project, action_object=item
+        )

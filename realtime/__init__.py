@@ -45,6 +45,7 @@ __all__ = [
     "correlation",
     "emit",
     "emit_instances",
+    "emit_many",
     "get_correlation_id",
     "permissions_changed",
     "register",
@@ -57,3 +58,10 @@ def emit(stream: str, type: str, data: Any = None, **kwargs: Any) -> Envelope:
     from .log import emit as _emit
 
     return _emit(stream, type, data, **kwargs)
+
+
+def emit_many(events: Any, **kwargs: Any) -> list[Envelope]:
+    """Log and publish many `(stream, type, data)` events in a bounded number of queries."""
+    from .log import emit_many as _emit_many
+
+    return _emit_many(events, **kwargs)

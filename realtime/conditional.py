@@ -79,11 +79,12 @@ def _matches(header_value: str | None, etag: str) -> bool:
     return etag in candidates
 
 
-class RealtimeResourceMixin:
-    """ETag/304, If-Match/412, Idempotency-Key and X-Stream-Position for a DRF view.
+class ConditionalReadMixin:
+    """ETag/304 and X-Stream-Position on `list` and `retrieve` of a DRF view (reads only).
 
     Override `get_streams(obj)` (the streams whose events change what the view returns) and,
-    if needed, `get_permission_state(obj)` and `get_version(obj)`.
+    if needed, `get_permission_state(obj)` and `get_version(obj)`. `check_if_match(obj)` and
+    `with_position(response, written)` serve a view's own write actions.
     """
 
     request: Any
@@ -165,9 +166,10 @@ class RealtimeResourceMixin:
         response["Vary"] = "Cookie, Authorization, Accept"
         return response
 
-    # -- writes -------------------------------------------------------------------------------
+    # -- helpers for writes -------------------------------------------------------------------
 
-    def _check_if_match(self, obj: Any) -> None:
+    def check_if_match(self, obj: Any) -> None:
+        """Raise `PreconditionFailed` (412) when the request's If-Match is stale for `obj`."""
         expected = self.request.headers.get("If-Match")
         if not expected:
             return
@@ -176,19 +178,36 @@ class RealtimeResourceMixin:
         if not _matches(expected, etag):
             raise PreconditionFailed()
 
+    def with_position(self, response: Response, written: dict[str, int]) -> Response:
+        """Set `X-Stream-Position` to the positions of the events a write caused."""
+        if written:
+            response["X-Stream-Position"] = header(written)
+        return response
+
+
+class RealtimeResourceMixin(ConditionalReadMixin):
+    """ETag/304, If-Match/412, Idempotency-Key and X-Stream-Position for a DRF view.
+
+    `ConditionalReadMixin`'s reads, plus `update`, `destroy` and `create` wrapped with the
+    If-Match precondition, the written positions and (for `create`) Idempotency-Key. Use it
+    with DRF's create, update and destroy mixins (or a `ModelViewSet`).
+    """
+
+    # -- writes -------------------------------------------------------------------------------
+
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         with transaction.atomic(), collect_positions() as written:
             obj = self.get_object()  # type: ignore[attr-defined]
-            self._check_if_match(obj)
+            self.check_if_match(obj)
             response: Response = super().update(request, *args, **kwargs)  # type: ignore[misc]
-        return self._written(response, written)
+        return self.with_position(response, written)
 
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         with transaction.atomic(), collect_positions() as written:
             obj = self.get_object()  # type: ignore[attr-defined]
-            self._check_if_match(obj)
+            self.check_if_match(obj)
             self.perform_destroy(obj)  # type: ignore[attr-defined]
-        return self._written(Response(status=status.HTTP_204_NO_CONTENT), written)
+        return self.with_position(Response(status=status.HTTP_204_NO_CONTENT), written)
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         key = request.headers.get("Idempotency-Key")
@@ -203,14 +222,9 @@ class RealtimeResourceMixin:
                 return record
             with collect_positions() as written:
                 response: Response = super().create(request, *args, **kwargs)  # type: ignore[misc]
-            response = self._written(response, written)
+            response = self.with_position(response, written)
             if record is not None:
                 self._remember(record, response)
-        return response
-
-    def _written(self, response: Response, written: dict[str, int]) -> Response:
-        if written:
-            response["X-Stream-Position"] = header(written)
         return response
 
     # -- idempotency ----------------------------------------------------------------------------

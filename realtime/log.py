@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from django.db import connections, router, transaction
-from django.db.models import OuterRef, Subquery, Value
+from django.db.models import F, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -233,6 +234,106 @@ def emit(
     data = {} if data is None else data
     dumps(data)  # fail here, not after commit, when the data is not JSON-serializable
     return append([Pending(stream, type, data, dict(variants or {}))], using=using)[0]
+
+
+def emit_many(
+    events: Iterable[tuple[str, str, Any]],
+    *,
+    using: str | None = None,
+    batch_size: int = 1000,
+) -> list[Envelope]:
+    """Log and publish many `(stream, type, data)` events in a bounded number of queries.
+
+    For fan-out writes such as one notification to 10,000 users. Per `batch_size` streams or
+    events: one statement makes the missing stream rows, one finds them, one locks them and
+    reads their positions, and one inserts the events; plus one UPDATE per distinct number of
+    events a stream gets. The stream rows are locked in primary-key order across all batches,
+    so concurrent bulk writers cannot deadlock each other. The events join the current
+    transaction and are published after it commits, as with `emit`.
+    """
+    pending = []
+    for stream, type, data in events:
+        parse_stream(stream)
+        if not is_valid_type(type):
+            raise ValueError(f"invalid event type {type!r}: expected 'v<N>:<noun>.<action>'")
+        pending.append(Pending(stream, type, {} if data is None else data, {}))
+    if not pending:
+        return []
+    dumps([item.data for item in pending])  # not JSON-serializable: fail before writing
+    size = max(1, batch_size)
+    using = using or router.db_for_write(Event)
+    correlation_id = get_correlation_id() or ""
+    counts = Counter(item.stream for item in pending)
+    names = list(counts)
+    with transaction.atomic(using=using, savepoint=False):
+        rows = _lock_streams(names, size, using)
+        by_count: dict[int, list[int]] = {}
+        for name, count in counts.items():
+            by_count.setdefault(count, []).append(rows[name][0])
+        manager = Stream.objects.using(using)
+        for count, stream_pks in by_count.items():
+            for start in range(0, len(stream_pks), size):
+                manager.filter(pk__in=stream_pks[start : start + size]).update(
+                    last_seq=F("last_seq") + count
+                )
+        timestamp = timezone.now()
+        next_seq = {name: last_seq for name, (_pk, last_seq) in rows.items()}
+        events_rows: list[Event] = []
+        envelopes: list[Envelope] = []
+        for item in pending:
+            next_seq[item.stream] += 1
+            event = Event(
+                stream_id=rows[item.stream][0],
+                seq=next_seq[item.stream],
+                event_id=uuid.uuid4(),
+                type=item.type,
+                timestamp=timestamp,
+                correlation_id=correlation_id,
+                data=item.data,
+                variants={},
+            )
+            events_rows.append(event)
+            envelopes.append(Envelope.from_row(event, stream=item.stream))
+        Event.objects.using(using).bulk_create(events_rows, batch_size=size)
+        pks = _event_pks(events_rows, size, using)
+        for envelope in envelopes:
+            note_position(envelope.stream, envelope.seq)
+        transaction.on_commit(partial(_publish_committed, envelopes, pks), using=using, robust=True)
+    return envelopes
+
+
+def _lock_streams(names: list[str], size: int, using: str) -> dict[str, tuple[int, int]]:
+    """Create missing stream rows, then lock all in pk order; return {name: (pk, last_seq)}."""
+    manager = Stream.objects.using(using)
+    ids: dict[str, int] = {}
+    for start in range(0, len(names), size):
+        chunk = names[start : start + size]
+        manager.bulk_create([Stream(name=name) for name in chunk], ignore_conflicts=True)
+        ids.update(manager.filter(name__in=chunk).values_list("name", "pk"))
+    ordered = sorted(ids.values())
+    lock = connections[using].features.has_select_for_update
+    rows: dict[str, tuple[int, int]] = {}
+    for start in range(0, len(ordered), size):
+        query = manager.filter(pk__in=ordered[start : start + size]).order_by("pk")
+        if lock:
+            query = query.select_for_update()
+        for pk, name, last_seq in query.values_list("pk", "name", "last_seq"):
+            rows[name] = (pk, last_seq)
+    return rows
+
+
+def _event_pks(events: list[Event], size: int, using: str) -> list[int]:
+    missing = [event for event in events if event.pk is None]  # a backend returning no pks
+    for start in range(0, len(missing), size):
+        chunk = missing[start : start + size]
+        found = dict(
+            Event.objects.using(using)
+            .filter(event_id__in=[event.event_id for event in chunk])
+            .values_list("event_id", "pk")
+        )
+        for event in chunk:
+            event.pk = found[event.event_id]
+    return [int(event.pk) for event in events]
 
 
 # -- relay -------------------------------------------------------------------------------

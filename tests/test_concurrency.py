@@ -70,3 +70,62 @@ def test_concurrent_saves_get_gapless_seqs_in_commit_order():
     stream.refresh_from_db()
     assert stream.last_seq == base + THREADS * SAVES
     assert Event.objects.filter(stream=stream, seq__gt=base).count() == THREADS * SAVES
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_bulk_emits_and_single_emits_on_shared_streams_stay_gapless_without_deadlock():
+    """4 threads of emit_many over the same 50 streams (in different orders) and 4 threads of
+    single emits: the stream rows are locked in pk order, so no deadlock, and every stream's
+    seqs are 1..n with no gap or duplicate."""
+    import realtime
+
+    streams = [f"user:{9000 + i}" for i in range(50)]
+    realtime.emit_many((s, "v1:note.added", {}) for s in streams)  # the rows exist
+    flush()
+    barrier = threading.Barrier(THREADS)
+    errors: list[BaseException] = []
+
+    def bulk(n: int) -> None:
+        try:
+            rng = random.Random(n)
+            barrier.wait(10)
+            for _ in range(10):
+                order = streams[:]
+                rng.shuffle(order)
+                with transaction.atomic():
+                    realtime.emit_many(
+                        ((s, "v1:note.added", {"by": n}) for s in order), batch_size=17
+                    )
+                    time.sleep(rng.random() / 500)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    def single(n: int) -> None:
+        try:
+            rng = random.Random(n)
+            barrier.wait(10)
+            for _ in range(50):
+                realtime.emit(rng.choice(streams), "v1:note.added", {"by": n})
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [
+        threading.Thread(target=bulk if i % 2 else single, args=(i,)) for i in range(THREADS)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors[0]
+    flush()
+    for stream in Stream.objects.filter(name__in=streams):
+        seqs = list(
+            Event.objects.filter(stream=stream).order_by("seq").values_list("seq", flat=True)
+        )
+        assert seqs == list(range(1, stream.last_seq + 1)), stream.name
+    assert Event.objects.filter(stream__name__in=streams).count() == 50 + 4 * 10 * 50 + 4 * 50

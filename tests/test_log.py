@@ -453,3 +453,48 @@ def test_events_saved_by_a_script_are_published_and_marked_before_it_exits():
     created = Event.objects.filter(type="v1:item.created", stream__name=f"project:{project.pk}")
     assert created.count() == 3
     assert not created.filter(published_at__isnull=True).exists()
+
+
+# -- emit_many -------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_emit_many_continues_each_streams_seqs_and_publishes_after_commit():
+    realtime.emit("user:1", "v1:note.added", {"n": 0})
+    flush()
+    with record_group_sends() as sent:
+        with transaction.atomic():
+            envelopes = realtime.emit_many(
+                [
+                    ("user:1", "v1:note.added", {"n": 1}),
+                    ("user:2", "v1:note.added", {"n": 2}),
+                    ("user:1", "v1:note.added", {"n": 3}),
+                    ("user:3", "v1:note.added", None),
+                ],
+                batch_size=2,
+            )
+            assert sent == []
+        flush()
+    assert [(e.stream, e.seq) for e in envelopes] == [
+        ("user:1", 2),
+        ("user:2", 1),
+        ("user:1", 3),
+        ("user:3", 1),
+    ]
+    rows = Event.objects.filter(stream__name="user:1").order_by("seq")
+    assert [(r.seq, r.data) for r in rows] == [(1, {"n": 0}), (2, {"n": 1}), (3, {"n": 3})]
+    assert all(r.published_at is not None for r in rows)
+    assert [m["seq"] for _g, m in sent] == [2, 1, 3, 1]
+    assert Stream.objects.get(name="user:1").last_seq == 3
+
+
+@pytest.mark.django_db
+def test_emit_many_validates_everything_before_writing():
+    with pytest.raises(ValueError, match="invalid event type"):
+        realtime.emit_many([("user:1", "v1:note.added", {}), ("user:2", "bad", {})])
+    with pytest.raises(TypeError):
+        realtime.emit_many([("user:1", "v1:note.added", {"x": object()})])
+    with pytest.raises(InvalidStreamName):
+        realtime.emit_many([("no stream", "v1:note.added", {})])
+    assert not Event.objects.exists()
+    assert realtime.emit_many([]) == []
