@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import transaction
-from guardian.shortcuts import assign_perm, remove_perm
+from guardian.shortcuts import assign_perm, get_users_with_perms, remove_perm
+
+from notifications import notify
 
 from .models import Project
 
@@ -23,11 +25,19 @@ def create_project(*, organization: Any, name: str, owner: Any) -> Project:
 
 
 @transaction.atomic
-def add_member(project: Project, user: Any) -> None:
-    """Make `user` a member of `project` with view and change permissions."""
+def add_member(project: Project, user: Any, *, by: Any = None) -> None:
+    """Make `user` a member of `project` with view and change permissions (and tell them)."""
+    if project.members.filter(pk=user.pk).exists():
+        return
     project.members.add(user)
     for perm in MEMBER_PERMS:
         assign_perm(perm, user, project)
+    notify(user, "added you to", actor=by or project.owner, target=project)
+
+
+def readers(project: Project) -> Any:
+    """The users who may view `project` (guardian object permission, direct or via groups)."""
+    return get_users_with_perms(project, only_with_perms_in=["view_project"], with_group_users=True)
 
 
 @transaction.atomic

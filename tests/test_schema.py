@@ -21,6 +21,8 @@ from schemathesis.core.parameters import ParameterLocation
 from board.membership import create_project
 from board.models import Item, Organization, Project
 from config.wsgi import application
+from notifications import notify
+from notifications.models import Notification
 from realtime.testing import session_for
 
 from .factories import ItemFactory
@@ -31,6 +33,13 @@ API_PATHS = {
     "/api/projects/{project_pk}/items/",
     "/api/items/{id}/",
     "/api/realtime/tickets/",
+    "/api/notifications/",
+    "/api/notifications/{id}/",
+    "/api/notifications/{id}/read/",
+    "/api/notifications/{id}/unread/",
+    "/api/notifications/read-all/",
+    "/api/notifications/unread-count/",
+    "/api/notifications/preferences/",
 }
 
 
@@ -121,6 +130,7 @@ class Board:
         self.csrf_header = {"X-CSRFToken": csrf}
         self.project: Any = None
         self.item: Any = None
+        self.notification: Any = None
         Board.current = self
 
     def ensure(self) -> tuple[Any, Any]:
@@ -133,6 +143,12 @@ class Board:
             self.item = ItemFactory(project=self.project)
             ItemFactory(project=self.project)
         return self.project, self.item
+
+    def ensure_notification(self) -> Any:
+        visible = Notification.objects.for_user(self.owner)
+        if self.notification is None or not visible.filter(pk=self.notification.pk).exists():
+            (self.notification,) = notify(self.owner, "mentioned you in", target=self.project)
+        return self.notification
 
 
 class SessionAuth:
@@ -170,7 +186,10 @@ def aim_at_real_objects(case: Any, board: Board) -> None:
     if "project_pk" in params:
         params["project_pk"] = project.pk
     elif "id" in params:
-        params["id"] = project.pk if case.path.startswith("/api/projects/") else item.pk
+        if case.path.startswith("/api/notifications/"):
+            params["id"] = board.ensure_notification().pk
+        else:
+            params["id"] = project.pk if case.path.startswith("/api/projects/") else item.pk
 
 
 @pytest.mark.slow
@@ -253,3 +272,26 @@ def test_documented_success_answers_conform(board):
     call("/api/projects/", "GET", 200)
     call("/api/projects/{id}/", "GET", 200, path_parameters={"id": project.pk})
     call("/api/realtime/tickets/", "POST", 201)
+
+    note = board.ensure_notification()
+    listed = call("/api/notifications/", "GET", 200, query={"unread": "true"})
+    assert [n["id"] for n in listed.json()["results"]] == [note.pk]
+    etag = listed.headers["etag"][0]
+    call(
+        "/api/notifications/", "GET", 304, query={"unread": "true"}, headers={"If-None-Match": etag}
+    )
+    call("/api/notifications/unread-count/", "GET", 200)
+    call("/api/notifications/{id}/", "GET", 200, path_parameters={"id": note.pk})
+    call("/api/notifications/{id}/read/", "POST", 200, path_parameters={"id": note.pk})
+    call("/api/notifications/{id}/unread/", "POST", 200, path_parameters={"id": note.pk})
+    call("/api/notifications/read-all/", "POST", 200)
+    call(
+        "/api/notifications/preferences/",
+        "PUT",
+        200,
+        body={"muted_verbs": ["liked"], "muted_levels": ["info"]},
+        media_type="application/json",
+    )
+    call("/api/notifications/preferences/", "GET", 200)
+    call("/api/notifications/{id}/", "DELETE", 204, path_parameters={"id": note.pk})
+    call("/api/notifications/{id}/", "GET", 404, path_parameters={"id": note.pk})

@@ -1,0 +1,262 @@
+"""REST API of a user's own notifications, with ETags, preconditions and stream positions.
+
+Every query starts from the requesting user's notifications, so another user's id is simply
+not found (404): a user can never see, count or change someone else's notifications.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.db.models import QuerySet
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+    inline_serializer,
+)
+from rest_framework import mixins, permissions, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.pagination import CursorPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from realtime.conditional import ConditionalReadMixin, _matches, make_etag, stream_positions
+from realtime.context import collect_positions
+from realtime.openapi import (
+    IF_MATCH,
+    IF_NONE_MATCH,
+    NOT_MODIFIED,
+    error,
+    read_headers,
+    write_headers,
+)
+
+from .models import LEVEL_CHOICES, LEVELS, Notification, Preference
+from .service import represent, set_read, soft_delete, stream_of, unread_count
+
+
+class RefSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """A related object as it was when the notification was made."""
+
+    type = serializers.CharField(help_text="app_label.model")
+    id = serializers.CharField()
+    repr = serializers.CharField()
+
+
+class NotificationSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """A notification, in the same shape as the data of its `v1:notification.created` event."""
+
+    id = serializers.IntegerField(read_only=True)
+    verb = serializers.CharField(read_only=True)
+    level = serializers.ChoiceField(choices=LEVEL_CHOICES, read_only=True)
+    actor = RefSerializer(read_only=True, allow_null=True)
+    target = RefSerializer(read_only=True, allow_null=True)
+    action_object = RefSerializer(read_only=True, allow_null=True)
+    # DRF's metaclass moves declared fields off the class: `Serializer.data` is untouched.
+    data = serializers.JSONField(read_only=True)  # type: ignore[assignment]
+    created_at = serializers.DateTimeField(read_only=True)
+    read_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    unread = serializers.BooleanField(read_only=True)
+
+    def to_representation(self, instance: Notification) -> dict[str, Any]:
+        return represent(instance)
+
+
+class PreferenceSerializer(serializers.ModelSerializer):  # type: ignore[type-arg]
+    muted_verbs = serializers.ListField(
+        child=serializers.CharField(max_length=255), max_length=200, required=False
+    )
+    muted_levels = serializers.ListField(
+        child=serializers.ChoiceField(choices=LEVEL_CHOICES), max_length=len(LEVELS), required=False
+    )
+
+    class Meta:
+        model = Preference
+        fields = ["muted_verbs", "muted_levels"]
+
+
+class NewestFirst(CursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 20
+    page_size_query_param = "page_size"
+    max_page_size = 100
+
+    def get_page_size(self, request: Request) -> int:
+        # DRF falls back to the default on a bad value; a client's mistake should be a 400.
+        value = request.query_params.get(self.page_size_query_param)
+        if value is None:
+            return self.page_size
+        if not value.isdigit() or not 1 <= int(value) <= self.max_page_size:
+            raise ValidationError({"page_size": f"An integer from 1 to {self.max_page_size}."})
+        return int(value)
+
+
+UNREAD = OpenApiParameter(
+    "unread", OpenApiTypes.BOOL, description="true: only unread ones; false: only read ones."
+)
+LEVEL = OpenApiParameter("level", str, enum=list(LEVELS), description="Only this level.")
+ID = OpenApiParameter(
+    "id", {"type": "integer", "minimum": 1}, OpenApiParameter.PATH, description="Its id."
+)
+NOT_FOUND = error("Not one of your notifications (another user's id is not found either).")
+FORBIDDEN = error("Not authenticated.")
+FIELD_ERRORS = OpenApiResponse(OpenApiTypes.OBJECT, description="Invalid data: errors by field.")
+COUNT = inline_serializer("UnreadCount", {"unread_count": serializers.IntegerField()})
+CHANGED = inline_serializer(
+    "ReadAll",
+    {
+        "ids": serializers.ListField(child=serializers.IntegerField()),
+        "unread_count": serializers.IntegerField(),
+    },
+)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        parameters=[UNREAD, LEVEL, IF_NONE_MATCH, *read_headers()],
+        responses={
+            200: NotificationSerializer(many=True),
+            304: NOT_MODIFIED,
+            400: FIELD_ERRORS,
+            404: error("The cursor is not valid."),
+            403: FORBIDDEN,
+        },
+    ),
+    retrieve=extend_schema(
+        parameters=[ID, IF_NONE_MATCH, *read_headers()],
+        responses={200: NotificationSerializer, 304: NOT_MODIFIED, 403: FORBIDDEN, 404: NOT_FOUND},
+    ),
+    destroy=extend_schema(
+        parameters=[ID, IF_MATCH, *write_headers(204)],
+        responses={204: None, 403: FORBIDDEN, 404: NOT_FOUND, 412: error("If-Match is stale.")},
+    ),
+)
+@extend_schema(tags=["notifications"])
+class NotificationViewSet(
+    ConditionalReadMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,  # type: ignore[type-arg]
+):
+    """The requesting user's notifications, newest first; DELETE hides one (soft delete)."""
+
+    serializer_class = NotificationSerializer
+    permission_classes = [permissions.IsAuthenticated]
+    pagination_class = NewestFirst
+    lookup_value_regex = r"[0-9]+"
+    # A muted notification is stored without an event: the pks keep the list's ETag honest.
+    etag_lists_pks = True
+
+    def get_queryset(self) -> QuerySet[Notification]:
+        query = Notification.objects.for_user(self.request.user)
+        if self.action != "list":
+            return query
+        params = self.request.query_params
+        unread = params.get("unread")
+        if unread is not None:
+            if unread.lower() not in ("true", "false", "1", "0"):
+                raise ValidationError({"unread": "Use true or false."})
+            query = query.filter(read_at__isnull=unread.lower() in ("true", "1"))
+        level = params.get("level")
+        if level is not None:
+            if level not in LEVELS:
+                raise ValidationError({"level": f"Use one of {', '.join(LEVELS)}."})
+            query = query.filter(level=level)
+        return query
+
+    def get_streams(self, obj: Any = None) -> list[str]:
+        return [stream_of(self.request.user)]
+
+    def get_permission_state(self, obj: Any = None) -> Any:
+        return [self.request.user.pk]  # only ever the user's own rows
+
+    def get_version(self, obj: Any) -> Any:
+        return [obj.read_at, obj.deleted_at]
+
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Soft delete: hidden from the user, kept for the admin."""
+        with transaction.atomic(), collect_positions() as written:
+            instance = self.get_object()
+            self.check_if_match(instance)
+            soft_delete(request.user, [instance.pk])
+        return self.with_position(Response(status=status.HTTP_204_NO_CONTENT), written)
+
+    def _one(self, pk: Any) -> Notification:
+        try:
+            return Notification.objects.for_user(self.request.user).get(pk=int(pk))
+        except (Notification.DoesNotExist, ValueError, TypeError, OverflowError):
+            raise NotFound() from None
+
+    def _set_read(self, pk: Any, read: bool) -> Response:
+        self._one(pk)
+        with collect_positions() as written:
+            set_read(self.request.user, [int(pk)], read=read)
+        return self.with_position(Response(represent(self._one(pk))), written)
+
+    @extend_schema(
+        request=None,
+        parameters=[ID, *write_headers(200)],
+        responses={200: NotificationSerializer, 403: FORBIDDEN, 404: NOT_FOUND},
+    )
+    @action(detail=True, methods=["post"])
+    def read(self, request: Request, pk: Any = None) -> Response:
+        """Mark it read (no change if it was)."""
+        return self._set_read(pk, True)
+
+    @extend_schema(
+        request=None,
+        parameters=[ID, *write_headers(200)],
+        responses={200: NotificationSerializer, 403: FORBIDDEN, 404: NOT_FOUND},
+    )
+    @action(detail=True, methods=["post"])
+    def unread(self, request: Request, pk: Any = None) -> Response:
+        """Mark it unread again."""
+        return self._set_read(pk, False)
+
+    @extend_schema(
+        request=None, parameters=write_headers(200), responses={200: CHANGED, 403: FORBIDDEN}
+    )
+    @action(detail=False, methods=["post"], url_path="read-all")
+    def read_all(self, request: Request) -> Response:
+        """Mark every unread notification read; one `v1:notification.read` event for them all."""
+        with collect_positions() as written:
+            ids = set_read(request.user, None, read=True)
+        return self.with_position(
+            Response({"ids": ids, "unread_count": unread_count(request.user)}), written
+        )
+
+    @extend_schema(
+        parameters=[IF_NONE_MATCH, *read_headers()],
+        responses={200: COUNT, 304: NOT_MODIFIED, 403: FORBIDDEN},
+    )
+    @action(detail=False, methods=["get"], url_path="unread-count")
+    def unread_count(self, request: Request) -> Response:
+        """How many are unread (also carried by every notification event as `unread_count`)."""
+        positions = stream_positions(self.get_streams())
+        count = unread_count(request.user)
+        etag = make_etag(positions, request.user.pk, count)
+        if _matches(request.headers.get("If-None-Match"), etag):
+            return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
+        return self._conditional(Response({"unread_count": count}), etag, positions)
+
+    @extend_schema(methods=["GET"], responses={200: PreferenceSerializer, 403: FORBIDDEN})
+    @extend_schema(
+        methods=["PUT"],
+        request=PreferenceSerializer,
+        responses={200: PreferenceSerializer, 400: FIELD_ERRORS, 403: FORBIDDEN},
+    )
+    @action(detail=False, methods=["get", "put"], serializer_class=PreferenceSerializer)
+    def preferences(self, request: Request) -> Response:
+        """What is not pushed live: muted verbs and levels (such notifications are still stored)."""
+        preference, _ = Preference.objects.get_or_create(user=request.user)  # type: ignore[misc]
+        if request.method == "PUT":
+            serializer = PreferenceSerializer(preference, data=request.data)
+            serializer.is_valid(raise_exception=True)
+            serializer.save()
+        return Response(PreferenceSerializer(preference).data)

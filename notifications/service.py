@@ -1,0 +1,229 @@
+"""Making notifications and changing their read state, each change an event on `user:<id>`.
+
+Everything here goes through realtime's public API: the rows and their events are written in
+one transaction, and the events are published after it commits, so a recipient's tabs learn
+of a notification (and of every change to the unread count) in order, with replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from django.contrib.contenttypes.models import ContentType
+from django.db import models, transaction
+from django.db.models import Count
+from django.utils import timezone
+
+import realtime
+from realtime.context import collect_positions
+from realtime.events import dumps, format_timestamp
+
+from .models import LEVELS, Notification, Preference
+
+CREATED = "v1:notification.created"
+READ = "v1:notification.read"
+DELETED = "v1:notification.deleted"
+BATCH = 1000
+
+
+def stream_of(user: Any) -> str:
+    """The private stream a user's notifications travel on."""
+    return f"user:{getattr(user, 'pk', user)}"
+
+
+def _ref(obj: Any) -> tuple[ContentType | None, str, dict[str, Any] | None]:
+    if obj is None:
+        return None, "", None
+    if not isinstance(obj, models.Model) or obj.pk is None:
+        raise TypeError(f"{obj!r} is not a saved model instance")
+    content_type = ContentType.objects.get_for_model(obj)
+    label = f"{content_type.app_label}.{content_type.model}"
+    return content_type, str(obj.pk), {"type": label, "id": str(obj.pk), "repr": str(obj)[:200]}
+
+
+def _recipient_ids(recipients: Any) -> list[int]:
+    if isinstance(recipients, models.Model):
+        return [recipients.pk]
+    if isinstance(recipients, models.QuerySet):
+        values: Iterable[Any] = recipients.values_list("pk", flat=True)
+    elif isinstance(recipients, Iterable) and not isinstance(recipients, (str, bytes)):
+        values = (getattr(r, "pk", r) for r in recipients)
+    else:
+        raise TypeError("recipients must be a user, a queryset of users or an iterable of them")
+    seen: dict[int, None] = {}
+    for value in values:
+        if value is None:
+            raise TypeError("a recipient is not saved (no pk)")
+        seen.setdefault(value, None)
+    return list(seen)
+
+
+def represent(notification: Notification, unread_count: int | None = None) -> dict[str, Any]:
+    """The notification as the REST API and its events show it."""
+    refs = notification.refs or {}
+    data: dict[str, Any] = {
+        "id": notification.pk,
+        "verb": notification.verb,
+        "level": notification.level,
+        "actor": refs.get("actor"),
+        "target": refs.get("target"),
+        "action_object": refs.get("action_object"),
+        "data": notification.data,
+        "created_at": format_timestamp(notification.created_at),
+        "read_at": format_timestamp(notification.read_at) if notification.read_at else None,
+        "unread": notification.read_at is None,
+    }
+    if unread_count is not None:
+        data["unread_count"] = unread_count
+    return data
+
+
+def notify(
+    recipients: Any,
+    verb: str,
+    actor: Any = None,
+    target: Any = None,
+    action_object: Any = None,
+    data: dict[str, Any] | None = None,
+    level: str = "info",
+    *,
+    batch_size: int = BATCH,
+) -> list[Notification]:
+    """Notify users: store one row each and push `v1:notification.created` to each after commit.
+
+    `recipients` is a user, a queryset of users or an iterable of users (or their pks);
+    duplicates are notified once. Rows and events are written in batches (a few queries per
+    `batch_size` recipients, none per recipient), in one transaction: all or nothing.
+    A recipient who muted this verb or level gets the row but no live event.
+    """
+    if not isinstance(verb, str) or not verb.strip() or len(verb) > 255:
+        raise ValueError("verb must be a non-empty string of at most 255 characters")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise TypeError("data must be a dict")
+    refs: dict[str, Any] = {}
+    related: dict[str, Any] = {}
+    for name, obj in (("actor", actor), ("target", target), ("action_object", action_object)):
+        content_type, object_id, ref = _ref(obj)
+        related[f"{name}_content_type"] = content_type
+        related[f"{name}_object_id"] = object_id
+        if ref is not None:
+            refs[name] = ref
+    dumps(data)  # not JSON-serializable: fail before writing anything
+    ids = _recipient_ids(recipients)
+    created: list[Notification] = []
+    with transaction.atomic():
+        for start in range(0, len(ids), max(1, batch_size)):
+            chunk = ids[start : start + max(1, batch_size)]
+            created += _notify_chunk(chunk, verb, level, data, refs, related)
+    return created
+
+
+def _notify_chunk(
+    ids: list[int],
+    verb: str,
+    level: str,
+    data: dict[str, Any],
+    refs: dict[str, Any],
+    related: dict[str, Any],
+) -> list[Notification]:
+    now = timezone.now()
+    rows = Notification.objects.bulk_create(
+        [
+            Notification(
+                recipient_id=pk,
+                verb=verb,
+                level=level,
+                data=data,
+                refs=refs,
+                created_at=now,
+                **related,
+            )
+            for pk in ids
+        ]
+    )
+    muted = {
+        preference.user_id
+        for preference in Preference.objects.filter(user_id__in=ids)
+        if preference.mutes(verb, level)
+    }
+    live = [row for row in rows if row.recipient_id not in muted]
+    if live:
+        counts = unread_counts([row.recipient_id for row in live])
+        # Recipients' stream positions are theirs: kept out of the writer's X-Stream-Position.
+        with collect_positions():
+            realtime.emit_many(
+                (stream_of(row.recipient_id), CREATED, represent(row, counts[row.recipient_id]))
+                for row in live
+            )
+    return rows
+
+
+def unread_counts(user_ids: list[int]) -> dict[int, int]:
+    """{user pk: unread count} in one query."""
+    found = dict(
+        Notification.objects.unread()
+        .filter(recipient_id__in=user_ids)
+        .values("recipient_id")
+        .annotate(n=Count("pk"))
+        .values_list("recipient_id", "n")
+    )
+    return {pk: found.get(pk, 0) for pk in user_ids}
+
+
+def unread_count(user: Any) -> int:
+    if user is None or not user.is_authenticated:
+        return 0
+    return Notification.objects.unread().filter(recipient=user).count()
+
+
+def _changed(user: Any, type: str, ids: list[int], extra: dict[str, Any]) -> None:
+    realtime.emit(stream_of(user), type, {"ids": ids, **extra, "unread_count": unread_count(user)})
+
+
+def set_read(user: Any, ids: Iterable[int] | None, read: bool = True) -> list[int]:
+    """Mark the user's notifications (all of them when `ids` is None) read or unread.
+
+    Returns the ids that changed; when any did, one `v1:notification.read` event carries
+    them and the new unread count, so every tab of the user stays in step.
+    """
+    with transaction.atomic():
+        query = Notification.objects.for_user(user).select_for_update()
+        if ids is not None:
+            query = query.filter(pk__in=list(ids))
+        query = query.filter(read_at__isnull=read)
+        changed = sorted(query.values_list("pk", flat=True))
+        if changed:
+            Notification.objects.filter(pk__in=changed).update(
+                read_at=timezone.now() if read else None
+            )
+            _changed(user, READ, changed, {"read": read})
+    return changed
+
+
+def soft_delete(user: Any, ids: Iterable[int]) -> list[int]:
+    """Hide the user's notifications; one `v1:notification.deleted` event for the change."""
+    with transaction.atomic():
+        query = Notification.objects.for_user(user).filter(pk__in=list(ids))
+        changed = sorted(query.select_for_update().values_list("pk", flat=True))
+        if changed:
+            Notification.objects.filter(pk__in=changed).update(deleted_at=timezone.now())
+            _changed(user, DELETED, changed, {})
+    return changed
+
+
+def mark_read_by_admin(queryset: Any) -> int:
+    """Mark the given notifications read, one event per recipient (the admin's bulk action)."""
+    by_user: dict[int, list[int]] = {}
+    for pk, user_pk in queryset.unread().values_list("pk", "recipient_id"):
+        by_user.setdefault(user_pk, []).append(pk)
+    from django.contrib.auth import get_user_model
+
+    users = get_user_model()._default_manager.in_bulk(list(by_user))
+    total = 0
+    for user_pk, pks in by_user.items():
+        total += len(set_read(users[user_pk], pks, read=True))
+    return total

@@ -1,0 +1,42 @@
+"""`{% load notifications_tags %}` then `{% unread_notifications_count %}`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import template
+
+from ..service import stream_of, unread_count
+
+register = template.Library()
+
+
+@register.simple_tag(takes_context=True)
+def unread_notifications_count(context: Any) -> int:
+    """The requesting user's unread notifications (0 when anonymous)."""
+    request = context.get("request")
+    user = getattr(request, "user", None) or context.get("user")
+    return unread_count(user)
+
+
+@register.simple_tag(takes_context=True)
+def notifications_stream(context: Any) -> str:
+    """The private stream of the requesting user (`user:<id>`), for the client to subscribe."""
+    request = context.get("request")
+    user = getattr(request, "user", None) or context.get("user")
+    if user is None or not user.is_authenticated:
+        return ""
+    return stream_of(user)
+
+
+@register.inclusion_tag("notifications/bell.html", takes_context=True)
+def notification_bell(context: Any) -> dict[str, Any]:
+    """A bell with the unread count, kept live over SSE on the user's stream."""
+    request = context.get("request")
+    user = getattr(request, "user", None) or context.get("user")
+    authenticated = bool(user is not None and user.is_authenticated)
+    return {
+        "authenticated": authenticated,
+        "count": unread_count(user) if authenticated else 0,
+        "stream": stream_of(user) if authenticated else "",
+    }

@@ -1,0 +1,433 @@
+"""Notifications: notify(), privacy of the REST API, read state as events, preferences, live
+delivery on the WebSocket and SSE, replay, bulk notify in bounded queries, admin, template tag."""
+
+from __future__ import annotations
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+from django.core import checks
+from django.db import connection, transaction
+from django.template import Context, Template
+from django.test import Client, RequestFactory
+from django.test.utils import CaptureQueriesContext
+
+from notifications import notify
+from notifications.models import Notification, Preference
+from notifications.service import represent, set_read
+from realtime.models import Event
+from realtime.policies import UserPolicy, stream_kinds
+from realtime.testing import RealtimeClient, flush, record_group_sends, session_for
+
+from .factories import ProjectFactory, UserFactory
+from .test_sse import open_sse
+
+db = sync_to_async
+BELL = "notifications/bell.html"
+
+
+def events_of(user, type_prefix="v1:notification."):
+    return list(
+        Event.objects.filter(stream__name=f"user:{user.pk}", type__startswith=type_prefix)
+        .order_by("seq")
+        .values_list("type", "data")
+    )
+
+
+def client_for(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+# -- notify() --------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_notify_stores_a_row_and_logs_its_event_after_commit_only():
+    alice, bob = UserFactory(), UserFactory()
+    project = ProjectFactory(owner=alice)
+    flush()
+    with record_group_sends() as sent:
+        with transaction.atomic():
+            (note,) = notify(bob, "commented on", actor=alice, target=project, data={"n": 1})
+            assert sent == []  # nothing before commit
+        flush()
+    assert Notification.objects.get().recipient == bob
+    ((type_, data),) = events_of(bob)
+    assert type_ == "v1:notification.created"
+    assert data == {**represent(note), "unread_count": 1}
+    assert data["actor"] == {"type": "auth.user", "id": str(alice.pk), "repr": alice.username}
+    assert data["target"]["type"] == "board.project"
+    assert [group for group, _ in sent] == [f"rt.user.{bob.pk}"]
+
+
+@pytest.mark.django_db
+def test_a_rolled_back_notify_leaves_no_row_and_no_event():
+    bob = UserFactory()
+
+    def notify_then_fail():
+        with transaction.atomic():
+            notify(bob, "liked")
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        notify_then_fail()
+    assert not Notification.objects.exists()
+    assert events_of(bob) == []
+
+
+@pytest.mark.django_db
+def test_recipients_may_be_a_user_a_queryset_or_an_iterable_and_duplicates_count_once():
+    a, b, c = UserFactory(), UserFactory(), UserFactory()
+    assert len(notify(a, "x")) == 1
+    assert len(notify(get_user_model().objects.filter(pk__in=[a.pk, b.pk]), "x")) == 2
+    assert len(notify([a, b, a, c.pk], "x")) == 3
+    assert Notification.objects.filter(recipient=a).count() == 3
+    assert [data["unread_count"] for _t, data in events_of(a)] == [1, 2, 3]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"verb": ""}, ValueError),
+        ({"verb": "x", "level": "loud"}, ValueError),
+        ({"verb": "x", "data": ["not", "a", "dict"]}, TypeError),
+        ({"verb": "x", "data": {"when": object()}}, TypeError),
+        ({"verb": "x", "target": "not a model"}, TypeError),
+    ],
+)
+def test_bad_arguments_raise_before_anything_is_written(kwargs, error):
+    bob = UserFactory()
+    with pytest.raises(error):
+        notify(bob, **kwargs)
+    assert not Notification.objects.exists()
+
+
+@pytest.mark.django_db
+def test_bulk_notify_uses_a_bounded_number_of_queries():
+    User = get_user_model()
+    User.objects.bulk_create(User(username=f"bulk{i}") for i in range(2500))
+    everyone = User.objects.filter(username__startswith="bulk")
+    Preference.objects.create(user=everyone.order_by("pk").first(), muted_verbs=["announced"])
+    with CaptureQueriesContext(connection) as small:
+        notify(everyone.order_by("pk")[:10], "announced", batch_size=1000)
+    with CaptureQueriesContext(connection) as large:
+        created = notify(everyone, "announced", batch_size=1000)
+    assert len(created) == 2500
+    # 3 batches of a few statements each, no query per recipient. SQLite splits a bulk INSERT
+    # by its 999-parameter limit (some dozens of rows a statement); PostgreSQL does not.
+    queries = len(large.captured_queries)
+    assert queries < 2500 / 20
+    if connection.vendor == "postgresql":
+        assert queries <= 3 * len(small.captured_queries)
+    assert Event.objects.filter(type="v1:notification.created").count() == 10 - 1 + 2500 - 1
+    second = everyone.order_by("pk")[1]  # in both calls, not muted
+    assert list(
+        Event.objects.filter(stream__name=f"user:{second.pk}").values_list("seq", "data__verb")
+    ) == [(1, "announced"), (2, "announced")]
+    muted = everyone.order_by("pk").first()
+    assert not Event.objects.filter(stream__name=f"user:{muted.pk}").exists()
+    assert Notification.objects.filter(recipient=muted).count() == 2
+
+
+@pytest.mark.django_db
+def test_muted_verbs_and_levels_are_stored_but_not_pushed():
+    bob = UserFactory()
+    Preference.objects.create(user=bob, muted_verbs=["liked"], muted_levels=["success"])
+    notify(bob, "liked")
+    notify(bob, "deployed", level="success")
+    notify(bob, "commented on", level="warning")
+    assert Notification.objects.filter(recipient=bob).count() == 3
+    assert [data["verb"] for _t, data in events_of(bob)] == ["commented on"]
+    # The count in the event includes the muted ones: it is the true unread count.
+    assert events_of(bob)[0][1]["unread_count"] == 3
+
+
+# -- REST --------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_another_users_notifications_are_not_found_and_never_counted():
+    alice, bob = UserFactory(), UserFactory()
+    (secret,) = notify(alice, "mentioned you in")
+    notify(bob, "liked")
+    bob_client = client_for(bob)
+    listed = bob_client.get("/api/notifications/").json()["results"]
+    assert [n["verb"] for n in listed] == ["liked"]
+    assert bob_client.get("/api/notifications/unread-count/").json() == {"unread_count": 1}
+    url = f"/api/notifications/{secret.pk}/"
+    assert bob_client.get(url).status_code == 404
+    assert bob_client.post(f"{url}read/").status_code == 404
+    assert bob_client.post(f"{url}unread/").status_code == 404
+    assert bob_client.delete(url).status_code == 404
+    bob_client.post("/api/notifications/read-all/")
+    secret.refresh_from_db()
+    assert secret.read_at is None
+    assert secret.deleted_at is None
+    assert client_for(alice).get(url).status_code == 200
+
+
+@pytest.mark.django_db
+def test_anonymous_gets_403_everywhere():
+    bob = UserFactory()
+    (note,) = notify(bob, "liked")
+    anonymous = Client()
+    for url in (
+        "/api/notifications/",
+        "/api/notifications/unread-count/",
+        f"/api/notifications/{note.pk}/",
+    ):
+        assert anonymous.get(url).status_code == 403
+    assert anonymous.post("/api/notifications/read-all/").status_code == 403
+
+
+@pytest.mark.django_db
+def test_read_unread_read_all_and_delete_are_events_with_the_unread_count():
+    bob = UserFactory()
+    first, second, third = (notify(bob, f"verb {i}")[0] for i in range(3))
+    client = client_for(bob)
+    response = client.post(f"/api/notifications/{first.pk}/read/")
+    assert response.status_code == 200
+    assert response.json()["unread"] is False
+    assert response["X-Stream-Position"] == f"user:{bob.pk}=4"
+    client.post(f"/api/notifications/{first.pk}/read/")  # already read: no event
+    client.post(f"/api/notifications/{first.pk}/unread/")
+    assert client.post("/api/notifications/read-all/").json() == {
+        "ids": sorted([first.pk, second.pk, third.pk]),
+        "unread_count": 0,
+    }
+    client.post(f"/api/notifications/{second.pk}/unread/")
+    assert client.delete(f"/api/notifications/{second.pk}/").status_code == 204
+    changes = [(t, d["ids"], d.get("read"), d["unread_count"]) for t, d in events_of(bob)[3:]]
+    assert changes == [
+        ("v1:notification.read", [first.pk], True, 2),
+        ("v1:notification.read", [first.pk], False, 3),
+        ("v1:notification.read", sorted([first.pk, second.pk, third.pk]), True, 0),
+        ("v1:notification.read", [second.pk], False, 1),
+        ("v1:notification.deleted", [second.pk], None, 0),
+    ]
+    assert [n["id"] for n in client.get("/api/notifications/").json()["results"]] == [
+        third.pk,
+        first.pk,
+    ]
+    assert Notification.objects.filter(pk=second.pk, deleted_at__isnull=False).exists()
+
+
+@pytest.mark.django_db
+def test_list_is_newest_first_paginated_by_cursor_and_filtered():
+    bob = UserFactory()
+    for i in range(5):
+        notify(bob, f"v{i}", level="warning" if i % 2 else "info")
+    set_read(bob, Notification.objects.filter(verb="v0").values_list("pk", flat=True))
+    client = client_for(bob)
+    page = client.get("/api/notifications/", {"page_size": 2}).json()
+    assert [n["verb"] for n in page["results"]] == ["v4", "v3"]
+    page = client.get(page["next"]).json()
+    assert [n["verb"] for n in page["results"]] == ["v2", "v1"]
+    assert [
+        n["verb"] for n in client.get("/api/notifications/?unread=false").json()["results"]
+    ] == ["v0"]
+    assert [
+        n["verb"] for n in client.get("/api/notifications/?level=warning").json()["results"]
+    ] == ["v3", "v1"]
+    for bad in ("unread=maybe", "level=loud", "page_size=0", "page_size=x", "page_size=101"):
+        response = client.get(f"/api/notifications/?{bad}")
+        assert response.status_code == 400, bad
+        assert bad.split("=")[0] in response.json()
+
+
+@pytest.mark.django_db
+def test_list_etag_gives_304_until_anything_changes_including_a_muted_notification():
+    bob = UserFactory()
+    notify(bob, "liked")
+    client = client_for(bob)
+    first = client.get("/api/notifications/")
+    etag = first["ETag"]
+    assert first["Cache-Control"] == "private, no-cache"
+    assert client.get("/api/notifications/", HTTP_IF_NONE_MATCH=etag).status_code == 304
+    Preference.objects.create(user=bob, muted_verbs=["muted"])
+    notify(bob, "muted")  # no event, but the list changed
+    second = client.get("/api/notifications/", HTTP_IF_NONE_MATCH=etag)
+    assert second.status_code == 200
+    etag = second["ETag"]
+    client.post("/api/notifications/read-all/")
+    assert client.get("/api/notifications/", HTTP_IF_NONE_MATCH=etag).status_code == 200
+    count = client.get("/api/notifications/unread-count/")
+    assert count.json() == {"unread_count": 0}
+    assert (
+        client.get("/api/notifications/unread-count/", HTTP_IF_NONE_MATCH=count["ETag"]).status_code
+        == 304
+    )
+    # Another user never gets a 304 for bob's ETag.
+    assert (
+        client_for(UserFactory()).get("/api/notifications/", HTTP_IF_NONE_MATCH=etag).status_code
+        == 200
+    )
+
+
+@pytest.mark.django_db
+def test_delete_takes_if_match():
+    bob = UserFactory()
+    (note,) = notify(bob, "liked")
+    client = client_for(bob)
+    etag = client.get(f"/api/notifications/{note.pk}/")["ETag"]
+    client.post(f"/api/notifications/{note.pk}/read/")
+    assert client.delete(f"/api/notifications/{note.pk}/", HTTP_IF_MATCH=etag).status_code == 412
+    assert Notification.objects.get(pk=note.pk).deleted_at is None
+
+
+@pytest.mark.django_db
+def test_preferences_round_trip_and_validate():
+    bob = UserFactory()
+    client = client_for(bob)
+    assert client.get("/api/notifications/preferences/").json() == {
+        "muted_verbs": [],
+        "muted_levels": [],
+    }
+    body = {"muted_verbs": ["liked"], "muted_levels": ["info"]}
+    response = client.put("/api/notifications/preferences/", body, content_type="application/json")
+    assert response.json() == body
+    bad = client.put(
+        "/api/notifications/preferences/",
+        {"muted_levels": ["loud"]},
+        content_type="application/json",
+    )
+    assert bad.status_code == 400
+    assert Preference.objects.get(user=bob).muted_levels == ["info"]
+
+
+# -- live: WebSocket and SSE ------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_live_on_the_websocket_replay_after_reconnect_and_others_refused():
+    alice, bob = await db(UserFactory)(), await db(UserFactory)()
+    bob_socket = RealtimeClient(session_key=await db(session_for)(bob))
+    await bob_socket.connect()
+    reply = await bob_socket.subscribe(f"user:{bob.pk}")
+    assert reply["ok"] is True
+    await db(notify)(bob, "liked", actor=alice)
+    event = await bob_socket.receive_until("event")
+    assert (event["type"], event["data"]["verb"], event["data"]["unread_count"]) == (
+        "v1:notification.created",
+        "liked",
+        1,
+    )
+    seen = event["seq"]
+    await bob_socket.close()
+
+    await db(notify)(bob, "followed", actor=alice)
+    await db(notify)(bob, "mentioned you in", actor=alice)
+    again = RealtimeClient(session_key=await db(session_for)(bob))
+    await again.connect()
+    reply = await again.subscribe(f"user:{bob.pk}", since=seen, epoch=reply["data"]["epoch"])
+    assert reply["data"]["recovered"] is True
+    replayed = [await again.receive_until("event") for _ in range(2)]
+    assert [e["data"]["verb"] for e in replayed] == ["followed", "mentioned you in"]
+    assert [e["seq"] for e in replayed] == [seen + 1, seen + 2]
+    await again.close()
+
+    snoop = RealtimeClient(session_key=await db(session_for)(alice))
+    await snoop.connect()
+    refused = await snoop.subscribe(f"user:{bob.pk}")
+    assert refused["ok"] is False
+    assert refused["error"]["code"] == "forbidden"
+    await snoop.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_live_on_sse_and_read_state_follows():
+    bob = await db(UserFactory)()
+    reader, _ = await open_sse(bob, f"user:{bob.pk}")
+    (note,) = await db(notify)(bob, "liked")
+    created = await reader.event()
+    assert created["event"] == "v1:notification.created"
+    assert created["data"]["data"]["id"] == note.pk
+    await db(set_read)(bob, [note.pk])
+    read = await reader.event()
+    assert read["event"] == "v1:notification.read"
+    assert read["data"]["data"]["unread_count"] == 0
+    await reader.close()
+
+    client = Client()
+    await db(client.force_login)(await db(UserFactory)())
+    refused = await db(client.get)("/realtime/sse/", {"streams": f"user:{bob.pk}"})
+    assert refused.status_code == 403
+
+
+# -- admin, template tag, checks --------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_admin_lists_searches_and_bulk_marks_read_with_events():
+    staff = UserFactory(is_staff=True, is_superuser=True)
+    bob, carol = UserFactory(username="bob-admin"), UserFactory(username="carol-admin")
+    notify([bob, carol], "announced")
+    client = client_for(staff)
+    page = client.get("/admin/notifications/notification/", {"q": "bob-admin"})
+    assert page.status_code == 200
+    assert page.context["cl"].result_count == 1
+    ids = list(Notification.objects.values_list("pk", flat=True))
+    response = client.post(
+        "/admin/notifications/notification/",
+        {"action": "mark_read", "_selected_action": ids},
+        follow=True,
+    )
+    assert "2 notification(s) marked read." in response.content.decode()
+    for user in (bob, carol):
+        assert [t for t, _d in events_of(user)] == [
+            "v1:notification.created",
+            "v1:notification.read",
+        ]
+    assert client.get("/admin/notifications/notification/add/").status_code == 403
+
+
+@pytest.mark.django_db
+def test_template_tags_render_the_count_and_the_bell():
+    bob = UserFactory()
+    notify(bob, "liked")
+    notify(bob, "followed")
+    request = RequestFactory().get("/")
+    request.user = bob
+    html = Template(
+        "{% load notifications_tags %}[{% unread_notifications_count %}]{% notification_bell %}"
+    ).render(Context({"request": request}))
+    assert html.startswith("[2]")
+    assert f'data-stream="user:{bob.pk}"' in html
+    assert "data-unread-count>2<" in html
+    from django.contrib.auth.models import AnonymousUser
+
+    request.user = AnonymousUser()
+    html = Template(
+        "{% load notifications_tags %}[{% unread_notifications_count %}]{% notification_bell %}"
+    ).render(Context({"request": request}))
+    assert html.strip() == "[0]"
+
+
+@pytest.mark.django_db
+def test_demo_home_page_shows_the_bell_and_the_list():
+    bob = UserFactory()
+    notify(bob, "welcomed you to", data={})
+    page = client_for(bob).get("/").content.decode()
+    assert "notification-bell" in page
+    assert "welcomed you to" in page
+
+
+def test_system_check_errors_without_a_user_stream_policy():
+    from notifications.checks import check_user_stream
+
+    assert check_user_stream() == []
+    previous = stream_kinds.get("user")
+    stream_kinds.unregister("user")
+    try:
+        assert [m.id for m in check_user_stream()] == ["notifications.E001"]
+        stream_kinds.register("user", type("Loose", (UserPolicy.__mro__[1],), {}))
+        messages = check_user_stream()
+        assert [m.id for m in messages] == ["notifications.W001"]
+        assert all(isinstance(m, checks.CheckMessage) for m in messages)
+    finally:
+        stream_kinds.register("user", previous)
