@@ -35,6 +35,7 @@ BENCHMARKS: list[tuple[str, list[list[str]], tuple[str, ...]]] = [
 TABLE_BENCHMARKS: list[tuple[str, list[str]]] = [
     ("http_conditional.py", ["--requests", "1000"]),
     ("sse_fanout.py", []),
+    ("notify_bulk.py", []),
 ]
 #: Environment variables that change what the benchmarks measure, shown in the command.
 ENVIRONMENT = ("DATABASE_URL", "REDIS_URL", "CONN_MAX_AGE")

@@ -245,11 +245,11 @@ def emit_many(
     """Log and publish many `(stream, type, data)` events in a bounded number of queries.
 
     For fan-out writes such as one notification to 10,000 users. Per `batch_size` streams or
-    events: one statement makes the missing stream rows, one finds them, one locks them and
-    reads their positions, and one inserts the events; plus one UPDATE per distinct number of
-    events a stream gets. The stream rows are locked in primary-key order across all batches,
-    so concurrent bulk writers cannot deadlock each other. The events join the current
-    transaction and are published after it commits, as with `emit`.
+    events: one statement finds the stream rows (and two more make and find missing ones), one
+    locks them and reads their positions, and one inserts the events; plus one UPDATE per
+    distinct number of events a stream gets. The stream rows are locked in primary-key order
+    across all batches, so concurrent bulk writers cannot deadlock each other. The events join
+    the current transaction and are published after it commits, as with `emit`.
     """
     pending = []
     for stream, type, data in events:
@@ -308,8 +308,11 @@ def _lock_streams(names: list[str], size: int, using: str) -> dict[str, tuple[in
     ids: dict[str, int] = {}
     for start in range(0, len(names), size):
         chunk = names[start : start + size]
-        manager.bulk_create([Stream(name=name) for name in chunk], ignore_conflicts=True)
         ids.update(manager.filter(name__in=chunk).values_list("name", "pk"))
+        missing = [name for name in chunk if name not in ids]
+        if missing:  # first events of these streams (a concurrent writer may create them too)
+            manager.bulk_create([Stream(name=name) for name in missing], ignore_conflicts=True)
+            ids.update(manager.filter(name__in=missing).values_list("name", "pk"))
     ordered = sorted(ids.values())
     lock = connections[using].features.has_select_for_update
     rows: dict[str, tuple[int, int]] = {}
