@@ -116,6 +116,13 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# Presence: shared by every node through Redis when there is one; else in this process.
+PRESENCE = (
+    {"BACKEND": "presence.backends.redis.RedisBackend", "CONFIG": {"url": REDIS_URL}}
+    if REDIS_URL
+    else {"BACKEND": "presence.backends.memory.MemoryBackend"}
+)
+
 AUTHENTICATION_BACKENDS = [
     "django.contrib.auth.backends.ModelBackend",
     "guardian.backends.ObjectPermissionBackend",

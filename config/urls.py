@@ -12,5 +12,6 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("", include("realtime.urls")),
     path("", include("notifications.urls")),
+    path("", include("presence.urls")),
     path("", include("board.urls")),
 ]

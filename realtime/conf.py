@@ -74,27 +74,34 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class RealtimeSettings:
-    """Attribute access to `settings.REALTIME` merged over `DEFAULTS`."""
+class AppSettings:
+    """Attribute access to one settings dict (e.g. `settings.REALTIME`) merged over defaults.
 
-    def __init__(self) -> None:
+    Unknown keys are an error at first use; the cache is dropped when the setting changes
+    (Django's `setting_changed`, as `override_settings` sends it).
+    """
+
+    def __init__(self, setting: str = "REALTIME", defaults: dict[str, Any] | None = None) -> None:
+        self._setting = setting
+        self._defaults = DEFAULTS if defaults is None else defaults
         self._cache: dict[str, Any] | None = None
+        _all.append(self)
 
     def _load(self) -> dict[str, Any]:
-        user = getattr(django_settings, "REALTIME", None) or {}
-        unknown = set(user) - set(DEFAULTS)
+        user = getattr(django_settings, self._setting, None) or {}
+        unknown = set(user) - set(self._defaults)
         if unknown:
             from django.core.exceptions import ImproperlyConfigured
 
             raise ImproperlyConfigured(
-                f"Unknown REALTIME setting(s): {', '.join(sorted(unknown))}. "
-                f"Known keys: {', '.join(sorted(DEFAULTS))}."
+                f"Unknown {self._setting} setting(s): {', '.join(sorted(unknown))}. "
+                f"Known keys: {', '.join(sorted(self._defaults))}."
             )
-        return {**DEFAULTS, **user}
+        return {**self._defaults, **user}
 
     def __getattr__(self, name: str) -> Any:
-        if name not in DEFAULTS:
-            raise AttributeError(f"Invalid REALTIME setting: {name!r}")
+        if name.startswith("_") or name not in self._defaults:
+            raise AttributeError(f"Invalid {self._setting} setting: {name!r}")
         if self._cache is None:
             self._cache = self._load()
         return self._cache[name]
@@ -103,10 +110,12 @@ class RealtimeSettings:
         self._cache = None
 
 
-realtime_settings = RealtimeSettings()
+_all: list[AppSettings] = []
+realtime_settings = AppSettings("REALTIME", DEFAULTS)
 
 
 @receiver(setting_changed)
 def _reload(*, setting: str, **kwargs: Any) -> None:
-    if setting == "REALTIME":
-        realtime_settings.reload()
+    for app_settings in _all:
+        if setting == app_settings._setting:
+            app_settings.reload()

@@ -14,9 +14,8 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from . import protocol
+from . import hooks, protocol
 from .conf import realtime_settings
-from .events import format_timestamp
 from .fanout import get_hub, node_id
 from .policies import StreamPolicy, stream_kinds
 from .protocol import Close, Code, ProtocolError
@@ -45,8 +44,8 @@ class Subscription:
     def __init__(
         self, consumer: Any, stream: str, policy: StreamPolicy, version: str | None
     ) -> None:
-        # `consumer` is the sink: connection_id, enqueue(text) for ephemeral frames, and
-        # send_event(stream, seq, type, text) for logged ones.
+        # `consumer` is the sink: connection_id, user, send_ephemeral(stream, type, text) for
+        # events that are not logged, and send_event(stream, seq, type, text) for logged ones.
         self.consumer = consumer
         self.stream = stream
         self.policy = policy
@@ -64,8 +63,15 @@ class Subscription:
         if not self.authorized:
             return
         if message.get("ephemeral"):
-            if message.get("origin") != self.consumer.connection_id and not self.replaying:
-                self.consumer.enqueue(message["frames"]["*"])
+            # Client events and presence diffs: not logged, never back to the sending user.
+            if self.replaying or message.get("origin") == self.consumer.connection_id:
+                return
+            sender = message.get("originUser")
+            if sender is not None and sender == getattr(self.consumer.user, "pk", None):
+                return
+            self.consumer.send_ephemeral(
+                self.stream, message.get("eventType", ""), message["frames"]["*"]
+            )
             return
         if self.replaying:
             if len(self.buffer) >= realtime_settings.REPLAY_BUFFER:
@@ -185,6 +191,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 }
             )
         )
+        await hooks.call("connected", self)
 
     def _open_row(self, open_connection: Any, resolve_tenant: Any, version: str, addr: str) -> None:
         open_connection(
@@ -324,6 +331,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         recovered = frame.since is not None and pos.covers(frame.since, frame.epoch)
         subscription.contiguous = frame.since if recovered and frame.since is not None else pos.seq
         data: dict[str, Any] = {"seq": pos.seq, "epoch": pos.epoch, "recovered": recovered}
+        for extra in await hooks.call("subscribed", self, frame.stream, policy):
+            if extra:
+                data.update(extra)
+        if self.subscriptions.get(frame.stream) is not subscription:
+            return  # closed or revoked while the hooks ran
         self.enqueue(protocol.reply(frame.ref, data))
         self._save_subscriptions()
         # Replay in a task of its own, so this socket's other frames (pongs, above all) are
@@ -356,12 +368,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if subscription.task is not None:
             subscription.task.cancel()
         await get_hub().leave(frame.stream, subscription)
+        await hooks.call("unsubscribed", self, frame.stream, subscription.policy, "unsubscribe")
         self.enqueue(protocol.reply(frame.ref))
         self._save_subscriptions()
 
     async def _publish(self, frame: protocol.Publish) -> None:
-        from .publisher import LAYER_MESSAGE_TYPE
-        from .streams import group_name
 
         policy = self._policy(frame.stream, frame.ref)
         if not policy.allows_client_event(frame.type):
@@ -370,28 +381,26 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             raise ProtocolError(Code.RATE_LIMITED, "too many events; slow down", frame.ref)
         if not await self._authorized(policy, frame.stream):
             raise ProtocolError(Code.FORBIDDEN, "not allowed", frame.ref)
-        event = {
-            "op": "event",
-            "stream": frame.stream,
-            "eventId": uuid.uuid4().hex,
-            "type": frame.type,
-            "timestamp": format_timestamp(_now()),
-            "from": {"user": self.user.pk, "connectionId": self.connection_id},  # type: ignore[union-attr]
-            "data": frame.data,
-        }
-        message = {
-            "type": LAYER_MESSAGE_TYPE,
-            "stream": frame.stream,
-            "ephemeral": True,
-            "origin": self.connection_id,
-            "frames": {"*": protocol.dumps(event)},
-        }
-        await self.channel_layer.group_send(group_name(frame.stream), message)
-        self.enqueue(protocol.reply(frame.ref, {"eventId": event["eventId"]}))
+        passed = await hooks.publishing(self, frame.stream, policy, frame.type, frame.data)
+        if passed is None:  # held back by a hook (typing throttled): accepted, not sent on
+            self.enqueue(protocol.reply(frame.ref, {"throttled": True}))
+            return
+        event_id = await hooks.send_ephemeral(
+            frame.stream,
+            frame.type,
+            passed["data"],
+            origin=self.connection_id,
+            origin_user=self.user.pk,  # type: ignore[union-attr]
+            sender={"user": self.user.pk, "connectionId": self.connection_id},  # type: ignore[union-attr]
+        )
+        self.enqueue(protocol.reply(frame.ref, {"eventId": event_id}))
 
     # -- outbound -------------------------------------------------------------------------
 
     def send_event(self, stream: str, seq: int, event_type: str, frame: str) -> None:
+        self.enqueue(frame)
+
+    def send_ephemeral(self, stream: str, event_type: str, frame: str) -> None:
         self.enqueue(frame)
 
     def enqueue(self, text: str) -> None:
@@ -481,6 +490,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             if subscription.task is not None:
                 subscription.task.cancel()
             await get_hub().leave(stream, subscription)
+            await hooks.call("unsubscribed", self, stream, subscription.policy, "forbidden")
             self.enqueue(
                 protocol.dumps({"op": "unsubscribed", "stream": stream, "reason": Code.FORBIDDEN})
             )
@@ -525,7 +535,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             if subscription.task is not None:
                 subscription.task.cancel()
             await hub.leave(stream, subscription)
+            await hooks.call("unsubscribed", self, stream, subscription.policy, "disconnect")
         self.subscriptions.clear()
+        if self.user is not None and self.registered:
+            await hooks.call("disconnected", self)
         if self.writer is not None:
             self.writer.cancel()
         if self.user is not None and self.registered:
@@ -534,8 +547,3 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
             await _thread(close_connection)(self.connection_id)
 
-
-def _now() -> Any:
-    from django.utils import timezone
-
-    return timezone.now()

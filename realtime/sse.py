@@ -71,6 +71,10 @@ class SSEConnection:
         self.positions[stream] = Position(self.subscriptions[stream].contiguous, old.epoch)
         self.enqueue(_message(event_type or "message", frame, encode(self.positions)))
 
+    def send_ephemeral(self, stream: str, event_type: str, frame: str) -> None:
+        # Not logged, so no `id:`: the cursor (Last-Event-ID) stays at the last logged event.
+        self.enqueue(_message(event_type or "message", frame))
+
     def enqueue(self, text: str) -> None:
         if self.closed:
             return

@@ -1,0 +1,92 @@
+"""A read-only admin page: streams with their present users and those users' connections."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from django.contrib import admin
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+
+from .display import display_many
+from .models import Presence
+from .tracker import get_backend, iso
+
+LIMIT = 2000
+
+
+def _entries() -> list[Any]:
+    async def read() -> list[Any]:
+        backend = get_backend()
+        try:
+            return await backend.entries(limit=LIMIT)
+        finally:
+            await backend.close()
+
+    return async_to_sync(read)()
+
+
+@admin.register(Presence)
+class PresenceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Backend entries grouped by stream; nothing here can be changed."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        if not self.has_view_permission(request):
+            from django.core.exceptions import PermissionDenied
+
+            raise PermissionDenied
+        from realtime.models import Connection
+
+        entries = _entries()
+        query = request.GET.get("q", "").strip()
+        if query:
+            entries = [e for e in entries if query in e.stream]
+        shown = display_many(sorted({e.user_id for e in entries}))
+        rows = {
+            row.pk: row
+            for row in Connection.objects.filter(pk__in=[e.connection_id for e in entries])
+        }
+        now = time.time()
+        streams: dict[str, dict[str, Any]] = {}
+        for entry in entries:
+            users = streams.setdefault(entry.stream, {})
+            user = users.setdefault(
+                entry.user_id,
+                {"user": shown.get(entry.user_id, {"id": entry.user_id}), "connections": []},
+            )
+            row = rows.get(entry.connection_id)
+            user["connections"].append(
+                {
+                    "id": entry.connection_id,
+                    "node": entry.node,
+                    "expires_in": round(entry.expires_at - now, 1),
+                    "expires_at": iso(entry.expires_at),
+                    "transport": row.transport if row else "",
+                    "connected_at": row.connected_at if row else None,
+                    "last_seen": row.last_seen if row else None,
+                }
+            )
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Presence",
+            "streams": sorted(
+                (stream, sorted(users.values(), key=lambda u: str(u["user"].get("id"))))
+                for stream, users in streams.items()
+            ),
+            "query": query,
+            "truncated": len(entries) >= LIMIT,
+            **(extra_context or {}),
+        }
+        return TemplateResponse(request, "admin/presence/presence/change_list.html", context)

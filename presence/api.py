@@ -1,0 +1,55 @@
+"""`GET /api/presence/<stream>/`: who is present, with the same authorization as subscribing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.http import require_GET
+
+from realtime.policies import check_stream, stream_kinds
+from realtime.protocol import Code
+from realtime.streams import parse_stream
+
+from .tracker import member_list
+
+
+def _error(status: int, detail: str) -> JsonResponse:
+    return JsonResponse({"detail": detail}, status=status)
+
+
+@require_GET
+async def presence_view(request: HttpRequest, stream: str) -> HttpResponse:
+    """The present users of `stream`, oldest first; ETag/304 on the list."""
+    user = await request.auser()
+    if not user.is_authenticated or not user.is_active:
+        return _error(403, "Authentication credentials were not provided.")
+    refusal = await database_sync_to_async(check_stream, thread_sensitive=False)(user, stream)
+    if refusal == Code.INVALID_STREAM:
+        return _error(400, f"{stream!r} is not a stream name such as 'project:42'.")
+    if refusal == Code.UNKNOWN_STREAM:
+        return _error(404, "No such stream kind.")
+    if refusal is not None:
+        # Refused and missing objects answer alike, as on the WebSocket.
+        return _error(403, "You may not read this stream.")
+    kind, _key = parse_stream(stream)
+    policy: Any = stream_kinds.get(kind)
+    if not policy.presence:
+        return _error(404, f"Presence is not enabled for {kind!r} streams.")
+    body = {"stream": stream, "members": await member_list(stream)}
+    text = json.dumps(body, separators=(",", ":"), sort_keys=True)
+    etag = f'"{hashlib.sha256(text.encode()).hexdigest()[:32]}"'
+    candidates = {
+        c.strip().removeprefix("W/") for c in request.headers.get("If-None-Match", "").split(",")
+    }
+    if etag in candidates:
+        response = HttpResponse(status=304)
+    else:
+        response = HttpResponse(text, content_type="application/json")
+    response["ETag"] = etag
+    response["Cache-Control"] = "private, no-cache"
+    response["Vary"] = "Cookie, Authorization"
+    return response

@@ -1,0 +1,49 @@
+"""System checks of the presence app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core import checks
+
+
+@checks.register()
+def check_backend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    from django.utils.module_loading import import_string
+
+    from .backends import PresenceBackend
+    from .conf import presence_settings
+
+    try:
+        backend = import_string(presence_settings.BACKEND)
+    except ImportError as exc:
+        return [
+            checks.Error(
+                f"PRESENCE['BACKEND'] {presence_settings.BACKEND!r} cannot be imported: {exc}",
+                id="presence.E001",
+            )
+        ]
+    if not (isinstance(backend, type) and issubclass(backend, PresenceBackend)):
+        return [checks.Error("PRESENCE['BACKEND'] is not a PresenceBackend", id="presence.E002")]
+    messages: list[checks.CheckMessage] = []
+    if backend.__name__ == "MemoryBackend" and not settings.DEBUG:
+        messages.append(
+            checks.Warning(
+                "The in-memory presence backend is not shared between processes: with more "
+                "than one server process each shows its own members.",
+                hint="Set PRESENCE = {'BACKEND': 'presence.backends.redis.RedisBackend', ...}.",
+                id="presence.W001",
+            )
+        )
+    ttl = float(presence_settings.TTL)
+    refresh = presence_settings.REFRESH_INTERVAL
+    if refresh is not None and float(refresh) >= ttl:
+        messages.append(
+            checks.Error(
+                "PRESENCE['REFRESH_INTERVAL'] must be shorter than PRESENCE['TTL'], or live "
+                "users expire between refreshes.",
+                id="presence.E003",
+            )
+        )
+    return messages

@@ -1,0 +1,28 @@
+"""`settings.PRESENCE`: every key optional."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from realtime.conf import AppSettings
+
+DEFAULTS: dict[str, Any] = {
+    # Where entries live: "presence.backends.memory.MemoryBackend" (one process) or
+    # "presence.backends.redis.RedisBackend" (shared by nodes), and its keyword arguments.
+    "BACKEND": "presence.backends.memory.MemoryBackend",
+    "CONFIG": {},
+    # Seconds an entry lives without being refreshed by its node.
+    "TTL": 30.0,
+    # Seconds between refreshes of a node's entries (TTL / 3 when None).
+    "REFRESH_INTERVAL": None,
+    # Seconds between sweeps for expired entries (each node sweeps; a leave is announced once).
+    "SWEEP_INTERVAL": 5.0,
+    # Callable (user) -> dict of display fields, or a DRF serializer class, or a dotted path.
+    "USER_SERIALIZER": "presence.display.user_display",
+    # Typing indicators: at most one `v1:typing.started` per user and stream per this many
+    # seconds is forwarded; receivers drop the indicator after `TYPING_EXPIRES_MS`.
+    "TYPING_INTERVAL": 1.0,
+    "TYPING_EXPIRES_MS": 3000,
+}
+
+presence_settings = AppSettings("PRESENCE", DEFAULTS)

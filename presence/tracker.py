@@ -1,0 +1,244 @@
+"""Presence on the WebSocket: realtime connection hooks that keep the backend's entries.
+
+A subscription to a stream whose policy has `presence = True` is an entry (stream, user,
+connection). The backend reports a user's first entry (a join) and last one (a leave); only
+those are announced to the stream as `v1:presence.joined` / `v1:presence.left` events (not
+logged, no `seq`), so a second tab, a heartbeat or a refresh announces nothing. Each event loop
+refreshes its entries every REFRESH_INTERVAL and sweeps expired ones every SWEEP_INTERVAL; a
+node that dies stops refreshing, and a sweeper on any node removes its entries after the TTL
+and announces each leave once (the backend's atomic removal decides who announces).
+
+Typing indicators pass through `publishing`: `v1:typing.started` is forwarded at most once
+per TYPING_INTERVAL per user and stream (per node), with `expiresIn` added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.utils.module_loading import import_string
+
+from realtime.events import format_timestamp
+from realtime.hooks import ConnectionHooks, send_ephemeral
+from realtime.policies import stream_kinds
+from realtime.streams import parse_stream
+
+from .backends import Change, PresenceBackend
+from .conf import presence_settings
+from .display import display_many, serializer
+from .signals import presence_joined, presence_left
+
+logger = logging.getLogger("presence")
+
+JOINED = "v1:presence.joined"
+LEFT = "v1:presence.left"
+TYPING_STARTED = "v1:typing.started"
+TYPING_STOPPED = "v1:typing.stopped"
+_TYPING_MEMORY = 10_000
+
+
+def _thread(func: Any) -> Any:
+    return database_sync_to_async(func, thread_sensitive=False)
+
+
+def iso(seconds: float) -> str:
+    return format_timestamp(dt.datetime.fromtimestamp(seconds, dt.UTC))
+
+
+_backend: PresenceBackend | None = None
+_backend_config: tuple[Any, ...] | None = None
+
+
+def get_backend() -> PresenceBackend:
+    """The configured backend (one instance, rebuilt when PRESENCE changes)."""
+    global _backend, _backend_config
+    config = (presence_settings.BACKEND, tuple(sorted((presence_settings.CONFIG or {}).items())))
+    if _backend is None or config != _backend_config:
+        cls = import_string(presence_settings.BACKEND)
+        _backend = cls(**(presence_settings.CONFIG or {}))
+        _backend_config = config
+    return _backend
+
+
+def _ttl() -> float:
+    return float(presence_settings.TTL)
+
+
+def _refresh_interval() -> float:
+    configured = presence_settings.REFRESH_INTERVAL
+    return float(configured) if configured else _ttl() / 3
+
+
+def _node() -> str:
+    from realtime.fanout import node_id
+
+    return node_id()
+
+
+def presence_enabled(stream: str) -> bool:
+    kind, _key = parse_stream(stream)
+    policy = stream_kinds.get(kind)
+    return bool(policy is not None and policy.presence)
+
+
+async def member_list(stream: str) -> list[dict[str, Any]]:
+    """The stream's present users, oldest first: [{"user": {...}, "since": "..."}]."""
+    members = await get_backend().members(stream)
+    shown = await _thread(display_many)(list(members))
+    ordered = sorted(members.items(), key=lambda item: (item[1], item[0]))
+    return [
+        {"user": shown[user_id], "since": iso(since)}
+        for user_id, since in ordered
+        if user_id in shown
+    ]
+
+
+async def _signal(signal: Any, stream: str, user_id: str, **kwargs: Any) -> None:
+    kind, _key = parse_stream(stream)
+    sender = type(stream_kinds.get(kind))
+    for receiver, result in await _thread(signal.send_robust)(
+        sender=sender, stream=stream, user_id=user_id, **kwargs
+    ):
+        if isinstance(result, Exception):
+            logger.error("presence signal receiver %r raised %r", receiver, result)
+
+
+async def announce_left(change: Change, reason: str) -> None:
+    await send_ephemeral(
+        change.stream, LEFT, {"user": {"id": _id(change.user_id)}, "reason": reason}
+    )
+    await _signal(presence_left, change.stream, change.user_id, reason=reason)
+
+
+def _id(user_id: str) -> Any:
+    return int(user_id) if user_id.isdigit() else user_id
+
+
+async def sweep(now: float | None = None) -> list[Change]:
+    """Expire entries whose node stopped refreshing; announce each leave (once, cluster-wide)."""
+    left = await get_backend().expire(time.time() if now is None else now)
+    for change in left:
+        await announce_left(change, "expired")
+    return left
+
+
+@dataclass
+class _LoopState:
+    """What one event loop (one server process, usually) holds."""
+
+    entries: set[tuple[str, str, str]] = field(default_factory=set)
+    typing: dict[tuple[str, str], float] = field(default_factory=dict)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class PresenceTracker(ConnectionHooks):
+    """The realtime hooks of the presence app (registered in `PresenceConfig.ready`)."""
+
+    def __init__(self) -> None:
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+
+    def state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            for closed in [lp for lp in self._loops if lp.is_closed()]:
+                del self._loops[closed]
+            state = self._loops[loop] = _LoopState()
+            state.tasks = [
+                loop.create_task(self._refresh_forever(state), name="presence-refresh"),
+                loop.create_task(self._sweep_forever(), name="presence-sweep"),
+            ]
+        return state
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    async def connected(self, connection: Any) -> None:
+        self.state()  # every node with sockets sweeps, so a dead node's users leave
+
+    async def subscribed(self, connection: Any, stream: str, policy: Any) -> dict[str, Any] | None:
+        if not policy.presence:
+            return None
+        state = self.state()
+        user_id = str(connection.user.pk)
+        now = time.time()
+        entry = (stream, user_id, connection.connection_id)
+        state.entries.add(entry)
+        first = await get_backend().join(stream, *entry[1:], _node(), now + _ttl(), now)
+        if first:
+            shown = await _thread(serializer())(connection.user)
+            await send_ephemeral(
+                stream,
+                JOINED,
+                {"user": shown, "since": iso(now)},
+                origin=connection.connection_id,
+            )
+            await _signal(presence_joined, stream, user_id)
+        return {"presence": await member_list(stream)}
+
+    async def unsubscribed(self, connection: Any, stream: str, policy: Any, reason: str) -> None:
+        if not policy.presence:
+            return
+        state = self.state()
+        user_id = str(connection.user.pk)
+        state.entries.discard((stream, user_id, connection.connection_id))
+        state.typing.pop((stream, user_id), None)
+        if await get_backend().leave(stream, user_id, connection.connection_id):
+            await announce_left(Change(stream, user_id), reason)
+
+    async def publishing(
+        self, connection: Any, stream: str, policy: Any, event_type: str, data: Any
+    ) -> tuple[bool, Any]:
+        if event_type not in (TYPING_STARTED, TYPING_STOPPED):
+            return True, data
+        state = self.state()
+        key = (stream, str(connection.user.pk))
+        now = time.monotonic()
+        if event_type == TYPING_STOPPED:
+            state.typing.pop(key, None)
+            return True, data
+        last = state.typing.get(key)
+        if last is not None and now - last < float(presence_settings.TYPING_INTERVAL):
+            return False, data
+        if len(state.typing) >= _TYPING_MEMORY:  # bounded: forget the stalest half
+            for stale in sorted(state.typing, key=state.typing.__getitem__)[: _TYPING_MEMORY // 2]:
+                del state.typing[stale]
+        state.typing[key] = now
+        extra = data if isinstance(data, dict) else {}
+        return True, {**extra, "expiresIn": int(presence_settings.TYPING_EXPIRES_MS)}
+
+    # -- background -------------------------------------------------------------------------
+
+    async def _refresh_forever(self, state: _LoopState) -> None:
+        while True:
+            await asyncio.sleep(_refresh_interval())
+            try:
+                now = time.time()
+                rejoined = await get_backend().refresh(
+                    sorted(state.entries), _node(), now + _ttl(), now
+                )
+                for change in rejoined:  # swept while this node stalled: present again
+                    await send_ephemeral(
+                        change.stream,
+                        JOINED,
+                        {"user": {"id": _id(change.user_id)}, "since": iso(now)},
+                    )
+                    await _signal(presence_joined, change.stream, change.user_id)
+            except Exception:
+                logger.warning("presence refresh failed; retrying", exc_info=True)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(float(presence_settings.SWEEP_INTERVAL))
+            try:
+                await sweep()
+            except Exception:
+                logger.warning("presence sweep failed; retrying", exc_info=True)
+
+
+tracker = PresenceTracker()
