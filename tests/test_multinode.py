@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 
@@ -87,3 +88,88 @@ def test_save_on_node_a_reaches_subscriber_on_node_b_and_revocation_follows(tmp_
         welcome = async_to_sync(scenario)()
         assert welcome["protocol"] == "v1"
         assert "Traceback" not in node_a.output() + node_b.output()
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_users_of_a_killed_node_leave_exactly_once_as_seen_from_the_other_node(tmp_path):
+    """20 users present through node A; A gets SIGKILL; a member on node B sees each of them
+    leave once (reason "expired") within TTL + sweep interval, and nothing twice."""
+    import time
+    import uuid
+
+    ttl, sweep_every = 3.0, 1.0
+    owner = UserFactory(username="presence-owner")
+    project = ProjectFactory(owner=owner)
+    users = [UserFactory(username=f"present{i}") for i in range(20)]
+    for user in users:
+        add_member(project, user)
+    sessions = {user.pk: session_for(user) for user in [owner, *users]}
+    stream = f"project:{project.pk}"
+    presence = {
+        "CONFIG": {"url": os.environ["REDIS_URL"], "prefix": f"test-{uuid.uuid4().hex}"},
+        "TTL": ttl,
+        "REFRESH_INTERVAL": 1.0,
+        "SWEEP_INTERVAL": sweep_every,
+    }
+    env = {
+        "DJANGO_SETTINGS_MODULE": "tests.settings_live",
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": os.environ["REDIS_URL"],
+        "DEBUG": "1",
+        "TEST_PRESENCE": json.dumps(presence),
+    }
+
+    def connect(node, user_pk):
+        return websockets.connect(
+            f"ws://127.0.0.1:{node.port}/ws/realtime/",
+            origin="http://127.0.0.1",
+            close_timeout=0.2,  # node A is gone: do not wait for its closing handshake
+            additional_headers={"Cookie": f"sessionid={sessions[user_pk]}"},
+        )
+
+    async def subscribe(socket):
+        await next_frame(socket, "welcome")
+        await socket.send(json.dumps({"op": "subscribe", "ref": "s", "stream": stream}))
+        reply = await next_frame(socket, "reply")
+        assert reply["ok"] is True, reply
+        return reply
+
+    with Daphne(env, tmp_path / "a.log") as node_a, Daphne(env, tmp_path / "b.log") as node_b:
+
+        async def scenario():
+            async with connect(node_b, owner.pk) as watcher:
+                await subscribe(watcher)
+                sockets = [await connect(node_a, user.pk).__aenter__() for user in users]
+                try:
+                    for socket in sockets:
+                        await subscribe(socket)
+                    joined = {
+                        (await next_frame(watcher, "event"))["data"]["user"]["id"] for _ in users
+                    }
+                    assert joined == {user.pk for user in users}
+                    async with connect(node_b, owner.pk) as late:  # the list agrees across nodes
+                        reply = await subscribe(late)
+                        listed = {m["user"]["id"] for m in reply["data"]["presence"]}
+                        assert listed == {owner.pk, *(user.pk for user in users)}
+
+                    node_a.process.kill()  # SIGKILL: no clean disconnect, no leave sent
+                    killed = time.monotonic()
+                    left = []
+                    async with asyncio.timeout(ttl + 2 * sweep_every + 5):
+                        while len(left) < len(users):
+                            event = await next_frame(watcher, "event")
+                            assert event["type"] == "v1:presence.left", event
+                            left.append((event["data"]["user"]["id"], time.monotonic() - killed))
+                    assert sorted(pk for pk, _ in left) == sorted(user.pk for user in users)
+                    assert max(after for _, after in left) <= ttl + 2 * sweep_every + 2
+                    # Exactly once: nothing more arrives.
+                    with pytest.raises(TimeoutError):
+                        await next_frame(watcher, "event", timeout=2 * sweep_every + 1)
+                finally:
+                    for socket in sockets:
+                        with contextlib.suppress(Exception):
+                            await socket.close()
+
+        asyncio.run(scenario())

@@ -1,0 +1,355 @@
+"""Presence: one member per user across tabs, joins and leaves announced once, TTL and sweep,
+typing throttle and sender exclusion, signals, REST with authorization and ETag, admin."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from django.test import Client, override_settings
+
+from board.membership import add_member
+from presence.backends import Change
+from presence.signals import presence_joined, presence_left
+from presence.tracker import get_backend, sweep
+from realtime.testing import RealtimeClient, session_for
+
+from .factories import OrganizationFactory, ProjectFactory, UserFactory
+
+db = sync_to_async
+
+
+def backend_settings() -> dict:
+    """A fresh backend of the kind the run uses: Redis under REDIS_URL (own key prefix)."""
+    if os.environ.get("REDIS_URL"):
+        return {
+            "BACKEND": "presence.backends.redis.RedisBackend",
+            "CONFIG": {"url": os.environ["REDIS_URL"], "prefix": f"test-{uuid.uuid4().hex}"},
+        }
+    return {
+        "BACKEND": "presence.backends.memory.MemoryBackend",
+        "CONFIG": {"run": uuid.uuid4().hex},
+    }
+
+
+@pytest.fixture
+def fresh_presence():
+    with override_settings(PRESENCE=backend_settings()):
+        yield
+
+
+async def tab(user) -> RealtimeClient:
+    client = RealtimeClient(session_key=await db(session_for)(user))
+    await client.connect()
+    return client
+
+
+async def next_event(client: RealtimeClient, type_: str, timeout: float = 5) -> dict:  # noqa: ASYNC109
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = await client.receive(timeout)
+            if frame.get("op") == "event" and frame.get("type") == type_:
+                return frame
+
+
+async def no_event(client: RealtimeClient, prefix: str, wait: float = 0.5) -> bool:
+    """Whether no event whose type starts with `prefix` arrives within `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while (left := deadline - time.monotonic()) > 0:
+        if await client.communicator.receive_nothing(left):
+            return True
+        frame = await client.receive()
+        if frame.get("op") == "event" and frame["type"].startswith(prefix):
+            return False
+    return True
+
+
+async def project_with(*members):
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    for user in members:
+        await db(add_member)(project, user)
+    return owner, project, f"project:{project.pk}"
+
+
+@pytest.fixture
+def signals():
+    seen: list[tuple[str, str, str, str]] = []
+
+    def joined(sender, stream, user_id, **kwargs):
+        seen.append(("joined", stream, user_id, ""))
+
+    def left(sender, stream, user_id, reason, **kwargs):
+        seen.append(("left", stream, user_id, reason))
+
+    presence_joined.connect(joined, weak=False)
+    presence_left.connect(left, weak=False)
+    yield seen
+    presence_joined.disconnect(joined)
+    presence_left.disconnect(left)
+
+
+# -- backends -------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_backend_counts_users_not_connections(kind):
+    if kind == "redis":
+        from .conftest import need
+
+        need(bool(os.environ.get("REDIS_URL")), "REDIS_URL is not set")
+        from presence.backends.redis import RedisBackend
+
+        backend = RedisBackend(url=os.environ["REDIS_URL"], prefix=f"test-{uuid.uuid4().hex}")
+    else:
+        from presence.backends.memory import MemoryBackend
+
+        backend = MemoryBackend()
+    now = time.time()
+    s = "project:1"
+    assert await backend.join(s, "7", "c1", "n1", now + 30, now) is True
+    assert await backend.join(s, "7", "c2", "n1", now + 30, now + 1) is False  # second tab
+    assert await backend.join(s, "7", "c1", "n1", now + 40, now + 2) is False  # refresh
+    assert await backend.join(s, "8", "c3", "n2", now + 5, now + 3) is True
+    assert await backend.members(s) == {"7": now, "8": now + 3}
+    assert await backend.leave(s, "7", "c1") is False  # one tab left
+    assert await backend.leave(s, "7", "c1") is False  # twice: nothing
+    assert sorted(e.connection_id for e in await backend.entries()) == ["c2", "c3"]
+    # c3 (user 8) expires; two sweepers race: the leave is reported once.
+    first, second = await asyncio.gather(backend.expire(now + 10), backend.expire(now + 10))
+    assert first + second == [Change(s, "8")]
+    assert await backend.members(s) == {"7": now}
+    # A swept entry comes back with a refresh (a node that stalled), as a new join.
+    assert await backend.refresh([(s, "8", "c3")], "n2", now + 60, now + 11) == [
+        Change(s, "8", now + 11)
+    ]
+    assert await backend.refresh([(s, "8", "c3")], "n2", now + 70, now + 12) == []
+    assert await backend.leave(s, "7", "c2") is True
+    assert await backend.leave(s, "8", "c3") is True
+    assert await backend.members(s) == {}
+    assert await backend.entries() == []
+    await backend.close()
+
+
+# -- over the WebSocket -----------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_two_tabs_are_one_member_one_join_and_one_leave(fresh_presence, signals):
+    alice, bob = await db(UserFactory)(username="alice-p"), await db(UserFactory)(username="bob-p")
+    _owner, _project, stream = await project_with(alice, bob)
+    watcher = await tab(bob)
+    reply = await watcher.subscribe(stream)
+    assert [m["user"]["username"] for m in reply["data"]["presence"]] == ["bob-p"]
+
+    first = await tab(alice)
+    reply = await first.subscribe(stream)
+    assert [m["user"]["username"] for m in reply["data"]["presence"]] == ["bob-p", "alice-p"]
+    joined = await next_event(watcher, "v1:presence.joined")
+    assert joined["data"]["user"] == {"id": alice.pk, "username": "alice-p", "name": "alice-p"}
+    assert "seq" not in joined
+
+    second = await tab(alice)
+    reply = await second.subscribe(stream)
+    assert [m["user"]["id"] for m in reply["data"]["presence"]] == [bob.pk, alice.pk]  # once
+    assert await no_event(watcher, "v1:presence.")  # a second tab is no join
+
+    await first.close()
+    assert await no_event(watcher, "v1:presence.")  # one tab of two closed: no leave
+    await second.close()
+    left = await next_event(watcher, "v1:presence.left")
+    assert left["data"] == {"user": {"id": alice.pk}, "reason": "disconnect"}
+    assert await no_event(watcher, "v1:presence.")
+    await watcher.close()
+    await asyncio.sleep(0.1)
+    a, b = str(alice.pk), str(bob.pk)
+    assert signals == [
+        ("joined", stream, b, ""),
+        ("joined", stream, a, ""),
+        ("left", stream, a, "disconnect"),
+        ("left", stream, b, "disconnect"),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_unsubscribe_and_revocation_leave_and_streams_without_presence_track_nothing(
+    fresh_presence,
+):
+    alice, bob = await db(UserFactory)(), await db(UserFactory)()
+    _owner, project, stream = await project_with(alice, bob)
+    watcher = await tab(bob)
+    await watcher.subscribe(stream)
+    socket = await tab(alice)
+    await socket.subscribe(stream)
+    await next_event(watcher, "v1:presence.joined")
+    await socket.request("unsubscribe", stream=stream)
+    left = await next_event(watcher, "v1:presence.left")
+    assert left["data"]["reason"] == "unsubscribe"
+
+    await socket.subscribe(stream)
+    await next_event(watcher, "v1:presence.joined")
+    from board.membership import remove_member
+
+    await db(remove_member)(project, alice)  # revoked: the subscription ends, so does presence
+    left = await next_event(watcher, "v1:presence.left")
+    assert left["data"] == {"user": {"id": alice.pk}, "reason": "forbidden"}
+    assert await get_backend().members(stream) == {str(bob.pk): pytest.approx(time.time(), abs=60)}
+
+    organization = await db(OrganizationFactory)()
+    await db(organization.members.add)(alice)
+    reply = await socket.subscribe(f"tenant:{organization.pk}")  # presence off for tenants
+    assert "presence" not in reply["data"]
+    assert await get_backend().members(f"tenant:{organization.pk}") == {}
+    await socket.close()
+    await watcher.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_typing_goes_to_the_others_throttled_with_expiry(fresh_presence):
+    alice, bob = await db(UserFactory)(), await db(UserFactory)()
+    _owner, _project, stream = await project_with(alice, bob)
+    bob_tab = await tab(bob)
+    await bob_tab.subscribe(stream)
+    alice_tab, alice_other = await tab(alice), await tab(alice)
+    await alice_tab.subscribe(stream)
+    await alice_other.subscribe(stream)
+
+    reply = await alice_tab.request(
+        "publish", stream=stream, type="v1:typing.started", data={"field": "title"}
+    )
+    assert reply["ok"] is True
+    assert "throttled" not in reply["data"]
+    typing = await next_event(bob_tab, "v1:typing.started")
+    assert typing["data"] == {"field": "title", "expiresIn": 3000}
+    assert typing["from"]["user"] == alice.pk
+    # Within a second: accepted, not forwarded.
+    again = await alice_other.request("publish", stream=stream, type="v1:typing.started", data={})
+    assert again["data"] == {"throttled": True}
+    assert await no_event(bob_tab, "v1:typing.", wait=0.3)
+    stopped = await alice_tab.request("publish", stream=stream, type="v1:typing.stopped", data={})
+    assert stopped["ok"] is True
+    assert (await next_event(bob_tab, "v1:typing.stopped"))["from"]["user"] == alice.pk
+    # Never to the sender's own tabs.
+    assert await no_event(alice_tab, "v1:typing.", wait=0.2)
+    assert await no_event(alice_other, "v1:typing.", wait=0.2)
+    # After the interval, typing is forwarded again.
+    await asyncio.sleep(1.05)
+    await alice_tab.request("publish", stream=stream, type="v1:typing.started", data={})
+    assert (await next_event(bob_tab, "v1:typing.started"))["data"] == {"expiresIn": 3000}
+    for client in (bob_tab, alice_tab, alice_other):
+        await client.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_entries_of_a_dead_node_expire_and_the_leave_is_announced_once(
+    fresh_presence, signals
+):
+    bob = await db(UserFactory)()
+    _owner, _project, stream = await project_with(bob)
+    watcher = await tab(bob)
+    await watcher.subscribe(stream)
+    # A user present through a node that died: its entry is not refreshed any more.
+    now = time.time()
+    await get_backend().join(stream, "424242", "deadbeef", "dead-node", now + 0.2, now)
+    await asyncio.sleep(0.3)
+    results = await asyncio.gather(sweep(), sweep())
+    assert sum(len(r) for r in results) == 1
+    left = await next_event(watcher, "v1:presence.left")
+    assert left["data"] == {"user": {"id": 424242}, "reason": "expired"}
+    assert await no_event(watcher, "v1:presence.", wait=0.3)
+    assert ("left", stream, "424242", "expired") in signals
+    await watcher.close()
+
+
+# -- REST and admin ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rest_list_is_authorized_like_subscribing_and_has_an_etag(fresh_presence):
+    alice, carol = UserFactory(username="alice-r"), UserFactory(username="carol-r")
+    owner = UserFactory()
+    project = ProjectFactory(owner=owner)
+    add_member(project, alice)
+    stream = f"project:{project.pk}"
+    now = time.time()
+    async_to_sync(get_backend().join)(stream, str(alice.pk), "c1", "n", now + 30, now)
+    client = Client()
+    client.force_login(alice)
+    response = client.get(f"/api/presence/{stream}/")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["stream"] == stream
+    assert [m["user"]["username"] for m in body["members"]] == ["alice-r"]
+    assert (
+        client.get(f"/api/presence/{stream}/", HTTP_IF_NONE_MATCH=response["ETag"]).status_code
+        == 304
+    )
+    async_to_sync(get_backend().join)(stream, str(owner.pk), "c2", "n", now + 30, now + 1)
+    assert (
+        client.get(f"/api/presence/{stream}/", HTTP_IF_NONE_MATCH=response["ETag"]).status_code
+        == 200
+    )
+
+    outsider = Client()
+    outsider.force_login(carol)
+    assert outsider.get(f"/api/presence/{stream}/").status_code == 403
+    assert outsider.get("/api/presence/project:999999/").status_code == 403  # missing alike
+    assert Client().get(f"/api/presence/{stream}/").status_code == 403
+    assert client.get("/api/presence/nope/").status_code == 400
+    assert client.get("/api/presence/planet:1/").status_code == 404
+    assert client.post(f"/api/presence/{stream}/").status_code == 405
+    organization = OrganizationFactory()
+    organization.members.add(alice)
+    assert client.get(f"/api/presence/tenant:{organization.pk}/").status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admin_page_lists_streams_users_and_connections(fresh_presence):
+    staff = UserFactory(username="staff-p", is_staff=True, is_superuser=True)
+    now = time.time()
+    async_to_sync(get_backend().join)(
+        "project:77", str(staff.pk), "conn-abc", "node-1", now + 30, now
+    )
+    client = Client()
+    client.force_login(staff)
+    page = client.get("/admin/presence/presence/")
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert "project:77" in text
+    assert "conn-abc" in text
+    assert "node-1" in text
+    assert "staff-p" in text
+    assert (
+        client.get("/admin/presence/presence/", {"q": "project:78"})
+        .content.decode()
+        .count("conn-abc")
+        == 0
+    )
+    plain = UserFactory(is_staff=True)
+    other = Client()
+    other.force_login(plain)
+    assert other.get("/admin/presence/presence/").status_code == 403
+
+
+def test_system_checks():
+    from presence.checks import check_backend
+
+    with override_settings(PRESENCE={"BACKEND": "no.such.Backend"}):
+        assert [m.id for m in check_backend()] == ["presence.E001"]
+    with override_settings(PRESENCE={"BACKEND": "presence.conf.AppSettings"}):
+        assert [m.id for m in check_backend()] == ["presence.E002"]
+    with override_settings(PRESENCE={"TTL": 10, "REFRESH_INTERVAL": 10}, DEBUG=True):
+        assert [m.id for m in check_backend()] == ["presence.E003"]
+    with override_settings(
+        PRESENCE={"BACKEND": "presence.backends.memory.MemoryBackend"}, DEBUG=False
+    ):
+        assert [m.id for m in check_backend()] == ["presence.W001"]
