@@ -63,7 +63,7 @@ return left
 
 
 class RedisBackend(PresenceBackend):
-    """CONFIG: `url` (default REDIS_URL's), `prefix`; one client per event loop."""
+    """CONFIG: `url`, `prefix`, `max_connections` (per event loop, default 20)."""
 
     def __init__(
         self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "presence", **config: Any
@@ -71,6 +71,7 @@ class RedisBackend(PresenceBackend):
         super().__init__(url=url, prefix=prefix, **config)
         self.url = url
         self.prefix = prefix
+        self.max_connections = int(config.get("max_connections", 20))
         self._clients: dict[asyncio.AbstractEventLoop, Any] = {}
 
     def _client(self) -> Any:
@@ -81,9 +82,17 @@ class RedisBackend(PresenceBackend):
         if client is None:
             for closed in [lp for lp in self._clients if lp.is_closed()]:
                 del self._clients[closed]
-            client = self._clients[loop] = redis.from_url(
-                self.url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True
+            # A bounded pool that waits for a free connection (up to 5 s) instead of failing
+            # when many sockets join at once.
+            pool = redis.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=self.max_connections,
+                timeout=5,
+                socket_timeout=5,
+                socket_connect_timeout=5,
+                decode_responses=True,
             )
+            client = self._clients[loop] = redis.Redis(connection_pool=pool)
             client.presence_scripts = {  # type: ignore[attr-defined]
                 "join": client.register_script(_JOIN),
                 "leave": client.register_script(_LEAVE),
