@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 from typing import Any
 
@@ -109,18 +110,31 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
         finally:
             for stream in streams:
                 await hub.leave(stream, waker)
-    body = (
-        '{"events":['
-        + ",".join(frame for _s, _q, _t, frame in events)
-        + '],"resets":'
-        + json.dumps(start.resets)
-        + ',"cursor":'
-        + json.dumps(cursor_of(after))
-        + "}"
-    )
-    response = HttpResponse(body, content_type="application/json")
+    next_cursor = cursor_of(after)
+    resets = json.dumps(start.resets)
+    # The ETag names "nothing after this cursor": a poller that sends it back gets 304 while
+    # nothing new has committed, with no body to parse.
+    etag = '"' + hashlib.sha256(f"{next_cursor}|{resets}".encode()).hexdigest()[:32] + '"'
+    if not events and etag in _etags(request.headers.get("If-None-Match")):
+        response = HttpResponse(status=304)
+    else:
+        body = (
+            '{"events":['
+            + ",".join(frame for _s, _q, _t, frame in events)
+            + '],"resets":'
+            + resets
+            + ',"cursor":'
+            + json.dumps(next_cursor)
+            + "}"
+        )
+        response = HttpResponse(body, content_type="application/json")
+    response["ETag"] = etag
     response["Cache-Control"] = "no-store"
     return response
+
+
+def _etags(header: str | None) -> set[str]:
+    return {value.strip().removeprefix("W/") for value in (header or "").split(",") if value}
 
 
 def _number(request: HttpRequest, name: str, default: Any, low: Any, high: Any, kind: Any) -> Any:

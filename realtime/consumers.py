@@ -546,4 +546,3 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             from .connections import close_connection
 
             await _thread(close_connection)(self.connection_id)
-

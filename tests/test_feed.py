@@ -170,3 +170,29 @@ async def test_long_poll_times_out_with_no_events_and_the_same_cursor():
     assert time.monotonic() - started >= 0.5
     assert body["events"] == []
     assert decode(body["cursor"]) == decode(first["cursor"])
+
+
+async def test_etag_gives_304_while_nothing_new_and_200_once_something_commits():
+    owner, project = await setup_project(items=1)
+    client = await logged_in(owner)
+    stream = f"project:{project.pk}"
+    first = await client.get(
+        "/api/realtime/events/", {"streams": stream, "cursor": encode({stream: Position(0, None)})}
+    )
+    body = first.json()
+    assert len(body["events"]) == 2  # the project and its item
+    caught_up = await client.get(
+        "/api/realtime/events/", {"streams": stream, "cursor": body["cursor"]}
+    )
+    etag = caught_up["ETag"]
+    assert caught_up.json()["events"] == []
+    params = {"streams": stream, "cursor": body["cursor"]}
+    unchanged = await client.get("/api/realtime/events/", params, headers={"If-None-Match": etag})
+    assert unchanged.status_code == 304
+    assert unchanged.content == b""
+    assert unchanged["ETag"] == etag
+    await db(ItemFactory)(project=project, title="new")
+    changed = await client.get("/api/realtime/events/", params, headers={"If-None-Match": etag})
+    assert changed.status_code == 200
+    assert [e["data"]["title"] for e in changed.json()["events"]] == ["new"]
+    assert changed["ETag"] != etag

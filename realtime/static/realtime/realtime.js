@@ -1,0 +1,830 @@
+// realtime.js: the browser client of django-realtime-log, protocol v1 (docs/client.md).
+// One dependency-free ES module. Every browser API it uses can be passed in, for tests.
+
+export const STATUS = Object.freeze({
+  IDLE: "idle",
+  CONNECTING: "connecting",
+  OPEN: "open",
+  RECONNECTING: "reconnecting",
+  OFFLINE: "offline",
+  SSE: "fallback-sse",
+  POLLING: "fallback-polling",
+});
+
+// Close codes after which reconnecting cannot help (docs/protocol.md, section 11).
+const FINAL_CLOSE = new Set([4401, 4403]);
+
+/** Full-jitter exponential backoff: a random delay in [0, min(cap, base * 2^attempt)). */
+export function backoffDelay(attempt, { base = 1000, cap = 30000, random = Math.random } = {}) {
+  const ceiling = Math.min(cap, base * 2 ** Math.max(0, attempt));
+  return Math.floor(random() * ceiling);
+}
+
+/** The event feed's cursor for positions {stream: [seq, epoch]} (base64url of JSON). */
+export function encodeCursor(positions) {
+  const sorted = Object.keys(positions).sort();
+  const payload = {};
+  for (const stream of sorted) payload[stream] = positions[stream];
+  const bytes = new TextEncoder().encode(JSON.stringify(payload));
+  let binary = "";
+  for (const b of bytes) binary += String.fromCharCode(b);
+  return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+/** Parse `X-Stream-Position` ("project:42=131, user:7=9") into {stream: seq}. */
+export function parsePositions(header) {
+  const positions = {};
+  for (const part of (header || "").split(",")) {
+    const index = part.lastIndexOf("=");
+    if (index < 0) continue;
+    const seq = Number(part.slice(index + 1).trim());
+    if (Number.isInteger(seq)) positions[part.slice(0, index).trim()] = seq;
+  }
+  return positions;
+}
+
+/** A set of recent event ids with a size bound: the oldest are forgotten first. */
+export class Deduper {
+  constructor(limit = 5000) {
+    this.limit = limit;
+    this.seen = new Set();
+  }
+  /** True the first time an id is offered, false after. */
+  fresh(id) {
+    if (!id) return true;
+    if (this.seen.has(id)) return false;
+    this.seen.add(id);
+    if (this.seen.size > this.limit) this.seen.delete(this.seen.values().next().value);
+    return true;
+  }
+}
+
+/**
+ * One stream's order: delivers logged events in seq order exactly once, buffers those that
+ * arrive early, and reports a gap that does not close by itself within `gapWait` ms.
+ */
+export class StreamOrder {
+  constructor({ seq = null, epoch = null, limit = 1000 } = {}) {
+    this.seq = seq; // the last seq delivered (null: not known yet)
+    this.epoch = epoch;
+    this.limit = limit;
+    this.pending = new Map(); // seq -> frame
+  }
+  /** Offer a frame; returns the frames now deliverable, in order. */
+  offer(frame) {
+    if (this.seq === null) this.seq = frame.seq - 1;
+    if (frame.seq <= this.seq || this.pending.has(frame.seq)) return [];
+    if (frame.seq !== this.seq + 1) {
+      if (this.pending.size >= this.limit) return null; // too far behind: the caller resets
+      this.pending.set(frame.seq, frame);
+      return [];
+    }
+    const out = [frame];
+    this.seq = frame.seq;
+    while (this.pending.has(this.seq + 1)) {
+      this.seq += 1;
+      out.push(this.pending.get(this.seq));
+      this.pending.delete(this.seq);
+    }
+    return out;
+  }
+  get hasGap() {
+    return this.pending.size > 0;
+  }
+  /** Start again from a known position (after a reset). */
+  reset(seq, epoch) {
+    this.seq = seq;
+    this.epoch = epoch;
+    this.pending.clear();
+  }
+}
+
+/** Split an SSE body into messages ({event, data, id, retry}); keeps the unfinished tail. */
+export class SSEParser {
+  constructor() {
+    this.buffer = "";
+  }
+  push(text) {
+    this.buffer += text.replace(/\r\n?/g, "\n");
+    const messages = [];
+    let end;
+    while ((end = this.buffer.indexOf("\n\n")) >= 0) {
+      const block = this.buffer.slice(0, end);
+      this.buffer = this.buffer.slice(end + 2);
+      const message = { event: "message", data: [], id: null, retry: null, comment: false };
+      for (const line of block.split("\n")) {
+        if (line.startsWith(":")) {
+          message.comment = true;
+          continue;
+        }
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let value = colon < 0 ? "" : line.slice(colon + 1);
+        if (value.startsWith(" ")) value = value.slice(1);
+        if (field === "event") message.event = value;
+        else if (field === "data") message.data.push(value);
+        else if (field === "id") message.id = value;
+        else if (field === "retry") message.retry = Number(value);
+      }
+      message.data = message.data.join("\n");
+      messages.push(message);
+    }
+    return messages;
+  }
+}
+
+function randomId() {
+  const bytes = new Uint8Array(16);
+  (globalThis.crypto || { getRandomValues: (b) => b.map(() => Math.floor(Math.random() * 256)) })
+    .getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * The client. Events (addEventListener or `on`): `status` ({status, retryIn, transport}),
+ * `event` (a frame), `reset` ({stream, seq, epoch}), `error` ({code, message}), `presence`
+ * ({stream, members}), `welcome`.
+ */
+export class RealtimeClient extends EventTarget {
+  constructor(options = {}) {
+    super();
+    const g = globalThis;
+    const base = options.baseUrl || (g.location ? g.location.origin : "http://127.0.0.1");
+    this.options = {
+      wsUrl: options.wsUrl || base.replace(/^http/, "ws") + "/ws/realtime/",
+      sseUrl: options.sseUrl || base + "/realtime/sse/",
+      feedUrl: options.feedUrl || base + "/api/realtime/events/",
+      ticketUrl: options.ticketUrl || null, // POST it for ?ticket= (clients without cookies)
+      clientVersion: options.clientVersion || "js-1",
+      maxQueue: options.maxQueue ?? 100,
+      wsAttempts: options.wsAttempts ?? 3, // failed WebSocket tries before SSE
+      sseAttempts: options.sseAttempts ?? 2, // failed SSE tries before polling
+      stableAfter: options.stableAfter ?? 10000, // ms open before the backoff resets
+      backoff: { base: 1000, cap: 30000, ...(options.backoff || {}) },
+      gapWait: options.gapWait ?? 1000, // ms an early event waits for the missing ones
+      pollVisible: options.pollVisible ?? 20, // long-poll `wait` (s) while the tab is visible
+      pollHidden: options.pollHidden ?? 30000, // ms between short polls while it is hidden
+      probeEvery: options.probeEvery ?? 30000, // ms between WebSocket tries while on a fallback
+      dedupeLimit: options.dedupeLimit ?? 5000,
+    };
+    this.WebSocket = options.WebSocket || g.WebSocket;
+    this.fetch = options.fetch || (g.fetch ? g.fetch.bind(g) : null);
+    this.setTimeout = options.setTimeout || g.setTimeout.bind(g);
+    this.clearTimeout = options.clearTimeout || g.clearTimeout.bind(g);
+    this.random = options.random || Math.random;
+    this.document = options.document || g.document || null;
+    this.onReset = options.onReset || null;
+    this.status = STATUS.IDLE;
+    this.streams = new Map(); // stream -> {order, handlers:Set, presence: Map}
+    this.deduper = new Deduper(this.options.dedupeLimit);
+    this.queue = []; // frames waiting for an open socket
+    this.replies = new Map(); // ref -> {resolve, reject, frame}
+    this.refs = 0;
+    this.attempt = 0;
+    this.wsFailures = 0;
+    this.sseFailures = 0;
+    this.timers = new Set();
+    this.pendingCorrelations = new Set();
+    this.closed = true;
+    this.transport = null;
+    this._onVisibility = () => this._visibilityChanged();
+  }
+
+  on(type, listener) {
+    const wrapped = (e) => listener(e.detail);
+    this.addEventListener(type, wrapped);
+    return () => this.removeEventListener(type, wrapped);
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _setStatus(status, extra = {}) {
+    this.status = status;
+    this._emit("status", { status, transport: this.transport, ...extra });
+  }
+
+  _later(ms, fn) {
+    const id = this.setTimeout(() => {
+      this.timers.delete(id);
+      fn();
+    }, ms);
+    this.timers.add(id);
+    return id;
+  }
+
+  _cancel(id) {
+    if (id == null) return;
+    this.clearTimeout(id);
+    this.timers.delete(id);
+  }
+
+  // -- lifecycle ---------------------------------------------------------------------------
+
+  connect() {
+    if (!this.closed) return this;
+    this.closed = false;
+    if (this.document && this.document.addEventListener) {
+      this.document.addEventListener("visibilitychange", this._onVisibility);
+    }
+    this._openSocket();
+    return this;
+  }
+
+  close() {
+    this.closed = true;
+    for (const id of this.timers) this.clearTimeout(id);
+    this.timers.clear();
+    this._stopFallback();
+    if (this.socket) {
+      const socket = this.socket;
+      this.socket = null;
+      socket.onclose = socket.onmessage = socket.onerror = socket.onopen = null;
+      try {
+        socket.close(1000);
+      } catch (_) {
+        /* already closed */
+      }
+    }
+    if (this.document && this.document.removeEventListener) {
+      this.document.removeEventListener("visibilitychange", this._onVisibility);
+    }
+    this._setStatus(STATUS.OFFLINE, { reason: "closed" });
+  }
+
+  // -- WebSocket ----------------------------------------------------------------------------
+
+  async _socketUrl() {
+    const url = new URL(this.options.wsUrl);
+    url.searchParams.set("v", this.options.clientVersion);
+    if (this.options.ticketUrl && this.fetch) {
+      const response = await this.fetch(this.options.ticketUrl, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: this._csrfHeaders(),
+      });
+      if (response.ok) url.searchParams.set("ticket", (await response.json()).ticket);
+    }
+    return url.toString();
+  }
+
+  async _openSocket({ probe = false } = {}) {
+    if (this.closed || !this.WebSocket) return;
+    if (!probe) this._setStatus(this.attempt ? STATUS.RECONNECTING : STATUS.CONNECTING);
+    let url;
+    try {
+      url = await this._socketUrl();
+    } catch (error) {
+      return this._socketFailed(null, probe);
+    }
+    if (this.closed) return;
+    let socket;
+    try {
+      socket = new this.WebSocket(url);
+    } catch (error) {
+      return this._socketFailed(null, probe);
+    }
+    let promoted = false; // welcomed: this socket became the connection
+    socket.onopen = () => {};
+    socket.onmessage = (message) => {
+      let frame;
+      try {
+        frame = JSON.parse(message.data);
+      } catch (_) {
+        return;
+      }
+      if (frame.op === "welcome") {
+        promoted = true;
+        if (probe) this._stopFallback();
+        this.socket = socket;
+        this.transport = "websocket";
+        this.wsFailures = 0;
+        this.sseFailures = 0;
+        this.heartbeat = (frame.heartbeat || 25) * 1000;
+        this._setStatus(STATUS.OPEN);
+        this._emit("welcome", frame);
+        this._watchdog();
+        this._cancel(this.stableTimer);
+        this.stableTimer = this._later(this.options.stableAfter, () => (this.attempt = 0));
+        this._resubscribe();
+        this._flush();
+        return;
+      }
+      this._watchdog();
+      this._frame(frame);
+    };
+    socket.onclose = (event) => {
+      if (this.socket === socket) this.socket = null;
+      this._cancel(this.watchdog);
+      this._cancel(this.stableTimer);
+      for (const [ref, pending] of this.replies) {
+        if (pending.frame.op !== "subscribe") {
+          pending.reject(Object.assign(new Error("connection closed"), { code: "closed" }));
+          this.replies.delete(ref);
+        }
+      }
+      this.replies.clear();
+      if (this.closed) return;
+      if (FINAL_CLOSE.has(event.code)) {
+        this._setStatus(STATUS.OFFLINE, { code: event.code });
+        this._emit("error", {
+          code: event.code === 4401 ? "unauthenticated" : "forbidden",
+          message: `the server refused the connection (${event.code})`,
+        });
+        this.closed = true;
+        return;
+      }
+      this._socketFailed(event.code, probe && !promoted, promoted);
+    };
+    socket.onerror = () => {
+      /* onclose follows */
+    };
+  }
+
+  _socketFailed(code, probe, wasOpen = false) {
+    if (this.closed) return;
+    if (probe) return this._scheduleProbe();
+    if (!wasOpen) this.wsFailures += 1;
+    if (this.wsFailures >= this.options.wsAttempts && this.fetch) return this._startSSE();
+    const delay = backoffDelay(this.attempt, { ...this.options.backoff, random: this.random });
+    this.attempt += 1;
+    this._setStatus(STATUS.RECONNECTING, { retryIn: delay, code });
+    this.retryTimer = this._later(delay, () => this._openSocket());
+  }
+
+  _watchdog() {
+    // The server pings every `heartbeat`; silence for two intervals means a dead link.
+    this._cancel(this.watchdog);
+    this.watchdog = this._later(2 * this.heartbeat + 1000, () => {
+      if (this.socket) this.socket.close(4000);
+    });
+  }
+
+  _send(frame) {
+    if (this.socket && this.socket.readyState === 1) {
+      this.socket.send(JSON.stringify(frame));
+      return true;
+    }
+    return false;
+  }
+
+  /** Send a frame now, or queue it until the socket is open (bounded: the oldest is dropped). */
+  _enqueue(frame) {
+    if (this._send(frame)) return;
+    if (frame.op === "subscribe" || frame.op === "unsubscribe") return; // resent on (re)connect
+    this.queue.push(frame);
+    while (this.queue.length > this.options.maxQueue) {
+      const dropped = this.queue.shift();
+      const pending = this.replies.get(dropped.ref);
+      if (pending) {
+        this.replies.delete(dropped.ref);
+        pending.reject(Object.assign(new Error("dropped from the full queue"), { code: "queue_full" }));
+      }
+      this._emit("error", { code: "queue_full", message: "outbound queue full: oldest frame dropped", frame: dropped });
+    }
+  }
+
+  _flush() {
+    while (this.queue.length && this._send(this.queue[0])) this.queue.shift();
+  }
+
+  _request(frame) {
+    this.refs += 1;
+    const ref = String(this.refs);
+    const full = { ...frame, ref };
+    return new Promise((resolve, reject) => {
+      this.replies.set(ref, { resolve, reject, frame: full });
+      this._enqueue(full);
+    });
+  }
+
+  _frame(frame) {
+    switch (frame.op) {
+      case "ping":
+        this._send({ op: "pong" });
+        return;
+      case "reply": {
+        const pending = this.replies.get(frame.ref);
+        if (!pending) return;
+        this.replies.delete(frame.ref);
+        if (frame.ok) pending.resolve(frame.data || {});
+        else {
+          const error = frame.error || { code: "error", message: "refused" };
+          pending.reject(Object.assign(new Error(error.message), { code: error.code }));
+        }
+        return;
+      }
+      case "event":
+        this._event(frame);
+        return;
+      case "reset":
+        this._reset(frame.stream, frame.seq, frame.epoch);
+        return;
+      case "unsubscribed": {
+        const state = this.streams.get(frame.stream);
+        if (state) state.active = false;
+        this._emit("error", { code: frame.reason, message: `unsubscribed from ${frame.stream}`, stream: frame.stream });
+        return;
+      }
+      default:
+    }
+  }
+
+  // -- subscriptions ---------------------------------------------------------------------------
+
+  /**
+   * Follow a stream. `onEvent(frame)` gets its events in order, once each; `onReset(info)`
+   * (or the client's) is called when history was lost and the app should refetch over REST.
+   * `since`/`epoch` resume from a known position (see `snapshot`). Returns a handle with
+   * `unsubscribe()` and `ready` (the subscribe reply's promise).
+   */
+  subscribe(stream, { onEvent, onReset, onPresence, since = null, epoch = null } = {}) {
+    let state = this.streams.get(stream);
+    if (!state) {
+      state = {
+        order: new StreamOrder({ seq: since, epoch }),
+        handlers: new Set(),
+        active: true,
+        presence: new Map(),
+        gapTimer: null,
+      };
+      this.streams.set(stream, state);
+    }
+    const handler = { onEvent, onReset, onPresence };
+    state.handlers.add(handler);
+    const ready = state.handlers.size === 1 ? this._subscribeFrame(stream) : Promise.resolve({});
+    return {
+      ready,
+      unsubscribe: () => {
+        state.handlers.delete(handler);
+        if (state.handlers.size) return;
+        this.streams.delete(stream);
+        this._cancel(state.gapTimer);
+        if (this.transport === "websocket") this._send({ op: "unsubscribe", ref: "u" + stream, stream });
+        else if (this.transport) this._restartFallback();
+      },
+    };
+  }
+
+  _subscribeFrame(stream) {
+    if (this.transport && this.transport !== "websocket") {
+      this._restartFallback();
+      return Promise.resolve({});
+    }
+    const state = this.streams.get(stream);
+    const frame = { op: "subscribe", stream };
+    if (state.order.seq !== null) {
+      frame.since = state.order.seq;
+      if (state.order.epoch) frame.epoch = state.order.epoch;
+    }
+    const ready = this._request(frame).then(
+      (data) => this._subscribed(stream, data, frame),
+      (error) => {
+        if (error.code !== "closed" && error.code !== "queue_full") {
+          this._emit("error", { code: error.code, message: error.message, stream });
+        }
+        throw error;
+      },
+    );
+    ready.catch(() => {});
+    return ready;
+  }
+
+  _subscribed(stream, data, frame) {
+    const state = this.streams.get(stream);
+    if (!state) return data;
+    state.active = true;
+    if (frame.since != null && data.recovered === false) {
+      this._reset(stream, data.seq, data.epoch);
+    } else if (state.order.seq === null) {
+      state.order.reset(data.seq, data.epoch);
+    } else {
+      state.order.epoch = data.epoch;
+    }
+    if (Array.isArray(data.presence)) {
+      state.presence = new Map(data.presence.map((m) => [m.user.id, m]));
+      this._presence(stream, state);
+    }
+    return data;
+  }
+
+  _resubscribe() {
+    for (const stream of this.streams.keys()) this._subscribeFrame(stream);
+  }
+
+  _reset(stream, seq, epoch) {
+    const state = this.streams.get(stream);
+    if (!state) return;
+    state.order.reset(seq, epoch);
+    this._cancel(state.gapTimer);
+    const info = { stream, seq, epoch };
+    this._emit("reset", info);
+    let handled = false;
+    for (const h of state.handlers) {
+      if (h.onReset) {
+        handled = true;
+        h.onReset(info);
+      }
+    }
+    if (!handled && this.onReset) this.onReset(info);
+  }
+
+  _event(frame) {
+    const state = this.streams.get(frame.stream);
+    if (!state) return;
+    if (!this.deduper.fresh(frame.eventId)) return;
+    if (frame.seq === undefined) return this._ephemeral(frame, state); // not logged
+    const ready = state.order.offer(frame);
+    if (ready === null) {
+      // Too many events early: stop waiting and fill from the log.
+      return this._fillGap(frame.stream);
+    }
+    for (const f of ready) this._deliver(f, state);
+    if (state.order.hasGap && state.gapTimer == null) {
+      state.gapTimer = this._later(this.options.gapWait, () => {
+        state.gapTimer = null;
+        if (state.order.hasGap) this._fillGap(frame.stream);
+      });
+    }
+  }
+
+  _deliver(frame, state) {
+    if (frame.correlationId && this.pendingCorrelations.has(frame.correlationId)) {
+      frame = { ...frame, own: true };
+    }
+    this._emit("event", frame);
+    for (const h of state.handlers) if (h.onEvent) h.onEvent(frame);
+  }
+
+  _ephemeral(frame, state) {
+    if (frame.type === "v1:presence.joined") {
+      state.presence.set(frame.data.user.id, frame.data);
+      this._presence(frame.stream, state);
+    } else if (frame.type === "v1:presence.left") {
+      state.presence.delete(frame.data.user.id);
+      this._presence(frame.stream, state);
+    }
+    this._emit("event", frame);
+    for (const h of state.handlers) if (h.onEvent) h.onEvent(frame);
+  }
+
+  _presence(stream, state) {
+    const members = Array.from(state.presence.values());
+    this._emit("presence", { stream, members });
+    for (const h of state.handlers) if (h.onPresence) h.onPresence(members);
+  }
+
+  /** Read the missing events from the event feed; reset the stream if that fails. */
+  async _fillGap(stream) {
+    const state = this.streams.get(stream);
+    if (!state || !this.fetch) return;
+    const from = state.order.seq;
+    try {
+      const events = await this._readFeed({ [stream]: [from, state.order.epoch] }, 0);
+      if (events.resets.length) throw new Error("reset");
+      for (const frame of events.events) {
+        for (const f of state.order.offer(frame) || []) this._deliver(f, state);
+        this.deduper.fresh(frame.eventId);
+      }
+      if (state.order.hasGap) {
+        // The log has nothing more up to the early events: they were published out of
+        // order but the missing ones are gone. Skip ahead to what we hold.
+        const [first] = Array.from(state.order.pending.keys()).sort((a, b) => a - b);
+        throw Object.assign(new Error("gap"), { seq: first - 1 });
+      }
+    } catch (error) {
+      this._reset(stream, state.order.seq, state.order.epoch);
+    }
+  }
+
+  async _readFeed(positions, wait, etag = null) {
+    const url = new URL(this.options.feedUrl);
+    url.searchParams.set("streams", Object.keys(positions).join(","));
+    url.searchParams.set("cursor", encodeCursor(positions));
+    url.searchParams.set("limit", "500");
+    if (wait) url.searchParams.set("wait", String(wait));
+    const headers = etag ? { "If-None-Match": etag } : {};
+    const response = await this.fetch(url.toString(), { credentials: "same-origin", headers });
+    if (response.status === 304) return { events: [], resets: [], cursor: null, notModified: true };
+    if (!response.ok) throw Object.assign(new Error(`feed answered ${response.status}`), { status: response.status });
+    const body = await response.json();
+    body.etag = response.headers.get("ETag");
+    return body;
+  }
+
+  /** Publish a client event (typing); resolves with the reply's data. */
+  publish(stream, type, data = {}) {
+    if (this.transport && this.transport !== "websocket") {
+      return Promise.reject(Object.assign(new Error("publishing needs the WebSocket"), { code: "no_websocket" }));
+    }
+    return this._request({ op: "publish", stream, type, data });
+  }
+
+  members(stream) {
+    const state = this.streams.get(stream);
+    return state ? Array.from(state.presence.values()) : [];
+  }
+
+  // -- HTTP helpers ----------------------------------------------------------------------------
+
+  _csrfHeaders() {
+    const cookie = this.document && this.document.cookie ? this.document.cookie : "";
+    const match = cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
+    return match ? { "X-CSRFToken": decodeURIComponent(match[1]) } : {};
+  }
+
+  /**
+   * A REST call that makes a change: sends a fresh `X-Correlation-ID` (the events the change
+   * causes carry it, and arrive with `own: true`), the CSRF token and JSON. Rejects with an
+   * error holding `status` and the server's message on a non-2xx answer.
+   */
+  async request(url, { method = "POST", body, headers = {} } = {}) {
+    const correlationId = randomId();
+    this.pendingCorrelations.add(correlationId);
+    this._later(60000, () => this.pendingCorrelations.delete(correlationId));
+    const response = await this.fetch(url, {
+      method,
+      credentials: "same-origin",
+      headers: {
+        "Content-Type": "application/json",
+        "X-Correlation-ID": correlationId,
+        ...this._csrfHeaders(),
+        ...headers,
+      },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await response.text();
+    let data = null;
+    try {
+      data = text ? JSON.parse(text) : null;
+    } catch (_) {
+      data = text;
+    }
+    if (!response.ok) {
+      const message =
+        (data && (data.detail || (data.error && data.error.message))) ||
+        (typeof data === "object" && data ? JSON.stringify(data) : `HTTP ${response.status}`);
+      throw Object.assign(new Error(message), { status: response.status, data });
+    }
+    return { data, status: response.status, correlationId, positions: parsePositions(response.headers.get("X-Stream-Position")), etag: response.headers.get("ETag") };
+  }
+
+  /**
+   * Optimistic update: `apply()` changes the page at once (it may return a temporary id);
+   * `request()` does the change on the server; on success `reconcile(result, temp)` swaps in
+   * the server's state, on failure `rollback(temp, error)` undoes it and the error is re-thrown
+   * (and emitted as an `error` event) so the page can show it.
+   */
+  async optimistic({ apply, request, reconcile, rollback }) {
+    const temp = apply ? apply() : undefined;
+    try {
+      const result = await request(temp);
+      if (reconcile) reconcile(result, temp);
+      return result;
+    } catch (error) {
+      if (rollback) rollback(temp, error);
+      this._emit("error", { code: "rolled_back", message: error.message, status: error.status });
+      throw error;
+    }
+  }
+
+  /**
+   * Load a resource over REST and follow `stream` from exactly the position the response was
+   * read at (`X-Stream-Position`): no event between page load and subscribe is lost or doubled.
+   */
+  async snapshot(url, stream, handlers = {}) {
+    const response = await this.fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
+    if (!response.ok) throw Object.assign(new Error(`HTTP ${response.status}`), { status: response.status });
+    const data = await response.json();
+    const positions = parsePositions(response.headers.get("X-Stream-Position"));
+    const since = positions[stream] ?? null;
+    const subscription = this.subscribe(stream, { ...handlers, since });
+    return { data, since, subscription };
+  }
+
+  // -- fallbacks: SSE, then polling --------------------------------------------------------
+
+  _positions() {
+    const positions = {};
+    for (const [stream, state] of this.streams) positions[stream] = [state.order.seq ?? 0, state.order.epoch];
+    return positions;
+  }
+
+  _stopFallback() {
+    if (this.fallbackAbort) this.fallbackAbort.abort();
+    this.fallbackAbort = null;
+    this._cancel(this.pollTimer);
+    this._cancel(this.probeTimer);
+    this.pollTimer = this.probeTimer = null;
+    if (this.transport !== "websocket") this.transport = null;
+  }
+
+  _restartFallback() {
+    const mode = this.transport;
+    this._stopFallback();
+    if (mode === "sse") this._startSSE();
+    else if (mode === "polling") this._startPolling();
+  }
+
+  _scheduleProbe() {
+    this._cancel(this.probeTimer);
+    this.probeTimer = this._later(this.options.probeEvery, () => this._openSocket({ probe: true }));
+  }
+
+  async _startSSE() {
+    if (this.closed) return;
+    this._stopFallback();
+    this.transport = "sse";
+    this._setStatus(STATUS.SSE);
+    this._scheduleProbe();
+    const controller = (this.fallbackAbort = new AbortController());
+    if (!this.streams.size) return; // nothing to follow yet; subscribe() restarts it
+    const url = new URL(this.options.sseUrl);
+    url.searchParams.set("streams", Array.from(this.streams.keys()).join(","));
+    url.searchParams.set("cursor", encodeCursor(this._positions()));
+    try {
+      const response = await this.fetch(url.toString(), {
+        credentials: "same-origin",
+        headers: { Accept: "text/event-stream" },
+        signal: controller.signal,
+      });
+      if (!response.ok || !response.body) throw new Error(`SSE answered ${response.status}`);
+      this.sseFailures = 0;
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      const parser = new SSEParser();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        for (const message of parser.push(decoder.decode(value, { stream: true }))) {
+          if (!message.data) continue;
+          let frame;
+          try {
+            frame = JSON.parse(message.data);
+          } catch (_) {
+            continue;
+          }
+          if (message.event === "reset" || frame.op === "reset") this._reset(frame.stream, frame.seq, frame.epoch);
+          else if (frame.op === "event") this._event(frame);
+          else this._frame(frame);
+        }
+      }
+      throw new Error("SSE stream ended");
+    } catch (error) {
+      if (controller.signal.aborted || this.closed) return;
+      this.sseFailures += 1;
+      if (this.sseFailures >= this.options.sseAttempts) return this._startPolling();
+      const delay = backoffDelay(this.sseFailures, { ...this.options.backoff, random: this.random });
+      this._setStatus(STATUS.SSE, { retryIn: delay });
+      this.pollTimer = this._later(delay, () => this._startSSE());
+    }
+  }
+
+  _hidden() {
+    return Boolean(this.document && this.document.visibilityState === "hidden");
+  }
+
+  _visibilityChanged() {
+    if (this.transport === "polling" && !this._hidden()) this._startPolling(); // poll now
+  }
+
+  async _startPolling() {
+    if (this.closed) return;
+    this._stopFallback();
+    this.transport = "polling";
+    this._setStatus(STATUS.POLLING);
+    this._scheduleProbe();
+    const controller = (this.fallbackAbort = new AbortController());
+    let etag = null;
+    let failures = 0;
+    const poll = async () => {
+      if (controller.signal.aborted || this.closed) return;
+      if (!this.streams.size) return;
+      const hidden = this._hidden();
+      try {
+        const body = await this._readFeed(this._positions(), hidden ? 0 : this.options.pollVisible, etag);
+        failures = 0;
+        if (controller.signal.aborted) return;
+        if (!body.notModified) {
+          etag = body.etag;
+          for (const stream of body.resets || []) this._reset(stream.stream || stream, stream.seq ?? 0, stream.epoch ?? null);
+          for (const frame of body.events) this._event(frame);
+        }
+      } catch (error) {
+        failures += 1;
+        this._setStatus(STATUS.POLLING, { error: error.message });
+      }
+      // Never a hot loop, even if a proxy answers long polls at once.
+      const delay = hidden
+        ? this.options.pollHidden
+        : failures
+          ? Math.max(250, backoffDelay(failures, { ...this.options.backoff, random: this.random }))
+          : 250;
+      this.pollTimer = this._later(delay, poll);
+    };
+    poll();
+  }
+}
+
+export default RealtimeClient;
