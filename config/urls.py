@@ -6,6 +6,8 @@ from board import views
 
 urlpatterns = [
     path("", views.home, name="home"),
+    path("projects/<int:pk>/", views.project_board, name="project-board"),
+    path("dashboard/", views.dashboard, name="dashboard"),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -381,7 +381,7 @@ test("polling is a long poll while visible, slow short polls while hidden, with 
     calls.push({ wait: u.searchParams.get("wait"), etag: init.headers?.["If-None-Match"] ?? null, path: u.pathname });
     if (u.pathname === "/realtime/sse/") throw new Error("blocked");
     answer += 1;
-    if (answer === 1) {
+    if (!init.headers?.["If-None-Match"]) {
       return { ok: true, status: 200, headers: { get: () => '"e1"' }, json: async () => ({ events: [event(1)], resets: [], cursor: "c" }) };
     }
     return { ok: false, status: 304, headers: { get: () => '"e1"' }, json: async () => ({}) };
@@ -487,5 +487,22 @@ test("server pings are answered and silence closes the socket", async () => {
   await timers.tick(51000);
   assert.equal(sockets[0].readyState, 3); // watchdog closed it
   assert.equal(c.status, STATUS.RECONNECTING);
+  c.close();
+});
+
+test("when nothing answers over HTTP either, the client keeps reconnecting instead of polling", async () => {
+  const fetch = async () => { throw new TypeError("Failed to fetch"); };
+  const { c, timers, sockets } = client({ fetch, wsAttempts: 1 });
+  c.subscribe("project:1", {});
+  c.connect();
+  await flush();
+  sockets[0].fail();
+  await flush();
+  await flush();
+  assert.equal(c.status, STATUS.RECONNECTING);
+  assert.equal(c.transport, null);
+  await timers.tick(30000);
+  await flush();
+  assert.ok(sockets.length >= 2); // the WebSocket is tried again
   c.close();
 });

@@ -749,8 +749,11 @@ export class RealtimeClient extends EventTarget {
         headers: { Accept: "text/event-stream" },
         signal: controller.signal,
       });
-      if (!response.ok || !response.body) throw new Error(`SSE answered ${response.status}`);
+      if (!response.ok || !response.body) {
+        throw Object.assign(new Error(`SSE answered ${response.status}`), { status: response.status });
+      }
       this.sseFailures = 0;
+      this.sseOpened = true;
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
       const parser = new SSEParser();
@@ -773,11 +776,33 @@ export class RealtimeClient extends EventTarget {
       throw new Error("SSE stream ended");
     } catch (error) {
       if (controller.signal.aborted || this.closed) return;
+      if (error.status === undefined && !this.sseOpened && !(await this._reachable())) {
+        // No HTTP answer at all, not even from the feed: the server is down, rather than the
+        // WebSocket and SSE blocked. Keep trying the WebSocket with backoff (its next
+        // failure tries SSE again).
+        if (controller.signal.aborted || this.closed) return;
+        this._stopFallback();
+        this.wsFailures = this.options.wsAttempts - 1;
+        const delay = backoffDelay(this.attempt, { ...this.options.backoff, random: this.random });
+        this.attempt += 1;
+        this._setStatus(STATUS.RECONNECTING, { retryIn: delay });
+        this.retryTimer = this._later(delay, () => this._openSocket());
+        return;
+      }
       this.sseFailures += 1;
       if (this.sseFailures >= this.options.sseAttempts) return this._startPolling();
       const delay = backoffDelay(this.sseFailures, { ...this.options.backoff, random: this.random });
       this._setStatus(STATUS.SSE, { retryIn: delay });
       this.pollTimer = this._later(delay, () => this._startSSE());
+    }
+  }
+
+  async _reachable() {
+    try {
+      await this._readFeed(this._positions(), 0);
+      return true;
+    } catch (error) {
+      return error.status !== undefined; // an HTTP error is still an answer
     }
   }
 
