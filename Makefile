@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench install clean
+.PHONY: run test lint bench install clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -25,8 +25,17 @@ run: $(STAMP)
 	DEBUG=1 $(BIN)/daphne -b 127.0.0.1 -p 8000 config.asgi:application
 
 ## Run the test suite (SQLite by default; DATABASE_URL and REDIS_URL switch to the services).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Debian's Chromium for the browser tests, installed when missing and apt-get may run.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing Debian's chromium and chromium-driver for the browser tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null \
+	      || (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null); \
+	  else echo "chromium is missing: the browser tests will skip (fail under CI)"; fi; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

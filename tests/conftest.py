@@ -128,3 +128,11 @@ def private_redis(tmp_path: os.PathLike[str]) -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Keep each phase's report on the item (`rep_call`), for fixtures that save artifacts."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -50,8 +50,8 @@ class Daphne:
             "config.asgi:application",
         ]
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
+    def __init__(self, env: dict[str, str], log: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.log_path = log
         self.env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", **env}
         self.process: subprocess.Popen[bytes] | None = None
