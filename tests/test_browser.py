@@ -287,3 +287,37 @@ def test_optimistic_add_is_rolled_back_with_a_message_when_refused(pages):
     )
     assert result.startswith("412 ")
     assert Item.objects.get(pk=item.pk).title == "Original"
+
+
+def test_tabs_of_one_browser_share_one_connection_and_hand_it_over(browser, server):
+    from playwright.sync_api import expect
+
+    from realtime.models import Connection
+
+    alice, bob, project = team()
+    context = browser.new_context(base_url=server.url(""))
+    context.add_cookies(
+        [{"name": settings.SESSION_COOKIE_NAME, "value": session_for(bob), "url": server.url("/")}]
+    )
+    first = context.new_page()
+    first.set_default_timeout(TIMEOUT)
+    first.goto(f"/projects/{project.pk}/")
+    board(first)
+    expect(first.locator("[data-realtime-status]")).to_have_attribute("data-status", "open")
+    second = context.new_page()
+    second.set_default_timeout(TIMEOUT)
+    second.goto(f"/projects/{project.pk}/")
+    board(second)
+    expect(second.locator("[data-realtime-status]")).to_have_attribute("data-status", "open")
+    create_item(server, alice, project, "seen by both", 0)
+    expect_titles(first, ["seen by both"])
+    expect_titles(second, ["seen by both"])
+    assert Connection.objects.filter(user=bob).count() == 1  # two tabs, one socket
+    first.close()  # the leader tab goes; the other takes the connection over
+    create_item(server, alice, project, "after the handover", 1)
+    expect_titles(second, ["seen by both", "after the handover"])
+    deadline = time.monotonic() + 10
+    while Connection.objects.filter(user=bob).count() != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert Connection.objects.filter(user=bob).count() == 1
+    context.close()

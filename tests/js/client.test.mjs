@@ -97,6 +97,7 @@ function client(extra = {}) {
     clearTimeout: timers.clearTimeout,
     random: () => 0.5,
     fetch: extra.fetch || (async () => { throw new Error("no network in this test"); }),
+    shareTabs: false,
     ...extra,
   });
   c.on("status", (s) => statuses.push(s));
@@ -507,4 +508,111 @@ test("when nothing answers over HTTP either, the client keeps reconnecting inste
   await flush();
   assert.ok(sockets.length >= 2); // the WebSocket is tried again
   c.close();
+});
+
+// -- tabs sharing one connection -------------------------------------------------------------
+
+function fakeTabs() {
+  const channels = new Map();
+  class FakeBroadcastChannel {
+    constructor(name) {
+      this.name = name;
+      if (!channels.has(name)) channels.set(name, new Set());
+      channels.get(name).add(this);
+    }
+    postMessage(data) {
+      for (const other of channels.get(this.name)) {
+        if (other !== this) setImmediate(() => other.onmessage?.({ data: structuredClone(data) }));
+      }
+    }
+    close() {
+      channels.get(this.name).delete(this);
+    }
+  }
+  const held = new Map(); // name -> queue of waiting grants
+  const locks = {
+    request(name, callback) {
+      return new Promise((resolve) => {
+        const queue = held.get(name) || [];
+        held.set(name, queue);
+        const grant = () => {
+          Promise.resolve(callback()).then(() => {
+            queue.shift();
+            resolve();
+            if (queue.length) queue[0]();
+          });
+        };
+        queue.push(grant);
+        if (queue.length === 1) grant();
+      });
+    },
+  };
+  return { FakeBroadcastChannel, locks };
+}
+
+test("tabs share one connection: one leader socket, followers get events, a new leader takes over", async () => {
+  const { FakeBroadcastChannel, locks } = fakeTabs();
+  const timers = new FakeTimers();
+  const { FakeWebSocket, sockets } = fakeSockets();
+  const make = () =>
+    new RealtimeClient({
+      baseUrl: "http://testserver",
+      WebSocket: FakeWebSocket,
+      setTimeout: timers.setTimeout,
+      clearTimeout: timers.clearTimeout,
+      random: () => 0.5,
+      fetch: async () => { throw new Error("no feed here"); },
+      BroadcastChannel: FakeBroadcastChannel,
+      locks,
+    });
+  const leader = make().connect();
+  const follower = make().connect();
+  await flush();
+  await flush();
+  assert.equal(leader.role, "leader");
+  assert.equal(follower.role, "follower");
+  assert.equal(sockets.length, 1); // one connection for two tabs
+  const statuses = [];
+  follower.on("status", (s) => statuses.push(s.status));
+  sockets[0].open();
+  await flush();
+  assert.deepEqual(statuses, ["open"]); // the follower mirrors the leader's status
+
+  const seen = [];
+  follower.subscribe("project:1", { onEvent: (f) => seen.push(f.seq) });
+  await flush();
+  await flush();
+  const sub = sockets[0].last("subscribe");
+  assert.equal(sub.stream, "project:1"); // the leader subscribed on the follower's behalf
+  sockets[0].receive({ op: "reply", ref: sub.ref, ok: true, data: { seq: 4, epoch: "e", recovered: false } });
+  await flush();
+  await flush();
+  sockets[0].receive(event(5));
+  sockets[0].receive(event(6));
+  await flush();
+  assert.deepEqual(seen, [5, 6]);
+
+  // A publish from the follower goes out through the leader's socket and its reply comes back.
+  const published = follower.publish("project:1", "v1:typing.started", {});
+  await flush();
+  const frame = sockets[0].last("publish");
+  sockets[0].receive({ op: "reply", ref: frame.ref, ok: true, data: { eventId: "p" } });
+  await flush();
+  assert.deepEqual(await published, { eventId: "p" });
+
+  leader.close(); // the leader tab goes: the follower takes the lock and the connection
+  await flush();
+  await flush();
+  assert.equal(follower.role, "leader");
+  assert.equal(sockets.length, 2);
+  sockets[1].open();
+  await flush();
+  const again = sockets[1].last("subscribe");
+  assert.equal(again.stream, "project:1");
+  assert.equal(again.since, 6); // resumes where this tab was
+  sockets[1].receive({ op: "reply", ref: again.ref, ok: true, data: { seq: 7, epoch: "e", recovered: true } });
+  sockets[1].receive(event(7));
+  await flush();
+  assert.deepEqual(seen, [5, 6, 7]);
+  follower.close();
 });

@@ -166,7 +166,14 @@ export class RealtimeClient extends EventTarget {
       pollHidden: options.pollHidden ?? 30000, // ms between short polls while it is hidden
       probeEvery: options.probeEvery ?? 30000, // ms between WebSocket tries while on a fallback
       dedupeLimit: options.dedupeLimit ?? 5000,
+      // Tabs of one origin share one connection: a leader tab (Web Locks) holds it and feeds
+      // the others over a BroadcastChannel.
+      shareTabs: options.shareTabs ?? true,
     };
+    this.BroadcastChannel = options.BroadcastChannel || g.BroadcastChannel || null;
+    this.locks = options.locks || (g.navigator && g.navigator.locks) || null;
+    this.role = "solo"; // "solo" (own connection), "leader" or "follower"
+    this.tabId = randomId();
     this.WebSocket = options.WebSocket || g.WebSocket;
     this.fetch = options.fetch || (g.fetch ? g.fetch.bind(g) : null);
     this.setTimeout = options.setTimeout || g.setTimeout.bind(g);
@@ -202,7 +209,9 @@ export class RealtimeClient extends EventTarget {
 
   _setStatus(status, extra = {}) {
     this.status = status;
-    this._emit("status", { status, transport: this.transport, ...extra });
+    const detail = { status, transport: this.transport, ...extra };
+    this._emit("status", detail);
+    if (this.role === "leader") this._post({ kind: "status", detail });
   }
 
   _later(ms, fn) {
@@ -228,12 +237,145 @@ export class RealtimeClient extends EventTarget {
     if (this.document && this.document.addEventListener) {
       this.document.addEventListener("visibilitychange", this._onVisibility);
     }
-    this._openSocket();
+    if (this.options.shareTabs && this.BroadcastChannel && this.locks) {
+      this._joinTabs();
+    } else {
+      this._openSocket();
+    }
     return this;
+  }
+
+  // -- tabs sharing one connection -----------------------------------------------------------
+
+  _joinTabs() {
+    this.role = "follower";
+    this.leaderId = null;
+    this.tabStreams = new Map(); // leader only: stream -> Set of follower tab ids
+    this.channel = new this.BroadcastChannel(`realtime:${this.options.wsUrl}`);
+    this.channel.onmessage = (message) => this._fromTab(message.data || {});
+    this._setStatus(STATUS.CONNECTING);
+    this._post({ kind: "hello" });
+    this.locks
+      .request(`realtime-leader:${this.options.wsUrl}`, () => new Promise((release) => {
+        if (this.closed) return release();
+        this._releaseLeadership = release;
+        this._lead();
+      }))
+      .catch(() => {});
+    const bye = () => this._post({ kind: "bye" });
+    if (globalThis.addEventListener) globalThis.addEventListener("pagehide", bye);
+  }
+
+  _post(message) {
+    if (this.channel) this.channel.postMessage({ ...message, from: this.tabId });
+  }
+
+  _lead() {
+    this.role = "leader";
+    this.leaderId = this.tabId;
+    this.tabStreams = new Map();
+    for (const state of this.streams.values()) state.live = false;
+    this._openSocket();
+    this._post({ kind: "leader" });
+  }
+
+  _fromTab(message) {
+    if (this.closed) return;
+    if (this.role === "leader") return this._leaderHears(message);
+    switch (message.kind) {
+      case "leader":
+        // A (new) leader: subscribe again through it, then send what waited.
+        this.leaderId = message.from;
+        this._resubscribe();
+        this._flush();
+        return;
+      case "status":
+        this.leaderId = message.from;
+        this.transport = message.detail.transport;
+        this.status = message.detail.status;
+        this._emit("status", message.detail);
+        return;
+      case "server":
+        if (!message.to || message.to === this.tabId) this._frame(message.frame);
+        return;
+      default:
+    }
+  }
+
+  _leaderHears(message) {
+    const tab = message.from;
+    if (message.kind === "hello") {
+      this._post({ kind: "leader" });
+      this._post({ kind: "status", detail: { status: this.status, transport: this.transport } });
+      return;
+    }
+    if (message.kind === "bye") {
+      for (const stream of [...this.tabStreams.keys()]) this._tabLeaves(tab, stream);
+      return;
+    }
+    if (message.kind !== "frame") return;
+    const frame = message.frame;
+    const answer = (reply) => this._post({ kind: "server", to: tab, frame: { op: "reply", ref: frame.ref, ...reply } });
+    if (frame.op === "subscribe") {
+      let tabs = this.tabStreams.get(frame.stream);
+      if (!tabs) this.tabStreams.set(frame.stream, (tabs = new Set()));
+      tabs.add(tab);
+      let state = this.streams.get(frame.stream);
+      if (!state) {
+        // Follow it here for the tab (no handlers of our own), from the tab's position.
+        this.subscribe(frame.stream, { since: frame.since ?? null, epoch: frame.epoch ?? null });
+        state = this.streams.get(frame.stream);
+      }
+      const reply = (error) => {
+        const s = this.streams.get(frame.stream);
+        if (error) return answer({ ok: false, error: { code: error.code || "error", message: error.message } });
+        answer({
+          ok: true,
+          data: {
+            seq: s ? s.order.seq ?? 0 : 0,
+            epoch: s ? s.order.epoch : null,
+            recovered: true,
+            shared: true,
+            presence: s ? Array.from(s.presence.values()) : [],
+          },
+        });
+      };
+      // Answer once the server has answered this connection's own subscribe.
+      if (state.live) reply();
+      else (state.waiting = state.waiting || []).push(reply);
+      return;
+    }
+    if (frame.op === "unsubscribe") {
+      this._tabLeaves(tab, frame.stream);
+      answer({ ok: true });
+      return;
+    }
+    if (frame.op === "publish") {
+      this.publish(frame.stream, frame.type, frame.data).then(
+        (data) => answer({ ok: true, data }),
+        (error) => answer({ ok: false, error: { code: error.code || "error", message: error.message } }),
+      );
+    }
+  }
+
+  _tabLeaves(tab, stream) {
+    const tabs = this.tabStreams.get(stream);
+    if (!tabs || !tabs.delete(tab)) return;
+    if (tabs.size) return;
+    this.tabStreams.delete(stream);
+    const state = this.streams.get(stream);
+    if (state && !state.handlers.size) this._drop(stream, state);
   }
 
   close() {
     this.closed = true;
+    if (this._releaseLeadership) this._releaseLeadership();
+    this._releaseLeadership = null;
+    if (this.channel) {
+      this._post({ kind: "bye" });
+      this.channel.close();
+      this.channel = null;
+    }
     for (const id of this.timers) this.clearTimeout(id);
     this.timers.clear();
     this._stopFallback();
@@ -325,6 +467,7 @@ export class RealtimeClient extends EventTarget {
         }
       }
       this.replies.clear();
+      for (const state of this.streams.values()) state.live = false;
       if (this.closed) return;
       if (FINAL_CLOSE.has(event.code)) {
         this._setStatus(STATUS.OFFLINE, { code: event.code });
@@ -362,6 +505,11 @@ export class RealtimeClient extends EventTarget {
   }
 
   _send(frame) {
+    if (this.role === "follower") {
+      if (!this.leaderId || !this.channel) return false;
+      this.channel.postMessage({ kind: "frame", from: this.tabId, frame });
+      return true;
+    }
     if (this.socket && this.socket.readyState === 1) {
       this.socket.send(JSON.stringify(frame));
       return true;
@@ -400,6 +548,9 @@ export class RealtimeClient extends EventTarget {
   }
 
   _frame(frame) {
+    if (this.role === "leader" && frame.op !== "ping" && frame.op !== "reply") {
+      this._post({ kind: "server", frame }); // events, resets, unsubscribed: for every tab
+    }
     switch (frame.op) {
       case "ping":
         this._send({ op: "pong" });
@@ -452,23 +603,31 @@ export class RealtimeClient extends EventTarget {
       this.streams.set(stream, state);
     }
     const handler = { onEvent, onReset, onPresence };
-    state.handlers.add(handler);
-    const ready = state.handlers.size === 1 ? this._subscribeFrame(stream) : Promise.resolve({});
+    const first = !state.subscribed;
+    state.subscribed = true;
+    if (onEvent || onReset || onPresence) state.handlers.add(handler);
+    if (first) state.ready = this._subscribeFrame(stream);
     return {
-      ready,
+      ready: state.ready,
       unsubscribe: () => {
         state.handlers.delete(handler);
-        if (state.handlers.size) return;
-        this.streams.delete(stream);
-        this._cancel(state.gapTimer);
-        if (this.transport === "websocket") this._send({ op: "unsubscribe", ref: "u" + stream, stream });
-        else if (this.transport) this._restartFallback();
+        const shared = this.tabStreams && this.tabStreams.get(stream);
+        if (state.handlers.size || (shared && shared.size)) return;
+        this._drop(stream, state);
       },
     };
   }
 
+  _drop(stream, state) {
+    this.streams.delete(stream);
+    this._cancel(state.gapTimer);
+    if (this.role === "follower") this._send({ op: "unsubscribe", ref: "u" + stream, stream });
+    else if (this.transport === "websocket") this._send({ op: "unsubscribe", ref: "u" + stream, stream });
+    else if (this.transport) this._restartFallback();
+  }
+
   _subscribeFrame(stream) {
-    if (this.transport && this.transport !== "websocket") {
+    if (this.role !== "follower" && this.transport && this.transport !== "websocket") {
       this._restartFallback();
       return Promise.resolve({});
     }
@@ -483,6 +642,8 @@ export class RealtimeClient extends EventTarget {
       (error) => {
         if (error.code !== "closed" && error.code !== "queue_full") {
           this._emit("error", { code: error.code, message: error.message, stream });
+          const state = this.streams.get(stream);
+          if (state) this._answerTabs(state, error);
         }
         throw error;
       },
@@ -495,22 +656,33 @@ export class RealtimeClient extends EventTarget {
     const state = this.streams.get(stream);
     if (!state) return data;
     state.active = true;
+    state.live = true;
     if (frame.since != null && data.recovered === false) {
       this._reset(stream, data.seq, data.epoch);
     } else if (state.order.seq === null) {
       state.order.reset(data.seq, data.epoch);
     } else {
       state.order.epoch = data.epoch;
+      // Another tab's connection already follows the stream from a later position: read
+      // what this tab missed from the feed.
+      if (data.shared && data.seq > state.order.seq) this._fillGap(stream);
     }
     if (Array.isArray(data.presence)) {
       state.presence = new Map(data.presence.map((m) => [m.user.id, m]));
       this._presence(stream, state);
     }
+    this._answerTabs(state, null); // other tabs waiting on this subscription (leader only)
     return data;
   }
 
   _resubscribe() {
-    for (const stream of this.streams.keys()) this._subscribeFrame(stream);
+    for (const [stream, state] of this.streams) state.ready = this._subscribeFrame(stream);
+  }
+
+  _answerTabs(state, error) {
+    const waiting = state.waiting || [];
+    state.waiting = [];
+    for (const reply of waiting) reply(error);
   }
 
   _reset(stream, seq, epoch) {
@@ -531,6 +703,7 @@ export class RealtimeClient extends EventTarget {
   }
 
   _event(frame) {
+    if (this.role === "leader" && this.transport !== "websocket") this._post({ kind: "server", frame });
     const state = this.streams.get(frame.stream);
     if (!state) return;
     if (!this.deduper.fresh(frame.eventId)) return;
@@ -615,7 +788,7 @@ export class RealtimeClient extends EventTarget {
 
   /** Publish a client event (typing); resolves with the reply's data. */
   publish(stream, type, data = {}) {
-    if (this.transport && this.transport !== "websocket") {
+    if (this.role !== "follower" && this.transport && this.transport !== "websocket") {
       return Promise.reject(Object.assign(new Error("publishing needs the WebSocket"), { code: "no_websocket" }));
     }
     return this._request({ op: "publish", stream, type, data });
