@@ -60,3 +60,23 @@ def test_non_staff_demo_users_can_log_in_and_out(client):
     assert b"Launch" in client.get("/").content
     assert client.post("/accounts/logout/").status_code == 302
     assert b"log in" in client.get("/").content
+
+
+@pytest.mark.django_db
+def test_login_page_lists_the_demo_users_and_pages_need_a_login(client):
+    page = client.get("/accounts/login/").content.decode()
+    for username, password in [("alice", "alice-demo-pw"), ("bob", "bob-demo-pw")]:
+        assert f"<code>{username}</code> / <code>{password}</code>" in page
+    call_command("board_demo")
+    assert client.get("/projects/1/").status_code == 302  # to the login page
+    client.login(username="carol", password="carol-demo-pw")
+    launch = Project.objects.get(name="Launch")
+    assert client.get(f"/projects/{launch.pk}/").status_code == 404  # hidden like missing
+    assert client.get("/dashboard/").status_code == 302  # staff only
+    client.login(username="alice", password="alice-demo-pw")
+    board = client.get(f"/projects/{launch.pk}/").content.decode()
+    assert f'data-project="{launch.pk}"' in board
+    assert "board/board.js" in board
+    dashboard = client.get("/dashboard/").content.decode()
+    assert f"project:{launch.pk}" in dashboard
+    assert "v1:item.created" in dashboard

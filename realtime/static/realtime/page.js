@@ -27,11 +27,22 @@ function badgeText(detail) {
 }
 
 export function attachBadge(element) {
+  let countdown = null;
   const show = (detail) => {
+    clearInterval(countdown);
     const [kind, text] = badgeText(detail);
     element.dataset.status = detail.status;
     element.className = `status-badge status-${kind}`;
     element.textContent = text;
+    if (detail.status === "reconnecting" && detail.retryIn != null) {
+      // Count the seconds down until the next try.
+      const at = Date.now() + detail.retryIn;
+      countdown = setInterval(() => {
+        const left = Math.max(0, Math.ceil((at - Date.now()) / 1000));
+        element.textContent = left ? `Reconnecting in ${left} s` : "Reconnecting…";
+        if (!left) clearInterval(countdown);
+      }, 1000);
+    }
   };
   show({ status: client.status });
   client.on("status", show);
