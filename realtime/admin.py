@@ -1,13 +1,17 @@
-"""Read-only admin for the event log and its streams."""
+"""Admin: the event log and its streams (read-only), and live connections with "disconnect"."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
 from .models import Connection, Event, Stream
+
+logger = logging.getLogger("realtime.admin")
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
@@ -22,17 +26,58 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 @admin.register(Stream)
 class StreamAdmin(ReadOnlyAdmin):
-    list_display = ["name", "last_seq", "epoch", "created_at"]
+    list_display = ["name", "last_seq", "retained", "epoch", "retention", "created_at"]
     search_fields = ["name"]
+    show_full_result_count = False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Stream]:
+        return super().get_queryset(request).annotate(retained_events=Count("events"))
+
+    @admin.display(description="events kept for replay", ordering="retained_events")
+    def retained(self, stream: Any) -> int:
+        return int(stream.retained_events)
+
+    @admin.display(description="retention (events)")
+    def retention(self, stream: Any) -> str:
+        from .conf import realtime_settings
+        from .policies import stream_kinds
+
+        policy = stream_kinds.get(stream.name.split(":", 1)[0])
+        if policy is not None and policy.retention is not None:
+            return f"{policy.retention} (kind)"
+        default = realtime_settings.RETENTION_MAX_EVENTS
+        return "unlimited" if default is None else str(default)
+
+
+class StreamKindFilter(admin.SimpleListFilter):
+    title = "stream kind"
+    parameter_name = "kind"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        from .policies import stream_kinds
+
+        return [(kind, kind) for kind in sorted(stream_kinds.kinds())]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Event]) -> Any:
+        if self.value():
+            return queryset.filter(stream__name__startswith=f"{self.value()}:")
+        return queryset
 
 
 @admin.register(Event)
 class EventAdmin(ReadOnlyAdmin):
     list_display = ["stream", "seq", "type", "timestamp", "correlation_id", "published_at"]
-    list_filter = ["type", ("published_at", admin.EmptyFieldListFilter)]
-    search_fields = ["=correlation_id", "=event_id", "stream__name"]
+    list_filter = [StreamKindFilter, "type", ("published_at", admin.EmptyFieldListFilter)]
+    # `?stream__name=project:1`, `?correlation_id=…` and `?type=…` filter exactly too.
+    search_fields = ["=correlation_id", "=event_id", "=stream__name"]
     list_select_related = ["stream"]
     ordering = ["-pk"]
+    show_full_result_count = False
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        if lookup in ("stream__name", "correlation_id", "type"):
+            return True
+        return super().lookup_allowed(lookup, value, request)  # type: ignore[call-arg]
 
 
 @admin.register(Connection)
@@ -43,11 +88,42 @@ class ConnectionAdmin(ReadOnlyAdmin):
         "node",
         "transport",
         "client_version",
+        "streams",
         "tenant",
         "connected_at",
         "last_seen",
     ]
-    list_filter = ["transport", "node"]
-    search_fields = ["=id", "user__username", "tenant", "remote_addr"]
+    list_filter = ["transport", "node", "client_version"]
+    search_fields = ["=id", "user__username", "tenant", "remote_addr", "subscriptions"]
     list_select_related = ["user"]
     ordering = ["-connected_at"]
+    actions = ["disconnect"]
+
+    @admin.display(description="streams")
+    def streams(self, connection: Any) -> str:
+        names = list(connection.subscriptions or [])
+        return ", ".join(names[:5]) + (f" (+{len(names) - 5})" if len(names) > 5 else "")
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # rows follow the sockets; "disconnect" closes a socket
+
+    @admin.action(description="Disconnect the selected connections", permissions=["view"])
+    def disconnect(self, request: HttpRequest, queryset: QuerySet[Connection]) -> None:
+        from .invalidation import disconnect
+
+        if not (request.user.is_staff and request.user.has_perm("realtime.change_connection")):
+            self.message_user(request, "You may not disconnect connections.", messages.ERROR)
+            return
+        chosen = list(queryset.values_list("user_id", "id", "node"))
+        count = disconnect((user_id, pk) for user_id, pk, _node in chosen)
+        for user_id, pk, node in chosen:
+            logger.warning(
+                "admin %s (id %s) disconnected connection %s of user %s on node %s",
+                request.user.get_username(),
+                request.user.pk,
+                pk,
+                user_id,
+                node,
+                extra={"connection": pk, "user": user_id},
+            )
+        self.message_user(request, f"Asked {count} connection(s) to close.", messages.SUCCESS)

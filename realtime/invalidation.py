@@ -78,3 +78,30 @@ def connect() -> None:
     for signal in (signals.post_save, signals.post_delete):
         signal.connect(_user_perm_changed, sender=UserObjectPermission, dispatch_uid="rt.uop")
         signal.connect(_group_perm_changed, sender=GroupObjectPermission, dispatch_uid="rt.gop")
+
+
+def disconnect(connections: Iterable[tuple[Any, str]], *, code: int | None = None) -> int:
+    """Close these (user id, connection id) sockets or SSE streams, on whichever node holds them.
+
+    The message travels through the channel layer on each user's control group; a node closes
+    only the connection whose id it holds (WebSocket close code 4000 by default; the client
+    reconnects after its backoff). Returns how many were asked to close.
+    """
+    from .consumers import user_group
+    from .protocol import Close
+
+    count = 0
+    for user_id, connection_id in connections:
+        if user_id is None:
+            continue
+        publisher.send_control(
+            user_group(user_id),
+            {
+                "type": "realtime.disconnect",
+                "user": user_id,
+                "connection": connection_id,
+                "code": code or Close.DISCONNECTED,
+            },
+        )
+        count += 1
+    return count

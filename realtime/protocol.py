@@ -18,6 +18,7 @@ class Close:
     NORMAL = 1000
     GOING_AWAY = 1001
     INTERNAL_ERROR = 1011
+    DISCONNECTED = 4000  # closed by an operator (admin "disconnect"); reconnect with backoff
     MALFORMED = 4400
     UNAUTHENTICATED = 4401
     FORBIDDEN = 4403

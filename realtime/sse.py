@@ -88,7 +88,10 @@ class SSEConnection:
         self.wakeup.set()
 
     def control(self, message: dict[str, Any]) -> None:
-        if message.get("type") == "realtime.logout":
+        kind = message.get("type")
+        if kind == "realtime.logout" or (
+            kind == "realtime.disconnect" and message.get("connection") == self.connection_id
+        ):
             self.closed = True
             self.wakeup.set()
         elif message.get("type") == "realtime.authz":

@@ -173,3 +173,69 @@ def test_users_of_a_killed_node_leave_exactly_once_as_seen_from_the_other_node(t
                             await socket.close()
 
         asyncio.run(scenario())
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_admin_disconnect_closes_a_socket_held_by_another_node(tmp_path, caplog):
+    """The admin runs in this process; the socket lives in a daphne node; Redis carries it."""
+    import logging
+    import time
+
+    from django.test import Client
+
+    from realtime.models import Connection
+    from realtime.testing import flush
+
+    staff = UserFactory(username="ops", is_staff=True, is_superuser=True)
+    bob = UserFactory(username="bob-kicked")
+    bob_session = session_for(bob)
+    env = {"DATABASE_URL": database_url(), "REDIS_URL": os.environ["REDIS_URL"], "DEBUG": "1"}
+    admin = Client()
+    admin.force_login(staff)
+    with Daphne(env, tmp_path / "a.log") as node:
+
+        async def scenario():
+            async with (
+                websockets.connect(
+                    f"ws://127.0.0.1:{node.port}/ws/realtime/",
+                    origin="http://127.0.0.1",
+                    additional_headers={"Cookie": f"sessionid={bob_session}"},
+                ) as socket,
+                websockets.connect(
+                    f"ws://127.0.0.1:{node.port}/ws/realtime/",
+                    origin="http://127.0.0.1",
+                    additional_headers={"Cookie": f"sessionid={bob_session}"},
+                ) as other,
+            ):
+                chosen = (await next_frame(socket, "welcome"))["connectionId"]
+                kept = (await next_frame(other, "welcome"))["connectionId"]
+                page = await asyncio.to_thread(
+                    admin.get, "/admin/realtime/connection/", {"q": "bob-kicked"}
+                )
+                assert chosen in page.content.decode()
+                with caplog.at_level(logging.WARNING, logger="realtime.admin"):
+                    response = await asyncio.to_thread(
+                        admin.post,
+                        "/admin/realtime/connection/",
+                        {"action": "disconnect", "_selected_action": [chosen]},
+                        follow=True,
+                    )
+                    await asyncio.to_thread(flush)
+                assert "Asked 1 connection(s) to close." in response.content.decode()
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await next_frame(socket, "never", timeout=5)
+                assert closed.value.rcvd.code == 4000
+                # The other socket of the same user stays open.
+                await other.send(json.dumps({"op": "ping", "ref": "p"}))
+                assert (await next_frame(other, "pong"))["ref"] == "p"
+                return chosen, kept
+
+        chosen, _kept = asyncio.run(scenario())
+        # The closed socket's row goes with it.
+        deadline = time.monotonic() + 5
+        while Connection.objects.filter(pk=chosen).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Connection.objects.filter(pk=chosen).exists()
+    assert any("admin ops" in r.getMessage() and chosen in r.getMessage() for r in caplog.records)
