@@ -152,3 +152,31 @@ def _number(request: HttpRequest, name: str, default: Any, low: Any, high: Any, 
 
 def _db(func: Any) -> Any:
     return database_sync_to_async(func, thread_sensitive=False)
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """Prometheus exposition, for staff or `Authorization: Bearer <REALTIME['METRICS_TOKEN']>`."""
+    import hmac
+
+    from .metrics import exposition
+
+    token = realtime_settings.METRICS_TOKEN
+    given = request.headers.get("Authorization", "")
+    by_token = bool(
+        token
+        and given.startswith("Bearer ")
+        and hmac.compare_digest(given.removeprefix("Bearer ").strip().encode(), str(token).encode())
+    )
+    user = getattr(request, "user", None)
+    by_staff = bool(user is not None and user.is_active and user.is_staff)
+    if not (by_token or by_staff):
+        response = JsonResponse(
+            {"error": {"code": "forbidden", "message": "staff or the metrics token only"}},
+            status=401 if not given and not (user and user.is_authenticated) else 403,
+        )
+        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
+    body, content_type = exposition()
+    response = HttpResponse(body, content_type=content_type)
+    response["Cache-Control"] = "no-store"
+    return response

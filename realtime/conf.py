@@ -71,6 +71,10 @@ DEFAULTS: dict[str, Any] = {
     "CONNECTION_SWEEP_AFTER": 90.0,
     # Seconds an Idempotency-Key's first response is kept for its retries.
     "IDEMPOTENCY_TTL": 24 * 3600,
+    # Prometheus exposition: its URL path (in realtime.urls), and a bearer token that may read
+    # it besides staff sessions (None: staff only).
+    "METRICS_PATH": "realtime/metrics",
+    "METRICS_TOKEN": None,
 }
 
 

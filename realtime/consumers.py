@@ -14,7 +14,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from . import hooks, protocol
+from . import hooks, metrics, protocol
 from .conf import realtime_settings
 from .fanout import get_hub, node_id
 from .policies import StreamPolicy, stream_kinds
@@ -61,6 +61,7 @@ class Subscription:
     def deliver(self, message: dict[str, Any]) -> None:
         """Called by the hub for each event of the stream; never awaits."""
         if not self.authorized:
+            metrics.DROPPED.labels("unauthorized").inc()
             return
         if message.get("ephemeral"):
             # Client events and presence diffs: not logged, never back to the sending user.
@@ -95,6 +96,7 @@ class Subscription:
             self.overflowed = False
             while True:
                 rows = await _thread(read_typed_after)(self.stream, self.contiguous, batch)
+                metrics.REPLAYED.labels(self.consumer.transport).inc(len(rows))
                 for seq, event_type, frames, _timestamp in rows:
                     self.emit(seq, frames, event_type)
                 yield
@@ -178,6 +180,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.registered = True
         await self.channel_layer.group_add(user_group(user.pk), self.channel_name)
         await self.accept()
+        metrics.CONNECTS.labels(self.transport).inc()
+        metrics.CONNECTIONS.labels(self.transport).inc()
         await get_hub().add_connection(self)
         self.writer = asyncio.get_running_loop().create_task(self._write())
         heartbeat = float(realtime_settings.HEARTBEAT)
@@ -224,6 +228,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.scope.get("path"),
             detail,
         )
+        metrics.REFUSED.labels(str(code)).inc()
         # Accept first: a browser cannot read a refused handshake's status, only a close code.
         await self.accept()
         await self.close(code)
@@ -256,6 +261,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.enqueue(protocol.error(None, Code.INTERNAL_ERROR, "internal error"))
 
     async def _protocol_error(self, exc: ProtocolError) -> None:
+        reason = metrics.DROP_REASONS.get(exc.code)
+        if reason is not None:
+            metrics.DROPPED.labels(reason).inc()
         self.enqueue(protocol.error(exc.ref, exc.code, exc.message))
         if exc.code == Code.TOO_LARGE:
             await self._close(Close.TOO_LARGE)
@@ -321,6 +329,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         policy = self._policy(frame.stream, frame.ref)
         if not await self._authorized(policy, frame.stream):
             # Missing objects get the same answer, so existence does not leak.
+            metrics.UNAUTHORIZED.labels("subscribe").inc()
             raise ProtocolError(Code.FORBIDDEN, "not allowed", frame.ref)
         subscription = Subscription(self, frame.stream, policy, frame.version)
         self.subscriptions[frame.stream] = subscription
@@ -329,6 +338,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         # below or arrives live (buffered until the replay is done), never neither.
         pos = await _thread(position)(frame.stream)
         recovered = frame.since is not None and pos.covers(frame.since, frame.epoch)
+        if frame.since is not None:
+            metrics.RESUMES.labels(self.transport).inc()
         subscription.contiguous = frame.since if recovered and frame.since is not None else pos.seq
         data: dict[str, Any] = {"seq": pos.seq, "epoch": pos.epoch, "recovered": recovered}
         for extra in await hooks.call("subscribed", self, frame.stream, policy):
@@ -380,6 +391,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if not (self.bucket.take() and user_bucket(self.user.pk).take()):  # type: ignore[union-attr]
             raise ProtocolError(Code.RATE_LIMITED, "too many events; slow down", frame.ref)
         if not await self._authorized(policy, frame.stream):
+            metrics.UNAUTHORIZED.labels("publish").inc()
             raise ProtocolError(Code.FORBIDDEN, "not allowed", frame.ref)
         passed = await hooks.publishing(self, frame.stream, policy, frame.type, frame.data)
         if passed is None:  # held back by a hook (typing throttled): accepted, not sent on
@@ -412,6 +424,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.unacked += len(text)
         if self.unacked > self.credit:
             logger.warning("slow consumer %s: closing", self.connection_id)
+            metrics.DROPPED.labels("slow_consumer").inc(len(self.outbox) + 1)
             self.closing = True
             self.outbox.clear()
             asyncio.get_running_loop().create_task(self._close(Close.SLOW_CONSUMER, force=True))
@@ -423,6 +436,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.wakeup.set()
 
     _ping_pending = False
+    close_code: int | None = None
 
     async def _write(self) -> None:
         while True:
@@ -471,6 +485,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if self.closing and not force:
             return
         self.closing = True
+        self.close_code = code
         # Flush what is queued (error replies) before the close frame.
         if not force:
             while self.outbox:
@@ -529,6 +544,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
+        if self.registered:
+            metrics.CONNECTIONS.labels(self.transport).dec()
+            # The code this server closed with, else the one the client (or network) gave.
+            metrics.DISCONNECTS.labels(str(self.close_code or code)).inc()
         hub = get_hub()
         hub.remove_connection(self)
         for stream, subscription in list(self.subscriptions.items()):

@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Any, Protocol
 
+from . import metrics
 from .conf import realtime_settings
 from .publisher import LAYER_MESSAGE_TYPE
 from .streams import group_name
@@ -140,7 +141,13 @@ class Hub:
                         logger.exception("control message to a listener failed")
                 continue
             self.received += 1
-            for subscriber in tuple(self.members.get(message.get("stream", ""), ())):
+            subscribers = tuple(self.members.get(message.get("stream", ""), ()))
+            if not message.get("ephemeral"):
+                sent_at = message.get("ts")
+                if sent_at is not None:
+                    metrics.LATENCY.observe(max(0.0, time.time() - sent_at))
+                metrics.DELIVERED.inc(len(subscribers))
+            for subscriber in subscribers:
                 try:
                     subscriber.deliver(message)
                 except Exception:

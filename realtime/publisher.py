@@ -24,6 +24,7 @@ from typing import Any
 
 from asgiref.sync import SyncToAsync
 
+from . import metrics
 from .conf import realtime_settings
 
 logger = logging.getLogger("realtime.publisher")
@@ -80,6 +81,7 @@ class _LoopWorker:
                 len(items),
             )
             self.publisher._finished(len(items), shed=len(items))
+            metrics.DROPPED.labels("publish_shed").inc(len(items))
             return
         self.pending.extend(items)
         if self.wakeup is None:
@@ -192,6 +194,8 @@ class Publisher:
             try:
                 # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
                 # that lands as the send completes, and then the loop can never close.
+                if item.event_pk is not None:
+                    item.message["ts"] = time.time()  # for the publish-to-fanout histogram
                 async with asyncio.timeout(timeout):
                     await layer.group_send(item.group, item.message)
             except Exception as exc:
@@ -213,6 +217,7 @@ class Publisher:
             else:
                 if item.event_pk is not None:
                     sent.append(item.event_pk)
+                    metrics.PUBLISHED.inc()
         if skipped:
             logger.warning(
                 "%d event(s) not published live during the failure backoff; left for the relay",

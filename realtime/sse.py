@@ -14,6 +14,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 
+from . import metrics
 from .consumers import Subscription
 from .cursor import Position, encode
 from .fanout import get_hub, node_id
@@ -48,6 +49,7 @@ class SSEConnection:
     """One client's event stream: replay from its cursor, then live events, as SSE messages."""
 
     transport = "sse"
+    resumed = False
 
     def __init__(self, user: Any, streams: list[str], positions: dict[str, Position]) -> None:
         self.connection_id = uuid.uuid4().hex
@@ -125,6 +127,10 @@ class SSEConnection:
             tenant="",
         )
         await hub.watch_user(self.user.pk, self)
+        metrics.CONNECTS.labels("sse").inc()
+        metrics.CONNECTIONS.labels("sse").inc()
+        if self.resumed:
+            metrics.RESUMES.labels("sse").inc()
         try:
             for stream, subscription in self.subscriptions.items():
                 await hub.join(stream, subscription)
@@ -152,6 +158,7 @@ class SSEConnection:
                 yield self.outbox.popleft()
         finally:
             self.closed = True
+            metrics.CONNECTIONS.labels("sse").dec()
             with contextlib.suppress(Exception):
                 for stream, subscription in list(self.subscriptions.items()):
                     await hub.leave(stream, subscription)
@@ -190,6 +197,7 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
     start = await _db(starting_positions)(streams, cursor)
     await release_request_connections()
     connection = SSEConnection(user, streams, start.positions)
+    connection.resumed = cursor is not None
     response = StreamingHttpResponse(connection.run(start.resets), content_type="text/event-stream")
     response["Cache-Control"] = "no-store"
     response["X-Accel-Buffering"] = "no"

@@ -1,0 +1,218 @@
+"""Prometheus metrics: counters move under a scripted session; the exposition is protected;
+several processes add up under PROMETHEUS_MULTIPROC_DIR."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import Client, override_settings
+from django.utils import timezone
+from prometheus_client import REGISTRY
+
+from board.membership import add_member
+from realtime.testing import RealtimeClient, flush, session_for
+
+from .factories import ItemFactory, ProjectFactory, UserFactory
+
+db = sync_to_async
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class Deltas:
+    """Sample values now, and how much each moved later."""
+
+    NAMES = [
+        ("realtime_connects_total", {"transport": "websocket"}),
+        ("realtime_connections", {"transport": "websocket"}),
+        ("realtime_resumes_total", {"transport": "websocket"}),
+        ("realtime_events_replayed_total", {"transport": "websocket"}),
+        ("realtime_unauthorized_attempts_total", {"action": "subscribe"}),
+        ("realtime_unauthorized_attempts_total", {"action": "publish"}),
+        ("realtime_dropped_total", {"reason": "rate_limit"}),
+        ("realtime_dropped_total", {"reason": "malformed"}),
+        ("realtime_dropped_total", {"reason": "oversize"}),
+        ("realtime_dropped_total", {"reason": "unauthorized"}),
+        ("realtime_events_published_total", {}),
+        ("realtime_events_delivered_total", {}),
+        ("realtime_publish_to_fanout_seconds_count", {}),
+        ("realtime_disconnects_total", {"code": "4413"}),
+        ("realtime_refused_connections_total", {"code": "4401"}),
+    ]
+
+    def __init__(self) -> None:
+        self.start = {self.key(n, lb): value(n, **lb) for n, lb in self.NAMES}
+
+    @staticmethod
+    def key(name: str, labels: dict[str, str]) -> str:
+        return name + (
+            "{" + ",".join(f"{k}={v}" for k, v in labels.items()) + "}" if labels else ""
+        )
+
+    def moved(self) -> dict[str, float]:
+        return {
+            self.key(n, lb): value(n, **lb) - self.start[self.key(n, lb)] for n, lb in self.NAMES
+        }
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_counters_follow_a_scripted_session():
+    owner = await db(UserFactory)()
+    stranger_project = await db(ProjectFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    await db(ItemFactory)(project=project, title="old one")
+    await db(flush)()
+    deltas = Deltas()
+
+    refused = RealtimeClient()
+    assert (await refused.connect())["code"] == 4401
+
+    client = RealtimeClient(session_key=await db(session_for)(owner))
+    await client.connect()
+    assert (await client.subscribe(f"project:{stranger_project.pk}"))["ok"] is False
+    reply = await client.subscribe(f"project:{project.pk}", since=0)
+    assert reply["data"]["recovered"] is True
+    await client.receive_until("event")
+    await client.receive_until("event")  # the project's and the item's created events
+    refusals = 0
+    for _ in range(25):  # burst 20: the rest are rate limited
+        answer = await client.request(
+            "publish", stream=f"project:{project.pk}", type="v1:typing.started", data={}
+        )
+        refusals += not answer["ok"]
+    assert refusals >= 4
+    not_allowed = await client.request(
+        "publish", stream=f"project:{project.pk}", type="v1:item.created", data={}
+    )
+    assert not_allowed["error"]["code"] == "event_not_allowed"
+    await client.send("{not json")
+    await client.receive_until("reply")
+    await db(ItemFactory)(project=project, title="live one")
+    live = await client.receive_until("event")
+    assert live["data"]["title"] == "live one"
+    await client.send("x" * (70 * 1024))  # over MAX_FRAME_BYTES: closed with 4413
+    closed = await client.receive_until("never")
+    assert closed["code"] == 4413
+    await client.close()
+
+    moved = Deltas.moved(deltas)
+    assert moved["realtime_refused_connections_total{code=4401}"] == 1
+    assert moved["realtime_connects_total{transport=websocket}"] == 1
+    assert moved["realtime_connections{transport=websocket}"] == 0  # up, then down again
+    assert moved["realtime_unauthorized_attempts_total{action=subscribe}"] == 1
+    assert moved["realtime_resumes_total{transport=websocket}"] == 1
+    assert moved["realtime_events_replayed_total{transport=websocket}"] == 2
+    assert moved["realtime_dropped_total{reason=rate_limit}"] == refusals
+    assert moved["realtime_dropped_total{reason=unauthorized}"] == 2  # forbidden + not allowed
+    assert moved["realtime_dropped_total{reason=malformed}"] == 1
+    assert moved["realtime_dropped_total{reason=oversize}"] == 1
+    assert moved["realtime_events_published_total"] >= 1
+    assert moved["realtime_events_delivered_total"] >= 1
+    assert moved["realtime_publish_to_fanout_seconds_count"] >= 1
+    assert moved["realtime_disconnects_total{code=4413}"] == 1
+
+
+@pytest.mark.django_db
+def test_exposition_is_for_staff_or_the_bearer_token():
+    staff = UserFactory(is_staff=True)
+    member = UserFactory()
+    assert Client().get("/realtime/metrics").status_code == 401
+    plain = Client()
+    plain.force_login(member)
+    assert plain.get("/realtime/metrics").status_code == 403
+    ops = Client()
+    ops.force_login(staff)
+    response = ops.get("/realtime/metrics")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    text = response.content.decode()
+    for name in ("realtime_connections", "realtime_connects_total", "realtime_relay_backlog"):
+        assert name in text
+    with override_settings(REALTIME={"METRICS_TOKEN": "s3cret-token"}):
+        bearer = Client(headers={"Authorization": "Bearer s3cret-token"})
+        assert bearer.get("/realtime/metrics").status_code == 200
+        wrong = Client(headers={"Authorization": "Bearer nope"})
+        assert wrong.get("/realtime/metrics").status_code == 403
+    no_token = Client(headers={"Authorization": "Bearer s3cret-token"})
+    assert no_token.get("/realtime/metrics").status_code == 403  # no token configured
+
+
+@pytest.mark.django_db
+def test_relay_backlog_counts_unpublished_events():
+    from realtime.metrics import exposition
+    from realtime.models import Event
+
+    project = ProjectFactory()
+    add_member(project, UserFactory())
+    Event.objects.update(published_at=timezone.now())
+    Event.objects.filter(pk__in=Event.objects.order_by("pk").values("pk")[:2]).update(
+        published_at=None
+    )
+    text = exposition()[0].decode()
+    line = next(x for x in text.splitlines() if x.startswith("realtime_relay_backlog "))
+    assert float(line.split()[1]) == 2.0
+
+
+CHILD = """
+import os, sys
+sys.path.insert(0, {root!r})
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+from realtime import metrics
+metrics.CONNECTS.labels("websocket").inc(int(sys.argv[1]))
+metrics.CONNECTIONS.labels("websocket").inc()
+print(os.getpid())
+if sys.argv[2] == "print":
+    import django
+    django.setup()
+    from unittest import mock
+    with mock.patch("realtime.metrics._Backlog.collect", return_value=[]):
+        print(metrics.exposition()[0].decode())
+"""
+
+
+def test_values_of_several_processes_add_up_in_multiprocess_mode(tmp_path):
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    script = CHILD.format(root=str(ROOT))
+    from prometheus_client import multiprocess
+
+    for n in (2, 3):
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(n), "-"],
+            env=env,
+            check=True,
+            timeout=60,
+            capture_output=True,
+            text=True,
+        )
+        # What a process manager does when a worker exits (docs/operations.md).
+        pid = int(done.stdout.split()[0])
+        with mock.patch.dict(os.environ, {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}):
+            multiprocess.mark_process_dead(pid, str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", script, "4", "print"],
+        env=env,
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    lines = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in done.stdout.splitlines()[1:]
+        if line and not line.startswith("#")
+    }
+    assert lines['realtime_connects_total{transport="websocket"}'] == 9.0
+    # Live connections count only processes that are alive: the two that exited are gone.
+    assert lines.get('realtime_connections{transport="websocket"}') == 1.0
+    assert json.dumps(lines)  # the exposition parsed
