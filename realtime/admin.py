@@ -77,7 +77,7 @@ class EventAdmin(ReadOnlyAdmin):
     def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
         if lookup in ("stream__name", "correlation_id", "type"):
             return True
-        return super().lookup_allowed(lookup, value, request)  # type: ignore[call-arg]
+        return super().lookup_allowed(lookup, value, request)  # type: ignore[call-arg,arg-type]
 
 
 @admin.register(Connection)

@@ -170,12 +170,12 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     user = getattr(request, "user", None)
     by_staff = bool(user is not None and user.is_active and user.is_staff)
     if not (by_token or by_staff):
-        response = JsonResponse(
+        refusal = JsonResponse(
             {"error": {"code": "forbidden", "message": "staff or the metrics token only"}},
             status=401 if not given and not (user and user.is_authenticated) else 403,
         )
-        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
-        return response
+        refusal["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return refusal
     body, content_type = exposition()
     response = HttpResponse(body, content_type=content_type)
     response["Cache-Control"] = "no-store"

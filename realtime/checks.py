@@ -193,3 +193,78 @@ def check_allowed_hosts(
             )
         ]
     return []
+
+
+def _layer_backend() -> str:
+    alias = realtime_settings.CHANNEL_LAYER
+    layer = (getattr(settings, "CHANNEL_LAYERS", {}) or {}).get(alias) or {}
+    return str(layer.get("BACKEND", ""))
+
+
+@checks.register("realtime")
+def check_channel_layer_in_production(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """The in-memory layer reaches only its own process: fine for `make run`, not beyond."""
+    import os
+
+    if not _layer_backend().endswith("InMemoryChannelLayer"):
+        return []
+    messages: list[checks.CheckMessage] = []
+    workers = os.environ.get("WEB_CONCURRENCY", "")
+    if workers.isdigit() and int(workers) > 1:
+        messages.append(
+            checks.Error(
+                f"The in-memory channel layer with WEB_CONCURRENCY={workers}: events published "
+                "in one worker never reach sockets held by the others.",
+                hint="Use channels_redis.pubsub.RedisPubSubChannelLayer (set REDIS_URL).",
+                id="realtime.E031",
+            )
+        )
+    if not settings.DEBUG:
+        messages.append(
+            checks.Error(
+                "The in-memory channel layer is used outside DEBUG: with more than one process "
+                "(or a separate relay) events are lost between them.",
+                hint="Use channels_redis.pubsub.RedisPubSubChannelLayer; the demo settings do "
+                "when REDIS_URL is set.",
+                id="realtime.E030",
+            )
+        )
+    return messages
+
+
+@checks.register("realtime", checks.Tags.security, deploy=True)
+def check_deployment(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """`manage.py check --deploy`: what exposes sockets and their session cookies."""
+    messages: list[checks.CheckMessage] = []
+    if settings.DEBUG:
+        messages.append(
+            checks.Warning(
+                "DEBUG is on: tracebacks, the in-memory layer and DEBUG-only defaults are not "
+                "for production.",
+                id="realtime.W040",
+            )
+        )
+        return messages
+    if not (settings.SESSION_COOKIE_SECURE and settings.CSRF_COOKIE_SECURE):
+        messages.append(
+            checks.Warning(
+                "SESSION_COOKIE_SECURE and CSRF_COOKIE_SECURE should be True: the session "
+                "cookie authenticates WebSockets and SSE, and must never travel in clear.",
+                id="realtime.W041",
+            )
+        )
+    if not (settings.SECURE_SSL_REDIRECT or getattr(settings, "SECURE_PROXY_SSL_HEADER", None)):
+        messages.append(
+            checks.Warning(
+                "Neither SECURE_SSL_REDIRECT nor SECURE_PROXY_SSL_HEADER is set: pages (and so "
+                "their ws:// sockets) may be served without TLS.",
+                hint="Serve wss:// (daphne with a certificate, or TLS at the proxy with "
+                "SECURE_PROXY_SSL_HEADER); see docs/operations.md.",
+                id="realtime.W042",
+            )
+        )
+    return messages

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from django.core import checks
 from django.db import models
+from django.test import override_settings
 
 from board.models import Item, Project
 from realtime.checks import check_registrations, check_settings
@@ -156,3 +157,64 @@ def test_sweep_must_outlast_two_heartbeats(settings):
     settings.REALTIME = {"HEARTBEAT": 30, "CONNECTION_SWEEP_AFTER": 60}
     [error] = check_settings()
     assert error.id == "realtime.E014"
+
+
+# -- production checks ---------------------------------------------------------------------
+
+IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+REDIS = {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer"}}
+
+
+def _ids(messages):
+    return sorted(m.id for m in messages)
+
+
+def test_in_memory_layer_is_an_error_outside_debug_or_with_several_workers(monkeypatch):
+    from realtime.checks import check_channel_layer_in_production
+
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    with override_settings(CHANNEL_LAYERS=IN_MEMORY, DEBUG=True):
+        assert check_channel_layer_in_production() == []
+        monkeypatch.setenv("WEB_CONCURRENCY", "4")
+        assert _ids(check_channel_layer_in_production()) == ["realtime.E031"]
+    monkeypatch.delenv("WEB_CONCURRENCY")
+    with override_settings(CHANNEL_LAYERS=IN_MEMORY, DEBUG=False):
+        assert _ids(check_channel_layer_in_production()) == ["realtime.E030"]
+    with override_settings(CHANNEL_LAYERS=REDIS, DEBUG=False):
+        monkeypatch.setenv("WEB_CONCURRENCY", "4")
+        assert check_channel_layer_in_production() == []
+
+
+def test_deploy_checks_fire_on_each_bad_setting_and_stay_quiet_on_good_ones():
+    from realtime.checks import check_deployment
+
+    good = {
+        "DEBUG": False,
+        "SESSION_COOKIE_SECURE": True,
+        "CSRF_COOKIE_SECURE": True,
+        "SECURE_SSL_REDIRECT": False,
+        "SECURE_PROXY_SSL_HEADER": ("HTTP_X_FORWARDED_PROTO", "https"),
+    }
+    with override_settings(**good):
+        assert check_deployment() == []
+    with override_settings(
+        **{**good, "SECURE_PROXY_SSL_HEADER": None, "SECURE_SSL_REDIRECT": True}
+    ):
+        assert check_deployment() == []
+    with override_settings(**{**good, "DEBUG": True}):
+        assert _ids(check_deployment()) == ["realtime.W040"]
+    with override_settings(**{**good, "SESSION_COOKIE_SECURE": False}):
+        assert _ids(check_deployment()) == ["realtime.W041"]
+    with override_settings(**{**good, "CSRF_COOKIE_SECURE": False}):
+        assert _ids(check_deployment()) == ["realtime.W041"]
+    with override_settings(**{**good, "SECURE_PROXY_SSL_HEADER": None}):
+        assert _ids(check_deployment()) == ["realtime.W042"]
+
+
+def test_allowed_hosts_star_outside_debug_is_an_error():
+    from realtime.checks import check_allowed_hosts
+
+    with override_settings(ALLOWED_HOSTS=["*"], DEBUG=False):
+        assert _ids(check_allowed_hosts()) == ["realtime.E020"]
+    with override_settings(ALLOWED_HOSTS=["example.com"], DEBUG=False):
+        assert check_allowed_hosts() == []
