@@ -217,6 +217,16 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return await _thread(redeem)(tickets[0])
         return self.scope.get("user")
 
+    def _log_extra(self, stream: str | None = None) -> dict[str, Any]:
+        """Fields for structured logs (realtime.logs.JSONFormatter)."""
+        extra: dict[str, Any] = {"connection": getattr(self, "connection_id", None)}
+        user = getattr(self, "user", None)
+        if user is not None:
+            extra["user"] = user.pk
+        if stream is not None:
+            extra["stream"] = stream
+        return extra
+
     async def _refuse(self, code: int, reason: str, detail: str = "") -> None:
         headers = dict(self.scope.get("headers") or [])
         origin = headers.get(b"origin", b"").decode("latin-1")
@@ -227,6 +237,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             origin,
             self.scope.get("path"),
             detail,
+            extra=self._log_extra(),
         )
         metrics.REFUSED.labels(str(code)).inc()
         # Accept first: a browser cannot read a refused handshake's status, only a close code.
@@ -257,7 +268,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         except ProtocolError as exc:
             await self._protocol_error(exc)
         except Exception:
-            logger.exception("error handling a frame on %s", self.connection_id)
+            logger.exception(
+                "error handling a frame on %s", self.connection_id, extra=self._log_extra()
+            )
             self.enqueue(protocol.error(None, Code.INTERNAL_ERROR, "internal error"))
 
     async def _protocol_error(self, exc: ProtocolError) -> None:
@@ -368,7 +381,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("replay of %s failed on %s", subscription.stream, self.connection_id)
+            logger.exception(
+                "replay of %s failed on %s",
+                subscription.stream,
+                self.connection_id,
+                extra=self._log_extra(subscription.stream),
+            )
             await self._close(Close.INTERNAL_ERROR)
 
     async def _unsubscribe(self, frame: protocol.Unsubscribe) -> None:
@@ -423,7 +441,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.drained.clear()
         self.unacked += len(text)
         if self.unacked > self.credit:
-            logger.warning("slow consumer %s: closing", self.connection_id)
+            logger.warning("slow consumer %s: closing", self.connection_id, extra=self._log_extra())
             metrics.DROPPED.labels("slow_consumer").inc(len(self.outbox) + 1)
             self.closing = True
             self.outbox.clear()
@@ -475,7 +493,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     async def heartbeat(self, now: float) -> None:
         interval = float(realtime_settings.HEARTBEAT)
         if now - self.last_received > 2 * interval:
-            logger.info("heartbeat timeout on %s", self.connection_id)
+            logger.info("heartbeat timeout on %s", self.connection_id, extra=self._log_extra())
             await self._close(Close.HEARTBEAT_TIMEOUT)
             return
         self._ping_pending = True
