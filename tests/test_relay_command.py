@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.utils import timezone
 
 from realtime.models import Event
 from realtime.testing import flush, record_group_sends
 
-from .factories import ItemFactory
+from .factories import ItemFactory, ProjectFactory, UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -49,3 +50,31 @@ def test_loop_drains_a_backlog_in_batches_and_stops_after_max_passes(capsys):
     assert all(seqs == sorted(seqs) for seqs in by_stream.values())
     assert not Event.objects.filter(published_at__isnull=True).exists()
     assert "relay: 4 published" in capsys.readouterr().out
+
+
+@pytest.mark.django_db
+def test_realtime_stats_prints_connections_streams_rates_and_backlog():
+    import io
+
+    from realtime.models import Connection
+
+    owner = UserFactory()
+    project = ProjectFactory(owner=owner)
+    for n, transport in enumerate(["websocket", "websocket", "sse"]):
+        Connection.objects.create(
+            id=f"c{n}",
+            user=owner,
+            node="node-a" if n < 2 else "node-b",
+            transport=transport,
+            subscriptions=[f"project:{project.pk}"],
+            last_seen=timezone.now(),
+        )
+    out = io.StringIO()
+    call_command("realtime_stats", stdout=out)
+    text = out.getvalue()
+    assert "live connections: 3 (1 users)" in text
+    assert "node-a" in text
+    assert f"project:{project.pk}" in text
+    assert "3 subscriber(s)" in text
+    assert "relay backlog:" in text
+    assert "v1:project.created" in text
