@@ -107,6 +107,7 @@ def exposition() -> tuple[bytes, str]:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
+        forget_dead_processes(os.environ["PROMETHEUS_MULTIPROC_DIR"])
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
@@ -114,6 +115,34 @@ def exposition() -> tuple[bytes, str]:
         registry.register(_Everything())
     registry.register(_Backlog())
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def forget_dead_processes(directory: str) -> list[int]:
+    """Drop the live-gauge files of processes that are gone (killed, crashed, restarted).
+
+    prometheus-client keeps a file per process; the directory is local to the host, so a pid
+    that no longer runs here is dead. Returns the pids forgotten.
+    """
+    import re
+    from pathlib import Path
+
+    from prometheus_client import multiprocess
+
+    dead = set()
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        match = re.search(r"_(\d+)\.db$", path.name)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            dead.add(pid)
+        except PermissionError:  # alive, another user's
+            continue
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)
+    return sorted(dead)
 
 
 class _Everything:
