@@ -53,6 +53,7 @@ class Follower:
         self.resumes = 0
         self.target: int | None = None
         self.refs = 0
+        self.base = 0
 
     async def run(self, deadline: float) -> None:
         async with websockets.connect(
@@ -63,9 +64,9 @@ class Follower:
         ) as socket:
             self.socket = socket
             await self._until_op("welcome")
-            reply = await self._subscribe(None)
-            self.last = reply["data"]["seq"]
-            self.start = self.last
+            # From the position before the writer started: a late subscriber replays the rest.
+            await self._subscribe(self.base)
+            self.last = self.start = self.base
             resyncing = False
             while self.target is None or self.last < self.target:
                 if time.monotonic() > deadline:
@@ -132,6 +133,7 @@ def test_redis_killed_mid_stream_every_client_ends_with_every_event(
         add_member(project, reader)
     stream = f"project:{project.pk}"
     flush()
+    base = Stream.objects.get(name=stream).last_seq
     env = {"DATABASE_URL": database_url(), "REDIS_URL": private_redis.url, "DEBUG": "1"}
     with Daphne(env, tmp_path / "a.log") as node_a, Daphne(env, tmp_path / "b.log") as node_b:
         nodes = [node_a, node_b, node_a, node_b]
@@ -139,6 +141,8 @@ def test_redis_killed_mid_stream_every_client_ends_with_every_event(
             Follower(f"ws://127.0.0.1:{node.port}/ws/realtime/", session_for(reader), stream)
             for node, reader in zip(nodes, readers, strict=True)
         ]
+        for follower in followers:
+            follower.base = base
         wrote = threading.Event()
         failures: list[BaseException] = []
 
