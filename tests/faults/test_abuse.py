@@ -17,6 +17,7 @@ import time
 
 import pytest
 import websockets
+from websockets.typing import Origin
 
 from board.models import Item
 from realtime.testing import flush, session_for
@@ -50,7 +51,7 @@ def test_abusive_sockets_are_closed_and_a_good_client_is_unaffected(
         def connect(session: str):
             return websockets.connect(
                 url,
-                origin="http://127.0.0.1",
+                origin=Origin("http://127.0.0.1"),
                 additional_headers={"Cookie": f"sessionid={session}"},
             )
 

@@ -19,6 +19,7 @@ import time
 import pytest
 import websockets
 from django.core.management import call_command
+from websockets.typing import Origin
 
 import realtime
 from board.membership import add_member
@@ -58,7 +59,7 @@ class Follower:
     async def run(self, deadline: float) -> None:
         async with websockets.connect(
             self.url,
-            origin="http://127.0.0.1",
+            origin=Origin("http://127.0.0.1"),
             additional_headers={"Cookie": f"sessionid={self.session}"},
             max_queue=None,
         ) as socket:
@@ -103,7 +104,7 @@ class Follower:
     async def _subscribe(self, since: int | None) -> dict:
         self.refs += 1
         ref = f"s{self.refs}"
-        frame = {"op": "subscribe", "ref": ref, "stream": self.stream}
+        frame: dict[str, object] = {"op": "subscribe", "ref": ref, "stream": self.stream}
         if since is not None:
             frame["since"] = since
         await self.socket.send(json.dumps(frame))

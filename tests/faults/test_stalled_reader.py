@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import websockets
+from websockets.typing import Origin
 
 import realtime
 from board.membership import add_member
@@ -65,9 +66,9 @@ def test_a_stalled_reader_is_closed_memory_stays_bounded_and_a_resume_fills_the_
         url = f"ws://127.0.0.1:{node.port}/ws/realtime/"
         headers = {"Cookie": f"sessionid={session}"}
 
-        async def scenario() -> tuple[list[int], int, int, int]:
+        async def scenario() -> tuple[list[int], int, int, int | None]:
             async with websockets.connect(
-                url, origin="http://127.0.0.1", additional_headers=headers, max_queue=4
+                url, origin=Origin("http://127.0.0.1"), additional_headers=headers, max_queue=4
             ) as socket:
 
                 async def frame() -> dict:
@@ -121,7 +122,7 @@ def test_a_stalled_reader_is_closed_memory_stays_bounded_and_a_resume_fills_the_
 
         async def resume() -> list[int]:
             async with websockets.connect(
-                url, origin="http://127.0.0.1", additional_headers=headers
+                url, origin=Origin("http://127.0.0.1"), additional_headers=headers
             ) as socket:
                 got: list[int] = []
                 while json.loads(await socket.recv()).get("op") != "welcome":
