@@ -42,6 +42,9 @@ CHANNEL_LAYERS = {
 # 20 subscribers share a user (the default per-user limit); the raised limit only absorbs the
 # Connection rows of a previous round that are still being deleted when the next one connects.
 REALTIME = {**REALTIME, "MAX_CONNECTIONS_PER_USER": 100}
+# The fan-out of logged events is measured, as plain Channels does it: without presence
+# (which would add a join per subscriber to every other subscriber; docs/presence.md).
+PRESENCE = {"ENABLED": False}  # type: ignore[assignment]
 
 # INFO: heartbeat timeouts too, in the node logs that fanout.py shows when sockets close.
 LOGGING = {

@@ -14,6 +14,7 @@ from realtime.policies import check_stream, stream_kinds
 from realtime.protocol import Code
 from realtime.streams import parse_stream
 
+from .conf import presence_settings
 from .tracker import member_list
 
 
@@ -37,9 +38,10 @@ async def presence_view(request: HttpRequest, stream: str) -> HttpResponse:
         return _error(403, "You may not read this stream.")
     kind, _key = parse_stream(stream)
     policy: Any = stream_kinds.get(kind)
-    if not policy.presence:
+    if not policy.presence or not presence_settings.ENABLED:
         return _error(404, f"Presence is not enabled for {kind!r} streams.")
-    body = {"stream": stream, "members": await member_list(stream)}
+    listed, total = await member_list(stream)
+    body = {"stream": stream, "members": listed, "total": total}
     text = json.dumps(body, separators=(",", ":"), sort_keys=True)
     etag = f'"{hashlib.sha256(text.encode()).hexdigest()[:32]}"'
     candidates = {

@@ -7,6 +7,11 @@ from typing import Any
 from realtime.conf import AppSettings
 
 DEFAULTS: dict[str, Any] = {
+    # Off: no entries, no joins or leaves, no list in subscribe replies (typing still works).
+    "ENABLED": True,
+    # Most members listed in a subscribe reply or GET /api/presence/<stream>/ (oldest first);
+    # `presenceTotal` gives the full count. Bounds the work of each subscribe in big streams.
+    "MAX_LISTED": 100,
     # Where entries live: "presence.backends.memory.MemoryBackend" (one process) or
     # "presence.backends.redis.RedisBackend" (shared by nodes), and its keyword arguments.
     "BACKEND": "presence.backends.memory.MemoryBackend",

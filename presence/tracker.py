@@ -87,16 +87,19 @@ def presence_enabled(stream: str) -> bool:
     return bool(policy is not None and policy.presence)
 
 
-async def member_list(stream: str) -> list[dict[str, Any]]:
-    """The stream's present users, oldest first: [{"user": {...}, "since": "..."}]."""
+async def member_list(stream: str) -> tuple[list[dict[str, Any]], int]:
+    """The stream's present users, oldest first, at most MAX_LISTED of them, and how many
+    there are in all: ([{"user": {...}, "since": "..."}], total)."""
     members = await get_backend().members(stream)
-    shown = await _thread(display_many)(list(members))
-    ordered = sorted(members.items(), key=lambda item: (item[1], item[0]))
-    return [
+    limit = max(0, int(presence_settings.MAX_LISTED))
+    ordered = sorted(members.items(), key=lambda item: (item[1], item[0]))[:limit]
+    shown = await _thread(display_many)([user_id for user_id, _since in ordered])
+    listed = [
         {"user": shown[user_id], "since": iso(since)}
         for user_id, since in ordered
         if user_id in shown
     ]
+    return listed, len(members)
 
 
 async def _signal(signal: Any, stream: str, user_id: str, **kwargs: Any) -> None:
@@ -162,7 +165,7 @@ class PresenceTracker(ConnectionHooks):
         self.state()  # every node with sockets sweeps, so a dead node's users leave
 
     async def subscribed(self, connection: Any, stream: str, policy: Any) -> dict[str, Any] | None:
-        if not policy.presence:
+        if not policy.presence or not presence_settings.ENABLED:
             return None
         state = self.state()
         user_id = str(connection.user.pk)
@@ -179,10 +182,11 @@ class PresenceTracker(ConnectionHooks):
                 origin=connection.connection_id,
             )
             await _signal(presence_joined, stream, user_id)
-        return {"presence": await member_list(stream)}
+        listed, total = await member_list(stream)
+        return {"presence": listed, "presenceTotal": total}
 
     async def unsubscribed(self, connection: Any, stream: str, policy: Any, reason: str) -> None:
-        if not policy.presence:
+        if not policy.presence or not presence_settings.ENABLED:
             return
         state = self.state()
         user_id = str(connection.user.pk)

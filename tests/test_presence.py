@@ -353,3 +353,38 @@ def test_system_checks():
         PRESENCE={"BACKEND": "presence.backends.memory.MemoryBackend"}, DEBUG=False
     ):
         assert [m.id for m in check_backend()] == ["presence.W001"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_lists_are_bounded_with_the_total_and_presence_can_be_switched_off():
+    users = [UserFactory() for _ in range(5)]
+    owner = UserFactory()
+    project = ProjectFactory(owner=owner)
+    stream = f"project:{project.pk}"
+    now = time.time()
+    config = backend_settings()
+    with override_settings(PRESENCE={**config, "MAX_LISTED": 3}):
+        for n, user in enumerate([owner, *users]):
+            async_to_sync(get_backend().join)(stream, str(user.pk), f"c{n}", "n", now + 30, now + n)
+        client = Client()
+        client.force_login(owner)
+        body = client.get(f"/api/presence/{stream}/").json()
+        assert body["total"] == 6
+        assert [m["user"]["id"] for m in body["members"]] == [owner.pk, users[0].pk, users[1].pk]
+    with override_settings(PRESENCE={**config, "ENABLED": False}):
+        client = Client()
+        client.force_login(owner)
+        assert client.get(f"/api/presence/{stream}/").status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_with_presence_off_subscribing_tracks_nobody():
+    alice = await db(UserFactory)()
+    _owner, _project, stream = await project_with(alice)
+    with override_settings(PRESENCE={**backend_settings(), "ENABLED": False}):
+        socket = await tab(alice)
+        reply = await socket.subscribe(stream)
+        assert "presence" not in reply["data"]
+        assert await get_backend().members(stream) == {}
+        await socket.close()
