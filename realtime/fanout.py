@@ -60,6 +60,7 @@ class Hub:
 
     async def _start(self) -> None:
         if self.channel is None:
+            _freeze_startup_objects()
             self.channel = await self.layer.new_channel(prefix="realtime-hub.")
             self._tasks = [
                 self.loop.create_task(self._listen(), name="realtime-hub-listen"),
@@ -175,6 +176,19 @@ class Hub:
 
 
 _hubs: dict[asyncio.AbstractEventLoop, Hub] = {}
+_frozen = False
+
+
+def _freeze_startup_objects() -> None:
+    """Once per process, before the first socket: collect, then freeze what is left."""
+    global _frozen
+    if _frozen or not realtime_settings.GC_FREEZE:
+        return
+    import gc
+
+    _frozen = True
+    gc.collect()
+    gc.freeze()
 
 
 def get_hub() -> Hub:
