@@ -46,7 +46,7 @@ from rest_framework_extensions.etag.mixins import APIListETAGMixin, ListETAGMixi
 from board.api import ItemViewSet, ProjectPermission, visible_projects
 from board.models import Item, Project
 from board.serializers import ItemSerializer
-from realtime.conditional import _matches, make_etag
+from realtime.conditional import etag_matches, make_etag
 from realtime.models import Stream
 
 
@@ -128,7 +128,7 @@ class SuggestedItems(ItemViewSet):
             self.get_list_state(),
             list(queryset.values_list("pk", flat=True)[:10_000]),
         )
-        if _matches(request.headers.get("If-None-Match"), etag):
+        if etag_matches(request.headers.get("If-None-Match"), etag):
             return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
         response = Response(self.get_serializer(queryset, many=True).data)
         return self._conditional(response, etag, positions)
@@ -189,7 +189,7 @@ class OneQueryItems(SuggestedItems):
         items = next((n, t) for kind, n, t in rows if kind == "items")
         etag = make_etag([seq, epoch], [user, perms], self.get_list_state(), items)
         positions: dict[str, tuple[int, str | None]] = {stream: (seq, epoch)}
-        if _matches(request.headers.get("If-None-Match"), etag):
+        if etag_matches(request.headers.get("If-None-Match"), etag):
             return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
         queryset = Item.objects.filter(project_id=pk).order_by("position", "pk")
         response = Response(self.get_serializer(queryset, many=True).data)

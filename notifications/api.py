@@ -25,7 +25,12 @@ from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from realtime.conditional import ConditionalReadMixin, _matches, make_etag, stream_positions
+from realtime.conditional import (
+    ConditionalReadMixin,
+    etag_matches,
+    make_etag,
+    stream_positions,
+)
 from realtime.context import collect_positions
 from realtime.openapi import (
     IF_MATCH,
@@ -241,7 +246,7 @@ class NotificationViewSet(
         positions = stream_positions(self.get_streams())
         count = unread_count(request.user)
         etag = make_etag(positions, request.user.pk, count)
-        if _matches(request.headers.get("If-None-Match"), etag):
+        if etag_matches(request.headers.get("If-None-Match"), etag):
             return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
         return self._conditional(Response({"unread_count": count}), etag, positions)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -10,6 +9,7 @@ from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 
+from realtime.conditional import etag_matches, make_etag
 from realtime.policies import check_stream, stream_kinds
 from realtime.protocol import Code
 from realtime.streams import parse_stream
@@ -43,11 +43,8 @@ async def presence_view(request: HttpRequest, stream: str) -> HttpResponse:
     listed, total = await member_list(stream)
     body = {"stream": stream, "members": listed, "total": total}
     text = json.dumps(body, separators=(",", ":"), sort_keys=True)
-    etag = f'"{hashlib.sha256(text.encode()).hexdigest()[:32]}"'
-    candidates = {
-        c.strip().removeprefix("W/") for c in request.headers.get("If-None-Match", "").split(",")
-    }
-    if etag in candidates:
+    etag = make_etag(body)
+    if etag_matches(request.headers.get("If-None-Match"), etag):
         response = HttpResponse(status=304)
     else:
         response = HttpResponse(text, content_type="application/json")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 from typing import Any
 
@@ -16,6 +15,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from .conditional import etag_matches, make_etag
 from .conf import realtime_settings
 from .fanout import get_hub
 from .feed import (
@@ -114,8 +114,8 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
     resets = json.dumps(start.resets)
     # The ETag names "nothing after this cursor": a poller that sends it back gets 304 while
     # nothing new has committed, with no body to parse.
-    etag = '"' + hashlib.sha256(f"{next_cursor}|{resets}".encode()).hexdigest()[:32] + '"'
-    if not events and etag in _etags(request.headers.get("If-None-Match")):
+    etag = make_etag(next_cursor, resets)
+    if not events and etag_matches(request.headers.get("If-None-Match"), etag):
         response = HttpResponse(status=304)
     else:
         body = (
@@ -131,10 +131,6 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
     response["ETag"] = etag
     response["Cache-Control"] = "no-store"
     return response
-
-
-def _etags(header: str | None) -> set[str]:
-    return {value.strip().removeprefix("W/") for value in (header or "").split(",") if value}
 
 
 def _number(request: HttpRequest, name: str, default: Any, low: Any, high: Any, kind: Any) -> Any:

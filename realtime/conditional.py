@@ -70,7 +70,8 @@ def make_etag(*parts: Any) -> str:
     return f'"{digest[:32]}"'
 
 
-def _matches(header_value: str | None, etag: str) -> bool:
+def etag_matches(header_value: str | None, etag: str) -> bool:
+    """Whether an If-None-Match / If-Match header names `etag` (weak or strong), or is `*`."""
     if not header_value:
         return False
     if header_value.strip() == "*":
@@ -132,7 +133,7 @@ class ConditionalReadMixin:
         positions = stream_positions(streams)
         obj.refresh_from_db()  # the data, read after the positions
         etag = make_etag(positions, self.get_version(obj), self.get_permission_state(obj), obj.pk)
-        if _matches(request.headers.get("If-None-Match"), etag):
+        if etag_matches(request.headers.get("If-None-Match"), etag):
             return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
         serializer = self.get_serializer(obj)  # type: ignore[attr-defined]
         return self._conditional(Response(serializer.data), etag, positions)
@@ -144,7 +145,7 @@ class ConditionalReadMixin:
         queryset = self.filter_queryset(self.get_queryset())  # type: ignore[attr-defined]
         pks = list(queryset.values_list("pk", flat=True)[:10_000]) if self.etag_lists_pks else None
         etag = make_etag(positions, self.get_permission_state(None), self.get_list_state(), pks)
-        if _matches(request.headers.get("If-None-Match"), etag):
+        if etag_matches(request.headers.get("If-None-Match"), etag):
             return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
         page = self.paginate_queryset(queryset)  # type: ignore[attr-defined]
         if page is not None:
@@ -175,7 +176,7 @@ class ConditionalReadMixin:
             return
         positions = stream_positions(self.get_streams(obj))
         etag = make_etag(positions, self.get_version(obj), self.get_permission_state(obj), obj.pk)
-        if not _matches(expected, etag):
+        if not etag_matches(expected, etag):
             raise PreconditionFailed()
 
     def with_position(self, response: Response, written: dict[str, int]) -> Response:

@@ -17,7 +17,6 @@ import time
 
 import pytest
 import websockets
-from websockets.typing import Origin
 
 from board.models import Item
 from realtime.testing import flush, session_for
@@ -25,6 +24,7 @@ from realtime.testing import flush, session_for
 from ..factories import ProjectFactory, UserFactory
 from ..live import Daphne, database_url
 from ..test_outage import redis_layer
+from . import connect
 
 pytestmark = [
     pytest.mark.redis,
@@ -48,13 +48,6 @@ def test_abusive_sockets_are_closed_and_a_good_client_is_unaffected(
     with Daphne(env, tmp_path / "daphne.log") as node:
         url = f"ws://127.0.0.1:{node.port}/ws/realtime/"
 
-        def connect(session: str):
-            return websockets.connect(
-                url,
-                origin=Origin("http://127.0.0.1"),
-                additional_headers={"Cookie": f"sessionid={session}"},
-            )
-
         async def closed_code(ws) -> int | None:
             try:
                 while True:
@@ -63,7 +56,7 @@ def test_abusive_sockets_are_closed_and_a_good_client_is_unaffected(
                 return closed.rcvd.code if closed.rcvd else None
 
         async def flooder(session: str) -> int | None:
-            async with connect(session) as ws:
+            async with connect(url, session) as ws:
                 frame = json.dumps(
                     {"op": "publish", "stream": stream, "type": "v1:typing.started", "data": {}}
                 )
@@ -78,7 +71,7 @@ def test_abusive_sockets_are_closed_and_a_good_client_is_unaffected(
                 return await asyncio.wait_for(reader, 30)
 
         async def sender(session: str, payload: str, repeat: int) -> int | None:
-            async with connect(session) as ws:
+            async with connect(url, session) as ws:
                 reader = asyncio.create_task(closed_code(ws))
                 try:
                     for _ in range(repeat):
@@ -99,7 +92,7 @@ def test_abusive_sockets_are_closed_and_a_good_client_is_unaffected(
             return stalled
 
         async def good_client() -> tuple[list[int], int]:
-            async with connect(good_session) as ws:
+            async with connect(url, good_session) as ws:
                 while json.loads(await ws.recv()).get("op") != "welcome":
                     pass
                 await ws.send(json.dumps({"op": "subscribe", "ref": "s", "stream": stream}))

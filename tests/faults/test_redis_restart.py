@@ -17,19 +17,16 @@ import threading
 import time
 
 import pytest
-import websockets
 from django.core.management import call_command
-from websockets.typing import Origin
 
 import realtime
-from board.membership import add_member
 from realtime.models import Event, Stream
 from realtime.publisher import publisher
-from realtime.testing import flush, session_for
+from realtime.testing import flush
 
-from ..factories import ProjectFactory, UserFactory
 from ..live import Daphne, database_url
 from ..test_outage import redis_layer
+from . import connect, team
 
 TOTAL = 10_000
 KILL_AT = 3_000
@@ -57,10 +54,9 @@ class Follower:
         self.base = 0
 
     async def run(self, deadline: float) -> None:
-        async with websockets.connect(
+        async with connect(
             self.url,
-            origin=Origin("http://127.0.0.1"),
-            additional_headers={"Cookie": f"sessionid={self.session}"},
+            self.session,
             max_queue=None,
         ) as socket:
             self.socket = socket
@@ -127,20 +123,14 @@ def test_redis_killed_mid_stream_every_client_ends_with_every_event(
 ):
     settings.CHANNEL_LAYERS = redis_layer(private_redis.url)
     settings.REALTIME = {"PUBLISH_TIMEOUT": 1.0, "RETENTION_MAX_EVENTS": None}
-    owner = UserFactory()
-    readers = [UserFactory() for _ in range(4)]
-    project = ProjectFactory(owner=owner)
-    for reader in readers:
-        add_member(project, reader)
-    stream = f"project:{project.pk}"
-    flush()
-    base = Stream.objects.get(name=stream).last_seq
+    people = team(4)
+    stream, base = people.stream, people.base
     env = {"DATABASE_URL": database_url(), "REDIS_URL": private_redis.url, "DEBUG": "1"}
     with Daphne(env, tmp_path / "a.log") as node_a, Daphne(env, tmp_path / "b.log") as node_b:
         nodes = [node_a, node_b, node_a, node_b]
         followers = [
-            Follower(f"ws://127.0.0.1:{node.port}/ws/realtime/", session_for(reader), stream)
-            for node, reader in zip(nodes, readers, strict=True)
+            Follower(f"ws://127.0.0.1:{node.port}/ws/realtime/", session, stream)
+            for node, session in zip(nodes, people.sessions, strict=True)
         ]
         for follower in followers:
             follower.base = base

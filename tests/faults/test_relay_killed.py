@@ -19,17 +19,13 @@ import time
 from unittest import mock
 
 import pytest
-import websockets
-from websockets.typing import Origin
 
-from board.membership import add_member
 from board.models import Item
-from realtime.models import Event, Stream
+from realtime.models import Event
 from realtime.publisher import publisher
-from realtime.testing import flush, session_for
 
-from ..factories import ProjectFactory, UserFactory
 from ..live import ROOT, Daphne, database_url
+from . import connect, team
 
 SAVES = 1_000
 CLIENTS = 3
@@ -63,15 +59,8 @@ def relay(env: dict[str, str], log) -> subprocess.Popen:  # type: ignore[type-ar
 
 
 def test_events_survive_a_relay_killed_mid_batch_exactly_once_after_dedupe(private_redis, tmp_path):
-    owner = UserFactory()
-    readers = [UserFactory() for _ in range(CLIENTS)]
-    project = ProjectFactory(owner=owner)
-    for reader in readers:
-        add_member(project, reader)
-    stream = f"project:{project.pk}"
-    flush()
-    base = Stream.objects.get(name=stream).last_seq
-    sessions = [session_for(reader) for reader in readers]
+    people = team(CLIENTS)
+    project, stream, base, sessions = people.project, people.stream, people.base, people.sessions
     env = {
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "DATABASE_URL": database_url(),
@@ -83,10 +72,9 @@ def test_events_survive_a_relay_killed_mid_batch_exactly_once_after_dedupe(priva
 
         async def client(session: str, stop: asyncio.Event) -> list[tuple[int, str]]:
             got: list[tuple[int, str]] = []
-            async with websockets.connect(
+            async with connect(
                 url,
-                origin=Origin("http://127.0.0.1"),
-                additional_headers={"Cookie": f"sessionid={session}"},
+                session,
             ) as socket:
                 while json.loads(await socket.recv()).get("op") != "welcome":
                     pass

@@ -16,16 +16,14 @@ from pathlib import Path
 
 import pytest
 import websockets
-from websockets.typing import Origin
 
 import realtime
-from board.membership import add_member
 from realtime.models import Event
-from realtime.testing import flush, session_for
+from realtime.testing import flush
 
-from ..factories import ProjectFactory, UserFactory
 from ..live import Daphne, database_url
 from ..test_outage import redis_layer
+from . import connect, team
 
 TOTAL = 10_000
 CREDIT = 256 * 1024
@@ -49,12 +47,8 @@ def test_a_stalled_reader_is_closed_memory_stays_bounded_and_a_resume_fills_the_
     private_redis, settings, tmp_path
 ):
     settings.CHANNEL_LAYERS = redis_layer(private_redis.url)
-    owner, reader = UserFactory(), UserFactory()
-    project = ProjectFactory(owner=owner)
-    add_member(project, reader)
-    stream = f"project:{project.pk}"
-    flush()
-    session = session_for(reader)
+    people = team(1)
+    stream, session = people.stream, people.sessions[0]
     env = {
         "DATABASE_URL": database_url(),
         "REDIS_URL": private_redis.url,
@@ -64,12 +58,9 @@ def test_a_stalled_reader_is_closed_memory_stays_bounded_and_a_resume_fills_the_
     }
     with Daphne(env, tmp_path / "daphne.log") as node:
         url = f"ws://127.0.0.1:{node.port}/ws/realtime/"
-        headers = {"Cookie": f"sessionid={session}"}
 
         async def scenario() -> tuple[list[int], int, int, int | None]:
-            async with websockets.connect(
-                url, origin=Origin("http://127.0.0.1"), additional_headers=headers, max_queue=4
-            ) as socket:
+            async with connect(url, session, max_queue=4) as socket:
 
                 async def frame() -> dict:
                     return json.loads(await asyncio.wait_for(socket.recv(), 20))
@@ -121,9 +112,7 @@ def test_a_stalled_reader_is_closed_memory_stays_bounded_and_a_resume_fills_the_
         assert growth < 48 * 1024, f"daphne grew by {growth} KiB"
 
         async def resume() -> list[int]:
-            async with websockets.connect(
-                url, origin=Origin("http://127.0.0.1"), additional_headers=headers
-            ) as socket:
+            async with connect(url, session) as socket:
                 got: list[int] = []
                 while json.loads(await socket.recv()).get("op") != "welcome":
                     pass
