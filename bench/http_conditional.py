@@ -8,8 +8,8 @@ database `bench_conditional` created for the run and dropped after it. Variants:
   realtime.conditional.RealtimeResourceMixin);
 - drf-extensions' ListETAGMixin (default list key constructor) and APIListETAGMixin (the
   rows' values) on the same queryset, serializer and permission classes;
-- two references: a bench-only prototype of the suggested fixes, and the stack's floor (a
-  bare 304 after DRF's authentication), both in bench/conditional_views.py.
+- a reference: the stack's floor (a bare 304 after DRF's authentication and permission
+  classes), in bench/conditional_views.py.
 
 Each variant is timed answering 200 (no If-None-Match) and 304 (a matching If-None-Match),
 in rounds interleaved with the others after a warm-up. The target (from the issue): our 304 at
@@ -73,8 +73,9 @@ VARIANTS = (
     Variant(
         "ours",
         "/api/projects/{pk}/items/",
-        "board.api.ItemViewSet on realtime.conditional.RealtimeResourceMixin: ETag from the "
-        "stream positions, the user's permissions on the project, the filter and the pk list",
+        "board.api.ItemViewSet on realtime.conditional.RealtimeResourceMixin with `list_parent`: "
+        "the project's existence, the user's permissions on it and the stream position from one "
+        "SQL statement (realtime.conditional.parent_state), then the ETag from them and the filter",
     ),
     Variant(
         "drf-ext ListETAGMixin",
@@ -87,20 +88,6 @@ VARIANTS = (
         "/bench/drf-ext-api/projects/{pk}/items/",
         "drf-extensions APIListETAGMixin, DefaultAPIModelListKeyConstructor (count() and "
         "values_list() of every row)",
-    ),
-    Variant(
-        "ours, suggested (prototype)",
-        "/bench/suggested/projects/{pk}/items/",
-        "bench-only prototype of the suggestions below (bench/conditional_views.py "
-        "SuggestedItems): project and permissions read once with one guardian checker, the pk "
-        "list filtered by project id alone, positions (seq and epoch) from one Stream query",
-    ),
-    Variant(
-        "ours, one query (prototype)",
-        "/bench/one-query/projects/{pk}/items/",
-        "bench-only prototype (bench/conditional_views.py OneQueryItems): the ETag from one raw "
-        "SQL statement (stream seq and epoch, the user's and groups' object permissions, the "
-        "project's existence, the items' count and largest id); no ORM query on a 304",
     ),
     Variant(
         "floor (no ETag work)",

@@ -18,7 +18,7 @@ from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.request import Request
 
 from notifications import notify
-from realtime.conditional import RealtimeResourceMixin
+from realtime.conditional import ListParent, RealtimeResourceMixin
 from realtime.openapi import (
     IDEMPOTENCY_KEY,
     IF_MATCH,
@@ -205,6 +205,9 @@ class ItemViewSet(
     # Every change to a project's items is an event on project:<pk> (items are registered
     # there), so the stream position alone tells whether the list changed.
     etag_lists_pks = False
+    # The list's 404, the reader's permissions on the project and the stream position come
+    # from one query (realtime.conditional.parent_state), so a 304 costs just that query.
+    list_parent = ListParent(Project, "project_pk", "view_project")
 
     def get_serializer_class(self) -> type[ItemSerializer]:
         # An item's project comes from the URL; it is not moved through this API.
@@ -225,6 +228,12 @@ class ItemViewSet(
         return project
 
     def get_queryset(self) -> QuerySet[Item]:
+        if getattr(self, "swagger_fake_view", False):  # drf-spectacular reading the types
+            return Item.objects.none()
+        if self.action == "list":
+            self.checked_parent()  # 404 unless the user may view the project
+            items = Item.objects.filter(project_id=self.kwargs["project_pk"])
+            return items.order_by("position", "pk")
         if "project_pk" in self.kwargs:
             return Item.objects.filter(project=self.project()).order_by("position", "pk")
         items = Item.objects.filter(project__in=visible_projects(self.request.user))
@@ -233,17 +242,10 @@ class ItemViewSet(
     def get_streams(self, obj: Any = None) -> list[str]:
         if obj is not None:
             return [f"project:{obj.project_id}"]
-        return [f"project:{self.kwargs['project_pk']}"]
+        return [f"project:{self.kwargs.get('project_pk')}"]
 
     def get_permission_state(self, obj: Any = None) -> Any:
-        if obj is None:
-            return super().get_permission_state(self.project())
-        return super().get_permission_state(obj.project)
-
-    def check_list_permissions(self) -> None:
-        if "project_pk" not in self.kwargs:
-            raise NotFound()
-        self.project()
+        return super().get_permission_state(self.project() if obj is None else obj.project)
 
     def perform_create(self, serializer: Any) -> None:
         if "project_pk" not in self.kwargs:

@@ -171,6 +171,41 @@ def test_list_etag_304_and_position_then_no_page_load_gap(board):
     assert [e.data["title"] for e in later] == ["after load"]  # exactly what the page lacks
 
 
+def test_a_list_304_costs_one_query_and_follows_every_permission_path(
+    board, django_assert_num_queries
+):
+    """The list's 404, the reader's permissions and the position come from one statement
+    (realtime.conditional.parent_state); a permission through a group counts, a superuser
+    sees the list, and losing the permission is a 404, never a 304."""
+    from django.contrib.auth.models import Group
+    from guardian.shortcuts import assign_perm, remove_perm
+
+    _owner, project, _item = board
+    url = f"/api/projects/{project.pk}/items/"
+    reader = UserFactory()
+    group = Group.objects.create(name="readers")
+    reader.groups.add(group)
+    client = client_for(reader)
+    assert client.get(url).status_code == 404
+    assign_perm("board.view_project", group, project)
+    etag = client.get(url)["ETag"]
+    with django_assert_num_queries(1):  # force_authenticate: no session or user query
+        assert client.get(url, HTTP_IF_NONE_MATCH=etag).status_code == 304
+    assign_perm("board.change_project", reader, project)  # a direct permission joins in
+    changed = client.get(url, HTTP_IF_NONE_MATCH=etag)
+    assert changed.status_code == 200
+    assert changed["ETag"] != etag
+    remove_perm("board.view_project", group, project)
+    assert client.get(url, HTTP_IF_NONE_MATCH=changed["ETag"]).status_code == 404
+    admin = UserFactory(is_superuser=True)
+    assert client_for(admin).get(url).status_code == 200
+    assert client_for(admin).get("/api/projects/999999/items/").status_code == 404
+    reader.is_active = False
+    reader.save()
+    assign_perm("board.view_project", reader, project)
+    assert client_for(reader).get(url).status_code == 404  # inactive: no permissions
+
+
 def test_lists_and_objects_of_others_are_not_found(board):
     _owner, project, item = board
     stranger = UserFactory()
