@@ -137,7 +137,7 @@ def feed_replay(port: int, setup: dict[str, Any]) -> float:
     return elapsed
 
 
-def measure(database_url: str, label: str) -> list[str]:
+def measure(database_url: str, label: str) -> tuple[list[str], str]:
     progress(f"{label}: writing {EVENTS:,} events")
     setup = prepare(database_url)
     port = free_port()
@@ -195,12 +195,17 @@ def measure(database_url: str, label: str) -> list[str]:
     verdict = "PASS" if median < TARGET_SECONDS else "MISS"
     feed_median = statistics.median(feed)
     target = f"{verdict} (target < {TARGET_SECONDS:.0f} s)"
-    return [
+    rows = [
         f"| {label} | WebSocket resume (`since`) | {median:.3f} | {best:.3f} "
         f"| {EVENTS / median:,.0f} | {target} |",
         f"| {label} | event feed, 500 per request | {feed_median:.3f} | {min(feed):.3f} "
         f"| {EVENTS / feed_median:,.0f} | reference |",
     ]
+    line = (
+        f"**{verdict}: replay of {EVENTS:,} missed events by a WebSocket resume on {label}: "
+        f"median {median:.3f} s of {ROUNDS} rounds (target under {TARGET_SECONDS:.0f} s)**"
+    )
+    return rows, line
 
 
 def main() -> None:
@@ -210,11 +215,16 @@ def main() -> None:
     )
     args = parser.parse_args()
     rows: list[str] = []
+    verdicts: list[str] = []
     with sqlite_database() as url:
-        rows += measure(url, "SQLite")
+        found, line = measure(url, "SQLite")
+        rows += found
+        verdicts.append(line)
     try:
         with postgres_database(args.postgres, "bench_replay") as url:
-            rows += measure(url, "PostgreSQL")
+            found, line = measure(url, "PostgreSQL")
+            rows += found
+            verdicts.append(line)
     except Unavailable as exc:
         progress(f"PostgreSQL skipped: {exc}")
     print(
@@ -229,6 +239,8 @@ def main() -> None:
                 "| database | how | median s | best s | events/s | verdict |",
                 "|---|---|---|---|---|---|",
                 *rows,
+                "",
+                *verdicts,
             ]
         )
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import machine
+import plot
 import report
 from services import redact
 
@@ -42,6 +44,10 @@ TABLE_BENCHMARKS: list[tuple[str, list[str]]] = [
 #: Environment variables that change what the benchmarks measure, shown in the command.
 ENVIRONMENT = ("DATABASE_URL", "REDIS_URL", "CONN_MAX_AGE")
 TIMEOUT_SECONDS = 600
+#: The fan-out plot, written beside the document.
+PLOT = "performance-fanout.png"
+#: A verdict line of a benchmark's output, gathered into the summary at the top.
+VERDICT = re.compile(r"^\**(PASS|MISS|NOT MEASURED)\b.*?\**$")
 
 
 def run_script(script: str, args: list[str]) -> dict[str, Any]:
@@ -71,6 +77,22 @@ def run_table_script(script: str, args: list[str]) -> str:
     if done.returncode != 0:
         sys.exit(f"{script} {shlex.join(args)} failed with exit status {done.returncode}")
     return done.stdout.strip()
+
+
+def demoted(markdown: str) -> str:
+    """A table benchmark's Markdown with its headings one level down, under the document's."""
+    return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.MULTILINE)
+
+
+def verdicts(body: list[str]) -> str:
+    """The summary: every PASS/MISS line of every benchmark, in the order they ran."""
+    found = [
+        "- " + line.strip().strip("*")
+        for text in body
+        for line in text.splitlines()
+        if VERDICT.match(line.strip())
+    ]
+    return "## Targets\n\n" + ("\n".join(found) or "No benchmark reported a verdict.")
 
 
 def command_line() -> str:
@@ -106,17 +128,25 @@ def main() -> None:
         extra = [f"--{name}={getattr(args, name)}" for name in options]
         results = [run_script(script, [*one, *extra]) for one in argument_sets]
         text = report.benchmark(results)
+        rounds = [r for result in results for r in result.get("rounds", [])]
+        if rounds and plot.fanout_png(rounds, args.doc.resolve().parent / PLOT):
+            text += (
+                f"\n\n![Delivered events/s and one-event p99 against subscribers]({PLOT})"
+                f"\n\n{PLOT}: ours, plain Channels and the ceiling from the rounds above."
+            )
         print(f"\n{text}\n")
         body.append(text)
     for script, arguments in TABLE_BENCHMARKS:
         if args.only and script not in args.only:
             continue
-        text = run_table_script(script, arguments)
+        text = demoted(run_table_script(script, arguments))
         print(f"\n{text}\n")
         body.append(text)
     doc = args.doc.resolve()
     doc.parent.mkdir(exist_ok=True)
-    doc.write_text(report.document(machine.facts(), command_line(), body))
+    summary = verdicts(body)
+    print(f"\n{summary}\n")
+    doc.write_text(report.document(machine.facts(), command_line(), [summary, *body]))
     shown = doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc
     print(f"Wrote {shown} in {time.monotonic() - started:.0f} s.")
 

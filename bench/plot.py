@@ -1,0 +1,69 @@
+"""The fan-out plot of docs/performance.md: delivered events/s and p99 against subscribers.
+
+Drawn with matplotlib (the `bench` extra) from the rounds `fanout.py` reports: for each
+system and subscriber count, the highest delivered events/s of its rate steps (what it
+sustains) and the p99 of one event's deliveries to every subscriber.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+#: How each system is drawn: (label, colour, marker), in legend order.
+STYLES = {
+    "ours": ("ours (realtime)", "#1f77b4", "o"),
+    "plain Channels": ("plain Channels", "#d62728", "s"),
+    "ceiling": ("ceiling (bare websockets, no Django)", "#7f7f7f", "^"),
+}
+
+
+def series(rounds: list[dict[str, Any]]) -> dict[str, list[tuple[int, float, float]]]:
+    """{system: [(subscribers, sustained events/s, one-event p99 ms)]} sorted by subscribers."""
+    out: dict[str, list[tuple[int, float, float]]] = {}
+    for one in rounds:
+        if one.get("error"):
+            continue
+        delivered = max((s["delivered_per_s"] for s in one.get("steps", [])), default=math.nan)
+        p99 = (one.get("single") or {}).get("p99", math.nan) * 1000  # seconds in the rounds
+        out.setdefault(one["system"], []).append((one["subscribers"], delivered, p99))
+    return {system: sorted(points) for system, points in out.items()}
+
+
+def fanout_png(rounds: list[dict[str, Any]], path: Path) -> bool:
+    """Draw the plot into `path`; False (and nothing written) without matplotlib or data."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    data = series(rounds)
+    if not data:
+        return False
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system, (label, colour, marker) in STYLES.items():
+        points = data.get(system)
+        if not points:
+            continue
+        counts = [n for n, _, _ in points]
+        left.plot(counts, [d for _, d, _ in points], marker=marker, color=colour, label=label)
+        right.plot(counts, [p for _, _, p in points], marker=marker, color=colour, label=label)
+    for axes in (left, right):
+        axes.set_xscale("log")
+        axes.set_xlabel("subscribers (2 nodes)")
+        axes.grid(True, which="both", alpha=0.3)
+    left.set_yscale("log")
+    left.set_ylabel("delivered events/s (highest rate step)")
+    left.set_title("Sustained delivery")
+    right.set_yscale("log")
+    right.set_ylabel("p99 ms, one event to every subscriber")
+    right.set_title("Latency of one event")
+    left.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
