@@ -67,3 +67,44 @@ def fanout_png(rounds: list[dict[str, Any]], path: Path) -> bool:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
+
+
+def sse_png(points: list[dict[str, Any]], path: Path) -> bool:
+    """SSE: each system's highest delivered/s and its p99 at the slowest rate, per client count."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    systems: dict[str, list[dict[str, Any]]] = {}
+    for point in points:
+        systems.setdefault(point["system"], []).append(point)
+    if not systems:
+        return False
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"]
+    rates = sorted({f"{point['rate']:g}" for point in points})
+    ordered = sorted(systems.items(), key=lambda item: not item[0].startswith("ours"))
+    for (system, mine), colour in zip(ordered, colours, strict=False):
+        mine.sort(key=lambda point: point["clients"])
+        clients = [point["clients"] for point in mine]
+        left.plot(clients, [p["delivered_per_s"] for p in mine], marker="o", color=colour)
+        right.plot(clients, [p["p99_ms"] for p in mine], marker="o", color=colour, label=system)
+    for axes in (left, right):
+        axes.set_xscale("log")
+        axes.set_xlabel("SSE clients (one daphne process)")
+        axes.grid(True, which="both", alpha=0.3)
+    left.set_yscale("log")
+    left.set_ylabel("delivered events/s (highest rate step)")
+    left.set_title("SSE: sustained delivery")
+    right.set_yscale("log")
+    right.set_ylabel(f"p99 ms at {', '.join(map(str, rates))} events/s")
+    right.set_title("SSE: latency at the slowest rate")
+    right.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

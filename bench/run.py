@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ BENCHMARKS: list[tuple[str, list[list[str]], tuple[str, ...]]] = [
 #: Benchmarks that print their own Markdown tables: (script, arguments).
 TABLE_BENCHMARKS: list[tuple[str, list[str]]] = [
     ("http_conditional.py", ["--requests", "1000"]),
-    ("sse_fanout.py", []),
+    ("sse_fanout.py", ["--clients", "200"]),
+    ("sse_fanout.py", ["--clients", "1000"]),
     ("notify_bulk.py", []),
     ("presence_bench.py", []),
     ("replay_bench.py", []),
@@ -44,8 +46,11 @@ TABLE_BENCHMARKS: list[tuple[str, list[str]]] = [
 #: Environment variables that change what the benchmarks measure, shown in the command.
 ENVIRONMENT = ("DATABASE_URL", "REDIS_URL", "CONN_MAX_AGE")
 TIMEOUT_SECONDS = 600
-#: The fan-out plot, written beside the document.
+#: The plots, written beside the document.
 PLOT = "performance-fanout.png"
+SSE_PLOT = "performance-sse.png"
+#: Table benchmarks that append plot points to a JSON-lines file given as `--data`.
+PLOTTED = {"sse_fanout.py"}
 #: A verdict line of a benchmark's output, gathered into the summary at the top.
 VERDICT = re.compile(r"^\**(PASS|MISS|NOT MEASURED)\b.*?\**$")
 
@@ -136,12 +141,23 @@ def main() -> None:
             )
         print(f"\n{text}\n")
         body.append(text)
-    for script, arguments in TABLE_BENCHMARKS:
-        if args.only and script not in args.only:
-            continue
-        text = demoted(run_table_script(script, arguments))
-        print(f"\n{text}\n")
-        body.append(text)
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
+        data = Path(scratch) / "points.jsonl"
+        for script, arguments in TABLE_BENCHMARKS:
+            if args.only and script not in args.only:
+                continue
+            extra = ["--data", str(data)] if script in PLOTTED else []
+            text = demoted(run_table_script(script, [*arguments, *extra]))
+            print(f"\n{text}\n")
+            body.append(text)
+        points = (
+            [json.loads(line) for line in data.read_text().splitlines()] if data.exists() else []
+        )
+    if points and plot.sse_png(points, args.doc.resolve().parent / SSE_PLOT):
+        body.append(
+            f"## SSE plot\n\n![SSE delivered events/s and p99 against clients]({SSE_PLOT})\n\n"
+            f"{SSE_PLOT}: ours beside django-eventstream, from the SSE runs above."
+        )
     doc = args.doc.resolve()
     doc.parent.mkdir(exist_ok=True)
     summary = verdicts(body)

@@ -562,6 +562,9 @@ def main() -> None:
     parser.add_argument("--database", choices=["auto", "postgresql", "sqlite"], default="auto")
     parser.add_argument("--budget", type=float, default=170.0, help="seconds for the whole run")
     parser.add_argument("--logs", help="keep the processes' logs in this folder")
+    parser.add_argument(
+        "--data", type=Path, help="append each system's plot point to this JSON-lines file"
+    )
     args = parser.parse_args()
     args.rates = [int(r) for r in args.rates.split(",") if r.strip()]
     systems = [s for s in args.systems.split(",") if s]
@@ -603,6 +606,34 @@ def main() -> None:
             outcomes.append(run_system(system, args, env, folder, project))
     notes.append(f"total run time {time.monotonic() - args.started:.0f} s")
     print_report(outcomes, args, notes)
+    if args.data:
+        with args.data.open("a") as out:
+            for point in plot_points(outcomes, args):
+                out.write(json.dumps(point) + "\n")
+
+
+def plot_points(outcomes: list[Outcome], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per system: its highest delivered/s of any step and the p99 of its slowest-rate step."""
+    points = []
+    for outcome in outcomes:
+        steps = sorted(outcome.steps, key=lambda step: step["rate"])
+        if not steps:
+            continue
+        delivered = [
+            step["received"] / (max(step["last_arrival"], step["end"]) - step["start"])
+            for step in steps
+            if step["received"]
+        ]
+        points.append(
+            {
+                "system": LABELS[outcome.system],
+                "clients": args.clients,
+                "delivered_per_s": max(delivered, default=0.0),
+                "p99_ms": steps[0]["p99_ms"] if steps[0]["received"] else math.nan,
+                "rate": steps[0]["rate"],
+            }
+        )
+    return points
 
 
 if __name__ == "__main__":
