@@ -1,4 +1,4 @@
-"""Fan-out over WebSockets: ours vs plain Channels vs a bare `websockets` ceiling; print JSON.
+"""Fan-out over WebSockets: ours vs plain Channels, DCRF and a bare `websockets` ceiling; JSON.
 
 Needs PostgreSQL and Redis on the loopback (skipped with the reason otherwise). Per system, two
 server processes on free loopback ports; per subscriber count, one load client process
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -43,7 +45,16 @@ BENCH = ROOT / "bench"
 BENCHMARK = "Fan-out over WebSockets"
 DATABASE = "bench_fanout"
 SETTINGS = "fanout_settings"
-SYSTEMS = ("ours", "plain Channels", "ceiling")
+SYSTEMS = ("ours", "plain Channels", "DCRF", "ceiling")
+#: django-channels-rest-framework (the `bench` extra): its nodes' settings and ASGI app.
+DCRF_PACKAGE = "djangochannelsrestframework"
+DCRF_SETTINGS = "fanout_dcrf_settings"
+#: Its consumer's path and subscribe action (bench/fanout_dcrf.py), and the action's reply:
+#: which frame it is, and when it says yes (DCRF replies 403/404 with errors otherwise).
+DCRF_PATH = "/ws/dcrf/"
+DCRF_ACTION = "subscribe_to_items"
+DCRF_REPLY = rf'"action":\s*"{DCRF_ACTION}"'
+DCRF_OK = r'"response_status":\s*200\b'
 DEFAULT_SUBSCRIBERS = (100, 1000, 5000)
 DEFAULT_RATES = (50, 200, 500, 1000)
 SINGLE_EVENTS = 20
@@ -85,6 +96,13 @@ REST_WARNING = 0.5
 
 def progress(message: str) -> None:
     print(f"[fanout] {message}", file=sys.stderr, flush=True)
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -178,12 +196,18 @@ def start_nodes(
             argv = [str(BENCH / "fanout_ceiling.py"), "--port", str(port)]
             argv += ["--redis-url", env["REDIS_URL"]]
         else:
-            app = "config.asgi:application" if system == "ours" else "fanout_plain:application"
+            app = {
+                "ours": "config.asgi:application",
+                "plain Channels": "fanout_plain:application",
+                "DCRF": "fanout_dcrf:application",
+            }[system]
             argv = ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "-v", "0"]
             argv += ["--websocket_connect_timeout", "120", app]
+        # DCRF sends through the default layer: its nodes get a RedisChannelLayer there.
+        node_env = {**env, "DJANGO_SETTINGS_MODULE": DCRF_SETTINGS} if system == "DCRF" else env
         log = folder / f"{system.split()[0]}-{letter}.log"
         with open(log, "wb") as out:
-            process = spawn(argv, env, stdout=out, stderr=subprocess.STDOUT)
+            process = spawn(argv, node_env, stdout=out, stderr=subprocess.STDOUT)
         stack.callback(stop, process)
         nodes.append(Node(f"node {letter}", port, process, log))
     deadline = time.monotonic() + 60
@@ -320,6 +344,29 @@ def plain_receiver() -> Callable[..., None]:
 
 
 @contextlib.contextmanager
+def dcrf_receivers() -> Iterator[None]:
+    """DCRF's signal receivers of bench/fanout_dcrf.py's model observer, connected meanwhile.
+
+    `@model_observer` connects them (post_init, post_save, post_delete of Item) when the
+    consumer class is defined, i.e. when fanout_dcrf is first imported; they are disconnected
+    on the way out, so that no other system's saves pay for them.
+    """
+    from django.db.models.signals import post_delete, post_init, post_save
+    from fanout_dcrf import ItemsConsumer
+
+    from board.models import Item
+
+    observer: Any = ItemsConsumer.item_activity  # the ModelObserver (read on the class)
+    observer._connect()  # DCRF's own connect; a no-op when the import just connected them
+    try:
+        yield
+    finally:
+        uid = str(id(observer))  # the dispatch_uid DCRF connects them with
+        for signal in (post_init, post_save, post_delete):
+            signal.disconnect(sender=Item, dispatch_uid=uid)
+
+
+@contextlib.contextmanager
 def writer(system: str, project: Any, redis_url: str) -> Iterator[Callable[[int], None]]:
     """Yield save(n): create one Item titled `bench <n> <time.time()>` the system's way."""
     from django.conf import settings
@@ -340,6 +387,15 @@ def writer(system: str, project: Any, redis_url: str) -> Iterator[Callable[[int]
             finally:
                 post_save.disconnect(sender=Item, dispatch_uid=uid)
             return
+        if system == "DCRF":
+            from fanout_dcrf_settings import DCRF_LAYER
+
+            # DCRF sends with get_channel_layer(): the default alias, here the nodes' layer
+            # (channels drops its cached layers on setting_changed for CHANNEL_LAYERS).
+            layers = {**settings.CHANNEL_LAYERS, "default": settings.CHANNEL_LAYERS[DCRF_LAYER]}
+            with override_settings(CHANNEL_LAYERS=layers), dcrf_receivers():
+                yield save_item(project)
+            return
         import redis
 
         client = redis.Redis.from_url(redis_url, socket_timeout=10)
@@ -350,7 +406,7 @@ def writer(system: str, project: Any, redis_url: str) -> Iterator[Callable[[int]
 
 
 def save_item(project: Any) -> Callable[[int], None]:
-    """save(n) for ours (pipeline on) and plain Channels (its post_save handler publishes)."""
+    """save(n) for ours (pipeline on), plain Channels and DCRF (their post_save receivers)."""
     from board.models import Item
 
     def save(n: int) -> None:
@@ -423,13 +479,20 @@ def measure_round(
     result.busy_before = idle.read()["machine"]
     if result.busy_before > BUSY_WARNING:
         progress(f"{system}, {subscribers}: the machine is {result.busy_before:.0%} busy already")
-    path = {"ours": "/ws/realtime/", "plain Channels": f"/ws/items/{project.pk}/"}.get(system, "/")
+    path = {
+        "ours": "/ws/realtime/",
+        "plain Channels": f"/ws/items/{project.pk}/",
+        "DCRF": DCRF_PATH,
+    }.get(system, "/")
     argv = ["--ports", ",".join(str(node.port) for node in nodes), "--path", path]
     argv += ["--count", str(subscribers), "--cookies", str(cookies)]
     argv += ["--max-events", str(max_events(rates, subscribers, longest))]
     if system == "ours":
         frame = {"op": "subscribe", "ref": "1", "stream": f"project:{project.pk}"}
         argv += ["--subscribe", json.dumps(frame)]
+    elif system == "DCRF":
+        frame = {"action": DCRF_ACTION, "request_id": "1", "project": project.pk}
+        argv += ["--subscribe", json.dumps(frame), "--reply", DCRF_REPLY, "--ok", DCRF_OK]
     with contextlib.ExitStack() as stack:
         client = LoadClient(argv, env, stack)
         ready = client.answer(timeout=60 + subscribers / 20)
@@ -580,6 +643,10 @@ def run_system(
     from realtime.publisher import publisher
 
     rounds = []
+    if system == "DCRF" and importlib.util.find_spec(DCRF_PACKAGE) is None:
+        error = f"{DCRF_PACKAGE} is not installed (pip install -e '.[bench]')"
+        progress(f"{system}: skipped, {error}")
+        return [Round(system, subscribers, error=error) for subscribers in counts]
     with contextlib.ExitStack() as stack:
         started = time.monotonic()
         nodes = start_nodes(system, env, folder, stack)
@@ -921,11 +988,23 @@ ABOUT = [
     "(defaults, `socket_timeout=None`) on connect; a `post_save` handler calls "
     "`async_to_sync(group_send)` with the item's serializer data per save and each consumer "
     "`json.dumps` and sends it",
+    f"**DCRF**: two daphne nodes serving bench/fanout_dcrf.py, django-channels-rest-framework "
+    f"{package_version(DCRF_PACKAGE)} used as its documentation shows for changes of a model "
+    "filtered by a parent: a `GenericAsyncAPIConsumer` with "
+    "`@model_observer(Item, serializer_class=ItemSerializer)` grouped by project "
+    "(`groups_for_signal`/`groups_for_consumer`); every subscriber sends the "
+    f"`{DCRF_ACTION}` action, which checks `board.view_project` on the project (guardian) and "
+    "subscribes. DCRF sends with the default layer, here the plain-Channels "
+    "`RedisChannelLayer` (bench/fanout_dcrf_settings.py); its `post_save` receiver (connected "
+    "in the writer for this system only, pipeline off) serializes the item once and calls "
+    "`async_to_sync(group_send)` on commit; each consumer deep-copies the message and "
+    "`reply()`s it as JSON",
     "**ceiling**: two bare `websockets` servers (bench/fanout_ceiling.py, no Django), each "
     "subscribed to a Redis pub/sub channel; the writer saves the item (pipeline off) and "
     "publishes one pre-encoded frame, which each server hands to all its sockets with "
     "`websockets.broadcast`",
-    "Settings (bench/fanout_settings.py): config.settings with DEBUG off, `CONN_MAX_AGE=300`, "
+    "Settings (bench/fanout_settings.py; DCRF's nodes bench/fanout_dcrf_settings.py, the same "
+    "with the `RedisChannelLayer` as default): config.settings with DEBUG off, `CONN_MAX_AGE=300`, "
     "`MAX_CONNECTIONS_PER_USER=100` and a channel-layer prefix of the run's own (Redis pub/sub "
     "channels are server-wide, and tests share the server). Subscribers are split evenly over "
     "the two nodes of each system and live in one load client process "

@@ -2,10 +2,10 @@
 
 Every socket is a `websockets` Sans-I/O `ClientProtocol` driven by a plain asyncio protocol,
 so a frame costs the parser and a regular expression, not a task and a queue. Sockets open in
-batches, subscribe (or wait for the server's ready reply), answer pings, and record for each
-event frame the writer's number and send time found in the item title
-(`bench <n> <time.time()>`): latency is the receive time minus that send time, both read with
-`time.time()` on this machine.
+batches, subscribe (or wait for the server's ready reply; --reply and --ok say which frame
+that is), answer pings, and record for each event frame the writer's number and send time
+found in the item title (`bench <n> <time.time()>`): latency is the receive time minus that
+send time, both read with `time.time()` on this machine.
 
 Commands arrive as JSON lines on stdin (`wait`, `report`, `close`); answers and the `ready`
 line go to stdout as JSON lines; progress goes to stderr.
@@ -38,8 +38,11 @@ TITLE = re.compile(rb"bench (\d+) (\d+\.\d+)")
 # Compact or not: the plain-Channels consumer and the ceiling use json.dumps' defaults.
 PING = re.compile(rb'"op":\s*"ping"')
 PONG = b'{"op":"pong"}'
-REPLY = re.compile(rb'"op":\s*"reply"')
-OK = re.compile(rb'"ok":\s*true')
+#: A socket is ready once a frame matching REPLY (the answer to its subscribe frame, or the
+#: server's own ready frame) arrives, and refused if that frame does not match OK too; other
+#: systems' replies are matched with --reply and --ok instead.
+REPLY = rb'"op":\s*"reply"'
+OK = rb'"ok":\s*true'
 CONNECT_TIMEOUT = 60.0
 
 
@@ -95,8 +98,12 @@ class Subscriber(asyncio.Protocol):
         cookie: str,
         subscribe: str | None,
         closed: collections.Counter[str],
+        reply: re.Pattern[bytes],
+        ok: re.Pattern[bytes],
     ) -> None:
         self.index = index
+        self.reply = reply
+        self.ok = ok
         self.book = book
         self.protocol = ClientProtocol(parse_uri(url), origin=Origin("http://127.0.0.1"))
         self.cookie = cookie
@@ -141,8 +148,8 @@ class Subscriber(asyncio.Protocol):
                     continue
                 if PING.search(frame):
                     protocol.send_text(PONG)
-                elif not self.ready.done() and REPLY.search(frame):
-                    if OK.search(frame):
+                elif not self.ready.done() and self.reply.search(frame):
+                    if self.ok.search(frame):
                         self.ready.set_result(None)
                     else:
                         self.fail(f"refused: {frame[:200]!r}")
@@ -179,13 +186,17 @@ class Client:
         self.book = Book(args.max_events)
         self.subscribers: list[Subscriber] = []
         self.closed: collections.Counter[str] = collections.Counter()
+        self.reply = re.compile(args.reply.encode())
+        self.ok = re.compile(args.ok.encode())
 
     async def open_one(self, index: int, cookies: list[str]) -> Subscriber | str:
         args = self.args
         port = args.ports[index % len(args.ports)]
         url = f"ws://127.0.0.1:{port}{args.path}"
         cookie = f"sessionid={cookies[index % len(cookies)]}" if cookies else ""
-        subscriber = Subscriber(index, self.book, url, cookie, args.subscribe, self.closed)
+        subscriber = Subscriber(
+            index, self.book, url, cookie, args.subscribe, self.closed, self.reply, self.ok
+        )
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -338,6 +349,14 @@ def main() -> None:
     parser.add_argument("--path", required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--subscribe", help="frame to send once the handshake is done")
+    parser.add_argument(
+        "--reply",
+        default=REPLY.decode(),
+        help="regex of the frame that answers the subscribe frame (or says the socket is ready)",
+    )
+    parser.add_argument(
+        "--ok", default=OK.decode(), help="regex that frame matches when the answer is yes"
+    )
     parser.add_argument("--cookies", type=Path)
     parser.add_argument("--max-events", type=int, required=True)
     parser.add_argument("--batch", type=int, default=200)

@@ -15,6 +15,7 @@ from typing import Any
 STYLES = {
     "ours": ("ours (realtime)", "#1f77b4", "o"),
     "plain Channels": ("plain Channels", "#d62728", "s"),
+    "DCRF": ("DCRF (django-channels-rest-framework)", "#2ca02c", "D"),
     "ceiling": ("ceiling (bare websockets, no Django)", "#7f7f7f", "^"),
 }
 

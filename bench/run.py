@@ -137,7 +137,7 @@ def main() -> None:
         if rounds and plot.fanout_png(rounds, args.doc.resolve().parent / PLOT):
             text += (
                 f"\n\n![Delivered events/s and one-event p99 against subscribers]({PLOT})"
-                f"\n\n{PLOT}: ours, plain Channels and the ceiling from the rounds above."
+                f"\n\n{PLOT}: ours, plain Channels, DCRF and the ceiling from the rounds above."
             )
         print(f"\n{text}\n")
         body.append(text)
