@@ -46,6 +46,10 @@ BENCHMARK = "Fan-out over WebSockets"
 DATABASE = "bench_fanout"
 SETTINGS = "fanout_settings"
 SYSTEMS = ("ours", "plain Channels", "DCRF", "ceiling")
+#: Diagnostics, run only when named in --systems: where the gap to the ceiling comes from.
+DIAGNOSTICS = ("ours on uvicorn", "daphne floor")
+#: The systems serving config.asgi (the pipeline on, `subscribe` frames).
+OURS = ("ours", "ours on uvicorn")
 #: django-channels-rest-framework (the `bench` extra): its nodes' settings and ASGI app.
 DCRF_PACKAGE = "djangochannelsrestframework"
 DCRF_SETTINGS = "fanout_dcrf_settings"
@@ -195,6 +199,12 @@ def start_nodes(
         if system == "ceiling":
             argv = [str(BENCH / "fanout_ceiling.py"), "--port", str(port)]
             argv += ["--redis-url", env["REDIS_URL"]]
+        elif system == "ours on uvicorn":
+            argv = ["-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port)]
+            argv += ["--log-level", "warning", "--no-access-log", "config.asgi:application"]
+        elif system == "daphne floor":
+            argv = ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "-v", "0"]
+            argv += ["--websocket_connect_timeout", "120", "fanout_daphne_floor:application"]
         else:
             app = {
                 "ours": "config.asgi:application",
@@ -205,7 +215,7 @@ def start_nodes(
             argv += ["--websocket_connect_timeout", "120", app]
         # DCRF sends through the default layer: its nodes get a RedisChannelLayer there.
         node_env = {**env, "DJANGO_SETTINGS_MODULE": DCRF_SETTINGS} if system == "DCRF" else env
-        log = folder / f"{system.split()[0]}-{letter}.log"
+        log = folder / f"{system.replace(' ', '-')}-{letter}.log"
         with open(log, "wb") as out:
             process = spawn(argv, node_env, stdout=out, stderr=subprocess.STDOUT)
         stack.callback(stop, process)
@@ -375,7 +385,7 @@ def writer(system: str, project: Any, redis_url: str) -> Iterator[Callable[[int]
 
     from board.models import Item
 
-    if system == "ours":
+    if system in OURS:
         yield save_item(project)
         return
     with override_settings(REALTIME={**settings.REALTIME, "ENABLED": False}):
@@ -481,13 +491,14 @@ def measure_round(
         progress(f"{system}, {subscribers}: the machine is {result.busy_before:.0%} busy already")
     path = {
         "ours": "/ws/realtime/",
+        "ours on uvicorn": "/ws/realtime/",
         "plain Channels": f"/ws/items/{project.pk}/",
         "DCRF": DCRF_PATH,
     }.get(system, "/")
     argv = ["--ports", ",".join(str(node.port) for node in nodes), "--path", path]
     argv += ["--count", str(subscribers), "--cookies", str(cookies)]
     argv += ["--max-events", str(max_events(rates, subscribers, longest))]
-    if system == "ours":
+    if system in OURS:
         frame = {"op": "subscribe", "ref": "1", "stream": f"project:{project.pk}"}
         argv += ["--subscribe", json.dumps(frame)]
     elif system == "DCRF":
@@ -673,7 +684,7 @@ def run_system(
                         progress(
                             f"{system}, {subscribers}: {trouble}; the nodes' logs end\n{tails}"
                         )
-                if system == "ours":
+                if system in OURS:
                     publisher.flush(timeout=30)
                     wait_connections_gone()
         for node in nodes:
@@ -1003,6 +1014,11 @@ ABOUT = [
     "subscribed to a Redis pub/sub channel; the writer saves the item (pipeline off) and "
     "publishes one pre-encoded frame, which each server hands to all its sockets with "
     "`websockets.broadcast`",
+    "Diagnostics, in the tables only when a run names them in `--systems`: **ours on "
+    "uvicorn** (the same application and settings served by uvicorn instead of daphne) and "
+    "**daphne floor** (bench/fanout_daphne_floor.py: a raw ASGI app on daphne, no Django or "
+    "Channels, handing the ceiling's pre-encoded frame to each socket in turn), which split "
+    "the gap between ours and the ceiling into the server's part and ours",
     "Settings (bench/fanout_settings.py; DCRF's nodes bench/fanout_dcrf_settings.py, the same "
     "with the `RedisChannelLayer` as default): config.settings with DEBUG off, `CONN_MAX_AGE=300`, "
     "`MAX_CONNECTIONS_PER_USER=100` and a channel-layer prefix of the run's own (Redis pub/sub "
@@ -1036,9 +1052,9 @@ def main() -> None:
     parser.add_argument("--step-seconds", type=float, default=STEP_SECONDS)
     parser.add_argument("--systems", type=lambda t: t.split(","), default=list(SYSTEMS))
     args = parser.parse_args()
-    unknown = set(args.systems) - set(SYSTEMS)
+    unknown = set(args.systems) - set(SYSTEMS) - set(DIAGNOSTICS)
     if unknown:
-        parser.error(f"unknown systems {unknown}; choose from {SYSTEMS}")
+        parser.error(f"unknown systems {unknown}; choose from {SYSTEMS + DIAGNOSTICS}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     report: dict[str, Any] = {"benchmark": BENCHMARK, "about": ABOUT}
     notes: list[str] = []

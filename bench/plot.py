@@ -17,6 +17,8 @@ STYLES = {
     "plain Channels": ("plain Channels", "#d62728", "s"),
     "DCRF": ("DCRF (django-channels-rest-framework)", "#2ca02c", "D"),
     "ceiling": ("ceiling (bare websockets, no Django)", "#7f7f7f", "^"),
+    "ours on uvicorn": ("ours on uvicorn (diagnostic)", "#17becf", "o"),
+    "daphne floor": ("daphne floor (diagnostic)", "#bcbd22", "v"),
 }
 
 
