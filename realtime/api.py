@@ -75,6 +75,9 @@ class _Waker:
         if not message.get("ephemeral"):
             self.event.set()
 
+    def resync(self) -> None:
+        self.event.set()  # the channel layer may have lost events: read the log again
+
 
 async def event_feed(request: HttpRequest) -> HttpResponse:
     """GET: events after a cursor, oldest first; with `wait`, held until one arrives (long poll)."""

@@ -44,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
     "STREAM_POLICIES": {},
     # WebSocket: seconds between server pings; a socket silent for two intervals is closed.
     "HEARTBEAT": 25.0,
+    # Seconds between probes each hub sends itself through the channel layer; none back for
+    # two intervals: the layer is reconnected and subscriptions resync from the log (None: off).
+    "LAYER_PROBE_INTERVAL": 5.0,
     # Largest inbound frame in bytes, and deepest JSON nesting in it.
     "MAX_FRAME_BYTES": 64 * 1024,
     "MAX_DEPTH": 32,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from django.db import connections, router, transaction
 from django.utils import timezone
 
 from .conf import realtime_settings
@@ -20,17 +21,41 @@ def open_connection(
     client_version: str,
     remote_addr: str,
     tenant: str,
-) -> None:
-    Connection.objects.create(
-        id=connection_id,
-        user=user if user is not None and user.is_authenticated else None,
-        tenant=tenant,
-        node=node,
-        transport=transport,
-        client_version=client_version[:32],
-        remote_addr=remote_addr[:64],
-        last_seen=timezone.now(),
-    )
+    limit: int | None = None,
+) -> bool:
+    """Write the connection's row; with `limit`, only if the user has fewer rows than that.
+
+    The count and the insert run in one transaction holding a lock on the user's row, so
+    connects racing on any number of nodes cannot all pass the limit. Returns whether the
+    row was written.
+    """
+    owner = user if user is not None and user.is_authenticated else None
+    using = router.db_for_write(Connection)
+    with transaction.atomic(using=using):
+        if limit is not None and owner is not None:
+            _lock_user(owner, using)
+            if Connection.objects.using(using).filter(user=owner).count() >= limit:
+                return False
+        Connection.objects.using(using).create(
+            id=connection_id,
+            user=owner,
+            tenant=tenant,
+            node=node,
+            transport=transport,
+            client_version=client_version[:32],
+            remote_addr=remote_addr[:64],
+            last_seen=timezone.now(),
+        )
+    return True
+
+
+def _lock_user(user: Any, using: str) -> None:
+    # FOR NO KEY UPDATE where the database has it: it serializes connects of this user without
+    # blocking inserts of rows that merely reference the user. SQLite has no row locks; its
+    # write transactions are serialized (the demo begins them IMMEDIATE).
+    no_key = connections[using].features.has_select_for_no_key_update
+    locked = user._meta.model._default_manager.using(using).select_for_update(no_key=no_key)
+    list(locked.filter(pk=user.pk).values_list("pk", flat=True))
 
 
 def close_connection(connection_id: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 import uuid
@@ -11,8 +12,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
+from channels.utils import await_many_dispatch
 
 from . import hooks, metrics, protocol
 from .conf import realtime_settings
@@ -25,6 +30,7 @@ from .streams import parse_stream
 logger = logging.getLogger("realtime.ws")
 
 _DUPLICATE_WINDOW = 1024
+_control_tasks: set[asyncio.Task[None]] = set()
 
 
 def user_group(user_id: Any) -> str:
@@ -52,7 +58,8 @@ class Subscription:
         self.version = version
         self.authorized = True
         self.replaying = True
-        self.buffer: collections.deque[dict[str, Any]] = collections.deque()
+        # A list: empty, as it is once live, it takes a few bytes (a deque takes a block).
+        self.buffer: list[dict[str, Any]] = []
         self.overflowed = False
         self.task: asyncio.Task[None] | None = None
         self.contiguous = 0  # every seq up to this one was delivered (or predates the snapshot)
@@ -105,11 +112,22 @@ class Subscription:
             if not self.overflowed:
                 return
 
+    def resync(self) -> None:
+        """Read the log again after `contiguous`: live events may have been lost on the way."""
+        if not self.authorized:
+            return
+        if self.replaying:
+            self.overflowed = True  # the replay under way reads the log once more
+            return
+        self.replaying = True
+        self.consumer.catch_up(self)
+
     def go_live(self) -> None:
         """End the replay: deliver what arrived meanwhile (deduplicated), then live events."""
         self.replaying = False
-        while self.buffer:
-            self.deliver(self.buffer.popleft())
+        buffered, self.buffer = self.buffer, []
+        for message in buffered:
+            self.deliver(message)
 
     def emit(self, seq: int, frames: dict[str, str], event_type: str = "") -> None:
         if seq <= self.contiguous or seq in self.above:
@@ -135,17 +153,32 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     @property  # type: ignore[override]
     def channel_layer_alias(self) -> str:
-        # The layer events travel on, also for this consumer's control group and publishes.
+        # The layer events travel on (`self.channel_layer`, for hooks and subclasses).
         return str(realtime_settings.CHANNEL_LAYER)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Channels' consumer loop, without a channel-layer channel of the socket's own.
+
+        Events reach the socket through its process's hub, and so do its user's control
+        messages (`control`): a channel per socket would cost a Redis subscription, a queue
+        and a task each, for nothing. `channel_name` and `groups` are therefore not available.
+        """
+        self.scope = scope
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        self.base_send = send
+        self.handling = asyncio.Lock()
+        with contextlib.suppress(StopConsumer):
+            await await_many_dispatch([receive], self.dispatch)
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         self.connection_id = uuid.uuid4().hex
         self.subscriptions: dict[str, Subscription] = {}
         self.outbox: collections.deque[str] = collections.deque()
-        self.wakeup = asyncio.Event()
-        self.drained = asyncio.Event()
-        self.acked = asyncio.Event()
+        # The writer task runs while there is something to send, and the events of a replay
+        # are made when one needs them: an idle socket holds neither.
         self.writer: asyncio.Task[None] | None = None
+        self.drained: asyncio.Event | None = None
+        self.acked: asyncio.Event | None = None
         self.closing = False
         self.malformed = 0
         self.refusals = 0
@@ -166,24 +199,21 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self._refuse(Close.UNAUTHENTICATED, "not authenticated")
             return
         self.user = user
-        from .connections import count_for_user, open_connection, resolve_tenant
-
         limit = int(realtime_settings.MAX_CONNECTIONS_PER_USER)
-        if await _thread(count_for_user)(user) >= limit:
-            await self._refuse(Close.RATE_LIMITED, f"more than {limit} connections for this user")
-            return
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         client = self.scope.get("client") or ("", 0)
-        await _thread(self._open_row)(
-            open_connection, resolve_tenant, (query.get("v") or [""])[0], str(client[0] or "")
-        )
+        if not await _thread(self._open_row)(
+            (query.get("v") or [""])[0], str(client[0] or ""), limit
+        ):
+            await self._refuse(Close.RATE_LIMITED, f"more than {limit} connections for this user")
+            return
         self.registered = True
-        await self.channel_layer.group_add(user_group(user.pk), self.channel_name)
         await self.accept()
+        # Accepted first: a logout arriving now can close the socket.
+        await get_hub().watch_user(user.pk, self)
         metrics.CONNECTS.labels(self.transport).inc()
         metrics.CONNECTIONS.labels(self.transport).inc()
         await get_hub().add_connection(self)
-        self.writer = asyncio.get_running_loop().create_task(self._write())
         heartbeat = float(realtime_settings.HEARTBEAT)
         self.enqueue(
             protocol.dumps(
@@ -197,8 +227,16 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         )
         await hooks.call("connected", self)
 
-    def _open_row(self, open_connection: Any, resolve_tenant: Any, version: str, addr: str) -> None:
-        open_connection(
+    def _open_row(self, version: str, addr: str, limit: int) -> bool:
+        """Write this socket's Connection row unless the user has `limit` rows already."""
+        from .connections import count_for_user, open_connection, resolve_tenant
+
+        # A user at the limit (a reconnect storm) is refused without the lock and the tenant
+        # lookup. Rows are only added under the lock, so this check never lets one too many in.
+        if count_for_user(self.user) >= limit:
+            return False
+        # Counted again and written in one locked transaction: a burst cannot all pass.
+        return open_connection(
             connection_id=self.connection_id,
             user=self.user,
             node=node_id(),
@@ -206,6 +244,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             client_version=version,
             remote_addr=addr,
             tenant=resolve_tenant(self.user),
+            limit=limit,
         )
 
     async def _authenticate(self) -> Any:
@@ -245,6 +284,17 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         await self.close(code)
 
     # -- inbound --------------------------------------------------------------------------
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels' dispatch first closes stale database connections on its sync thread: a
+        # thread hop for every frame and control message, pongs included, queued behind the
+        # handshakes' session reads. Every database call here goes through `_thread`, which
+        # does that cleanup itself around the call.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        async with self.handling:  # frames and control messages one at a time (see `control`)
+            await handler(message)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.closing or self.user is None:
@@ -305,7 +355,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         elif isinstance(frame, protocol.Pong):
             self.unacked = 0
             self._ping_pending = False
-            self.acked.set()
+            if self.acked is not None:
+                self.acked.set()
         elif isinstance(frame, protocol.Subscribe):
             await self._subscribe(frame)
         elif isinstance(frame, protocol.Unsubscribe):
@@ -368,9 +419,25 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self._catch_up(subscription, replay=recovered)
         )
 
+    def catch_up(self, subscription: Subscription) -> None:
+        """Replay the log into a live subscription again (the hub found the layer stalled)."""
+        if self.closing or self.subscriptions.get(subscription.stream) is not subscription:
+            return
+        subscription.task = asyncio.get_running_loop().create_task(self._resync(subscription))
+
+    async def _resync(self, subscription: Subscription) -> None:
+        # A permission change announced while the layer was silent was lost with it: ask the
+        # policy again before replaying, and revoke as a permission change would.
+        if not await self._authorized(subscription.policy, subscription.stream):
+            subscription.task = None  # this task: realtime_authz must not cancel it
+            await self.realtime_authz({})
+            return
+        await self._catch_up(subscription, replay=True)
+
     async def _catch_up(self, subscription: Subscription, *, replay: bool) -> None:
         try:
-            if replay:
+            # `overflowed` here: the buffer filled, or a resync came, before the replay.
+            if replay or subscription.overflowed:
                 async for _batch in subscription.replay_batches():
                     # Let the writer catch up, and wait for the client's pong past half the
                     # credit, so a long history never outruns a reading client.
@@ -378,6 +445,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                     if self.closing or not await self._credit():
                         return
             subscription.go_live()
+            if subscription.task is asyncio.current_task():
+                subscription.task = None  # done: an idle subscription keeps no finished task
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -438,7 +507,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if self.closing:
             return
         self.outbox.append(text)
-        self.drained.clear()
+        if self.drained is not None:
+            self.drained.clear()
         self.unacked += len(text)
         if self.unacked > self.credit:
             logger.warning("slow consumer %s: closing", self.connection_id, extra=self._log_extra())
@@ -451,18 +521,22 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             # Ask for a pong early: a reading client answers, a stuck one runs out of credit.
             self._ping_pending = True
             self.outbox.append(protocol.dumps({"op": "ping"}))
-        self.wakeup.set()
+        self._wake_writer()
 
     _ping_pending = False
     close_code: int | None = None
 
+    def _wake_writer(self) -> None:
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.get_running_loop().create_task(self._write())
+
     async def _write(self) -> None:
-        while True:
-            await self.wakeup.wait()
-            self.wakeup.clear()
-            while self.outbox:
-                await self.send(text_data=self.outbox.popleft())
+        # Frames queued while a send is awaited are sent by this same task, in order.
+        while self.outbox:
+            await self.send(text_data=self.outbox.popleft())
+        if self.drained is not None:
             self.drained.set()
+        self.writer = None  # done: nothing awaits from here on
 
     async def _credit(self) -> bool:
         """Wait until the client has acknowledged enough of what it was sent (replay pacing).
@@ -471,11 +545,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         """
         limit = self.credit
         while self.unacked > limit // 2 and not self.closing:
+            if self.acked is None:
+                self.acked = asyncio.Event()
             self.acked.clear()
             if not self._ping_pending:
                 self._ping_pending = True
                 self.outbox.append(protocol.dumps({"op": "ping"}))
-                self.wakeup.set()
+                self._wake_writer()
             try:
                 async with asyncio.timeout(2 * float(realtime_settings.HEARTBEAT)):
                     await self.acked.wait()
@@ -487,6 +563,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     async def _drain(self) -> None:
         # Let the writer catch up during a long replay, so the outbox stays small.
         if self.outbox and not self.closing:
+            if self.drained is None:
+                self.drained = asyncio.Event()  # set by the writer running now, once it is done
             async with asyncio.timeout(float(realtime_settings.HEARTBEAT)):
                 await self.drained.wait()
 
@@ -511,6 +589,27 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         await self.close(code)
 
     # -- control messages (channel layer) ----------------------------------------------
+
+    #: Message types of the user's control group that this consumer handles (a subclass may
+    #: add its own, with a `realtime_<name>` handler).
+    control_types = frozenset({"realtime.authz", "realtime.logout", "realtime.disconnect"})
+
+    def control(self, message: dict[str, Any]) -> None:
+        """A control message of this socket's user, from the hub.
+
+        Handled in a task of its own that waits its turn between the socket's frames, as
+        Channels would have run it had it come on a channel of the socket's own.
+        """
+        if message.get("type") not in self.control_types or self.closing:
+            return
+        task = asyncio.get_running_loop().create_task(self._controlled(message))
+        _control_tasks.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(_control_tasks.discard)
+
+    async def _controlled(self, message: dict[str, Any]) -> None:
+        async with self.handling:
+            if not self.closing:
+                await getattr(self, get_handler_name(message))(message)
 
     async def realtime_authz(self, message: dict[str, Any]) -> None:
         """Permissions of this user changed somewhere: decide every subscription again."""
@@ -559,6 +658,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 await _thread(set_subscriptions)(self.connection_id, sorted(self.subscriptions))
             except Exception:
                 logger.warning("recording subscriptions of %s failed", self.connection_id)
+        self._subscriptions_writer = None  # done: an idle socket keeps no finished task
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
@@ -579,7 +679,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if self.writer is not None:
             self.writer.cancel()
         if self.user is not None and self.registered:
-            await self.channel_layer.group_discard(user_group(self.user.pk), self.channel_name)
+            await hub.unwatch_user(self.user.pk, self)
             from .connections import close_connection
 
             await _thread(close_connection)(self.connection_id)

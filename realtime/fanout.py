@@ -3,7 +3,9 @@
 Each stream with at least one local subscriber has this process's hub channel in its group,
 so an event crosses the channel layer once per node, and is handed to each local subscriber
 as the frame that was serialized once at publish time: no per-subscriber serialization,
-query or thread hop. The hub also runs the heartbeat of its connections.
+query or thread hop. The hub also runs the heartbeat of its connections, and probes the
+layer: a link to Redis that went silent without an error is noticed, reconnected, and every
+subscription then reads the log for what it missed.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from .streams import group_name
 
 logger = logging.getLogger("realtime.fanout")
 
+PROBE_MESSAGE_TYPE = "realtime.probe"
+
 
 class Subscriber(Protocol):
     def deliver(self, message: dict[str, Any]) -> None: ...
+
+    def resync(self) -> None: ...
 
 
 class Ticking(Protocol):
@@ -51,6 +57,8 @@ class Hub:
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.received = 0
+        self.answered = 0.0  # when a probe last came back through the layer
+        self.stalled = False
 
     @property
     def layer(self) -> Any:
@@ -62,9 +70,11 @@ class Hub:
         if self.channel is None:
             _freeze_startup_objects()
             self.channel = await self.layer.new_channel(prefix="realtime-hub.")
+            self.answered = time.monotonic()
             self._tasks = [
                 self.loop.create_task(self._listen(), name="realtime-hub-listen"),
                 self.loop.create_task(self._tick(), name="realtime-hub-tick"),
+                self.loop.create_task(self._probe(), name="realtime-hub-probe"),
             ]
 
     async def join(self, stream: str, subscriber: Subscriber) -> None:
@@ -134,6 +144,9 @@ class Hub:
                 logger.warning("hub receive failed; retrying in 1s", exc_info=True)
                 await asyncio.sleep(1)
                 continue
+            if message.get("type") == PROBE_MESSAGE_TYPE:
+                self._answered()
+                continue
             if message.get("type") != LAYER_MESSAGE_TYPE:
                 for listener in tuple(self.user_listeners.get(message.get("user"), ())):
                     try:
@@ -173,6 +186,110 @@ class Hub:
                     await database_sync_to_async(touch_node, thread_sensitive=False)(node_id())
                 except Exception:
                     logger.warning("updating this node's connections failed", exc_info=True)
+
+    async def _probe(self) -> None:
+        """Send a message to this hub's channel every LAYER_PROBE_INTERVAL, through the layer.
+
+        A link to Redis that stalls without a reset (a partition, a lost NAT entry, a frozen
+        server) raises no error: the subscription just goes quiet. When no probe has come
+        back for two intervals, the layer's connections of this loop are reopened (again
+        every two intervals while it stays silent); the first probe that comes back then
+        resyncs every subscription from the log.
+        """
+        assert self.channel is not None
+        reconnected = 0.0
+        while True:
+            interval = realtime_settings.LAYER_PROBE_INTERVAL
+            if not interval:  # off; look at the setting again later
+                self.answered = time.monotonic()
+                await asyncio.sleep(float(realtime_settings.HEARTBEAT))
+                continue
+            interval = float(interval)
+            woke = time.monotonic() + interval
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            if now - woke > interval:
+                # This loop itself is overloaded (a handshake storm): a late answer proves
+                # nothing about the link, and a reconnect and resync would add to the load.
+                logger.info("event loop %.1fs late; layer probe skipped", now - woke)
+                self.answered = max(self.answered, now - interval)
+                continue
+            silent = now - self.answered
+            if silent > 2 * interval and now - reconnected > 2 * interval:
+                reconnected = now
+                done = await reconnect_layer(self.layer)
+                if not self.stalled:
+                    self.stalled = True
+                    metrics.LAYER_STALLS.inc()
+                    logger.warning(
+                        "channel layer silent for %.1fs on %s: %s; %d subscriptions resync "
+                        "from the log once it answers",
+                        silent,
+                        node_id(),
+                        "reconnecting" if done else "cannot reconnect this layer, waiting",
+                        sum(len(members) for members in self.members.values()),
+                    )
+                else:
+                    logger.info("channel layer still silent after %.1fs: reconnecting", silent)
+            try:
+                async with asyncio.timeout(interval):
+                    await self.layer.send(self.channel, {"type": PROBE_MESSAGE_TYPE})
+            except Exception:
+                pass  # a probe that cannot be sent does not come back: that is the signal
+
+    def _answered(self) -> None:
+        self.answered = time.monotonic()
+        if not self.stalled:
+            return
+        self.stalled = False
+        subscribers = [s for members in self.members.values() for s in members]
+        logger.warning(
+            "channel layer answers again on %s; %d subscriptions resync from the log",
+            node_id(),
+            len(subscribers),
+        )
+        # Subscribed again before this probe came back: whatever commits from now on
+        # arrives live, and the log holds what the stall lost.
+        for subscriber in subscribers:
+            try:
+                subscriber.resync()
+            except Exception:
+                logger.exception("resync of a subscriber failed")
+
+
+async def reconnect_layer(layer: Any) -> bool:
+    """Reopen this loop's connections of a channels-redis pub/sub layer; False for others.
+
+    channels-redis has no API for it, so this reaches into `RedisPubSubChannelLayer` 4.x, as
+    its own `flush()` does, but keeps every subscription: each shard's receive task is
+    stopped, its connection pool closed (which also fails a publish stuck on a dead
+    connection, so it no longer holds the shard's lock), and a new receive task started. Its
+    redis-py `PubSub` connects again and subscribes to all of its channels.
+    """
+    # Read through __dict__: the layer's __getattr__ would build a loop layer to look in.
+    loop_layer = (getattr(layer, "__dict__", {}).get("_layers") or {}).get(
+        asyncio.get_running_loop()
+    )
+    shards = getattr(loop_layer, "__dict__", {}).get("_shards")
+    if not shards or not all(hasattr(shard, "_ensure_receiver") for shard in shards):
+        return False
+    for shard in shards:
+        receiver = shard.__dict__.get("_receive_task")
+        try:
+            if receiver is not None:
+                receiver.cancel()
+                shard._receive_task = None
+                await asyncio.wait([receiver], timeout=1.0)
+            client = shard.__dict__.get("_redis")
+            if client is not None:
+                async with asyncio.timeout(5.0):
+                    await client.connection_pool.disconnect()
+        except Exception:
+            logger.warning("closing a channel layer connection failed", exc_info=True)
+        finally:
+            if receiver is not None:
+                shard._ensure_receiver()
+    return True
 
 
 _hubs: dict[asyncio.AbstractEventLoop, Hub] = {}

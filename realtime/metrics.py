@@ -66,6 +66,11 @@ DROPPED = Counter(
     "malformed, publish_shed (left for the relay).",
     ["reason"],
 )
+LAYER_STALLS = Counter(
+    "realtime_layer_stalls",
+    "Times this process found the channel layer silent (no probe back for two "
+    "LAYER_PROBE_INTERVALs) and reconnected it.",
+)
 UNAUTHORIZED = Counter(
     "realtime_unauthorized_attempts", "Refused subscribe and publish attempts.", ["action"]
 )

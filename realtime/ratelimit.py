@@ -14,6 +14,8 @@ _USERS_KEPT = 10_000
 class TokenBucket:
     """`rate` tokens per second up to `burst`; `take()` spends one if there is one."""
 
+    __slots__ = ("burst", "rate", "stamp", "tokens")  # one per socket: no __dict__
+
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = float(rate)
         self.burst = float(burst)

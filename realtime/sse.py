@@ -165,6 +165,26 @@ class SSEConnection:
                 await hub.unwatch_user(self.user.pk, self)
                 await _db(close_connection)(self.connection_id)
 
+    def catch_up(self, subscription: Subscription) -> None:
+        """Replay the log into a live subscription again (the hub found the layer stalled)."""
+        if not self.closed:
+            subscription.task = asyncio.get_running_loop().create_task(self._catch_up(subscription))
+
+    async def _catch_up(self, subscription: Subscription) -> None:
+        try:
+            # A permission change announced while the layer was silent was lost with it.
+            if await _db(check_stream)(self.user, subscription.stream) is not None:
+                await self._recheck()
+                return
+            async for _batch in subscription.replay_batches():
+                if self.closed:
+                    return
+            subscription.go_live()
+        except Exception:
+            logger.exception("replay of %s failed on %s", subscription.stream, self.connection_id)
+            self.closed = True  # the client resumes by Last-Event-ID
+            self.wakeup.set()
+
     async def _replay(self, subscription: Subscription) -> AsyncIterator[str]:
         async for _batch in subscription.replay_batches():
             while self.outbox:

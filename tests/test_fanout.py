@@ -1,0 +1,119 @@
+"""The hub's layer probe: a silent layer is noticed, and subscriptions resync from the log."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+
+import realtime
+from board.membership import add_member, remove_member
+from realtime import metrics
+from realtime.fanout import get_hub, reconnect_layer
+from realtime.testing import RealtimeClient, session_for
+
+from .factories import ProjectFactory, UserFactory
+from .test_sse import open_sse
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+db = sync_to_async
+
+
+def emit(stream: str, count: int) -> None:
+    for n in range(count):
+        realtime.emit(stream, "v1:tick.happened", {"n": n})
+
+
+async def eventually(condition: Any) -> None:
+    for _ in range(250):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("not within 5 s")
+
+
+def deafen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the layer lose every message, as a link that went silent does: no error."""
+
+    async def lost(*args: Any) -> None:
+        return None
+
+    layer = get_channel_layer()
+    monkeypatch.setattr(layer, "send", lost)
+    monkeypatch.setattr(layer, "group_send", lost)
+
+
+async def test_a_silent_layer_is_noticed_and_a_socket_gets_what_it_missed(settings, monkeypatch):
+    settings.REALTIME = {"LAYER_PROBE_INTERVAL": 0.1, "PUBLISH_TIMEOUT": 1.0}
+    owner = await db(UserFactory)()
+    stream = f"user:{owner.pk}"
+    client = RealtimeClient(session_key=await db(session_for)(owner))
+    await client.connect()
+    await client.subscribe(stream)
+    await db(emit)(stream, 1)
+    assert (await client.receive_until("event"))["seq"] == 1
+    hub = get_hub()
+    stalls = metrics.LAYER_STALLS._value.get()
+
+    deafen(monkeypatch)
+    await db(emit)(stream, 3)  # published into the void
+    await eventually(lambda: hub.stalled)
+    assert metrics.LAYER_STALLS._value.get() == stalls + 1
+    assert await client.nothing_more(0.3)
+
+    monkeypatch.undo()  # the layer answers again: the client gets what it missed, unasked
+    assert [(await client.receive_until("event"))["seq"] for _ in range(3)] == [2, 3, 4]
+    assert not hub.stalled
+    await db(emit)(stream, 1)
+    assert (await client.receive_until("event"))["seq"] == 5  # and live again, once
+    assert await client.nothing_more(0.3)
+    await client.close()
+
+
+async def test_a_permission_revoked_while_the_layer_was_silent_is_applied_before_a_replay(
+    settings, monkeypatch
+):
+    settings.REALTIME = {"LAYER_PROBE_INTERVAL": 0.1, "PUBLISH_TIMEOUT": 1.0}
+    owner, reader = await db(UserFactory)(), await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    await db(add_member)(project, reader)
+    stream = f"project:{project.pk}"
+    client = RealtimeClient(session_key=await db(session_for)(reader))
+    await client.connect()
+    await client.subscribe(stream)
+    hub = get_hub()
+
+    deafen(monkeypatch)
+    await db(remove_member)(project, reader)  # its control message is lost too
+    await db(emit)(stream, 2)
+    await eventually(lambda: hub.stalled)
+    monkeypatch.undo()
+    frame = await client.receive_until("unsubscribed")
+    assert frame == {"op": "unsubscribed", "stream": stream, "reason": "forbidden"}
+    assert await client.nothing_more(0.5)  # and none of the events it may no longer see
+    await client.close()
+
+
+async def test_an_sse_stream_gets_what_it_missed_after_a_silent_layer(settings, monkeypatch):
+    settings.REALTIME = {"LAYER_PROBE_INTERVAL": 0.1, "PUBLISH_TIMEOUT": 1.0}
+    owner = await db(UserFactory)()
+    stream = f"user:{owner.pk}"
+    reader, _opened = await open_sse(owner, stream)
+    await db(emit)(stream, 1)
+    assert (await reader.event("v1:tick.happened"))["data"]["seq"] == 1
+    hub = get_hub()
+
+    deafen(monkeypatch)
+    await db(emit)(stream, 2)
+    await eventually(lambda: hub.stalled)
+    monkeypatch.undo()
+    seqs = [(await reader.event("v1:tick.happened"))["data"]["seq"] for _ in range(2)]
+    assert seqs == [2, 3]
+    await reader.close()
+
+
+async def test_reconnect_knows_only_the_redis_pub_sub_layer():
+    assert await reconnect_layer(get_channel_layer()) is False  # the in-memory layer
