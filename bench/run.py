@@ -42,6 +42,7 @@ TABLE_BENCHMARKS: list[tuple[str, list[str]]] = [
     ("notify_bulk.py", []),
     ("presence_bench.py", []),
     ("replay_bench.py", []),
+    ("connections.py", []),
 ]
 #: Environment variables that change what the benchmarks measure, shown in the command.
 ENVIRONMENT = ("DATABASE_URL", "REDIS_URL", "CONN_MAX_AGE")
