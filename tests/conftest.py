@@ -51,6 +51,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _collect_thread_connections(django_db_setup: None) -> Iterator[None]:
+    """Before the test database is dropped: collect the database connections that finished
+    worker threads (`thread_sensitive=False` executors) left behind, which close when
+    collected, so PostgreSQL does not refuse the drop for "other sessions"."""
+    yield
+    import gc
+
+    gc.collect()
+
+
 @pytest.fixture(autouse=True)
 def _drain_publisher() -> Iterator[None]:
     """Let each test's publishes finish inside it, so none leaks into the next; then close
