@@ -55,11 +55,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def _collect_thread_connections(django_db_setup: None) -> Iterator[None]:
     """Before the test database is dropped: collect the database connections that finished
     worker threads (`thread_sensitive=False` executors) left behind, which close when
-    collected, so PostgreSQL does not refuse the drop for "other sessions"."""
+    collected, and end any other session on it, so PostgreSQL does not refuse the drop."""
     yield
     import gc
 
     gc.collect()
+    if connection.vendor == "postgresql":
+        # A daemon thread a test left (a client's reader, a pool worker) may still hold one.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        connection.close()
 
 
 @pytest.fixture(autouse=True)
