@@ -211,9 +211,9 @@ class Hub:
             if now - woke > interval:
                 # This loop itself is overloaded (a handshake storm): a late answer proves
                 # nothing about the link, and a reconnect and resync would add to the load.
-                logger.info("event loop %.1fs late; layer probe skipped", now - woke)
-                self.answered = max(self.answered, now - interval)
-                continue
+                # Start counting the silence again from now, with a fresh probe.
+                logger.info("event loop %.1fs late; layer probe verdict skipped", now - woke)
+                self.answered = now
             silent = now - self.answered
             if silent > 2 * interval and now - reconnected > 2 * interval:
                 reconnected = now

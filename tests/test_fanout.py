@@ -117,3 +117,23 @@ async def test_an_sse_stream_gets_what_it_missed_after_a_silent_layer(settings, 
 
 async def test_reconnect_knows_only_the_redis_pub_sub_layer():
     assert await reconnect_layer(get_channel_layer()) is False  # the in-memory layer
+
+
+async def test_a_blocked_event_loop_is_not_taken_for_a_silent_layer(settings):
+    """A loop too busy to run the probe on time (a handshake storm) proves nothing about the
+    link: no stall is counted and nothing resyncs, while the layer itself is fine."""
+    import time
+
+    settings.REALTIME = {"LAYER_PROBE_INTERVAL": 0.1}
+    owner = await db(UserFactory)()
+    client = RealtimeClient(session_key=await db(session_for)(owner))
+    await client.connect()
+    await client.subscribe(f"user:{owner.pk}")
+    hub = get_hub()
+    stalls = metrics.LAYER_STALLS._value.get()
+    for _ in range(4):
+        time.sleep(0.5)  # noqa: ASYNC251  # the loop is blocked for five probe intervals
+        await asyncio.sleep(0.15)  # then runs a little: the probe wakes late
+    assert not hub.stalled
+    assert metrics.LAYER_STALLS._value.get() == stalls
+    await client.close()
