@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -52,7 +53,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _collect_thread_connections(django_db_setup: None) -> Iterator[None]:
+def _collect_thread_connections(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
     """Before the test database is dropped: collect the database connections that finished
     worker threads (`thread_sensitive=False` executors) left behind, which close when
     collected, and end any other session on it, so PostgreSQL does not refuse the drop."""
@@ -62,7 +63,7 @@ def _collect_thread_connections(django_db_setup: None) -> Iterator[None]:
     gc.collect()
     if connection.vendor == "postgresql":
         # A daemon thread a test left (a client's reader, a pool worker) may still hold one.
-        with connection.cursor() as cursor:
+        with django_db_blocker.unblock(), connection.cursor() as cursor:
             cursor.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid()"
