@@ -59,7 +59,9 @@ from services import (  # noqa: E402
     postgres_database,
     redact,
     redis_answers,
+    spawn,
     sqlite_database,
+    stop,
 )
 
 DEFAULT_STEPS = (1000, 5000, 10_000)
@@ -78,13 +80,6 @@ TARGET_CONNECTIONS = 10_000
 TARGET_KIB = 40.0
 # Runs in each child before it becomes the real program: die with this process (even when it
 # is SIGKILLed) and raise the open-file limit to the hard limit.
-LAUNCHER = (
-    "import ctypes, os, resource, signal, sys; "
-    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL); "
-    "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
-    "resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)); "
-    "os.execv(sys.argv[1], sys.argv[1:])"
-)
 PING = b'"op":"ping"'
 PONG = b'{"op":"pong"}'
 REPLY = b'"op":"reply"'
@@ -291,25 +286,6 @@ def client_main(args: argparse.Namespace) -> None:
 # -- processes ---------------------------------------------------------------------------
 
 
-def spawn(argv: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.Popen[Any]:
-    """Start a child through LAUNCHER, in the repository root."""
-    return subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, sys.executable, *argv], cwd=ROOT, env=env, **kwargs
-    )
-
-
-def stop(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
-    """Terminate a child we started, then kill it if it does not exit within `grace`."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
-
-
 class Client:
     """The load client process, driven by JSON lines."""
 
@@ -415,12 +391,13 @@ def make_plan(sockets: int, plan_file: Path) -> None:
     users_model.objects.bulk_create(users_model(username=f"idle-{i}") for i in range(count))
     users = list(users_model.objects.filter(username__startswith="idle-").order_by("pk"))
     organization = Organization.objects.create(name="Idle connections")
+    shared = min(PROJECTS, len(users))  # a small run has fewer users than projects
     projects = [
         create_project(organization=organization, name=f"Idle {n}", owner=users[n])
-        for n in range(PROJECTS)
+        for n in range(shared)
     ]
     for n, project in enumerate(projects):
-        assign_perm("board.view_project", users[n::PROJECTS], project)
+        assign_perm("board.view_project", users[n::shared], project)
     expires = timezone.now() + dt.timedelta(days=1)
     store = SessionStore()
     keys = [secrets.token_hex(16) for _ in users]
@@ -441,7 +418,7 @@ def make_plan(sockets: int, plan_file: Path) -> None:
     plan = []
     for i in range(sockets):
         n = i // SOCKETS_PER_USER
-        own, shared = f"user:{users[n].pk}", f"project:{projects[n % PROJECTS].pk}"
+        own, shared = f"user:{users[n].pk}", f"project:{projects[n % len(projects)].pk}"
         plan.append([keys[n], own if i % 2 == 0 else shared])
     plan_file.write_text(json.dumps(plan))
 

@@ -38,6 +38,8 @@ from services import (
     postgres_database,
     redact,
     redis_answers,
+    spawn,
+    stop,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,13 +81,6 @@ TARGET_THROUGHPUT_X = 3.0
 TARGET_LATENCY_X = 1.5
 # Runs in each child before it becomes the real program: die with this process (even when it
 # is SIGKILLed) and raise the open-file limit to the hard limit.
-LAUNCHER = (
-    "import ctypes, os, resource, signal, sys; "
-    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL); "
-    "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
-    "resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)); "
-    "os.execv(sys.argv[1], sys.argv[1:])"
-)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: CPU use per phase: each of our processes, and the rest of the machine's busy time (Redis,
 #: PostgreSQL and any other program), in % of one processor; the machine in % of all of them.
@@ -152,25 +147,6 @@ class CpuMeter:
 
 def cpu_text(cpu: dict[str, float]) -> str:
     return "CPU " + ", ".join(f"{name} {value:.0%}" for name, value in cpu.items())
-
-
-def spawn(argv: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.Popen[Any]:
-    """Start a child through LAUNCHER, in the repository root."""
-    return subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, sys.executable, *argv], cwd=ROOT, env=env, **kwargs
-    )
-
-
-def stop(process: subprocess.Popen[Any], grace: float = 5.0) -> None:
-    """Terminate a child we started, then kill it if it does not exit within `grace`."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
 
 
 # -- servers -----------------------------------------------------------------------------

@@ -22,6 +22,25 @@ STYLES = {
 }
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None when the bench extra is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _save(plt: Any, figure: Any, path: Path) -> None:
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def series(rounds: list[dict[str, Any]]) -> dict[str, list[tuple[int, float, float]]]:
     """{system: [(subscribers, sustained events/s, one-event p99 ms)]} sorted by subscribers."""
     out: dict[str, list[tuple[int, float, float]]] = {}
@@ -36,12 +55,8 @@ def series(rounds: list[dict[str, Any]]) -> dict[str, list[tuple[int, float, flo
 
 def fanout_png(rounds: list[dict[str, Any]], path: Path) -> bool:
     """Draw the plot into `path`; False (and nothing written) without matplotlib or data."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     data = series(rounds)
     if not data:
@@ -65,21 +80,14 @@ def fanout_png(rounds: list[dict[str, Any]], path: Path) -> bool:
     right.set_ylabel("p99 ms, one event to every subscriber")
     right.set_title("Latency of one event")
     left.legend(loc="best", fontsize="small")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
     return True
 
 
 def sse_png(points: list[dict[str, Any]], path: Path) -> bool:
     """SSE: each system's highest delivered/s and its p99 at the slowest rate, per client count."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     systems: dict[str, list[dict[str, Any]]] = {}
     for point in points:
@@ -106,8 +114,5 @@ def sse_png(points: list[dict[str, Any]], path: Path) -> bool:
     right.set_ylabel(f"p99 ms at {', '.join(map(str, rates))} events/s")
     right.set_title("SSE: latency at the slowest rate")
     right.legend(loc="best", fontsize="small")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path)
     return True

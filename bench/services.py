@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: The PostgreSQL database a run creates and drops (by default); never the tests' `test`.
 BENCH_DATABASE = "bench_realtime"
@@ -98,3 +103,33 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+#: Runs in each child before it becomes the real program: die with the parent (even when
+#: it is SIGKILLed) and raise the open-file limit to the hard limit.
+LAUNCHER = (
+    "import ctypes, os, resource, signal, sys; "
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL); "
+    "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def spawn(argv: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """Start a child through LAUNCHER, in the repository root."""
+    return subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, sys.executable, *argv], cwd=ROOT, env=env, **kwargs
+    )
+
+
+def stop(process: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    """Terminate a child we started, then kill it if it does not exit within `grace`."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
