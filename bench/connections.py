@@ -391,13 +391,13 @@ def make_plan(sockets: int, plan_file: Path) -> None:
     users_model.objects.bulk_create(users_model(username=f"idle-{i}") for i in range(count))
     users = list(users_model.objects.filter(username__startswith="idle-").order_by("pk"))
     organization = Organization.objects.create(name="Idle connections")
-    shared = min(PROJECTS, len(users))  # a small run has fewer users than projects
+    project_count = min(PROJECTS, len(users))  # a small run has fewer users than projects
     projects = [
         create_project(organization=organization, name=f"Idle {n}", owner=users[n])
-        for n in range(shared)
+        for n in range(project_count)
     ]
     for n, project in enumerate(projects):
-        assign_perm("board.view_project", users[n::shared], project)
+        assign_perm("board.view_project", users[n::project_count], project)
     expires = timezone.now() + dt.timedelta(days=1)
     store = SessionStore()
     keys = [secrets.token_hex(16) for _ in users]
