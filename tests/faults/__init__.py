@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,3 +58,16 @@ def connect(url: str, session: str, **options: Any) -> Any:
         additional_headers={"Cookie": f"sessionid={session}"},
         **options,
     )
+
+
+async def events(socket: Any, running: Callable[[], bool]) -> AsyncIterator[dict[str, Any]]:
+    """The event frames `socket` receives while `running()`, answering the server's pings."""
+    while running():
+        try:
+            frame = json.loads(await asyncio.wait_for(socket.recv(), 0.5))
+        except TimeoutError:
+            continue
+        if frame.get("op") == "ping":
+            await socket.send('{"op":"pong"}')
+        elif frame.get("op") == "event" and "seq" in frame:
+            yield frame

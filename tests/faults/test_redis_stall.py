@@ -36,7 +36,7 @@ from realtime.testing import flush, session_for
 from ..factories import UserFactory
 from ..live import Daphne, database_url
 from ..test_outage import redis_layer
-from . import connect, team
+from . import connect, events, team
 from .tcp_proxy import TcpProxy
 
 STALL = 10.0
@@ -72,25 +72,18 @@ class Reader:
             self.socket = socket
             await self._until("welcome")
             await self._subscribe()
-            while not self.stop:
-                try:
-                    frame = json.loads(await asyncio.wait_for(socket.recv(), 0.5))
-                except TimeoutError:
-                    continue
-                if frame.get("op") == "ping":
-                    await socket.send('{"op":"pong"}')
-                elif frame.get("op") == "event" and "seq" in frame:
-                    seq = frame["seq"]
-                    if seq <= self.last:
-                        self.duplicates += 1
-                    elif seq == self.last + 1:
-                        self.last = seq
-                        self.seqs.append(seq)
-                        self.event_ids.add(frame["eventId"])
-                    else:  # a gap: resume from the log, as the JS client does
-                        self.resyncs += 1
-                        await self._send("unsubscribe")
-                        await self._subscribe()
+            async for frame in events(socket, lambda: not self.stop):
+                seq = frame["seq"]
+                if seq <= self.last:
+                    self.duplicates += 1
+                elif seq == self.last + 1:
+                    self.last = seq
+                    self.seqs.append(seq)
+                    self.event_ids.add(frame["eventId"])
+                else:  # a gap: resume from the log, as the JS client does
+                    self.resyncs += 1
+                    await self._send("unsubscribe")
+                    await self._subscribe()
 
     async def _until(self, op: str, ref: str | None = None) -> dict[str, Any]:
         while True:

@@ -25,7 +25,7 @@ from realtime.models import Event
 from realtime.publisher import publisher
 
 from ..live import ROOT, Daphne, database_url
-from . import connect, team
+from . import connect, events, team
 
 SAVES = 1_000
 CLIENTS = 3
@@ -81,15 +81,8 @@ def test_events_survive_a_relay_killed_mid_batch_exactly_once_after_dedupe(priva
                 await socket.send(
                     json.dumps({"op": "subscribe", "ref": "s", "stream": stream, "since": base})
                 )
-                while not stop.is_set():
-                    try:
-                        frame = json.loads(await asyncio.wait_for(socket.recv(), 0.5))
-                    except TimeoutError:
-                        continue
-                    if frame.get("op") == "ping":
-                        await socket.send('{"op":"pong"}')
-                    elif frame.get("op") == "event" and "seq" in frame:
-                        got.append((frame["seq"], frame["eventId"]))
+                async for frame in events(socket, lambda: not stop.is_set()):
+                    got.append((frame["seq"], frame["eventId"]))
             return got
 
         async def scenario():
