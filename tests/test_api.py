@@ -206,6 +206,34 @@ def test_a_list_304_costs_one_query_and_follows_every_permission_path(
     assert client_for(reader).get(url).status_code == 404  # inactive: no permissions
 
 
+def test_a_permission_created_while_running_counts_in_a_list_etag(board):
+    """parent_state reads permission ids and maps them to codenames from a table it keeps;
+    a permission added after that table was read is found all the same."""
+    from django.contrib.auth.models import Permission
+    from django.contrib.contenttypes.models import ContentType
+    from guardian.shortcuts import assign_perm
+
+    from board.models import Project
+    from realtime.conditional import parent_state
+
+    _owner, project, _item = board
+    reader = UserFactory()
+    assign_perm("board.view_project", reader, project)
+    url = f"/api/projects/{project.pk}/items/"
+    etag = client_for(reader).get(url)["ETag"]
+    Permission.objects.create(
+        codename="export_project",
+        name="Can export project",
+        content_type=ContentType.objects.get_for_model(Project),
+    )
+    assign_perm("board.export_project", reader, project)
+    state = parent_state(reader, Project, project.pk, [])
+    assert state.perms == ("export_project", "view_project")
+    assert client_for(reader).get(url, HTTP_IF_NONE_MATCH=etag).status_code == 200
+    admin = UserFactory(is_superuser=True)
+    assert "export_project" in parent_state(admin, Project, project.pk, []).perms
+
+
 def test_lists_and_objects_of_others_are_not_found(board):
     _owner, project, item = board
     stranger = UserFactory()
