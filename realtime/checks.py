@@ -156,6 +156,19 @@ def check_settings(
                     id="realtime.E013",
                 )
             )
+    thresholds = realtime_settings.GC_THRESHOLDS
+    if thresholds is not None and not (
+        isinstance(thresholds, tuple | list)
+        and 1 <= len(thresholds) <= 3
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in thresholds)
+    ):
+        errors.append(
+            checks.Error(
+                f"REALTIME['GC_THRESHOLDS'] is {thresholds!r}: use None or 1 to 3 integers of "
+                "zero or more, as gc.set_threshold() takes",
+                id="realtime.E015",
+            )
+        )
     if float(realtime_settings.CONNECTION_SWEEP_AFTER) <= 2 * float(realtime_settings.HEARTBEAT):
         errors.append(
             checks.Error(

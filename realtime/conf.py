@@ -81,6 +81,11 @@ DEFAULTS: dict[str, Any] = {
     # collector's reach (gc.freeze): full collections then walk only what sockets allocate,
     # which shortens the pauses that delay a fan-out to thousands of sockets.
     "GC_FREEZE": False,
+    # gc.set_threshold() for a process that serves sockets, applied before its first one; None
+    # leaves Python's (700, 10, 10). The third number makes full collections, each a pause
+    # that grows with the sockets held (300 ms at 2,500 in the fan-out benchmark), 100 times
+    # rarer; decisions.md #24.
+    "GC_THRESHOLDS": (700, 10, 1000),
     "METRICS_TOKEN": None,
 }
 

@@ -30,7 +30,62 @@ from .streams import parse_stream
 logger = logging.getLogger("realtime.ws")
 
 _DUPLICATE_WINDOW = 1024
-_control_tasks: set[asyncio.Task[None]] = set()
+_background_tasks: set[asyncio.Task[None]] = set()
+
+
+def _background(coro: Any) -> None:
+    """Run `coro` in a task the module holds until it ends (the loop keeps a weak reference)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _background_tasks.add(task)
+    task.add_done_callback(_background_tasks.discard)
+
+
+class _Queued:
+    """`RealtimeConsumer.writer` while its frames wait for the hub's flush (a task's stand-in:
+    not done, nothing to cancel)."""
+
+    def done(self) -> bool:
+        return False
+
+    def cancel(self) -> bool:
+        return False
+
+
+QUEUED = _Queued()
+
+
+class _Resumed:
+    """Await a coroutine that already ran, by hand, up to the point where it suspended.
+
+    `flush_queued` steps each send itself, so a send that completes at once (daphne's
+    always does) costs no task. One that suspends, on a server that makes sends wait for
+    the client, is finished by awaiting this in a task: the value the coroutine yielded goes
+    up to the task, and what the task sends or throws back goes down to the coroutine, as
+    if the task had run it from the start.
+    """
+
+    def __init__(self, coro: Any, yielded: Any) -> None:
+        self.coro = coro
+        self.yielded = yielded
+
+    def __await__(self) -> Any:
+        coro, value = self.coro, self.yielded
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # the task's cancellation, passed down
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
 
 
 def user_group(user_id: Any) -> str:
@@ -175,8 +230,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.subscriptions: dict[str, Subscription] = {}
         self.outbox: collections.deque[str] = collections.deque()
         # The writer task runs while there is something to send, and the events of a replay
-        # are made when one needs them: an idle socket holds neither.
-        self.writer: asyncio.Task[None] | None = None
+        # are made when one needs them: an idle socket holds neither. Frames of an event
+        # the hub is handing out are sent by the hub itself (`QUEUED`, `flush_queued`).
+        self.writer: asyncio.Task[None] | _Queued | None = None
         self.drained: asyncio.Event | None = None
         self.acked: asyncio.Event | None = None
         self.closing = False
@@ -515,7 +571,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             metrics.DROPPED.labels("slow_consumer").inc(len(self.outbox) + 1)
             self.closing = True
             self.outbox.clear()
-            asyncio.get_running_loop().create_task(self._close(Close.SLOW_CONSUMER, force=True))
+            _background(self._close(Close.SLOW_CONSUMER, force=True))
             return
         if self.unacked > self.credit // 2 and not self._ping_pending:
             # Ask for a pong early: a reading client answers, a stuck one runs out of credit.
@@ -528,10 +584,40 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     def _wake_writer(self) -> None:
         if self.writer is None or self.writer.done():
-            self.writer = asyncio.get_running_loop().create_task(self._write())
+            batch = get_hub().batch
+            if batch is not None:  # the hub is handing out an event: it sends after that
+                self.writer = QUEUED
+                batch.append(self)
+            else:
+                self.writer = asyncio.get_running_loop().create_task(self._write())
 
-    async def _write(self) -> None:
+    def flush_queued(self) -> None:
+        """Send the queued frames now, from the hub, without a task (see `_Resumed`)."""
+        if self.writer is not QUEUED:
+            return
+        try:
+            while self.outbox:
+                coro = self.send(text_data=self.outbox.popleft())
+                try:
+                    yielded = coro.send(None)
+                except StopIteration:
+                    continue
+                # The server made this send wait: a task of the socket's own finishes it
+                # and what is queued behind it, and the hub goes on to the next socket.
+                self.writer = asyncio.get_running_loop().create_task(
+                    self._write(_Resumed(coro, yielded))
+                )
+                return
+            if self.drained is not None:
+                self.drained.set()
+        finally:
+            if self.writer is QUEUED:
+                self.writer = None
+
+    async def _write(self, started: _Resumed | None = None) -> None:
         # Frames queued while a send is awaited are sent by this same task, in order.
+        if started is not None:
+            await started
         while self.outbox:
             await self.send(text_data=self.outbox.popleft())
         if self.drained is not None:
@@ -568,11 +654,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             async with asyncio.timeout(float(realtime_settings.HEARTBEAT)):
                 await self.drained.wait()
 
-    async def heartbeat(self, now: float) -> None:
+    def heartbeat(self, now: float) -> None:
+        """From the hub, once per HEARTBEAT: a ping, or 4408 after two silent intervals."""
         interval = float(realtime_settings.HEARTBEAT)
         if now - self.last_received > 2 * interval:
-            logger.info("heartbeat timeout on %s", self.connection_id, extra=self._log_extra())
-            await self._close(Close.HEARTBEAT_TIMEOUT)
+            if not self.closing:
+                logger.info("heartbeat timeout on %s", self.connection_id, extra=self._log_extra())
+                _background(self._close(Close.HEARTBEAT_TIMEOUT))
             return
         self._ping_pending = True
         self.enqueue(protocol.dumps({"op": "ping"}))
@@ -602,9 +690,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         """
         if message.get("type") not in self.control_types or self.closing:
             return
-        task = asyncio.get_running_loop().create_task(self._controlled(message))
-        _control_tasks.add(task)  # the loop keeps only a weak reference
-        task.add_done_callback(_control_tasks.discard)
+        _background(self._controlled(message))
 
     async def _controlled(self, message: dict[str, Any]) -> None:
         async with self.handling:

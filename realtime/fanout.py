@@ -25,6 +25,7 @@ from .streams import group_name
 logger = logging.getLogger("realtime.fanout")
 
 PROBE_MESSAGE_TYPE = "realtime.probe"
+HEARTBEAT_SLICES = 10
 
 
 class Subscriber(Protocol):
@@ -34,7 +35,11 @@ class Subscriber(Protocol):
 
 
 class Ticking(Protocol):
-    async def heartbeat(self, now: float) -> None: ...
+    def heartbeat(self, now: float) -> None: ...
+
+
+class Flushable(Protocol):
+    def flush_queued(self) -> None: ...
 
 
 def node_id() -> str:
@@ -57,6 +62,10 @@ class Hub:
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.received = 0
+        # While the hub hands one event to its subscribers, sockets that queued a frame
+        # and have no writer running are listed here; the hub then sends for all of them
+        # itself (`flush_queued`), rather than starting a task per socket per event.
+        self.batch: list[Flushable] | None = None
         self.answered = 0.0  # when a probe last came back through the layer
         self.stalled = False
 
@@ -68,7 +77,7 @@ class Hub:
 
     async def _start(self) -> None:
         if self.channel is None:
-            _freeze_startup_objects()
+            _tune_gc()
             self.channel = await self.layer.new_channel(prefix="realtime-hub.")
             self.answered = time.monotonic()
             self._tasks = [
@@ -161,27 +170,53 @@ class Hub:
                 if sent_at is not None:
                     metrics.LATENCY.observe(max(0.0, time.time() - sent_at))
                 metrics.DELIVERED.inc(len(subscribers))
-            for subscriber in subscribers:
-                try:
-                    subscriber.deliver(message)
-                except Exception:
-                    logger.exception("delivery to a subscriber failed")
+            self.batch = []
+            try:
+                for subscriber in subscribers:
+                    try:
+                        subscriber.deliver(message)
+                    except Exception:
+                        logger.exception("delivery to a subscriber failed")
+            finally:
+                batch, self.batch = self.batch, None
+            self._flush(batch)
+
+    @staticmethod
+    def _flush(batch: list[Flushable]) -> None:
+        for sink in batch:
+            try:
+                sink.flush_queued()
+            except Exception:
+                logger.exception("sending to a socket failed")
 
     async def _tick(self) -> None:
+        """Heartbeats: each connection once per HEARTBEAT, a tenth of them at a time.
+
+        Pinging every socket at once would make every client answer at once: with thousands
+        of sockets, that burst of pings and pongs delays the events around it.
+        """
         from channels.db import database_sync_to_async
 
         from .connections import touch_node
 
+        turn = 0
         while True:
-            interval = float(realtime_settings.HEARTBEAT)
-            await asyncio.sleep(interval)
+            await asyncio.sleep(float(realtime_settings.HEARTBEAT) / HEARTBEAT_SLICES)
             now = time.monotonic()
-            for connection in tuple(self.connections):
-                try:
-                    await connection.heartbeat(now)
-                except Exception:
-                    logger.exception("heartbeat failed")
-            if self.connections:
+            self.batch = []
+            try:
+                for connection in tuple(self.connections):
+                    if hash(connection) % HEARTBEAT_SLICES != turn:
+                        continue
+                    try:
+                        connection.heartbeat(now)
+                    except Exception:
+                        logger.exception("heartbeat failed")
+            finally:
+                batch, self.batch = self.batch, None
+            self._flush(batch)
+            turn = (turn + 1) % HEARTBEAT_SLICES
+            if turn == 0 and self.connections:
                 try:
                     await database_sync_to_async(touch_node, thread_sensitive=False)(node_id())
                 except Exception:
@@ -293,19 +328,23 @@ async def reconnect_layer(layer: Any) -> bool:
 
 
 _hubs: dict[asyncio.AbstractEventLoop, Hub] = {}
-_frozen = False
+_gc_tuned = False
 
 
-def _freeze_startup_objects() -> None:
-    """Once per process, before the first socket: collect, then freeze what is left."""
-    global _frozen
-    if _frozen or not realtime_settings.GC_FREEZE:
+def _tune_gc() -> None:
+    """Once per process, before the first socket: `GC_THRESHOLDS`, then `GC_FREEZE`."""
+    global _gc_tuned
+    if _gc_tuned:
         return
     import gc
 
-    _frozen = True
-    gc.collect()
-    gc.freeze()
+    _gc_tuned = True
+    thresholds = realtime_settings.GC_THRESHOLDS
+    if thresholds is not None:
+        gc.set_threshold(*thresholds)
+    if realtime_settings.GC_FREEZE:
+        gc.collect()
+        gc.freeze()
 
 
 def get_hub() -> Hub:

@@ -159,6 +159,19 @@ def test_sweep_must_outlast_two_heartbeats(settings):
     assert error.id == "realtime.E014"
 
 
+@pytest.mark.parametrize("thresholds", [(700, 10, -1), (1, 2, 3, 4), "700", (700.0,), (True,)])
+def test_bad_gc_thresholds_are_reported(settings, thresholds):
+    settings.REALTIME = {"GC_THRESHOLDS": thresholds}
+    [error] = check_settings()
+    assert error.id == "realtime.E015"
+
+
+@pytest.mark.parametrize("thresholds", [None, (700,), [700, 10, 1000], (0, 0, 0)])
+def test_good_gc_thresholds_pass(settings, thresholds):
+    settings.REALTIME = {"GC_THRESHOLDS": thresholds}
+    assert check_settings() == []
+
+
 # -- production checks ---------------------------------------------------------------------
 
 IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}

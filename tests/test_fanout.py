@@ -12,6 +12,7 @@ from channels.layers import get_channel_layer
 import realtime
 from board.membership import add_member, remove_member
 from realtime import metrics
+from realtime.consumers import RealtimeConsumer
 from realtime.fanout import get_hub, reconnect_layer
 from realtime.testing import RealtimeClient, session_for
 
@@ -137,3 +138,149 @@ async def test_a_blocked_event_loop_is_not_taken_for_a_silent_layer(settings):
     assert not hub.stalled
     assert metrics.LAYER_STALLS._value.get() == stalls
     await client.close()
+
+
+def consumer_of(connection_id: str) -> Any:
+    return next(
+        c for c in get_hub().connections if getattr(c, "connection_id", None) == connection_id
+    )
+
+
+async def test_the_hub_sends_an_event_to_its_sockets_without_a_task_per_socket(monkeypatch):
+    owner = await db(UserFactory)()
+    stream = f"user:{owner.pk}"
+    session = await db(session_for)(owner)
+    clients = [RealtimeClient(session_key=session) for _ in range(3)]
+    for client in clients:
+        await client.connect()
+        await client.subscribe(stream)
+    writers = 0
+    real_write = RealtimeConsumer._write
+
+    def counting(self: Any, *args: Any) -> Any:
+        nonlocal writers
+        writers += 1
+        return real_write(self, *args)
+
+    monkeypatch.setattr(RealtimeConsumer, "_write", counting)
+    await db(emit)(stream, 2)
+    for client in clients:
+        assert [(await client.receive_until("event"))["seq"] for _ in range(2)] == [1, 2]
+    assert writers == 0  # the hub sent each frame itself
+    for client in clients:
+        await client.close()
+
+
+async def test_a_send_the_server_makes_wait_holds_up_neither_others_nor_the_order():
+    owner = await db(UserFactory)()
+    stream = f"user:{owner.pk}"
+    session = await db(session_for)(owner)
+    stuck, other = RealtimeClient(session_key=session), RealtimeClient(session_key=session)
+    welcome = await stuck.connect()
+    await other.connect()
+    for client in (stuck, other):
+        await client.subscribe(stream)
+    consumer = consumer_of(welcome["connectionId"])
+    gate = asyncio.Event()
+    real_send = consumer.base_send
+
+    async def waiting(message: dict[str, Any]) -> None:
+        if '"op":"event"' in message.get("text", "").replace(" ", ""):
+            await gate.wait()  # as a server whose buffer for this client is full
+        await real_send(message)
+
+    consumer.base_send = waiting
+    await db(emit)(stream, 3)
+    assert [(await other.receive_until("event"))["seq"] for _ in range(3)] == [1, 2, 3]
+    assert isinstance(consumer.writer, asyncio.Task)  # the rest waits in the socket's task
+    assert await stuck.nothing_more(0.2)
+    gate.set()
+    assert [(await stuck.receive_until("event"))["seq"] for _ in range(3)] == [1, 2, 3]
+    await eventually(lambda: consumer.writer is None)
+    await db(emit)(stream, 1)
+    assert (await stuck.receive_until("event"))["seq"] == 4
+    for client in (stuck, other):
+        await client.close()
+
+
+async def test_a_send_waiting_in_its_task_is_cancelled_with_the_socket():
+    owner = await db(UserFactory)()
+    stream = f"user:{owner.pk}"
+    client = RealtimeClient(session_key=await db(session_for)(owner))
+    welcome = await client.connect()
+    await client.subscribe(stream)
+    consumer = consumer_of(welcome["connectionId"])
+    never = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def waiting(message: dict[str, Any]) -> None:
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    consumer.base_send = waiting
+    await db(emit)(stream, 1)
+    await eventually(lambda: isinstance(consumer.writer, asyncio.Task))
+    writer = consumer.writer
+    await client.close()
+    await eventually(cancelled.is_set)
+    await eventually(writer.done)
+    assert writer.cancelled()
+
+
+@pytest.mark.parametrize(
+    ("configured", "expected"), [((700, 10, 1234), (700, 10, 1234)), (None, (650, 9, 8))]
+)
+async def test_a_process_serving_sockets_applies_gc_thresholds(
+    settings, monkeypatch, configured, expected
+):
+    import gc
+
+    from realtime import fanout
+
+    settings.REALTIME = {"GC_THRESHOLDS": configured}
+    before = gc.get_threshold()
+    monkeypatch.setattr(fanout, "_gc_tuned", False)  # a process that served no socket yet
+    gc.set_threshold(650, 9, 8)
+    try:
+        owner = await db(UserFactory)()
+        client = RealtimeClient(session_key=await db(session_for)(owner))
+        await client.connect()
+        assert gc.get_threshold() == expected
+        await client.close()
+    finally:
+        gc.set_threshold(*before)
+
+
+async def test_heartbeats_are_spread_over_the_interval(settings):
+    from realtime.fanout import HEARTBEAT_SLICES, Hub
+
+    settings.REALTIME = {"HEARTBEAT": 0.5}
+    beats: list[tuple[int, float]] = []
+
+    class Connection:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __hash__(self) -> int:
+            return self.n
+
+        def heartbeat(self, now: float) -> None:
+            beats.append((self.n, now))
+
+    hub = Hub(asyncio.get_running_loop())
+    hub.connections = {Connection(n) for n in range(3 * HEARTBEAT_SLICES)}  # type: ignore[misc]
+    tick = asyncio.get_running_loop().create_task(hub._tick())
+    await eventually(lambda: len(beats) >= 2 * 3 * HEARTBEAT_SLICES)
+    tick.cancel()
+    rounds: dict[float, list[int]] = {}
+    for n, now in beats:
+        rounds.setdefault(now, []).append(n)
+    # each turn of the tick pings a tenth of the sockets, the same tenth every interval
+    for ns in rounds.values():
+        assert len(ns) == 3
+        assert len({n % HEARTBEAT_SLICES for n in ns}) == 1
+    first = [n for n, _now in beats[: 3 * HEARTBEAT_SLICES]]
+    assert sorted(first) == list(range(3 * HEARTBEAT_SLICES))  # every socket once per interval
