@@ -112,10 +112,13 @@ def _parent_sql(
     """The statement `parent_state` runs and the names of its parameters after the streams.
 
     Rows: ('s', stream name, last seq, epoch) for each stream found, or one row of NULLs,
-    only if the object exists (the join); ('p', NULL, permission id, NULL) for each of the
-    user's object permissions, direct or through a group (none for a superuser, who has all).
+    only if the object exists (the join); ('p', codename, NULL, NULL) for each of the user's
+    object permissions, direct or through a group (every permission of the model for a
+    superuser). Codenames are joined from the permission table on every call: a cache of
+    them would be one more thing to keep right about who may read what.
     """
     from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
     from guardian.utils import get_group_obj_perms_model, get_user_obj_perms_model
 
     from .models import Stream
@@ -133,7 +136,13 @@ def _parent_sql(
         f"ON s.{q('name')} IN ({marks}) WHERE o.{q(model._meta.pk.column)} = %s",
     ]
     params = ["pk"]
+    permission = q(Permission._meta.db_table)
     if superuser:  # guardian gives a superuser every permission of the model
+        parts.append(
+            f"SELECT 'p', p.{q('codename')}, NULL, NULL FROM {permission} p "
+            f"WHERE p.{q('content_type_id')} = %s"
+        )
+        params.append("content_type")
         return "\nUNION ALL\n".join(parts), tuple(params)
     groups = get_user_model()._meta.get_field("groups").remote_field.through._meta  # type: ignore[union-attr]
     for kind, table in (
@@ -155,32 +164,12 @@ def _parent_sql(
         else:  # guardian's generic model: the content type and the pk as text
             where = f"t.{q('content_type_id')} = %s AND t.{q('object_pk')} = %s"
             params += ["content_type", "pk_text"]
-        # The permission's id, not its codename: no join with the permission table.
         parts.append(
-            f"SELECT 'p', NULL, t.{column(meta, 'permission')}, NULL FROM {q(meta.db_table)} t "
-            f"{join}WHERE {who} AND {where}"
+            f"SELECT 'p', p.{q('codename')}, NULL, NULL FROM {q(meta.db_table)} t "
+            f"JOIN {permission} p ON p.{q('id')} = t.{column(meta, 'permission')} {join}"
+            f"WHERE {who} AND {where}"
         )
     return "\nUNION ALL\n".join(parts), tuple(params)
-
-
-_codenames: dict[tuple[str, int], dict[int, str]] = {}
-
-
-def _permission_codenames(alias: str, content_type: int, wanted: Any = ()) -> dict[int, str]:
-    """{permission id: codename} of a content type, read once per process (and again when an
-    id in `wanted` is missing, or after a permission was saved or deleted)."""
-    known = _codenames.get((alias, content_type))
-    if known is None or any(pk not in known for pk in wanted):
-        from django.contrib.auth.models import Permission
-
-        rows = Permission.objects.using(alias).filter(content_type_id=content_type)
-        known = _codenames[(alias, content_type)] = dict(rows.values_list("pk", "codename"))
-    return known
-
-
-def forget_permission_codenames(**kwargs: Any) -> None:
-    """Signal receiver (Permission saved or deleted, migrations ran): read them again."""
-    _codenames.clear()
 
 
 def parent_state(user: Any, model: type[models.Model], pk: Any, streams: list[str]) -> ParentState:
@@ -197,21 +186,20 @@ def parent_state(user: Any, model: type[models.Model], pk: Any, streams: list[st
     alias = router.db_for_read(model)
     superuser = bool(getattr(user, "is_superuser", False))
     sql, names = _parent_sql(model, alias, len(streams), superuser)
-    content_type = ContentType.objects.db_manager(alias).get_for_model(model).pk  # cached
-    values = {"pk": pk, "pk_text": str(pk), "user": getattr(user, "pk", None)}
-    values["content_type"] = content_type
+    values = {
+        "pk": pk,
+        "pk_text": str(pk),
+        "user": getattr(user, "pk", None),
+        "content_type": ContentType.objects.db_manager(alias).get_for_model(model).pk,  # cached
+    }
     with connections[alias].cursor() as cursor:
         cursor.execute(sql, [*streams, *(values[name] for name in names)])
         rows = cursor.fetchall()
-    found = {name: (seq, epoch) for kind, name, seq, epoch in rows if kind == "s" and name}
-    perms: list[str] = []
-    if getattr(user, "is_active", False):
-        if superuser:
-            perms = sorted(_permission_codenames(alias, content_type).values())
-        else:
-            ids = {seq for kind, _name, seq, _epoch in rows if kind == "p"}
-            codenames = _permission_codenames(alias, content_type, ids)
-            perms = sorted({codenames[i] for i in ids if i in codenames})
+    found = {
+        name: (seq, epoch) for kind, name, seq, epoch in rows if kind == "s" and name is not None
+    }
+    active = bool(getattr(user, "is_active", False))
+    perms = sorted({name for kind, name, _s, _e in rows if kind == "p"}) if active else []
     return ParentState(
         exists=any(row[0] == "s" for row in rows),
         perms=tuple(perms),
