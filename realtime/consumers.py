@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import logging
 import time
 import uuid
@@ -583,8 +584,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     close_code: int | None = None
 
     def _wake_writer(self) -> None:
-        if self.writer is None or self.writer.done():
-            batch = get_hub().batch
+        writer = self.writer
+        batch = get_hub().batch
+        if writer is QUEUED and batch is None:
+            writer = None  # a batch that was never flushed: do not wait for it forever
+        if writer is None or writer.done():
             if batch is not None:  # the hub is handing out an event: it sends after that
                 self.writer = QUEUED
                 batch.append(self)
@@ -592,24 +596,36 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 self.writer = asyncio.get_running_loop().create_task(self._write())
 
     def flush_queued(self) -> None:
-        """Send the queued frames now, from the hub, without a task (see `_Resumed`)."""
+        """Send the queued frames now, from the hub, without a task (see `_Resumed`).
+
+        Each send runs in a copy of the context, as it would in a task of its own, so it
+        neither sees nor changes the hub's context variables.
+        """
         if self.writer is not QUEUED:
             return
+        context = contextvars.copy_context()
         try:
             while self.outbox:
                 coro = self.send(text_data=self.outbox.popleft())
                 try:
-                    yielded = coro.send(None)
+                    yielded = context.run(coro.send, None)
                 except StopIteration:
                     continue
                 # The server made this send wait: a task of the socket's own finishes it
                 # and what is queued behind it, and the hub goes on to the next socket.
                 self.writer = asyncio.get_running_loop().create_task(
-                    self._write(_Resumed(coro, yielded))
+                    self._write(_Resumed(coro, yielded)), context=context
                 )
                 return
             if self.drained is not None:
                 self.drained.set()
+        except (Exception, asyncio.CancelledError):
+            # The server refused the frame: this socket cannot go on in order. Close it;
+            # the client resumes from its last seq.
+            logger.warning("sending to %s failed: closing", self.connection_id, exc_info=True)
+            self.outbox.clear()
+            self.closing = True
+            _background(self._close(Close.INTERNAL_ERROR, force=True))
         finally:
             if self.writer is QUEUED:
                 self.writer = None
@@ -660,7 +676,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if now - self.last_received > 2 * interval:
             if not self.closing:
                 logger.info("heartbeat timeout on %s", self.connection_id, extra=self._log_extra())
-                _background(self._close(Close.HEARTBEAT_TIMEOUT))
+                # force: a silent client is not waited for, and no other sender is raced
+                _background(self._close(Close.HEARTBEAT_TIMEOUT, force=True))
             return
         self._ping_pending = True
         self.enqueue(protocol.dumps({"op": "ping"}))

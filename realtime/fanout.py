@@ -26,6 +26,7 @@ logger = logging.getLogger("realtime.fanout")
 
 PROBE_MESSAGE_TYPE = "realtime.probe"
 HEARTBEAT_SLICES = 10
+FLUSH_CHUNK = 50  # sockets sent to between two turns of the event loop
 
 
 class Subscriber(Protocol):
@@ -179,7 +180,19 @@ class Hub:
                         logger.exception("delivery to a subscriber failed")
             finally:
                 batch, self.batch = self.batch, None
-            self._flush(batch)
+            # A server may hold every write until the event loop's next turn (daphne does):
+            # yielding between chunks lets the first sockets' frames leave while the hub
+            # sends to the rest. A socket whose turn has not come yet starts its own writer
+            # if something else is queued for it meanwhile (`_wake_writer`), in order.
+            for start in range(0, len(batch), FLUSH_CHUNK):
+                if start:
+                    await asyncio.sleep(0)
+                self._flush(batch[start : start + FLUSH_CHUNK])
+
+    def _end_batch(self) -> None:
+        """Send what the sockets of the current batch queued, and end the batch."""
+        batch, self.batch = self.batch or [], None
+        self._flush(batch)
 
     @staticmethod
     def _flush(batch: list[Flushable]) -> None:
@@ -213,8 +226,7 @@ class Hub:
                     except Exception:
                         logger.exception("heartbeat failed")
             finally:
-                batch, self.batch = self.batch, None
-            self._flush(batch)
+                self._end_batch()
             turn = (turn + 1) % HEARTBEAT_SLICES
             if turn == 0 and self.connections:
                 try:

@@ -284,3 +284,55 @@ async def test_heartbeats_are_spread_over_the_interval(settings):
         assert len({n % HEARTBEAT_SLICES for n in ns}) == 1
     first = [n for n, _now in beats[: 3 * HEARTBEAT_SLICES]]
     assert sorted(first) == list(range(3 * HEARTBEAT_SLICES))  # every socket once per interval
+
+
+async def test_a_send_the_server_refuses_closes_that_socket_only():
+    owner = await db(UserFactory)()
+    stream = f"user:{owner.pk}"
+    session = await db(session_for)(owner)
+    broken, other = RealtimeClient(session_key=session), RealtimeClient(session_key=session)
+    welcome = await broken.connect()
+    await other.connect()
+    for client in (broken, other):
+        await client.subscribe(stream)
+    consumer = consumer_of(welcome["connectionId"])
+    real_send = consumer.base_send
+
+    async def refusing(message: dict[str, Any]) -> None:
+        if message.get("type") == "websocket.send":
+            raise ValueError("the server refused the frame")
+        await real_send(message)
+
+    consumer.base_send = refusing
+    await db(emit)(stream, 2)
+    assert [(await other.receive_until("event"))["seq"] for _ in range(2)] == [1, 2]
+    closed = await broken.receive()
+    assert closed == {"type": "websocket.close", "code": 1011}
+    await db(emit)(stream, 1)  # the hub goes on
+    assert (await other.receive_until("event"))["seq"] == 3
+    await other.close()
+
+
+async def test_sockets_whose_turn_is_later_still_get_everything_in_order(monkeypatch):
+    """The hub yields between chunks of sockets; frames queued meanwhile keep their order."""
+    from realtime import fanout
+
+    monkeypatch.setattr(fanout, "FLUSH_CHUNK", 1)
+    owner = await db(UserFactory)()
+    stream = f"user:{owner.pk}"
+    session = await db(session_for)(owner)
+    clients = [RealtimeClient(session_key=session) for _ in range(4)]
+    for client in clients:
+        await client.connect()
+        await client.subscribe(stream)
+    await db(emit)(stream, 5)
+    for client in clients:  # replies queued while the hub may be between chunks
+        await client.send({"op": "ping", "ref": "p"})
+    for client in clients:
+        frames = [await client.receive() for _ in range(6)]
+        assert [f["seq"] for f in frames if f["op"] == "event"] == [1, 2, 3, 4, 5]
+        assert [f["op"] for f in frames].count("pong") == 1
+    await db(emit)(stream, 1)
+    for client in clients:
+        assert (await client.receive_until("event"))["seq"] == 6
+        await client.close()
