@@ -336,3 +336,30 @@ async def test_sockets_whose_turn_is_later_still_get_everything_in_order(monkeyp
     for client in clients:
         assert (await client.receive_until("event"))["seq"] == 6
         await client.close()
+
+
+async def test_an_event_the_hub_waited_for_goes_out_in_chunks_a_backlog_in_one_go(monkeypatch):
+    from realtime import fanout
+    from realtime.publisher import LAYER_MESSAGE_TYPE
+
+    monkeypatch.setattr(fanout, "FLUSH_CHUNK", 1)
+    owner = await db(UserFactory)()
+    stream = f"user:{owner.pk}"
+    session = await db(session_for)(owner)
+    clients = [RealtimeClient(session_key=session) for _ in range(4)]
+    for client in clients:
+        await client.connect()
+        await client.subscribe(stream)
+    hub = get_hub()
+    await asyncio.sleep(0.05)  # the hub waits for the next event
+    before = hub.chunked
+    layer = get_channel_layer()
+    for seq in (1, 2, 3):  # queued at once: the first was waited for, the others were not
+        frame = f'{{"op":"event","stream":"{stream}","seq":{seq}}}'
+        message = {"type": LAYER_MESSAGE_TYPE, "stream": stream, "seq": seq, "frames": {"*": frame}}
+        await layer.send(hub.channel, message)
+    for client in clients:
+        assert [(await client.receive_until("event"))["seq"] for _ in range(3)] == [1, 2, 3]
+    assert hub.chunked - before == 3  # 4 sockets, chunks of 1: three turns, first event only
+    for client in clients:
+        await client.close()
