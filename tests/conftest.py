@@ -155,4 +155,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     """Keep each phase's report on the item (`rep_call`), for fixtures that save artifacts."""
     report = yield
     setattr(item, f"rep_{report.when}", report)
+    if report.when == "call" and report.failed:
+        _keep_logs(item)
     return report
+
+
+def _keep_logs(item: pytest.Item) -> None:
+    """Copy the server logs a failed test wrote in its tmp_path (daphne, redis-server) to
+    test-artifacts/<test>/: pytest keeps only the last few tmp dirs."""
+    from pathlib import Path
+
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    logs = sorted(Path(tmp).rglob("*.log")) if tmp is not None else []
+    if not logs:
+        return
+    target = Path(__file__).resolve().parent.parent / "test-artifacts" / item.name
+    target.mkdir(parents=True, exist_ok=True)
+    for log in logs:
+        shutil.copyfile(log, target / log.name)
