@@ -56,6 +56,7 @@ from services import (  # noqa: E402
     redis_answers,
     require_loopback,
     sqlite_database,
+    stop,
 )
 
 DATABASE = "bench_sse"
@@ -137,17 +138,10 @@ class Child:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
 
     def stop(self, grace: float = 5.0) -> None:
-        process = self.process
-        if process.poll() is None:
+        if self.process.poll() is None and self.process.stdin is not None:
             with contextlib.suppress(OSError):
-                if process.stdin is not None:
-                    process.stdin.close()
-            process.terminate()
-            try:
-                process.wait(grace)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+                self.process.stdin.close()
+        stop(self.process, grace)
         self.log.close()
 
 

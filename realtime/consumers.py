@@ -227,6 +227,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await await_many_dispatch([receive], self.dispatch)
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:
+        self.hub = get_hub()  # this loop's; read once, not per frame
         self.connection_id = uuid.uuid4().hex
         self.subscriptions: dict[str, Subscription] = {}
         self.outbox: collections.deque[str] = collections.deque()
@@ -267,10 +268,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.registered = True
         await self.accept()
         # Accepted first: a logout arriving now can close the socket.
-        await get_hub().watch_user(user.pk, self)
+        await self.hub.watch_user(user.pk, self)
         metrics.CONNECTS.labels(self.transport).inc()
         metrics.CONNECTIONS.labels(self.transport).inc()
-        await get_hub().add_connection(self)
+        await self.hub.add_connection(self)
         heartbeat = float(realtime_settings.HEARTBEAT)
         self.enqueue(
             protocol.dumps(
@@ -454,7 +455,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             raise ProtocolError(Code.FORBIDDEN, "not allowed", frame.ref)
         subscription = Subscription(self, frame.stream, policy, frame.version)
         self.subscriptions[frame.stream] = subscription
-        await get_hub().join(frame.stream, subscription)
+        await self.hub.join(frame.stream, subscription)
         # Joined first, then read: whatever commits from here on is either in the log read
         # below or arrives live (buffered until the replay is done), never neither.
         pos = await _thread(position)(frame.stream)
@@ -522,7 +523,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         subscription.authorized = False
         if subscription.task is not None:
             subscription.task.cancel()
-        await get_hub().leave(frame.stream, subscription)
+        await self.hub.leave(frame.stream, subscription)
         await hooks.call("unsubscribed", self, frame.stream, subscription.policy, "unsubscribe")
         self.enqueue(protocol.reply(frame.ref))
         self._save_subscriptions()
@@ -585,7 +586,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     def _wake_writer(self) -> None:
         writer = self.writer
-        batch = get_hub().batch
+        batch = self.hub.batch
         if writer is QUEUED and batch is None:
             writer = None  # a batch that was never flushed: do not wait for it forever
         if writer is None or writer.done():
@@ -724,7 +725,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.subscriptions.pop(stream, None)
             if subscription.task is not None:
                 subscription.task.cancel()
-            await get_hub().leave(stream, subscription)
+            await self.hub.leave(stream, subscription)
             await hooks.call("unsubscribed", self, stream, subscription.policy, "forbidden")
             self.enqueue(
                 protocol.dumps({"op": "unsubscribed", "stream": stream, "reason": Code.FORBIDDEN})
@@ -769,7 +770,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             metrics.CONNECTIONS.labels(self.transport).dec()
             # The code this server closed with, else the one the client (or network) gave.
             metrics.DISCONNECTS.labels(str(self.close_code or code)).inc()
-        hub = get_hub()
+        hub = self.hub
         hub.remove_connection(self)
         for stream, subscription in list(self.subscriptions.items()):
             if subscription.task is not None:

@@ -146,14 +146,24 @@ def consumer_of(connection_id: str) -> Any:
     )
 
 
-async def test_the_hub_sends_an_event_to_its_sockets_without_a_task_per_socket(monkeypatch):
-    owner = await db(UserFactory)()
+async def subscribed(count: int) -> tuple[str, list[RealtimeClient], list[Any]]:
+    """`count` sockets of one new user, each subscribed to the user's stream: the stream,
+    the clients and their consumers."""
+    owner: Any = await db(UserFactory)()
     stream = f"user:{owner.pk}"
     session = await db(session_for)(owner)
-    clients = [RealtimeClient(session_key=session) for _ in range(3)]
-    for client in clients:
-        await client.connect()
+    clients, consumers = [], []
+    for _ in range(count):
+        client = RealtimeClient(session_key=session)
+        welcome = await client.connect()
         await client.subscribe(stream)
+        clients.append(client)
+        consumers.append(consumer_of(welcome["connectionId"]))
+    return stream, clients, consumers
+
+
+async def test_the_hub_sends_an_event_to_its_sockets_without_a_task_per_socket(monkeypatch):
+    stream, clients, _consumers = await subscribed(3)
     writers = 0
     real_write = RealtimeConsumer._write
 
@@ -172,15 +182,7 @@ async def test_the_hub_sends_an_event_to_its_sockets_without_a_task_per_socket(m
 
 
 async def test_a_send_the_server_makes_wait_holds_up_neither_others_nor_the_order():
-    owner = await db(UserFactory)()
-    stream = f"user:{owner.pk}"
-    session = await db(session_for)(owner)
-    stuck, other = RealtimeClient(session_key=session), RealtimeClient(session_key=session)
-    welcome = await stuck.connect()
-    await other.connect()
-    for client in (stuck, other):
-        await client.subscribe(stream)
-    consumer = consumer_of(welcome["connectionId"])
+    stream, (stuck, other), (consumer, _other) = await subscribed(2)
     gate = asyncio.Event()
     real_send = consumer.base_send
 
@@ -204,12 +206,7 @@ async def test_a_send_the_server_makes_wait_holds_up_neither_others_nor_the_orde
 
 
 async def test_a_send_waiting_in_its_task_is_cancelled_with_the_socket():
-    owner = await db(UserFactory)()
-    stream = f"user:{owner.pk}"
-    client = RealtimeClient(session_key=await db(session_for)(owner))
-    welcome = await client.connect()
-    await client.subscribe(stream)
-    consumer = consumer_of(welcome["connectionId"])
+    stream, [client], [consumer] = await subscribed(1)
     never = asyncio.Event()
     cancelled = asyncio.Event()
 
@@ -287,15 +284,7 @@ async def test_heartbeats_are_spread_over_the_interval(settings):
 
 
 async def test_a_send_the_server_refuses_closes_that_socket_only():
-    owner = await db(UserFactory)()
-    stream = f"user:{owner.pk}"
-    session = await db(session_for)(owner)
-    broken, other = RealtimeClient(session_key=session), RealtimeClient(session_key=session)
-    welcome = await broken.connect()
-    await other.connect()
-    for client in (broken, other):
-        await client.subscribe(stream)
-    consumer = consumer_of(welcome["connectionId"])
+    stream, (broken, other), (consumer, _other) = await subscribed(2)
     real_send = consumer.base_send
 
     async def refusing(message: dict[str, Any]) -> None:
@@ -318,13 +307,7 @@ async def test_sockets_whose_turn_is_later_still_get_everything_in_order(monkeyp
     from realtime import fanout
 
     monkeypatch.setattr(fanout, "FLUSH_CHUNK", 1)
-    owner = await db(UserFactory)()
-    stream = f"user:{owner.pk}"
-    session = await db(session_for)(owner)
-    clients = [RealtimeClient(session_key=session) for _ in range(4)]
-    for client in clients:
-        await client.connect()
-        await client.subscribe(stream)
+    stream, clients, _consumers = await subscribed(4)
     await db(emit)(stream, 5)
     for client in clients:  # replies queued while the hub may be between chunks
         await client.send({"op": "ping", "ref": "p"})
@@ -343,13 +326,7 @@ async def test_an_event_the_hub_waited_for_goes_out_in_chunks_a_backlog_in_one_g
     from realtime.publisher import LAYER_MESSAGE_TYPE
 
     monkeypatch.setattr(fanout, "FLUSH_CHUNK", 1)
-    owner = await db(UserFactory)()
-    stream = f"user:{owner.pk}"
-    session = await db(session_for)(owner)
-    clients = [RealtimeClient(session_key=session) for _ in range(4)]
-    for client in clients:
-        await client.connect()
-        await client.subscribe(stream)
+    stream, clients, _consumers = await subscribed(4)
     hub = get_hub()
     await asyncio.sleep(0.05)  # the hub waits for the next event
     before = hub.chunked

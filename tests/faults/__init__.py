@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,10 +13,25 @@ import websockets
 from websockets.typing import Origin
 
 from board.membership import add_member
-from realtime.models import Stream
+from realtime.models import Event, Stream
+from realtime.publisher import publisher
 from realtime.testing import flush, session_for
 
 from ..factories import ProjectFactory, UserFactory
+
+
+def relay_backlog(timeout: float) -> None:
+    """After an outage: resume the publisher and run the relay until every logged event is
+    published, as `realtime_relay` would in production; fail after `timeout` seconds."""
+    from django.core.management import call_command
+
+    publisher.resume()
+    deadline = time.monotonic() + timeout
+    while Event.objects.filter(published_at__isnull=True).exists():
+        if time.monotonic() > deadline:
+            raise AssertionError("the relay did not drain the backlog")
+        call_command("realtime_relay", "--once", "--grace", "0", verbosity=0)
+        time.sleep(0.2)
 
 
 @dataclass

@@ -34,7 +34,6 @@ from typing import Any
 
 import pytest
 import websockets
-from django.core.management import call_command
 from django.db import connection, transaction
 
 from board.membership import add_member
@@ -42,14 +41,13 @@ from board.models import Item
 from board.serializers import ItemSerializer
 from realtime.cursor import Position, decode, encode
 from realtime.models import Event, Stream
-from realtime.publisher import publisher
 from realtime.testing import flush
 
 from ..factories import ProjectFactory
 from ..live import Daphne, database_url
 from ..test_outage import redis_layer
 from ..test_sse import SSEReader
-from . import connect, team
+from . import connect, relay_backlog, team
 
 CHANGES = 400
 REDIS_AT = 120
@@ -452,13 +450,7 @@ def test_websocket_sse_and_feed_end_in_the_same_state_through_redis_restart_and_
                     time.sleep(0.02)
                 flush(timeout=30)
                 unpublished.append(Event.objects.filter(published_at__isnull=True).count())
-                publisher.resume()
-                relayed_by = time.monotonic() + 30
-                while Event.objects.filter(published_at__isnull=True).exists():
-                    if time.monotonic() > relayed_by:
-                        raise AssertionError("the relay did not drain the backlog")
-                    call_command("realtime_relay", "--once", "--grace", "0", verbosity=0)
-                    time.sleep(0.2)
+                relay_backlog(timeout=30)
             except BaseException as exc:
                 failures.append(exc)
             finally:
