@@ -13,12 +13,14 @@ import argparse
 import contextlib
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import math
 import os
 import queue
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +54,12 @@ SYSTEMS = ("ours", "plain Channels", "DCRF", "ceiling")
 DIAGNOSTICS = ("ours on uvicorn", "daphne floor")
 #: The systems serving config.asgi (the pipeline on, `subscribe` frames).
 OURS = ("ours", "ours on uvicorn")
+# The latency target's pair and the daphne floor, measured again in blocks taking turns
+# (see run_interleaved); block k goes in the k-th order of INTERLEAVED_ORDERS.
+INTERLEAVED = ("ours", "daphne floor", "ceiling")
+INTERLEAVED_ORDERS = list(itertools.permutations(INTERLEAVED))
+INTERLEAVED_BLOCKS = 6
+INTERLEAVED_EVENTS = 10
 #: django-channels-rest-framework (the `bench` extra): its nodes' settings and ASGI app.
 DCRF_PACKAGE = "djangochannelsrestframework"
 DCRF_SETTINGS = "fanout_dcrf_settings"
@@ -383,10 +391,12 @@ def writer(system: str, project: Any, redis_url: str) -> Iterator[Callable[[int]
                 yield save_item(project)
             return
         import redis
+        from fanout_ceiling import CHANNEL, FLOOR_CHANNEL
 
         client = redis.Redis.from_url(redis_url, socket_timeout=10)
+        channel = FLOOR_CHANNEL if system == "daphne floor" else CHANNEL
         try:
-            yield save_ceiling(project, client)
+            yield save_ceiling(project, client, channel)
         finally:
             client.close()
 
@@ -401,9 +411,8 @@ def save_item(project: Any) -> Callable[[int], None]:
     return save
 
 
-def save_ceiling(project: Any, client: Any) -> Callable[[int], None]:
-    from fanout_ceiling import CHANNEL
-
+def save_ceiling(project: Any, client: Any, channel: str) -> Callable[[int], None]:
+    """save(n) for the ceiling and the daphne floor: save, then publish one encoded frame."""
     from board.models import Item
     from board.serializers import ItemSerializer
     from realtime.events import dumps
@@ -414,7 +423,7 @@ def save_ceiling(project: Any, client: Any) -> Callable[[int], None]:
         item = Item(project=project, title=f"bench {n} {time.time():.6f}", position=n)
         item.save()
         frame = {"op": "event", "stream": stream, "type": "v1:item.created"}
-        client.publish(CHANNEL, dumps({**frame, "data": ItemSerializer(item).data}))
+        client.publish(channel, dumps({**frame, "data": ItemSerializer(item).data}))
 
     return save
 
@@ -448,6 +457,28 @@ def max_events(rates: list[int], subscribers: int, longest: float) -> int:
     return WARMUP_EVENTS + SINGLE_EVENTS + steps + 10
 
 
+def client_argv(
+    system: str, nodes: list[Node], subscribers: int, events: int, project: Any, cookies: Path
+) -> list[str]:
+    """The load client's arguments for `subscribers` sockets of `system`, `events` at most."""
+    path = {
+        "ours": "/ws/realtime/",
+        "ours on uvicorn": "/ws/realtime/",
+        "plain Channels": f"/ws/items/{project.pk}/",
+        "DCRF": DCRF_PATH,
+    }.get(system, "/")
+    argv = ["--ports", ",".join(str(node.port) for node in nodes), "--path", path]
+    argv += ["--count", str(subscribers), "--cookies", str(cookies)]
+    argv += ["--max-events", str(events)]
+    if system in OURS:
+        frame = {"op": "subscribe", "ref": "1", "stream": f"project:{project.pk}"}
+        argv += ["--subscribe", json.dumps(frame)]
+    elif system == "DCRF":
+        frame = {"action": DCRF_ACTION, "request_id": "1", "project": project.pk}
+        argv += ["--subscribe", json.dumps(frame), "--reply", DCRF_REPLY, "--ok", DCRF_OK]
+    return argv
+
+
 def measure_round(
     system: str,
     nodes: list[Node],
@@ -465,21 +496,9 @@ def measure_round(
     result.busy_before = idle.read()["machine"]
     if result.busy_before > BUSY_WARNING:
         progress(f"{system}, {subscribers}: the machine is {result.busy_before:.0%} busy already")
-    path = {
-        "ours": "/ws/realtime/",
-        "ours on uvicorn": "/ws/realtime/",
-        "plain Channels": f"/ws/items/{project.pk}/",
-        "DCRF": DCRF_PATH,
-    }.get(system, "/")
-    argv = ["--ports", ",".join(str(node.port) for node in nodes), "--path", path]
-    argv += ["--count", str(subscribers), "--cookies", str(cookies)]
-    argv += ["--max-events", str(max_events(rates, subscribers, longest))]
-    if system in OURS:
-        frame = {"op": "subscribe", "ref": "1", "stream": f"project:{project.pk}"}
-        argv += ["--subscribe", json.dumps(frame)]
-    elif system == "DCRF":
-        frame = {"action": DCRF_ACTION, "request_id": "1", "project": project.pk}
-        argv += ["--subscribe", json.dumps(frame), "--reply", DCRF_REPLY, "--ok", DCRF_OK]
+    argv = client_argv(
+        system, nodes, subscribers, max_events(rates, subscribers, longest), project, cookies
+    )
     with contextlib.ExitStack() as stack:
         client = LoadClient(argv, env, stack)
         ready = client.answer(timeout=60 + subscribers / 20)
@@ -669,6 +688,137 @@ def run_system(
     return rounds
 
 
+# -- one event, interleaved: the systems of the latency target taking turns ----------------
+
+
+@dataclass
+class Interleaved:
+    """One event at a time to `subscribers`, the INTERLEAVED systems taking turns in blocks."""
+
+    subscribers: int
+    blocks: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # system -> report
+    pooled: dict[str, dict[str, Any]] = field(default_factory=dict)  # all blocks of a system
+    error: str = ""
+
+
+def run_interleaved(
+    counts: list[int],
+    blocks: int,
+    per_block: int,
+    project: Any,
+    env: dict[str, str],
+    folder: Path,
+    cookies: Path,
+) -> list[Interleaved]:
+    """All systems' nodes and subscribers up at once; per count, blocks taking turns.
+
+    The sequential rounds give each system minutes of its own, so a slow spell on this shared
+    machine lands on one system only. Here each block of `per_block` single events goes to
+    one system, then the same to the next, in an order that changes every block, so slow
+    spells fall on all of them; the sockets of the systems waiting their turn stay connected
+    and idle.
+    """
+    from realtime.publisher import publisher
+
+    out = []
+    with contextlib.ExitStack() as stack:
+        nodes = {system: start_nodes(system, env, folder, stack) for system in INTERLEAVED}
+        for subscribers in counts:
+            try:
+                out.append(
+                    interleaved_round(nodes, subscribers, blocks, per_block, project, env, cookies)
+                )
+            except RuntimeError as exc:
+                tails = "\n".join(
+                    f"{system} {node.name}:\n{node.tail(10)}"
+                    for system, pair in nodes.items()
+                    for node in pair
+                )
+                progress(f"interleaved, {subscribers}: failed: {exc}\n{tails}")
+                out.append(Interleaved(subscribers, error=str(exc)))
+            publisher.flush(timeout=30)
+            wait_connections_gone()
+    return out
+
+
+def interleaved_round(
+    nodes: dict[str, list[Node]],
+    subscribers: int,
+    blocks: int,
+    per_block: int,
+    project: Any,
+    env: dict[str, str],
+    cookies: Path,
+) -> Interleaved:
+    result = Interleaved(subscribers)
+    events = WARMUP_EVENTS + blocks * per_block + 10
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for system in INTERLEAVED:
+            argv = client_argv(system, nodes[system], subscribers, events, project, cookies)
+            client = LoadClient(argv, env, stack)
+            ready = client.answer(timeout=60 + subscribers / 20)
+            if ready["ready"] != subscribers:
+                raise RuntimeError(
+                    f"{system}: {ready['ready']} of {subscribers} subscribed ({ready['failures']})"
+                )
+            clients[system] = client
+        progress(f"interleaved, {subscribers}: all systems subscribed")
+        numbers = dict.fromkeys(INTERLEAVED, 0)
+
+        def singles(system: str, count: int) -> dict[str, Any]:
+            """Save `count` items one at a time, each once all got the previous; the phase."""
+            first, start = numbers[system], time.time()
+            with writer(system, project, env["REDIS_URL"]) as save:
+                for _ in range(count):
+                    n = numbers[system]
+                    save(n)
+                    clients[system].command(
+                        SINGLE_TIMEOUT + 10,
+                        cmd="wait",
+                        first=n,
+                        last=n,
+                        limit=SINGLE_TIMEOUT,
+                        quiet=QUIET,
+                    )
+                    numbers[system] += 1
+                    time.sleep(0.05)
+            last = numbers[system] - 1
+            return {"name": "one event", "first": first, "last": last, "start": start}
+
+        for system in INTERLEAVED:
+            singles(system, WARMUP_EVENTS)
+        phases: dict[str, list[dict[str, Any]]] = {system: [] for system in INTERLEAVED}
+        for block in range(blocks):
+            row = {}
+            for system in INTERLEAVED_ORDERS[block % len(INTERLEAVED_ORDERS)]:
+                phase = singles(system, per_block)
+                phases[system].append(phase)
+                report = clients[system].command(120, cmd="report", phases=[phase])
+                row[system] = report["phases"][0]
+            result.blocks.append(row)
+            progress(
+                f"interleaved, {subscribers}, block {block + 1}/{blocks}: "
+                + "; ".join(
+                    f"{system} p99 {ms(row[system]['p99'])} ms, last p99 "
+                    f"{ms(row[system]['last_p99'])} ms"
+                    for system in INTERLEAVED
+                )
+            )
+        for system in INTERLEAVED:
+            whole = {**phases[system][0], "last": phases[system][-1]["last"]}
+            report = clients[system].command(120, cmd="report", phases=[whole])
+            result.pooled[system] = report["phases"][0]
+        for client in clients.values():
+            client.close()
+    return result
+
+
+def block_ratios(interleaved: Interleaved, key: str, over: str = "ceiling") -> list[float]:
+    """ours / `over` of `key` ("p99" or "last_p99") in each block."""
+    return [row["ours"][key] / row[over][key] for row in interleaved.blocks]
+
+
 # -- tables and verdicts -----------------------------------------------------------------
 
 
@@ -806,6 +956,55 @@ def tables(rounds: list[Round], rates: list[int]) -> list[dict[str, Any]]:
     return out
 
 
+def interleaved_table(runs: list[Interleaved]) -> dict[str, Any]:
+    rows = []
+    for run in runs:
+        if run.error:
+            rows.append([f"{run.subscribers:,}", f"failed: {run.error[:80]}"] + ["-"] * 10)
+            continue
+        labels = [f"{run.subscribers:,}"] + [""] * len(run.blocks)
+        names = [
+            *(
+                f"{n + 1} ({', '.join(INTERLEAVED_ORDERS[n % len(INTERLEAVED_ORDERS)])})"
+                for n in range(len(run.blocks))
+            ),
+            "all blocks",
+        ]
+        for label, name, row in zip(labels, names, [*run.blocks, run.pooled], strict=True):
+            ours, floor, ceiling = (row[system] for system in INTERLEAVED)
+            rows.append(
+                [
+                    label,
+                    name,
+                    *(ms(report["p99"]) for report in (ours, floor, ceiling)),
+                    f"{ours['p99'] / ceiling['p99']:.2f}x",
+                    f"{ours['p99'] / floor['p99']:.2f}x",
+                    *(ms(report["last_p99"]) for report in (ours, floor, ceiling)),
+                    f"{ours['last_p99'] / ceiling['last_p99']:.2f}x",
+                    " / ".join(f"{report['lost']:,}" for report in (ours, floor, ceiling)),
+                ]
+            )
+    return {
+        "title": "One event, interleaved: ours, the daphne floor and the ceiling taking turns",
+        "columns": [
+            "subscribers",
+            "block (order)",
+            "p99 ms: ours",
+            "daphne floor",
+            "ceiling",
+            "ours / ceiling",
+            "ours / floor",
+            "last subscriber p99 ms: ours",
+            "daphne floor",
+            "ceiling",
+            "ours / ceiling",
+            "lost (ours / floor / ceiling)",
+        ],
+        "rows": rows,
+        "text_columns": 2,
+    }
+
+
 def find(rounds: list[Round], system: str, subscribers: int) -> Round | None:
     for round_ in rounds:
         if round_.system == system and round_.subscribers == subscribers and not round_.error:
@@ -831,7 +1030,14 @@ def caveat(*measured: tuple[Round, dict[str, Any] | None]) -> str:
     return f"; measured while other programs were busy ({'; '.join(hit)}): see notes" if hit else ""
 
 
-def verdicts(rounds: list[Round]) -> list[str]:
+def spread(ratios: list[float]) -> str:
+    return (
+        f"median {statistics.median(ratios):.2f}x, {min(ratios):.2f}-{max(ratios):.2f}x over "
+        f"{len(ratios)} blocks"
+    )
+
+
+def verdicts(rounds: list[Round], runs: list[Interleaved]) -> list[str]:
     out = []
     ours, plain = find(rounds, "ours", 1000), find(rounds, "plain Channels", 1000)
     if ours and plain:
@@ -846,6 +1052,24 @@ def verdicts(rounds: list[Round]) -> list[str]:
     else:
         out.append("NOT MEASURED (1) sustained delivery at 1,000 subscribers (no 1,000 round)")
     for subscribers in (1000, 5000):
+        run = next((r for r in runs if r.subscribers == subscribers and not r.error), None)
+        if run:
+            mine, theirs = run.pooled["ours"], run.pooled["ceiling"]
+            p99, last = mine["p99"] / theirs["p99"], mine["last_p99"] / theirs["last_p99"]
+            floor = mine["p99"] / run.pooled["daphne floor"]["p99"]
+            passed = p99 <= TARGET_LATENCY_X and last <= TARGET_LATENCY_X
+            each = mine["events"] // len(run.blocks)
+            out.append(
+                f"{'PASS' if passed else 'MISS'} (2) one event to {subscribers:,} subscribers, "
+                f"{len(run.blocks)} interleaved blocks of {each} events: p99 ours "
+                f"{ms(mine['p99'])} ms vs ceiling {ms(theirs['p99'])} ms = {p99:.2f}x "
+                f"({spread(block_ratios(run, 'p99'))}); last subscriber p99 ours "
+                f"{ms(mine['last_p99'])} ms vs ceiling {ms(theirs['last_p99'])} ms = {last:.2f}x "
+                f"({spread(block_ratios(run, 'last_p99'))}) (target at most "
+                f"{TARGET_LATENCY_X}x on both, over all blocks); ours vs the daphne floor in the "
+                f"same blocks {floor:.2f}x ({spread(block_ratios(run, 'p99', 'daphne floor'))})"
+            )
+            continue
         ours, ceiling = find(rounds, "ours", subscribers), find(rounds, "ceiling", subscribers)
         if not (ours and ceiling and ours.single and ceiling.single):
             out.append(f"NOT MEASURED (2) one event to {subscribers:,} subscribers")
@@ -869,6 +1093,13 @@ def verdicts(rounds: list[Round]) -> list[str]:
             phases += 1
             if report["lost"]:
                 lost.append(f"{report['lost']:,} at {round_.subscribers:,} subscribers, {name}")
+    for run in (r for r in runs if not r.error):
+        phases += 1
+        if run.pooled["ours"]["lost"]:
+            lost.append(
+                f"{run.pooled['ours']['lost']:,} at {run.subscribers:,} subscribers, "
+                "interleaved one event"
+            )
     out.append(
         f"{'MISS' if lost or not phases else 'PASS'} (3) zero loss below saturation: ours lost "
         f"{', '.join(lost) if lost else 'nothing'} in {phases} unsaturated phases (single events "
@@ -900,6 +1131,7 @@ def measure(
     }
     started = time.monotonic()
     rounds: list[Round] = []
+    runs: list[Interleaved] = []
     with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
         folder = Path(tmp)
         cookies = folder / "sessions.txt"
@@ -918,6 +1150,11 @@ def measure(
                     env,
                     folder,
                     cookies,
+                )
+            counts = [n for n in args.interleaved if n <= max(args.subscribers)]
+            if args.blocks and counts and {"ours", "ceiling"} <= set(args.systems):
+                runs = run_interleaved(
+                    counts, args.blocks, args.block_events, project, env, folder, cookies
                 )
         finally:
             close_ack_connections()
@@ -958,10 +1195,11 @@ def measure(
     ]
     return {
         "title": f"{', '.join(f'{n:,}' for n in args.subscribers)} subscribers, 2 nodes per system",
-        "tables": tables(rounds, args.rates),
-        "verdicts": verdicts(rounds),
+        "tables": tables(rounds, args.rates) + ([interleaved_table(runs)] if runs else []),
+        "verdicts": verdicts(rounds, runs),
         "notes": notes,
         "rounds": [r.__dict__ for r in rounds],
+        "interleaved": [r.__dict__ for r in runs],
     }
 
 
@@ -1027,6 +1265,17 @@ def main() -> None:
     parser.add_argument("--rates", type=numbers, default=list(DEFAULT_RATES))
     parser.add_argument("--step-seconds", type=float, default=STEP_SECONDS)
     parser.add_argument("--systems", type=lambda t: t.split(","), default=list(SYSTEMS))
+    parser.add_argument(
+        "--interleaved",
+        type=numbers,
+        default=[1000, 5000],
+        help="subscriber counts of the interleaved one-event blocks (when ours and the ceiling "
+        "are among --systems; counts above the largest of --subscribers are dropped)",
+    )
+    parser.add_argument(
+        "--blocks", type=int, default=INTERLEAVED_BLOCKS, help="interleaved blocks; 0: none"
+    )
+    parser.add_argument("--block-events", type=int, default=INTERLEAVED_EVENTS)
     args = parser.parse_args()
     unknown = set(args.systems) - set(SYSTEMS) - set(DIAGNOSTICS)
     if unknown:

@@ -17,8 +17,10 @@ import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 
 #: The Redis pub/sub channel the writer publishes frames to (BENCH_FANOUT_PREFIX keeps runs
-#: and tests on the same Redis server apart).
+#: and tests on the same Redis server apart; BENCH_FANOUT_FLOOR_CHANNEL gives the daphne
+#: floor's nodes a channel of their own when they run beside the ceiling's).
 CHANNEL = os.environ.get("BENCH_FANOUT_PREFIX", "bench-fanout") + ".ceiling"
+FLOOR_CHANNEL = CHANNEL + ".floor"
 READY = json.dumps({"op": "reply", "ref": "1", "ok": True})
 
 clients: set[ServerConnection] = set()

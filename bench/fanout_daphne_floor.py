@@ -1,12 +1,12 @@
 """Diagnostic of the fan-out benchmark: daphne's own floor, no Django and no Channels.
 
-A raw ASGI application served by daphne: each server process subscribes to the ceiling's
-Redis pub/sub channel (see fanout_ceiling.py) and hands every pre-encoded frame to each of
-its sockets with `await send({"type": "websocket.send", ...})`, one after the other, in the
-listener task: no consumer, no per-socket task, no serialization. What stays is daphne's
-path for one frame to one socket (Twisted, Autobahn framing, the write), so the gap between
-this and the ceiling is the server's, and the gap between ours and this is ours. Served as
-`fanout_daphne_floor:application`.
+A raw ASGI application served by daphne: each server process subscribes to a Redis pub/sub
+channel of its own beside the ceiling's (`FLOOR_CHANNEL`, see fanout_ceiling.py) and hands
+every pre-encoded frame to each of its sockets with `await send({"type": "websocket.send",
+...})`, one after the other, in the listener task: no consumer, no per-socket task, no
+serialization. What stays is daphne's path for one frame to one socket (Twisted, Autobahn
+framing, the write), so the gap between this and the ceiling is the server's, and the gap
+between ours and this is ours. Served as `fanout_daphne_floor:application`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from fanout_ceiling import CHANNEL
+from fanout_ceiling import FLOOR_CHANNEL
 
 READY = json.dumps({"op": "reply", "ref": "1", "ok": True})
 
@@ -35,7 +35,7 @@ def redis_url() -> str:
 async def relay() -> None:
     client = aioredis.Redis.from_url(redis_url(), socket_timeout=None)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(CHANNEL)
+    await pubsub.subscribe(FLOOR_CHANNEL)
     async for message in pubsub.listen():
         if message["type"] != "message":
             continue
