@@ -340,3 +340,27 @@ async def test_an_event_the_hub_waited_for_goes_out_in_chunks_a_backlog_in_one_g
     assert hub.chunked - before == 3  # 4 sockets, chunks of 1: three turns, first event only
     for client in clients:
         await client.close()
+
+
+async def test_frames_go_past_the_session_wrapper_the_handshake_through_it(monkeypatch):
+    """Channels' session wrapper acts on HTTP responses only; frames skip its per-send reads."""
+    from channels.sessions import InstanceSessionWrapper
+
+    passed: list[dict[str, Any]] = []
+    wrapped = InstanceSessionWrapper.send
+
+    async def spy(self: InstanceSessionWrapper, message: dict[str, Any]) -> None:
+        passed.append(message)
+        await wrapped(self, message)
+
+    monkeypatch.setattr(InstanceSessionWrapper, "send", spy)
+    owner = await db(UserFactory)()
+    stream = f"user:{owner.pk}"
+    client = RealtimeClient(session_key=await db(session_for)(owner))
+    await client.connect()
+    await client.subscribe(stream)
+    await db(emit)(stream, 3)
+    assert [(await client.receive_until("event"))["seq"] for _ in range(3)] == [1, 2, 3]
+    assert [m["type"] for m in passed if m["type"] != "websocket.send"] == ["websocket.accept"]
+    assert not [m for m in passed if '"event"' in m.get("text", "")]
+    await client.close()
