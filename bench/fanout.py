@@ -3,8 +3,8 @@
 Needs PostgreSQL and Redis on the loopback (skipped with the reason otherwise). Per system, two
 server processes on free loopback ports; per subscriber count, one load client process
 (bench/fanout_client.py) with the subscribers split evenly over the two nodes; this process
-is the writer, saving `Item`s of one project through the ORM. Progress goes to stderr, the
-result (for `bench/run.py`) to stdout as one JSON line.
+is the writer, saving `Item`s of one project (ours on uvicorn: another) through the ORM.
+Progress goes to stderr, the result (for `bench/run.py`) to stdout as one JSON line.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import importlib.metadata
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -54,11 +53,10 @@ SYSTEMS = ("ours", "plain Channels", "DCRF", "ceiling")
 DIAGNOSTICS = ("ours on uvicorn", "daphne floor")
 #: The systems serving config.asgi (the pipeline on, `subscribe` frames).
 OURS = ("ours", "ours on uvicorn")
-# The latency target's pair and the daphne floor, measured again in blocks taking turns
-# (see run_interleaved); block k goes in the k-th order of INTERLEAVED_ORDERS.
-INTERLEAVED = ("ours", "daphne floor", "ceiling")
-INTERLEAVED_ORDERS = list(itertools.permutations(INTERLEAVED))
-INTERLEAVED_BLOCKS = 6
+# The latency target's pair and the two diagnostics, measured again in blocks taking turns
+# (see run_interleaved); 8 blocks put each of the four first, second, third and last twice.
+INTERLEAVED = ("ours", "ours on uvicorn", "daphne floor", "ceiling")
+INTERLEAVED_BLOCKS = 8
 INTERLEAVED_EVENTS = 10
 #: django-channels-rest-framework (the `bench` extra): its nodes' settings and ASGI app.
 DCRF_PACKAGE = "djangochannelsrestframework"
@@ -185,7 +183,8 @@ def start_nodes(
             argv += ["--redis-url", env["REDIS_URL"]]
         elif system == "ours on uvicorn":
             argv = ["-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port)]
-            argv += ["--log-level", "warning", "--no-access-log", "config.asgi:application"]
+            argv += ["--ws", "websockets-sansio", "--log-level", "warning", "--no-access-log"]
+            argv += ["config.asgi:application"]
         elif system == "daphne floor":
             argv = ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "-v", "0"]
             argv += ["--websocket_connect_timeout", "120", "fanout_daphne_floor:application"]
@@ -285,8 +284,26 @@ def setup_django(database_url: str, redis_url: str) -> None:
     call_command("migrate", interactive=False, verbosity=0)
 
 
-def make_fixtures(subscribers: int, cookie_file: Path) -> Any:
-    """One project; a user per 20 subscribers with a session each; session keys to a file."""
+NAMES = ("Fan-out", "Fan-out on uvicorn")
+
+
+@dataclass
+class Projects:
+    """The project every system's subscribers follow, and one for ours on uvicorn alone.
+
+    Ours on uvicorn shares ours' channel layer: on the same project its nodes would get
+    ours' events too, and the other way round. Both have the same members.
+    """
+
+    main: Any
+    uvicorn: Any
+
+    def of(self, system: str) -> Any:
+        return self.uvicorn if system == "ours on uvicorn" else self.main
+
+
+def make_fixtures(subscribers: int, cookie_file: Path) -> Projects:
+    """The projects; a member per 20 subscribers with a session each; session keys to a file."""
     from django.conf import settings
     from django.contrib.auth import (
         BACKEND_SESSION_KEY,
@@ -302,11 +319,14 @@ def make_fixtures(subscribers: int, cookie_file: Path) -> Any:
     users = get_user_model()
     owner = users.objects.create_user("bench-owner", password=None)
     organization = Organization.objects.create(name="Bench fan-out")
-    project = create_project(organization=organization, name="Fan-out", owner=owner)
+    projects = Projects(
+        *(create_project(organization=organization, name=name, owner=owner) for name in NAMES)
+    )
     keys = []
     for i in range(math.ceil(subscribers / USERS_PER_SUBSCRIBERS)):
         user = users.objects.create_user(f"bench-{i}", password=None)
-        add_member(project, user)
+        add_member(projects.main, user)
+        add_member(projects.uvicorn, user)
         session = SessionStore()
         session[SESSION_KEY] = str(user.pk)
         session[BACKEND_SESSION_KEY] = settings.AUTHENTICATION_BACKENDS[0]
@@ -315,7 +335,7 @@ def make_fixtures(subscribers: int, cookie_file: Path) -> Any:
         keys.append(str(session.session_key))
     # Subscriber i uses keys[i // 20]: the client cycles through the file, so repeat each key.
     cookie_file.write_text("\n".join(key for key in keys for _ in range(USERS_PER_SUBSCRIBERS)))
-    return project
+    return projects
 
 
 def plain_receiver() -> Callable[..., None]:
@@ -361,8 +381,9 @@ def dcrf_receivers() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def writer(system: str, project: Any, redis_url: str) -> Iterator[Callable[[int], None]]:
+def writer(system: str, projects: Projects, redis_url: str) -> Iterator[Callable[[int], None]]:
     """Yield save(n): create one Item titled `bench <n> <time.time()>` the system's way."""
+    project = projects.of(system)
     from django.conf import settings
     from django.db.models.signals import post_save
     from django.test import override_settings
@@ -458,9 +479,10 @@ def max_events(rates: list[int], subscribers: int, longest: float) -> int:
 
 
 def client_argv(
-    system: str, nodes: list[Node], subscribers: int, events: int, project: Any, cookies: Path
+    system: str, nodes: list[Node], subscribers: int, events: int, projects: Projects, cookies: Path
 ) -> list[str]:
     """The load client's arguments for `subscribers` sockets of `system`, `events` at most."""
+    project = projects.of(system)
     path = {
         "ours": "/ws/realtime/",
         "ours on uvicorn": "/ws/realtime/",
@@ -486,7 +508,7 @@ def measure_round(
     rates: list[int],
     longest: float,
     save: Callable[[int], None],
-    project: Any,
+    projects: Projects,
     env: dict[str, str],
     cookies: Path,
 ) -> Round:
@@ -497,7 +519,7 @@ def measure_round(
     if result.busy_before > BUSY_WARNING:
         progress(f"{system}, {subscribers}: the machine is {result.busy_before:.0%} busy already")
     argv = client_argv(
-        system, nodes, subscribers, max_events(rates, subscribers, longest), project, cookies
+        system, nodes, subscribers, max_events(rates, subscribers, longest), projects, cookies
     )
     with contextlib.ExitStack() as stack:
         client = LoadClient(argv, env, stack)
@@ -641,7 +663,7 @@ def run_system(
     counts: list[int],
     rates: list[int],
     longest: float,
-    project: Any,
+    projects: Projects,
     env: dict[str, str],
     folder: Path,
     cookies: Path,
@@ -660,12 +682,12 @@ def run_system(
             f"{system}: 2 nodes on ports {nodes[0].port}, {nodes[1].port} "
             f"({time.monotonic() - started:.1f} s)"
         )
-        with writer(system, project, env["REDIS_URL"]) as save:
+        with writer(system, projects, env["REDIS_URL"]) as save:
             for subscribers in counts:
                 try:
                     rounds.append(
                         measure_round(
-                            system, nodes, subscribers, rates, longest, save, project, env, cookies
+                            system, nodes, subscribers, rates, longest, save, projects, env, cookies
                         )
                     )
                 except RuntimeError as exc:
@@ -693,19 +715,32 @@ def run_system(
 
 @dataclass
 class Interleaved:
-    """One event at a time to `subscribers`, the INTERLEAVED systems taking turns in blocks."""
+    """One event at a time to `subscribers`, `systems` taking turns in blocks."""
 
     subscribers: int
+    systems: tuple[str, ...]
     blocks: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # system -> report
     pooled: dict[str, dict[str, Any]] = field(default_factory=dict)  # all blocks of a system
     error: str = ""
 
 
+def block_order(systems: tuple[str, ...], block: int) -> tuple[str, ...]:
+    """The order of block `block`: rotated by one each block, reversed every other round.
+
+    Over 2 x len(systems) blocks each system takes each place twice (for three, that is all
+    six orders).
+    """
+    turn = block % len(systems)
+    order = systems[turn:] + systems[:turn]
+    return order[::-1] if (block // len(systems)) % 2 else order
+
+
 def run_interleaved(
+    systems: tuple[str, ...],
     counts: list[int],
     blocks: int,
     per_block: int,
-    project: Any,
+    projects: Projects,
     env: dict[str, str],
     folder: Path,
     cookies: Path,
@@ -722,11 +757,11 @@ def run_interleaved(
 
     out = []
     with contextlib.ExitStack() as stack:
-        nodes = {system: start_nodes(system, env, folder, stack) for system in INTERLEAVED}
+        nodes = {system: start_nodes(system, env, folder, stack) for system in systems}
         for subscribers in counts:
             try:
                 out.append(
-                    interleaved_round(nodes, subscribers, blocks, per_block, project, env, cookies)
+                    interleaved_round(nodes, subscribers, blocks, per_block, projects, env, cookies)
                 )
             except RuntimeError as exc:
                 tails = "\n".join(
@@ -735,7 +770,7 @@ def run_interleaved(
                     for node in pair
                 )
                 progress(f"interleaved, {subscribers}: failed: {exc}\n{tails}")
-                out.append(Interleaved(subscribers, error=str(exc)))
+                out.append(Interleaved(subscribers, systems, error=str(exc)))
             publisher.flush(timeout=30)
             wait_connections_gone()
     return out
@@ -746,16 +781,17 @@ def interleaved_round(
     subscribers: int,
     blocks: int,
     per_block: int,
-    project: Any,
+    projects: Projects,
     env: dict[str, str],
     cookies: Path,
 ) -> Interleaved:
-    result = Interleaved(subscribers)
+    systems = tuple(nodes)
+    result = Interleaved(subscribers, systems)
     events = WARMUP_EVENTS + blocks * per_block + 10
     with contextlib.ExitStack() as stack:
         clients = {}
-        for system in INTERLEAVED:
-            argv = client_argv(system, nodes[system], subscribers, events, project, cookies)
+        for system in systems:
+            argv = client_argv(system, nodes[system], subscribers, events, projects, cookies)
             client = LoadClient(argv, env, stack)
             ready = client.answer(timeout=60 + subscribers / 20)
             if ready["ready"] != subscribers:
@@ -764,12 +800,12 @@ def interleaved_round(
                 )
             clients[system] = client
         progress(f"interleaved, {subscribers}: all systems subscribed")
-        numbers = dict.fromkeys(INTERLEAVED, 0)
+        numbers = dict.fromkeys(systems, 0)
 
         def singles(system: str, count: int) -> dict[str, Any]:
             """Save `count` items one at a time, each once all got the previous; the phase."""
             first, start = numbers[system], time.time()
-            with writer(system, project, env["REDIS_URL"]) as save:
+            with writer(system, projects, env["REDIS_URL"]) as save:
                 for _ in range(count):
                     n = numbers[system]
                     save(n)
@@ -786,12 +822,12 @@ def interleaved_round(
             last = numbers[system] - 1
             return {"name": "one event", "first": first, "last": last, "start": start}
 
-        for system in INTERLEAVED:
+        for system in systems:
             singles(system, WARMUP_EVENTS)
-        phases: dict[str, list[dict[str, Any]]] = {system: [] for system in INTERLEAVED}
+        phases: dict[str, list[dict[str, Any]]] = {system: [] for system in systems}
         for block in range(blocks):
             row = {}
-            for system in INTERLEAVED_ORDERS[block % len(INTERLEAVED_ORDERS)]:
+            for system in block_order(systems, block):
                 phase = singles(system, per_block)
                 phases[system].append(phase)
                 report = clients[system].command(120, cmd="report", phases=[phase])
@@ -802,10 +838,10 @@ def interleaved_round(
                 + "; ".join(
                     f"{system} p99 {ms(row[system]['p99'])} ms, last p99 "
                     f"{ms(row[system]['last_p99'])} ms"
-                    for system in INTERLEAVED
+                    for system in systems
                 )
             )
-        for system in INTERLEAVED:
+        for system in systems:
             whole = {**phases[system][0], "last": phases[system][-1]["last"]}
             report = clients[system].command(120, cmd="report", phases=[whole])
             result.pooled[system] = report["phases"][0]
@@ -814,9 +850,9 @@ def interleaved_round(
     return result
 
 
-def block_ratios(interleaved: Interleaved, key: str, over: str = "ceiling") -> list[float]:
-    """ours / `over` of `key` ("p99" or "last_p99") in each block."""
-    return [row["ours"][key] / row[over][key] for row in interleaved.blocks]
+def block_ratios(run: Interleaved, key: str, system: str = "ours") -> list[float]:
+    """`system` / the ceiling, of `key` ("p99" or "last_p99"), in each block."""
+    return [row[system][key] / row["ceiling"][key] for row in run.blocks]
 
 
 # -- tables and verdicts -----------------------------------------------------------------
@@ -957,48 +993,44 @@ def tables(rounds: list[Round], rates: list[int]) -> list[dict[str, Any]]:
 
 
 def interleaved_table(runs: list[Interleaved]) -> dict[str, Any]:
+    systems = runs[0].systems
+    others = [system for system in systems if system != "ceiling"]
     rows = []
     for run in runs:
         if run.error:
-            rows.append([f"{run.subscribers:,}", f"failed: {run.error[:80]}"] + ["-"] * 10)
+            failed = [f"{run.subscribers:,}", f"failed: {run.error[:80]}"]
+            rows.append(failed + ["-"] * (2 * len(systems) + 1))
             continue
         labels = [f"{run.subscribers:,}"] + [""] * len(run.blocks)
         names = [
-            *(
-                f"{n + 1} ({', '.join(INTERLEAVED_ORDERS[n % len(INTERLEAVED_ORDERS)])})"
-                for n in range(len(run.blocks))
-            ),
+            *(f"{n + 1} ({', '.join(block_order(systems, n))})" for n in range(len(run.blocks))),
             "all blocks",
         ]
         for label, name, row in zip(labels, names, [*run.blocks, run.pooled], strict=True):
-            ours, floor, ceiling = (row[system] for system in INTERLEAVED)
+            ceiling = row["ceiling"]
             rows.append(
                 [
                     label,
                     name,
-                    *(ms(report["p99"]) for report in (ours, floor, ceiling)),
-                    f"{ours['p99'] / ceiling['p99']:.2f}x",
-                    f"{ours['p99'] / floor['p99']:.2f}x",
-                    *(ms(report["last_p99"]) for report in (ours, floor, ceiling)),
-                    f"{ours['last_p99'] / ceiling['last_p99']:.2f}x",
-                    " / ".join(f"{report['lost']:,}" for report in (ours, floor, ceiling)),
+                    *(ms(row[system]["p99"]) for system in systems),
+                    *(f"{row[system]['p99'] / ceiling['p99']:.2f}x" for system in others),
+                    ms(row["ours"]["last_p99"]),
+                    ms(ceiling["last_p99"]),
+                    f"{row['ours']['last_p99'] / ceiling['last_p99']:.2f}x",
+                    " / ".join(f"{row[system]['lost']:,}" for system in systems),
                 ]
             )
     return {
-        "title": "One event, interleaved: ours, the daphne floor and the ceiling taking turns",
+        "title": f"One event, interleaved: {', '.join(systems)} taking turns",
         "columns": [
             "subscribers",
             "block (order)",
-            "p99 ms: ours",
-            "daphne floor",
-            "ceiling",
+            *(f"{system} p99 ms" for system in systems),
+            *(f"{system} / ceiling" for system in others),
+            "ours last subscriber p99 ms",
+            "ceiling last subscriber p99 ms",
             "ours / ceiling",
-            "ours / floor",
-            "last subscriber p99 ms: ours",
-            "daphne floor",
-            "ceiling",
-            "ours / ceiling",
-            "lost (ours / floor / ceiling)",
+            f"lost ({' / '.join(systems)})",
         ],
         "rows": rows,
         "text_columns": 2,
@@ -1056,7 +1088,6 @@ def verdicts(rounds: list[Round], runs: list[Interleaved]) -> list[str]:
         if run:
             mine, theirs = run.pooled["ours"], run.pooled["ceiling"]
             p99, last = mine["p99"] / theirs["p99"], mine["last_p99"] / theirs["last_p99"]
-            floor = mine["p99"] / run.pooled["daphne floor"]["p99"]
             passed = p99 <= TARGET_LATENCY_X and last <= TARGET_LATENCY_X
             each = mine["events"] // len(run.blocks)
             out.append(
@@ -1066,8 +1097,14 @@ def verdicts(rounds: list[Round], runs: list[Interleaved]) -> list[str]:
                 f"({spread(block_ratios(run, 'p99'))}); last subscriber p99 ours "
                 f"{ms(mine['last_p99'])} ms vs ceiling {ms(theirs['last_p99'])} ms = {last:.2f}x "
                 f"({spread(block_ratios(run, 'last_p99'))}) (target at most "
-                f"{TARGET_LATENCY_X}x on both, over all blocks); ours vs the daphne floor in the "
-                f"same blocks {floor:.2f}x ({spread(block_ratios(run, 'p99', 'daphne floor'))})"
+                f"{TARGET_LATENCY_X}x on both, over all blocks)"
+                + "".join(
+                    f"; diagnostic, {system}: p99 {ms(run.pooled[system]['p99'])} ms = "
+                    f"{run.pooled[system]['p99'] / theirs['p99']:.2f}x the ceiling "
+                    f"({spread(block_ratios(run, 'p99', system))})"
+                    for system in run.systems
+                    if system not in ("ours", "ceiling")
+                )
             )
             continue
         ours, ceiling = find(rounds, "ours", subscribers), find(rounds, "ceiling", subscribers)
@@ -1135,18 +1172,18 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
         folder = Path(tmp)
         cookies = folder / "sessions.txt"
-        project = make_fixtures(max(args.subscribers), cookies)
+        projects = make_fixtures(max(args.subscribers), cookies)
         with connection.cursor() as cursor:
             cursor.execute("SHOW server_version")
             postgres = cursor.fetchone()[0]
         try:
-            for system in args.systems:
+            for system in [] if args.interleaved_only else args.systems:
                 rounds += run_system(
                     system,
                     args.subscribers,
                     args.rates,
                     args.step_seconds,
-                    project,
+                    projects,
                     env,
                     folder,
                     cookies,
@@ -1154,7 +1191,14 @@ def measure(
             counts = [n for n in args.interleaved if n <= max(args.subscribers)]
             if args.blocks and counts and {"ours", "ceiling"} <= set(args.systems):
                 runs = run_interleaved(
-                    counts, args.blocks, args.block_events, project, env, folder, cookies
+                    INTERLEAVED,
+                    counts,
+                    args.blocks,
+                    args.block_events,
+                    projects,
+                    env,
+                    folder,
+                    cookies,
                 )
         finally:
             close_ack_connections()
@@ -1229,7 +1273,8 @@ ABOUT = [
     "publishes one pre-encoded frame, which each server hands to all its sockets with "
     "`websockets.broadcast`",
     "Diagnostics, in the tables only when a run names them in `--systems`: **ours on "
-    "uvicorn** (the same application and settings served by uvicorn instead of daphne) and "
+    "uvicorn** (the same application and settings served by uvicorn with its sans-I/O "
+    "`websockets` implementation, `--ws websockets-sansio`, instead of daphne) and "
     "**daphne floor** (bench/fanout_daphne_floor.py: a raw ASGI app on daphne, no Django or "
     "Channels, handing the ceiling's pre-encoded frame to each socket in turn), which split "
     "the gap between ours and the ceiling into the server's part and ours",
@@ -1244,6 +1289,12 @@ ABOUT = [
     "(this process, Django ORM) titles each item `bench <n> <time.time()>` right before "
     "`save()`; latency is the client's `time.time()` when the frame's bytes arrive minus that "
     "time.",
+    "**one event, interleaved** (after the rounds, for 1,000 and 5,000 subscribers): ours, "
+    "the daphne floor and the ceiling, each with its two nodes and its own load client, all "
+    "connected at once; then blocks of one-at-a-time saves, each block going to the three in "
+    "another order (six blocks: every order once), so that a slow spell of this shared machine "
+    "falls on all three rather than on one system's round. The latency verdict is the p99 over "
+    "all blocks (pooled); the ratio of each block is shown beside it, to show how far it moves",
     f"**one event**: {SINGLE_EVENTS} saves one at a time (after {WARMUP_EVENTS} unmeasured), "
     "each once every subscriber has the previous one; p50/p99 over all deliveries, and over "
     "the time the last subscriber got each event. **rate steps**: saves paced at the rate for "
@@ -1276,6 +1327,9 @@ def main() -> None:
         "--blocks", type=int, default=INTERLEAVED_BLOCKS, help="interleaved blocks; 0: none"
     )
     parser.add_argument("--block-events", type=int, default=INTERLEAVED_EVENTS)
+    parser.add_argument(
+        "--interleaved-only", action="store_true", help="skip the rounds one system at a time"
+    )
     args = parser.parse_args()
     unknown = set(args.systems) - set(SYSTEMS) - set(DIAGNOSTICS)
     if unknown:
