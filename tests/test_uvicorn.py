@@ -1,13 +1,17 @@
-"""SSE served by uvicorn, not only daphne: live events, and the connection freed on disconnect."""
+"""uvicorn, not only daphne: SSE (live events, the connection freed on disconnect) and the
+WebSocket under uvicorn's sans-I/O implementation (live events in order, resume)."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
+import json
 import os
 import sys
 import time
 
 import pytest
+from asgiref.sync import async_to_sync
 
 from realtime.models import Connection
 from realtime.testing import session_for
@@ -15,12 +19,14 @@ from realtime.testing import session_for
 from .factories import ItemFactory, ProjectFactory, UserFactory
 from .live import Daphne, database_url
 from .test_sse_live import read_event
+from .test_ws_live import connect, frames_until
 
 
 class Uvicorn(Daphne):
     """A uvicorn process serving config.asgi on a free loopback port."""
 
     name = "uvicorn"
+    ws = "auto"
 
     def command(self) -> list[str]:
         return [
@@ -32,7 +38,15 @@ class Uvicorn(Daphne):
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--ws",
+            self.ws,
         ]
+
+
+class UvicornSansIO(Uvicorn):
+    """uvicorn with its sans-I/O `websockets` implementation (docs/scaling.md)."""
+
+    ws = "websockets-sansio"
 
 
 @pytest.mark.redis
@@ -67,4 +81,55 @@ def test_sse_from_uvicorn_delivers_live_events_and_frees_the_connection(tmp_path
         while Connection.objects.filter(transport="sse").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not Connection.objects.filter(transport="sse").exists(), server.output()
+        assert "Traceback" not in server.output()
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_websocket_from_uvicorn_sans_io_delivers_in_order_and_resumes(tmp_path):
+    owner = UserFactory()
+    project = ProjectFactory(owner=owner)
+    session = session_for(owner)
+    stream = f"project:{project.pk}"
+    env = {
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": os.environ["REDIS_URL"],
+        "DEBUG": "1",
+        "DJANGO_SETTINGS_MODULE": "tests.settings_live",
+        "TEST_REALTIME": "{}",
+    }
+    with UvicornSansIO(env, tmp_path / "uvicorn.log") as server:
+
+        async def live() -> tuple[str, int, list[int]]:
+            async with connect(server, session) as socket:
+                await frames_until(socket, "welcome")
+                await socket.send(json.dumps({"op": "subscribe", "ref": "1", "stream": stream}))
+                reply = (await frames_until(socket, "reply"))[-1]
+                assert reply["ok"], reply
+                for n in range(20):
+                    await asyncio.to_thread(ItemFactory, project=project, title=f"live {n}")
+                seqs = []
+                while len(seqs) < 20:
+                    seqs.append((await frames_until(socket, "event"))[-1]["seq"])
+                return reply["data"]["epoch"], reply["data"]["seq"], seqs
+
+        epoch, start, seqs = async_to_sync(live)()
+        assert seqs == list(range(start + 1, start + 21))  # after the project's own event
+        for n in range(5):
+            ItemFactory(project=project, title=f"missed {n}")
+
+        async def resumed() -> list[str]:
+            async with connect(server, session) as socket:
+                await frames_until(socket, "welcome")
+                subscribe = {"op": "subscribe", "ref": "2", "stream": stream}
+                since = start + 20
+                await socket.send(json.dumps({**subscribe, "since": since, "epoch": epoch}))
+                reply = (await frames_until(socket, "reply"))[-1]
+                assert reply["data"]["recovered"] is True, reply
+                events = [(await frames_until(socket, "event"))[-1] for _ in range(5)]
+                assert [e["seq"] for e in events] == list(range(since + 1, since + 6))
+                return [e["data"]["title"] for e in events]
+
+        assert async_to_sync(resumed)() == [f"missed {n}" for n in range(5)]
         assert "Traceback" not in server.output()
