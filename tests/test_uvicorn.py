@@ -109,7 +109,7 @@ def test_websocket_from_uvicorn_sans_io_delivers_in_order_and_resumes(tmp_path):
                 assert reply["ok"], reply
                 for n in range(20):
                     await asyncio.to_thread(ItemFactory, project=project, title=f"live {n}")
-                seqs = []
+                seqs: list[int] = []
                 while len(seqs) < 20:
                     seqs.append((await frames_until(socket, "event"))[-1]["seq"])
                 return reply["data"]["epoch"], reply["data"]["seq"], seqs
