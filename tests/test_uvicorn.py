@@ -19,7 +19,7 @@ from realtime.testing import session_for
 from .factories import ItemFactory, ProjectFactory, UserFactory
 from .live import Daphne, database_url
 from .test_sse_live import read_event
-from .test_ws_live import connect, frames_until
+from .test_ws_live import connect, frames_until, start
 
 
 class Uvicorn(Daphne):
@@ -92,14 +92,7 @@ def test_websocket_from_uvicorn_sans_io_delivers_in_order_and_resumes(tmp_path):
     project = ProjectFactory(owner=owner)
     session = session_for(owner)
     stream = f"project:{project.pk}"
-    env = {
-        "DATABASE_URL": database_url(),
-        "REDIS_URL": os.environ["REDIS_URL"],
-        "DEBUG": "1",
-        "DJANGO_SETTINGS_MODULE": "tests.settings_live",
-        "TEST_REALTIME": "{}",
-    }
-    with UvicornSansIO(env, tmp_path / "uvicorn.log") as server:
+    with start(tmp_path, {}, UvicornSansIO) as server:
 
         async def live() -> tuple[str, int, list[int]]:
             async with connect(server, session) as socket:
@@ -114,8 +107,8 @@ def test_websocket_from_uvicorn_sans_io_delivers_in_order_and_resumes(tmp_path):
                     seqs.append((await frames_until(socket, "event"))[-1]["seq"])
                 return reply["data"]["epoch"], reply["data"]["seq"], seqs
 
-        epoch, start, seqs = async_to_sync(live)()
-        assert seqs == list(range(start + 1, start + 21))  # after the project's own event
+        epoch, position, seqs = async_to_sync(live)()
+        assert seqs == list(range(position + 1, position + 21))  # after the project's own event
         for n in range(5):
             ItemFactory(project=project, title=f"missed {n}")
 
@@ -123,7 +116,7 @@ def test_websocket_from_uvicorn_sans_io_delivers_in_order_and_resumes(tmp_path):
             async with connect(server, session) as socket:
                 await frames_until(socket, "welcome")
                 subscribe = {"op": "subscribe", "ref": "2", "stream": stream}
-                since = start + 20
+                since = position + 20
                 await socket.send(json.dumps({**subscribe, "since": since, "epoch": epoch}))
                 reply = (await frames_until(socket, "reply"))[-1]
                 assert reply["data"]["recovered"] is True, reply

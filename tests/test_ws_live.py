@@ -19,7 +19,8 @@ from .live import Daphne, database_url
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
-def start(tmp_path, realtime: dict) -> Daphne:
+def start(tmp_path, realtime: dict, server: type[Daphne] = Daphne) -> Daphne:
+    """A server process (daphne, or a subclass's) with these REALTIME settings."""
     env = {
         "DATABASE_URL": database_url(),
         "REDIS_URL": os.environ["REDIS_URL"],
@@ -27,7 +28,7 @@ def start(tmp_path, realtime: dict) -> Daphne:
         "DJANGO_SETTINGS_MODULE": "tests.settings_live",
         "TEST_REALTIME": json.dumps(realtime),
     }
-    return Daphne(env, tmp_path / "daphne.log")
+    return server(env, tmp_path / f"{server.name}.log")
 
 
 def connect(server: Daphne, session: str):
