@@ -1272,8 +1272,9 @@ ABOUT = [
     "subscribed to a Redis pub/sub channel; the writer saves the item (pipeline off) and "
     "publishes one pre-encoded frame, which each server hands to all its sockets with "
     "`websockets.broadcast`",
-    "Diagnostics, in the tables only when a run names them in `--systems`: **ours on "
-    "uvicorn** (the same application and settings served by uvicorn with its sans-I/O "
+    "Diagnostics, in the round tables only when a run names them in `--systems`, and always "
+    "in the interleaved blocks: **ours on uvicorn** (the same application and settings "
+    "served by uvicorn with its sans-I/O "
     "`websockets` implementation, `--ws websockets-sansio`, instead of daphne) and "
     "**daphne floor** (bench/fanout_daphne_floor.py: a raw ASGI app on daphne, no Django or "
     "Channels, handing the ceiling's pre-encoded frame to each socket in turn), which split "
@@ -1290,11 +1291,12 @@ ABOUT = [
     "`save()`; latency is the client's `time.time()` when the frame's bytes arrive minus that "
     "time.",
     "**one event, interleaved** (after the rounds, for 1,000 and 5,000 subscribers): ours, "
-    "the daphne floor and the ceiling, each with its two nodes and its own load client, all "
-    "connected at once; then blocks of one-at-a-time saves, each block going to the three in "
-    "another order (six blocks: every order once), so that a slow spell of this shared machine "
-    "falls on all three rather than on one system's round. The latency verdict is the p99 over "
-    "all blocks (pooled); the ratio of each block is shown beside it, to show how far it moves",
+    "ours on uvicorn, the daphne floor and the ceiling, each with its two nodes and its own "
+    "load client, all connected at once; then blocks of one-at-a-time saves, each block going "
+    "to the four in another order (eight blocks: each system takes each place twice), so that "
+    "a slow spell of this shared machine falls on all of them rather than on one system's "
+    "round. The latency verdict is the p99 over all blocks (pooled); the ratio of each block "
+    "is shown beside it, to show how far it moves",
     f"**one event**: {SINGLE_EVENTS} saves one at a time (after {WARMUP_EVENTS} unmeasured), "
     "each once every subscriber has the previous one; p50/p99 over all deliveries, and over "
     "the time the last subscriber got each event. **rate steps**: saves paced at the rate for "
