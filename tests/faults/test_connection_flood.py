@@ -3,7 +3,8 @@
 One daphne node on a private redis-server. Three users are connected and subscribed to their
 project while this process writes an event every 50 ms. Then (a) 2,000 sockets of one user
 try to connect, CONCURRENCY handshakes at a time: exactly MAX_CONNECTIONS_PER_USER are
-accepted and every other one is closed with 4429; (b) 2,000 sockets of 100 users (20 each)
+accepted and every other one is closed with 4429 (counted by the node; this busy client may
+read a few of them too late, see Flood.attempt); (b) 2,000 sockets of 100 users (20 each)
 connect and subscribe to their user stream, and all are accepted. Throughout, the three
 watchers get every event of their stream in order, within a liveness bound (their latency is
 printed with -s). Daphne's memory is read before, at the peak and after every flood socket is
@@ -38,6 +39,9 @@ from . import connect, team
 from .test_stalled_reader import rss_kib
 
 FLOOD = 2_000
+#: Refused sockets the server may abort before this busy client reads the refusal (see
+#: Flood.attempt): 1% of the flood. Seen: 0 in most runs, 1 now and then in a full suite.
+ABORTS_TOLERATED = FLOOD // 100
 LIMIT = 20  # MAX_CONNECTIONS_PER_USER, the default, set explicitly for the daphne child
 USERS = FLOOD // LIMIT
 #: Handshakes in flight at once: a busy client. More would only queue them in daphne.
@@ -78,6 +82,7 @@ class Flood:
         self.refused: collections.Counter[int | None] = collections.Counter()
         self.dropped: collections.Counter[int | None] = collections.Counter()  # by the server
         self.failed: collections.Counter[str] = collections.Counter()  # handshakes that broke
+        self.aborted = 0  # refused, then aborted by the server before the client read it
         self.closing = False
 
     async def attempt(self, session: str, stream: str | None = None) -> bool:
@@ -85,6 +90,14 @@ class Flood:
         async with self.gate:
             try:
                 socket = await connect(self.url, session, ping_interval=None, open_timeout=60)
+            except websockets.InvalidMessage:
+                # A refused socket is accepted and closed with 4429 at once. Autobahn (daphne)
+                # gives the client 1 s to answer the close, then aborts the TCP connection
+                # (RST), which throws away what the client had not read yet, the 101 too.
+                # This client, busy with the flood, sometimes reads that late; the node's
+                # refusal count (asserted below) says what the server did.
+                self.aborted += 1
+                return False
             except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
                 # Counted, not raised: the test then fails naming every kind it saw, instead
                 # of the first one ending the flood (a rare failure needs the whole picture).
@@ -345,6 +358,7 @@ def test_a_connection_flood_is_limited_per_user_bounded_in_memory_and_spares_oth
     p50, p99 = percentile(watchers.latencies, 0.5), percentile(watchers.latencies, 0.99)
     print(  # shown with -s
         f"\none user: {len(one.open)} accepted, {dict(one.refused)} refused, "
+        f"{one.aborted} aborted before the client read the refusal, "
         f"{seconds['one user']:.1f} s; many users: {len(many.open)} accepted and subscribed, "
         f"{seconds['many users']:.1f} s; closed in {seconds['close']:.1f} s\n"
         f"daphne RSS KiB: {rss}; {growth / sockets:.1f} KiB per socket at the peak\n"
@@ -352,10 +366,13 @@ def test_a_connection_flood_is_limited_per_user_bounded_in_memory_and_spares_oth
         f"p99 {p99 * 1000:.0f} ms, max {max(watchers.latencies) * 1000:.0f} ms"
     )
     assert len(one.open) == LIMIT  # exactly the limit, though CONCURRENCY raced for it
-    assert one.refused == {4429: FLOOD - LIMIT}
-    assert refused_by_node == FLOOD - LIMIT
+    assert set(one.refused) == {4429}, one.refused
+    assert one.refused[4429] + one.aborted == FLOOD - LIMIT
+    assert one.aborted <= ABORTS_TOLERATED, one.aborted
+    assert refused_by_node == FLOOD - LIMIT  # every one of them, as the server saw it
     assert len(many.open) == FLOOD
     assert not many.refused
+    assert not many.aborted
     assert peak_rows == LIMIT + FLOOD
     for seqs in watchers.seqs:  # every event, in order, once
         assert seqs == list(range(1, len(written) + 1))
