@@ -6,6 +6,9 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
 from .conf import realtime_settings
 
 _USERS_KEPT = 10_000
@@ -46,3 +49,10 @@ def user_bucket(user_id: Any) -> TokenBucket:
     else:
         _user_buckets.move_to_end(user_id)
     return bucket
+
+
+@receiver(setting_changed)
+def _forget_user_buckets(setting: str, **kwargs: Any) -> None:
+    """New `REALTIME` settings (tests): users' buckets are made again with its rate and burst."""
+    if setting == "REALTIME":
+        _user_buckets.clear()
