@@ -501,6 +501,14 @@ def client_argv(
     return argv
 
 
+def one_event(client: LoadClient, save: Callable[[int], None], n: int) -> dict[str, Any]:
+    """Save item `n` and wait until every subscriber has it (or SINGLE_TIMEOUT passed)."""
+    save(n)
+    return client.command(
+        SINGLE_TIMEOUT + 10, cmd="wait", first=n, last=n, limit=SINGLE_TIMEOUT, quiet=QUIET
+    )
+
+
 def measure_round(
     system: str,
     nodes: list[Node],
@@ -539,24 +547,13 @@ def measure_round(
         pids["writer"] = None  # this process
         number = 0
 
-        def one(n: int) -> dict[str, Any]:
-            save(n)
-            return client.command(
-                SINGLE_TIMEOUT + 10,
-                cmd="wait",
-                first=n,
-                last=n,
-                limit=SINGLE_TIMEOUT,
-                quiet=QUIET,
-            )
-
         for _ in range(WARMUP_EVENTS):
-            one(number)
+            one_event(client, save, number)
             number += 1
         meter = CpuMeter(pids)
         first, start = number, time.time()
         for _ in range(SINGLE_EVENTS):
-            one(number)
+            one_event(client, save, number)
             number += 1
             time.sleep(0.05)
         cpu = meter.read()
@@ -807,16 +804,7 @@ def interleaved_round(
             first, start = numbers[system], time.time()
             with writer(system, projects, env["REDIS_URL"]) as save:
                 for _ in range(count):
-                    n = numbers[system]
-                    save(n)
-                    clients[system].command(
-                        SINGLE_TIMEOUT + 10,
-                        cmd="wait",
-                        first=n,
-                        last=n,
-                        limit=SINGLE_TIMEOUT,
-                        quiet=QUIET,
-                    )
+                    one_event(clients[system], save, numbers[system])
                     numbers[system] += 1
                     time.sleep(0.05)
             last = numbers[system] - 1

@@ -354,11 +354,7 @@ async def test_frames_go_past_the_session_wrapper_the_handshake_through_it(monke
         await wrapped(self, message)
 
     monkeypatch.setattr(InstanceSessionWrapper, "send", spy)
-    owner = await db(UserFactory)()
-    stream = f"user:{owner.pk}"
-    client = RealtimeClient(session_key=await db(session_for)(owner))
-    await client.connect()
-    await client.subscribe(stream)
+    stream, [client], _consumers = await subscribed(1)
     await db(emit)(stream, 3)
     assert [(await client.receive_until("event"))["seq"] for _ in range(3)] == [1, 2, 3]
     assert [m["type"] for m in passed if m["type"] != "websocket.send"] == ["websocket.accept"]
