@@ -28,6 +28,7 @@ from .feed import (
     release_request_connections,
     starting_positions,
 )
+from .policies import reload_user
 from .tickets import issue
 
 
@@ -109,6 +110,12 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await waker.event.wait()
+                # Held for up to `wait` seconds: decide again, about the user as stored now,
+                # before handing out what committed meanwhile (as a socket is revoked).
+                try:
+                    await _db(authorize)(await _db(reload_user)(user), streams)
+                except BadRequest as exc:
+                    return exc.response()
                 events, after = await _db(read_events)(start.positions, limit)
         finally:
             for stream in streams:

@@ -390,9 +390,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 max_depth=int(realtime_settings.MAX_DEPTH),
             )
             await self._handle(frame)
-            self.malformed = 0  # the limits count bad frames in a row
-            if not isinstance(frame, (protocol.Ping, protocol.Pong)):
-                self.refusals = 0
         except ProtocolError as exc:
             await self._protocol_error(exc)
         except Exception:
@@ -505,7 +502,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     async def _resync(self, subscription: Subscription) -> None:
         # A permission change announced while the layer was silent was lost with it: ask the
-        # policy again before replaying, and revoke as a permission change would.
+        # policy again (about the user as stored now) before replaying, and revoke as a
+        # permission change would.
+        if not await self._reload_user():
+            return
         if not await self._authorized(subscription.policy, subscription.stream):
             subscription.task = None  # this task: realtime_authz must not cancel it
             await self.realtime_authz({})
@@ -561,6 +561,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         passed = await hooks.publishing(self, frame.stream, policy, frame.type, frame.data)
         if passed is None:  # held back by a hook (typing throttled): accepted, not sent on
             self.enqueue(protocol.reply(frame.ref, {"throttled": True}))
+            self.refusals = 0
             return
         event_id = await hooks.send_ephemeral(
             frame.stream,
@@ -571,6 +572,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             sender={"user": self.user.pk, "connectionId": self.connection_id},  # type: ignore[union-attr]
         )
         self.enqueue(protocol.reply(frame.ref, {"eventId": event_id}))
+        # Only an accepted publish forgives earlier refusals: a client cannot clear its count
+        # with frames that cost it nothing, and malformed frames count for the socket's life.
+        self.refusals = 0
 
     # -- outbound -------------------------------------------------------------------------
 
@@ -737,8 +741,21 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             if not self.closing:
                 await getattr(self, get_handler_name(message))(message)
 
+    async def _reload_user(self) -> bool:
+        """Read this socket's user again (is_active, is_superuser, …); close if it is gone."""
+        from .policies import reload_user
+
+        user = await _thread(reload_user)(self.user)
+        if user is None or not user.is_active:
+            await self._close(Close.UNAUTHENTICATED)
+            return False
+        self.user = user
+        return True
+
     async def realtime_authz(self, message: dict[str, Any]) -> None:
         """Permissions of this user changed somewhere: decide every subscription again."""
+        if not await self._reload_user():
+            return
         for stream, subscription in list(self.subscriptions.items()):
             if await self._authorized(subscription.policy, stream):
                 subscription.authorized = True

@@ -11,6 +11,7 @@ subscription then reads the log for what it missed.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import socket
@@ -83,10 +84,15 @@ class Hub:
             _tune_gc()
             self.channel = await self.layer.new_channel(prefix="realtime-hub.")
             self.answered = time.monotonic()
+            # Each in a context of its own: the hub outlives the request that started it,
+            # whose correlation id would otherwise mark every line it logs.
             self._tasks = [
-                self.loop.create_task(self._listen(), name="realtime-hub-listen"),
-                self.loop.create_task(self._tick(), name="realtime-hub-tick"),
-                self.loop.create_task(self._probe(), name="realtime-hub-probe"),
+                self.loop.create_task(coro, name=name, context=contextvars.Context())
+                for coro, name in (
+                    (self._listen(), "realtime-hub-listen"),
+                    (self._tick(), "realtime-hub-tick"),
+                    (self._probe(), "realtime-hub-probe"),
+                )
             ]
 
     async def join(self, stream: str, subscriber: Subscriber) -> None:
@@ -235,7 +241,8 @@ class Hub:
             finally:
                 self._end_batch()
             turn = (turn + 1) % HEARTBEAT_SLICES
-            if turn == 0 and self.connections:
+            # SSE streams have no heartbeat here but rows of their own, and watch their user.
+            if turn == 0 and (self.connections or self.user_listeners):
                 try:
                     await database_sync_to_async(touch_node, thread_sensitive=False)(node_id())
                 except Exception:

@@ -33,9 +33,21 @@ def _user_perm_changed(sender: Any, instance: Any, **kwargs: Any) -> None:
     permissions_changed([instance.user_id])
 
 
+def _group_members(group_id: Any) -> list[Any]:
+    users = get_user_model()._default_manager.filter(groups=group_id)
+    return list(users.values_list("pk", flat=True))
+
+
 def _group_perm_changed(sender: Any, instance: Any, **kwargs: Any) -> None:
-    users = get_user_model()._default_manager.filter(groups=instance.group_id)
-    permissions_changed(users.values_list("pk", flat=True))
+    # Connected to pre_delete, not post_delete: deleting a group removes its members' links
+    # before its object permissions, so afterwards it would seem to have no members.
+    permissions_changed(_group_members(instance.group_id))
+
+
+def _group_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+    # Its members lose whatever it granted (object and global permissions), and Django sends
+    # no m2m_changed for the membership rows it deletes with it.
+    permissions_changed(_group_members(instance.pk))
 
 
 def _membership_changed(
@@ -56,27 +68,44 @@ def _logged_out(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
         _send([user.pk], "realtime.logout")
 
 
-def _user_saved(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
-    # A deactivated user's sockets close as on logout.
-    if not created and not instance.is_active:
-        pk = instance.pk
+def _user_saved(
+    sender: Any, instance: Any, created: bool, update_fields: Any = None, **kwargs: Any
+) -> None:
+    if created or (update_fields is not None and set(update_fields) <= {"last_login"}):
+        return  # a login stamps last_login: nothing a decision depends on
+    pk = instance.pk
+    if not instance.is_active:  # a deactivated user's sockets close as on logout
         transaction.on_commit(lambda: _send([pk], "realtime.logout"), robust=True)
+    else:  # is_superuser, is_staff or anything a policy reads may have changed
+        permissions_changed([pk])
+
+
+def _user_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+    pk = instance.pk
+    transaction.on_commit(lambda: _send([pk], "realtime.logout"), robust=True)
 
 
 def connect() -> None:
     """Wire the signals (called from the app's ready())."""
+    from django.contrib.auth.models import Group
+
     user_model = get_user_model()
     signals.m2m_changed.connect(
         _membership_changed, sender=user_model.groups.through, dispatch_uid="realtime.groups"
     )
     user_logged_out.connect(_logged_out, dispatch_uid="realtime.logout")
     signals.post_save.connect(_user_saved, sender=user_model, dispatch_uid="realtime.user_saved")
+    signals.post_delete.connect(
+        _user_deleted, sender=user_model, dispatch_uid="realtime.user_deleted"
+    )
+    signals.pre_delete.connect(_group_deleted, sender=Group, dispatch_uid="realtime.group_deleted")
     try:
         from guardian.models import GroupObjectPermission, UserObjectPermission
     except ImportError:  # guardian is optional for policies that do not use it
         return
     for signal in (signals.post_save, signals.post_delete):
         signal.connect(_user_perm_changed, sender=UserObjectPermission, dispatch_uid="rt.uop")
+    for signal in (signals.post_save, signals.pre_delete):
         signal.connect(_group_perm_changed, sender=GroupObjectPermission, dispatch_uid="rt.gop")
 
 

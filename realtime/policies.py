@@ -7,6 +7,7 @@ run in a worker thread, so they may query the database; every call reads permiss
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -92,8 +93,12 @@ class ObjectPolicy(StreamPolicy):
         obj = self.get_object(key)
         if obj is None:
             return False
-        # A new checker per decision: guardian's cache lives on the checker, so this reads
-        # the permissions as they are now.
+        # A new checker per decision reads the permissions as they are now; with guardian's
+        # AUTO_PREFETCH it would reuse a cache kept on the user object (a socket holds one
+        # for hours), so it gets a copy without that cache.
+        if hasattr(user, "_guardian_perms_cache"):
+            user = copy.copy(user)
+            del user._guardian_perms_cache
         return ObjectPermissionChecker(user).has_perm(self.permission.split(".", 1)[-1], obj)
 
 
@@ -168,6 +173,14 @@ def stream_policy(kind: str) -> Callable[[type[StreamPolicy]], type[StreamPolicy
         return policy
 
     return decorate
+
+
+def reload_user(user: Any) -> Any | None:
+    """The user as stored now (None once deleted): a connection's copy of it may be hours old."""
+    from django.contrib.auth import get_user_model
+
+    pk = getattr(user, "pk", None)
+    return None if pk is None else get_user_model()._default_manager.filter(pk=pk).first()
 
 
 def check_stream(user: Any, stream: str) -> str | None:

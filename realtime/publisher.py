@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextvars
 import logging
 import os
 import queue
@@ -87,7 +88,11 @@ class _LoopWorker:
         if self.wakeup is None:
             self.wakeup = asyncio.Event()
         if self.task is None or self.task.done():
-            self.task = self.loop.create_task(self.run(), name="realtime-publisher")
+            # A context of its own: it outlives the save whose commit started it, and must
+            # not log that request's correlation id for every later event.
+            self.task = self.loop.create_task(
+                self.run(), name="realtime-publisher", context=contextvars.Context()
+            )
         self.wakeup.set()
 
     async def run(self) -> None:

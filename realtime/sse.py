@@ -15,6 +15,7 @@ from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 
 from . import metrics
+from .conf import realtime_settings
 from .consumers import Subscription
 from .cursor import Position, encode
 from .fanout import get_hub, node_id
@@ -26,7 +27,8 @@ from .feed import (
     release_request_connections,
     starting_positions,
 )
-from .policies import check_stream, stream_kinds
+from .policies import check_stream, reload_user, stream_kinds
+from .protocol import Code
 from .streams import parse_stream
 
 logger = logging.getLogger("realtime.sse")
@@ -51,9 +53,20 @@ class SSEConnection:
     transport = "sse"
     resumed = False
 
-    def __init__(self, user: Any, streams: list[str], positions: dict[str, Position]) -> None:
+    def __init__(
+        self,
+        user: Any,
+        streams: list[str],
+        positions: dict[str, Position],
+        *,
+        client_version: str = "",
+        remote_addr: str = "",
+    ) -> None:
         self.connection_id = uuid.uuid4().hex
         self.user = user
+        self.client_version = client_version
+        self.remote_addr = remote_addr
+        self.recheck: asyncio.Task[None] | None = None
         self.positions = dict(positions)
         self.subscriptions: dict[str, Subscription] = {}
         for stream in streams:
@@ -96,10 +109,23 @@ class SSEConnection:
         ):
             self.closed = True
             self.wakeup.set()
-        elif message.get("type") == "realtime.authz":
-            asyncio.get_running_loop().create_task(self._recheck())
+        elif message.get("type") == "realtime.authz" and not self.closed:
+            # One decision at a time, and none left running once the stream has ended.
+            previous = self.recheck
+            self.recheck = asyncio.get_running_loop().create_task(self._recheck(previous))
 
-    async def _recheck(self) -> None:
+    async def _recheck(self, previous: asyncio.Task[None] | None = None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        if self.closed:
+            return
+        # The user as stored now: this copy is as old as the stream (is_superuser, is_active).
+        user = await _db(reload_user)(self.user)
+        if user is None or not user.is_active:
+            self.closed = True
+            self.wakeup.set()
+            return
+        self.user = user
         hub = get_hub()
         for stream, subscription in list(self.subscriptions.items()):
             if await _db(check_stream)(self.user, stream) is None:
@@ -113,19 +139,27 @@ class SSEConnection:
             self.closed = True
             self.wakeup.set()
 
-    async def run(self, resets: list[dict[str, Any]]) -> AsyncIterator[str]:
-        from .connections import close_connection, open_connection
+    def open_row(self, limit: int) -> bool:
+        """Write this stream's Connection row unless the user has `limit` connections already."""
+        from .connections import count_for_user, open_connection, resolve_tenant
 
-        hub = get_hub()
-        await _db(open_connection)(
+        if count_for_user(self.user) >= limit:  # as for a socket: no lock for a refusal
+            return False
+        return open_connection(
             connection_id=self.connection_id,
             user=self.user,
             node=node_id(),
-            transport="sse",
-            client_version="",
-            remote_addr="",
-            tenant="",
+            transport=self.transport,
+            client_version=self.client_version,
+            remote_addr=self.remote_addr,
+            tenant=resolve_tenant(self.user),
+            limit=limit,
         )
+
+    async def run(self, resets: list[dict[str, Any]]) -> AsyncIterator[str]:
+        from .connections import close_connection
+
+        hub = get_hub()
         await hub.watch_user(self.user.pk, self)
         metrics.CONNECTS.labels("sse").inc()
         metrics.CONNECTIONS.labels("sse").inc()
@@ -158,6 +192,8 @@ class SSEConnection:
                 yield self.outbox.popleft()
         finally:
             self.closed = True
+            if self.recheck is not None:
+                self.recheck.cancel()
             metrics.CONNECTIONS.labels("sse").dec()
             with contextlib.suppress(Exception):
                 for stream, subscription in list(self.subscriptions.items()):
@@ -172,8 +208,10 @@ class SSEConnection:
 
     async def _catch_up(self, subscription: Subscription) -> None:
         try:
-            # A permission change announced while the layer was silent was lost with it.
-            if await _db(check_stream)(self.user, subscription.stream) is not None:
+            # A permission change announced while the layer was silent was lost with it:
+            # decide again, about the user as stored now.
+            fresh = await _db(reload_user)(self.user)
+            if fresh is None or await _db(check_stream)(fresh, subscription.stream) is not None:
                 await self._recheck()
                 return
             async for _batch in subscription.replay_batches():
@@ -215,9 +253,21 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         else:
             return exc.response()
     start = await _db(starting_positions)(streams, cursor)
-    await release_request_connections()
-    connection = SSEConnection(user, streams, start.positions)
+    connection = SSEConnection(
+        user,
+        streams,
+        start.positions,
+        client_version=request.GET.get("v", ""),
+        remote_addr=request.META.get("REMOTE_ADDR") or "",
+    )
     connection.resumed = cursor is not None
+    limit = int(realtime_settings.MAX_CONNECTIONS_PER_USER)
+    if not await _db(connection.open_row)(limit):
+        # As a socket past the limit gets 4429: the client retries after its backoff.
+        return BadRequest(
+            Code.RATE_LIMITED, f"more than {limit} connections for this user", status=429
+        ).response()
+    await release_request_connections()
     response = StreamingHttpResponse(connection.run(start.resets), content_type="text/event-stream")
     response["Cache-Control"] = "no-store"
     response["X-Accel-Buffering"] = "no"

@@ -360,3 +360,26 @@ async def test_frames_go_past_the_session_wrapper_the_handshake_through_it(monke
     assert [m["type"] for m in passed if m["type"] != "websocket.send"] == ["websocket.accept"]
     assert not [m for m in passed if '"event"' in m.get("text", "")]
     await client.close()
+
+
+async def test_hub_tasks_do_not_run_in_the_context_of_the_request_that_started_them(monkeypatch):
+    from realtime.context import get_correlation_id
+    from realtime.fanout import Hub
+
+    seen: list[str | None] = []
+
+    async def listen(self: Hub) -> None:
+        seen.append(get_correlation_id())
+
+    monkeypatch.setattr(Hub, "_listen", listen)
+    hub = Hub(asyncio.get_running_loop())
+    with realtime.correlation("the-first-request"):
+        await hub._start()
+    try:
+        await asyncio.sleep(0.05)
+    finally:
+        for task in hub._tasks:
+            task.cancel()
+        await asyncio.gather(*hub._tasks, return_exceptions=True)
+    # The hub serves every later request too: its log lines carry none of their ids.
+    assert seen == [None]

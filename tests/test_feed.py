@@ -196,3 +196,28 @@ async def test_etag_gives_304_while_nothing_new_and_200_once_something_commits()
     assert changed.status_code == 200
     assert [e["data"]["title"] for e in changed.json()["events"]] == ["new"]
     assert changed["ETag"] != etag
+
+
+async def test_long_poll_decides_again_after_waiting():
+    from board.membership import add_member, remove_member
+
+    _owner, project = await setup_project()
+    member = await db(UserFactory)()
+    await db(add_member)(project, member)
+    client = await logged_in(member)
+    stream = f"project:{project.pk}"
+    first = (await client.get("/api/realtime/events/", {"streams": stream})).json()
+
+    async def revoke_then_save():
+        await asyncio.sleep(0.3)
+        await db(remove_member)(project, member)
+        await db(ItemFactory)(project=project, title="after revocation")
+
+    changer = asyncio.create_task(revoke_then_save())
+    response = await client.get(
+        "/api/realtime/events/", {"streams": stream, "cursor": first["cursor"], "wait": "5"}
+    )
+    await changer
+    assert response.status_code == 403
+    assert b"after revocation" not in response.content
+    assert response.json()["error"]["code"] == "forbidden"

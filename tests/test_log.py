@@ -249,6 +249,31 @@ def test_correlation_id_is_carried_by_events():
     assert event.correlation_id == "abc-123"
 
 
+def test_the_publisher_does_not_keep_its_first_callers_correlation_id():
+    from realtime.context import get_correlation_id
+    from realtime.publisher import Outgoing, Publisher
+
+    seen: list[str | None] = []
+    own = Publisher()  # a fresh one: its worker task is made by the first submit below
+
+    async def send(items, worker):
+        seen.append(get_correlation_id())
+        return [], 0
+
+    own.send = send  # type: ignore[method-assign]
+    try:
+        for correlation_id in ("first", "second", "third"):
+            with realtime.correlation(correlation_id):
+                own.submit([Outgoing(None, "", 0, "group", {"type": "realtime.authz"})])
+            assert own.flush(timeout=5)
+    finally:
+        loop = own._private_loop
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+    # A long-lived task logs under no request's id, not the first one's for ever.
+    assert seen == [None, None, None]
+
+
 def test_disabled_pipeline_logs_nothing(settings):
     settings.REALTIME = {"ENABLED": False}
     ProjectFactory()

@@ -177,3 +177,146 @@ async def test_logout_ends_the_stream():
     await db(_send)([owner.pk], "realtime.logout")
     with pytest.raises(StopAsyncIteration):
         await reader.event(timeout=2)
+
+
+async def test_a_demoted_superuser_loses_the_stream():
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    admin = await db(UserFactory)(is_superuser=True)
+    reader, _ = await open_sse(admin, f"project:{project.pk},user:{admin.pk}")
+    admin.is_superuser = False
+    await db(admin.save)()
+    gone = await reader.event("unsubscribed", timeout=2)
+    assert gone["data"]["stream"] == f"project:{project.pk}"
+    await db(ItemFactory)(project=project, title="secret")
+    import realtime
+
+    await db(realtime.emit)(f"user:{admin.pk}", "v1:note.added", {"n": 1})
+    assert (await reader.event())["data"]["stream"] == f"user:{admin.pk}"
+    await reader.close()
+
+
+async def test_reconnecting_after_revocation_is_refused():
+    owner = await db(UserFactory)()
+    member = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    await db(add_member)(project, member)
+    reader, _ = await open_sse(member, f"project:{project.pk}")
+    await db(ItemFactory)(project=project, title="seen")
+    last_id = (await reader.event())["id"]
+    await reader.close()
+    await db(remove_member)(project, member)
+    await db(ItemFactory)(project=project, title="missed, and not theirs any more")
+    client = AsyncClient()
+    await client.aforce_login(member)
+    response = await client.get(
+        "/realtime/sse/", {"streams": f"project:{project.pk}"}, headers={"Last-Event-ID": last_id}
+    )
+    assert response.status_code == 403
+    assert b"missed" not in response.content
+
+
+async def test_a_cursor_older_than_the_log_gives_a_reset():
+    from realtime.models import Event
+
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    stream = f"project:{project.pk}"
+    reader, _ = await open_sse(owner, stream)
+    await db(ItemFactory)(project=project)
+    old_id = (await reader.event())["id"]
+    await reader.close()
+    for _ in range(3):
+        await db(ItemFactory)(project=project)
+    # Retention took everything up to seq 3: what came after the cursor is partly gone.
+    await db(Event.objects.filter(stream__name=stream, seq__lte=3).delete)()
+    from realtime.models import Stream
+
+    now = (await db(Stream.objects.get)(name=stream)).last_seq
+    reader, _ = await open_sse(owner, stream, last_event_id=old_id)
+    reset = await reader.event("reset")
+    assert (reset["data"]["stream"], reset["data"]["seq"]) == (stream, now)
+    await db(ItemFactory)(project=project)
+    assert (await reader.event())["data"]["seq"] == now + 1
+    await reader.close()
+
+
+async def test_idle_stream_gets_a_heartbeat_comment(monkeypatch):
+    from realtime import sse
+
+    monkeypatch.setattr(sse, "HEARTBEAT", 0.2)
+    owner = await db(UserFactory)()
+    reader, _ = await open_sse(owner, f"user:{owner.pk}")
+    assert (await reader.message(timeout=2)) == {"comment": "heartbeat"}
+    await reader.close()
+
+
+async def test_connection_row_records_the_client_and_counts_toward_the_limit(settings):
+    from board.models import Organization
+    from realtime.models import Connection
+
+    settings.REALTIME = {**getattr(settings, "REALTIME", {}), "MAX_CONNECTIONS_PER_USER": 1}
+    owner = await db(UserFactory)()
+    organization = await db(Organization.objects.create)(name="Acme")
+    await db(organization.members.add)(owner)
+    client = AsyncClient()
+    await client.aforce_login(owner)
+    response = await client.get("/realtime/sse/", {"streams": f"user:{owner.pk}", "v": "js/1.2"})
+    reader = SSEReader(response)
+    await reader.message()
+    row = await db(Connection.objects.get)(user=owner)
+    assert (row.transport, row.client_version, row.remote_addr) == ("sse", "js/1.2", "127.0.0.1")
+    assert row.tenant == str(organization.pk)
+    refused = await client.get("/realtime/sse/", {"streams": f"user:{owner.pk}"})
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limited"
+    await reader.close()
+
+
+async def test_an_sse_only_node_keeps_its_rows_fresh(settings):
+    import datetime as dt
+
+    from realtime.models import Connection
+
+    settings.REALTIME = {**getattr(settings, "REALTIME", {}), "HEARTBEAT": 0.5}
+    owner = await db(UserFactory)()
+    reader, _ = await open_sse(owner, f"user:{owner.pk}")
+    stale = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    await db(Connection.objects.filter(user=owner).update)(last_seen=stale)
+    await asyncio.sleep(1.5)  # more than one heartbeat: the node stamps its rows
+    row = await db(Connection.objects.get)(user=owner)
+    assert row.last_seen > stale
+    await reader.close()
+
+
+async def test_a_closed_stream_leaves_nothing_running():
+    from realtime.cursor import Position
+    from realtime.fanout import get_hub
+    from realtime.invalidation import _send
+    from realtime.sse import SSEConnection
+
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    streams = [f"project:{project.pk}", f"user:{owner.pk}"]
+    # The stream itself, as a server runs it: the test client's wrapper would not close it.
+    connection = SSEConnection(owner, streams, {s: Position(0, None) for s in streams})
+    assert await db(connection.open_row)(5)
+    body = connection.run([])
+    assert await body.__anext__() == "retry: 3000\n\n"
+    hub = get_hub()
+    assert all(hub.members.get(s) for s in streams)
+    assert owner.pk in hub.user_listeners
+    await db(_send)([owner.pk], "realtime.authz")  # a decision in flight as it closes
+    for _ in range(100):
+        if connection.recheck is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert connection.recheck is not None
+    await body.aclose()
+    await asyncio.sleep(0)
+    assert connection.recheck.done()
+    assert not any(hub.members.get(s) for s in streams)
+    assert owner.pk not in hub.user_listeners
+    from realtime.models import Connection
+
+    assert not await db(Connection.objects.filter(pk=connection.connection_id).exists)()

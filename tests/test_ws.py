@@ -148,13 +148,17 @@ async def test_resume_since_replays_missed_events_then_continues_live():
     for n in range(5):
         await db(ItemFactory)(project=project, title=f"missed {n}")
     events = await db(list)(
-        Event.objects.filter(stream__name=f"project:{project.pk}").order_by("seq")
+        Event.objects.filter(stream__name=f"project:{project.pk}")
+        .select_related("stream")
+        .order_by("seq")
     )
-    epoch = events[0].stream.epoch if False else None
+    epoch = events[0].stream.epoch
     client = await client_for(owner)
-    reply = await client.subscribe(f"project:{project.pk}", since=2)
+    # The epoch the client last saw: the same log, so the history since 2 is recovered.
+    reply = await client.subscribe(f"project:{project.pk}", since=2, epoch=epoch)
     assert reply["data"]["recovered"] is True
     assert reply["data"]["seq"] == 6
+    assert reply["data"]["epoch"] == epoch
     replayed = [await client.receive_until("event") for _ in range(4)]
     assert [f["seq"] for f in replayed] == [3, 4, 5, 6]
     assert [f["eventId"] for f in replayed] == [str(e.event_id) for e in events[2:]]
@@ -163,7 +167,6 @@ async def test_resume_since_replays_missed_events_then_continues_live():
     assert live["seq"] == 7
     assert live["data"]["title"] == "live"
     assert await client.nothing_more()
-    assert epoch is None
     await client.close()
 
 
@@ -266,6 +269,90 @@ async def test_group_permission_change_reaches_group_members():
     await db(remove_perm)("board.view_project", group, project)
     frame = await client.receive_until("unsubscribed", timeout=1.0)
     assert frame["reason"] == "forbidden"
+    await client.close()
+
+
+async def test_deleting_a_group_ends_what_it_granted():
+    from django.contrib.auth.models import Group
+    from guardian.shortcuts import assign_perm
+
+    _owner, project = await make_project()
+    member = await db(UserFactory)()
+    group = await db(Group.objects.create)(name="readers")
+    await db(member.groups.add)(group)
+    await db(assign_perm)("board.view_project", group, project)
+    client = await client_for(member)
+    stream = f"project:{project.pk}"
+    assert (await client.subscribe(stream))["ok"] is True
+    # Django deletes the membership rows before the group's object permissions, and sends
+    # no m2m_changed for them.
+    await db(group.delete)()
+    frame = await client.receive_until("unsubscribed", timeout=1.0)
+    assert frame == {"op": "unsubscribed", "stream": stream, "reason": "forbidden"}
+    await db(ItemFactory)(project=project, title="after")
+    assert await client.nothing_more(0.5)
+    await client.close()
+
+
+async def test_a_demoted_superuser_loses_what_only_that_gave():
+    _owner, project = await make_project()
+    admin = await db(UserFactory)(is_superuser=True)
+    client = await client_for(admin)
+    stream = f"project:{project.pk}"
+    assert (await client.subscribe(stream))["ok"] is True
+    admin.is_superuser = False
+    await db(admin.save)()
+    frame = await client.receive_until("unsubscribed", timeout=1.0)
+    assert frame == {"op": "unsubscribed", "stream": stream, "reason": "forbidden"}
+    # The socket now decides as the user is stored, for new subscriptions as well.
+    refused = await client.subscribe(stream)
+    assert refused["error"]["code"] == "forbidden"
+    await client.close()
+
+
+async def test_a_login_stamp_decides_nothing_again(monkeypatch):
+    from realtime import invalidation
+
+    owner, _ = await make_project()
+    sent: list[object] = []
+    monkeypatch.setattr(invalidation, "permissions_changed", sent.append)
+    owner.last_login = owner.date_joined
+    await db(owner.save)(update_fields=["last_login"])
+    assert sent == []
+    owner.first_name = "Renamed"
+    await db(owner.save)()
+    assert sent == [[owner.pk]]
+
+
+async def test_a_deleted_users_sockets_close():
+    user = await db(UserFactory)()
+    client = await client_for(user)
+    await db(user.delete)()
+    assert (await client.receive_until("never", timeout=2.0)) == {
+        "type": "websocket.close",
+        "code": 4401,
+    }
+
+
+async def test_guardian_prefetch_cache_on_the_user_is_not_trusted(monkeypatch):
+    from guardian.conf import settings as guardian_settings
+
+    from realtime import invalidation
+
+    monkeypatch.setattr(guardian_settings, "AUTO_PREFETCH", True)
+    _owner, project = await make_project()
+    member = await db(UserFactory)()
+    await db(add_member)(project, member)
+    stream = f"project:{project.pk}"
+    client = await client_for(member)
+    assert (await client.subscribe(stream))["ok"] is True
+    typing = {"stream": stream, "type": "v1:typing.started", "data": {}}
+    assert (await client.request("publish", **typing))["ok"] is True
+    # No invalidation message this time: the next publish must read the permissions anew
+    # rather than the cache guardian's prefetch leaves on the socket's user object.
+    monkeypatch.setattr(invalidation, "permissions_changed", lambda user_ids: None)
+    await db(remove_member)(project, member)
+    assert (await client.request("publish", **typing))["error"]["code"] == "forbidden"
     await client.close()
 
 
@@ -384,6 +471,32 @@ async def test_repeated_malformed_frames_close_with_4400(settings):
     for _ in range(4):
         await client.send("nope")
     assert (await client.receive_until("never")) == {"type": "websocket.close", "code": 4400}
+
+
+async def test_malformed_frames_count_for_the_sockets_life(settings):
+    settings.REALTIME = {"MALFORMED_LIMIT": 3}
+    owner, _ = await make_project()
+    client = await client_for(owner)
+    for _ in range(3):  # good frames between them do not clear the count
+        await client.send("nope")
+        await client.send({"op": "ping", "ref": "p"})
+        assert (await client.receive_until("pong"))["ref"] == "p"
+    await client.send("nope")
+    assert (await client.receive_until("never")) == {"type": "websocket.close", "code": 4400}
+
+
+async def test_only_an_accepted_publish_clears_refusals(settings):
+    settings.REALTIME = {"ABUSE_LIMIT": 3}
+    owner, project = await make_project()
+    stranger_project = await db(ProjectFactory)()
+    client = await client_for(owner)
+    own, other = f"project:{project.pk}", f"project:{stranger_project.pk}"
+    for _ in range(3):  # a refused subscribe, then one that succeeds, clears nothing
+        assert (await client.subscribe(other))["error"]["code"] == "forbidden"
+        assert (await client.subscribe(own))["ok"] is True
+        assert (await client.request("unsubscribe", stream=own))["ok"] is True
+    await client.send({"op": "subscribe", "ref": "x", "stream": other})
+    assert (await client.receive_until("never")) == {"type": "websocket.close", "code": 4429}
 
 
 async def test_oversize_frame_closes_with_4413(settings):
