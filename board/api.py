@@ -52,12 +52,10 @@ INVALID = OpenApiResponse(OpenApiTypes.OBJECT, description="Invalid data: errors
 FORBIDDEN = error("Not authenticated, or not allowed to do this to a visible object.")
 NOT_FOUND = error("No such object, or one the user may not see (existence does not leak).")
 STALE = error("If-Match does not match the current ETag: nothing was changed.")
-IN_PROGRESS = error("A request with this Idempotency-Key is still being processed.")
 KEY_REUSED = error("This Idempotency-Key was used for a different request.")
 CREATE_ERRORS = {
     400: INVALID,
     403: FORBIDDEN,
-    409: IN_PROGRESS,
     422: KEY_REUSED,
 }
 
@@ -131,8 +129,13 @@ class ProjectViewSet(RealtimeResourceMixin, viewsets.ModelViewSet):  # type: ign
     def get_streams(self, obj: Any = None) -> list[str]:
         if obj is not None:
             return [f"project:{obj.pk}"]
-        orgs = self.request.user.organizations.values_list("pk", flat=True)  # type: ignore[union-attr]
-        return [f"tenant:{pk}" for pk in orgs]
+        # A listed project may belong to any organization (a guardian permission, or every
+        # project for a superuser), and each change to it is an event on its tenant stream;
+        # the user's own tenants are added so the list's position serves their feeds too.
+        user: Any = self.request.user
+        listed = visible_projects(user).order_by().values_list("organization_id", flat=True)
+        own = user.organizations.order_by().values_list("pk", flat=True)
+        return [f"tenant:{pk}" for pk in sorted(listed.union(own))]  # one query
 
     def perform_create(self, serializer: Any) -> None:
         organization = serializer.validated_data["organization"]

@@ -178,6 +178,15 @@ class NotificationViewSet(
     def get_streams(self, obj: Any = None) -> list[str]:
         return [stream_of(self.request.user)]
 
+    def get_list_state(self) -> Any:
+        # Bad paging parameters are a 400 (a 404 for a cursor) even when If-None-Match would
+        # match: the ETag is decided before the paginator would have looked at them.
+        paginator = self.paginator
+        if isinstance(paginator, NewestFirst):
+            paginator.get_page_size(self.request)
+            paginator.decode_cursor(self.request)
+        return super().get_list_state()
+
     def get_permission_state(self, obj: Any = None) -> Any:
         return [self.request.user.pk]  # only ever the user's own rows
 

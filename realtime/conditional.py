@@ -38,12 +38,6 @@ class PreconditionFailed(APIException):
     default_code = "precondition_failed"
 
 
-class IdempotencyConflict(APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_detail = "A request with this Idempotency-Key is still being processed."
-    default_code = "idempotency_in_progress"
-
-
 class IdempotencyMismatch(APIException):
     status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
     default_detail = "This Idempotency-Key was used for a different request."
@@ -357,21 +351,51 @@ class RealtimeResourceMixin(ConditionalReadMixin):
     with DRF's create, update and destroy mixins (or a `ModelViewSet`).
     """
 
+    _realtime_locking = False
+    _realtime_object: Any = None
+
     # -- writes -------------------------------------------------------------------------------
 
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         with transaction.atomic(), collect_positions() as written:
-            obj = self.get_object()  # type: ignore[attr-defined]
-            self.check_if_match(obj)
+            self.check_if_match(self.locked_object())
             response: Response = super().update(request, *args, **kwargs)  # type: ignore[misc]
         return self.with_position(response, written)
 
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         with transaction.atomic(), collect_positions() as written:
-            obj = self.get_object()  # type: ignore[attr-defined]
+            obj = self.locked_object()
             self.check_if_match(obj)
             self.perform_destroy(obj)  # type: ignore[attr-defined]
         return self.with_position(Response(status=status.HTTP_204_NO_CONTENT), written)
+
+    def locked_object(self) -> Any:
+        """`get_object()` with its row locked until the transaction ends (call it in one).
+
+        Under READ COMMITTED, two writers holding the same ETag would otherwise both pass
+        `check_if_match` and the second would overwrite the first; locked, the second waits
+        here, then reads the first's positions and fails the check. (SQLite ignores the lock:
+        its IMMEDIATE transactions already run one writer at a time.)
+        """
+        self._realtime_locking = True
+        self._realtime_object = self.get_object()
+        return self._realtime_object
+
+    def get_object(self) -> Any:
+        # The locked object serves DRF's own `get_object()` in update(): one read, not two.
+        if self._realtime_object is not None:
+            return self._realtime_object
+        return super().get_object()  # type: ignore[misc]
+
+    def filter_queryset(self, queryset: models.QuerySet[Any]) -> models.QuerySet[Any]:
+        # The last step of DRF's `get_object()` before the lookup, and one that views rarely
+        # override (unlike `get_queryset`), so the lock reaches every view's queryset.
+        queryset = super().filter_queryset(queryset)  # type: ignore[misc]
+        if not self._realtime_locking:
+            return queryset
+        # Only this row: not the rows of a select_related join (nor its nullable side).
+        of = ("self",) if connections[queryset.db].features.has_select_for_update_of else ()
+        return queryset.select_for_update(of=of)
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         key = request.headers.get("Idempotency-Key")
@@ -409,12 +433,13 @@ class RealtimeResourceMixin(ConditionalReadMixin):
             with transaction.atomic():
                 return IdempotencyRecord.objects.create(user=user, key=key, fingerprint=fingerprint)
         except IntegrityError:
+            # The key is taken by a committed request: a concurrent retry's insert waits on
+            # the unique key until the first commits (its row then holds its answer, written
+            # in the same transaction) or rolls back (the insert then succeeds).
             pass
         first = IdempotencyRecord.objects.select_for_update().get(user=user, key=key)
         if first.fingerprint != fingerprint:
             raise IdempotencyMismatch()
-        if first.status is None:
-            raise IdempotencyConflict()
         replay = Response(json.loads(first.body) if first.body else None, status=first.status)
         for name, value in first.headers.items():
             replay[name] = value

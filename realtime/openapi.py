@@ -29,8 +29,9 @@ IDEMPOTENCY_KEY = OpenApiParameter(
     OpenApiParameter.HEADER,
     description=(
         "Makes a retried POST happen once: the same key and body replay the first answer "
-        "(with `Idempotent-Replayed: true`); the same key with another body is 422, and 409 "
-        "while the first request is still running. Keys belong to their user."
+        "(with `Idempotent-Replayed: true`), and a retry while the first is still running "
+        "waits for it and replays it; the same key with another body is 422. Keys belong to "
+        "their user."
     ),
 )
 _POSITION = "The streams' positions (`project:42=131, tenant:7=9`)"

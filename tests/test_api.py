@@ -287,3 +287,50 @@ def test_a_body_that_is_not_an_object_is_refused_not_applied_as_nothing(board):
         content_type="multipart/form-data; boundary=x",
     )
     assert form.status_code == 415
+
+
+def test_the_project_list_changes_when_a_listed_project_of_another_organization_does(
+    django_assert_num_queries,
+):
+    """The owner is no member of the project's organization: its tenant stream still counts."""
+    owner = UserFactory()
+    project = ProjectFactory(owner=owner)
+    assert not project.organization.members.filter(pk=owner.pk).exists()
+    client = client_for(owner)
+    first = client.get("/api/projects/")
+    assert [p["name"] for p in first.data] == [project.name]
+    # The listed projects' and the user's organizations, their positions, the listed pks.
+    with django_assert_num_queries(3):
+        assert client.get("/api/projects/", HTTP_IF_NONE_MATCH=first["ETag"]).status_code == 304
+    client.patch(f"/api/projects/{project.pk}/", {"name": "Renamed"}, format="json")
+    renamed = client.get("/api/projects/", HTTP_IF_NONE_MATCH=first["ETag"])
+    assert renamed.status_code == 200
+    assert [p["name"] for p in renamed.data] == ["Renamed"]
+
+
+def test_a_superusers_project_list_changes_when_any_project_does():
+    admin = UserFactory(is_superuser=True)
+    mine = OrganizationFactory()
+    mine.members.add(admin)
+    project = ProjectFactory(name="Theirs")  # another organization, no permission given
+    client = client_for(admin)
+    first = client.get("/api/projects/")
+    assert [p["name"] for p in first.data] == ["Theirs"]
+    assert client.get("/api/projects/", HTTP_IF_NONE_MATCH=first["ETag"]).status_code == 304
+    project.name = "Renamed"
+    project.save()
+    renamed = client.get("/api/projects/", HTTP_IF_NONE_MATCH=first["ETag"])
+    assert renamed.status_code == 200
+    assert [p["name"] for p in renamed.data] == ["Renamed"]
+
+
+def test_the_schema_documents_no_409_for_an_idempotency_key_in_use():
+    """A concurrent retry waits for the first request and replays it
+    (tests/test_api_concurrency.py): no request is ever refused with 409."""
+    from django.test import Client
+
+    spec = Client().get("/api/schema/?format=json").json()
+    for path in ("/api/projects/", "/api/projects/{project_pk}/items/"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert {"201", "422"} <= set(responses)
+        assert "409" not in responses

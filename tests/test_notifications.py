@@ -270,6 +270,16 @@ def test_list_etag_gives_304_until_anything_changes_including_a_muted_notificati
 
 
 @pytest.mark.django_db
+def test_bad_paging_parameters_are_refused_even_with_a_matching_etag():
+    bob = UserFactory()
+    notify(bob, "liked")
+    client = client_for(bob)
+    for query, status in (("?page_size=null", 400), ("?page_size=0", 400), ("?cursor=junk", 404)):
+        response = client.get(f"/api/notifications/{query}", HTTP_IF_NONE_MATCH="*")
+        assert response.status_code == status, (query, response.status_code)
+
+
+@pytest.mark.django_db
 def test_delete_takes_if_match():
     bob = UserFactory()
     (note,) = notify(bob, "liked")
