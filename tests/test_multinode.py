@@ -6,10 +6,15 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import urllib.parse
+import urllib.request
+from typing import Any
 
 import pytest
 import websockets
 from asgiref.sync import async_to_sync
+from websockets.typing import Origin
 
 from board.membership import add_member, remove_member
 from realtime.testing import session_for
@@ -239,3 +244,135 @@ def test_admin_disconnect_closes_a_socket_held_by_another_node(tmp_path, caplog)
             time.sleep(0.1)
         assert not Connection.objects.filter(pk=chosen).exists()
     assert any("admin ops" in r.getMessage() and chosen in r.getMessage() for r in caplog.records)
+
+
+def browser_cookie(browser: Browser, name: str) -> str:
+    """The value of one cookie the browser holds (its session, say)."""
+    # The jar is the opener's own (tests/live.py): reached through its cookie handler.
+    for handler in browser.opener.handlers:  # type: ignore[attr-defined]
+        if isinstance(handler, urllib.request.HTTPCookieProcessor):
+            for cookie in handler.cookiejar:
+                if cookie.name == name and cookie.value:
+                    return cookie.value
+    raise AssertionError(f"the browser has no {name} cookie")
+
+
+def post_as_page(browser: Browser, path: str, page: str = "/") -> Any:
+    """POST to `path` with the CSRF token of `page`, as a form on that page does (logout)."""
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', browser.get(page))
+    assert token, f"no CSRF token on {page}"
+    body = urllib.parse.urlencode({"csrfmiddlewaretoken": token[1]}).encode()
+    return browser.opener.open(
+        urllib.request.Request(browser.server.url(path), data=body), timeout=10
+    )
+
+
+def socket_on(node: Daphne, session: str) -> Any:
+    return websockets.connect(
+        f"ws://127.0.0.1:{node.port}/ws/realtime/",
+        origin=Origin("http://127.0.0.1"),
+        additional_headers={"Cookie": f"sessionid={session}"},
+    )
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_revoking_through_node_a_unsubscribes_on_node_b_within_a_second(tmp_path):
+    """The permission is taken away by a request to node A (guardian's admin page for the
+    project's object permissions); the pytest process only reads."""
+    from guardian.shortcuts import get_perms
+
+    alice = UserFactory(username="alice-admin", is_staff=True, is_superuser=True)
+    alice.set_password("alice-pw-2")
+    alice.save()
+    bob = UserFactory(username="bob-revoked")
+    project = ProjectFactory(owner=alice)
+    add_member(project, bob)
+    bob_session = session_for(bob)
+    stream = f"project:{project.pk}"
+    env = {"DATABASE_URL": database_url(), "REDIS_URL": os.environ["REDIS_URL"], "DEBUG": "1"}
+
+    with Daphne(env, tmp_path / "a.log") as node_a, Daphne(env, tmp_path / "b.log") as node_b:
+        admin = Browser(node_a)
+        admin.login("alice-admin", "alice-pw-2")
+
+        def add_item(title: str) -> None:
+            admin.post_form(
+                "/admin/board/item/add/",
+                {"project": project.pk, "title": title, "position": 0, "version": 0},
+                {},
+            ).close()
+
+        def revoke_view() -> str:
+            # The form lists the permissions bob keeps: change_project, not view_project.
+            path = f"/admin/board/project/{project.pk}/permissions/user-manage/{bob.pk}/"
+            with admin.post_form(path, {"permissions": "change_project"}, {}) as response:
+                return response.read().decode()
+
+        async def scenario() -> None:
+            async with socket_on(node_b, bob_session) as socket:
+                await next_frame(socket, "welcome")
+                await socket.send(json.dumps({"op": "subscribe", "ref": "s", "stream": stream}))
+                assert (await next_frame(socket, "reply"))["ok"] is True
+                await asyncio.to_thread(add_item, "before")
+                assert (await next_frame(socket, "event"))["data"]["title"] == "before"
+
+                page = await asyncio.to_thread(revoke_view)
+                assert "Permissions saved." in page
+                # From the moment node A answered: node B has one second.
+                gone = await next_frame(socket, "unsubscribed", timeout=1.0)
+                assert gone == {"op": "unsubscribed", "stream": stream, "reason": "forbidden"}
+
+                await asyncio.to_thread(add_item, "after")
+                with pytest.raises(TimeoutError):
+                    await next_frame(socket, "event", timeout=1.5)
+                await socket.send(json.dumps({"op": "ping", "ref": "alive"}))
+                assert (await next_frame(socket, "pong"))["ref"] == "alive"
+
+        asyncio.run(scenario())
+        assert "Traceback" not in node_a.output() + node_b.output()
+    assert get_perms(bob, project) == ["change_project"]  # node A did revoke it
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_logout_through_node_a_closes_the_users_sockets_on_node_b(tmp_path):
+    """The browser logs in and out on node A (the logout form of the demo's pages); every
+    socket of that user on node B closes with 4401, another user's stays open."""
+    bob = UserFactory(username="bob-leaving")
+    bob.set_password("bob-pw-3")
+    bob.save()
+    carol = UserFactory(username="carol-stays")
+    other_bob_session, carol_session = session_for(bob), session_for(carol)
+    env = {"DATABASE_URL": database_url(), "REDIS_URL": os.environ["REDIS_URL"], "DEBUG": "1"}
+
+    with Daphne(env, tmp_path / "a.log") as node_a, Daphne(env, tmp_path / "b.log") as node_b:
+        browser = Browser(node_a)
+        browser.post_form(
+            "/accounts/login/", {"username": "bob-leaving", "password": "bob-pw-3"}, {}
+        ).close()
+        bob_session = browser_cookie(browser, "sessionid")
+
+        async def scenario() -> None:
+            async with (
+                socket_on(node_b, bob_session) as same_session,
+                socket_on(node_b, other_bob_session) as other_session,
+                socket_on(node_b, carol_session) as bystander,
+            ):
+                for socket in (same_session, other_session, bystander):
+                    await next_frame(socket, "welcome")
+                response = await asyncio.to_thread(post_as_page, browser, "/accounts/logout/")
+                response.close()
+                assert response.geturl() == node_a.url("/")  # redirected: logged out
+                for socket in (same_session, other_session):
+                    with pytest.raises(websockets.ConnectionClosed) as closed:
+                        await next_frame(socket, "never", timeout=5)
+                    assert closed.value.rcvd is not None
+                    assert closed.value.rcvd.code == 4401
+                await bystander.send(json.dumps({"op": "ping", "ref": "p"}))
+                assert (await next_frame(bystander, "pong"))["ref"] == "p"
+
+        asyncio.run(scenario())
+        assert "Traceback" not in node_a.output() + node_b.output()

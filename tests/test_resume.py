@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 from asgiref.sync import sync_to_async
 
@@ -54,6 +57,28 @@ async def test_event_committed_during_replay_arrives_exactly_once(monkeypatch, w
     await client.close()
 
 
+def recording_sends(steps: list[tuple[str, int, int]]) -> Any:
+    """The realtime application, noting ("sent", seq, 1) as each event frame leaves the consumer.
+
+    The socket's frames go to this send (Channels' session wrapper is bypassed down to it),
+    so a step is recorded when the consumer hands the frame to the server, not when the
+    test gets round to reading it.
+    """
+    from realtime.routing import websocket_application
+
+    inner = websocket_application()
+
+    async def application(scope, receive, send):
+        async def noting(message):
+            if message.get("type") == "websocket.send" and '"op":"event"' in message["text"]:
+                steps.append(("sent", json.loads(message["text"])["seq"], 1))
+            await send(message)
+
+        return await inner(scope, receive, noting)
+
+    return application
+
+
 async def test_long_replay_streams_in_batches(settings, monkeypatch):
     settings.REALTIME = {"REPLAY_BATCH": 100}
     import realtime as rt
@@ -67,20 +92,37 @@ async def test_long_replay_streams_in_batches(settings, monkeypatch):
     await db(emit_many)()
     original = realtime.replay.read_typed_after
     sizes = []
+    # In the order they happen: ("read", after, rows) per batch, ("sent", seq, 1) per frame.
+    steps: list[tuple[str, int, int]] = []
 
     def counting(stream, after, limit):
+        assert limit == 100  # the query itself is bounded, not sliced afterwards
         rows = original(stream, after, limit)
         sizes.append(len(rows))
+        steps.append(("read", after, len(rows)))
         return rows
 
     monkeypatch.setattr(realtime.replay, "read_typed_after", counting)
-    client = await connected(owner)
+    client = RealtimeClient(recording_sends(steps), session_key=await db(session_for)(owner))
+    await client.connect()
     reply = await client.subscribe(f"user:{owner.pk}", since=0)
     assert reply["data"] == {"seq": 1_050, "epoch": reply["data"]["epoch"], "recovered": True}
     seqs = await receive_seqs(client, 1_050)
     assert seqs == list(range(1, 1_051))
     assert max(sizes) == 100
     assert len(sizes) == 11
+    # Streamed: every frame of the first batch was sent before the third batch was read ...
+    third_read = steps.index(("read", 200, 100))
+    sent_before = {seq for step, seq, _ in steps[:third_read] if step == "sent"}
+    assert set(range(1, 101)) <= sent_before
+    # ... and never more than two batches (one being sent, one read ahead) were read and
+    # not yet sent: a replay that read the whole history first would hold all 1,050.
+    held = most = 0
+    for step, _value, count in steps:
+        held += count if step == "read" else -count
+        most = max(most, held)
+    assert 100 <= most <= 200, most
+    assert held == 0
     await client.close()
 
 

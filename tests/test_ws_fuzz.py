@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -15,7 +17,26 @@ from realtime.testing import RealtimeClient, session_for
 
 from .factories import UserFactory
 
-DOCUMENTED = {v for k, v in vars(Code).items() if k.isupper()}
+PROTOCOL_DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+def documented_codes() -> set[str]:
+    """The codes in the first column of the error-code table of docs/protocol.md (§9)."""
+    text = PROTOCOL_DOC.read_text()
+    section = re.search(r"^## 9\. Error codes$(.*?)^## 10\.", text, re.M | re.S)
+    assert section, "docs/protocol.md has no section 9. Error codes"
+    return set(re.findall(r"^\| `([a-z_]+)` \|", section[1], re.M))
+
+
+DOCUMENTED = documented_codes()
+
+
+def test_documented_codes_are_exactly_the_protocols_codes():
+    named = {v for k, v in vars(Code).items() if k.isupper()}
+    assert len(DOCUMENTED) >= 10  # the table was found and read
+    assert named - DOCUMENTED == set(), "codes the server may send that are not documented"
+    assert DOCUMENTED - named == set(), "documented codes that realtime.protocol.Code lacks"
+
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -1,0 +1,129 @@
+"""Authorization after subscribe: publish decided per frame, group membership changes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth.models import Group
+from guardian.shortcuts import assign_perm
+
+from board.membership import add_member, remove_member
+from realtime.testing import RealtimeClient, session_for
+
+from .factories import ItemFactory, ProjectFactory, UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+db = sync_to_async
+TYPING = "v1:typing.started"
+
+
+async def client_for(user: Any) -> RealtimeClient:
+    client = RealtimeClient(session_key=await db(session_for)(user))
+    await client.connect()
+    return client
+
+
+async def item_event(client: RealtimeClient) -> dict[str, Any]:
+    """The next event of an item, skipping presence events (the project tracks presence)."""
+    while True:
+        frame = await client.receive_until("event")
+        if not frame.get("type", "").startswith("v1:presence."):
+            return frame
+
+
+async def no_item_event(client: RealtimeClient, timeout: float = 0.5) -> bool:  # noqa: ASYNC109
+    """Whether nothing but pings and presence events arrives within `timeout`."""
+    while not await client.communicator.receive_nothing(timeout):
+        frame = await client.receive()
+        presence = frame.get("op") == "event" and frame["type"].startswith("v1:presence.")
+        if frame.get("op") != "ping" and not presence:
+            return False
+    return True
+
+
+async def test_publish_is_refused_once_the_permission_is_revoked_on_the_same_socket():
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    member = await db(UserFactory)()
+    await db(add_member)(project, member)
+    stream = f"project:{project.pk}"
+    watcher, sender = await client_for(owner), await client_for(member)
+    assert (await watcher.subscribe(stream))["ok"] is True
+
+    first = await sender.request("publish", stream=stream, type=TYPING, data={"n": 1})
+    assert first["ok"] is True
+    typing = await watcher.receive_until("event")
+    assert (typing["type"], typing["data"]["n"]) == (TYPING, 1)
+
+    await db(remove_member)(project, member)
+    second = await sender.request("publish", stream=stream, type=TYPING, data={"n": 2})
+    assert second["ok"] is False
+    assert second["error"]["code"] == "forbidden"
+    assert await watcher.nothing_more(0.5)  # the refused event went nowhere
+    # Same socket throughout: it is still open and answers.
+    await sender.send({"op": "ping", "ref": "alive"})
+    assert (await sender.receive_until("pong"))["ref"] == "alive"
+    await watcher.close()
+    await sender.close()
+
+
+def _user_leaves_group(user: Any, group: Group) -> None:
+    user.groups.remove(group)
+
+
+def _user_clears_groups(user: Any, group: Group) -> None:
+    user.groups.clear()
+
+
+def _group_removes_user(user: Any, group: Group) -> None:
+    group.user_set.remove(user)
+
+
+def _group_clears_users(user: Any, group: Group) -> None:
+    group.user_set.clear()
+
+
+@pytest.mark.parametrize(
+    ("change", "bystander_loses_access"),
+    [
+        pytest.param(_user_leaves_group, False, id="user.groups.remove"),
+        pytest.param(_user_clears_groups, False, id="user.groups.clear"),
+        pytest.param(_group_removes_user, False, id="group.user_set.remove"),
+        pytest.param(_group_clears_users, True, id="group.user_set.clear"),
+    ],
+)
+async def test_leaving_the_group_that_grants_access_ends_the_subscription(
+    change: Callable[[Any, Group], None], bystander_loses_access: bool
+):
+    project: Any = await db(ProjectFactory)()
+    group = await db(Group.objects.create)(name="project-readers")
+    await db(assign_perm)("board.view_project", group, project)
+    member: Any = await db(UserFactory)()
+    bystander: Any = await db(UserFactory)()
+    for user in (member, bystander):
+        await db(user.groups.add)(group)  # the group is their only access to the project
+    stream = f"project:{project.pk}"
+    client, other = await client_for(member), await client_for(bystander)
+    assert (await client.subscribe(stream))["ok"] is True
+    assert (await other.subscribe(stream))["ok"] is True
+    await db(ItemFactory)(project=project, title="before")
+    assert (await item_event(client))["data"]["title"] == "before"
+    assert (await item_event(other))["data"]["title"] == "before"
+
+    await db(change)(member, group)
+    gone = {"op": "unsubscribed", "stream": stream, "reason": "forbidden"}
+    assert await client.receive_until("unsubscribed", timeout=1.0) == gone
+    if bystander_loses_access:
+        assert await other.receive_until("unsubscribed", timeout=1.0) == gone
+
+    await db(ItemFactory)(project=project, title="after")
+    if not bystander_loses_access:  # the change reached only the user who left
+        assert (await item_event(other))["data"]["title"] == "after"
+    assert await client.nothing_more(0.5)  # not even a presence event of the stream
+    assert await no_item_event(other, 0.3)
+    await client.close()
+    await other.close()

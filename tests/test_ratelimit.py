@@ -1,0 +1,60 @@
+"""Client publishes are limited per socket and per user: more sockets buy no more events."""
+
+from __future__ import annotations
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from board.membership import add_member
+from realtime.testing import RealtimeClient, session_for
+
+from .factories import ProjectFactory, UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+db = sync_to_async
+
+
+async def test_two_sockets_of_one_user_share_the_users_bucket(settings):
+    # Burst 3 per socket and per user; a rate that does not refill a token during the test.
+    settings.REALTIME = {"PUBLISH_RATE": 0.001, "PUBLISH_BURST": 3}
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    stream = f"project:{project.pk}"
+    session = await db(session_for)(owner)
+    first, second = RealtimeClient(session_key=session), RealtimeClient(session_key=session)
+    await first.connect()
+    await second.connect()
+
+    async def publish(client: RealtimeClient) -> dict:
+        return await client.request("publish", stream=stream, type="v1:typing.started", data={})
+
+    assert [(await publish(first))["ok"] for _ in range(2)] == [True, True]
+    assert (await publish(second))["ok"] is True
+    # Each socket has spent at most 2 of its own 3 tokens; the user has spent all 3.
+    for client in (second, first):
+        refused = await publish(client)
+        assert refused["ok"] is False
+        assert refused["error"]["code"] == "rate_limited"
+    await first.close()
+    await second.close()
+
+
+async def test_another_user_has_a_bucket_of_its_own(settings):
+    settings.REALTIME = {"PUBLISH_RATE": 0.001, "PUBLISH_BURST": 1}
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    stream = f"project:{project.pk}"
+    spender = await db(UserFactory)()
+    await db(add_member)(project, spender)
+    a = RealtimeClient(session_key=await db(session_for)(spender))
+    b = RealtimeClient(session_key=await db(session_for)(owner))
+    await a.connect()
+    await b.connect()
+    for client in (a, b):
+        reply = await client.request("publish", stream=stream, type="v1:typing.started", data={})
+        assert reply["ok"] is True
+    again = await a.request("publish", stream=stream, type="v1:typing.started", data={})
+    assert again["error"]["code"] == "rate_limited"
+    await a.close()
+    await b.close()

@@ -1,0 +1,131 @@
+"""The WebSocket handshake: what a refusal logs, and what an accepted socket's row records."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from realtime.models import Connection
+from realtime.routing import websocket_application
+from realtime.testing import RealtimeClient, session_for
+from realtime.tickets import issue
+
+from .factories import UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+db = sync_to_async
+# An allowed origin (ALLOWED_HOSTS has localhost; the port is not compared) that is easy
+# to find in a log line.
+ORIGIN = "http://localhost:8137"
+
+
+class Lines(logging.Handler):
+    """Keeps the formatted message and the fields of each record, as the logger first sees it.
+
+    Attached to `realtime.ws` itself, so it runs before any handler's redaction filter
+    upstream: what it holds is what the consumer wrote, not what redaction left of it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.getMessage(), dict(vars(record))))
+
+
+@pytest.fixture
+def ws_log() -> Iterator[Lines]:
+    handler = Lines()
+    logger = logging.getLogger("realtime.ws")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def refusal(lines: Lines) -> tuple[str, dict[str, Any]]:
+    found = [(m, f) for m, f in lines.records if m.startswith("websocket refused")]
+    assert len(found) == 1, lines.records
+    return found[0]
+
+
+async def test_socket_without_a_session_is_logged_with_reason_and_origin(ws_log):
+    client = RealtimeClient(origin=ORIGIN)
+    assert await client.connect() == {"type": "websocket.close", "code": 4401}
+    message, fields = refusal(ws_log)
+    assert "4401" in message
+    assert "not authenticated" in message
+    assert ORIGIN in message
+    assert fields["levelname"] == "WARNING"
+
+
+@pytest.mark.parametrize("damage", ["forged", "reused"])
+async def test_bad_ticket_is_logged_with_reason_and_origin_but_never_the_ticket(ws_log, damage):
+    user = await db(UserFactory)()
+    ticket = await db(issue)(user)
+    if damage == "forged":
+        ticket = ticket[:-2] + ("AA" if not ticket.endswith("AA") else "BB")
+    else:
+        first = RealtimeClient(path=f"/ws/realtime/?ticket={ticket}", origin=ORIGIN)
+        assert (await first.connect())["op"] == "welcome"
+        await first.close()
+    client = RealtimeClient(path=f"/ws/realtime/?ticket={ticket}", origin=ORIGIN)
+    assert await client.connect() == {"type": "websocket.close", "code": 4401}
+    message, fields = refusal(ws_log)
+    assert "4401" in message
+    assert "not authenticated" in message
+    assert ORIGIN in message
+    # Neither the ticket nor its signature, in the line or in any field of the record.
+    signature = ticket.rsplit(":", 1)[-1]
+    for text in (message, repr(fields), *(m for m, _ in ws_log.records)):
+        assert ticket not in text
+        assert signature not in text
+
+
+def with_client(address: tuple[str, int]) -> Any:
+    """The realtime application, seen from a client at `address` (the communicator has none)."""
+    inner = websocket_application()
+
+    async def application(scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        return await inner({**scope, "client": address}, receive, send)
+
+    return application
+
+
+async def test_connection_row_records_address_node_and_time(settings):
+    settings.REALTIME = {"NODE_ID": "node-under-test"}
+    user = await db(UserFactory)()
+    before = timezone.now()
+    client = RealtimeClient(
+        with_client(("203.0.113.9", 51234)), session_key=await db(session_for)(user)
+    )
+    welcome = await client.connect()
+    after = timezone.now()
+    row = await db(Connection.objects.get)(pk=welcome["connectionId"])
+    assert row.remote_addr == "203.0.113.9"
+    assert row.node == "node-under-test"
+    assert before - dt.timedelta(seconds=1) <= row.connected_at <= after
+    assert row.connected_at.tzinfo is not None
+    await client.close()
+
+
+async def test_node_defaults_to_host_and_process():
+    import os
+    import socket
+
+    user = await db(UserFactory)()
+    client = RealtimeClient(with_client(("::1", 1)), session_key=await db(session_for)(user))
+    welcome = await client.connect()
+    row = await db(Connection.objects.get)(pk=welcome["connectionId"])
+    assert row.node == f"{socket.gethostname()}:{os.getpid()}"
+    assert row.remote_addr == "::1"
+    await client.close()
