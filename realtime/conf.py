@@ -58,6 +58,10 @@ DEFAULTS: dict[str, Any] = {
     # refusals past ABUSE_LIMIT in a row close the socket with 4429.
     "PUBLISH_RATE": 10.0,
     "PUBLISH_BURST": 20,
+    # Subscribe and unsubscribe frames: token bucket per socket (each cycle on a presence
+    # stream tells every member); the burst lets a page subscribe to all it shows at once.
+    "SUBSCRIBE_RATE": 5.0,
+    "SUBSCRIBE_BURST": 100,
     "ABUSE_LIMIT": 50,
     # Bytes sent to a socket since its last pong before it counts as a slow consumer (4409).
     "MAX_UNACKED_BYTES": 4 * 1024 * 1024,

@@ -146,9 +146,9 @@ class Subscription:
         if not self.authorized:
             metrics.DROPPED.labels("unauthorized").inc()
             return
-        if message.get("ephemeral"):
+        if message.get("ephemeral") and not self.replaying:
             # Client events and presence diffs: not logged, never back to the sending user.
-            if self.replaying or message.get("origin") == self.consumer.connection_id:
+            if message.get("origin") == self.consumer.connection_id:
                 return
             sender = message.get("originUser")
             if sender is not None and sender == getattr(self.consumer.user, "pk", None):
@@ -158,6 +158,8 @@ class Subscription:
             )
             return
         if self.replaying:
+            # Held in arrival order, ephemeral ones too: a presence diff dropped here would
+            # leave the client's member list wrong until the member next joins or leaves.
             if len(self.buffer) >= realtime_settings.REPLAY_BUFFER:
                 self.buffer.clear()
                 self.overflowed = True  # the replay loop reads the log again instead
@@ -267,6 +269,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.registered = False
         self.user = None
         self.bucket = TokenBucket(realtime_settings.PUBLISH_RATE, realtime_settings.PUBLISH_BURST)
+        self.subscribe_bucket = TokenBucket(
+            realtime_settings.SUBSCRIBE_RATE, realtime_settings.SUBSCRIBE_BURST
+        )
 
         origin_refusal = self.scope.get("realtime_origin_refused")
         if origin_refusal:
@@ -432,10 +437,15 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self._ping_pending = False
             if self.acked is not None:
                 self.acked.set()
-        elif isinstance(frame, protocol.Subscribe):
-            await self._subscribe(frame)
-        elif isinstance(frame, protocol.Unsubscribe):
-            await self._unsubscribe(frame)
+        elif isinstance(frame, (protocol.Subscribe, protocol.Unsubscribe)):
+            if not self.subscribe_bucket.take():
+                raise ProtocolError(
+                    Code.RATE_LIMITED, "too many subscriptions; slow down", frame.ref
+                )
+            if isinstance(frame, protocol.Subscribe):
+                await self._subscribe(frame)
+            else:
+                await self._unsubscribe(frame)
         elif isinstance(frame, protocol.Publish):
             await self._publish(frame)
 
@@ -553,6 +563,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         policy = self._policy(frame.stream, frame.ref)
         if not policy.allows_client_event(frame.type):
             raise ProtocolError(Code.EVENT_NOT_ALLOWED, "event type not allowed here", frame.ref)
+        if len(protocol.dumps(frame.data).encode()) > policy.client_event_max_bytes:
+            raise ProtocolError(
+                Code.EVENT_NOT_ALLOWED,
+                f"event data over {policy.client_event_max_bytes} bytes",
+                frame.ref,
+            )
         if not (self.bucket.take() and user_bucket(self.user.pk).take()):  # type: ignore[union-attr]
             raise ProtocolError(Code.RATE_LIMITED, "too many events; slow down", frame.ref)
         if not await self._authorized(policy, frame.stream):

@@ -47,6 +47,8 @@ class StreamPolicy:
     permission_classes: list[type[BasePermission]] = [IsAuthenticated]
     #: Client event types allowed on `publish` (e.g. "v1:typing.started"); none by default.
     client_events: tuple[str, ...] = ()
+    #: Largest `data` of a client event, in bytes of JSON: it goes to every subscriber.
+    client_event_max_bytes: int = 2048
     #: Whether subscribers are tracked as present (see the presence app).
     presence: bool = False
     #: Events kept for replay, overriding REALTIME['RETENTION_MAX_EVENTS'] for this kind.

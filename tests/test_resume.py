@@ -171,3 +171,38 @@ async def test_client_that_answers_pings_survives_a_replay_larger_than_its_credi
             seqs.append(frame["seq"])
     assert seqs == list(range(1, 201))
     await client.close()
+
+
+async def test_ephemeral_events_during_a_replay_are_held_then_sent_in_order():
+    from realtime.consumers import Subscription
+    from realtime.policies import stream_kinds
+
+    class Sink:
+        connection_id = "me"
+        user = None
+        transport = "websocket"
+
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        def send_event(self, stream: str, seq: int, event_type: str, frame: str) -> None:
+            self.sent.append(frame)
+
+        def send_ephemeral(self, stream: str, event_type: str, frame: str) -> None:
+            self.sent.append(frame)
+
+    sink = Sink()
+    subscription = Subscription(sink, "project:1", stream_kinds.get("project"), None)
+    subscription.contiguous = 4
+
+    def ephemeral(name: str, origin: str = "other") -> dict:
+        return {"ephemeral": True, "origin": origin, "eventType": name, "frames": {"*": name}}
+
+    subscription.deliver(ephemeral("presence.joined"))  # during the replay
+    subscription.deliver({"seq": 5, "frames": {"v1": "event 5"}, "eventType": "v1:x"})
+    subscription.deliver(ephemeral("own typing", origin="me"))  # never back to its sender
+    subscription.deliver(ephemeral("presence.left"))
+    assert sink.sent == []
+    subscription.go_live()
+    # A presence diff dropped during the replay would leave the member list wrong for good.
+    assert sink.sent == ["presence.joined", "event 5", "presence.left"]

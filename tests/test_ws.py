@@ -411,6 +411,31 @@ async def test_publish_rules_and_rate_limit(settings):
     assert (await client.receive_until("never")) == {"type": "websocket.close", "code": 4429}
 
 
+async def test_subscribe_churn_is_rate_limited(settings):
+    settings.REALTIME = {"SUBSCRIBE_RATE": 0.001, "SUBSCRIBE_BURST": 4}
+    owner, project = await make_project()
+    stream = f"project:{project.pk}"
+    client = await client_for(owner)
+    for _ in range(2):  # each cycle would tell a presence stream's members twice
+        assert (await client.subscribe(stream))["ok"] is True
+        assert (await client.request("unsubscribe", stream=stream))["ok"] is True
+    assert (await client.subscribe(stream))["error"]["code"] == "rate_limited"
+    await client.close()
+
+
+async def test_client_event_data_is_capped_per_stream_kind():
+    owner, project = await make_project()
+    stream = f"project:{project.pk}"
+    client = await client_for(owner)
+    small = {"stream": stream, "type": "v1:typing.started", "data": {"text": "x" * 100}}
+    assert (await client.request("publish", **small))["ok"] is True
+    big = {**small, "data": {"text": "x" * 3000}}  # under the frame limit, over the event's
+    refused = await client.request("publish", **big)
+    assert refused["error"]["code"] == "event_not_allowed"
+    assert "2048 bytes" in refused["error"]["message"]
+    await client.close()
+
+
 async def test_publish_is_reauthorized_every_time():
     _owner, project = await make_project()
     stranger = await db(UserFactory)()
