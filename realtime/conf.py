@@ -63,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
     "SUBSCRIBE_RATE": 5.0,
     "SUBSCRIBE_BURST": 100,
     "ABUSE_LIMIT": 50,
+    # Seconds between re-decisions of every subscription of a connection even when no
+    # permission change was announced (one could be lost with the channel layer); None: never.
+    "AUTHZ_RECHECK_INTERVAL": 300.0,
     # Bytes sent to a socket since its last pong before it counts as a slow consumer (4409).
     "MAX_UNACKED_BYTES": 4 * 1024 * 1024,
     # Events read per replay query, and live events held per subscription while it replays.

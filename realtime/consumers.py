@@ -24,7 +24,7 @@ from channels.utils import await_many_dispatch
 from . import hooks, metrics, protocol
 from .conf import realtime_settings
 from .fanout import get_hub, node_id
-from .policies import StreamPolicy, stream_kinds
+from .policies import StreamPolicy, next_recheck, stream_kinds
 from .protocol import Close, Code, ProtocolError
 from .ratelimit import TokenBucket, user_bucket
 from .streams import parse_stream
@@ -228,6 +228,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     """Authenticated, per-stream authorized, resumable event delivery over one socket."""
 
     transport = "websocket"
+    authz_due = float("inf")  # when to decide the subscriptions again unprompted
 
     @property  # type: ignore[override]
     def channel_layer_alias(self) -> str:
@@ -291,6 +292,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self._refuse(Close.RATE_LIMITED, f"more than {limit} connections for this user")
             return
         self.registered = True
+        self.authz_due = next_recheck(time.monotonic(), first=True)
         await self.accept()
         # Accepted first: a logout arriving now can close the socket.
         await self.hub.watch_user(user.pk, self)
@@ -724,6 +726,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         self._ping_pending = True
         self.enqueue(protocol.dumps({"op": "ping"}))
+        if now >= self.authz_due:
+            # Decide again unprompted now and then: a permission change whose message the
+            # channel layer lost would otherwise never reach this socket.
+            self.authz_due = next_recheck(now)
+            if self.subscriptions:
+                self.control({"type": "realtime.authz"})
 
     async def _close(self, code: int, *, force: bool = False) -> None:
         if self.closing and not force:

@@ -8,6 +8,8 @@ run in a worker thread, so they may query the database; every call reads permiss
 from __future__ import annotations
 
 import copy
+import math
+import random
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
+from .conf import realtime_settings
 from .streams import KIND_PATTERN
 
 _KIND = re.compile(rf"^{KIND_PATTERN}$")
@@ -175,6 +178,18 @@ def stream_policy(kind: str) -> Callable[[type[StreamPolicy]], type[StreamPolicy
         return policy
 
     return decorate
+
+
+def next_recheck(now: float, *, first: bool = False) -> float:
+    """When a connection next decides its subscriptions again unprompted (inf: never).
+
+    The first one falls anywhere in 0.5-1.5 intervals, so connections that all came back
+    with a restarted node do not all ask at once.
+    """
+    interval = realtime_settings.AUTHZ_RECHECK_INTERVAL
+    if not interval:
+        return math.inf
+    return now + float(interval) * (0.5 + random.random() if first else 1.0)
 
 
 def reload_user(user: Any) -> Any | None:

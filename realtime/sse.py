@@ -7,6 +7,7 @@ import collections
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,7 +28,7 @@ from .feed import (
     release_request_connections,
     starting_positions,
 )
-from .policies import check_stream, reload_user, stream_kinds
+from .policies import check_stream, next_recheck, reload_user, stream_kinds
 from .protocol import Code
 from .streams import parse_stream
 
@@ -67,6 +68,7 @@ class SSEConnection:
         self.client_version = client_version
         self.remote_addr = remote_addr
         self.recheck: asyncio.Task[None] | None = None
+        self.authz_due = next_recheck(time.monotonic(), first=True)
         self.positions = dict(positions)
         self.subscriptions: dict[str, Subscription] = {}
         for stream in streams:
@@ -175,6 +177,9 @@ class SSEConnection:
                 async for chunk in self._replay(subscription):
                     yield chunk
             while not self.closed:
+                if time.monotonic() >= self.authz_due:  # as a socket does (a lost message)
+                    self.authz_due = next_recheck(time.monotonic())
+                    self.control({"type": "realtime.authz"})
                 if self.outbox:
                     # Everything queued since the last wake-up goes out as one chunk.
                     chunk = "".join(self.outbox)

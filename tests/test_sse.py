@@ -320,3 +320,22 @@ async def test_a_closed_stream_leaves_nothing_running():
     from realtime.models import Connection
 
     assert not await db(Connection.objects.filter(pk=connection.connection_id).exists)()
+
+
+async def test_a_lost_permission_message_is_made_up_for_by_the_periodic_recheck(
+    settings, monkeypatch
+):
+    from realtime import invalidation, sse
+
+    monkeypatch.setattr(sse, "HEARTBEAT", 0.2)
+    settings.REALTIME = {**getattr(settings, "REALTIME", {}), "AUTHZ_RECHECK_INTERVAL": 0.5}
+    owner = await db(UserFactory)()
+    member = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    await db(add_member)(project, member)
+    reader, _ = await open_sse(member, f"project:{project.pk},user:{member.pk}")
+    monkeypatch.setattr(invalidation, "permissions_changed", lambda user_ids: None)  # lost
+    await db(remove_member)(project, member)
+    gone = await reader.event("unsubscribed", timeout=3)
+    assert gone["data"]["stream"] == f"project:{project.pk}"
+    await reader.close()

@@ -356,6 +356,29 @@ async def test_guardian_prefetch_cache_on_the_user_is_not_trusted(monkeypatch):
     await client.close()
 
 
+async def test_a_lost_permission_message_is_made_up_for_by_the_periodic_recheck(
+    settings, monkeypatch
+):
+    from realtime import invalidation
+
+    settings.REALTIME = {"HEARTBEAT": 0.2, "AUTHZ_RECHECK_INTERVAL": 0.5}
+    _owner, project = await make_project()
+    member = await db(UserFactory)()
+    await db(add_member)(project, member)
+    client = await client_for(member)
+    stream = f"project:{project.pk}"
+    assert (await client.subscribe(stream))["ok"] is True
+    monkeypatch.setattr(invalidation, "permissions_changed", lambda user_ids: None)  # lost
+    await db(remove_member)(project, member)
+    while True:  # answering pings, as a live client does, until the socket decides again
+        frame = await client.receive(timeout=3.0)
+        if frame.get("op") != "ping":
+            break
+        await client.send({"op": "pong"})
+    assert frame == {"op": "unsubscribed", "stream": stream, "reason": "forbidden"}
+    await client.close()
+
+
 async def test_logout_closes_the_users_sockets(client):
     owner, _ = await make_project()
     session = await db(session_for)(owner)
