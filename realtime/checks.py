@@ -251,33 +251,37 @@ def check_channel_layer_in_production(
 def check_deployment(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """`manage.py check --deploy`: what exposes sockets and their session cookies."""
+    """`manage.py check --deploy`: what exposes sockets and their session cookies.
+
+    Errors, not warnings: TLS is not optional for a socket the session cookie opens, and a
+    release step that runs `check --deploy --fail-level ERROR` must stop on them.
+    """
     messages: list[checks.CheckMessage] = []
     if settings.DEBUG:
         messages.append(
-            checks.Warning(
+            checks.Error(
                 "DEBUG is on: tracebacks, the in-memory layer and DEBUG-only defaults are not "
                 "for production.",
-                id="realtime.W040",
+                id="realtime.E040",
             )
         )
         return messages
     if not (settings.SESSION_COOKIE_SECURE and settings.CSRF_COOKIE_SECURE):
         messages.append(
-            checks.Warning(
+            checks.Error(
                 "SESSION_COOKIE_SECURE and CSRF_COOKIE_SECURE should be True: the session "
                 "cookie authenticates WebSockets and SSE, and must never travel in clear.",
-                id="realtime.W041",
+                id="realtime.E041",
             )
         )
     if not (settings.SECURE_SSL_REDIRECT or getattr(settings, "SECURE_PROXY_SSL_HEADER", None)):
         messages.append(
-            checks.Warning(
+            checks.Error(
                 "Neither SECURE_SSL_REDIRECT nor SECURE_PROXY_SSL_HEADER is set: pages (and so "
                 "their ws:// sockets) may be served without TLS.",
                 hint="Serve wss:// (daphne with a certificate, or TLS at the proxy with "
                 "SECURE_PROXY_SSL_HEADER); see docs/operations.md.",
-                id="realtime.W042",
+                id="realtime.E042",
             )
         )
     return messages

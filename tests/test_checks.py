@@ -215,13 +215,16 @@ def test_deploy_checks_fire_on_each_bad_setting_and_stay_quiet_on_good_ones():
     ):
         assert check_deployment() == []
     with override_settings(**{**good, "DEBUG": True}):
-        assert _ids(check_deployment()) == ["realtime.W040"]
+        assert _ids(check_deployment()) == ["realtime.E040"]
     with override_settings(**{**good, "SESSION_COOKIE_SECURE": False}):
-        assert _ids(check_deployment()) == ["realtime.W041"]
+        assert _ids(check_deployment()) == ["realtime.E041"]
     with override_settings(**{**good, "CSRF_COOKIE_SECURE": False}):
-        assert _ids(check_deployment()) == ["realtime.W041"]
+        assert _ids(check_deployment()) == ["realtime.E041"]
     with override_settings(**{**good, "SECURE_PROXY_SSL_HEADER": None}):
-        assert _ids(check_deployment()) == ["realtime.W042"]
+        assert _ids(check_deployment()) == ["realtime.E042"]
+    # Errors: the release step (`check --deploy --fail-level ERROR`) stops on them.
+    with override_settings(**{**good, "SESSION_COOKIE_SECURE": False}):
+        assert all(m.is_serious() for m in check_deployment())
 
 
 def test_allowed_hosts_star_outside_debug_is_an_error():
