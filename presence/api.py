@@ -9,6 +9,7 @@ from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 
+from realtime import metrics
 from realtime.conditional import etag_matches, make_etag
 from realtime.policies import check_stream, stream_kinds
 from realtime.protocol import Code
@@ -35,6 +36,7 @@ async def presence_view(request: HttpRequest, stream: str) -> HttpResponse:
         return _error(404, "No such stream kind.")
     if refusal is not None:
         # Refused and missing objects answer alike, as on the WebSocket.
+        metrics.UNAUTHORIZED.labels("read").inc()
         return _error(403, "You may not read this stream.")
     kind, _key = parse_stream(stream)
     policy: Any = stream_kinds.get(kind)

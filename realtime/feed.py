@@ -9,6 +9,7 @@ from typing import Any
 
 from django.http import HttpRequest, JsonResponse
 
+from . import metrics
 from .cursor import CursorError, Position, decode, encode
 from .policies import check_stream
 from .protocol import Code
@@ -58,6 +59,7 @@ def authorize(user: Any, streams: list[str]) -> None:
     for stream in streams:
         code = check_stream(user, stream)
         if code == Code.FORBIDDEN:
+            metrics.UNAUTHORIZED.labels("read").inc()
             raise BadRequest(code, f"not allowed: {stream}", 403)
         if code is not None:
             raise BadRequest(code, f"cannot read {stream!r}: {code}")

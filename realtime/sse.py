@@ -99,6 +99,7 @@ class SSEConnection:
             logger.warning(
                 "slow SSE client %s: closing; it resumes by Last-Event-ID", self.connection_id
             )
+            metrics.DROPPED.labels("slow_consumer").inc(len(self.outbox) + 1)
             self.closed = True
         else:
             self.outbox.append(text)

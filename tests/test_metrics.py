@@ -3,6 +3,7 @@ several processes add up under PROMETHEUS_MULTIPROC_DIR."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -122,6 +123,56 @@ async def test_counters_follow_a_scripted_session(settings):
     assert moved["realtime_events_delivered_total"] >= 1
     assert moved["realtime_publish_to_fanout_seconds_count"] >= 1
     assert moved["realtime_disconnects_total{code=4413}"] == 1
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_refused_http_reads_and_slow_sse_clients_are_counted(monkeypatch):
+    from django.test import AsyncClient
+
+    import realtime
+    from realtime import sse
+    from realtime.fanout import get_hub
+
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)()
+
+    def reads() -> float:
+        return value("realtime_unauthorized_attempts_total", action="read")
+
+    def slow() -> float:
+        return value("realtime_dropped_total", reason="slow_consumer")
+
+    before = reads(), slow()
+    client = AsyncClient()
+    await client.aforce_login(owner)
+    stream = {"streams": f"project:{project.pk}"}
+    assert (await client.get("/realtime/sse/", stream)).status_code == 403
+    assert (await client.get("/api/realtime/events/", stream)).status_code == 403
+    assert (await client.get(f"/api/presence/project:{project.pk}/")).status_code == 403
+    assert reads() - before[0] == 3
+
+    monkeypatch.setattr(sse, "MAX_QUEUED", 2)
+    response = await client.get("/realtime/sse/", {"streams": f"user:{owner.pk}"})
+    body = response.streaming_content.__aiter__()
+    await body.__anext__()  # retry: the stream is open
+    reading = asyncio.ensure_future(body.__anext__())  # past the replay, to the live events
+    [subscription] = get_hub().members[f"user:{owner.pk}"]
+    for _ in range(100):
+        if not subscription.replaying:
+            break
+        await asyncio.sleep(0.02)
+    await db(realtime.emit)(f"user:{owner.pk}", "v1:note.added", {"n": 0})
+    assert b'"n":0' in await asyncio.wait_for(reading, 5)
+    for n in range(1, 4):  # nobody reads from here on
+        await db(realtime.emit)(f"user:{owner.pk}", "v1:note.added", {"n": n})
+    await db(flush)()
+    for _ in range(50):
+        if slow() > before[1]:
+            break
+        await asyncio.sleep(0.05)
+    assert slow() - before[1] == 3  # the two queued and the one that did not fit
+    await body.aclose()
 
 
 @pytest.mark.django_db
