@@ -102,6 +102,7 @@ async def send_ephemeral(
     from django.utils import timezone
 
     from .conf import realtime_settings
+    from .context import get_correlation_id, new_correlation_id
     from .events import dumps, format_timestamp
     from .publisher import LAYER_MESSAGE_TYPE
     from .streams import group_name
@@ -112,6 +113,8 @@ async def send_ephemeral(
         "eventId": uuid.uuid4().hex,
         "type": event_type,
         "timestamp": format_timestamp(timezone.now()),
+        # Like a logged event's: the work that caused it, or a new id of its own.
+        "correlationId": get_correlation_id() or new_correlation_id(),
         **({"from": sender} if sender is not None else {}),
         "data": data,
     }

@@ -410,6 +410,8 @@ async def test_typing_reaches_others_but_not_the_sender_and_is_not_logged():
     assert "seq" not in event
     assert event["from"]["user"] == owner.pk
     assert event["eventId"] == reply["data"]["eventId"]
+    assert isinstance(event["correlationId"], str)
+    assert event["correlationId"]
     assert await sender.nothing_more()
     assert not await db(Event.objects.filter(type="v1:typing.started").exists)()
     await sender.close()
