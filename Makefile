@@ -47,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .test-db.sqlite3* .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .test-db-*.sqlite3* .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -44,6 +44,9 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    # DRF's tokens, so a client without cookies can get a WebSocket ticket with
+    # `Authorization: Token <key>` (docs/integration.md, "WebSocket tickets").
+    "rest_framework.authtoken",
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "guardian",
@@ -138,6 +141,9 @@ AUTH_PASSWORD_VALIDATORS = [
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
+        # Second, so an anonymous or badly authenticated request stays 403 (DRF answers 401
+        # only when the first class sends a WWW-Authenticate header).
+        "rest_framework.authentication.TokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     # The API speaks JSON only: a malformed form body parses as an empty form, and a PATCH
