@@ -31,7 +31,7 @@ def notifications_stream(context: Any) -> str:
 
 @register.inclusion_tag("notifications/bell.html", takes_context=True)
 def notification_bell(context: Any) -> dict[str, Any]:
-    """A bell with the unread count, kept live over SSE on the user's stream."""
+    """A bell with the unread count, kept live by the page's realtime client (user stream)."""
     request = context.get("request")
     user = getattr(request, "user", None) or context.get("user")
     authenticated = bool(user is not None and user.is_authenticated)
