@@ -348,6 +348,10 @@ class _Acker:
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
+        # Set by `call`: someone waits, so the gathering ends now. Marks alone never wake the
+        # thread while it gathers: a wake-up per published event cost the writer more than
+        # the marks themselves (the threads take turns on the GIL).
+        self.urgent = threading.Event()
 
     def _ensure(self) -> None:
         with self.lock:
@@ -364,31 +368,22 @@ class _Acker:
         self._ensure()
         done = threading.Event()
         self.queue.put((func, done))
+        self.urgent.set()
         return done.wait(max(0.0, timeout))
 
     def _run(self) -> None:
         while True:
+            first = self.queue.get()  # idle until something is queued
+            if not isinstance(first, tuple):
+                self.urgent.wait(self.ACK_DELAY)  # gather the marks that follow
+            self.urgent.clear()  # before draining: a call queued after the drain sets it again
             batch: list[int] = []
             calls: list[tuple[Any, threading.Event]] = []
-            item = self.queue.get()
-            deadline = time.monotonic() + self.ACK_DELAY
+            item = first
             while True:
-                if isinstance(item, tuple):
-                    calls.append(item)
-                else:
-                    batch.extend(item)
-                if calls:  # someone waits: write now
-                    try:
-                        while True:
-                            extra = self.queue.get_nowait()
-                            (calls.append if isinstance(extra, tuple) else batch.extend)(extra)
-                    except queue.Empty:
-                        break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
+                (calls.append if isinstance(item, tuple) else batch.extend)(item)
                 try:
-                    item = self.queue.get(timeout=remaining)
+                    item = self.queue.get_nowait()
                 except queue.Empty:
                     break
             if batch:
