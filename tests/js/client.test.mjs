@@ -232,7 +232,94 @@ test("frames sent while reconnecting are queued, bounded, the oldest dropped wit
   const ref = sockets[0].sent.at(-1).ref;
   sockets[0].receive({ op: "reply", ref, ok: true, data: { eventId: "x" } });
   assert.deepEqual(await third, { eventId: "x" });
-  void second;
+  c.close(); // the second was sent and never answered: it fails with the connection
+  await assert.rejects(second, (e) => e.code === "closed");
+});
+
+test("a frame queued while reconnecting stays pending through failed tries, then is sent once", async () => {
+  const { c, timers, sockets } = client({ wsAttempts: 100 });
+  c.connect();
+  await flush();
+  sockets[0].open();
+  sockets[0].fail(); // the connection drops
+  let settled = 0;
+  const published = c.publish("project:1", "v1:typing.started", { n: 1 });
+  published.then(() => (settled += 1), () => (settled += 1));
+  await timers.tick(500);
+  sockets[1].fail(); // a reconnect try that never got a welcome
+  await timers.tick(1000);
+  sockets[2].fail();
+  await flush();
+  assert.equal(settled, 0); // still queued, not rejected
+  assert.equal(c.queue.length, 1);
+  await timers.tick(2000);
+  sockets[3].open();
+  const sent = sockets.flatMap((s) => s.sent).filter((f) => f.op === "publish");
+  assert.equal(sent.length, 1); // sent once, on the socket that opened
+  sockets[3].receive({ op: "reply", ref: sent[0].ref, ok: true, data: { eventId: "p" } });
+  assert.deepEqual(await published, { eventId: "p" });
+  assert.equal(settled, 1);
+  assert.equal(c.queue.length, 0);
+  c.close();
+});
+
+test("a frame sent on a socket that closes fails with closed and is never resent", async () => {
+  const { c, timers, sockets } = client();
+  c.connect();
+  await flush();
+  sockets[0].open();
+  const published = c.publish("project:1", "v1:typing.started", {});
+  assert.equal(sockets[0].last("publish").op, "publish");
+  sockets[0].fail(); // no reply: the server may or may not have acted on it
+  await assert.rejects(published, (e) => e.code === "closed");
+  await timers.tick(1000);
+  sockets[1].open();
+  assert.equal(sockets[1].last("publish"), undefined);
+  c.close();
+});
+
+test("the queue stays bounded across failed reconnects; what overflowed is never sent", async () => {
+  const { c, timers, sockets, errors } = client({ maxQueue: 2, wsAttempts: 100 });
+  c.connect();
+  await flush();
+  sockets[0].fail();
+  const outcomes = [];
+  const promises = [1, 2, 3, 4].map((n) => {
+    const p = c.publish("project:1", "v1:typing.started", { n });
+    p.then(() => outcomes.push([n, "ok"]), (e) => outcomes.push([n, e.code]));
+    return p;
+  });
+  assert.equal(c.queue.length, 2);
+  await flush();
+  assert.deepEqual(outcomes, [[1, "queue_full"], [2, "queue_full"]]);
+  assert.deepEqual(errors.map((e) => e.code), ["queue_full", "queue_full"]);
+  await timers.tick(500);
+  sockets[1].fail(); // the queued ones survive a failed try
+  await flush();
+  assert.equal(outcomes.length, 2);
+  await timers.tick(1000);
+  sockets[2].open();
+  const sent = sockets[2].sent.filter((f) => f.op === "publish");
+  assert.deepEqual(sent.map((f) => f.data.n), [3, 4]);
+  for (const f of sent) sockets[2].receive({ op: "reply", ref: f.ref, ok: true, data: {} });
+  await Promise.allSettled(promises);
+  assert.deepEqual(outcomes, [[1, "queue_full"], [2, "queue_full"], [3, "ok"], [4, "ok"]]);
+  c.close();
+});
+
+test("close() fails what is still queued, once, and a later connect() does not send it", async () => {
+  const { c, timers, sockets } = client();
+  c.connect();
+  await flush();
+  const published = c.publish("project:1", "v1:typing.started", {});
+  c.close();
+  await assert.rejects(published, (e) => e.code === "closed");
+  assert.equal(c.queue.length, 0);
+  c.connect();
+  await flush();
+  sockets.at(-1).open();
+  assert.equal(sockets.at(-1).last("publish"), undefined);
+  await timers.tick(1000);
   c.close();
 });
 
@@ -517,40 +604,80 @@ function fakeTabs() {
   class FakeBroadcastChannel {
     constructor(name) {
       this.name = name;
+      this.deaf = false; // test control: drop what reaches this tab
       if (!channels.has(name)) channels.set(name, new Set());
       channels.get(name).add(this);
     }
     postMessage(data) {
       for (const other of channels.get(this.name)) {
-        if (other !== this) setImmediate(() => other.onmessage?.({ data: structuredClone(data) }));
+        if (other !== this && !other.deaf) setImmediate(() => other.onmessage?.({ data: structuredClone(data) }));
       }
     }
     close() {
       channels.get(this.name).delete(this);
     }
   }
-  const held = new Map(); // name -> queue of waiting grants
-  const locks = {
-    request(name, callback) {
-      return new Promise((resolve) => {
-        const queue = held.get(name) || [];
-        held.set(name, queue);
-        const grant = () => {
-          Promise.resolve(callback()).then(() => {
+  // Web Locks, exclusive mode: a queue per name, `signal` to give up waiting, `steal` to take
+  // a held lock (the holder's request then rejects with an AbortError), as the spec says.
+  const queues = new Map();
+  const abortError = () => Object.assign(new Error("aborted"), { name: "AbortError" });
+  const grantNext = (queue) => {
+    const head = queue[0];
+    if (!head || head.granted) return;
+    head.granted = true;
+    Promise.resolve()
+      .then(() => head.callback({ name: head.name, mode: "exclusive" }))
+      .then(
+        (value) => {
+          if (queue[0] === head) {
             queue.shift();
-            resolve();
-            if (queue.length) queue[0]();
+            grantNext(queue);
+          }
+          head.resolve(value);
+        },
+        (error) => {
+          if (queue[0] === head) {
+            queue.shift();
+            grantNext(queue);
+          }
+          head.reject(error);
+        },
+      );
+  };
+  const locks = {
+    request(name, options, callback) {
+      if (typeof options === "function") [callback, options] = [options, {}];
+      return new Promise((resolve, reject) => {
+        const queue = queues.get(name) || [];
+        queues.set(name, queue);
+        const entry = { name, callback, resolve, reject, granted: false };
+        if (options.signal) {
+          options.signal.addEventListener("abort", () => {
+            const at = queue.indexOf(entry);
+            if (at < 0 || entry.granted) return;
+            queue.splice(at, 1);
+            reject(abortError());
           });
-        };
-        queue.push(grant);
-        if (queue.length === 1) grant();
+        }
+        if (options.steal) {
+          if (queue[0] && queue[0].granted) queue.shift().reject(abortError());
+          queue.unshift(entry);
+        } else {
+          queue.push(entry);
+        }
+        grantNext(queue);
       });
+    },
+    /** Test control: is the lock held, and by a request still waiting how many. */
+    state(name) {
+      const queue = queues.get(name) || [];
+      return { held: Boolean(queue[0] && queue[0].granted), waiting: queue.filter((e) => !e.granted).length };
     },
   };
   return { FakeBroadcastChannel, locks };
 }
 
-test("tabs share one connection: one leader socket, followers get events, a new leader takes over", async () => {
+function tabs(extra = {}) {
   const { FakeBroadcastChannel, locks } = fakeTabs();
   const timers = new FakeTimers();
   const { FakeWebSocket, sockets } = fakeSockets();
@@ -564,7 +691,17 @@ test("tabs share one connection: one leader socket, followers get events, a new 
       fetch: async () => { throw new Error("no feed here"); },
       BroadcastChannel: FakeBroadcastChannel,
       locks,
+      ...extra,
     });
+  return { make, timers, sockets, locks, lockName: "realtime-leader:ws://testserver/ws/realtime/" };
+}
+
+const settle = async () => {
+  for (let i = 0; i < 5; i++) await flush();
+};
+
+test("tabs share one connection: one leader socket, followers get events, a new leader takes over", async () => {
+  const { make, sockets } = tabs();
   const leader = make().connect();
   const follower = make().connect();
   await flush();
@@ -614,5 +751,119 @@ test("tabs share one connection: one leader socket, followers get events, a new 
   sockets[1].receive(event(7));
   await flush();
   assert.deepEqual(seen, [5, 6, 7]);
+  follower.close();
+});
+
+test("a leader closed for good by 4401/4403 releases the lock: a tab opened later leads", async () => {
+  for (const code of [4401, 4403]) {
+    const { make, sockets, locks, lockName } = tabs();
+    const first = make().connect();
+    await settle();
+    assert.equal(first.role, "leader");
+    sockets[0].open();
+    sockets[0].fail(code); // e.g. logged out in this tab
+    assert.equal(first.status, STATUS.OFFLINE);
+    await settle();
+    assert.deepEqual(locks.state(lockName), { held: false, waiting: 0 });
+    assert.equal(first.channel, null);
+    const later = make().connect(); // logged in again, in another tab
+    await settle();
+    assert.equal(later.role, "leader");
+    assert.equal(sockets.length, 2);
+    sockets[1].open();
+    await settle();
+    assert.equal(later.status, STATUS.OPEN);
+    later.close();
+    first.close();
+  }
+});
+
+test("a follower takes the connection over when its leader is closed for good", async () => {
+  const { make, sockets } = tabs();
+  const first = make().connect();
+  const second = make().connect();
+  await settle();
+  sockets[0].open();
+  await settle();
+  assert.equal(second.role, "follower");
+  sockets[0].fail(4401);
+  await settle();
+  assert.equal(second.role, "leader");
+  assert.equal(sockets.length, 2);
+  second.close();
+  first.close();
+});
+
+test("a follower that hears no leader within leaderWait steals the lock from the silent holder", async () => {
+  const { make, sockets, timers, locks, lockName } = tabs({ leaderWait: 3000 });
+  // A holder that never answers: a tab frozen, or left over by an older client.
+  let stolen = null;
+  locks.request(lockName, () => new Promise(() => {})).catch((e) => (stolen = e.name));
+  await settle();
+  const tab = make().connect();
+  await settle();
+  assert.equal(tab.role, "follower");
+  assert.equal(sockets.length, 0);
+  await timers.tick(2999);
+  assert.equal(tab.role, "follower");
+  await timers.tick(1);
+  await settle();
+  assert.equal(stolen, "AbortError");
+  assert.equal(tab.role, "leader");
+  assert.equal(sockets.length, 1);
+  sockets[0].open();
+  await settle();
+  assert.equal(tab.status, STATUS.OPEN);
+  tab.close();
+  await settle();
+  assert.deepEqual(locks.state(lockName), { held: false, waiting: 0 });
+});
+
+test("a follower that hears its leader does not steal; a leader whose lock is stolen steps down", async () => {
+  const { make, sockets, timers } = tabs({ leaderWait: 3000 });
+  const first = make().connect();
+  const heard = make().connect();
+  await settle();
+  sockets[0].open();
+  await timers.tick(10000);
+  await settle();
+  assert.equal(heard.role, "follower"); // it heard the leader: no steal
+  assert.equal(sockets.length, 1);
+  // A tab that hears nothing (as if the leader were frozen) takes the lock after leaderWait.
+  const deaf = make();
+  deaf.connect();
+  deaf.channel.deaf = true;
+  await settle();
+  await timers.tick(3000);
+  await settle();
+  assert.equal(deaf.role, "leader");
+  assert.equal(first.role, "follower"); // the old leader gave its connection up
+  assert.equal(sockets[0].readyState, 3);
+  assert.equal(sockets.length, 2);
+  await timers.tick(60000);
+  await settle();
+  assert.equal(sockets.length, 2); // and does not reconnect or steal it back: it heard the new leader
+  assert.equal(first.role, "follower");
+  assert.equal(first.leaderId, deaf.tabId);
+  for (const tab of [first, heard, deaf]) tab.close();
+});
+
+test("a publish forwarded to a leader that leaves fails with closed and is not resent", async () => {
+  const { make, sockets } = tabs();
+  const leader = make().connect();
+  const follower = make().connect();
+  await settle();
+  sockets[0].open();
+  await settle();
+  const published = follower.publish("project:1", "v1:typing.started", {});
+  await settle();
+  assert.equal(sockets[0].last("publish").op, "publish");
+  leader.close(); // before the server's reply
+  await assert.rejects(published, (e) => e.code === "closed");
+  await settle();
+  assert.equal(follower.role, "leader");
+  sockets[1].open();
+  await settle();
+  assert.equal(sockets[1].last("publish"), undefined);
   follower.close();
 });

@@ -2,6 +2,7 @@
 // add, rename, toggle and delete with optimistic updates and a visible rollback on error;
 // presence avatars and "… is typing".
 import { client } from "/static/realtime/page.js";
+import { BoardItems } from "./items.js";
 
 const root = document.querySelector("[data-board]");
 const projectId = Number(root.dataset.project);
@@ -14,7 +15,7 @@ const input = form.querySelector("input[name=title]");
 const avatars = root.querySelector("[data-presence]");
 const typing = root.querySelector("[data-typing]");
 
-const items = new Map(); // id (or temp id) -> item
+const items = new BoardItems(); // keeps the newest version of each item, forgets no deletion
 let tempIds = 0;
 
 function say(text, kind = "error") {
@@ -61,18 +62,14 @@ function render() {
 }
 
 function apply(frame) {
-  const data = frame.data || {};
-  if (frame.type === "v1:item.deleted") items.delete(data.id);
-  else if (frame.type === "v1:item.created" || frame.type === "v1:item.updated") items.set(data.id, data);
-  else return;
-  render();
+  if (items.apply(frame)) render();
 }
 
 async function refetch() {
+  const since = items.mark(); // events during the request are newer than the list
   const response = await fetch(`/api/projects/${projectId}/items/`, { credentials: "same-origin" });
   if (!response.ok) return;
-  items.clear();
-  for (const item of await response.json()) items.set(item.id, item);
+  items.load(await response.json(), since);
   render();
 }
 
@@ -89,7 +86,7 @@ form.addEventListener("submit", async (event) => {
     await client.optimistic({
       apply: () => {
         const id = `tmp-${++tempIds}`;
-        items.set(id, { id, title, done: false, position, pending: true });
+        items.local(id, { id, title, done: false, position });
         render();
         return id;
       },
@@ -99,12 +96,12 @@ form.addEventListener("submit", async (event) => {
           headers: { "Idempotency-Key": `${me}-${Date.now()}-${tempIds}` },
         }),
       reconcile: (result, temp) => {
-        items.delete(temp);
-        items.set(result.data.id, result.data); // the event, if it came first, agrees
+        items.forget(temp);
+        items.put(result.data); // unless an event already brought a newer version, or a delete
         render();
       },
       rollback: (temp, error) => {
-        items.delete(temp);
+        items.forget(temp);
         render();
         say(`Could not add "${title}": ${error.message}`);
       },
@@ -121,16 +118,16 @@ async function change(id, patch, what) {
   try {
     await client.optimistic({
       apply: () => {
-        items.set(id, { ...before, ...patch, pending: true });
+        items.local(id, { ...before, ...patch });
         render();
       },
       request: () => client.request(`/api/items/${id}/`, { method: "PATCH", body: patch, headers: before.etag ? { "If-Match": before.etag } : {} }),
       reconcile: (result) => {
-        items.set(id, result.data);
+        items.put(result.data); // a late answer never undoes a newer event or a delete
         render();
       },
       rollback: (_temp, error) => {
-        items.set(id, before);
+        items.rollback(id, before);
         render();
         say(`Could not ${what}: ${error.message}`);
       },
@@ -159,12 +156,13 @@ async function destroy(id) {
   try {
     await client.optimistic({
       apply: () => {
-        items.delete(id);
+        items.hide(id);
         render();
       },
       request: () => client.request(`/api/items/${id}/`, { method: "DELETE" }),
+      reconcile: () => items.remove(id),
       rollback: (_temp, error) => {
-        items.set(id, before);
+        items.unhide(id);
         render();
         say(`Could not delete "${before.title}": ${error.message}`);
       },
@@ -218,7 +216,7 @@ try {
     onReset: refetch,
     onPresence: showPresence,
   });
-  for (const item of data) items.set(item.id, item);
+  items.load(data); // events that came first are kept if newer
 } catch (error) {
   say(`Could not load the items: ${error.message}`);
 }

@@ -133,6 +133,10 @@ export class SSEParser {
   }
 }
 
+function closedError() {
+  return Object.assign(new Error("connection closed"), { code: "closed" });
+}
+
 function randomId() {
   const bytes = new Uint8Array(16);
   (globalThis.crypto || { getRandomValues: (b) => b.map(() => Math.floor(Math.random() * 256)) })
@@ -169,6 +173,8 @@ export class RealtimeClient extends EventTarget {
       // Tabs of one origin share one connection: a leader tab (Web Locks) holds it and feeds
       // the others over a BroadcastChannel.
       shareTabs: options.shareTabs ?? true,
+      // ms a follower waits to hear a leader before it takes the lock from the silent holder.
+      leaderWait: options.leaderWait ?? 3000,
     };
     this.BroadcastChannel = options.BroadcastChannel || g.BroadcastChannel || null;
     this.locks = options.locks || (g.navigator && g.navigator.locks) || null;
@@ -194,6 +200,8 @@ export class RealtimeClient extends EventTarget {
     this.pendingCorrelations = new Set();
     this.closed = true;
     this.transport = null;
+    this.lockGeneration = 0; // a lock grant for an older generation is released at once
+    this.socketGeneration = 0; // a socket opened for an older generation is dropped
     this._onVisibility = () => this._visibilityChanged();
   }
 
@@ -255,15 +263,56 @@ export class RealtimeClient extends EventTarget {
     this.channel.onmessage = (message) => this._fromTab(message.data || {});
     this._setStatus(STATUS.CONNECTING);
     this._post({ kind: "hello" });
+    this._requestLead();
+    if (!this._onPageHide && globalThis.addEventListener) {
+      this._onPageHide = () => this._post({ kind: "bye" });
+      globalThis.addEventListener("pagehide", this._onPageHide);
+    }
+  }
+
+  /**
+   * Ask for the leader lock: wait in line, or (`steal`) take it from a holder that never
+   * answered, such as a tab frozen or left over by an older version of this client.
+   */
+  _requestLead({ steal = false } = {}) {
+    const generation = ++this.lockGeneration;
+    this._abortLockRequest();
+    const options = {};
+    if (steal) options.steal = true; // the spec forbids `signal` with `steal`
+    else if (globalThis.AbortController) options.signal = (this._lockAbort = new AbortController()).signal;
+    if (!steal) this._awaitLeader();
     this.locks
-      .request(`realtime-leader:${this.options.wsUrl}`, () => new Promise((release) => {
-        if (this.closed) return release();
+      .request(`realtime-leader:${this.options.wsUrl}`, options, () => new Promise((release) => {
+        if (this.closed || generation !== this.lockGeneration) return release();
         this._releaseLeadership = release;
         this._lead();
       }))
-      .catch(() => {});
-    const bye = () => this._post({ kind: "bye" });
-    if (globalThis.addEventListener) globalThis.addEventListener("pagehide", bye);
+      .catch(() => {
+        // Rejected while held: another tab stole the lock, so it leads now and this one follows.
+        if (generation === this.lockGeneration && this.role === "leader" && !this.closed) this._stepDown();
+      });
+  }
+
+  _abortLockRequest() {
+    if (this._lockAbort) this._lockAbort.abort();
+    this._lockAbort = null;
+  }
+
+  /** A follower that hears no leader within `leaderWait` takes the lead itself. */
+  _awaitLeader() {
+    this._cancel(this.leaderTimer);
+    this.leaderTimer = this._later(this.options.leaderWait, () => {
+      this.leaderTimer = null;
+      if (!this.closed && this.role === "follower" && !this.leaderId) this._requestLead({ steal: true });
+    });
+  }
+
+  /** A follower heard from a leader: frames sent to a previous one are lost with it. */
+  _heardLeader(id) {
+    this._cancel(this.leaderTimer);
+    this.leaderTimer = null;
+    if (this.leaderId && this.leaderId !== id) this._connectionLost();
+    this.leaderId = id;
   }
 
   _post(message) {
@@ -271,6 +320,10 @@ export class RealtimeClient extends EventTarget {
   }
 
   _lead() {
+    this._abortLockRequest();
+    this._cancel(this.leaderTimer);
+    this.leaderTimer = null;
+    if (this.role === "follower") this._connectionLost(); // sent to the old leader: gone
     this.role = "leader";
     this.leaderId = this.tabId;
     this.tabStreams = new Map();
@@ -279,18 +332,45 @@ export class RealtimeClient extends EventTarget {
     this._post({ kind: "leader" });
   }
 
+  /** The lock was stolen: give up the connection and follow the tab that holds it now. */
+  _stepDown() {
+    this._releaseLeadership = null; // the browser has released it already
+    this._dropConnection();
+    this._connectionLost();
+    for (const [stream, state] of [...this.streams]) {
+      if (state.handlers.size) continue; // followed only for other tabs: theirs to resubscribe
+      this.streams.delete(stream);
+      this._cancel(state.gapTimer);
+    }
+    this.tabStreams = new Map();
+    this.role = "follower";
+    this.leaderId = null;
+    this._setStatus(STATUS.CONNECTING);
+    this._post({ kind: "hello" });
+    this._requestLead();
+  }
+
   _fromTab(message) {
     if (this.closed) return;
     if (this.role === "leader") return this._leaderHears(message);
     switch (message.kind) {
       case "leader":
         // A (new) leader: subscribe again through it, then send what waited.
-        this.leaderId = message.from;
+        this._heardLeader(message.from);
         this._resubscribe();
         this._flush();
         return;
+      case "bye":
+        if (message.from !== this.leaderId) return;
+        // The leader left: what it was sending for us is lost; the lock goes to the next tab.
+        this.leaderId = null;
+        this._connectionLost();
+        this._awaitLeader();
+        return;
       case "status":
-        this.leaderId = message.from;
+        // Before a new leader's "leader" message, its status: ignore an old leader's last word.
+        if (this.leaderId && message.from !== this.leaderId) return;
+        this._heardLeader(message.from);
         this.transport = message.detail.transport;
         this.status = message.detail.status;
         this._emit("status", message.detail);
@@ -368,7 +448,18 @@ export class RealtimeClient extends EventTarget {
   }
 
   close() {
+    this._end();
+    this._setStatus(STATUS.OFFLINE, { reason: "closed" });
+  }
+
+  /**
+   * Stop for good (close(), or a close code reconnecting cannot fix): release the leader
+   * lock and the tab channel so another tab can lead, and fail every frame still waiting.
+   */
+  _end() {
     this.closed = true;
+    this.lockGeneration += 1; // a grant still to come is released at once
+    this._abortLockRequest();
     if (this._releaseLeadership) this._releaseLeadership();
     this._releaseLeadership = null;
     if (this.channel) {
@@ -376,12 +467,35 @@ export class RealtimeClient extends EventTarget {
       this.channel.close();
       this.channel = null;
     }
+    if (this._onPageHide && globalThis.removeEventListener) {
+      globalThis.removeEventListener("pagehide", this._onPageHide);
+    }
+    this._onPageHide = null;
+    this._dropConnection();
     for (const id of this.timers) this.clearTimeout(id);
     this.timers.clear();
+    if (this.document && this.document.removeEventListener) {
+      this.document.removeEventListener("visibilitychange", this._onVisibility);
+    }
+    // Nothing will be sent any more: each waiting frame fails now, once, and is forgotten.
+    this.queue = [];
+    const waiting = [...this.replies.values()];
+    this.replies.clear();
+    for (const pending of waiting) pending.reject(closedError());
+    for (const state of this.streams.values()) state.live = false;
+    this.role = "solo";
+    this.leaderId = null;
+  }
+
+  /** Close the socket (and one still connecting) without the reconnect that follows a close. */
+  _dropConnection() {
+    this.socketGeneration += 1;
+    this._cancel(this.retryTimer);
+    this._cancel(this.watchdog);
+    this._cancel(this.stableTimer);
     this._stopFallback();
-    if (this.socket) {
-      const socket = this.socket;
-      this.socket = null;
+    for (const socket of [this.socket, this.connecting]) {
+      if (!socket) continue;
       socket.onclose = socket.onmessage = socket.onerror = socket.onopen = null;
       try {
         socket.close(1000);
@@ -389,10 +503,24 @@ export class RealtimeClient extends EventTarget {
         /* already closed */
       }
     }
-    if (this.document && this.document.removeEventListener) {
-      this.document.removeEventListener("visibilitychange", this._onVisibility);
+    this.socket = this.connecting = null;
+    this.transport = null;
+  }
+
+  /**
+   * The connection the sent frames went out on is gone: each fails with `closed` (the server
+   * may or may not have acted on it; it is never resent). Frames still queued stay queued,
+   * their promises pending, until a later connection sends them.
+   */
+  _connectionLost() {
+    const queued = new Set(this.queue);
+    for (const [ref, pending] of this.replies) {
+      if (queued.has(pending.frame)) continue;
+      this.replies.delete(ref);
+      // A subscribe is sent again on the next connection, with a new ref.
+      if (pending.frame.op !== "subscribe") pending.reject(closedError());
     }
-    this._setStatus(STATUS.OFFLINE, { reason: "closed" });
+    for (const state of this.streams.values()) state.live = false;
   }
 
   // -- WebSocket ----------------------------------------------------------------------------
@@ -413,6 +541,7 @@ export class RealtimeClient extends EventTarget {
 
   async _openSocket({ probe = false } = {}) {
     if (this.closed || !this.WebSocket) return;
+    const generation = this.socketGeneration;
     if (!probe) this._setStatus(this.attempt ? STATUS.RECONNECTING : STATUS.CONNECTING);
     let url;
     try {
@@ -420,13 +549,14 @@ export class RealtimeClient extends EventTarget {
     } catch (error) {
       return this._socketFailed(null, probe);
     }
-    if (this.closed) return;
+    if (this.closed || generation !== this.socketGeneration) return;
     let socket;
     try {
       socket = new this.WebSocket(url);
     } catch (error) {
       return this._socketFailed(null, probe);
     }
+    this.connecting = socket;
     let promoted = false; // welcomed: this socket became the connection
     socket.onopen = () => {};
     socket.onmessage = (message) => {
@@ -438,6 +568,7 @@ export class RealtimeClient extends EventTarget {
       }
       if (frame.op === "welcome") {
         promoted = true;
+        if (this.connecting === socket) this.connecting = null;
         if (probe) this._stopFallback();
         this.socket = socket;
         this.transport = "websocket";
@@ -458,24 +589,21 @@ export class RealtimeClient extends EventTarget {
     };
     socket.onclose = (event) => {
       if (this.socket === socket) this.socket = null;
-      this._cancel(this.watchdog);
-      this._cancel(this.stableTimer);
-      for (const [ref, pending] of this.replies) {
-        if (pending.frame.op !== "subscribe") {
-          pending.reject(Object.assign(new Error("connection closed"), { code: "closed" }));
-          this.replies.delete(ref);
-        }
+      if (this.connecting === socket) this.connecting = null;
+      if (promoted) {
+        this._cancel(this.watchdog);
+        this._cancel(this.stableTimer);
+        // Only a welcomed socket carried frames; a failed try leaves the queue pending.
+        this._connectionLost();
       }
-      this.replies.clear();
-      for (const state of this.streams.values()) state.live = false;
       if (this.closed) return;
       if (FINAL_CLOSE.has(event.code)) {
-        this._setStatus(STATUS.OFFLINE, { code: event.code });
+        this._setStatus(STATUS.OFFLINE, { code: event.code }); // followers see it too
         this._emit("error", {
           code: event.code === 4401 ? "unauthenticated" : "forbidden",
           message: `the server refused the connection (${event.code})`,
         });
-        this.closed = true;
+        this._end();
         return;
       }
       this._socketFailed(event.code, probe && !promoted, promoted);
