@@ -364,10 +364,6 @@ def test_a_late_answer_does_not_bring_back_an_item_deleted_meanwhile(pages, serv
     expect(b.locator("[data-items] li[data-id]")).to_have_count(0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="notifications/templates/notifications/bell.html subscribes without `since`",
-)
 def test_the_bell_counts_a_notification_made_between_render_and_subscribe(browser, server):
     from playwright.sync_api import expect
 

@@ -6,6 +6,8 @@ from typing import Any
 
 from django import template
 
+from realtime.conditional import stream_positions
+
 from ..service import stream_of, unread_count
 
 register = template.Library()
@@ -35,8 +37,16 @@ def notification_bell(context: Any) -> dict[str, Any]:
     request = context.get("request")
     user = getattr(request, "user", None) or context.get("user")
     authenticated = bool(user is not None and user.is_authenticated)
+    if not authenticated:
+        return {"authenticated": False, "count": 0, "stream": "", "since": "", "epoch": ""}
+    stream = stream_of(user)
+    # The position first, then the count: the page subscribes from there, so a notification
+    # committed in between is replayed, never missed.
+    since, epoch = stream_positions([stream])[stream]
     return {
-        "authenticated": authenticated,
-        "count": unread_count(user) if authenticated else 0,
-        "stream": stream_of(user) if authenticated else "",
+        "authenticated": True,
+        "count": unread_count(user),
+        "stream": stream,
+        "since": since,
+        "epoch": epoch or "",
     }
