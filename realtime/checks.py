@@ -177,7 +177,16 @@ def check_settings(
                 id="realtime.E014",
             )
         )
-    if errors:
+    if int(realtime_settings.SUBSCRIBE_BURST) < int(realtime_settings.MAX_SUBSCRIPTIONS):
+        errors.append(
+            checks.Warning(
+                "REALTIME['SUBSCRIBE_BURST'] is below MAX_SUBSCRIPTIONS: a client that comes "
+                "back with all its subscriptions is refused some with rate_limited and has to "
+                "retry them",
+                id="realtime.W016",
+            )
+        )
+    if any(message.is_serious() for message in errors):
         return errors
     layers = getattr(settings, "CHANNEL_LAYERS", {}) or {}
     if alias not in layers:
@@ -188,7 +197,7 @@ def check_settings(
                 id="realtime.E011",
             )
         ]
-    return []
+    return errors
 
 
 @checks.register("realtime", checks.Tags.security, deploy=False)

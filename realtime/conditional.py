@@ -353,6 +353,7 @@ class RealtimeResourceMixin(ConditionalReadMixin):
 
     _realtime_locking = False
     _realtime_object: Any = None
+    _realtime_lock_later = False
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -378,8 +379,15 @@ class RealtimeResourceMixin(ConditionalReadMixin):
         its IMMEDIATE transactions already run one writer at a time.)
         """
         self._realtime_locking = True
-        self._realtime_object = self.get_object()
-        return self._realtime_object
+        obj = self.get_object()
+        if self._realtime_lock_later:
+            # A queryset that cannot take FOR UPDATE itself (DISTINCT, GROUP BY, aggregates:
+            # PostgreSQL refuses them): lock the row by its pk, and read it again locked.
+            manager = type(obj)._default_manager.db_manager(obj._state.db)
+            list(manager.select_for_update().filter(pk=obj.pk).values_list("pk"))
+            obj.refresh_from_db()
+        self._realtime_object = obj
+        return obj
 
     def get_object(self) -> Any:
         # The locked object serves DRF's own `get_object()` in update(): one read, not two.
@@ -392,6 +400,14 @@ class RealtimeResourceMixin(ConditionalReadMixin):
         # override (unlike `get_queryset`), so the lock reaches every view's queryset.
         queryset = super().filter_queryset(queryset)  # type: ignore[misc]
         if not self._realtime_locking:
+            return queryset
+        query = queryset.query
+        if (
+            query.distinct
+            or query.group_by is not None
+            or any(getattr(a, "contains_aggregate", False) for a in query.annotations.values())
+        ):
+            self._realtime_lock_later = True  # see locked_object
             return queryset
         # Only this row: not the rows of a select_related join (nor its nullable side).
         of = ("self",) if connections[queryset.db].features.has_select_for_update_of else ()

@@ -55,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_SUBSCRIPTIONS": 100,
     "MAX_CONNECTIONS_PER_USER": 20,
     # Client publishes: token bucket per socket and per user (per node): rate/s and burst;
-    # refusals past ABUSE_LIMIT in a row close the socket with 4429.
+    # refusals past ABUSE_LIMIT since the last accepted publish close the socket with 4429.
     "PUBLISH_RATE": 10.0,
     "PUBLISH_BURST": 20,
     # Subscribe and unsubscribe frames: token bucket per socket (each cycle on a presence

@@ -229,6 +229,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     transport = "websocket"
     authz_due = float("inf")  # when to decide the subscriptions again unprompted
+    authz_waiting = False  # a realtime.authz is queued and has not started
 
     @property  # type: ignore[override]
     def channel_layer_alias(self) -> str:
@@ -439,15 +440,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self._ping_pending = False
             if self.acked is not None:
                 self.acked.set()
-        elif isinstance(frame, (protocol.Subscribe, protocol.Unsubscribe)):
+        elif isinstance(frame, protocol.Subscribe):
             if not self.subscribe_bucket.take():
-                raise ProtocolError(
-                    Code.RATE_LIMITED, "too many subscriptions; slow down", frame.ref
+                # Answered, not counted as abuse: a page that shows many streams (or several
+                # tabs sharing this socket) may simply come back for them too fast.
+                metrics.DROPPED.labels("rate_limit").inc()
+                self.enqueue(
+                    protocol.error(frame.ref, Code.RATE_LIMITED, "too many subscribes; retry later")
                 )
-            if isinstance(frame, protocol.Subscribe):
-                await self._subscribe(frame)
-            else:
-                await self._unsubscribe(frame)
+                return
+            await self._subscribe(frame)
+        elif isinstance(frame, protocol.Unsubscribe):
+            await self._unsubscribe(frame)
         elif isinstance(frame, protocol.Publish):
             await self._publish(frame)
 
@@ -516,9 +520,19 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         # A permission change announced while the layer was silent was lost with it: ask the
         # policy again (about the user as stored now) before replaying, and revoke as a
         # permission change would.
-        if not await self._reload_user():
+        try:
+            if not await self._reload_user():
+                return
+            allowed = await self._authorized(subscription.policy, subscription.stream)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The subscription is replaying (buffering) and would never go live again: close,
+            # and the client resumes by `since`.
+            logger.exception("resync of %s failed on %s", subscription.stream, self.connection_id)
+            await self._close(Close.INTERNAL_ERROR)
             return
-        if not await self._authorized(subscription.policy, subscription.stream):
+        if not allowed:
             subscription.task = None  # this task: realtime_authz must not cancel it
             await self.realtime_authz({})
             return
@@ -730,8 +744,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             # Decide again unprompted now and then: a permission change whose message the
             # channel layer lost would otherwise never reach this socket.
             self.authz_due = next_recheck(now)
-            if self.subscriptions:
-                self.control({"type": "realtime.authz"})
+            # Even with no subscription: a user deactivated by queryset.update() is closed.
+            self.control({"type": "realtime.authz"})
 
     async def _close(self, code: int, *, force: bool = False) -> None:
         if self.closing and not force:
@@ -758,10 +772,16 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         """
         if message.get("type") not in self.control_types or self.closing:
             return
+        if message["type"] == "realtime.authz":
+            if self.authz_waiting:
+                return  # one still waiting to start reads the permissions after this change too
+            self.authz_waiting = True
         _background(self._controlled(message))
 
     async def _controlled(self, message: dict[str, Any]) -> None:
         async with self.handling:
+            if message["type"] == "realtime.authz":
+                self.authz_waiting = False
             if not self.closing:
                 await getattr(self, get_handler_name(message))(message)
 

@@ -17,6 +17,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 
 from . import metrics
 from .conf import realtime_settings
+from .connections import count_for_user
 from .consumers import Subscription
 from .cursor import Position, encode
 from .fanout import get_hub, node_id
@@ -113,13 +114,20 @@ class SSEConnection:
             self.closed = True
             self.wakeup.set()
         elif message.get("type") == "realtime.authz" and not self.closed:
-            # One decision at a time, and none left running once the stream has ended.
+            # One decision at a time, and none left running once the stream has ended; one
+            # still waiting to start reads the permissions after this change too.
+            if self.recheck_waiting:
+                return
+            self.recheck_waiting = True
             previous = self.recheck
             self.recheck = asyncio.get_running_loop().create_task(self._recheck(previous))
+
+    recheck_waiting = False
 
     async def _recheck(self, previous: asyncio.Task[None] | None = None) -> None:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
+        self.recheck_waiting = False
         if self.closed:
             return
         # The user as stored now: this copy is as old as the stream (is_superuser, is_active).
@@ -144,10 +152,8 @@ class SSEConnection:
 
     def open_row(self, limit: int) -> bool:
         """Write this stream's Connection row unless the user has `limit` connections already."""
-        from .connections import count_for_user, open_connection, resolve_tenant
+        from .connections import open_connection, resolve_tenant
 
-        if count_for_user(self.user) >= limit:  # as for a socket: no lock for a refusal
-            return False
         return open_connection(
             connection_id=self.connection_id,
             user=self.user,
@@ -159,16 +165,25 @@ class SSEConnection:
             limit=limit,
         )
 
-    async def run(self, resets: list[dict[str, Any]]) -> AsyncIterator[str]:
+    async def run(self, resets: list[dict[str, Any]], limit: int) -> AsyncIterator[str]:
         from .connections import close_connection
 
         hub = get_hub()
-        await hub.watch_user(self.user.pk, self)
-        metrics.CONNECTS.labels("sse").inc()
-        metrics.CONNECTIONS.labels("sse").inc()
-        if self.resumed:
-            metrics.RESUMES.labels("sse").inc()
+        # The row is written here, not in the view: a generator that never starts (the client
+        # left before the response began) runs no `finally`, and would leave it for ever.
+        opening = asyncio.ensure_future(_db(self.open_row)(limit))
+        counted = False
         try:
+            if not await asyncio.shield(opening):
+                # Others of this user's connections got in since the view counted them.
+                logger.info("SSE stream %s over the connection limit", self.connection_id)
+                return
+            await hub.watch_user(self.user.pk, self)
+            metrics.CONNECTS.labels("sse").inc()
+            metrics.CONNECTIONS.labels("sse").inc()
+            counted = True
+            if self.resumed:
+                metrics.RESUMES.labels("sse").inc()
             for stream, subscription in self.subscriptions.items():
                 await hub.join(stream, subscription)
             yield f"retry: {RETRY_MS}\n\n"
@@ -200,7 +215,10 @@ class SSEConnection:
             self.closed = True
             if self.recheck is not None:
                 self.recheck.cancel()
-            metrics.CONNECTIONS.labels("sse").dec()
+            if not opening.done():  # cancelled while the row was being written: let it land
+                await asyncio.wait([opening])
+            if counted:
+                metrics.CONNECTIONS.labels("sse").dec()
             with contextlib.suppress(Exception):
                 for stream, subscription in list(self.subscriptions.items()):
                     await hub.leave(stream, subscription)
@@ -268,13 +286,15 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
     )
     connection.resumed = cursor is not None
     limit = int(realtime_settings.MAX_CONNECTIONS_PER_USER)
-    if not await _db(connection.open_row)(limit):
+    if await _db(count_for_user)(user) >= limit:
         # As a socket past the limit gets 4429: the client retries after its backoff.
         return BadRequest(
             Code.RATE_LIMITED, f"more than {limit} connections for this user", status=429
         ).response()
     await release_request_connections()
-    response = StreamingHttpResponse(connection.run(start.resets), content_type="text/event-stream")
+    response = StreamingHttpResponse(
+        connection.run(start.resets, limit), content_type="text/event-stream"
+    )
     response["Cache-Control"] = "no-store"
     response["X-Accel-Buffering"] = "no"
     return response

@@ -169,3 +169,27 @@ def test_a_retry_while_the_first_post_runs_waits_and_replays_it(hold):
     assert len(replayed) == 1
     assert replayed[0]["Idempotent-Replayed"] == "true"
     assert Item.objects.filter(project=project, title="once").count() == 1
+
+
+def test_if_match_locks_a_row_of_a_distinct_queryset_too(hold, monkeypatch):
+    """PostgreSQL refuses FOR UPDATE with DISTINCT: such a view locks the row by its pk."""
+    from board.api import ItemViewSet
+
+    original = ItemViewSet.get_queryset
+    monkeypatch.setattr(ItemViewSet, "get_queryset", lambda self: original(self).distinct())
+    owner = UserFactory()
+    item = ItemFactory(project=ProjectFactory(owner=owner), title="first")
+    url = f"/api/items/{item.pk}/"
+    etag = client_for(owner).get(url)["ETag"]
+    held = hold(signals.pre_save)
+
+    def patch(title: str) -> Callable[[], Any]:
+        return lambda: client_for(owner).patch(
+            url, {"title": title}, format="json", HTTP_IF_MATCH=etag
+        )
+
+    responses = run_together(patch("from a"), patch("from b"))
+    assert sorted(r.status_code for r in responses) == [200, 412]
+    assert held.second_waited
+    item.refresh_from_db()
+    assert item.title == next(r for r in responses if r.status_code == 200).data["title"]

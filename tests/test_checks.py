@@ -234,3 +234,12 @@ def test_allowed_hosts_star_outside_debug_is_an_error():
         assert _ids(check_allowed_hosts()) == ["realtime.E020"]
     with override_settings(ALLOWED_HOSTS=["example.com"], DEBUG=False):
         assert check_allowed_hosts() == []
+
+
+def test_a_subscribe_burst_below_the_subscription_limit_is_a_warning():
+    from realtime.checks import check_settings
+
+    with override_settings(REALTIME={"SUBSCRIBE_BURST": 10, "MAX_SUBSCRIPTIONS": 100}):
+        assert _ids(check_settings()) == ["realtime.W016"]
+    with override_settings(REALTIME={"SUBSCRIBE_BURST": 100, "MAX_SUBSCRIPTIONS": 100}):
+        assert check_settings() == []

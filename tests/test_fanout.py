@@ -383,3 +383,38 @@ async def test_hub_tasks_do_not_run_in_the_context_of_the_request_that_started_t
         await asyncio.gather(*hub._tasks, return_exceptions=True)
     # The hub serves every later request too: its log lines carry none of their ids.
     assert seen == [None]
+
+
+async def test_permission_messages_that_come_while_one_waits_are_one_decision(monkeypatch):
+    _stream, clients, consumers = await subscribed(1)
+    consumer = consumers[0]
+    decisions: list[int] = []
+
+    async def realtime_authz(self: Any, message: dict[str, Any]) -> None:
+        decisions.append(1)
+
+    monkeypatch.setattr(RealtimeConsumer, "realtime_authz", realtime_authz)
+    for _ in range(5):  # e.g. remove_member deletes three permission rows: three messages
+        consumer.control({"type": "realtime.authz"})
+    await asyncio.sleep(0.1)
+    assert decisions == [1]  # the one waiting read the permissions after all five changes
+    consumer.control({"type": "realtime.authz"})  # a later change: decided again
+    await asyncio.sleep(0.1)
+    assert decisions == [1, 1]
+    await clients[0].close()
+
+
+async def test_a_resync_that_cannot_reach_the_database_closes_rather_than_stalls(monkeypatch):
+    from realtime import policies
+
+    stream, clients, consumers = await subscribed(1)
+    subscription = consumers[0].subscriptions[stream]
+
+    def unreachable(user: Any) -> Any:
+        raise RuntimeError("database unreachable")
+
+    monkeypatch.setattr(policies, "reload_user", unreachable)
+    subscription.resync()
+    # Replaying (buffering) for ever would deliver nothing, silently: the client resumes.
+    closed = await clients[0].receive_until("never", timeout=5)
+    assert closed == {"type": "websocket.close", "code": 1011}
