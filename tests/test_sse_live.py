@@ -107,3 +107,77 @@ def test_open_sse_streams_hold_no_database_connections(tmp_path):
             conn.close()
     # A few worker threads may keep one each; one per stream would be 20.
     assert held < 8, f"{held} database sessions held by 20 open SSE streams"
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_sse_from_daphne_two_streams_two_reconnects_revocation_and_a_bad_cursor(tmp_path):
+    import realtime
+    from board.membership import add_member, remove_member
+
+    owner = UserFactory()
+    member = UserFactory()
+    project = ProjectFactory(owner=owner)
+    add_member(project, member)
+    cookie = f"sessionid={session_for(member)}"
+    env = {"DATABASE_URL": database_url(), "REDIS_URL": os.environ["REDIS_URL"], "DEBUG": "1"}
+    streams = f"project:{project.pk},user:{member.pk}"
+    path = f"/realtime/sse/?streams={streams}"
+
+    def open_stream(last_event_id: str | None = None) -> tuple[http.client.HTTPConnection, object]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        headers = {"Cookie": cookie, **({"Last-Event-ID": last_event_id} if last_event_id else {})}
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        assert response.status == 200
+        return conn, response
+
+    def seen(events: list[dict]) -> list[tuple[str, int]]:
+        return [(e["data"]["stream"], e["data"]["seq"]) for e in events]
+
+    with Daphne(env, tmp_path / "sse.log") as server:
+        conn, response = open_stream()
+        ItemFactory(project=project, title="a")
+        realtime.emit(f"user:{member.pk}", "v1:note.added", {"n": 1})
+        first = [read_event(response, time.monotonic() + 10) for _ in range(2)]
+        conn.close()
+
+        # Missed while away, on both streams; the cursor of the last event resumes both.
+        ItemFactory(project=project, title="b")
+        realtime.emit(f"user:{member.pk}", "v1:note.added", {"n": 2})
+        conn, response = open_stream(first[-1]["id"])
+        second = [read_event(response, time.monotonic() + 10) for _ in range(2)]
+        last = dict(seen(first))
+        assert sorted(seen(second)) == sorted((stream, seq + 1) for stream, seq in last.items())
+        conn.close()
+
+        user_stream = f"user:{member.pk}"
+        realtime.emit(user_stream, "v1:note.added", {"n": 3})
+        conn, response = open_stream(second[-1]["id"])
+        third = read_event(response, time.monotonic() + 10)
+        # Nothing twice, nothing skipped.
+        assert seen([third]) == [(user_stream, last[user_stream] + 2)]
+
+        # Revoked while connected: that stream ends, the other goes on.
+        remove_member(project, member)
+        gone = read_event(response, time.monotonic() + 10)
+        assert gone["event"] == "unsubscribed"
+        assert gone["data"]["stream"] == f"project:{project.pk}"
+        ItemFactory(project=project, title="not for the member any more")
+        realtime.emit(user_stream, "v1:note.added", {"n": 4})
+        after = read_event(response, time.monotonic() + 10)
+        assert after["data"]["data"] == {"n": 4}  # the project's item never came
+        conn.close()
+
+        # A cursor that cannot be read starts now with a reset per stream, never a 500.
+        path = f"/realtime/sse/?streams=user:{member.pk}"
+        conn, response = open_stream("not-a-cursor")
+        reset = read_event(response, time.monotonic() + 10)
+        assert (reset["event"], reset["data"]["stream"], reset["data"]["seq"]) == (
+            "reset",
+            user_stream,
+            after["data"]["seq"],
+        )
+        conn.close()
+        assert "Traceback" not in server.output()
