@@ -38,7 +38,9 @@ class FakeTimers {
       this.queue.delete(id);
       this.now = timer.at;
       timer.fn();
-      await flush();
+      // Let what the timer started settle before time moves on (a message between tabs and
+      // its answer take a few turns of the event loop, and no time).
+      for (let i = 0; i < 5; i++) await flush();
     }
     this.now = end;
   }
@@ -681,7 +683,7 @@ function tabs(extra = {}) {
   const { FakeBroadcastChannel, locks } = fakeTabs();
   const timers = new FakeTimers();
   const { FakeWebSocket, sockets } = fakeSockets();
-  const make = () =>
+  const make = (more = {}) =>
     new RealtimeClient({
       baseUrl: "http://testserver",
       WebSocket: FakeWebSocket,
@@ -692,6 +694,7 @@ function tabs(extra = {}) {
       BroadcastChannel: FakeBroadcastChannel,
       locks,
       ...extra,
+      ...more,
     });
   return { make, timers, sockets, locks, lockName: "realtime-leader:ws://testserver/ws/realtime/" };
 }
@@ -866,4 +869,425 @@ test("a publish forwarded to a leader that leaves fails with closed and is not r
   await settle();
   assert.equal(sockets[1].last("publish"), undefined);
   follower.close();
+});
+
+// -- a subscription's `ready` --------------------------------------------------------------
+
+/** Follow a promise's outcome without awaiting it: {state, value, error}. */
+function watch(promise) {
+  const w = { state: "pending" };
+  promise.then(
+    (value) => Object.assign(w, { state: "resolved", value }),
+    (error) => Object.assign(w, { state: "rejected", error }),
+  );
+  return w;
+}
+
+const ok = (socket, frame, data = { seq: 0, epoch: "e", recovered: false }) =>
+  socket.receive({ op: "reply", ref: frame.ref, ok: true, data });
+const refuse = (socket, frame, code) =>
+  socket.receive({ op: "reply", ref: frame.ref, ok: false, error: { code, message: `refused: ${code}` } });
+const sentOf = (socket, op, stream) => socket.sent.filter((f) => f.op === op && (!stream || f.stream === stream));
+
+test("ready of a subscribe made before the welcome settles with the first reply, however many sockets it takes", async () => {
+  const { c, timers, sockets } = client();
+  c.connect();
+  await flush();
+  const ready = watch(c.subscribe("project:1", { onEvent() {} }).ready); // as the bell does at page load
+  sockets[0].open();
+  assert.equal(sentOf(sockets[0], "subscribe").length, 1);
+  sockets[0].fail(); // no reply on this socket
+  await timers.tick(1000);
+  sockets[1].open();
+  await settle();
+  assert.equal(ready.state, "pending");
+  ok(sockets[1], sockets[1].last("subscribe"), { seq: 3, epoch: "e", recovered: false });
+  await settle();
+  assert.equal(ready.state, "resolved");
+  assert.equal(ready.value.seq, 3);
+  const later = watch(c.subscribe("project:1", {}).ready); // the stream is live: ready at once
+  await settle();
+  assert.equal(later.state, "resolved");
+  assert.equal(c.replies.size, 0); // nothing left waiting for a reply that cannot come
+  c.close();
+});
+
+test("ready rejects when the client is closed, the subscription is refused, or the handle unsubscribes first", async () => {
+  {
+    const { c, sockets } = client();
+    c.connect();
+    await flush();
+    sockets[0].open();
+    const ready = watch(c.subscribe("project:1", {}).ready);
+    sockets[0].fail(); // the reply is lost with the socket; then the page closes the client
+    c.close();
+    await settle();
+    assert.equal(ready.state, "rejected");
+    assert.equal(ready.error.code, "closed");
+  }
+  {
+    const { c, sockets, errors } = client();
+    c.connect();
+    await flush();
+    sockets[0].open();
+    const ready = watch(c.subscribe("project:9", {}).ready);
+    refuse(sockets[0], sockets[0].last("subscribe"), "forbidden");
+    await settle();
+    assert.equal(ready.state, "rejected");
+    assert.equal(ready.error.code, "forbidden");
+    assert.equal(errors.at(-1).code, "forbidden");
+    const second = watch(c.subscribe("project:9", {}).ready); // refused already: no new frame
+    await settle();
+    assert.equal(second.error.code, "forbidden");
+    assert.equal(sentOf(sockets[0], "subscribe").length, 1);
+    c.close();
+  }
+  {
+    const { c, sockets } = client();
+    c.connect();
+    await flush();
+    const sub = c.subscribe("project:1", {});
+    const ready = watch(sub.ready);
+    sub.unsubscribe();
+    await settle();
+    assert.equal(ready.error.code, "unsubscribed");
+    sockets[0].open();
+    assert.equal(sentOf(sockets[0], "subscribe").length, 0);
+    c.close();
+  }
+});
+
+test("ready of a follower's subscribe made before it heard the leader settles with the leader's reply", async () => {
+  const { make, sockets } = tabs();
+  const leader = make().connect();
+  await settle();
+  const follower = make().connect();
+  const ready = watch(follower.subscribe("project:1", { onEvent() {} }).ready); // no leader known yet
+  await settle();
+  sockets[0].open();
+  await settle();
+  const sub = sockets[0].last("subscribe");
+  assert.equal(sub.stream, "project:1");
+  ok(sockets[0], sub, { seq: 4, epoch: "e", recovered: false });
+  await settle();
+  assert.equal(ready.state, "resolved");
+  assert.equal(ready.value.seq, 4);
+  follower.close();
+  leader.close();
+});
+
+test("ready of a subscribe waiting for a socket resolves when the client falls back to SSE", async () => {
+  const { c, sockets } = client({ wsAttempts: 1, fetch: () => new Promise(() => {}) });
+  const ready = watch(c.subscribe("project:1", {}).ready);
+  c.connect();
+  await flush();
+  sockets[0].fail();
+  await settle();
+  assert.equal(c.status, STATUS.SSE);
+  assert.equal(ready.state, "resolved");
+  c.close();
+});
+
+// -- a leader that stops answering -----------------------------------------------------------
+
+test("a leader heard and then frozen: its follower probes, takes the lock after leaderWait + leaderWait/3; the old leader steps down", async () => {
+  const { make, sockets, timers } = tabs({ leaderWait: 3000 });
+  const leader = make().connect();
+  const follower = make().connect();
+  await settle();
+  sockets[0].open();
+  await settle();
+  const seen = [];
+  follower.subscribe("project:1", { onEvent: (f) => seen.push(f.seq) });
+  await settle();
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 4, epoch: "e", recovered: false });
+  sockets[0].receive(event(5));
+  await settle();
+  assert.deepEqual(seen, [5]);
+  await timers.tick(10000); // the leader's heartbeat (every leaderWait / 3) keeps it
+  await settle();
+  assert.equal(follower.role, "follower");
+  assert.equal(sockets.length, 1);
+  // The leader freezes just after a heartbeat: it neither hears nor says anything now.
+  const post = leader.channel.postMessage;
+  leader.channel.postMessage = () => {};
+  leader.channel.deaf = true;
+  await timers.tick(3999); // leaderWait of silence, then a probe nobody answers
+  await settle();
+  assert.equal(follower.role, "follower");
+  await timers.tick(1);
+  await settle();
+  assert.equal(follower.role, "leader");
+  assert.equal(sockets.length, 2);
+  assert.equal(leader.role, "follower"); // its lock was stolen: it stepped down
+  assert.equal(sockets[0].readyState, 3);
+  sockets[1].open();
+  await settle();
+  assert.equal(sockets[1].last("subscribe").since, 5); // the follower resumes where it was
+  // The old leader thaws: it hears the new leader and follows it, without stealing back.
+  leader.channel.postMessage = post;
+  leader.channel.deaf = false;
+  await timers.tick(30000); // (within the socket's watchdog: no server frame comes here)
+  await settle();
+  assert.equal(leader.role, "follower");
+  assert.equal(leader.leaderId, follower.tabId);
+  assert.equal(follower.role, "leader");
+  assert.equal(sockets.length, 2);
+  leader.close();
+  follower.close();
+});
+
+test("a healthy leader whose timers are held up (a hidden tab) is not stolen from: it answers the probe", async () => {
+  const { make, sockets, timers } = tabs({ leaderWait: 3000 });
+  const held = new FakeTimers(); // never ticked: the leader sends no heartbeat at all
+  const leader = make({ setTimeout: held.setTimeout, clearTimeout: held.clearTimeout }).connect();
+  const follower = make().connect();
+  await settle();
+  sockets[0].open();
+  await settle();
+  let probes = 0;
+  const post = follower.channel.postMessage.bind(follower.channel);
+  follower.channel.postMessage = (m) => (m.kind === "probe" && (probes += 1), post(m));
+  await timers.tick(60000);
+  await settle();
+  assert.equal(follower.role, "follower");
+  assert.equal(leader.role, "leader");
+  assert.equal(sockets.length, 1);
+  assert.ok(probes >= 10 && probes <= 20, `probes: ${probes}`); // one per leaderWait of silence
+  leader.close();
+  follower.close();
+});
+
+test("a leader busy for less than leaderWait + leaderWait/3 keeps its followers", async () => {
+  const { make, sockets, timers } = tabs({ leaderWait: 3000 });
+  const leader = make().connect();
+  const follower = make().connect();
+  await settle();
+  sockets[0].open();
+  await timers.tick(10000);
+  await settle();
+  // A long task in the leader's tab: what it sends and what reaches it waits until it ends.
+  const out = [];
+  const incoming = [];
+  const post = leader.channel.postMessage;
+  const hear = leader.channel.onmessage;
+  leader.channel.postMessage = (m) => out.push(m);
+  leader.channel.onmessage = (m) => incoming.push(m);
+  await timers.tick(3900); // silent for leaderWait, probed, and still within the probe's wait
+  leader.channel.postMessage = post;
+  leader.channel.onmessage = hear;
+  for (const m of incoming) hear(m);
+  for (const m of out) post.call(leader.channel, m);
+  await settle();
+  await timers.tick(30000);
+  await settle();
+  assert.equal(follower.role, "follower");
+  assert.equal(leader.role, "leader");
+  assert.equal(sockets.length, 1);
+  leader.close();
+  follower.close();
+});
+
+// -- rate-limited subscribes -------------------------------------------------------------------
+
+test("a subscribe refused with rate_limited is retried with backoff and jitter until it succeeds", async () => {
+  const { c, timers, sockets, errors } = client();
+  c.connect();
+  await flush();
+  sockets[0].open();
+  const seen = [];
+  const ready = watch(c.subscribe("project:1", { onEvent: (f) => seen.push(f.seq) }).ready);
+  refuse(sockets[0], sockets[0].last("subscribe"), "rate_limited");
+  await settle();
+  assert.equal(ready.state, "pending");
+  assert.deepEqual(errors, []); // retried, so not an error for the page
+  // random() = 0.5: half way between c/2 and c, c = min(30 s, 1 s * 2^n)
+  const delays = [750, 1500, 3000, 6000, 12000, 22500, 22500];
+  for (const [n, delay] of delays.entries()) {
+    await timers.tick(delay - 1);
+    assert.equal(sentOf(sockets[0], "subscribe").length, n + 1, `before retry ${n}`);
+    await timers.tick(1);
+    assert.equal(sentOf(sockets[0], "subscribe").length, n + 2, `retry ${n} after ${delay} ms`);
+    if (n < delays.length - 1) refuse(sockets[0], sockets[0].last("subscribe"), "rate_limited");
+    await settle();
+  }
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 2, epoch: "e", recovered: false });
+  await settle();
+  assert.equal(ready.state, "resolved");
+  sockets[0].receive(event(3));
+  assert.deepEqual(seen, [3]);
+  await timers.tick(60000);
+  assert.equal(sentOf(sockets[0], "subscribe").length, 8); // no retry after success
+  c.close();
+});
+
+test("a rate-limited retry ends when refused with another code, or when the stream is unsubscribed", async () => {
+  {
+    const { c, timers, sockets, errors } = client();
+    c.connect();
+    await flush();
+    sockets[0].open();
+    const ready = watch(c.subscribe("project:1", {}).ready);
+    refuse(sockets[0], sockets[0].last("subscribe"), "rate_limited");
+    await settle();
+    await timers.tick(750);
+    refuse(sockets[0], sockets[0].last("subscribe"), "forbidden");
+    await settle();
+    assert.equal(ready.error.code, "forbidden");
+    assert.deepEqual(errors.map((e) => e.code), ["forbidden"]);
+    await timers.tick(120000);
+    assert.equal(sentOf(sockets[0], "subscribe").length, 2); // final, as any other refusal
+    c.close();
+  }
+  {
+    const { c, timers, sockets } = client();
+    c.connect();
+    await flush();
+    sockets[0].open();
+    const sub = c.subscribe("project:1", {});
+    const ready = watch(sub.ready);
+    refuse(sockets[0], sockets[0].last("subscribe"), "rate_limited");
+    await settle();
+    sub.unsubscribe();
+    await timers.tick(120000);
+    await settle();
+    assert.equal(ready.error.code, "unsubscribed");
+    assert.equal(sentOf(sockets[0], "subscribe").length, 1); // not retried
+    assert.equal(sentOf(sockets[0], "unsubscribe").length, 0); // the server never had it
+    c.close();
+  }
+});
+
+test("rate-limited subscribes are retried one at a time, later ones wait behind them, and a reconnect sends all", async () => {
+  const { c, timers, sockets } = client({ wsAttempts: 100 });
+  c.connect();
+  await flush();
+  sockets[0].open();
+  const streams = ["project:1", "project:2", "project:3"];
+  const readies = streams.map((s) => watch(c.subscribe(s, {}).ready));
+  for (const s of streams) refuse(sockets[0], sentOf(sockets[0], "subscribe", s)[0], "rate_limited");
+  await settle();
+  const fourth = watch(c.subscribe("project:4", {}).ready); // behind the refused ones
+  assert.equal(sentOf(sockets[0], "subscribe").length, 3);
+  await timers.tick(750);
+  assert.deepEqual(sockets[0].sent.slice(3).map((f) => f.stream), ["project:1"]); // one retry, not three
+  ok(sockets[0], sockets[0].sent.at(-1));
+  await settle(); // the bucket had a token: the next one goes at once
+  assert.deepEqual(sockets[0].sent.slice(3).map((f) => f.stream), ["project:1", "project:2"]);
+  refuse(sockets[0], sockets[0].sent.at(-1), "rate_limited");
+  await settle();
+  await timers.tick(1499);
+  assert.equal(sockets[0].sent.length, 5);
+  await timers.tick(1);
+  assert.equal(sockets[0].sent.at(-1).stream, "project:2");
+  // The socket drops while project:3 and project:4 wait: the next one sends every subscribe.
+  sockets[0].fail();
+  await timers.tick(1000);
+  sockets[1].open();
+  assert.deepEqual(sentOf(sockets[1], "subscribe").map((f) => f.stream).sort(), [...streams, "project:4"]);
+  for (const f of sentOf(sockets[1], "subscribe")) ok(sockets[1], f);
+  await settle();
+  assert.deepEqual([...readies, fourth].map((r) => r.state), ["resolved", "resolved", "resolved", "resolved"]);
+  await timers.tick(120000);
+  assert.equal(sentOf(sockets[1], "subscribe").length, 4); // no old retry fires on the new socket
+  assert.equal(sentOf(sockets[0], "subscribe").length, 6);
+  c.close();
+});
+
+test("a rate-limited unsubscribe is retried, and a new subscribe of the stream waits behind it", async () => {
+  const { c, timers, sockets } = client();
+  c.connect();
+  await flush();
+  sockets[0].open();
+  const sub = c.subscribe("project:1", {});
+  ok(sockets[0], sockets[0].last("subscribe"));
+  await settle();
+  sub.unsubscribe();
+  const unsub = sockets[0].last("unsubscribe");
+  assert.equal(unsub.stream, "project:1");
+  refuse(sockets[0], unsub, "rate_limited"); // the server still sends its events
+  await settle();
+  const again = watch(c.subscribe("project:1", {}).ready);
+  assert.equal(sentOf(sockets[0], "subscribe").length, 1); // it would meet already_subscribed
+  await timers.tick(750);
+  assert.equal(sockets[0].sent.at(-1).op, "unsubscribe");
+  ok(sockets[0], sockets[0].sent.at(-1), {});
+  await settle();
+  assert.equal(sockets[0].sent.at(-1).op, "subscribe");
+  ok(sockets[0], sockets[0].sent.at(-1));
+  await settle();
+  assert.equal(again.state, "resolved");
+  c.close();
+});
+
+test("a leader's rate-limited subscribe keeps the follower waiting, then answers it; no error in the follower", async () => {
+  const { make, sockets, timers } = tabs();
+  const leader = make().connect();
+  const follower = make().connect();
+  await settle();
+  sockets[0].open();
+  await settle();
+  const errors = [];
+  follower.on("error", (e) => errors.push(e.code));
+  const ready = watch(follower.subscribe("project:1", {}).ready);
+  await settle();
+  refuse(sockets[0], sockets[0].last("subscribe"), "rate_limited");
+  await settle();
+  assert.equal(ready.state, "pending");
+  await timers.tick(750);
+  await settle();
+  assert.equal(sentOf(sockets[0], "subscribe").length, 2);
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 7, epoch: "e", recovered: false });
+  await settle();
+  assert.equal(ready.state, "resolved");
+  assert.deepEqual(errors, []);
+  follower.close();
+  leader.close();
+});
+
+test("a tab that leaves does not unsubscribe a stream another tab, or the leader's page, still follows", async () => {
+  const { make, sockets } = tabs();
+  const leader = make().connect();
+  const one = make().connect();
+  const two = make().connect();
+  await settle();
+  sockets[0].open();
+  await settle();
+  const own = leader.subscribe("project:1", {}); // the leader's page: no handler, it listens with on("event")
+  const a = one.subscribe("project:1", { onEvent() {} });
+  two.subscribe("project:1", { onEvent() {} });
+  await settle();
+  assert.equal(sentOf(sockets[0], "subscribe").length, 1); // one subscription for three tabs
+  ok(sockets[0], sockets[0].last("subscribe"));
+  await settle();
+  a.unsubscribe();
+  await settle();
+  two.close(); // says bye
+  await settle();
+  assert.equal(sentOf(sockets[0], "unsubscribe").length, 0);
+  own.unsubscribe();
+  await settle();
+  assert.equal(sentOf(sockets[0], "unsubscribe").length, 1); // the last one that used it left
+  leader.close();
+  one.close();
+});
+
+test("unsubscribe is idempotent: a stale handle cannot drop a later subscription of its stream", async () => {
+  const { c, sockets } = client();
+  c.connect();
+  await flush();
+  sockets[0].open();
+  const first = c.subscribe("project:1", { onEvent() {} });
+  ok(sockets[0], sockets[0].last("subscribe"));
+  await settle();
+  first.unsubscribe();
+  const seen = [];
+  c.subscribe("project:1", { onEvent: (f) => seen.push(f.seq) });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 1, epoch: "e", recovered: false });
+  await settle();
+  first.unsubscribe(); // again
+  assert.equal(sentOf(sockets[0], "unsubscribe").length, 1);
+  sockets[0].receive(event(2));
+  assert.deepEqual(seen, [2]);
+  c.close();
 });

@@ -137,6 +137,10 @@ function closedError() {
   return Object.assign(new Error("connection closed"), { code: "closed" });
 }
 
+function unsubscribedError(stream) {
+  return Object.assign(new Error(`unsubscribed from ${stream}`), { code: "unsubscribed", stream });
+}
+
 function randomId() {
   const bytes = new Uint8Array(16);
   (globalThis.crypto || { getRandomValues: (b) => b.map(() => Math.floor(Math.random() * 256)) })
@@ -174,7 +178,11 @@ export class RealtimeClient extends EventTarget {
       // the others over a BroadcastChannel.
       shareTabs: options.shareTabs ?? true,
       // ms a follower waits to hear a leader before it takes the lock from the silent holder.
+      // The leader says it is alive every leaderWait / 3.
       leaderWait: options.leaderWait ?? 3000,
+      // Retries of a subscribe (or unsubscribe) refused with `rate_limited`: a random delay
+      // between half and all of min(cap, base * 2^n), one frame at a time.
+      subscribeRetry: { base: 1000, cap: 30000, ...(options.subscribeRetry || {}) },
     };
     this.BroadcastChannel = options.BroadcastChannel || g.BroadcastChannel || null;
     this.locks = options.locks || (g.navigator && g.navigator.locks) || null;
@@ -188,7 +196,7 @@ export class RealtimeClient extends EventTarget {
     this.document = options.document || g.document || null;
     this.onReset = options.onReset || null;
     this.status = STATUS.IDLE;
-    this.streams = new Map(); // stream -> {order, handlers:Set, presence: Map}
+    this.streams = new Map(); // stream -> state (see _follow)
     this.deduper = new Deduper(this.options.dedupeLimit);
     this.queue = []; // frames waiting for an open socket
     this.replies = new Map(); // ref -> {resolve, reject, frame}
@@ -197,6 +205,8 @@ export class RealtimeClient extends EventTarget {
     this.wsFailures = 0;
     this.sseFailures = 0;
     this.timers = new Set();
+    // Subscribes and unsubscribes the server refused with `rate_limited`, retried in order.
+    this.throttle = { jobs: [], timer: null, busy: null, attempt: 0 };
     this.pendingCorrelations = new Set();
     this.closed = true;
     this.transport = null;
@@ -298,21 +308,48 @@ export class RealtimeClient extends EventTarget {
     this._lockAbort = null;
   }
 
-  /** A follower that hears no leader within `leaderWait` takes the lead itself. */
+  /** The leader's heartbeat period, and how long a follower waits for an answer to a probe. */
+  _beatEvery() {
+    return Math.max(1, Math.floor(this.options.leaderWait / 3));
+  }
+
+  /**
+   * A follower (re)starts its wait, on joining and on every message from its leader. One that
+   * hears no leader within `leaderWait` takes the lead itself. One whose leader has been silent
+   * for `leaderWait` probes it first and takes over only if the probe gets no answer within
+   * leaderWait / 3: a leader whose timers a hidden tab holds back still answers at once, a
+   * frozen one does not.
+   */
   _awaitLeader() {
     this._cancel(this.leaderTimer);
     this.leaderTimer = this._later(this.options.leaderWait, () => {
       this.leaderTimer = null;
-      if (!this.closed && this.role === "follower" && !this.leaderId) this._requestLead({ steal: true });
+      if (this.closed || this.role !== "follower") return;
+      if (!this.leaderId) return this._requestLead({ steal: true });
+      this._post({ kind: "probe" });
+      this.leaderTimer = this._later(this._beatEvery(), () => {
+        this.leaderTimer = null;
+        if (!this.closed && this.role === "follower") this._requestLead({ steal: true });
+      });
     });
   }
 
   /** A follower heard from a leader: frames sent to a previous one are lost with it. */
   _heardLeader(id) {
-    this._cancel(this.leaderTimer);
-    this.leaderTimer = null;
     if (this.leaderId && this.leaderId !== id) this._connectionLost();
     this.leaderId = id;
+    this._awaitLeader();
+  }
+
+  /** The leader tells the followers it is alive, every leaderWait / 3. */
+  _beatTabs() {
+    this._cancel(this.beatTimer);
+    this.beatTimer = this._later(this._beatEvery(), () => {
+      this.beatTimer = null;
+      if (this.closed || this.role !== "leader") return;
+      this._post({ kind: "alive" });
+      this._beatTabs();
+    });
   }
 
   _post(message) {
@@ -330,11 +367,14 @@ export class RealtimeClient extends EventTarget {
     for (const state of this.streams.values()) state.live = false;
     this._openSocket();
     this._post({ kind: "leader" });
+    this._beatTabs();
   }
 
   /** The lock was stolen: give up the connection and follow the tab that holds it now. */
   _stepDown() {
     this._releaseLeadership = null; // the browser has released it already
+    this._cancel(this.beatTimer);
+    this.beatTimer = null;
     this._dropConnection();
     this._connectionLost();
     for (const [stream, state] of [...this.streams]) {
@@ -353,9 +393,19 @@ export class RealtimeClient extends EventTarget {
   _fromTab(message) {
     if (this.closed) return;
     if (this.role === "leader") return this._leaderHears(message);
+    // Any word from the leader says it is alive: wait for it again from now.
+    if (message.from && message.from === this.leaderId && message.kind !== "bye") this._awaitLeader();
     switch (message.kind) {
       case "leader":
         // A (new) leader: subscribe again through it, then send what waited.
+        this._heardLeader(message.from);
+        this._resubscribe();
+        this._flush();
+        return;
+      case "alive":
+        // A heartbeat. From a leader this tab has lost track of (it said bye on pagehide and
+        // came back, or its announcement was missed): follow it, as after "leader".
+        if (this.leaderId) return;
         this._heardLeader(message.from);
         this._resubscribe();
         this._flush();
@@ -389,6 +439,10 @@ export class RealtimeClient extends EventTarget {
       this._post({ kind: "status", detail: { status: this.status, transport: this.transport } });
       return;
     }
+    if (message.kind === "probe") {
+      this._post({ kind: "alive" }); // a follower has not heard this leader for leaderWait
+      return;
+    }
     if (message.kind === "bye") {
       for (const stream of [...this.tabStreams.keys()]) this._tabLeaves(tab, stream);
       return;
@@ -400,12 +454,8 @@ export class RealtimeClient extends EventTarget {
       let tabs = this.tabStreams.get(frame.stream);
       if (!tabs) this.tabStreams.set(frame.stream, (tabs = new Set()));
       tabs.add(tab);
-      let state = this.streams.get(frame.stream);
-      if (!state) {
-        // Follow it here for the tab (no handlers of our own), from the tab's position.
-        this.subscribe(frame.stream, { since: frame.since ?? null, epoch: frame.epoch ?? null });
-        state = this.streams.get(frame.stream);
-      }
+      // Follow it here for the tab (no handler of this page's own), from the tab's position.
+      const state = this._follow(frame.stream, { since: frame.since ?? null, epoch: frame.epoch ?? null });
       const reply = (error) => {
         const s = this.streams.get(frame.stream);
         if (error) return answer({ ok: false, error: { code: error.code || "error", message: error.message } });
@@ -420,9 +470,11 @@ export class RealtimeClient extends EventTarget {
           },
         });
       };
-      // Answer once the server has answered this connection's own subscribe.
+      // Answer once the server has answered this connection's own subscribe (a rate-limited
+      // one keeps the tab waiting while it is retried here).
       if (state.live) reply();
-      else (state.waiting = state.waiting || []).push(reply);
+      else if (state.refused) reply(state.refused);
+      else state.waiting.push(reply);
       return;
     }
     if (frame.op === "unsubscribe") {
@@ -479,10 +531,14 @@ export class RealtimeClient extends EventTarget {
     }
     // Nothing will be sent any more: each waiting frame fails now, once, and is forgotten.
     this.queue = [];
+    this._clearThrottle();
     const waiting = [...this.replies.values()];
     this.replies.clear();
     for (const pending of waiting) pending.reject(closedError());
-    for (const state of this.streams.values()) state.live = false;
+    for (const state of this.streams.values()) {
+      state.live = state.onServer = false;
+      this._settleReaders(state, closedError()); // each handle's `ready` still pending
+    }
     this.role = "solo";
     this.leaderId = null;
   }
@@ -517,10 +573,12 @@ export class RealtimeClient extends EventTarget {
     for (const [ref, pending] of this.replies) {
       if (queued.has(pending.frame)) continue;
       this.replies.delete(ref);
-      // A subscribe is sent again on the next connection, with a new ref.
+      // A subscribe is sent again on the next connection, with a new ref; the handles'
+      // `ready` promises wait for that one.
       if (pending.frame.op !== "subscribe") pending.reject(closedError());
     }
-    for (const state of this.streams.values()) state.live = false;
+    this._clearThrottle(); // the next connection starts with a fresh bucket and no subscription
+    for (const state of this.streams.values()) state.live = state.onServer = false;
   }
 
   // -- WebSocket ----------------------------------------------------------------------------
@@ -702,7 +760,12 @@ export class RealtimeClient extends EventTarget {
         return;
       case "unsubscribed": {
         const state = this.streams.get(frame.stream);
-        if (state) state.active = false;
+        if (state) {
+          // The server ended it (the user lost access, say): later handles learn why at once;
+          // the next connection subscribes again.
+          state.active = state.live = state.onServer = false;
+          state.refused = Object.assign(new Error(`unsubscribed from ${frame.stream}`), { code: frame.reason, stream: frame.stream });
+        }
         this._emit("error", { code: frame.reason, message: `unsubscribed from ${frame.stream}`, stream: frame.stream });
         return;
       }
@@ -716,29 +779,28 @@ export class RealtimeClient extends EventTarget {
    * Follow a stream. `onEvent(frame)` gets its events in order, once each; `onReset(info)`
    * (or the client's) is called when history was lost and the app should refetch over REST.
    * `since`/`epoch` resume from a known position (see `snapshot`). Returns a handle with
-   * `unsubscribe()` and `ready` (the subscribe reply's promise).
+   * `unsubscribe()` and `ready`: a promise of the first successful subscribe reply's data,
+   * however many sockets (or leader tabs) that takes; `{}` when the stream is followed over
+   * a fallback. It rejects when the subscribe is refused (not for `rate_limited`: that one
+   * is retried), when the client is closed, or with code `unsubscribed` when the handle
+   * unsubscribes before.
    */
   subscribe(stream, { onEvent, onReset, onPresence, since = null, epoch = null } = {}) {
-    let state = this.streams.get(stream);
-    if (!state) {
-      state = {
-        order: new StreamOrder({ seq: since, epoch }),
-        handlers: new Set(),
-        active: true,
-        presence: new Map(),
-        gapTimer: null,
-      };
-      this.streams.set(stream, state);
-    }
+    const state = this._follow(stream, { since, epoch });
     const handler = { onEvent, onReset, onPresence };
-    const first = !state.subscribed;
-    state.subscribed = true;
-    if (onEvent || onReset || onPresence) state.handlers.add(handler);
-    if (first) state.ready = this._subscribeFrame(stream);
+    state.handlers.add(handler); // counted even without callbacks: the page follows the stream
+    const reader = {};
+    const ready = new Promise((resolve, reject) => Object.assign(reader, { resolve, reject }));
+    ready.catch(() => {});
+    if (state.live) reader.resolve(state.data || {});
+    else if (state.refused) reader.reject(state.refused);
+    else state.readers.add(reader);
     return {
-      ready: state.ready,
+      ready,
       unsubscribe: () => {
-        state.handlers.delete(handler);
+        if (!state.handlers.delete(handler)) return; // once: a stale handle drops nothing
+        if (state.readers.delete(reader)) reader.reject(unsubscribedError(stream));
+        if (this.streams.get(stream) !== state) return;
         const shared = this.tabStreams && this.tabStreams.get(stream);
         if (state.handlers.size || (shared && shared.size)) return;
         this._drop(stream, state);
@@ -746,45 +808,190 @@ export class RealtimeClient extends EventTarget {
     };
   }
 
+  /**
+   * The stream's state, made and subscribed on first use. `handlers`: this page's handles;
+   * `readers`: their `ready` promises still pending; `live`: the current connection's
+   * subscription is confirmed; `onServer`: the server has it or may have it (a subscribe on
+   * its way); `refused`: the last refusal, final; `waiting`: other tabs' subscribes to answer
+   * (leader only).
+   */
+  _follow(stream, { since = null, epoch = null } = {}) {
+    let state = this.streams.get(stream);
+    if (state) return state;
+    state = {
+      order: new StreamOrder({ seq: since, epoch }),
+      handlers: new Set(),
+      readers: new Set(),
+      active: true,
+      live: false,
+      onServer: false,
+      refused: null,
+      data: null,
+      presence: new Map(),
+      gapTimer: null,
+      waiting: [],
+    };
+    this.streams.set(stream, state);
+    if (this.role !== "follower" && this._onFallback()) this._restartFallback(); // marks it live
+    else if (this._canSend()) this._control({ op: "subscribe", stream, state });
+    // Else it is subscribed when a socket is welcomed or a leader heard (_resubscribe).
+    return state;
+  }
+
+  _onFallback() {
+    return this.transport === "sse" || this.transport === "polling";
+  }
+
+  /** Can a frame go out now: an open socket, or (a follower) a known leader. */
+  _canSend() {
+    if (this.role === "follower") return Boolean(this.leaderId && this.channel);
+    return Boolean(this.socket && this.socket.readyState === 1);
+  }
+
+  _settleReaders(state, error, data = {}) {
+    const readers = [...state.readers];
+    state.readers.clear();
+    for (const reader of readers) {
+      if (error) reader.reject(error);
+      else reader.resolve(data);
+    }
+  }
+
   _drop(stream, state) {
     this.streams.delete(stream);
     this._cancel(state.gapTimer);
-    if (this.role === "follower") this._send({ op: "unsubscribe", ref: "u" + stream, stream });
-    else if (this.transport === "websocket") this._send({ op: "unsubscribe", ref: "u" + stream, stream });
-    else if (this.transport) this._restartFallback();
+    this._settleReaders(state, unsubscribedError(stream));
+    if (this.role === "follower" || this.transport === "websocket") {
+      // Only a subscription the server has, or may have, is unsubscribed: a subscribe still
+      // waiting for its retry is just forgotten.
+      if (state.onServer && this._canSend()) this._control({ op: "unsubscribe", stream, state });
+    } else if (this.transport) this._restartFallback();
   }
 
-  _subscribeFrame(stream) {
-    if (this.role !== "follower" && this.transport && this.transport !== "websocket") {
-      this._restartFallback();
-      return Promise.resolve({});
+  // Subscribe and unsubscribe frames go through _control. The server takes both from one
+  // token bucket per socket and refuses them with `rate_limited` when it is empty (and counts
+  // those refusals towards closing the socket). A refused frame is retried after a backoff
+  // delay, one at a time, and while any waits, new ones queue behind it in order.
+
+  _control(job) {
+    const t = this.throttle;
+    if (t.busy || t.jobs.length) {
+      t.jobs.push(job);
+      return this._schedulePump();
     }
-    const state = this.streams.get(stream);
+    this._sendJob(job);
+  }
+
+  _sendJob(job) {
+    const { stream, state } = job;
+    if (job.op === "unsubscribe") {
+      this._request({ op: "unsubscribe", stream }).then(
+        () => {
+          state.onServer = false;
+          this._jobDone(job, false);
+        },
+        (error) => {
+          if (error.code === "closed") return; // the connection went, and the subscription with it
+          const limited = error.code === "rate_limited" && state.onServer;
+          if (!limited) state.onServer = false;
+          this._jobDone(job, limited);
+        },
+      );
+      return;
+    }
     const frame = { op: "subscribe", stream };
     if (state.order.seq !== null) {
       frame.since = state.order.seq;
       if (state.order.epoch) frame.epoch = state.order.epoch;
     }
-    const ready = this._request(frame).then(
-      (data) => this._subscribed(stream, data, frame),
-      (error) => {
-        if (error.code !== "closed" && error.code !== "queue_full") {
-          this._emit("error", { code: error.code, message: error.message, stream });
-          const state = this.streams.get(stream);
-          if (state) this._answerTabs(state, error);
-        }
-        throw error;
+    state.refused = null;
+    state.onServer = true;
+    this._request(frame).then(
+      (data) => {
+        this._subscribed(stream, state, data, frame);
+        this._jobDone(job, false);
       },
+      (error) => this._subscribeRefused(job, error),
     );
-    ready.catch(() => {});
-    return ready;
   }
 
-  _subscribed(stream, data, frame) {
-    const state = this.streams.get(stream);
-    if (!state) return data;
+  _subscribeRefused(job, error) {
+    const { stream, state } = job;
+    if (error.code === "closed") return; // subscribed again on the next connection
+    state.onServer = false;
+    if (this.streams.get(stream) !== state) {
+      // Unsubscribed meanwhile: nothing to retry, and nothing left on the server to unsubscribe.
+      this.throttle.jobs = this.throttle.jobs.filter((j) => j.state !== state);
+      return this._jobDone(job, false);
+    }
+    // `already_subscribed` behind a refused unsubscribe of the stream: the server still has
+    // the old subscription; retry after that unsubscribe.
+    const behind = error.code === "already_subscribed" &&
+      this.throttle.jobs.some((j) => j.op === "unsubscribe" && j.stream === stream);
+    if (error.code === "rate_limited" || behind) return this._jobDone(job, true, behind);
+    state.refused = Object.assign(error, { stream });
+    this._emit("error", { code: error.code, message: error.message, stream });
+    this._answerTabs(state, error);
+    this._settleReaders(state, error);
+    this._jobDone(job, false);
+  }
+
+  /** A control frame's answer: a refused one goes back in line, a retry's success sends the next. */
+  _jobDone(job, limited, last = false) {
+    const t = this.throttle;
+    const wasBusy = t.busy === job;
+    if (wasBusy) t.busy = null;
+    if (limited) {
+      if (wasBusy) t.attempt += 1;
+      if (!t.jobs.some((j) => j.op === job.op && j.state === job.state)) {
+        if (wasBusy && !last) t.jobs.unshift(job);
+        else t.jobs.push(job);
+      }
+    } else if (wasBusy) {
+      t.attempt = 0;
+      return this._pump(); // the bucket had a token: try the next one now
+    }
+    this._schedulePump();
+  }
+
+  _schedulePump() {
+    const t = this.throttle;
+    if (t.busy || t.timer != null || !t.jobs.length) return;
+    const { base, cap } = this.options.subscribeRetry;
+    const ceiling = Math.min(cap, base * 2 ** t.attempt);
+    const delay = Math.floor(ceiling / 2 + (this.random() * ceiling) / 2);
+    t.timer = this._later(delay, () => {
+      t.timer = null;
+      this._pump();
+    });
+  }
+
+  _pump() {
+    const t = this.throttle;
+    if (t.busy || t.timer != null || this.closed) return;
+    while (t.jobs.length) {
+      const job = t.jobs.shift();
+      const wanted = job.op === "subscribe" ? this.streams.get(job.stream) === job.state : job.state.onServer;
+      if (!wanted) continue;
+      if (!this._canSend()) return this._clearThrottle(); // the next connection resubscribes
+      t.busy = job;
+      this._sendJob(job);
+      return;
+    }
+  }
+
+  _clearThrottle() {
+    this._cancel(this.throttle.timer);
+    this.throttle = { jobs: [], timer: null, busy: null, attempt: 0 };
+  }
+
+  _subscribed(stream, state, data, frame) {
+    if (this.streams.get(stream) !== state) return data; // unsubscribed meanwhile
     state.active = true;
     state.live = true;
+    state.onServer = true;
+    state.refused = null;
+    state.data = data;
     if (frame.since != null && data.recovered === false) {
       this._reset(stream, data.seq, data.epoch);
     } else if (state.order.seq === null) {
@@ -800,11 +1007,27 @@ export class RealtimeClient extends EventTarget {
       this._presence(stream, state);
     }
     this._answerTabs(state, null); // other tabs waiting on this subscription (leader only)
+    this._settleReaders(state, null, data);
     return data;
   }
 
+  /** A new connection (or leader): subscribe every stream again, at once. */
   _resubscribe() {
-    for (const [stream, state] of this.streams) state.ready = this._subscribeFrame(stream);
+    this._clearThrottle();
+    for (const [stream, state] of this.streams) {
+      state.live = false;
+      this._sendJob({ op: "subscribe", stream, state });
+    }
+  }
+
+  /** On a fallback every stream is followed by the SSE stream or the polls: it is live. */
+  _fallbackLive() {
+    for (const state of this.streams.values()) {
+      if (state.refused) continue;
+      state.live = true;
+      this._answerTabs(state, null);
+      this._settleReaders(state, null, {});
+    }
   }
 
   _answerTabs(state, error) {
@@ -1018,6 +1241,7 @@ export class RealtimeClient extends EventTarget {
     this._cancel(this.pollTimer);
     this._cancel(this.probeTimer);
     this.pollTimer = this.probeTimer = null;
+    if (this._onFallback()) for (const state of this.streams.values()) state.live = false;
     if (this.transport !== "websocket") this.transport = null;
   }
 
@@ -1037,6 +1261,7 @@ export class RealtimeClient extends EventTarget {
     if (this.closed) return;
     this._stopFallback();
     this.transport = "sse";
+    this._fallbackLive();
     this._setStatus(STATUS.SSE);
     this._scheduleProbe();
     const controller = (this.fallbackAbort = new AbortController());
@@ -1119,6 +1344,7 @@ export class RealtimeClient extends EventTarget {
     if (this.closed) return;
     this._stopFallback();
     this.transport = "polling";
+    this._fallbackLive();
     this._setStatus(STATUS.POLLING);
     this._scheduleProbe();
     const controller = (this.fallbackAbort = new AbortController());
