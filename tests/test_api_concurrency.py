@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from django.db import connection
@@ -101,14 +101,13 @@ def run_together(*requests: Callable[[], Any]) -> list[Any]:
     return results
 
 
-def test_two_patches_with_the_same_if_match_change_the_item_once(hold):
-    """Both read the same ETag; the first is held after its If-Match check, inside its
-    transaction. The second must wait for the row and then fail the check, not overwrite."""
+def two_patches_with_one_etag(hold: Callable[..., Hold]) -> tuple[Item, list[Any], Hold]:
+    """Two PATCHes of one item sent at once with the same If-Match, the first held inside its
+    transaction: (the item, the responses, the hold)."""
     owner = UserFactory()
-    item = ItemFactory(project=ProjectFactory(owner=owner), title="first")
-    client = client_for(owner)
+    item = cast(Item, ItemFactory(project=ProjectFactory(owner=owner), title="first"))
     url = f"/api/items/{item.pk}/"
-    etag = client.get(url)["ETag"]
+    etag = client_for(owner).get(url)["ETag"]
     held = hold(signals.pre_save)
 
     def patch(title: str) -> Callable[[], Any]:
@@ -116,7 +115,13 @@ def test_two_patches_with_the_same_if_match_change_the_item_once(hold):
             url, {"title": title}, format="json", HTTP_IF_MATCH=etag
         )
 
-    responses = run_together(patch("from a"), patch("from b"))
+    return item, run_together(patch("from a"), patch("from b")), held
+
+
+def test_two_patches_with_the_same_if_match_change_the_item_once(hold):
+    """Both read the same ETag; the first is held after its If-Match check, inside its
+    transaction. The second must wait for the row and then fail the check, not overwrite."""
+    item, responses, held = two_patches_with_one_etag(hold)
     assert sorted(r.status_code for r in responses) == [200, 412]
     assert held.second_waited  # the second was stopped by the row lock, not by luck
     winner = next(r for r in responses if r.status_code == 200)
@@ -177,18 +182,7 @@ def test_if_match_locks_a_row_of_a_distinct_queryset_too(hold, monkeypatch):
 
     original = ItemViewSet.get_queryset
     monkeypatch.setattr(ItemViewSet, "get_queryset", lambda self: original(self).distinct())
-    owner = UserFactory()
-    item = ItemFactory(project=ProjectFactory(owner=owner), title="first")
-    url = f"/api/items/{item.pk}/"
-    etag = client_for(owner).get(url)["ETag"]
-    held = hold(signals.pre_save)
-
-    def patch(title: str) -> Callable[[], Any]:
-        return lambda: client_for(owner).patch(
-            url, {"title": title}, format="json", HTTP_IF_MATCH=etag
-        )
-
-    responses = run_together(patch("from a"), patch("from b"))
+    item, responses, held = two_patches_with_one_etag(hold)
     assert sorted(r.status_code for r in responses) == [200, 412]
     assert held.second_waited
     item.refresh_from_db()

@@ -255,15 +255,23 @@ async def test_revoked_member_is_unsubscribed_and_gets_nothing_more():
     await client.close()
 
 
-async def test_group_permission_change_reaches_group_members():
+async def reader_through_a_group():
+    """A project, and a member who may view it only through a group: (project, member, group)."""
     from django.contrib.auth.models import Group
-    from guardian.shortcuts import assign_perm, remove_perm
+    from guardian.shortcuts import assign_perm
 
     _owner, project = await make_project()
     member = await db(UserFactory)()
     group = await db(Group.objects.create)(name="readers")
     await db(member.groups.add)(group)
     await db(assign_perm)("board.view_project", group, project)
+    return project, member, group
+
+
+async def test_group_permission_change_reaches_group_members():
+    from guardian.shortcuts import remove_perm
+
+    project, member, group = await reader_through_a_group()
     client = await client_for(member)
     assert (await client.subscribe(f"project:{project.pk}"))["ok"] is True
     await db(remove_perm)("board.view_project", group, project)
@@ -273,14 +281,7 @@ async def test_group_permission_change_reaches_group_members():
 
 
 async def test_deleting_a_group_ends_what_it_granted():
-    from django.contrib.auth.models import Group
-    from guardian.shortcuts import assign_perm
-
-    _owner, project = await make_project()
-    member = await db(UserFactory)()
-    group = await db(Group.objects.create)(name="readers")
-    await db(member.groups.add)(group)
-    await db(assign_perm)("board.view_project", group, project)
+    project, member, group = await reader_through_a_group()
     client = await client_for(member)
     stream = f"project:{project.pk}"
     assert (await client.subscribe(stream))["ok"] is True
