@@ -196,12 +196,15 @@ class SSEConnection:
                 if time.monotonic() >= self.authz_due:  # as a socket does (a lost message)
                     self.authz_due = next_recheck(time.monotonic())
                     self.control({"type": "realtime.authz"})
+                # Cleared before the outbox is looked at: whatever is queued after this
+                # point sets it again, so the wait below cannot sleep on a queued event.
+                self.wakeup.clear()
                 if self.outbox:
                     # Everything queued since the last wake-up goes out as one chunk.
                     chunk = "".join(self.outbox)
                     self.outbox.clear()
                     yield chunk
-                self.wakeup.clear()
+                    continue  # events queued while the chunk was written go next
                 if self.closed:
                     break
                 try:

@@ -169,6 +169,29 @@ async def test_revocation_ends_delivery_of_that_stream():
     await reader.close()
 
 
+async def test_an_event_queued_while_a_chunk_is_written_goes_out_without_waiting(monkeypatch):
+    from realtime import sse
+    from realtime.feed import starting_positions
+
+    monkeypatch.setattr(sse, "HEARTBEAT", 30.0)  # a lost wake-up would sleep this long
+    user = await db(UserFactory)()
+    stream = f"user:{user.pk}"
+    start = await db(starting_positions)([stream], None)
+    connection = sse.SSEConnection(user, [stream], start.positions)
+    body = connection.run([], limit=20)
+    assert (await body.__anext__()).startswith("retry:")
+    waiting = asyncio.ensure_future(body.__anext__())
+    await asyncio.sleep(0.2)  # past the replay: the body waits for its wake-up
+    assert not waiting.done()
+    connection.enqueue("data: first\n\n")
+    assert await waiting == "data: first\n\n"
+    # The body is suspended where it wrote that chunk; a new event comes in meanwhile.
+    connection.enqueue("data: second\n\n")
+    async with asyncio.timeout(2):
+        assert await body.__anext__() == "data: second\n\n"
+    await body.aclose()
+
+
 async def test_logout_ends_the_stream():
     owner = await db(UserFactory)()
     reader, _ = await open_sse(owner, f"user:{owner.pk}")
@@ -349,7 +372,7 @@ async def test_a_lost_permission_message_is_made_up_for_by_the_periodic_recheck(
     project = await db(ProjectFactory)(owner=owner)
     await db(add_member)(project, member)
     reader, _ = await open_sse(member, f"project:{project.pk},user:{member.pk}")
-    monkeypatch.setattr(invalidation, "permissions_changed", lambda user_ids: None)  # lost
+    monkeypatch.setattr(invalidation, "permissions_changed", lambda *a, **k: None)  # lost
     await db(remove_member)(project, member)
     gone = await reader.event("unsubscribed", timeout=3)
     assert gone["data"]["stream"] == f"project:{project.pk}"
