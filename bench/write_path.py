@@ -188,7 +188,7 @@ def active(mode: Mode, receiver: Callable[..., None]) -> Iterator[None]:
     with ExitStack() as stack:
         stack.enter_context(override_settings(REALTIME={"ENABLED": mode.enabled}))
         if not mode.publish:
-            stack.enter_context(mock.patch("realtime.log._publish_committed", ignore_publish))
+            stack.enter_context(mock.patch("realtime.log.publisher.submit", ignore_publish))
         if mode.naive:
             post_save.connect(receiver, sender=Item, dispatch_uid=NAIVE_UID, weak=False)
             stack.callback(post_save.disconnect, sender=Item, dispatch_uid=NAIVE_UID)

@@ -8,7 +8,6 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from django.db import connections, router, transaction
@@ -65,7 +64,7 @@ def append(pending: Sequence[Pending], *, using: str | None = None) -> list[Enve
         for envelope in envelopes:
             note_position(envelope.stream, envelope.seq)
         pks = [row[0] for row in inserted]
-        transaction.on_commit(partial(_publish_committed, envelopes, pks), using=using, robust=True)
+        _publish_on_commit(envelopes, pks, using)
     return envelopes
 
 
@@ -155,8 +154,13 @@ def _create_stream(stream: str, using: str) -> None:
     Stream.objects.using(using).bulk_create([Stream(name=stream)], ignore_conflicts=True)
 
 
-def _publish_committed(envelopes: list[Envelope], pks: list[int]) -> None:
-    publisher.submit(outgoing(env, pk) for env, pk in zip(envelopes, pks, strict=True))
+def _publish_on_commit(envelopes: list[Envelope], pks: list[int], using: str) -> None:
+    # A function, not a partial: Django logs a robust hook's failure by its __qualname__,
+    # which a partial lacks, and the AttributeError would then stop the remaining hooks.
+    def publish_committed() -> None:
+        publisher.submit(outgoing(env, pk) for env, pk in zip(envelopes, pks, strict=True))
+
+    transaction.on_commit(publish_committed, using=using, robust=True)
 
 
 def outgoing(envelope: Envelope, event_pk: int) -> Outgoing:
@@ -298,7 +302,7 @@ def emit_many(
         pks = _event_pks(events_rows, size, using)
         for envelope in envelopes:
             note_position(envelope.stream, envelope.seq)
-        transaction.on_commit(partial(_publish_committed, envelopes, pks), using=using, robust=True)
+        _publish_on_commit(envelopes, pks, using)
     return envelopes
 
 

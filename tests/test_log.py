@@ -356,6 +356,27 @@ def test_failed_publish_leaves_event_for_the_relay_which_publishes_it_once(faili
     assert item_event.published_at is not None
 
 
+def test_a_hand_off_that_raises_after_commit_is_logged_and_the_relay_has_the_event(
+    monkeypatch, caplog
+):
+    project = ProjectFactory()
+    flush()
+
+    def submit(items):
+        raise RuntimeError("hand-off broke")
+
+    monkeypatch.setattr(publisher, "submit", submit)
+    with transaction.atomic():  # the save's caller sees its commit succeed
+        item = Item.objects.create(project=project, title="kept")
+        realtime.emit(f"project:{project.pk}", "v1:note.added", {"n": 1})
+    assert "hand-off broke" in caplog.text
+    # Both commit hooks ran (a failing one did not stop the next), and both events wait for
+    # the relay.
+    left = Event.objects.filter(published_at__isnull=True, stream__name=f"project:{project.pk}")
+    assert sorted(left.values_list("type", flat=True)) == ["v1:item.created", "v1:note.added"]
+    assert Item.objects.filter(pk=item.pk).exists()
+
+
 def test_relay_does_not_republish_what_on_commit_published():
     ItemFactory()
     flush()
