@@ -18,15 +18,17 @@ from .policies import (
 from .registry import ACTIONS, broadcast, emit_instances, register
 
 
-def permissions_changed(user_ids: Any) -> None:
+def permissions_changed(user_ids: Any, *, using: str | None = None) -> None:
     """Make these users' sockets decide their subscriptions again, after the transaction commits.
 
     Call it when something a stream policy reads changes outside guardian's permission rows and
-    Django's groups (which are watched already), such as a tenant membership table.
+    Django's groups (which are watched already), such as a tenant membership table. `using` is
+    the database whose transaction holds the change (the default one if omitted). Calls in one
+    transaction are gathered: each user is told once when it commits.
     """
     from .invalidation import permissions_changed as _changed
 
-    _changed(user_ids)
+    _changed(user_ids, using=using)
 
 
 if TYPE_CHECKING:

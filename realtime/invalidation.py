@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 from typing import Any
 
 from django.contrib.auth import get_user_model, user_logged_out
-from django.db import transaction
+from django.db import DEFAULT_DB_ALIAS, transaction
 from django.db.models import signals
 
 from .publisher import publisher
@@ -23,44 +24,98 @@ def _send(user_ids: Iterable[Any], message_type: str) -> None:
             publisher.send_control(user_group(user_id), {"type": message_type, "user": user_id})
 
 
-def permissions_changed(user_ids: Iterable[Any]) -> None:
-    """Tell these users' sockets to decide their subscriptions again, after commit."""
-    ids = list(user_ids)
-    transaction.on_commit(lambda: _send(ids, "realtime.authz"), robust=True)
+class _Changed(threading.local):
+    """The users and groups whose decisions must be made again, per database, in this thread.
+
+    Filled by `permissions_changed` and the guardian signals; emptied by the first on-commit
+    callback of each database that runs. A revoke of 10,000 permission rows in one
+    transaction so sends one message per affected user, and reads each group's members once.
+    What a transaction that rolled back added is sent with the next commit of that database
+    in this thread: a decision made again for nothing, never one that is missed.
+    """
+
+    def __init__(self) -> None:
+        self.users: dict[str, set[Any]] = {}
+        self.groups: dict[str, set[Any]] = {}
 
 
-def _user_perm_changed(sender: Any, instance: Any, **kwargs: Any) -> None:
-    permissions_changed([instance.user_id])
+_changed = _Changed()
 
 
-def _group_members(group_id: Any) -> list[Any]:
-    users = get_user_model()._default_manager.filter(groups=group_id)
-    return list(users.values_list("pk", flat=True))
+def permissions_changed(user_ids: Iterable[Any], *, using: str | None = None) -> None:
+    """Tell these users' sockets to decide their subscriptions again, after commit.
+
+    `using` is the database whose transaction holds the change (the default one if omitted).
+    """
+    alias = using or DEFAULT_DB_ALIAS
+    _changed.users.setdefault(alias, set()).update(pk for pk in user_ids if pk is not None)
+    _flush_on_commit(alias)
 
 
-def _group_perm_changed(sender: Any, instance: Any, **kwargs: Any) -> None:
-    # Connected to pre_delete, not post_delete: deleting a group removes its members' links
-    # before its object permissions, so afterwards it would seem to have no members.
-    permissions_changed(_group_members(instance.group_id))
+def _groups_changed(group_ids: Iterable[Any], using: str) -> None:
+    # The members are read after the commit, once per group, by the flush.
+    _changed.groups.setdefault(using, set()).update(pk for pk in group_ids if pk is not None)
+    _flush_on_commit(using)
 
 
-def _group_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+def _flush_on_commit(alias: str) -> None:
+    # Named functions, not partials: Django logs a failing robust hook by its __qualname__.
+    def decide_again() -> None:
+        users = _changed.users.pop(alias, set())
+        groups = _changed.groups.pop(alias, set())
+        if groups:
+            users.update(_group_members(groups, alias))
+        if users:
+            _send(users, "realtime.authz")
+
+    transaction.on_commit(decide_again, using=alias, robust=True)
+
+
+def _logout_on_commit(user_id: Any, using: str) -> None:
+    def close_sockets() -> None:
+        _send([user_id], "realtime.logout")
+
+    transaction.on_commit(close_sockets, using=using, robust=True)
+
+
+def _user_perm_changed(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
+    permissions_changed([instance.user_id], using=using)
+
+
+def _group_members(group_ids: Iterable[Any], using: str) -> list[Any]:
+    users = get_user_model()._default_manager.db_manager(using)
+    return list(users.filter(groups__in=list(group_ids)).values_list("pk", flat=True).distinct())
+
+
+def _group_perm_changed(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
+    _groups_changed([instance.group_id], using)
+
+
+def _group_deleted(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
     # Its members lose whatever it granted (object and global permissions), and Django sends
-    # no m2m_changed for the membership rows it deletes with it.
-    permissions_changed(_group_members(instance.pk))
+    # no m2m_changed for the membership rows it deletes with it: read them now, before the
+    # deletion (pre_delete), while they are still there.
+    permissions_changed(_group_members([instance.pk], using), using=using)
 
 
 def _membership_changed(
-    sender: Any, instance: Any, action: str, reverse: bool, pk_set: Any, **kwargs: Any
+    sender: Any,
+    instance: Any,
+    action: str,
+    reverse: bool,
+    pk_set: Any,
+    using: str,
+    **kwargs: Any,
 ) -> None:
     if action not in ("post_add", "post_remove", "post_clear", "pre_clear"):
         return
     if not reverse:  # user.groups.add(...): the instance is the user
-        permissions_changed([instance.pk])
+        permissions_changed([instance.pk], using=using)
     elif action == "pre_clear":  # group.user_set.clear(): pk_set is empty, read members now
-        permissions_changed(list(instance.user_set.values_list("pk", flat=True)))
+        members = instance.user_set.using(using).values_list("pk", flat=True)
+        permissions_changed(list(members), using=using)
     else:
-        permissions_changed(pk_set or [])
+        permissions_changed(pk_set or [], using=using)
 
 
 def _logged_out(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
@@ -69,24 +124,29 @@ def _logged_out(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
 
 
 def _user_saved(
-    sender: Any, instance: Any, created: bool, update_fields: Any = None, **kwargs: Any
+    sender: Any,
+    instance: Any,
+    created: bool,
+    using: str,
+    update_fields: Any = None,
+    **kwargs: Any,
 ) -> None:
     if created or (update_fields is not None and set(update_fields) <= {"last_login"}):
         return  # a login stamps last_login: nothing a decision depends on
     pk = instance.pk
     if not instance.is_active:  # a deactivated user's sockets close as on logout
-        transaction.on_commit(lambda: _send([pk], "realtime.logout"), robust=True)
+        _logout_on_commit(pk, using)
     else:  # is_superuser, is_staff or anything a policy reads may have changed
-        permissions_changed([pk])
+        permissions_changed([pk], using=using)
 
 
-def _user_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
-    pk = instance.pk
-    transaction.on_commit(lambda: _send([pk], "realtime.logout"), robust=True)
+def _user_deleted(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
+    _logout_on_commit(instance.pk, using)
 
 
-def connect() -> None:
-    """Wire the signals (called from the app's ready())."""
+def connect(registry: Any = None) -> None:
+    """Wire the signals (called from the app's ready()); `registry` is the app registry to
+    find guardian's permission models in (Django's own by default)."""
     from django.contrib.auth.models import Group
 
     user_model = get_user_model()
@@ -99,14 +159,32 @@ def connect() -> None:
         _user_deleted, sender=user_model, dispatch_uid="realtime.user_deleted"
     )
     signals.pre_delete.connect(_group_deleted, sender=Group, dispatch_uid="realtime.group_deleted")
+    for model, kind in permission_models(registry):
+        label = model._meta.label_lower
+        if kind == "user":
+            for signal in (signals.post_save, signals.post_delete):
+                signal.connect(_user_perm_changed, sender=model, dispatch_uid=f"rt.uop.{label}")
+        else:
+            for signal in (signals.post_save, signals.pre_delete):
+                signal.connect(_group_perm_changed, sender=model, dispatch_uid=f"rt.gop.{label}")
+
+
+def permission_models(registry: Any = None) -> list[tuple[type[Any], str]]:
+    """guardian's object permission models, generic and direct-foreign-key ones, as
+    (model, "user" or "group"); empty without guardian."""
+    from django.apps import apps
+
     try:
-        from guardian.models import GroupObjectPermission, UserObjectPermission
+        from guardian.models import GroupObjectPermissionBase, UserObjectPermissionBase
     except ImportError:  # guardian is optional for policies that do not use it
-        return
-    for signal in (signals.post_save, signals.post_delete):
-        signal.connect(_user_perm_changed, sender=UserObjectPermission, dispatch_uid="rt.uop")
-    for signal in (signals.post_save, signals.pre_delete):
-        signal.connect(_group_perm_changed, sender=GroupObjectPermission, dispatch_uid="rt.gop")
+        return []
+    found: list[tuple[type[Any], str]] = []
+    for model in (registry or apps).get_models():
+        if issubclass(model, UserObjectPermissionBase):
+            found.append((model, "user"))
+        elif issubclass(model, GroupObjectPermissionBase):
+            found.append((model, "group"))
+    return found
 
 
 def disconnect(connections: Iterable[tuple[Any, str]], *, code: int | None = None) -> int:

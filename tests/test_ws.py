@@ -355,7 +355,9 @@ async def test_a_login_stamp_decides_nothing_again(monkeypatch):
 
     owner, _ = await make_project()
     sent: list[object] = []
-    monkeypatch.setattr(invalidation, "permissions_changed", sent.append)
+    monkeypatch.setattr(
+        invalidation, "permissions_changed", lambda user_ids, **kwargs: sent.append(user_ids)
+    )
     owner.last_login = owner.date_joined
     await db(owner.save)(update_fields=["last_login"])
     assert sent == []
@@ -390,7 +392,7 @@ async def test_guardian_prefetch_cache_on_the_user_is_not_trusted(monkeypatch):
     assert (await client.request("publish", **typing))["ok"] is True
     # No invalidation message this time: the next publish must read the permissions anew
     # rather than the cache guardian's prefetch leaves on the socket's user object.
-    monkeypatch.setattr(invalidation, "permissions_changed", lambda user_ids: None)
+    monkeypatch.setattr(invalidation, "permissions_changed", lambda *a, **k: None)
     await db(remove_member)(project, member)
     assert (await client.request("publish", **typing))["error"]["code"] == "forbidden"
     await client.close()
@@ -408,7 +410,7 @@ async def test_a_lost_permission_message_is_made_up_for_by_the_periodic_recheck(
     client = await client_for(member)
     stream = f"project:{project.pk}"
     assert (await client.subscribe(stream))["ok"] is True
-    monkeypatch.setattr(invalidation, "permissions_changed", lambda user_ids: None)  # lost
+    monkeypatch.setattr(invalidation, "permissions_changed", lambda *a, **k: None)  # lost
     await db(remove_member)(project, member)
     while True:  # answering pings, as a live client does, until the socket decides again
         frame = await client.receive(timeout=5.0)
