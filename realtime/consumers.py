@@ -42,6 +42,9 @@ def _background(coro: Any) -> None:
     task.add_done_callback(_background_tasks.discard)
 
 
+_PING = protocol.dumps({"op": "ping"})
+
+
 class _Queued:
     """`RealtimeConsumer.writer` while its frames wait for the hub's flush (a task's stand-in:
     not done, nothing to cancel)."""
@@ -177,6 +180,9 @@ class Subscription:
         from .replay import read_typed_after
 
         batch = int(realtime_settings.REPLAY_BATCH)
+        # A sink that paces itself on a credit (a socket) says when to stop within a batch:
+        # 500 large events could pass the whole credit before the batch ends.
+        full = getattr(self.consumer, "replay_full", None)
         while True:
             self.overflowed = False
             while True:
@@ -184,6 +190,8 @@ class Subscription:
                 metrics.REPLAYED.labels(self.consumer.transport).inc(len(rows))
                 for seq, event_type, frames, _timestamp in rows:
                     self.emit(seq, frames, event_type)
+                    if full is not None and full():
+                        yield
                 yield
                 if len(rows) < batch:
                     break
@@ -265,6 +273,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.malformed = 0
         self.refusals = 0
         self.unacked = 0
+        # `queued` counts every character ever queued; each ping notes it (`pings`), and a
+        # pong acknowledges what was queued up to the oldest unanswered ping, not everything.
+        self.queued = 0
+        self.pings: collections.deque[int] = collections.deque()
         # Read once: enqueue runs for every frame to every subscriber.
         self.credit = int(realtime_settings.MAX_UNACKED_BYTES)
         self.last_received = time.monotonic()
@@ -293,13 +305,22 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self._refuse(Close.RATE_LIMITED, f"more than {limit} connections for this user")
             return
         self.registered = True
-        self.authz_due = next_recheck(time.monotonic(), first=True)
-        await self.accept()
-        # Accepted first: a logout arriving now can close the socket.
-        await self.hub.watch_user(user.pk, self)
         metrics.CONNECTS.labels(self.transport).inc()
         metrics.CONNECTIONS.labels(self.transport).inc()
-        await self.hub.add_connection(self)
+        self.authz_due = next_recheck(time.monotonic(), first=True)
+        try:
+            await self.accept()
+            # Accepted first: a logout arriving now can close the socket.
+            await self.hub.watch_user(user.pk, self)
+            await self.hub.add_connection(self)
+        except Exception:
+            # The channel layer failed (or the client left): release the row now, since no
+            # disconnect may follow a connect that failed; the client retries after backoff.
+            logger.exception("connect of %s failed", self.connection_id, extra=self._log_extra())
+            await self.disconnect(Close.INTERNAL_ERROR)
+            with contextlib.suppress(Exception):
+                await self.close(Close.INTERNAL_ERROR)
+            return
         heartbeat = float(realtime_settings.HEARTBEAT)
         self.enqueue(
             protocol.dumps(
@@ -436,8 +457,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if isinstance(frame, protocol.Ping):
             self.enqueue(protocol.dumps({"op": "pong", "ref": frame.ref}))
         elif isinstance(frame, protocol.Pong):
-            self.unacked = 0
-            self._ping_pending = False
+            if self.pings:  # pongs answer pings in order: this one, the oldest unanswered
+                self.unacked = min(self.unacked, self.queued - self.pings.popleft())
             if self.acked is not None:
                 self.acked.set()
         elif isinstance(frame, protocol.Subscribe):
@@ -488,10 +509,25 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             raise ProtocolError(Code.FORBIDDEN, "not allowed", frame.ref)
         subscription = Subscription(self, frame.stream, policy, frame.version)
         self.subscriptions[frame.stream] = subscription
-        await self.hub.join(frame.stream, subscription)
-        # Joined first, then read: whatever commits from here on is either in the log read
-        # below or arrives live (buffered until the replay is done), never neither.
-        pos = await _thread(position)(frame.stream)
+        try:
+            await self.hub.join(frame.stream, subscription)
+            # Joined first, then read: whatever commits from here on is either in the log
+            # read below or arrives live (buffered until the replay is done), never neither.
+            pos = await _thread(position)(frame.stream)
+        except Exception:
+            # The layer or the database failed: undo, so that the client may try again (a
+            # subscription left behind would buffer for ever and refuse the retry).
+            logger.exception(
+                "subscribe to %s failed on %s",
+                frame.stream,
+                self.connection_id,
+                extra=self._log_extra(frame.stream),
+            )
+            if self.subscriptions.get(frame.stream) is subscription:
+                del self.subscriptions[frame.stream]
+            subscription.authorized = False
+            await self.hub.leave(frame.stream, subscription)
+            raise ProtocolError(Code.INTERNAL_ERROR, "internal error; retry", frame.ref) from None
         recovered = frame.since is not None and pos.covers(frame.since, frame.epoch)
         if frame.since is not None:
             metrics.RESUMES.labels(self.transport).inc()
@@ -534,8 +570,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         if not allowed:
             subscription.task = None  # this task: realtime_authz must not cancel it
-            await self.realtime_authz({})
-            return
+            async with self.handling:  # between frames, as any decision is made
+                if not self.closing:
+                    await self.realtime_authz({})
+            if self.closing or self.subscriptions.get(subscription.stream) is not subscription:
+                return
+            # Allowed again by the time the decision ran: it is still replaying, so replay.
+            subscription.task = asyncio.current_task()
         await self._catch_up(subscription, replay=True)
 
     async def _catch_up(self, subscription: Subscription, *, replay: bool) -> None:
@@ -545,8 +586,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 async for _batch in subscription.replay_batches():
                     # Let the writer catch up, and wait for the client's pong past half the
                     # credit, so a long history never outruns a reading client.
-                    await self._drain()
-                    if self.closing or not await self._credit():
+                    if not await self._drain() or not await self._credit():
                         return
             subscription.go_live()
             if subscription.task is asyncio.current_task():
@@ -624,6 +664,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if self.drained is not None:
             self.drained.clear()
         self.unacked += len(text)
+        self.queued += len(text)
         if self.unacked > self.credit:
             logger.warning("slow consumer %s: closing", self.connection_id, extra=self._log_extra())
             metrics.DROPPED.labels("slow_consumer").inc(len(self.outbox) + 1)
@@ -631,13 +672,21 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.outbox.clear()
             _background(self._close(Close.SLOW_CONSUMER, force=True))
             return
-        if self.unacked > self.credit // 2 and not self._ping_pending:
+        if self.unacked > self.credit // 2 and not self.pings:
             # Ask for a pong early: a reading client answers, a stuck one runs out of credit.
-            self._ping_pending = True
-            self.outbox.append(protocol.dumps({"op": "ping"}))
+            self._ping()
         self._wake_writer()
 
-    _ping_pending = False
+    def _ping(self) -> None:
+        # Noted: the pong that answers it acknowledges what was queued up to it. A client
+        # that sends frames but no pongs stays alive; past 16 unanswered pings no more are
+        # noted, so a late pong acknowledges less than it could, never more.
+        self.outbox.append(_PING)
+        self.unacked += len(_PING)
+        self.queued += len(_PING)
+        if len(self.pings) < 16:
+            self.pings.append(self.queued)
+
     close_code: int | None = None
 
     def _wake_writer(self) -> None:
@@ -699,6 +748,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.drained.set()
         self.writer = None  # done: nothing awaits from here on
 
+    def replay_full(self) -> bool:
+        """Whether a replay should wait for the client before queuing more (half the credit)."""
+        return self.unacked > self.credit // 2
+
     async def _credit(self) -> bool:
         """Wait until the client has acknowledged enough of what it was sent (replay pacing).
 
@@ -709,9 +762,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             if self.acked is None:
                 self.acked = asyncio.Event()
             self.acked.clear()
-            if not self._ping_pending:
-                self._ping_pending = True
-                self.outbox.append(protocol.dumps({"op": "ping"}))
+            if not self.pings:
+                self._ping()
                 self._wake_writer()
             try:
                 async with asyncio.timeout(2 * float(realtime_settings.HEARTBEAT)):
@@ -721,13 +773,31 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 return False
         return not self.closing
 
-    async def _drain(self) -> None:
-        # Let the writer catch up during a long replay, so the outbox stays small.
-        if self.outbox and not self.closing:
-            if self.drained is None:
-                self.drained = asyncio.Event()  # set by the writer running now, once it is done
-            async with asyncio.timeout(float(realtime_settings.HEARTBEAT)):
-                await self.drained.wait()
+    async def _drain(self) -> bool:
+        """Let the writer catch up during a long replay, so the outbox stays small.
+
+        Waits as long as frames keep leaving; returns False (and closes as a slow consumer)
+        if none left for a whole heartbeat interval.
+        """
+        if self.drained is None:
+            self.drained = asyncio.Event()  # set by the writer running now, once it is done
+        while self.outbox and not self.closing:
+            left = len(self.outbox)
+            try:
+                async with asyncio.timeout(float(realtime_settings.HEARTBEAT)):
+                    await self.drained.wait()
+            except TimeoutError:
+                if len(self.outbox) < left:
+                    continue  # a slow link, but moving
+                logger.warning(
+                    "slow consumer %s: nothing sent for a heartbeat during a replay; closing",
+                    self.connection_id,
+                    extra=self._log_extra(),
+                )
+                metrics.DROPPED.labels("slow_consumer").inc(len(self.outbox))
+                await self._close(Close.SLOW_CONSUMER, force=True)
+                return False
+        return not self.closing
 
     def heartbeat(self, now: float) -> None:
         """From the hub, once per HEARTBEAT: a ping, or 4408 after two silent intervals."""
@@ -738,8 +808,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 # force: a silent client is not waited for, and no other sender is raced
                 _background(self._close(Close.HEARTBEAT_TIMEOUT, force=True))
             return
-        self._ping_pending = True
-        self.enqueue(protocol.dumps({"op": "ping"}))
+        if self.closing:
+            return
+        self._ping()
+        self._wake_writer()
         if now >= self.authz_due:
             # Decide again unprompted now and then: a permission change whose message the
             # channel layer lost would otherwise never reach this socket.
@@ -804,6 +876,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             if await self._authorized(subscription.policy, stream):
                 subscription.authorized = True
                 continue
+            if self.subscriptions.get(stream) is not subscription:
+                continue  # unsubscribed meanwhile (or closed): nothing of it is left to end
             subscription.authorized = False
             self.subscriptions.pop(stream, None)
             if subscription.task is not None:
@@ -849,24 +923,31 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
-        if self.registered:
+        registered, self.registered = self.registered, False  # once, if called again
+        if registered:
             metrics.CONNECTIONS.labels(self.transport).dec()
             # The code this server closed with, else the one the client (or network) gave.
             metrics.DISCONNECTS.labels(str(self.close_code or code)).inc()
         hub = self.hub
         hub.remove_connection(self)
-        for stream, subscription in list(self.subscriptions.items()):
-            if subscription.task is not None:
-                subscription.task.cancel()
-            await hub.leave(stream, subscription)
-            await hooks.call("unsubscribed", self, stream, subscription.policy, "disconnect")
-        self.subscriptions.clear()
-        if self.user is not None and self.registered:
-            await hooks.call("disconnected", self)
-        if self.writer is not None:
-            self.writer.cancel()
-        if self.user is not None and self.registered:
-            await hub.unwatch_user(self.user.pk, self)
-            from .connections import close_connection
+        try:
+            for stream, subscription in list(self.subscriptions.items()):
+                if subscription.task is not None:
+                    subscription.task.cancel()
+                await hub.leave(stream, subscription)
+                await hooks.call("unsubscribed", self, stream, subscription.policy, "disconnect")
+            self.subscriptions.clear()
+            if self.user is not None and registered:
+                await hooks.call("disconnected", self)
+            if self.writer is not None:
+                self.writer.cancel()
+        finally:
+            # Whatever failed above, the row goes: a row left behind would count against
+            # the user's connection limit for as long as this node runs.
+            if self.user is not None and registered:
+                from .connections import close_connection
 
-            await _thread(close_connection)(self.connection_id)
+                try:
+                    await hub.unwatch_user(self.user.pk, self)
+                finally:
+                    await _thread(close_connection)(self.connection_id)

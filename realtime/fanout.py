@@ -140,7 +140,10 @@ class Hub:
             listeners.discard(listener)
             if not listeners:
                 del self.user_listeners[user_id]
-                await self.layer.group_discard(user_group(user_id), self.channel)
+                try:
+                    await self.layer.group_discard(user_group(user_id), self.channel)
+                except Exception:
+                    logger.warning("leaving group of user %s failed", user_id, exc_info=True)
 
     async def add_connection(self, connection: Ticking) -> None:
         """Include a socket in this loop's heartbeat (and start the hub if it is the first)."""

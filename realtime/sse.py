@@ -226,7 +226,10 @@ class SSEConnection:
                 for stream, subscription in list(self.subscriptions.items()):
                     await hub.leave(stream, subscription)
                 await hub.unwatch_user(self.user.pk, self)
+            try:  # whatever failed above: a row left behind counts against the user's limit
                 await _db(close_connection)(self.connection_id)
+            except Exception:
+                logger.warning("closing the row of SSE stream %s failed", self.connection_id)
 
     def catch_up(self, subscription: Subscription) -> None:
         """Replay the log into a live subscription again (the hub found the layer stalled)."""

@@ -1,0 +1,183 @@
+"""A socket when its surroundings fail or lag: the channel layer, the database, the link."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+
+import realtime
+from realtime import replay
+from realtime.fanout import get_hub
+from realtime.models import Connection
+from realtime.testing import RealtimeClient, flush, session_for
+
+from .factories import UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+db = sync_to_async
+
+
+def emit(stream: str, count: int, pad: int = 0) -> None:
+    for n in range(count):
+        realtime.emit(stream, "v1:tick.happened", {"n": n, "pad": "x" * pad})
+    flush()
+
+
+async def connected() -> tuple[Any, RealtimeClient]:
+    user = await db(UserFactory)()
+    client = RealtimeClient(session_key=await db(session_for)(user))
+    await client.connect()
+    return user, client
+
+
+def consumer_of(client: RealtimeClient) -> Any:
+    assert client.welcome is not None
+    connection_id = client.welcome["connectionId"]
+    connections: list[Any] = list(get_hub().connections)
+    return next(c for c in connections if c.connection_id == connection_id)
+
+
+def rows_of(user: Any) -> int:
+    return Connection.objects.filter(user=user).count()
+
+
+def failing_for_user_groups(monkeypatch: Any, method: str) -> None:
+    """Make the layer's `method` (group_add or group_discard) fail for users' control groups."""
+    layer = get_channel_layer()
+    real = getattr(layer, method)
+
+    async def failing(group: str, channel: str) -> None:
+        if "-ctl.user." in group:
+            raise ConnectionError("redis blip")
+        await real(group, channel)
+
+    monkeypatch.setattr(layer, method, failing)
+
+
+async def test_a_layer_error_at_disconnect_still_removes_the_connection_row(monkeypatch):
+    user, client = await connected()
+    assert await db(rows_of)(user) == 1
+    failing_for_user_groups(monkeypatch, "group_discard")
+    await client.close()
+    assert await db(rows_of)(user) == 0
+
+
+async def test_a_layer_error_at_connect_closes_1011_and_leaves_no_row(monkeypatch):
+    user = await db(UserFactory)()
+    failing_for_user_groups(monkeypatch, "group_add")
+    client = RealtimeClient(session_key=await db(session_for)(user))
+    connected, _subprotocol = await client.communicator.connect()
+    assert connected  # accepted, then closed: the client retries after its backoff
+    assert await client.receive(timeout=2.0) == {"type": "websocket.close", "code": 1011}
+    assert await db(rows_of)(user) == 0
+
+
+async def test_a_subscribe_that_fails_midway_is_undone_and_can_be_retried(monkeypatch):
+    user, client = await connected()
+    stream = f"user:{user.pk}"
+    real = replay.position
+    calls = 0
+
+    def flaky(name: str) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("database blip")
+        return real(name)
+
+    monkeypatch.setattr(replay, "position", flaky)
+    await client.send({"op": "subscribe", "ref": "s1", "stream": stream})
+    failed = await client.receive_until("reply")
+    assert (failed["ref"], failed["ok"]) == ("s1", False)  # the client's request settles
+    assert failed["error"]["code"] == "internal_error"
+    assert stream not in consumer_of(client).subscriptions
+    assert (await client.subscribe(stream))["ok"] is True
+    await db(emit)(stream, 3)
+    assert [(await client.receive_until("event"))["seq"] for _ in range(3)] == [1, 2, 3]
+    await client.close()
+
+
+async def test_a_replay_batch_larger_than_the_credit_reaches_a_reading_client(settings):
+    settings.REALTIME = {"MAX_UNACKED_BYTES": 4000}
+    user, client = await connected()
+    stream = f"user:{user.pk}"
+    await db(emit)(stream, 30, pad=200)  # one batch of 30 x ~400 characters: 3x the credit
+    await client.send({"op": "subscribe", "ref": "1", "stream": stream, "since": 0})
+    seqs: list[int] = []
+    while len(seqs) < 30:
+        frame = await client.receive()
+        assert frame.get("type") != "websocket.close", f"closed after {len(seqs)} events"
+        if frame.get("op") == "ping":
+            await client.send({"op": "pong"})
+        elif frame.get("op") == "event":
+            seqs.append(frame["seq"])
+    assert seqs == list(range(1, 31))
+    await client.close()
+
+
+async def test_a_pong_acknowledges_only_what_came_before_its_ping(settings):
+    """A pong answers the oldest unanswered ping, and gives back the credit of what was
+    queued up to that ping, not of what was queued after it (a pong used to clear the whole
+    count, so a client that read old pings late could fall behind without bound)."""
+    settings.REALTIME = {"MAX_UNACKED_BYTES": 4000}
+    user, client = await connected()
+    stream = f"user:{user.pk}"
+    assert (await client.subscribe(stream))["ok"] is True
+    consumer = consumer_of(client)
+    consumer.heartbeat(time.monotonic())  # a ping now, before the events below
+    await db(emit)(stream, 8, pad=250)  # about 2,600 characters after the ping
+    assert (await client.receive())["op"] == "ping"
+    await client.send({"op": "pong"})  # answered; the 8 events are still unread
+    await asyncio.sleep(0.1)
+    assert not consumer.closing
+    await db(emit)(stream, 6, pad=250)  # about 2,000 more: 4,600 unacknowledged
+    frames = []
+    while not frames or frames[-1].get("type") != "websocket.close":
+        frames.append(await client.receive())
+    assert frames[-1] == {"type": "websocket.close", "code": 4409}
+    events = [f["seq"] for f in frames if f.get("op") == "event"]
+    assert events[:8] == list(range(1, 9))
+    assert len(events) < 14  # not all of them: the rest is for the resume by since
+
+
+async def test_a_slow_but_moving_link_finishes_its_replay_and_goes_live(settings, caplog):
+    settings.REALTIME = {"HEARTBEAT": 1.0}
+    user, client = await connected()
+    stream = f"user:{user.pk}"
+    await db(emit)(stream, 30)
+    consumer = consumer_of(client)
+    real_send = consumer.base_send
+
+    async def slow_link(message: dict[str, Any]) -> None:
+        if message["type"] == "websocket.send":
+            await asyncio.sleep(0.1)  # 30 frames: 3 s, three heartbeats, for one batch
+        await real_send(message)
+
+    consumer.base_send = slow_link
+
+    async def answering() -> None:
+        while True:
+            await asyncio.sleep(0.3)
+            await client.send({"op": "pong"})
+
+    alive = asyncio.create_task(answering())
+    try:
+        await client.send({"op": "subscribe", "ref": "1", "stream": stream, "since": 0})
+        seqs = []
+        while len(seqs) < 30:
+            frame = await client.receive(timeout=10)
+            assert frame.get("type") != "websocket.close", frame
+            if frame.get("op") == "event":
+                seqs.append(frame["seq"])
+        consumer.base_send = real_send
+        await db(emit)(stream, 1)  # live now
+        assert (await client.receive_until("event", timeout=5))["seq"] == 31
+    finally:
+        alive.cancel()
+    assert "replay of" not in caplog.text
+    await client.close()
