@@ -422,7 +422,19 @@ def prune(
     )
     if max_age is not None:
         cutoff = timezone.now() - dt.timedelta(seconds=max_age)
-        deleted += _delete_in_batches(published.filter(timestamp__lt=cutoff), batch, progress)
+        # Only below each stream's first event at or after the cutoff: timestamps are taken
+        # before the stream lock (and on several nodes' clocks), so they need not rise with
+        # seq, and deleting an old event above a young one would leave a hole.
+        first_young = (
+            Event.objects.using(using)
+            .filter(stream=OuterRef("stream"), timestamp__gte=cutoff)
+            .order_by("seq")
+            .values("seq")[:1]
+        )
+        old = published.filter(
+            timestamp__lt=cutoff, seq__lt=Coalesce(Subquery(first_young), Value(2**62))
+        )
+        deleted += _delete_in_batches(old, batch, progress)
     from .policies import stream_kinds
 
     # A stream kind's policy may keep more or fewer events than the default.

@@ -80,3 +80,19 @@ def test_a_stream_kinds_retention_overrides_the_default():
         assert Event.objects.filter(stream__name="tenant:a").count() == 4
     finally:
         stream_kinds.unregister("brief")
+
+
+def test_age_prune_deletes_only_below_the_first_young_event_of_a_stream():
+    """Timestamps need not rise with seq (taken before the stream lock, or on nodes whose
+    clocks differ): an old event above a young one stays, so the log keeps no hole."""
+    from realtime.log import prune
+    from realtime.replay import position, read_typed_after
+
+    emit_many("project:1", 4)
+    then = timezone.now() - dt.timedelta(days=8)
+    for seq, offset in ((1, 0), (2, 3), (3, 1)):  # seq 3 stamped before seq 2
+        Event.objects.filter(seq=seq).update(timestamp=then + dt.timedelta(seconds=offset))
+    cutoff = then + dt.timedelta(seconds=2)  # seqs 1 and 3 are older, seq 2 is not
+    assert prune(max_age=(timezone.now() - cutoff).total_seconds()) == 1
+    assert position("project:1").covers(1, None)
+    assert [row[0] for row in read_typed_after("project:1", 1, 10)] == [2, 3, 4]
