@@ -189,6 +189,11 @@ class Subscription:
                 rows = await _thread(read_typed_after)(self.stream, self.contiguous, batch)
                 metrics.REPLAYED.labels(self.consumer.transport).inc(len(rows))
                 for seq, event_type, frames, _timestamp in rows:
+                    if seq > self.contiguous + 1:
+                        # The log holds nothing between (rows come in seq order, and commit
+                        # order is seq order): pruned, or delivered already (`above`). Not
+                        # waited for: the log cannot give back what it lacks.
+                        self._skip_to(seq - 1)
                     self.emit(seq, frames, event_type)
                     if full is not None and full():
                         yield
@@ -215,6 +220,12 @@ class Subscription:
         for message in buffered:
             self.deliver(message)
 
+    def _skip_to(self, seq: int) -> None:
+        self.contiguous = seq
+        while self.contiguous + 1 in self.above:
+            self.contiguous += 1
+        self.above = {s for s in self.above if s > self.contiguous}
+
     def emit(self, seq: int, frames: dict[str, str], event_type: str = "") -> None:
         if seq <= self.contiguous or seq in self.above:
             return  # already delivered (replay and live overlap, or the relay's duplicate)
@@ -225,7 +236,12 @@ class Subscription:
                 self.above.discard(self.contiguous)
         else:
             self.above.add(seq)
-            if len(self.above) > _DUPLICATE_WINDOW:
+            if len(self.above) > _DUPLICATE_WINDOW and not self.replaying:
+                # A seq has been missing for long (its publish failed; the relay sends it
+                # later, or never to this node): the log has it, so read the log from here.
+                self.resync()
+            elif len(self.above) > 4 * _DUPLICATE_WINDOW:  # bounded whatever happens
+                logger.warning("%s: giving up on seqs up to %d", self.stream, min(self.above))
                 self.contiguous = min(self.above)
                 self.above = {s for s in self.above if s > self.contiguous}
         frame = frames.get(self.version or "") or next(iter(frames.values()))

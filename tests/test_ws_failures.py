@@ -181,3 +181,36 @@ async def test_a_slow_but_moving_link_finishes_its_replay_and_goes_live(settings
         alive.cancel()
     assert "replay of" not in caplog.text
     await client.close()
+
+
+async def test_a_seq_missing_for_long_is_read_from_the_log(monkeypatch):
+    """Seq 1's publish failed and the relay has not sent it, while over a thousand later
+    events arrived live: the socket reads the log from its last contiguous seq instead of
+    giving seq 1 up (a relayed copy arriving later used to be dropped as a duplicate)."""
+    from channels.layers import get_channel_layer
+
+    from realtime.publisher import LAYER_MESSAGE_TYPE, publisher
+
+    user, client = await connected()
+    stream = f"user:{user.pk}"
+    assert (await client.subscribe(stream))["ok"] is True
+    monkeypatch.setattr(publisher, "submit", lambda items: None)  # nothing published live
+    await db(emit)(stream, 1030)
+    hub = get_hub()
+    layer = get_channel_layer()
+    for seq in range(2, 1028):  # what other nodes published live: all but seq 1
+        frame = f'{{"op":"event","stream":"{stream}","seq":{seq}}}'
+        message = {"type": LAYER_MESSAGE_TYPE, "stream": stream, "seq": seq, "frames": {"*": frame}}
+        await layer.send(hub.channel, message)
+        if seq % 50 == 0:
+            await asyncio.sleep(0.05)  # within the layer's channel capacity
+    seqs: list[int] = []
+    while len(seqs) < 1030:
+        frame = await client.receive(timeout=10)
+        assert frame.get("type") != "websocket.close", frame
+        if frame.get("op") == "ping":
+            await client.send({"op": "pong"})
+        elif frame.get("op") == "event":
+            seqs.append(frame["seq"])
+    assert sorted(seqs) == list(range(1, 1031))  # seq 1 and 1028-1030 from the log, once each
+    await client.close()
