@@ -8,16 +8,19 @@ of a notification (and of every change to the unread count) in order, with repla
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import ExitStack
 from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
-from django.db import models, transaction
+from django.db import models, router, transaction
 from django.db.models import Count
 from django.utils import timezone
 
 import realtime
 from realtime.context import collect_positions
 from realtime.events import dumps, format_timestamp
+from realtime.log import lock_streams
+from realtime.models import Event
 
 from .models import LEVELS, Notification, Preference
 
@@ -115,7 +118,7 @@ def notify(
     dumps(data)  # not JSON-serializable: fail before writing anything
     ids = _recipient_ids(recipients)
     created: list[Notification] = []
-    with transaction.atomic():
+    with _atomic():
         for start in range(0, len(ids), max(1, batch_size)):
             chunk = ids[start : start + max(1, batch_size)]
             created += _notify_chunk(chunk, verb, level, data, refs, related)
@@ -152,6 +155,9 @@ def _notify_chunk(
     }
     live = [row for row in rows if row.recipient_id not in muted]
     if live:
+        # Counted with the recipients' streams locked: a concurrent writer to them has
+        # committed by now, so its notification is counted (READ COMMITTED would miss it).
+        lock_streams(stream_of(row.recipient_id) for row in live)
         counts = unread_counts([row.recipient_id for row in live])
         # Recipients' stream positions are theirs: kept out of the writer's X-Stream-Position.
         with collect_positions():
@@ -180,8 +186,18 @@ def unread_count(user: Any) -> int:
     return Notification.objects.unread().filter(recipient=user).count()
 
 
+def _atomic() -> ExitStack:
+    """One transaction on the notifications' database and on the event log's, if another."""
+    stack = ExitStack()
+    for alias in dict.fromkeys([router.db_for_write(Notification), router.db_for_write(Event)]):
+        stack.enter_context(transaction.atomic(using=alias))
+    return stack
+
+
 def _changed(user: Any, type: str, ids: list[int], extra: dict[str, Any]) -> None:
-    realtime.emit(stream_of(user), type, {"ids": ids, **extra, "unread_count": unread_count(user)})
+    stream = stream_of(user)
+    lock_streams([stream])  # then count: a notify() racing this one has committed by now
+    realtime.emit(stream, type, {"ids": ids, **extra, "unread_count": unread_count(user)})
 
 
 def set_read(user: Any, ids: Iterable[int] | None, read: bool = True) -> list[int]:
@@ -190,7 +206,7 @@ def set_read(user: Any, ids: Iterable[int] | None, read: bool = True) -> list[in
     Returns the ids that changed; when any did, one `v1:notification.read` event carries
     them and the new unread count, so every tab of the user stays in step.
     """
-    with transaction.atomic():
+    with _atomic():
         query = Notification.objects.for_user(user).select_for_update()
         if ids is not None:
             query = query.filter(pk__in=list(ids))
@@ -206,7 +222,7 @@ def set_read(user: Any, ids: Iterable[int] | None, read: bool = True) -> list[in
 
 def soft_delete(user: Any, ids: Iterable[int]) -> list[int]:
     """Hide the user's notifications; one `v1:notification.deleted` event for the change."""
-    with transaction.atomic():
+    with _atomic():
         query = Notification.objects.for_user(user).filter(pk__in=list(ids))
         changed = sorted(query.select_for_update().values_list("pk", flat=True))
         if changed:

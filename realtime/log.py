@@ -158,14 +158,16 @@ def _publish_on_commit(envelopes: list[Envelope], pks: list[int], using: str) ->
     # A function, not a partial: Django logs a robust hook's failure by its __qualname__,
     # which a partial lacks, and the AttributeError would then stop the remaining hooks.
     def publish_committed() -> None:
-        publisher.submit(outgoing(env, pk) for env, pk in zip(envelopes, pks, strict=True))
+        publisher.submit(outgoing(env, pk, using) for env, pk in zip(envelopes, pks, strict=True))
 
     transaction.on_commit(publish_committed, using=using, robust=True)
 
 
-def outgoing(envelope: Envelope, event_pk: int) -> Outgoing:
-    """Build the channel-layer message of an event, its frames serialized once per version."""
+def outgoing(envelope: Envelope, event_pk: int, using: str | None = None) -> Outgoing:
+    """Build the channel-layer message of an event, its frames serialized once per version;
+    `using` is the database whose log holds it."""
     return Outgoing(
+        using=using,
         event_pk=event_pk,
         stream=envelope.stream,
         seq=envelope.seq,
@@ -306,6 +308,18 @@ def emit_many(
     return envelopes
 
 
+def lock_streams(names: Iterable[str], *, using: str | None = None) -> None:
+    """Lock these streams' rows (made if missing) until the current transaction ends.
+
+    For a writer whose event data depends on what other writers of the same streams do
+    (a count): read it after this, and a concurrent writer's commit is seen, not raced.
+    """
+    using = using or router.db_for_write(Event)
+    if not transaction.get_connection(using).in_atomic_block:
+        raise RuntimeError("lock_streams() needs a transaction (transaction.atomic)")
+    _lock_streams(sorted(set(names)), 1000, using)
+
+
 def _lock_streams(names: list[str], size: int, using: str) -> dict[str, tuple[int, int]]:
     """Create missing stream rows, then lock all in pk order; return {name: (pk, last_seq)}."""
     manager = Stream.objects.using(using)
@@ -383,7 +397,7 @@ def relay_once(
         result.found = len(rows)
         if not rows:
             return result
-        items = [outgoing(Envelope.from_row(row), row.pk) for row in rows]
+        items = [outgoing(Envelope.from_row(row), row.pk, using) for row in rows]
         sent = publisher.publish_now(items, timeout=timeout)
         if sent:
             Event.objects.using(using).filter(pk__in=sent).update(published_at=timezone.now())

@@ -48,6 +48,9 @@ class Outgoing:
     seq: int
     group: str
     message: dict[str, Any]
+    #: The database whose log holds the event (None: the router's for `Event`); its
+    #: published mark goes there.
+    using: str | None = None
 
 
 class _LoopWorker:
@@ -104,12 +107,16 @@ class _LoopWorker:
                 await self.wakeup.wait()
                 continue
             batch = [self.pending.popleft() for _ in range(min(batch_size, len(self.pending)))]
-            sent: list[int] = []
+            sent: list[Outgoing] = []
             failed = 0
             try:
                 sent, failed = await self.publisher.send(batch, self)
-                if sent:
-                    self.publisher.acker.add(sent)
+                by_database: dict[str | None, list[int]] = {}
+                for item in sent:
+                    if item.event_pk is not None:
+                        by_database.setdefault(item.using, []).append(item.event_pk)
+                for using, pks in by_database.items():
+                    self.publisher.acker.add(pks, using)
             finally:
                 self.publisher._finished(len(batch), failed=failed)
 
@@ -165,12 +172,12 @@ class Publisher:
         loop = self._ensure_private_loop()
         future = asyncio.run_coroutine_threadsafe(self.send(items, None), loop)
         sent, _failed = future.result(timeout)
-        return sent
+        return [item.event_pk for item in sent if item.event_pk is not None]
 
     async def send(
         self, items: list[Outgoing], worker: _LoopWorker | None
-    ) -> tuple[list[int], int]:
-        """Send each message to its group; return (sent pks, failures)."""
+    ) -> tuple[list[Outgoing], int]:
+        """Send each message to its group; return (the logged events sent, failures)."""
         from channels.layers import get_channel_layer
 
         layer = get_channel_layer(realtime_settings.CHANNEL_LAYER)
@@ -182,7 +189,7 @@ class Publisher:
             )
             return [], len(items)
         timeout = float(realtime_settings.PUBLISH_TIMEOUT)
-        sent: list[int] = []
+        sent: list[Outgoing] = []
         failed = 0
         skipped = 0
         for index, item in enumerate(items):
@@ -221,7 +228,7 @@ class Publisher:
                     worker.paused_until = time.monotonic() + _BACKOFF_SECONDS
             else:
                 if item.event_pk is not None:
-                    sent.append(item.event_pk)
+                    sent.append(item)
                     metrics.PUBLISHED.inc()
         if skipped:
             logger.warning(
@@ -324,15 +331,21 @@ class Publisher:
             self.__init__()  # type: ignore[misc]
 
 
-def mark_published(pks: list[int]) -> int:
-    """Set `published_at` on the given events in one UPDATE."""
+def mark_published(pks: list[int], using: str | None = None) -> int:
+    """Set `published_at` on the given events of database `using` in one UPDATE."""
+    from django.db import router
     from django.utils import timezone
 
     from .models import Event
 
-    return Event.objects.filter(pk__in=pks, published_at__isnull=True).update(
-        published_at=timezone.now()
-    )
+    events = Event.objects.using(using or router.db_for_write(Event))
+    return events.filter(pk__in=pks, published_at__isnull=True).update(published_at=timezone.now())
+
+
+@dataclass(frozen=True)
+class _Marks:
+    using: str | None
+    pks: list[int]
 
 
 class _Acker:
@@ -359,9 +372,9 @@ class _Acker:
                 self.thread = threading.Thread(target=self._run, name="realtime-ack", daemon=True)
                 self.thread.start()
 
-    def add(self, pks: list[int]) -> None:
+    def add(self, pks: list[int], using: str | None = None) -> None:
         self._ensure()
-        self.queue.put(pks)
+        self.queue.put(_Marks(using, pks))
 
     def call(self, func: Any, timeout: float) -> bool:
         """Run `func` on the ack thread after the marks queued before it; False on timeout."""
@@ -377,17 +390,20 @@ class _Acker:
             if not isinstance(first, tuple):
                 self.urgent.wait(self.ACK_DELAY)  # gather the marks that follow
             self.urgent.clear()  # before draining: a call queued after the drain sets it again
-            batch: list[int] = []
+            batch: dict[str | None, list[int]] = {}
             calls: list[tuple[Any, threading.Event]] = []
             item = first
             while True:
-                (calls.append if isinstance(item, tuple) else batch.extend)(item)
+                if isinstance(item, tuple):
+                    calls.append(item)
+                else:
+                    batch.setdefault(item.using, []).extend(item.pks)
                 try:
                     item = self.queue.get_nowait()
                 except queue.Empty:
                     break
-            if batch:
-                self._mark(batch)
+            for using, pks in batch.items():
+                self._mark(pks, using)
             for func, done in calls:
                 try:
                     func()
@@ -396,12 +412,12 @@ class _Acker:
                 finally:
                     done.set()
 
-    def _mark(self, pks: list[int]) -> None:
+    def _mark(self, pks: list[int], using: str | None) -> None:
         from django.db import DatabaseError, connections
 
         for attempt in (1, 2):
             try:
-                mark_published(pks)
+                mark_published(pks, using)
                 return
             except DatabaseError:
                 connections.close_all()  # a broken or stale connection: reconnect once

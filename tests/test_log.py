@@ -544,3 +544,31 @@ def test_emit_many_validates_everything_before_writing():
         realtime.emit_many([("no stream", "v1:note.added", {})])
     assert not Event.objects.exists()
     assert realtime.emit_many([]) == []
+
+
+@pytest.mark.django_db(transaction=True, reset_sequences=True, databases=["default", "other"])
+def test_published_marks_go_to_the_database_the_event_was_logged_in(failing_layer):
+    """Two logs, one per database, with the same event pks: each mark lands in its own."""
+    del failing_layer.group_send  # the layer works; it fails for one stream only, below
+    original = failing_layer.group_send
+
+    async def group_send(group, message):
+        if message.get("stream") == "tenant:down":
+            raise ConnectionError("layer down for this send")
+        await original(group, message)
+
+    failing_layer.group_send = group_send
+    realtime.emit("tenant:down", "v1:note.added", {"db": "default"})  # left for the relay
+    flush()
+    publisher.resume()
+    realtime.emit("tenant:up", "v1:note.added", {"db": "other"}, using="other")  # sent
+    flush()
+    on_default = Event.objects.using("default").get()
+    on_other = Event.objects.using("other").get()
+    assert on_default.pk == on_other.pk  # the same pk in both logs
+    assert on_other.published_at is not None
+    assert on_default.published_at is None  # the relay of "default" still sends it
+    del failing_layer.group_send
+    with record_group_sends() as sent:
+        call_command("realtime_relay", "--once", "--grace", "0", verbosity=0)
+    assert [m["stream"] for _group, m in sent] == ["tenant:down"]

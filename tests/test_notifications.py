@@ -4,6 +4,7 @@ delivery on the WebSocket and SSE, replay, bulk notify in bounded queries, admin
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -13,6 +14,7 @@ from django.db import connection, transaction
 from django.template import Context, Template
 from django.test import Client, RequestFactory
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from notifications import notify
 from notifications.models import Notification, Preference
@@ -443,3 +445,62 @@ def test_system_check_errors_without_a_user_stream_policy():
         assert all(isinstance(m, checks.CheckMessage) for m in messages)
     finally:
         stream_kinds.register("user", previous)
+
+
+def _hold_the_stream_with_an_unread_row(user: Any, holding: Any, release: Any) -> None:
+    """Another writer: a notification of `user` made, its stream locked, not yet committed."""
+    from realtime.log import lock_streams
+
+    try:
+        with transaction.atomic():
+            lock_streams([f"user:{user.pk}"])
+            Notification.objects.create(
+                recipient=user, verb="also happened", created_at=timezone.now()
+            )
+            holding.set()
+            release.wait(10)
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("change", ["notify", "read all"])
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_count_carried_by_an_event_counts_a_concurrent_writers_notification(change):
+    """PostgreSQL, READ COMMITTED: the count is read after the stream lock, so a writer that
+    held it (and committed) is counted; read before the lock, it was missed for good."""
+    import threading
+    import time
+
+    user = UserFactory()
+    if change == "read all":
+        notify([user], "was read")
+    flush()
+    holding, release = threading.Event(), threading.Event()
+    other = threading.Thread(
+        target=_hold_the_stream_with_an_unread_row, args=(user, holding, release)
+    )
+    other.start()
+    assert holding.wait(10)
+
+    def write() -> None:
+        try:
+            if change == "notify":
+                notify([user], "happened")
+            else:
+                set_read(user, None)
+        finally:
+            connection.close()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    time.sleep(0.5)  # the writer has made its change and waits for the stream
+    release.set()
+    other.join(10)
+    writer.join(10)
+    flush()
+    last = Event.objects.filter(stream__name=f"user:{user.pk}").order_by("-seq").first()
+    assert last is not None
+    true_count = Notification.objects.unread().filter(recipient=user).count()
+    assert true_count == (2 if change == "notify" else 1)
+    assert last.data["unread_count"] == true_count

@@ -1,0 +1,17 @@
+"""Settings of the test run: the demo's, and a second database for the tests of `using=`."""
+
+import os
+
+from config.settings import *  # noqa: F403
+
+# Only tests marked with databases=[..., "other"] touch it: an event log on another alias.
+DATABASES["other"] = {  # noqa: F405
+    "ENGINE": "django.db.backends.sqlite3",
+    "NAME": str(BASE_DIR / ".test-db-other.sqlite3"),  # noqa: F405
+    "TEST": {"NAME": str(BASE_DIR / f".test-db-other-{os.getpid()}.sqlite3")},  # noqa: F405
+    "OPTIONS": {
+        "timeout": 20,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    },
+}
