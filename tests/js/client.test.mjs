@@ -1291,3 +1291,315 @@ test("unsubscribe is idempotent: a stale handle cannot drop a later subscription
   assert.deepEqual(seen, [2]);
   c.close();
 });
+
+// -- resets, gap fills and fallbacks: what each tab and transport is told --------------------
+
+const feedAnswer = (body) => ({ ok: true, status: 200, headers: { get: () => '"t"' }, json: async () => ({ resets: [], cursor: "x", ...body }) });
+const cursorOf = (url) => {
+  const token = new URL(url).searchParams.get("cursor");
+  return token === null ? null : JSON.parse(Buffer.from(token, "base64url").toString());
+};
+
+test("a leader's recovered:false reaches its followers, which go on from the server's position", async () => {
+  const feed = [];
+  const fetch = async (url) => {
+    feed.push(cursorOf(url));
+    return feedAnswer({ events: [] });
+  };
+  const { make, sockets, timers } = tabs({ fetch });
+  const leader = make().connect();
+  const follower = make().connect();
+  await settle();
+  sockets[0].open();
+  await settle();
+  const seen = [];
+  const resets = [];
+  follower.subscribe("project:1", { onEvent: (f) => seen.push(f.seq), onReset: (r) => resets.push(r.seq) });
+  await settle();
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 100, epoch: "e", recovered: false });
+  await settle();
+  sockets[0].receive(event(101));
+  await settle();
+  sockets[0].fail(); // offline for long: the log no longer holds 102 on
+  await timers.tick(1000);
+  sockets[1].open();
+  await settle();
+  assert.equal(sockets[1].last("subscribe").since, 101);
+  ok(sockets[1], sockets[1].last("subscribe"), { seq: 5000, epoch: "e", recovered: false });
+  await settle();
+  for (const seq of [5001, 5002]) sockets[1].receive(event(seq));
+  await settle();
+  await timers.tick(5000);
+  assert.deepEqual(resets, [5000]); // told once, with the server's position
+  assert.deepEqual(seen, [101, 5001, 5002]);
+  assert.deepEqual(feed, []); // no gap to fill
+  leader.close();
+  follower.close();
+});
+
+test("a leader on SSE passes a reset to its followers", async () => {
+  let push;
+  const body = { getReader: () => ({ read: () => new Promise((resolve) => (push = resolve)) }) };
+  const fetch = async (url) => (new URL(url).pathname === "/realtime/sse/" ? { ok: true, status: 200, body } : feedAnswer({ events: [] }));
+  const { make, sockets } = tabs({ fetch, wsAttempts: 1 });
+  const leader = make().connect();
+  const follower = make().connect();
+  await settle();
+  const resets = [];
+  follower.subscribe("project:1", { since: 7, onReset: (r) => resets.push(r) });
+  sockets[0].fail();
+  await settle();
+  assert.equal(leader.transport, "sse");
+  const reset = { op: "reset", stream: "project:1", seq: 900, epoch: "e2" };
+  push({ value: new TextEncoder().encode(`event: reset\ndata: ${JSON.stringify(reset)}\n\n`), done: false });
+  await settle();
+  assert.deepEqual(resets, [{ stream: "project:1", seq: 900, epoch: "e2" }]);
+  assert.equal(follower.streams.get("project:1").order.seq, 900);
+  leader.close();
+  follower.close();
+});
+
+test("a gap fill the log no longer covers resets to the server's position, and later events flow", async () => {
+  const feed = [];
+  const fetch = async (url) => {
+    feed.push(cursorOf(url));
+    return feedAnswer({ events: [], resets: [{ op: "reset", stream: "project:1", epoch: "e", seq: 5000 }] });
+  };
+  const resets = [];
+  const { c, timers, sockets } = client({ fetch, onReset: (r) => resets.push(r.seq) });
+  c.connect();
+  await flush();
+  sockets[0].open();
+  const seen = [];
+  c.subscribe("project:1", { since: 100, onEvent: (f) => seen.push(f.seq) });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 100, epoch: "e", recovered: true });
+  await settle();
+  sockets[0].receive(event(5001)); // 101..5000 are gone from the log
+  await timers.tick(1000);
+  await settle();
+  assert.deepEqual(resets, [5000]);
+  sockets[0].receive(event(5002));
+  sockets[0].receive(event(5003));
+  await timers.tick(5000);
+  assert.deepEqual(seen, [5001, 5002, 5003]); // what waited past the new position, then the rest
+  assert.deepEqual(resets, [5000]);
+  assert.equal(feed.length, 1);
+  c.close();
+});
+
+test("on a fallback a stream with no known position is left out of the cursor: the server starts it now", async () => {
+  const log = [1, 2, 3, 4, 5].map((seq) => event(seq)); // in the log before the page loaded
+  const cursors = [];
+  const fetch = async (url) => {
+    const u = new URL(url);
+    if (u.pathname === "/realtime/sse/") {
+      cursors.push({ sse: cursorOf(url) });
+      return { ok: false, status: 502, body: null, headers: { get: () => null } };
+    }
+    cursors.push(cursorOf(url));
+    const at = cursorOf(url)?.["project:1"];
+    const events = at ? log.filter((e) => e.seq > at[0]) : [];
+    return feedAnswer({ events, cursor: encodeCursor({ "project:1": [at ? Math.max(at[0], 5) : 5, "e"] }) });
+  };
+  const { c, timers, sockets } = client({ fetch, wsAttempts: 1, sseAttempts: 1 });
+  c.connect();
+  await flush();
+  const seen = [];
+  c.subscribe("project:1", { onEvent: (f) => seen.push(f.seq) }); // "from now", as the dashboard does
+  sockets[0].fail();
+  await settle();
+  assert.equal(c.status, STATUS.POLLING);
+  assert.deepEqual(cursors.slice(0, 2), [{ sse: null }, null]); // SSE, then the first poll
+  assert.deepEqual(seen, []);
+  await timers.tick(250); // the next poll goes on from the position the feed answered with
+  assert.deepEqual(cursors.at(-1), { "project:1": [5, "e"] });
+  log.push(event(6));
+  await timers.tick(250);
+  assert.deepEqual(seen, [6]);
+  c.close();
+});
+
+test("a follower of a leader on a fallback, with no position yet, reads no history from the feed", async () => {
+  const feed = [];
+  const fetch = async (url) => {
+    if (new URL(url).pathname === "/realtime/sse/") return new Promise(() => {}); // SSE open, quiet
+    feed.push(cursorOf(url));
+    return feedAnswer({ events: [] });
+  };
+  const { make, sockets, timers } = tabs({ fetch, wsAttempts: 1 });
+  const leader = make().connect();
+  const follower = make().connect();
+  await settle();
+  sockets[0].fail();
+  await settle();
+  assert.equal(leader.transport, "sse");
+  const seen = [];
+  const sub = watch(follower.subscribe("project:1", { onEvent: (f) => seen.push(f.seq) }).ready);
+  await settle();
+  assert.equal(sub.state, "resolved");
+  assert.equal(sub.value.seq, null); // not 0: the leader knows no position either
+  leader._event(event(120)); // the first event of the (restarted) SSE stream
+  await settle();
+  await timers.tick(5000);
+  assert.deepEqual(seen, [120]);
+  assert.deepEqual(feed, []);
+  leader.close();
+  follower.close();
+});
+
+test("a failed ticket request is retried with backoff, never a connect without a ticket; a 401 ends", async () => {
+  let status = 201;
+  const fetch = async () => ({ ok: status < 300, status, headers: { get: () => null }, json: async () => ({ ticket: "T" }) });
+  const { c, timers, sockets, errors } = client({ fetch, ticketUrl: "http://testserver/api/realtime/tickets/" });
+  c.connect();
+  await settle();
+  sockets[0].open();
+  status = 503; // a deploy
+  sockets[0].fail(1001);
+  await timers.tick(1000);
+  await settle();
+  assert.equal(sockets.length, 1); // no socket without a ticket
+  assert.equal(c.status, STATUS.RECONNECTING);
+  status = 201;
+  await timers.tick(2000);
+  await settle();
+  assert.equal(sockets.length, 2);
+  assert.equal(new URL(sockets[1].url).searchParams.get("ticket"), "T");
+  assert.deepEqual(errors, []);
+  status = 401; // logged out: as 4401
+  sockets[1].fail(1006);
+  await timers.tick(30000);
+  await settle();
+  assert.equal(sockets.length, 2);
+  assert.equal(c.status, STATUS.OFFLINE);
+  assert.equal(errors[0].code, "unauthenticated");
+  c.close();
+});
+
+test("an early event dropped with the buffer by a reset is delivered when a resume replays it", async () => {
+  let feedUp = false;
+  const fetch = async () => (feedUp ? feedAnswer({ events: [] }) : { ok: false, status: 503, headers: { get: () => null }, json: async () => ({}) });
+  const { c, timers, sockets } = client({ fetch, onReset() {} });
+  c.connect();
+  await flush();
+  sockets[0].open();
+  const seen = [];
+  c.subscribe("project:1", { onEvent: (f) => seen.push(f.seq) });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: false });
+  await settle();
+  sockets[0].receive(event(5)); // 4 lost; 5 waits
+  await timers.tick(1000); // the feed is down: reset at 3, 5 dropped
+  await settle();
+  sockets[0].fail();
+  await timers.tick(1000);
+  sockets[1].open();
+  assert.equal(sockets[1].last("subscribe").since, 3);
+  ok(sockets[1], sockets[1].last("subscribe"), { seq: 5, epoch: "e", recovered: true });
+  sockets[1].receive(event(4));
+  sockets[1].receive(event(5));
+  await timers.tick(5000);
+  assert.deepEqual(seen, [4, 5]);
+  c.close();
+});
+
+test("past a full buffer one gap fill runs per stream, page by page, and delivers every event once", async () => {
+  let requests = 0;
+  let inFlight = 0;
+  let peak = 0;
+  const fetch = async (url) => {
+    requests += 1;
+    peak = Math.max(peak, ++inFlight);
+    await flush();
+    inFlight -= 1;
+    const from = cursorOf(url)["project:1"][0];
+    return feedAnswer({ events: Array.from({ length: 500 }, (_, i) => event(from + 1 + i)).filter((e) => e.seq <= 1204) });
+  };
+  const { c, timers, sockets } = client({ fetch });
+  c.connect();
+  await flush();
+  sockets[0].open();
+  const seen = [];
+  c.subscribe("project:1", { onEvent: (f) => seen.push(f.seq) });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: false });
+  await settle();
+  for (let seq = 5; seq <= 1204; seq++) sockets[0].receive(event(seq)); // 4 lost; 200 past the buffer
+  for (let i = 0; i < 5; i++) await settle();
+  await timers.tick(5000);
+  assert.equal(peak, 1);
+  assert.equal(requests, 2); // 4..503 (the buffer holds up to 1004), then 1005..1204
+  assert.equal(seen.length, 1201);
+  assert.deepEqual([seen[0], seen.at(-1)], [4, 1204]);
+  c.close();
+});
+
+test("a long poll left behind by the WebSocket, or by close(), is aborted and changes nothing", async () => {
+  const polls = [];
+  const fetch = (url, init = {}) => {
+    if (new URL(url).pathname === "/realtime/sse/") return Promise.resolve({ ok: false, status: 502, body: null, headers: { get: () => null } });
+    return new Promise((_, reject) => {
+      polls.push(init.signal);
+      init.signal?.addEventListener("abort", () => reject(Object.assign(new Error("aborted"), { name: "AbortError" })));
+      if (!init.signal) polls.reject = reject;
+    });
+  };
+  const { c, timers, sockets, statuses } = client({ fetch, wsAttempts: 1, sseAttempts: 1 });
+  c.subscribe("project:1", {});
+  c.connect();
+  await settle();
+  sockets[0].fail();
+  await settle();
+  assert.equal(c.status, STATUS.POLLING);
+  await timers.tick(30000); // the probe
+  sockets.at(-1).open();
+  await settle();
+  polls.reject?.(new TypeError("network changed")); // without a signal, it fails late instead
+  await settle();
+  assert.ok(polls.at(-1)?.aborted);
+  assert.equal(c.status, STATUS.OPEN);
+  assert.equal(statuses.at(-1).status, STATUS.OPEN);
+  assert.equal(c.pollTimer, null);
+  c.close();
+
+  const again = client({ fetch, wsAttempts: 1, sseAttempts: 1 });
+  again.c.subscribe("project:1", {});
+  again.c.connect();
+  await settle();
+  again.sockets[0].fail();
+  await settle();
+  assert.equal(again.c.status, STATUS.POLLING);
+  again.c.close();
+  polls.reject?.(new TypeError("network changed"));
+  await settle();
+  assert.ok(polls.at(-1)?.aborted);
+  assert.equal(again.c.status, STATUS.OFFLINE);
+  assert.equal(again.statuses.at(-1).status, STATUS.OFFLINE);
+  assert.equal(again.timers.queue.size, 0);
+});
+
+test("a probe still connecting when its fallback stops is closed: one socket at a time", async () => {
+  let failSSE;
+  const fetch = (url) => new URL(url).pathname === "/realtime/sse/"
+    ? new Promise((_, reject) => (failSSE = reject)) // SSE hangs: the server is down
+    : Promise.reject(new TypeError("Failed to fetch"));
+  const { c, timers, sockets } = client({ fetch, wsAttempts: 1, probeEvery: 30000 });
+  c.subscribe("project:1", {});
+  c.connect();
+  await settle();
+  sockets[0].fail();
+  await settle();
+  await timers.tick(30000); // the probe
+  const probe = sockets[1];
+  failSSE(new TypeError("Failed to fetch")); // no answer from the feed either: retry the WebSocket
+  await settle();
+  assert.equal(probe.readyState, 3); // closed with the fallback
+  await timers.tick(30000);
+  const retry = sockets[2];
+  retry.open();
+  probe.open(); // a late open of the old probe is ignored
+  await settle();
+  assert.equal(c.socket, retry);
+  assert.equal(sockets.filter((s) => s.readyState === 1 && s.onmessage).length, 1);
+  retry.receive({ op: "ping" });
+  assert.equal(sentOf(retry, "pong").length, 1);
+  c.close();
+});

@@ -31,6 +31,17 @@ export function encodeCursor(positions) {
   return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 
+/** The positions {stream: [seq, epoch]} of a cursor made by encodeCursor (or the server); {} if unreadable. */
+export function decodeCursor(cursor) {
+  try {
+    const binary = atob(String(cursor).replace(/-/g, "+").replace(/_/g, "/"));
+    const positions = JSON.parse(new TextDecoder().decode(Uint8Array.from(binary, (ch) => ch.charCodeAt(0))));
+    return positions && typeof positions === "object" && !Array.isArray(positions) ? positions : {};
+  } catch (_) {
+    return {};
+  }
+}
+
 /** Parse `X-Stream-Position` ("project:42=131, user:7=9") into {stream: seq}. */
 export function parsePositions(header) {
   const positions = {};
@@ -56,6 +67,13 @@ export class Deduper {
     this.seen.add(id);
     if (this.seen.size > this.limit) this.seen.delete(this.seen.values().next().value);
     return true;
+  }
+  has(id) {
+    return Boolean(id) && this.seen.has(id);
+  }
+  /** Forget an id that was kept but never delivered, so a later copy is delivered. */
+  forget(id) {
+    if (id) this.seen.delete(id);
   }
 }
 
@@ -212,6 +230,8 @@ export class RealtimeClient extends EventTarget {
     this.transport = null;
     this.lockGeneration = 0; // a lock grant for an older generation is released at once
     this.socketGeneration = 0; // a socket opened for an older generation is dropped
+    this.probeGeneration = 0; // a probe for a fallback that has stopped is dropped
+    this.probeSocket = null; // the probe still connecting, if any
     this._onVisibility = () => this._visibilityChanged();
   }
 
@@ -462,7 +482,7 @@ export class RealtimeClient extends EventTarget {
         answer({
           ok: true,
           data: {
-            seq: s ? s.order.seq ?? 0 : 0,
+            seq: s ? s.order.seq : null, // null: not known yet (a fallback that started "now")
             epoch: s ? s.order.epoch : null,
             recovered: true,
             shared: true,
@@ -550,17 +570,20 @@ export class RealtimeClient extends EventTarget {
     this._cancel(this.watchdog);
     this._cancel(this.stableTimer);
     this._stopFallback();
-    for (const socket of [this.socket, this.connecting]) {
-      if (!socket) continue;
-      socket.onclose = socket.onmessage = socket.onerror = socket.onopen = null;
-      try {
-        socket.close(1000);
-      } catch (_) {
-        /* already closed */
-      }
-    }
+    for (const socket of [this.socket, this.connecting]) if (socket) this._forget(socket);
     this.socket = this.connecting = null;
     this.transport = null;
+  }
+
+  /** Close a socket without the reconnect that follows a close. */
+  _forget(socket) {
+    socket.onclose = socket.onmessage = socket.onerror = socket.onopen = null;
+    if (this.connecting === socket) this.connecting = null;
+    try {
+      socket.close(1000);
+    } catch (_) {
+      /* already closed */
+    }
   }
 
   /**
@@ -583,6 +606,11 @@ export class RealtimeClient extends EventTarget {
 
   // -- WebSocket ----------------------------------------------------------------------------
 
+  /**
+   * The socket's URL, with a fresh ticket when `ticketUrl` is set. Without a ticket the server
+   * closes 4401, which ends the client, so a failed ticket request fails the try instead (a
+   * retry with backoff); only a 401 or 403 from the ticket endpoint is final, as 4401/4403.
+   */
   async _socketUrl() {
     const url = new URL(this.options.wsUrl);
     url.searchParams.set("v", this.options.clientVersion);
@@ -592,7 +620,12 @@ export class RealtimeClient extends EventTarget {
         credentials: "same-origin",
         headers: this._csrfHeaders(),
       });
-      if (response.ok) url.searchParams.set("ticket", (await response.json()).ticket);
+      if (!response.ok) {
+        throw Object.assign(new Error(`ticket answered ${response.status}`), { status: response.status });
+      }
+      const ticket = (await response.json()).ticket;
+      if (!ticket) throw new Error("no ticket in the answer");
+      url.searchParams.set("ticket", ticket);
     }
     return url.toString();
   }
@@ -601,13 +634,19 @@ export class RealtimeClient extends EventTarget {
     if (this.closed || !this.WebSocket) return;
     const generation = this.socketGeneration;
     if (!probe) this._setStatus(this.attempt ? STATUS.RECONNECTING : STATUS.CONNECTING);
+    const probing = this.probeGeneration;
+    // A probe whose fallback stopped meanwhile (the WebSocket is being retried) is not needed.
+    const stale = () => this.closed || generation !== this.socketGeneration || (probe && probing !== this.probeGeneration);
     let url;
     try {
       url = await this._socketUrl();
     } catch (error) {
+      if (stale()) return;
+      if (error.status === 401 || error.status === 403) return this._refused(error.status === 401 ? 4401 : 4403);
       return this._socketFailed(null, probe);
     }
-    if (this.closed || generation !== this.socketGeneration) return;
+    if (stale()) return;
+    if (this.connecting) this._forget(this.connecting); // an older try still connecting: one at a time
     let socket;
     try {
       socket = new this.WebSocket(url);
@@ -615,6 +654,7 @@ export class RealtimeClient extends EventTarget {
       return this._socketFailed(null, probe);
     }
     this.connecting = socket;
+    if (probe) this.probeSocket = socket;
     let promoted = false; // welcomed: this socket became the connection
     socket.onopen = () => {};
     socket.onmessage = (message) => {
@@ -655,20 +695,22 @@ export class RealtimeClient extends EventTarget {
         this._connectionLost();
       }
       if (this.closed) return;
-      if (FINAL_CLOSE.has(event.code)) {
-        this._setStatus(STATUS.OFFLINE, { code: event.code }); // followers see it too
-        this._emit("error", {
-          code: event.code === 4401 ? "unauthenticated" : "forbidden",
-          message: `the server refused the connection (${event.code})`,
-        });
-        this._end();
-        return;
-      }
+      if (FINAL_CLOSE.has(event.code)) return this._refused(event.code);
       this._socketFailed(event.code, probe && !promoted, promoted);
     };
     socket.onerror = () => {
       /* onclose follows */
     };
+  }
+
+  /** A 4401 or 4403 (or the ticket endpoint's 401 or 403): reconnecting cannot help. */
+  _refused(code) {
+    this._setStatus(STATUS.OFFLINE, { code }); // followers see it too
+    this._emit("error", {
+      code: code === 4401 ? "unauthenticated" : "forbidden",
+      message: `the server refused the connection (${code})`,
+    });
+    this._end();
   }
 
   _socketFailed(code, probe, wasOpen = false) {
@@ -734,8 +776,8 @@ export class RealtimeClient extends EventTarget {
   }
 
   _frame(frame) {
-    if (this.role === "leader" && frame.op !== "ping" && frame.op !== "reply") {
-      this._post({ kind: "server", frame }); // events, resets, unsubscribed: for every tab
+    if (this.role === "leader" && !["ping", "reply", "reset"].includes(frame.op)) {
+      this._post({ kind: "server", frame }); // events, unsubscribed: for every tab
     }
     switch (frame.op) {
       case "ping":
@@ -756,7 +798,7 @@ export class RealtimeClient extends EventTarget {
         this._event(frame);
         return;
       case "reset":
-        this._reset(frame.stream, frame.seq, frame.epoch);
+        this._serverReset(frame.stream, frame.seq, frame.epoch);
         return;
       case "unsubscribed": {
         const state = this.streams.get(frame.stream);
@@ -993,11 +1035,11 @@ export class RealtimeClient extends EventTarget {
     state.refused = null;
     state.data = data;
     if (frame.since != null && data.recovered === false) {
-      this._reset(stream, data.seq, data.epoch);
+      this._serverReset(stream, data.seq, data.epoch);
     } else if (state.order.seq === null) {
       state.order.reset(data.seq, data.epoch);
     } else {
-      state.order.epoch = data.epoch;
+      if (data.epoch != null) state.order.epoch = data.epoch; // a leader on a fallback may know none
       // Another tab's connection already follows the stream from a later position: read
       // what this tab missed from the feed.
       if (data.shared && data.seq > state.order.seq) this._fillGap(stream);
@@ -1036,9 +1078,21 @@ export class RealtimeClient extends EventTarget {
     for (const reply of waiting) reply(error);
   }
 
+  /**
+   * The server says a stream's history is lost (a `reset`, or `recovered: false`): a leader
+   * tells its followers too, whose positions the server no longer covers either.
+   */
+  _serverReset(stream, seq, epoch) {
+    if (this.role === "leader") this._post({ kind: "server", frame: { op: "reset", stream, seq, epoch } });
+    this._reset(stream, seq, epoch);
+  }
+
   _reset(stream, seq, epoch) {
     const state = this.streams.get(stream);
     if (!state) return;
+    // Early events dropped with the buffer were never delivered: a later copy (a resume's
+    // replay) must not be taken for a duplicate.
+    for (const frame of state.order.pending.values()) this.deduper.forget(frame.eventId);
     state.order.reset(seq, epoch);
     this._cancel(state.gapTimer);
     const info = { stream, seq, epoch };
@@ -1057,13 +1111,20 @@ export class RealtimeClient extends EventTarget {
     if (this.role === "leader" && this.transport !== "websocket") this._post({ kind: "server", frame });
     const state = this.streams.get(frame.stream);
     if (!state) return;
-    if (!this.deduper.fresh(frame.eventId)) return;
-    if (frame.seq === undefined) return this._ephemeral(frame, state); // not logged
+    if (this.deduper.has(frame.eventId)) return;
+    if (frame.seq === undefined) {
+      this.deduper.fresh(frame.eventId);
+      return this._ephemeral(frame, state); // not logged
+    }
     const ready = state.order.offer(frame);
     if (ready === null) {
-      // Too many events early: stop waiting and fill from the log.
+      // Too many events early: drop this one (not seen: the log has it), stop waiting and
+      // fill from the log up to at least it.
+      state.behind = Math.max(state.behind ?? 0, frame.seq);
       return this._fillGap(frame.stream);
     }
+    // Seen only once delivered or kept in the buffer: a copy of one ignored here may still count.
+    if (ready.length || state.order.pending.get(frame.seq) === frame) this.deduper.fresh(frame.eventId);
     for (const f of ready) this._deliver(f, state);
     if (state.order.hasGap && state.gapTimer == null) {
       state.gapTimer = this._later(this.options.gapWait, () => {
@@ -1099,37 +1160,72 @@ export class RealtimeClient extends EventTarget {
     for (const h of state.handlers) if (h.onPresence) h.onPresence(members);
   }
 
-  /** Read the missing events from the event feed; reset the stream if that fails. */
+  /**
+   * Read the missing events from the event feed, page by page, up to the early events held
+   * and those dropped from a full buffer; reset the stream if that fails. One at a time per
+   * stream: events arriving meanwhile wait in the buffer (or are read by this fill).
+   */
   async _fillGap(stream) {
     const state = this.streams.get(stream);
-    if (!state || !this.fetch) return;
-    const from = state.order.seq;
+    if (!state || !this.fetch || state.filling) return;
+    state.filling = true;
+    const gone = () => this.closed || this.streams.get(stream) !== state;
     try {
-      const events = await this._readFeed({ [stream]: [from, state.order.epoch] }, 0);
-      if (events.resets.length) throw new Error("reset");
-      for (const frame of events.events) {
-        for (const f of state.order.offer(frame) || []) this._deliver(f, state);
-        this.deduper.fresh(frame.eventId);
+      for (;;) {
+        const before = state.order.seq;
+        const body = await this._readFeed([stream], { [stream]: [state.order.seq, state.order.epoch] }, 0);
+        if (gone()) return;
+        const reset = (body.resets || []).find((r) => (r.stream || r) === stream);
+        // The log no longer covers our position: start again from the server's.
+        if (reset) throw Object.assign(new Error("reset"), { seq: reset.seq ?? 0, epoch: reset.epoch ?? null });
+        for (const frame of body.events) {
+          const ready = state.order.offer(frame) || [];
+          if (ready.length) this.deduper.fresh(frame.eventId);
+          for (const f of ready) this._deliver(f, state);
+        }
+        const behind = state.behind != null && state.order.seq < state.behind;
+        if (!state.order.hasGap && !behind) break;
+        if (state.order.seq === before) {
+          // The log has nothing more up to the early events: they were published out of
+          // order but the missing ones are gone. Skip ahead to what we hold.
+          const [first] = Array.from(state.order.pending.keys()).sort((a, b) => a - b);
+          throw Object.assign(new Error("gap"), { seq: first === undefined ? state.behind : first - 1 });
+        }
       }
-      if (state.order.hasGap) {
-        // The log has nothing more up to the early events: they were published out of
-        // order but the missing ones are gone. Skip ahead to what we hold.
-        const [first] = Array.from(state.order.pending.keys()).sort((a, b) => a - b);
-        throw Object.assign(new Error("gap"), { seq: first - 1 });
-      }
+      state.behind = null;
     } catch (error) {
-      this._reset(stream, state.order.seq, state.order.epoch);
+      if (gone()) return;
+      state.behind = null;
+      const seq = error.seq ?? state.order.seq;
+      // Early events past a new position are still good: delivered after the reset, not forgotten.
+      const held = error.seq == null ? [] : [...state.order.pending.values()].filter((f) => f.seq > seq);
+      for (const frame of held) state.order.pending.delete(frame.seq);
+      this._reset(stream, seq, error.epoch ?? state.order.epoch);
+      held.sort((a, b) => a.seq - b.seq);
+      for (const frame of held) for (const f of state.order.offer(frame) || []) this._deliver(f, state);
+    } finally {
+      state.filling = false;
+    }
+    if (!gone() && state.order.hasGap && state.gapTimer == null) {
+      // Events that arrived early during the fill, after what it read.
+      state.gapTimer = this._later(this.options.gapWait, () => {
+        state.gapTimer = null;
+        if (state.order.hasGap) this._fillGap(stream);
+      });
     }
   }
 
-  async _readFeed(positions, wait, etag = null) {
+  /** Read the feed for `streams`; a stream absent from `positions` starts at the server's now. */
+  async _readFeed(streams, positions, wait, { etag = null, signal } = {}) {
     const url = new URL(this.options.feedUrl);
-    url.searchParams.set("streams", Object.keys(positions).join(","));
-    url.searchParams.set("cursor", encodeCursor(positions));
+    url.searchParams.set("streams", streams.join(","));
+    if (Object.keys(positions).length) url.searchParams.set("cursor", encodeCursor(positions));
     url.searchParams.set("limit", "500");
     if (wait) url.searchParams.set("wait", String(wait));
     const headers = etag ? { "If-None-Match": etag } : {};
-    const response = await this.fetch(url.toString(), { credentials: "same-origin", headers });
+    const init = { credentials: "same-origin", headers };
+    if (signal) init.signal = signal;
+    const response = await this.fetch(url.toString(), init);
     if (response.status === 304) return { events: [], resets: [], cursor: null, notModified: true };
     if (!response.ok) throw Object.assign(new Error(`feed answered ${response.status}`), { status: response.status });
     const body = await response.json();
@@ -1229,9 +1325,16 @@ export class RealtimeClient extends EventTarget {
 
   // -- fallbacks: SSE, then polling --------------------------------------------------------
 
+  /**
+   * The fallback's cursor: the known position of each stream. One with none yet (subscribed
+   * without `since`, no event seen) is left out, and the server starts it at its current
+   * position: [0, null] would replay the whole retained history as new events.
+   */
   _positions() {
     const positions = {};
-    for (const [stream, state] of this.streams) positions[stream] = [state.order.seq ?? 0, state.order.epoch];
+    for (const [stream, state] of this.streams) {
+      if (state.order.seq !== null) positions[stream] = [state.order.seq, state.order.epoch];
+    }
     return positions;
   }
 
@@ -1241,6 +1344,10 @@ export class RealtimeClient extends EventTarget {
     this._cancel(this.pollTimer);
     this._cancel(this.probeTimer);
     this.pollTimer = this.probeTimer = null;
+    // A probe still connecting goes with its fallback: the WebSocket is tried (or is) anew.
+    this.probeGeneration += 1;
+    if (this.connecting && this.connecting === this.probeSocket) this._forget(this.connecting);
+    this.probeSocket = null;
     if (this._onFallback()) for (const state of this.streams.values()) state.live = false;
     if (this.transport !== "websocket") this.transport = null;
   }
@@ -1268,7 +1375,8 @@ export class RealtimeClient extends EventTarget {
     if (!this.streams.size) return; // nothing to follow yet; subscribe() restarts it
     const url = new URL(this.options.sseUrl);
     url.searchParams.set("streams", Array.from(this.streams.keys()).join(","));
-    url.searchParams.set("cursor", encodeCursor(this._positions()));
+    const positions = this._positions();
+    if (Object.keys(positions).length) url.searchParams.set("cursor", encodeCursor(positions));
     try {
       const response = await this.fetch(url.toString(), {
         credentials: "same-origin",
@@ -1294,7 +1402,7 @@ export class RealtimeClient extends EventTarget {
           } catch (_) {
             continue;
           }
-          if (message.event === "reset" || frame.op === "reset") this._reset(frame.stream, frame.seq, frame.epoch);
+          if (message.event === "reset" || frame.op === "reset") this._serverReset(frame.stream, frame.seq, frame.epoch);
           else if (frame.op === "event") this._event(frame);
           else this._frame(frame);
         }
@@ -1325,7 +1433,7 @@ export class RealtimeClient extends EventTarget {
 
   async _reachable() {
     try {
-      await this._readFeed(this._positions(), 0);
+      await this._readFeed(Array.from(this.streams.keys()), this._positions(), 0);
       return true;
     } catch (error) {
       return error.status !== undefined; // an HTTP error is still an answer
@@ -1355,15 +1463,27 @@ export class RealtimeClient extends EventTarget {
       if (!this.streams.size) return;
       const hidden = this._hidden();
       try {
-        const body = await this._readFeed(this._positions(), hidden ? 0 : this.options.pollVisible, etag);
+        const body = await this._readFeed(
+          Array.from(this.streams.keys()),
+          this._positions(),
+          hidden ? 0 : this.options.pollVisible,
+          { etag, signal: controller.signal },
+        );
         failures = 0;
-        if (controller.signal.aborted) return;
+        if (controller.signal.aborted || this.closed) return;
         if (!body.notModified) {
           etag = body.etag;
-          for (const stream of body.resets || []) this._reset(stream.stream || stream, stream.seq ?? 0, stream.epoch ?? null);
+          for (const stream of body.resets || []) this._serverReset(stream.stream || stream, stream.seq ?? 0, stream.epoch ?? null);
           for (const frame of body.events) this._event(frame);
+          // A stream that started at the server's now continues from there, not from a new now.
+          const after = body.cursor ? decodeCursor(body.cursor) : {};
+          for (const [stream, state] of this.streams) {
+            const at = after[stream];
+            if (state.order.seq === null && Array.isArray(at) && Number.isInteger(at[0])) state.order.reset(at[0], at[1] ?? null);
+          }
         }
       } catch (error) {
+        if (controller.signal.aborted || this.closed) return; // stopped meanwhile: not ours any more
         failures += 1;
         this._setStatus(STATUS.POLLING, { error: error.message });
       }
