@@ -138,9 +138,13 @@ class Client:
         self.failures: dict[str, int] = {}
         self.dropped = 0
         self.closing = False
+        self.requests = 0
 
     def request(self, connection: SSE) -> bytes:
-        cookie = self.cookies[len(self.connections) % len(self.cookies)]
+        # Counted per request, not by the connections appended so far: the gate opens many
+        # at once, and each would take the same user (past its connection limit).
+        cookie = self.cookies[self.requests % len(self.cookies)]
+        self.requests += 1
         return (
             f"GET {self.args.path} HTTP/1.1\r\n"
             f"Host: 127.0.0.1:{self.args.port}\r\n"

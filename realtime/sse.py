@@ -38,6 +38,7 @@ logger = logging.getLogger("realtime.sse")
 HEARTBEAT = 15.0
 RETRY_MS = 3000
 MAX_QUEUED = 10_000
+LIMITED_RETRY_MS = 30_000  # `retry:` of a stream refused over the connection limit
 
 
 def _db(func: Any) -> Any:
@@ -175,8 +176,19 @@ class SSEConnection:
         counted = False
         try:
             if not await asyncio.shield(opening):
-                # Others of this user's connections got in since the view counted them.
+                # Others of this user's connections got in since the view counted them. The
+                # status (200) is sent already: say it in the body, and ask the browser to
+                # wait long before it reconnects, as a 429 would.
                 logger.info("SSE stream %s over the connection limit", self.connection_id)
+                refusal = {
+                    "op": "error",
+                    "error": {
+                        "code": "rate_limited",
+                        "message": f"more than {limit} connections for this user",
+                    },
+                }
+                yield f"retry: {LIMITED_RETRY_MS}\n\n"
+                yield _message("rate_limited", json.dumps(refusal))
                 return
             await hub.watch_user(self.user.pk, self)
             metrics.CONNECTS.labels("sse").inc()

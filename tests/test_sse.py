@@ -377,3 +377,24 @@ async def test_a_lost_permission_message_is_made_up_for_by_the_periodic_recheck(
     gone = await reader.event("unsubscribed", timeout=3)
     assert gone["data"]["stream"] == f"project:{project.pk}"
     await reader.close()
+
+
+async def test_a_stream_found_over_the_limit_when_its_body_starts_says_so(settings):
+    """Both requests pass the view's count (no row yet); the second finds the first's row
+    when its body starts. Its status is sent already, so the body says rate_limited and asks
+    the browser to wait long before reconnecting."""
+    settings.REALTIME = {**getattr(settings, "REALTIME", {}), "MAX_CONNECTIONS_PER_USER": 1}
+    user = await db(UserFactory)()
+    client = AsyncClient()
+    await client.aforce_login(user)
+    streams = {"streams": f"user:{user.pk}"}
+    first = SSEReader(await client.get("/realtime/sse/", streams))
+    second = SSEReader(await client.get("/realtime/sse/", streams))
+    assert await first.message() == {"retry": "3000"}
+    assert await second.message() == {"retry": "30000"}
+    refused = await second.message()
+    assert refused["event"] == "rate_limited"
+    assert refused["data"]["error"]["code"] == "rate_limited"
+    with pytest.raises(StopAsyncIteration):
+        await second.message()
+    await first.close()
