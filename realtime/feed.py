@@ -71,6 +71,9 @@ class Start:
 
     positions: dict[str, Position]
     resets: list[dict[str, Any]] = field(default_factory=list)
+    #: Streams the cursor gave no position for: they start at the current position, which
+    #: the reader has not been told yet.
+    unplaced: list[str] = field(default_factory=list)
 
 
 def starting_positions(streams: list[str], cursor: dict[str, Position] | None) -> Start:
@@ -83,7 +86,9 @@ def starting_positions(streams: list[str], cursor: dict[str, Position] | None) -
             start.positions[stream] = Position(given.seq, now.epoch)
             continue
         start.positions[stream] = Position(now.seq, now.epoch)
-        if given is not None:  # a cursor we cannot resume: tell the client to refetch
+        if given is None:
+            start.unplaced.append(stream)
+        else:  # a cursor we cannot resume: tell the client to refetch
             start.resets.append(
                 {"op": "reset", "stream": stream, "epoch": now.epoch, "seq": now.seq}
             )

@@ -166,7 +166,9 @@ class SSEConnection:
             limit=limit,
         )
 
-    async def run(self, resets: list[dict[str, Any]], limit: int) -> AsyncIterator[str]:
+    async def run(
+        self, resets: list[dict[str, Any]], limit: int, *, unplaced: bool = False
+    ) -> AsyncIterator[str]:
         from .connections import close_connection
 
         hub = get_hub()
@@ -201,6 +203,11 @@ class SSEConnection:
             yield f"retry: {RETRY_MS}\n\n"
             for reset in resets:
                 yield _message("reset", json.dumps(reset), encode(self.positions))
+            if unplaced and not resets:
+                # Streams that started now: an `id:` with no data dispatches no event, but sets
+                # the browser's Last-Event-ID, so a reconnect before their first event resumes
+                # from here instead of from a later now (and misses nothing in between).
+                yield f"id: {encode(self.positions)}\n\n"
             for subscription in list(self.subscriptions.values()):
                 async for chunk in self._replay(subscription):
                     yield chunk
@@ -311,7 +318,8 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         ).response()
     await release_request_connections()
     response = StreamingHttpResponse(
-        connection.run(start.resets, limit), content_type="text/event-stream"
+        connection.run(start.resets, limit, unplaced=bool(start.unplaced)),
+        content_type="text/event-stream",
     )
     response["Cache-Control"] = "no-store"
     response["X-Accel-Buffering"] = "no"

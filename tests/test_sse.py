@@ -116,6 +116,45 @@ async def test_resume_by_last_event_id_across_two_reconnects_on_two_streams():
     await reader.close()
 
 
+async def test_a_stream_started_now_says_where_so_a_reconnect_before_an_event_misses_nothing():
+    import realtime
+
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    await db(ItemFactory)(project=project, title="history")  # not replayed
+    streams = f"project:{project.pk},user:{owner.pk}"
+    await db(realtime.emit)(f"user:{owner.pk}", "v1:note.added", {"n": 1})
+    reader, _ = await open_sse(owner, streams)
+    placed = await reader.message()
+    assert set(placed) == {"id"}  # no event: only the browser's Last-Event-ID moves
+    from realtime.feed import position
+
+    now = {stream: (await db(position)(stream)).seq for stream in streams.split(",")}
+    assert now[f"user:{owner.pk}"] == 1
+    assert {s: p.seq for s, p in decode(placed["id"]).items()} == now
+    await reader.close()
+
+    # Committed while away, before the first stream delivered anything.
+    await db(ItemFactory)(project=project, title="missed")
+    reader, _ = await open_sse(owner, streams, last_event_id=placed["id"])
+    missed = await reader.event()
+    assert missed["data"]["seq"] == now[f"project:{project.pk}"] + 1
+    assert missed["data"]["data"]["title"] == "missed"
+    await reader.close()
+
+
+async def test_a_stream_resumed_on_every_stream_sends_no_extra_id():
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    reader, _ = await open_sse(owner, f"project:{project.pk}")
+    placed = await reader.message()
+    await reader.close()
+    reader, _ = await open_sse(owner, f"project:{project.pk}", last_event_id=placed["id"])
+    with pytest.raises(TimeoutError):
+        await reader.message(timeout=0.3)
+    await reader.close()
+
+
 @pytest.mark.parametrize("bad_id", ["garbage", "eyJ4IjpbMV19"])
 async def test_malformed_last_event_id_gives_reset_events_not_an_error(bad_id):
     owner = await db(UserFactory)()
@@ -270,6 +309,7 @@ async def test_idle_stream_gets_a_heartbeat_comment(monkeypatch):
     monkeypatch.setattr(sse, "HEARTBEAT", 0.2)
     owner = await db(UserFactory)()
     reader, _ = await open_sse(owner, f"user:{owner.pk}")
+    assert set(await reader.message()) == {"id"}  # where the stream starts
     assert (await reader.message(timeout=2)) == {"comment": "heartbeat"}
     await reader.close()
 

@@ -1419,6 +1419,41 @@ test("on a fallback a stream with no known position is left out of the cursor: t
   c.close();
 });
 
+test("on SSE a stream with no known position takes the one the server starts it at, so a reconnect misses nothing", async () => {
+  const cursors = [];
+  const pushes = [];
+  const fetch = async (url) => {
+    const u = new URL(url);
+    if (u.pathname !== "/realtime/sse/") return feedAnswer({ events: [] });
+    cursors.push(cursorOf(url));
+    let push;
+    const body = { getReader: () => ({ read: () => new Promise((resolve) => (push = resolve)) }) };
+    pushes.push((text, done = false) => push(done ? { done: true } : { value: new TextEncoder().encode(text), done: false }));
+    return { ok: true, status: 200, body };
+  };
+  const { c, timers, sockets } = client({ fetch, wsAttempts: 1 });
+  c.connect();
+  await flush();
+  const seen = [];
+  c.subscribe("project:1", { onEvent: (f) => seen.push(f.seq) }); // "from now"
+  sockets[0].fail();
+  await settle();
+  assert.equal(c.transport, "sse");
+  assert.deepEqual(cursors, [null]);
+  pushes[0](`retry: 3000\n\nid: ${encodeCursor({ "project:1": [41, "e"] })}\n\n`);
+  await settle();
+  assert.equal(c.streams.get("project:1").order.seq, 41);
+  pushes[0]("", true); // the stream ends before any event
+  await settle();
+  await timers.tick(5000);
+  await settle();
+  assert.deepEqual(cursors.at(-1), { "project:1": [41, "e"] }); // not "now" again
+  pushes.at(-1)(`event: v1:item.updated\ndata: ${JSON.stringify(event(42))}\n\n`);
+  await settle();
+  assert.deepEqual(seen, [42]);
+  c.close();
+});
+
 test("a follower of a leader on a fallback, with no position yet, reads no history from the feed", async () => {
   const feed = [];
   const fetch = async (url) => {

@@ -1338,6 +1338,17 @@ export class RealtimeClient extends EventTarget {
     return positions;
   }
 
+  /**
+   * A stream that started at the server's now continues from there, not from a new now: give
+   * the streams with no position yet the ones the server said ({stream: [seq, epoch]}).
+   */
+  _placeUnplaced(positions) {
+    for (const [stream, state] of this.streams) {
+      const at = positions[stream];
+      if (state.order.seq === null && Array.isArray(at) && Number.isInteger(at[0])) state.order.reset(at[0], at[1] ?? null);
+    }
+  }
+
   _stopFallback() {
     if (this.fallbackAbort) this.fallbackAbort.abort();
     this.fallbackAbort = null;
@@ -1395,6 +1406,8 @@ export class RealtimeClient extends EventTarget {
         const { value, done } = await reader.read();
         if (done) break;
         for (const message of parser.push(decoder.decode(value, { stream: true }))) {
+          // An `id:` with no data: where the streams that started now begin.
+          if (message.id && !message.data) this._placeUnplaced(decodeCursor(message.id));
           if (!message.data) continue;
           let frame;
           try {
@@ -1475,12 +1488,7 @@ export class RealtimeClient extends EventTarget {
           etag = body.etag;
           for (const stream of body.resets || []) this._serverReset(stream.stream || stream, stream.seq ?? 0, stream.epoch ?? null);
           for (const frame of body.events) this._event(frame);
-          // A stream that started at the server's now continues from there, not from a new now.
-          const after = body.cursor ? decodeCursor(body.cursor) : {};
-          for (const [stream, state] of this.streams) {
-            const at = after[stream];
-            if (state.order.seq === null && Array.isArray(at) && Number.isInteger(at[0])) state.order.reset(at[0], at[1] ?? null);
-          }
+          this._placeUnplaced(body.cursor ? decodeCursor(body.cursor) : {});
         }
       } catch (error) {
         if (controller.signal.aborted || this.closed) return; // stopped meanwhile: not ours any more
