@@ -221,19 +221,24 @@ class Subscription:
             self.deliver(message)
 
     def _skip_to(self, seq: int) -> None:
-        self.contiguous = seq
-        while self.contiguous + 1 in self.above:
-            self.contiguous += 1
-        self.above = {s for s in self.above if s > self.contiguous}
+        """Count every seq up to `seq` as done, and then each one above that follows on."""
+        contiguous = max(self.contiguous, seq)
+        above = self.above
+        if above:
+            above.difference_update([s for s in above if s <= contiguous])
+            while contiguous + 1 in above:
+                contiguous += 1
+                above.discard(contiguous)
+        self.contiguous = contiguous
 
     def emit(self, seq: int, frames: dict[str, str], event_type: str = "") -> None:
         if seq <= self.contiguous or seq in self.above:
             return  # already delivered (replay and live overlap, or the relay's duplicate)
         if seq == self.contiguous + 1:
-            self.contiguous = seq
-            while self.contiguous + 1 in self.above:
-                self.contiguous += 1
-                self.above.discard(self.contiguous)
+            if self.above:
+                self._skip_to(seq)
+            else:
+                self.contiguous = seq  # the usual case, once per event and subscriber
         else:
             self.above.add(seq)
             if len(self.above) > _DUPLICATE_WINDOW and not self.replaying:
@@ -242,8 +247,7 @@ class Subscription:
                 self.resync()
             elif len(self.above) > 4 * _DUPLICATE_WINDOW:  # bounded whatever happens
                 logger.warning("%s: giving up on seqs up to %d", self.stream, min(self.above))
-                self.contiguous = min(self.above)
-                self.above = {s for s in self.above if s > self.contiguous}
+                self._skip_to(min(self.above))
         frame = frames.get(self.version or "") or next(iter(frames.values()))
         self.consumer.send_event(self.stream, seq, event_type, frame)
 

@@ -206,3 +206,35 @@ async def test_ephemeral_events_during_a_replay_are_held_then_sent_in_order():
     subscription.go_live()
     # A presence diff dropped during the replay would leave the member list wrong for good.
     assert sink.sent == ["presence.joined", "event 5", "presence.left"]
+
+
+async def test_seqs_given_up_on_count_every_later_one_already_delivered():
+    from realtime import consumers
+    from realtime.consumers import Subscription
+    from realtime.policies import stream_kinds
+
+    class Sink:
+        connection_id = "me"
+        user = None
+        transport = "websocket"
+
+        def __init__(self) -> None:
+            self.sent: list[int] = []
+
+        def send_event(self, stream: str, seq: int, event_type: str, frame: str) -> None:
+            self.sent.append(seq)
+
+    sink = Sink()
+    subscription = Subscription(sink, "project:1", stream_kinds.get("project"), None)
+    subscription.authorized = False  # no resync: the bound is all that stops the wait
+    subscription.contiguous = 1
+    last = 4 * consumers._DUPLICATE_WINDOW + 3
+    for seq in range(3, last + 1):  # seq 2 never comes
+        subscription.emit(seq, {"v1": str(seq)})
+    # Given up on 2: everything delivered above it counts, not only the lowest.
+    assert subscription.contiguous == last
+    assert subscription.above == set()
+    subscription.emit(last + 1, {"v1": "next"})
+    subscription.emit(last, {"v1": "duplicate"})
+    assert subscription.contiguous == last + 1
+    assert sink.sent == list(range(3, last + 2))
