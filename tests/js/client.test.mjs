@@ -1638,3 +1638,69 @@ test("a probe still connecting when its fallback stops is closed: one socket at 
   assert.equal(sentOf(retry, "pong").length, 1);
   c.close();
 });
+
+test("a follower that crashed without bye loses its streams at the leader's next roll call; a live one keeps them", async () => {
+  const { make, sockets, timers } = tabs({ tabCheck: 30000 });
+  const leader = make().connect();
+  const crashed = make().connect();
+  const alive = make().connect();
+  await settle();
+  sockets[0].open();
+  await settle();
+  crashed.subscribe("project:1", {});
+  alive.subscribe("project:2", {});
+  await settle();
+  for (const stream of ["project:1", "project:2"]) {
+    const sub = sentOf(sockets[0], "subscribe", stream).at(-1);
+    sockets[0].receive({ op: "reply", ref: sub.ref, ok: true, data: { seq: 3, epoch: "e", recovered: true } });
+  }
+  await settle();
+  crashed.closed = true; // gone without pagehide: no bye, no answer, no timers
+  crashed.channel.deaf = true;
+  await timers.tick(30000 + 3000);
+  await settle();
+  assert.deepEqual(sentOf(sockets[0], "unsubscribe").map((f) => f.stream), ["project:1"]);
+  assert.ok(leader.streams.has("project:2"));
+  assert.ok(!leader.streams.has("project:1"));
+  await timers.tick(33000); // the next roll call: the live follower answers again
+  assert.deepEqual(sentOf(sockets[0], "unsubscribe").map((f) => f.stream), ["project:1"]);
+  leader.close();
+  alive.close();
+});
+
+test("a follower frozen through a roll call subscribes again from its position when it wakes", async () => {
+  const { make, sockets, timers } = tabs({ tabCheck: 30000 });
+  const leader = make().connect();
+  const frozen = make().connect();
+  await settle();
+  sockets[0].open();
+  await settle();
+  const seen = [];
+  frozen.subscribe("project:1", { onEvent: (f) => seen.push(f.seq) });
+  await settle();
+  const sub = sentOf(sockets[0], "subscribe", "project:1").at(-1);
+  sockets[0].receive({ op: "reply", ref: sub.ref, ok: true, data: { seq: 3, epoch: "e", recovered: true } });
+  await settle();
+  sockets[0].receive(event(4));
+  await settle();
+  assert.deepEqual(seen, [4]);
+  frozen.closed = true; // frozen: runs nothing, hears nothing
+  frozen.channel.deaf = true;
+  await timers.tick(33000);
+  const unsub = sockets[0].last("unsubscribe");
+  assert.equal(unsub.stream, "project:1");
+  sockets[0].receive({ op: "reply", ref: unsub.ref, ok: true });
+  frozen.closed = false; // it wakes, and answers the next roll call
+  frozen.channel.deaf = false;
+  await timers.tick(30000);
+  await settle();
+  const again = sentOf(sockets[0], "subscribe", "project:1").at(-1);
+  assert.notEqual(again.ref, sub.ref);
+  assert.equal(again.since, 4); // from where the woken tab was
+  sockets[0].receive({ op: "reply", ref: again.ref, ok: true, data: { seq: 4, epoch: "e", recovered: true } });
+  sockets[0].receive(event(5));
+  await settle();
+  assert.deepEqual(seen, [4, 5]);
+  leader.close();
+  frozen.close();
+});

@@ -198,6 +198,9 @@ export class RealtimeClient extends EventTarget {
       // ms a follower waits to hear a leader before it takes the lock from the silent holder.
       // The leader says it is alive every leaderWait / 3.
       leaderWait: options.leaderWait ?? 3000,
+      // ms between the leader's roll calls: a follower tab that does not answer within
+      // leaderWait (it crashed without saying bye) loses the streams the leader kept for it.
+      tabCheck: options.tabCheck ?? 30000,
       // Retries of a subscribe (or unsubscribe) refused with `rate_limited`: a random delay
       // between half and all of min(cap, base * 2^n), one frame at a time.
       subscribeRetry: { base: 1000, cap: 30000, ...(options.subscribeRetry || {}) },
@@ -384,17 +387,55 @@ export class RealtimeClient extends EventTarget {
     this.role = "leader";
     this.leaderId = this.tabId;
     this.tabStreams = new Map();
+    this.goneTabs = new Set(); // tabs whose streams a roll call dropped
+    this.rollHeard = null; // tabs heard from since the roll call under way, if any
     for (const state of this.streams.values()) state.live = false;
     this._openSocket();
     this._post({ kind: "leader" });
     this._beatTabs();
+    this._callRoll();
+  }
+
+  /**
+   * Every `tabCheck` ms the leader asks its followers to answer. A tab it keeps streams for
+   * that says nothing within `leaderWait` has gone without its `bye` (a crash): its streams
+   * are dropped. A hidden tab still answers at once (messages are not held back like
+   * timers); a frozen one that wakes later is told to subscribe again (see _leaderHears).
+   */
+  _callRoll() {
+    this._cancel(this.rollTimer);
+    this.rollTimer = this._later(this.options.tabCheck, () => {
+      this.rollTimer = null;
+      if (this.closed || this.role !== "leader") return;
+      const called = new Set([...this.tabStreams.values()].flatMap((tabs) => [...tabs]));
+      // Tabs dropped earlier are called too: one that was only frozen answers, and is told.
+      if (called.size || this.goneTabs.size) {
+        const heard = (this.rollHeard = new Set());
+        this._post({ kind: "roll" });
+        this.rollDeadline = this._later(this.options.leaderWait, () => {
+          this.rollDeadline = null;
+          if (this.closed || this.role !== "leader" || this.rollHeard !== heard) return;
+          this.rollHeard = null;
+          for (const tab of called) {
+            if (heard.has(tab)) continue;
+            for (const stream of [...this.tabStreams.keys()]) this._tabLeaves(tab, stream);
+            if (this.goneTabs.size >= 1000) this.goneTabs.clear(); // bounded
+            this.goneTabs.add(tab);
+          }
+        });
+      }
+      this._callRoll();
+    });
   }
 
   /** The lock was stolen: give up the connection and follow the tab that holds it now. */
   _stepDown() {
     this._releaseLeadership = null; // the browser has released it already
     this._cancel(this.beatTimer);
-    this.beatTimer = null;
+    this._cancel(this.rollTimer);
+    this._cancel(this.rollDeadline);
+    this.beatTimer = this.rollTimer = this.rollDeadline = null;
+    this.rollHeard = null;
     this._dropConnection();
     this._connectionLost();
     for (const [stream, state] of [...this.streams]) {
@@ -415,6 +456,7 @@ export class RealtimeClient extends EventTarget {
     if (this.role === "leader") return this._leaderHears(message);
     // Any word from the leader says it is alive: wait for it again from now.
     if (message.from && message.from === this.leaderId && message.kind !== "bye") this._awaitLeader();
+    if (message.to && message.to !== this.tabId) return; // for another tab
     switch (message.kind) {
       case "leader":
         // A (new) leader: subscribe again through it, then send what waited.
@@ -429,6 +471,9 @@ export class RealtimeClient extends EventTarget {
         this._heardLeader(message.from);
         this._resubscribe();
         this._flush();
+        return;
+      case "roll":
+        this._post({ kind: "here" }); // the leader's roll call: this tab is still here
         return;
       case "bye":
         if (message.from !== this.leaderId) return;
@@ -454,6 +499,12 @@ export class RealtimeClient extends EventTarget {
 
   _leaderHears(message) {
     const tab = message.from;
+    if (tab) {
+      if (this.rollHeard) this.rollHeard.add(tab);
+      // A tab whose streams a roll call dropped (it was frozen, not gone): it subscribes again,
+      // from its own positions, as with a new leader.
+      if (this.goneTabs.delete(tab) && message.kind !== "bye") this._post({ kind: "leader", to: tab });
+    }
     if (message.kind === "hello") {
       this._post({ kind: "leader" });
       this._post({ kind: "status", detail: { status: this.status, transport: this.transport } });
