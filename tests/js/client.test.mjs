@@ -205,6 +205,26 @@ test("reconnects with backoff 1, 2, 4 s (jittered), statuses in order, reset aft
   c.close();
 });
 
+test("a 4429 waits long, longer each time in a row, and a stable socket between does not forget it", async () => {
+  const { c, timers, sockets, statuses } = client({ wsAttempts: 100, stableAfter: 10000, limitForget: 300000 });
+  c.connect();
+  await flush();
+  const retries = [];
+  for (let n = 0; n < 3; n++) {
+    sockets.at(-1).open();
+    await timers.tick(10000); // open and stable: the ordinary backoff starts again from 1 s
+    sockets.at(-1).fail(4429); // closed for abuse
+    retries.push(statuses.at(-1).retryIn);
+    await timers.tick(retries.at(-1));
+  }
+  assert.deepEqual(retries, [3000, 6000, 12000]); // random 0.5 of 2-4 s, 4-8 s, 8-16 s
+  sockets.at(-1).open();
+  await timers.tick(300000); // five minutes without one: forgotten
+  sockets.at(-1).fail(4429);
+  assert.equal(statuses.at(-1).retryIn, 3000);
+  c.close();
+});
+
 test("4401 and 4403 stop reconnecting and say why", async () => {
   for (const code of [4401, 4403]) {
     const { c, timers, sockets, errors } = client();

@@ -186,6 +186,7 @@ export class RealtimeClient extends EventTarget {
       wsAttempts: options.wsAttempts ?? 3, // failed WebSocket tries before SSE
       sseAttempts: options.sseAttempts ?? 2, // failed SSE tries before polling
       stableAfter: options.stableAfter ?? 10000, // ms open before the backoff resets
+      limitForget: options.limitForget ?? 300000, // ms without a 4429 before its backoff resets
       backoff: { base: 1000, cap: 30000, ...(options.backoff || {}) },
       gapWait: options.gapWait ?? 1000, // ms an early event waits for the missing ones
       pollVisible: options.pollVisible ?? 20, // long-poll `wait` (s) while the tab is visible
@@ -223,6 +224,9 @@ export class RealtimeClient extends EventTarget {
     this.replies = new Map(); // ref -> {resolve, reject, frame}
     this.refs = 0;
     this.attempt = 0;
+    // 4429s (too many connections, or abuse) in a row: each makes the next wait longer, and
+    // only `limitForget` ms without one forgets them (a socket open for stableAfter does not).
+    this.limitStrikes = 0;
     this.wsFailures = 0;
     this.sseFailures = 0;
     this.timers = new Set();
@@ -769,10 +773,24 @@ export class RealtimeClient extends EventTarget {
     if (probe) return this._scheduleProbe();
     if (!wasOpen) this.wsFailures += 1;
     if (this.wsFailures >= this.options.wsAttempts && this.fetch) return this._startSSE();
-    const delay = backoffDelay(this.attempt, { ...this.options.backoff, random: this.random });
+    let delay = backoffDelay(this.attempt, { ...this.options.backoff, random: this.random });
     this.attempt += 1;
+    if (code === 4429) delay = Math.max(delay, this._limitedDelay());
     this._setStatus(STATUS.RECONNECTING, { retryIn: delay, code });
     this.retryTimer = this._later(delay, () => this._openSocket());
+  }
+
+  /**
+   * The long backoff after a 4429: between half and all of min(cap, 4 s × 2^n) for the n-th
+   * in a row (2–4 s, 4–8 s … 15–30 s), n forgotten after `limitForget` ms without one.
+   */
+  _limitedDelay() {
+    const { base, cap } = this.options.backoff;
+    const ceiling = Math.min(cap, base * 4 * 2 ** this.limitStrikes);
+    this.limitStrikes += 1;
+    this._cancel(this.limitTimer);
+    this.limitTimer = this._later(this.options.limitForget, () => (this.limitStrikes = 0));
+    return Math.floor(ceiling / 2 + (this.random() * ceiling) / 2);
   }
 
   _watchdog() {
