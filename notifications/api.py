@@ -28,7 +28,6 @@ from rest_framework.response import Response
 from realtime.conditional import (
     ConditionalReadMixin,
     etag_matches,
-    make_etag,
     stream_positions,
 )
 from realtime.context import collect_positions
@@ -254,7 +253,7 @@ class NotificationViewSet(
         """How many are unread (also carried by every notification event as `unread_count`)."""
         positions = stream_positions(self.get_streams())
         count = unread_count(request.user)
-        etag = make_etag(positions, request.user.pk, count)
+        etag = self.representation_etag(positions, request.user.pk, count)
         if etag_matches(request.headers.get("If-None-Match"), etag):
             return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
         return self._conditional(Response({"unread_count": count}), etag, positions)

@@ -62,18 +62,28 @@ def _seqs(positions: dict[str, tuple[int, str | None]]) -> dict[str, int]:
     return {stream: seq for stream, (seq, _epoch) in positions.items()}
 
 
+#: Lists up to this many rows put their pks in the ETag as they are; longer ones a digest.
+_LISTED_PKS = 10_000
+
+
 def make_etag(*parts: Any) -> str:
     digest = hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()
     return f'"{digest[:32]}"'
 
 
-def etag_matches(header_value: str | None, etag: str) -> bool:
-    """Whether an If-None-Match / If-Match header names `etag` (weak or strong), or is `*`."""
+def etag_matches(header_value: str | None, etag: str, *, weak: bool = True) -> bool:
+    """Whether an If-None-Match (`weak`) or If-Match header names `etag`, or is `*`.
+
+    If-None-Match compares weakly (`W/"x"` matches `"x"`); If-Match strongly (RFC 9110,
+    13.1.1): a weak tag never matches there.
+    """
     if not header_value:
         return False
     if header_value.strip() == "*":
         return True
-    candidates = {c.strip().removeprefix("W/") for c in header_value.split(",")}
+    candidates = {c.strip() for c in header_value.split(",")}
+    if weak:
+        candidates = {c.removeprefix("W/") for c in candidates}
     return etag in candidates
 
 
@@ -178,6 +188,10 @@ def parent_state(user: Any, model: type[models.Model], pk: Any, streams: list[st
     except Exception:
         return ParentState(False, (), nowhere)
     alias = router.db_for_read(model)
+    if isinstance(pk, int):  # one out of the column's range names no row (and would not bind)
+        low, high = connections[alias].ops.integer_field_range(model._meta.pk.get_internal_type())
+        if (low is not None and pk < low) or (high is not None and pk > high):
+            return ParentState(False, (), nowhere)
     superuser = bool(getattr(user, "is_superuser", False))
     sql, names = _parent_sql(model, alias, len(streams), superuser)
     values = {
@@ -251,6 +265,26 @@ class ConditionalReadMixin:
         """Anything else a list's content depends on (its filter parameters, by default)."""
         return sorted(self.request.query_params.lists())
 
+    def representation_etag(self, *parts: Any) -> str:
+        """The ETag of `parts` in the media type DRF chose for this request: a JSON and an
+        HTML (browsable API) answer are different bodies, so they never share a tag."""
+        return make_etag(*parts, getattr(self.request, "accepted_media_type", None))
+
+    def listed_pks(self, queryset: Any) -> Any:
+        """What a list's ETag holds of its rows: their pks, or for a list over 10,000 rows
+        their count and a digest of all of them (read in chunks), so a row that joins or
+        leaves anywhere in it (a grant, a revoke) changes the tag."""
+        pks = queryset.values_list("pk", flat=True)
+        first = list(pks[: _LISTED_PKS + 1])
+        if len(first) <= _LISTED_PKS:
+            return first
+        digest = hashlib.sha256()
+        count = 0
+        for pk in pks.iterator(chunk_size=2000):
+            digest.update(f"{pk},".encode())
+            count += 1
+        return [count, digest.hexdigest()]
+
     # -- reads --------------------------------------------------------------------------------
 
     def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -258,7 +292,9 @@ class ConditionalReadMixin:
         streams = self.get_streams(obj)
         positions = stream_positions(streams)
         obj.refresh_from_db()  # the data, read after the positions
-        etag = make_etag(positions, self.get_version(obj), self.get_permission_state(obj), obj.pk)
+        etag = self.representation_etag(
+            positions, self.get_version(obj), self.get_permission_state(obj), obj.pk
+        )
         if etag_matches(request.headers.get("If-None-Match"), etag):
             return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
         serializer = self.get_serializer(obj)  # type: ignore[attr-defined]
@@ -278,8 +314,8 @@ class ConditionalReadMixin:
         pks = None
         if self.etag_lists_pks:
             queryset = self.filter_queryset(self.get_queryset())  # type: ignore[attr-defined]
-            pks = list(queryset.values_list("pk", flat=True)[:10_000])
-        etag = make_etag(positions, permission_state, self.get_list_state(), pks)
+            pks = self.listed_pks(queryset)
+        etag = self.representation_etag(positions, permission_state, self.get_list_state(), pks)
         if etag_matches(request.headers.get("If-None-Match"), etag):
             return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
         if queryset is None:  # the queryset is not even built for a 304
@@ -332,8 +368,10 @@ class ConditionalReadMixin:
         if not expected:
             return
         positions = stream_positions(self.get_streams(obj))
-        etag = make_etag(positions, self.get_version(obj), self.get_permission_state(obj), obj.pk)
-        if not etag_matches(expected, etag):
+        etag = self.representation_etag(
+            positions, self.get_version(obj), self.get_permission_state(obj), obj.pk
+        )
+        if not etag_matches(expected, etag, weak=False):
             raise PreconditionFailed()
 
     def with_position(self, response: Response, written: dict[str, int]) -> Response:

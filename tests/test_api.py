@@ -334,3 +334,70 @@ def test_the_schema_documents_no_409_for_an_idempotency_key_in_use():
         responses = spec["paths"][path]["post"]["responses"]
         assert {"201", "422"} <= set(responses)
         assert "409" not in responses
+
+
+def test_if_match_compares_strongly_a_weak_tag_is_412(board):
+    owner, _, item = board
+    client = client_for(owner)
+    etag = client.get(f"/api/items/{item.pk}/")["ETag"]
+    weak = client.patch(
+        f"/api/items/{item.pk}/", {"title": "b"}, format="json", HTTP_IF_MATCH="W/" + etag
+    )
+    assert weak.status_code == 412
+    item.refresh_from_db()
+    assert item.title == "first"
+    # If-None-Match compares weakly: the weak form of the tag is still a 304.
+    assert client.get(f"/api/items/{item.pk}/", HTTP_IF_NONE_MATCH="W/" + etag).status_code == 304
+
+
+def test_a_project_id_out_of_the_columns_range_is_404_not_500(board):
+    client = APIClient(raise_request_exception=False)
+    client.force_authenticate(board[0])
+    assert client.get("/api/projects/99999999999999999999999/items/").status_code == 404
+    assert client.get("/api/projects/-99999999999999999999999/items/").status_code == 404
+
+
+def test_json_and_html_answers_never_share_an_etag(board):
+    owner, _, item = board
+    client = client_for(owner)
+    for url in (f"/api/items/{item.pk}/", f"/api/projects/{item.project_id}/items/"):
+        as_json = client.get(url, HTTP_ACCEPT="application/json")
+        as_html = client.get(url, HTTP_ACCEPT="text/html")
+        assert as_json["Content-Type"] != as_html["Content-Type"]
+        assert as_json["ETag"] != as_html["ETag"]
+        again = client.get(url, HTTP_ACCEPT="text/html", HTTP_IF_NONE_MATCH=as_json["ETag"])
+        assert again.status_code == 200
+        same = client.get(url, HTTP_ACCEPT="application/json", HTTP_IF_NONE_MATCH=as_json["ETag"])
+        assert same.status_code == 304
+
+
+def test_a_list_over_10000_rows_sees_a_grant_past_the_10000th(board):
+    from django.contrib.auth.models import Permission
+    from django.contrib.contenttypes.models import ContentType
+    from guardian.models import UserObjectPermission
+    from guardian.shortcuts import assign_perm
+
+    from board.models import Project
+
+    user = UserFactory()
+    organization = OrganizationFactory()
+    Project.objects.bulk_create(
+        [Project(organization=organization, name=f"p{i}", owner=user) for i in range(10_001)]
+    )
+    projects = list(Project.objects.filter(organization=organization).order_by("pk"))
+    content_type = ContentType.objects.get_for_model(Project)
+    view = Permission.objects.get(content_type=content_type, codename="view_project")
+    UserObjectPermission.objects.bulk_create(
+        [
+            UserObjectPermission(
+                user=user, permission=view, content_type=content_type, object_pk=str(p.pk)
+            )
+            for p in projects[:10_000]
+        ]
+    )
+    client = client_for(user)
+    first = client.get("/api/projects/")
+    assert first.status_code == 200
+    assert client.get("/api/projects/", HTTP_IF_NONE_MATCH=first["ETag"]).status_code == 304
+    assign_perm("board.view_project", user, projects[-1])  # no event: only the rows tell
+    assert client.get("/api/projects/", HTTP_IF_NONE_MATCH=first["ETag"]).status_code == 200

@@ -156,6 +156,7 @@ async def test_refused_http_reads_and_slow_sse_clients_are_counted(monkeypatch):
     response = await client.get("/realtime/sse/", {"streams": f"user:{owner.pk}"})
     body = response.streaming_content.__aiter__()
     await body.__anext__()  # retry: the stream is open
+    assert (await body.__anext__()).startswith(b"id: ")  # where the stream starts
     reading = asyncio.ensure_future(body.__anext__())  # past the replay, to the live events
     [subscription] = get_hub().members[f"user:{owner.pk}"]
     for _ in range(100):
