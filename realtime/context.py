@@ -20,7 +20,7 @@ def new_correlation_id() -> str:
 
 def clean_correlation_id(value: str | None) -> str | None:
     """Return `value` if it is an acceptable correlation id, else None."""
-    if value and _VALID.match(value):
+    if value and _VALID.fullmatch(value):
         return value
     return None
 

@@ -37,7 +37,7 @@ def decode(token: str) -> dict[str, Position]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested 10,000 deep: RecursionError
         raise CursorError("cursor is not valid") from None
     if not isinstance(payload, dict) or len(payload) > _MAX_STREAMS:
         raise CursorError("cursor is not valid")

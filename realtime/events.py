@@ -17,12 +17,12 @@ _VERSION = re.compile(r"^v[1-9][0-9]{0,3}$")
 
 def is_valid_type(value: object) -> bool:
     """Return whether `value` is an event type such as `v1:item.updated`."""
-    return isinstance(value, str) and bool(_TYPE.match(value))
+    return isinstance(value, str) and bool(_TYPE.fullmatch(value))
 
 
 def is_valid_version(value: object) -> bool:
     """Return whether `value` is a version such as `v1`."""
-    return isinstance(value, str) and bool(_VERSION.match(value))
+    return isinstance(value, str) and bool(_VERSION.fullmatch(value))
 
 
 def format_timestamp(value: dt.datetime) -> str:

@@ -136,7 +136,7 @@ class StreamKinds:
         self._policies: dict[str, StreamPolicy] = {}
 
     def register(self, kind: str, policy: type[StreamPolicy] | StreamPolicy) -> None:
-        if not _KIND.match(kind):
+        if not _KIND.fullmatch(kind):
             raise ImproperlyConfigured(f"invalid stream kind {kind!r}: must match {KIND_PATTERN}")
         instance = policy() if isinstance(policy, type) else policy
         if not isinstance(instance, StreamPolicy):

@@ -23,7 +23,7 @@ def parse_stream(name: object) -> tuple[str, str]:
     """Split a stream name into (kind, key), raising InvalidStreamName when it is malformed."""
     if not isinstance(name, str):
         raise InvalidStreamName(f"a stream name must be a string, not {type(name).__name__}")
-    match = _STREAM.match(name)
+    match = _STREAM.fullmatch(name)
     if match is None:
         raise InvalidStreamName(
             f"invalid stream name {name[:200]!r}: expected '<kind>:<key>' where kind matches "

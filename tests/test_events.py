@@ -57,5 +57,12 @@ def test_empty_correlation_id_is_null():
 def test_event_types():
     assert is_valid_type("v1:item.updated")
     assert is_valid_type("v12:notification.created")
-    for bad in ["item.updated", "v0:item.updated", "v1:Item.updated", "v1:item", "v1:item.up-d"]:
+    for bad in [
+        "item.updated",
+        "v0:item.updated",
+        "v1:Item.updated",
+        "v1:item",
+        "v1:item.up-d",
+        "v1:a.b\n",
+    ]:
         assert not is_valid_type(bad)

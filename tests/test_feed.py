@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 
 import pytest
@@ -100,6 +101,10 @@ async def test_unrecoverable_cursor_gives_a_reset_and_the_current_position():
     assert body["events"] == []
 
 
+# JSON nested 11,000 deep, under the cursor's length limit: json.loads raises RecursionError.
+DEEP_CURSOR = base64.urlsafe_b64encode(b'{"user:1":' + b"[" * 11_000).decode().rstrip("=")
+
+
 @pytest.mark.parametrize(
     ("query", "status", "code"),
     [
@@ -115,6 +120,7 @@ async def test_unrecoverable_cursor_gives_a_reset_and_the_current_position():
             400,
             "invalid_cursor",
         ),
+        ({"streams": "user:{me}", "cursor": DEEP_CURSOR}, 400, "invalid_cursor"),
         ({"streams": "project:987654"}, 403, "forbidden"),
         ({"streams": "user:{other}"}, 403, "forbidden"),
     ],

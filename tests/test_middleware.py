@@ -28,7 +28,7 @@ def test_incoming_id_is_used_and_echoed():
     assert get_correlation_id() is None  # reset after the request
 
 
-@pytest.mark.parametrize("bad", ["", "has space", "x" * 129, "new\nline"])
+@pytest.mark.parametrize("bad", ["", "has space", "x" * 129, "new\nline", "final-newline\n"])
 def test_missing_or_unsafe_id_is_replaced(bad):
     response = CorrelationIdMiddleware(view)(RequestFactory().get("/", HTTP_X_CORRELATION_ID=bad))
     made = response["X-Correlation-ID"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 
 import pytest
@@ -155,7 +156,14 @@ async def test_a_stream_resumed_on_every_stream_sends_no_extra_id():
     await reader.close()
 
 
-@pytest.mark.parametrize("bad_id", ["garbage", "eyJ4IjpbMV19"])
+@pytest.mark.parametrize(
+    "bad_id",
+    [
+        "garbage",
+        "eyJ4IjpbMV19",
+        base64.urlsafe_b64encode(b'{"x":' + b"[" * 11_000).decode().rstrip("="),  # too deep
+    ],
+)
 async def test_malformed_last_event_id_gives_reset_events_not_an_error(bad_id):
     owner = await db(UserFactory)()
     project = await db(ProjectFactory)(owner=owner)

@@ -27,6 +27,8 @@ def test_parse_splits_kind_and_key():
         42,
         "pro ject:1",
         "project:\n",
+        "project:1\n",  # `$` alone lets a final newline through
+        "project\n:1",
     ],
 )
 def test_parse_rejects_malformed(bad):

@@ -529,6 +529,9 @@ async def test_publish_is_reauthorized_every_time():
         ('{"op": "subscribe"}', "invalid_frame"),
         ('{"op": "subscribe", "stream": 42}', "invalid_frame"),
         ('{"op": "subscribe", "stream": "no"}', "invalid_stream"),
+        # The same group as project:1, but not the same name in the hub: leaving it would
+        # have left the group for every socket of the node.
+        ('{"op": "subscribe", "stream": "project:1\\n"}', "invalid_stream"),
         ('{"op": "subscribe", "stream": "project:1", "since": "3"}', "invalid_frame"),
         ('{"op": "subscribe", "stream": "project:1", "since": true}', "invalid_frame"),
         ('{"op": "subscribe", "stream": "project:1", "since": -1}', "invalid_frame"),
