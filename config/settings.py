@@ -223,5 +223,9 @@ LOGGING = {
         },
         "notifications": {"handlers": ["console"], "level": "INFO"},
         "django.request": {"handlers": ["console"], "level": "WARNING", "propagate": False},
+        # uvicorn logs each WebSocket's path with its query string ("?ticket=…"): through the
+        # redacting handler. (daphne's access log shows the path only.)
+        "uvicorn.error": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        "uvicorn.access": {"handlers": ["console"], "level": "INFO", "propagate": False},
     },
 }

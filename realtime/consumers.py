@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
@@ -24,7 +24,7 @@ from channels.utils import await_many_dispatch
 from . import hooks, metrics, protocol
 from .conf import realtime_settings
 from .fanout import get_hub, node_id
-from .policies import StreamPolicy, next_recheck, stream_kinds
+from .policies import StreamPolicy, auth_hash, next_recheck, still_authenticated, stream_kinds
 from .protocol import Close, Code, ProtocolError
 from .ratelimit import TokenBucket, user_bucket
 from .streams import parse_stream
@@ -258,6 +258,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     transport = "websocket"
     authz_due = float("inf")  # when to decide the subscriptions again unprompted
     authz_waiting = False  # a realtime.authz is queued and has not started
+    ticketed = False  # authenticated by ?ticket= rather than the session cookie
+    auth_hash: str | None = None  # the user's session auth hash when last checked
 
     @property  # type: ignore[override]
     def channel_layer_alias(self) -> str:
@@ -316,6 +318,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self._refuse(Close.UNAUTHENTICATED, "not authenticated")
             return
         self.user = user
+        self.auth_hash = auth_hash(user)  # for a password change later (_reload_user)
         limit = int(realtime_settings.MAX_CONNECTIONS_PER_USER)
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         client = self.scope.get("client") or ("", 0)
@@ -380,6 +383,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if tickets:
             from .tickets import redeem
 
+            self.ticketed = True
             return await _thread(redeem)(tickets[0])
         return self.scope.get("user")
 
@@ -882,10 +886,15 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         from .policies import reload_user
 
         user = await _thread(reload_user)(self.user)
-        if user is None or not user.is_active:
+        kept: str | Literal[False] | None = False
+        if user is not None and user.is_active:
+            # A socket on a ticket has no session: a password change ends it.
+            session = None if self.ticketed else self.scope.get("session")
+            kept = await _thread(still_authenticated)(user, self.auth_hash, session)
+        if kept is False:
             await self._close(Close.UNAUTHENTICATED)
             return False
-        self.user = user
+        self.user, self.auth_hash = user, kept
         return True
 
     async def realtime_authz(self, message: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ import math
 import random
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
@@ -198,6 +198,38 @@ def reload_user(user: Any) -> Any | None:
 
     pk = getattr(user, "pk", None)
     return None if pk is None else get_user_model()._default_manager.filter(pk=pk).first()
+
+
+def auth_hash(user: Any) -> str | None:
+    """Django's session auth hash of `user` (it changes with the password); None if the user
+    model has none."""
+    hasher = getattr(user, "get_session_auth_hash", None)
+    return hasher() if callable(hasher) else None
+
+
+def still_authenticated(
+    user: Any, known: str | None, session: Any = None
+) -> str | Literal[False] | None:
+    """Whether a connection authenticated as `user` with auth hash `known` still is, as Django
+    decides for a session on each request: False once the password changed, unless the
+    connection's session (`session`, read again from its store) was given the new hash
+    (`update_session_auth_hash`, the tab that changed it). Returns the hash to keep, or False.
+    """
+    from importlib import import_module
+
+    from django.conf import settings
+    from django.contrib.auth import HASH_SESSION_KEY
+    from django.utils.crypto import constant_time_compare
+
+    now = auth_hash(user)
+    if now is None or (known is not None and constant_time_compare(now, known)):
+        return now
+    key = getattr(session, "session_key", None)
+    if not key:
+        return False
+    store = import_module(settings.SESSION_ENGINE).SessionStore
+    stored = store(key).get(HASH_SESSION_KEY)  # as stored now, not the connection's copy
+    return now if stored and constant_time_compare(stored, now) else False
 
 
 def check_stream(user: Any, stream: str) -> str | None:

@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
@@ -29,7 +29,14 @@ from .feed import (
     release_request_connections,
     starting_positions,
 )
-from .policies import check_stream, next_recheck, reload_user, stream_kinds
+from .policies import (
+    auth_hash,
+    check_stream,
+    next_recheck,
+    reload_user,
+    still_authenticated,
+    stream_kinds,
+)
 from .protocol import Code
 from .streams import parse_stream
 
@@ -64,9 +71,12 @@ class SSEConnection:
         *,
         client_version: str = "",
         remote_addr: str = "",
+        session: Any = None,
     ) -> None:
         self.connection_id = uuid.uuid4().hex
         self.user = user
+        self.session = session
+        self.auth_hash = auth_hash(user)
         self.client_version = client_version
         self.remote_addr = remote_addr
         self.recheck: asyncio.Task[None] | None = None
@@ -133,11 +143,14 @@ class SSEConnection:
             return
         # The user as stored now: this copy is as old as the stream (is_superuser, is_active).
         user = await _db(reload_user)(self.user)
-        if user is None or not user.is_active:
+        kept: str | Literal[False] | None = False
+        if user is not None and user.is_active:
+            kept = await _db(still_authenticated)(user, self.auth_hash, self.session)
+        if kept is False:  # gone, inactive, or its password changed (as the session sees it)
             self.closed = True
             self.wakeup.set()
             return
-        self.user = user
+        self.user, self.auth_hash = user, kept
         hub = get_hub()
         for stream, subscription in list(self.subscriptions.items()):
             if await _db(check_stream)(self.user, stream) is None:
@@ -308,6 +321,7 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         start.positions,
         client_version=request.GET.get("v", ""),
         remote_addr=request.META.get("REMOTE_ADDR") or "",
+        session=getattr(request, "session", None),
     )
     connection.resumed = cursor is not None
     limit = int(realtime_settings.MAX_CONNECTIONS_PER_USER)

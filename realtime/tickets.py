@@ -17,8 +17,15 @@ _SALT = "realtime.ticket"
 
 
 def issue(user: Any) -> str:
-    """Return a ticket bound to `user`, valid once within REALTIME['TICKET_TTL'] seconds."""
-    return signing.dumps({"u": str(user.pk), "n": secrets.token_hex(12)}, salt=_SALT)
+    """Return a ticket bound to `user`, valid once within REALTIME['TICKET_TTL'] seconds.
+
+    It carries the user's session auth hash, as a Django session does: a password change
+    makes every ticket issued before it worthless.
+    """
+    from .policies import auth_hash
+
+    payload = {"u": str(user.pk), "n": secrets.token_hex(12), "h": auth_hash(user)}
+    return signing.dumps(payload, salt=_SALT)
 
 
 def redeem(ticket: str) -> Any | None:
@@ -27,6 +34,9 @@ def redeem(ticket: str) -> Any | None:
     A ticket is consumed even if the user turns out to be inactive.
     """
     from django.contrib.auth import get_user_model
+    from django.utils.crypto import constant_time_compare
+
+    from .policies import auth_hash
 
     ttl = float(realtime_settings.TICKET_TTL)
     try:
@@ -48,6 +58,9 @@ def redeem(ticket: str) -> Any | None:
         user = User._default_manager.get(pk=payload["u"])
     except (User.DoesNotExist, ValueError):
         return None
+    now = auth_hash(user)
+    if now is not None and not constant_time_compare(str(payload.get("h") or ""), now):
+        return None  # the password changed since the ticket was issued
     return user if user.is_active else None
 
 

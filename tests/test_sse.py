@@ -249,6 +249,19 @@ async def test_logout_ends_the_stream():
         await reader.event(timeout=2)
 
 
+async def test_a_password_change_ends_the_stream_of_another_session():
+    owner = await db(UserFactory)()
+    reader, _ = await open_sse(owner, f"user:{owner.pk}")
+
+    def change_password() -> None:
+        owner.set_password("a-new-password-123")
+        owner.save()
+
+    await db(change_password)()
+    with pytest.raises(StopAsyncIteration):
+        await reader.event(timeout=3)
+
+
 async def test_a_demoted_superuser_loses_the_stream():
     owner = await db(UserFactory)()
     project = await db(ProjectFactory)(owner=owner)

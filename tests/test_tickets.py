@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from asgiref.sync import sync_to_async
 from django.test import Client
@@ -59,3 +61,64 @@ async def test_a_bad_token_gets_no_ticket(case):
     # Token authentication refused the key; it was not ignored as an unknown header.
     expected = "Invalid token." if case == "unknown key" else "User inactive or deleted."
     assert body == {"detail": expected}
+
+
+def change_password(user) -> None:
+    user.set_password("a-new-password-123")
+    user.save()
+
+
+async def test_a_ticket_issued_before_a_password_change_is_refused_after_it():
+    from realtime.tickets import issue
+
+    user = await db(UserFactory)()
+    ticket = await db(issue)(user)
+    await db(change_password)(user)
+    client = RealtimeClient(path=f"/ws/realtime/?ticket={ticket}")
+    assert await client.connect() == {"type": "websocket.close", "code": 4401}
+
+
+async def test_a_password_change_closes_the_sockets_of_other_sessions_and_of_tickets():
+    from realtime.testing import session_for
+    from realtime.tickets import issue
+
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    on_session = RealtimeClient(session_key=await db(session_for)(owner))
+    on_ticket = RealtimeClient(path=f"/ws/realtime/?ticket={await db(issue)(owner)}")
+    for client in (on_session, on_ticket):
+        assert (await client.connect())["op"] == "welcome"
+        assert (await client.subscribe(f"project:{project.pk}"))["ok"]
+    await db(change_password)(owner)  # as Django's own views do: the other sessions end
+    for client in (on_session, on_ticket):
+        closed = await client.receive_until("websocket.close", timeout=5)
+        assert closed == {"type": "websocket.close", "code": 4401}
+
+
+async def test_the_session_that_changed_the_password_keeps_its_socket():
+    from django.contrib.auth import HASH_SESSION_KEY
+    from django.contrib.sessions.backends.db import SessionStore
+
+    from realtime.testing import session_for
+
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    key = await db(session_for)(owner)
+    client = RealtimeClient(session_key=key)
+    assert (await client.connect())["op"] == "welcome"
+    assert (await client.subscribe(f"project:{project.pk}"))["ok"]
+
+    def change_in_this_session() -> None:  # what update_session_auth_hash() leaves behind
+        change_password(owner)
+        session = SessionStore(key)
+        session[HASH_SESSION_KEY] = owner.get_session_auth_hash()
+        session.save()
+
+    await db(change_in_this_session)()
+    await asyncio.sleep(0.5)  # the re-decision the save caused runs meanwhile
+    from .factories import ItemFactory
+
+    await db(ItemFactory)(project=project, title="still here")
+    event = await client.receive_until("event", timeout=5)
+    assert event["data"]["title"] == "still here"
+    await client.close()

@@ -126,3 +126,28 @@ def test_websocket_from_uvicorn_sans_io_delivers_in_order_and_resumes(tmp_path):
 
         assert async_to_sync(resumed)() == [f"missed {n}" for n in range(5)]
         assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_ticket_never_appears_in_uvicorns_log(tmp_path):
+    import websockets
+    from websockets.typing import Origin
+
+    from realtime.tickets import issue
+
+    ticket = issue(UserFactory())
+    env = {"DATABASE_URL": database_url(), "DEBUG": "1"}
+    with UvicornSansIO(env, tmp_path / "uvicorn.log") as server:
+
+        async def visit() -> None:
+            async with websockets.connect(
+                f"ws://127.0.0.1:{server.port}/ws/realtime/?ticket={ticket}",
+                origin=Origin("http://127.0.0.1"),
+            ) as socket:
+                assert json.loads(await socket.recv())["op"] == "welcome"
+
+        asyncio.run(visit())
+        log = server.output()
+    assert "/ws/realtime/?ticket=[redacted]" in log  # the line is there, without the ticket
+    assert ticket.rsplit(":", 1)[-1] not in log
