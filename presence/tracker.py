@@ -223,10 +223,18 @@ class PresenceTracker(ConnectionHooks):
             await asyncio.sleep(_refresh_interval())
             try:
                 now = time.time()
-                rejoined = await get_backend().refresh(
-                    sorted(state.entries), _node(), now + _ttl(), now
-                )
+                backend = get_backend()
+                taken = sorted(state.entries)
+                rejoined = await backend.refresh(taken, _node(), now + _ttl(), now)
+                # An entry that left while the refresh was on its way may have been written
+                # back by it, after its leave: take it out again, and announce no join for it.
+                for entry in taken:
+                    if entry not in state.entries:
+                        await backend.leave(*entry)
+                present = {(stream, user) for stream, user, _c in state.entries}
                 for change in rejoined:  # swept while this node stalled: present again
+                    if (change.stream, change.user_id) not in present:
+                        continue
                     await send_ephemeral(
                         change.stream,
                         JOINED,

@@ -388,3 +388,49 @@ async def test_with_presence_off_subscribing_tracks_nobody():
         assert "presence" not in reply["data"]
         assert await get_backend().members(stream) == {}
         await socket.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_user_who_left_during_a_refresh_is_not_written_back_by_it(private_redis, signals):
+    """The refresh writes many entries in one pipeline while others' commands run between:
+    a leave that lands before its entry's write must not be undone by it."""
+    import types
+
+    from presence.tracker import tracker
+
+    def connection(user_pk: int, connection_id: str):
+        user = types.SimpleNamespace(pk=user_pk, get_username=lambda: f"u{user_pk}")
+        return types.SimpleNamespace(user=user, connection_id=connection_id)
+
+    policy = types.SimpleNamespace(presence=True)
+    settings = {
+        "BACKEND": "presence.backends.redis.RedisBackend",
+        "CONFIG": {"url": private_redis.url, "prefix": f"t-{uuid.uuid4().hex}"},
+        "TTL": 30.0,
+        "REFRESH_INTERVAL": 0.01,  # a refresh is nearly always under way
+        "SWEEP_INTERVAL": 60.0,
+    }
+    with override_settings(PRESENCE=settings):
+        try:
+            for n in range(500):  # many sockets on this node: a refresh takes a while
+                await tracker.subscribed(connection(1, f"filler{n:05d}"), "project:1", policy)
+            ghosts = 0
+            for attempt in range(10):
+                alice = connection(2, f"zz{attempt}")  # sorts last: written last by a refresh
+                await tracker.subscribed(alice, "project:9", policy)
+                await asyncio.sleep(0.05)
+                await tracker.unsubscribed(alice, "project:9", policy, "disconnect")
+                await asyncio.sleep(0.3)
+                if "2" in await get_backend().members("project:9"):
+                    ghosts += 1
+                    await get_backend().leave("project:9", "2", alice.connection_id)
+        finally:
+            for state in list(tracker._loops.values()):
+                for task in state.tasks:
+                    task.cancel()
+            tracker._loops.clear()
+            await get_backend().close()
+    assert ghosts == 0, f"{ghosts} of 10 times the user who closed their only tab stayed present"
+    alice = [(kind, stream) for kind, stream, user, _reason in signals if user == "2"]
+    assert alice == [("joined", "project:9"), ("left", "project:9")] * 10  # and no join again
