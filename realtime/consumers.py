@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
@@ -24,7 +24,7 @@ from channels.utils import await_many_dispatch
 from . import hooks, metrics, protocol
 from .conf import realtime_settings
 from .fanout import get_hub, node_id
-from .policies import StreamPolicy, auth_hash, next_recheck, still_authenticated, stream_kinds
+from .policies import StreamPolicy, auth_hash, next_recheck, same_password, stream_kinds
 from .protocol import Close, Code, ProtocolError
 from .ratelimit import TokenBucket, user_bucket
 from .streams import parse_stream
@@ -258,7 +258,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     transport = "websocket"
     authz_due = float("inf")  # when to decide the subscriptions again unprompted
     authz_waiting = False  # a realtime.authz is queued and has not started
-    ticketed = False  # authenticated by ?ticket= rather than the session cookie
     auth_hash: str | None = None  # the user's session auth hash when last checked
 
     @property  # type: ignore[override]
@@ -383,7 +382,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if tickets:
             from .tickets import redeem
 
-            self.ticketed = True
             return await _thread(redeem)(tickets[0])
         return self.scope.get("user")
 
@@ -886,15 +884,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         from .policies import reload_user
 
         user = await _thread(reload_user)(self.user)
-        kept: str | Literal[False] | None = False
-        if user is not None and user.is_active:
-            # A socket on a ticket has no session: a password change ends it.
-            session = None if self.ticketed else self.scope.get("session")
-            kept = await _thread(still_authenticated)(user, self.auth_hash, session)
-        if kept is False:
+        if user is None or not user.is_active:
             await self._close(Close.UNAUTHENTICATED)
             return False
-        self.user, self.auth_hash = user, kept
+        if not same_password(user, self.auth_hash):
+            # The password changed: a session authenticated before is no longer one (Django
+            # decides so on its next request). Closed with a code the client reconnects
+            # after: the handshake then decides on the cookie as it is now, so the tab that
+            # changed the password (its session was given the new hash) comes back and the
+            # others get 4401. A ticket client fetches a new ticket.
+            await self._close(Close.DISCONNECTED)
+            return False
+        self.user = user
         return True
 
     async def realtime_authz(self, message: dict[str, Any]) -> None:

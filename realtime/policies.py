@@ -12,7 +12,7 @@ import math
 import random
 import re
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
@@ -207,29 +207,13 @@ def auth_hash(user: Any) -> str | None:
     return hasher() if callable(hasher) else None
 
 
-def still_authenticated(
-    user: Any, known: str | None, session: Any = None
-) -> str | Literal[False] | None:
-    """Whether a connection authenticated as `user` with auth hash `known` still is, as Django
-    decides for a session on each request: False once the password changed, unless the
-    connection's session (`session`, read again from its store) was given the new hash
-    (`update_session_auth_hash`, the tab that changed it). Returns the hash to keep, or False.
-    """
-    from importlib import import_module
-
-    from django.conf import settings
-    from django.contrib.auth import HASH_SESSION_KEY
+def same_password(user: Any, known: str | None) -> bool:
+    """Whether `user`'s session auth hash is still `known` (True for a user model without
+    one): False once the password changed since the connection was authenticated."""
     from django.utils.crypto import constant_time_compare
 
     now = auth_hash(user)
-    if now is None or (known is not None and constant_time_compare(now, known)):
-        return now
-    key = getattr(session, "session_key", None)
-    if not key:
-        return False
-    store = import_module(settings.SESSION_ENGINE).SessionStore
-    stored = store(key).get(HASH_SESSION_KEY)  # as stored now, not the connection's copy
-    return now if stored and constant_time_compare(stored, now) else False
+    return now is None or known is None or constant_time_compare(now, known)
 
 
 def check_stream(user: Any, stream: str) -> str | None:

@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
@@ -34,7 +34,7 @@ from .policies import (
     check_stream,
     next_recheck,
     reload_user,
-    still_authenticated,
+    same_password,
     stream_kinds,
 )
 from .protocol import Code
@@ -71,11 +71,9 @@ class SSEConnection:
         *,
         client_version: str = "",
         remote_addr: str = "",
-        session: Any = None,
     ) -> None:
         self.connection_id = uuid.uuid4().hex
         self.user = user
-        self.session = session
         self.auth_hash = auth_hash(user)
         self.client_version = client_version
         self.remote_addr = remote_addr
@@ -143,14 +141,13 @@ class SSEConnection:
             return
         # The user as stored now: this copy is as old as the stream (is_superuser, is_active).
         user = await _db(reload_user)(self.user)
-        kept: str | Literal[False] | None = False
-        if user is not None and user.is_active:
-            kept = await _db(still_authenticated)(user, self.auth_hash, self.session)
-        if kept is False:  # gone, inactive, or its password changed (as the session sees it)
+        if user is None or not user.is_active or not same_password(user, self.auth_hash):
+            # Gone, inactive, or its password changed: the browser reconnects, and the view
+            # decides on its session as it is now.
             self.closed = True
             self.wakeup.set()
             return
-        self.user, self.auth_hash = user, kept
+        self.user = user
         hub = get_hub()
         for stream, subscription in list(self.subscriptions.items()):
             if await _db(check_stream)(self.user, stream) is None:
@@ -321,7 +318,6 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         start.positions,
         client_version=request.GET.get("v", ""),
         remote_addr=request.META.get("REMOTE_ADDR") or "",
-        session=getattr(request, "session", None),
     )
     connection.resumed = cursor is not None
     limit = int(realtime_settings.MAX_CONNECTIONS_PER_USER)

@@ -401,3 +401,25 @@ def test_a_list_over_10000_rows_sees_a_grant_past_the_10000th(board):
     assert client.get("/api/projects/", HTTP_IF_NONE_MATCH=first["ETag"]).status_code == 304
     assign_perm("board.view_project", user, projects[-1])  # no event: only the rows tell
     assert client.get("/api/projects/", HTTP_IF_NONE_MATCH=first["ETag"]).status_code == 200
+
+
+def test_the_range_of_a_relation_primary_key_is_its_targets():
+    """A multi-table child's (or a OneToOne) pk: the range check follows the relation, on
+    backends whose ranges list only integer fields (PostgreSQL's: a KeyError before)."""
+    import types
+
+    from django.db.backends.base.operations import BaseDatabaseOperations
+
+    from board.models import Project
+    from realtime.conditional import _in_range
+
+    connection = types.SimpleNamespace(ops=BaseDatabaseOperations(None))
+    child_pk = types.SimpleNamespace(
+        is_relation=True,
+        target_field=Project._meta.pk,
+        get_internal_type=lambda: "OneToOneField",
+    )
+    assert _in_range(connection, child_pk, 5)
+    assert not _in_range(connection, child_pk, 10**30)
+    odd = types.SimpleNamespace(is_relation=False, get_internal_type=lambda: "UUIDField")
+    assert _in_range(connection, odd, 10**30)  # no range known: the query decides

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from asgiref.sync import sync_to_async
 from django.test import Client
@@ -78,47 +76,47 @@ async def test_a_ticket_issued_before_a_password_change_is_refused_after_it():
     assert await client.connect() == {"type": "websocket.close", "code": 4401}
 
 
-async def test_a_password_change_closes_the_sockets_of_other_sessions_and_of_tickets():
+async def test_a_password_change_ends_sockets_and_only_the_session_that_made_it_comes_back():
+    from django.contrib.auth import update_session_auth_hash
+    from django.contrib.sessions.backends.db import SessionStore
+    from django.test import RequestFactory
+
     from realtime.testing import session_for
     from realtime.tickets import issue
 
     owner = await db(UserFactory)()
     project = await db(ProjectFactory)(owner=owner)
-    on_session = RealtimeClient(session_key=await db(session_for)(owner))
-    on_ticket = RealtimeClient(path=f"/ws/realtime/?ticket={await db(issue)(owner)}")
-    for client in (on_session, on_ticket):
+    changer_key = await db(session_for)(owner)  # the tab that changes the password
+    other_key = await db(session_for)(owner)  # another device
+    sockets = [
+        RealtimeClient(session_key=changer_key),
+        RealtimeClient(session_key=other_key),
+        RealtimeClient(path=f"/ws/realtime/?ticket={await db(issue)(owner)}"),
+    ]
+    for client in sockets:
         assert (await client.connect())["op"] == "welcome"
         assert (await client.subscribe(f"project:{project.pk}"))["ok"]
-    await db(change_password)(owner)  # as Django's own views do: the other sessions end
-    for client in (on_session, on_ticket):
-        closed = await client.receive_until("websocket.close", timeout=5)
-        assert closed == {"type": "websocket.close", "code": 4401}
 
-
-async def test_the_session_that_changed_the_password_keeps_its_socket():
-    from django.contrib.auth import HASH_SESSION_KEY
-    from django.contrib.sessions.backends.db import SessionStore
-
-    from realtime.testing import session_for
-
-    owner = await db(UserFactory)()
-    project = await db(ProjectFactory)(owner=owner)
-    key = await db(session_for)(owner)
-    client = RealtimeClient(session_key=key)
-    assert (await client.connect())["op"] == "welcome"
-    assert (await client.subscribe(f"project:{project.pk}"))["ok"]
-
-    def change_in_this_session() -> None:  # what update_session_auth_hash() leaves behind
+    def change_in_the_changers_session() -> str | None:  # as Django's PasswordChangeView does
+        request = RequestFactory().post("/password/")
+        request.session = SessionStore(changer_key)
+        request.user = owner
         change_password(owner)
-        session = SessionStore(key)
-        session[HASH_SESSION_KEY] = owner.get_session_auth_hash()
-        session.save()
+        update_session_auth_hash(request, owner)  # a new session key, holding the new hash
+        request.session.save()  # as SessionMiddleware does with the response
+        return request.session.session_key
 
-    await db(change_in_this_session)()
-    await asyncio.sleep(0.5)  # the re-decision the save caused runs meanwhile
+    new_key = await db(change_in_the_changers_session)()
+    for client in sockets:  # each is told to reconnect, none to give up (4401 is final)
+        closed = await client.receive_until("websocket.close", timeout=5)
+        assert closed == {"type": "websocket.close", "code": 4000}
+    back = RealtimeClient(session_key=new_key)
+    assert (await back.connect())["op"] == "welcome"
+    assert (await back.subscribe(f"project:{project.pk}"))["ok"]
     from .factories import ItemFactory
 
-    await db(ItemFactory)(project=project, title="still here")
-    event = await client.receive_until("event", timeout=5)
-    assert event["data"]["title"] == "still here"
-    await client.close()
+    await db(ItemFactory)(project=project, title="after the change")
+    assert (await back.receive_until("event"))["data"]["title"] == "after the change"
+    await back.close()
+    stale = RealtimeClient(session_key=other_key)
+    assert await stale.connect() == {"type": "websocket.close", "code": 4401}

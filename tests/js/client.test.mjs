@@ -222,6 +222,12 @@ test("a 4429 waits long, longer each time in a row, and a stable socket between 
   await timers.tick(300000); // five minutes without one: forgotten
   sockets.at(-1).fail(4429);
   assert.equal(statuses.at(-1).retryIn, 3000);
+  c.close(); // a new start forgets them too
+  c.connect();
+  await flush();
+  sockets.at(-1).open();
+  sockets.at(-1).fail(4429);
+  assert.equal(statuses.at(-1).retryIn, 3000);
   c.close();
 });
 

@@ -601,6 +601,7 @@ export class RealtimeClient extends EventTarget {
     this._dropConnection();
     for (const id of this.timers) this.clearTimeout(id);
     this.timers.clear();
+    this.limitStrikes = 0; // its timer is gone with the others: forget the 4429s now
     if (this.document && this.document.removeEventListener) {
       this.document.removeEventListener("visibilitychange", this._onVisibility);
     }
