@@ -120,6 +120,9 @@ def _membership_changed(
 
 def _logged_out(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
     if user is not None:
+        from .tickets import revoke_issued
+
+        revoke_issued(user)  # a ticket fetched before the logout opens nothing after it
         _send([user.pk], "realtime.logout")
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import secrets
+import time
 from typing import Any
 
 from django.core import signing
@@ -24,8 +26,32 @@ def issue(user: Any) -> str:
     """
     from .policies import auth_hash
 
-    payload = {"u": str(user.pk), "n": secrets.token_hex(12), "h": auth_hash(user)}
+    payload = {
+        "u": str(user.pk),
+        "n": secrets.token_hex(12),
+        "h": auth_hash(user),
+        "t": time.time(),  # issued at: a logout refuses the tickets issued before it
+    }
     return signing.dumps(payload, salt=_SALT)
+
+
+def _logout_mark(user_pk: Any) -> str:
+    # A UsedTicket row of its own kind: "this user logged out at expires_at - TICKET_TTL".
+    # Nonces are 24 hex digits; this key cannot be one (the prefix), and fits the column.
+    return "out:" + hashlib.sha256(str(user_pk).encode()).hexdigest()[:28]
+
+
+def revoke_issued(user: Any) -> None:
+    """Refuse every ticket of `user` issued until now (called on logout).
+
+    Kept as a `UsedTicket` row that expires when the last ticket it refuses would have, so
+    `realtime_prune` forgets it with them.
+    """
+    ttl = float(realtime_settings.TICKET_TTL)
+    UsedTicket.objects.update_or_create(
+        nonce=_logout_mark(user.pk),
+        defaults={"expires_at": timezone.now() + dt.timedelta(seconds=ttl)},
+    )
 
 
 def redeem(ticket: str) -> Any | None:
@@ -53,6 +79,17 @@ def redeem(ticket: str) -> Any | None:
             )
     except IntegrityError:
         return None  # already used
+    logged_out = (
+        UsedTicket.objects.filter(nonce=_logout_mark(payload["u"]))
+        .values_list("expires_at", flat=True)
+        .first()
+    )
+    issued = payload.get("t")
+    if logged_out is not None and (
+        not isinstance(issued, int | float)
+        or issued <= (logged_out - dt.timedelta(seconds=ttl)).timestamp()
+    ):
+        return None  # issued before the user's last logout
     User = get_user_model()
     try:
         user = User._default_manager.get(pk=payload["u"])

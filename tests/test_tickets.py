@@ -120,3 +120,25 @@ async def test_a_password_change_ends_sockets_and_only_the_session_that_made_it_
     await back.close()
     stale = RealtimeClient(session_key=other_key)
     assert await stale.connect() == {"type": "websocket.close", "code": 4401}
+
+
+async def test_a_ticket_fetched_before_a_logout_opens_nothing_after_it_and_a_new_one_does():
+    from realtime.testing import session_for
+    from realtime.tickets import issue
+
+    user = await db(UserFactory)()
+    before = await db(issue)(user)
+    key = await db(session_for)(user)
+
+    def log_out() -> None:
+        client = Client()
+        client.cookies["sessionid"] = key
+        client.logout()  # Django's logout(): user_logged_out, the session flushed
+
+    await db(log_out)()
+    refused = RealtimeClient(path=f"/ws/realtime/?ticket={before}")
+    assert await refused.connect() == {"type": "websocket.close", "code": 4401}
+    after = await db(issue)(user)  # logged in again somewhere, a ticket fetched from there
+    welcomed = RealtimeClient(path=f"/ws/realtime/?ticket={after}")
+    assert (await welcomed.connect())["op"] == "welcome"
+    await welcomed.close()
