@@ -138,6 +138,11 @@ class _LoopState:
     entries: set[tuple[str, str, str]] = field(default_factory=set)
     typing: dict[tuple[str, str], float] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: Held while `entries` changes together with the backend, and by a refresh from the
+    #: moment it reads `entries` until its writes are done. Without it, a leave landing
+    #: while a refresh is on its way is undone by the refresh's write of that entry (the
+    #: user shows as present again), and a join landing first is announced by the refresh.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class PresenceTracker(ConnectionHooks):
@@ -171,8 +176,9 @@ class PresenceTracker(ConnectionHooks):
         user_id = str(connection.user.pk)
         now = time.time()
         entry = (stream, user_id, connection.connection_id)
-        state.entries.add(entry)
-        first = await get_backend().join(stream, *entry[1:], _node(), now + _ttl(), now)
+        async with state.lock:
+            state.entries.add(entry)
+            first = await get_backend().join(stream, *entry[1:], _node(), now + _ttl(), now)
         if first:
             shown = await _thread(serializer())(connection.user)
             await send_ephemeral(
@@ -190,9 +196,11 @@ class PresenceTracker(ConnectionHooks):
             return
         state = self.state()
         user_id = str(connection.user.pk)
-        state.entries.discard((stream, user_id, connection.connection_id))
         state.typing.pop((stream, user_id), None)
-        if await get_backend().leave(stream, user_id, connection.connection_id):
+        async with state.lock:
+            state.entries.discard((stream, user_id, connection.connection_id))
+            last = await get_backend().leave(stream, user_id, connection.connection_id)
+        if last:
             await announce_left(Change(stream, user_id), reason)
 
     async def publishing(
@@ -223,18 +231,11 @@ class PresenceTracker(ConnectionHooks):
             await asyncio.sleep(_refresh_interval())
             try:
                 now = time.time()
-                backend = get_backend()
-                taken = sorted(state.entries)
-                rejoined = await backend.refresh(taken, _node(), now + _ttl(), now)
-                # An entry that left while the refresh was on its way may have been written
-                # back by it, after its leave: take it out again, and announce no join for it.
-                for entry in taken:
-                    if entry not in state.entries:
-                        await backend.leave(*entry)
-                present = {(stream, user) for stream, user, _c in state.entries}
+                async with state.lock:  # no entry joins or leaves while the refresh writes
+                    rejoined = await get_backend().refresh(
+                        sorted(state.entries), _node(), now + _ttl(), now
+                    )
                 for change in rejoined:  # swept while this node stalled: present again
-                    if (change.stream, change.user_id) not in present:
-                        continue
                     await send_ephemeral(
                         change.stream,
                         JOINED,

@@ -434,3 +434,67 @@ async def test_a_user_who_left_during_a_refresh_is_not_written_back_by_it(privat
     assert ghosts == 0, f"{ghosts} of 10 times the user who closed their only tab stayed present"
     alice = [(kind, stream) for kind, stream, user, _reason in signals if user == "2"]
     assert alice == [("joined", "project:9"), ("left", "project:9")] * 10  # and no join again
+
+
+class HeldRefreshBackend:
+    """The memory backend, with a refresh that stops after reading its entries until the
+    test lets it write (`held` is set while one waits; `release` lets them go)."""
+
+    held: asyncio.Event
+    release: asyncio.Event
+
+    def __new__(cls, **config):
+        from presence.backends.memory import MemoryBackend
+
+        class Held(MemoryBackend):
+            async def refresh(self, entries, node, expires_at, now):
+                taken = list(entries)  # what the tracker handed over, as a pipeline holds it
+                cls.held.set()
+                await cls.release.wait()
+                return await super().refresh(taken, node, expires_at, now)
+
+        return Held(**config)
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_leave_waits_for_a_refresh_under_way_instead_of_being_undone_by_it(signals):
+    import types
+
+    from presence.tracker import tracker
+
+    HeldRefreshBackend.held = asyncio.Event()
+    HeldRefreshBackend.release = asyncio.Event()
+    user = types.SimpleNamespace(pk=2, get_username=lambda: "u2")
+    alice = types.SimpleNamespace(user=user, connection_id="c1")
+    policy = types.SimpleNamespace(presence=True)
+    settings = {
+        "BACKEND": "tests.test_presence.HeldRefreshBackend",
+        "CONFIG": {"run": uuid.uuid4().hex},
+        "TTL": 30.0,
+        "REFRESH_INTERVAL": 0.01,
+        "SWEEP_INTERVAL": 60.0,
+    }
+    with override_settings(PRESENCE=settings):
+        try:
+            await tracker.subscribed(alice, "project:9", policy)
+            await asyncio.wait_for(HeldRefreshBackend.held.wait(), 5)  # holding alice's entry
+            leaving = asyncio.ensure_future(
+                tracker.unsubscribed(alice, "project:9", policy, "disconnect")
+            )
+            await asyncio.sleep(0.1)
+            assert not leaving.done()  # it waits for the refresh, rather than going first
+            HeldRefreshBackend.release.set()
+            await asyncio.wait_for(leaving, 5)
+            await asyncio.sleep(0.1)  # later refreshes run (released) without alice
+            assert "2" not in await get_backend().members("project:9")
+        finally:
+            HeldRefreshBackend.release.set()
+            for state in list(tracker._loops.values()):
+                for task in state.tasks:
+                    task.cancel()
+            tracker._loops.clear()
+    assert [(kind, user) for kind, _stream, user, _r in signals] == [
+        ("joined", "2"),
+        ("left", "2"),
+    ]
