@@ -60,9 +60,8 @@ def redeem(ticket: str) -> Any | None:
     A ticket is consumed even if the user turns out to be inactive.
     """
     from django.contrib.auth import get_user_model
-    from django.utils.crypto import constant_time_compare
 
-    from .policies import auth_hash
+    from .policies import same_password
 
     ttl = float(realtime_settings.TICKET_TTL)
     try:
@@ -95,8 +94,7 @@ def redeem(ticket: str) -> Any | None:
         user = User._default_manager.get(pk=payload["u"])
     except (User.DoesNotExist, ValueError):
         return None
-    now = auth_hash(user)
-    if now is not None and not constant_time_compare(str(payload.get("h") or ""), now):
+    if not same_password(user, str(payload.get("h") or "")):
         return None  # the password changed since the ticket was issued
     return user if user.is_active else None
 

@@ -173,25 +173,30 @@ async def test_client_that_answers_pings_survives_a_replay_larger_than_its_credi
     await client.close()
 
 
+class RecordingSink:
+    """What a Subscription delivers to, recording the frames (and the seqs of events)."""
+
+    connection_id = "me"
+    user = None
+    transport = "websocket"
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+        self.seqs: list[int] = []
+
+    def send_event(self, stream: str, seq: int, event_type: str, frame: str) -> None:
+        self.frames.append(frame)
+        self.seqs.append(seq)
+
+    def send_ephemeral(self, stream: str, event_type: str, frame: str) -> None:
+        self.frames.append(frame)
+
+
 async def test_ephemeral_events_during_a_replay_are_held_then_sent_in_order():
     from realtime.consumers import Subscription
     from realtime.policies import stream_kinds
 
-    class Sink:
-        connection_id = "me"
-        user = None
-        transport = "websocket"
-
-        def __init__(self) -> None:
-            self.sent: list[str] = []
-
-        def send_event(self, stream: str, seq: int, event_type: str, frame: str) -> None:
-            self.sent.append(frame)
-
-        def send_ephemeral(self, stream: str, event_type: str, frame: str) -> None:
-            self.sent.append(frame)
-
-    sink = Sink()
+    sink = RecordingSink()
     subscription = Subscription(sink, "project:1", stream_kinds.get("project"), None)
     subscription.contiguous = 4
 
@@ -202,10 +207,10 @@ async def test_ephemeral_events_during_a_replay_are_held_then_sent_in_order():
     subscription.deliver({"seq": 5, "frames": {"v1": "event 5"}, "eventType": "v1:x"})
     subscription.deliver(ephemeral("own typing", origin="me"))  # never back to its sender
     subscription.deliver(ephemeral("presence.left"))
-    assert sink.sent == []
+    assert sink.frames == []
     subscription.go_live()
     # A presence diff dropped during the replay would leave the member list wrong for good.
-    assert sink.sent == ["presence.joined", "event 5", "presence.left"]
+    assert sink.frames == ["presence.joined", "event 5", "presence.left"]
 
 
 async def test_seqs_given_up_on_count_every_later_one_already_delivered():
@@ -213,18 +218,7 @@ async def test_seqs_given_up_on_count_every_later_one_already_delivered():
     from realtime.consumers import Subscription
     from realtime.policies import stream_kinds
 
-    class Sink:
-        connection_id = "me"
-        user = None
-        transport = "websocket"
-
-        def __init__(self) -> None:
-            self.sent: list[int] = []
-
-        def send_event(self, stream: str, seq: int, event_type: str, frame: str) -> None:
-            self.sent.append(seq)
-
-    sink = Sink()
+    sink = RecordingSink()
     subscription = Subscription(sink, "project:1", stream_kinds.get("project"), None)
     subscription.authorized = False  # no resync: the bound is all that stops the wait
     subscription.contiguous = 1
@@ -237,4 +231,4 @@ async def test_seqs_given_up_on_count_every_later_one_already_delivered():
     subscription.emit(last + 1, {"v1": "next"})
     subscription.emit(last, {"v1": "duplicate"})
     assert subscription.contiguous == last + 1
-    assert sink.sent == list(range(3, last + 2))
+    assert sink.seqs == list(range(3, last + 2))
