@@ -15,6 +15,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from . import metrics
 from .conditional import etag_matches, make_etag
 from .conf import realtime_settings
 from .fanout import get_hub
@@ -96,8 +97,9 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
     except BadRequest as exc:
         return exc.response()
     start = await _db(starting_positions)(streams, cursor)
-    events, after = await _db(read_events)(start.positions, limit)
-    if not events and not start.resets and wait > 0:
+    events, after, resets = await _db(read_events)(start.positions, limit)
+    resets = [*start.resets, *resets]
+    if not events and not resets and wait > 0:
         await release_request_connections()
         hub = get_hub()
         waker = _Waker()
@@ -105,8 +107,8 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
             await hub.join(stream, waker)
         try:
             # Joined first, then read again: an event committed meanwhile is in one or the other.
-            events, after = await _db(read_events)(start.positions, limit)
-            if not events:
+            events, after, resets = await _db(read_events)(start.positions, limit)
+            if not events and not resets:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await waker.event.wait()
@@ -116,15 +118,16 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
                     await _db(authorize)(await _db(reload_user)(user), streams)
                 except BadRequest as exc:
                     return exc.response()
-                events, after = await _db(read_events)(start.positions, limit)
+                events, after, resets = await _db(read_events)(start.positions, limit)
         finally:
             for stream in streams:
                 await hub.leave(stream, waker)
     next_cursor = cursor_of(after)
-    resets = json.dumps(start.resets)
+    metrics.RESETS.labels("poll").inc(len(resets))
+    resets_text = json.dumps(resets)
     # The ETag names "nothing after this cursor": a poller that sends it back gets 304 while
     # nothing new has committed, with no body to parse.
-    etag = make_etag(next_cursor, resets)
+    etag = make_etag(next_cursor, resets_text)
     if not events and etag_matches(request.headers.get("If-None-Match"), etag):
         response = HttpResponse(status=304)
     else:
@@ -132,7 +135,7 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
             '{"events":['
             + ",".join(frame for _s, _q, _t, frame in events)
             + '],"resets":'
-            + resets
+            + resets_text
             + ',"cursor":'
             + json.dumps(next_cursor)
             + "}"

@@ -129,8 +129,9 @@ class Subscription:
     def __init__(
         self, consumer: Any, stream: str, policy: StreamPolicy, version: str | None
     ) -> None:
-        # `consumer` is the sink: connection_id, user, send_ephemeral(stream, type, text) for
-        # events that are not logged, and send_event(stream, seq, type, text) for logged ones.
+        # `consumer` is the sink: connection_id, user, transport, send_ephemeral(stream, type,
+        # text) for events that are not logged, send_event(stream, seq, type, text) for logged
+        # ones, and send_reset(stream, seq, epoch) for history the replay found pruned.
         self.consumer = consumer
         self.stream = stream
         self.policy = policy
@@ -177,7 +178,7 @@ class Subscription:
         Yields after each batch so the transport can drain and pace itself. Live events that
         arrive meanwhile are buffered; if the buffer overflowed, the log is read again.
         """
-        from .replay import read_typed_after
+        from .replay import position, read_typed_after
 
         batch = int(realtime_settings.REPLAY_BATCH)
         # A sink that paces itself on a credit (a socket) says when to stop within a batch:
@@ -188,15 +189,25 @@ class Subscription:
             while True:
                 rows = await _thread(read_typed_after)(self.stream, self.contiguous, batch)
                 metrics.REPLAYED.labels(self.consumer.transport).inc(len(rows))
+                hole = False
                 for seq, event_type, frames, _timestamp in rows:
                     if seq > self.contiguous + 1:
-                        # The log holds nothing between (rows come in seq order, and commit
-                        # order is seq order): pruned, or delivered already (`above`). Not
-                        # waited for: the log cannot give back what it lacks.
-                        self._skip_to(seq - 1)
+                        # Rows come in seq order and the log has no hole but the pruned
+                        # front, so `contiguous + 1` was pruned after the position was read
+                        # (it is never in `above`: that would have moved `contiguous`).
+                        hole = True
+                        break
                     self.emit(seq, frames, event_type)
                     if full is not None and full():
                         yield
+                if hole:
+                    # Lost to this subscriber for good: say so, as a resume the log no
+                    # longer covers would have, and go on from the stream's position.
+                    now = await _thread(position)(self.stream)
+                    self._skip_to(now.seq)
+                    metrics.RESETS.labels(self.consumer.transport).inc()
+                    self.consumer.send_reset(self.stream, now.seq, now.epoch)
+                    continue
                 yield
                 if len(rows) < batch:
                     break
@@ -553,6 +564,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         recovered = frame.since is not None and pos.covers(frame.since, frame.epoch)
         if frame.since is not None:
             metrics.RESUMES.labels(self.transport).inc()
+            if not recovered:
+                metrics.RESETS.labels(self.transport).inc()
         subscription.contiguous = frame.since if recovered and frame.since is not None else pos.seq
         data: dict[str, Any] = {"seq": pos.seq, "epoch": pos.epoch, "recovered": recovered}
         for extra in await hooks.call("subscribed", self, frame.stream, policy):
@@ -674,6 +687,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     def send_event(self, stream: str, seq: int, event_type: str, frame: str) -> None:
         self.enqueue(frame)
+
+    def send_reset(self, stream: str, seq: int, epoch: str | None) -> None:
+        self.enqueue(protocol.dumps({"op": "reset", "stream": stream, "epoch": epoch, "seq": seq}))
 
     def send_ephemeral(self, stream: str, event_type: str, frame: str) -> None:
         self.enqueue(frame)

@@ -97,26 +97,34 @@ def starting_positions(streams: list[str], cursor: dict[str, Position] | None) -
 
 def read_events(
     positions: dict[str, Position], limit: int
-) -> tuple[list[tuple[str, int, str, str]], dict[str, Position]]:
+) -> tuple[list[tuple[str, int, str, str]], dict[str, Position], list[dict[str, Any]]]:
     """Read up to `limit` events after the positions, oldest first across streams.
 
-    Returns (events as (stream, seq, type, frame text), the positions after them). Within a
-    stream the events keep their seq order, so the new positions never skip one.
+    Returns (events as (stream, seq, type, frame text), the positions after them, resets).
+    Within a stream the events keep their seq order, so the new positions never skip one.
+    A stream whose next event was pruned after its position was checked gives a reset at
+    its position now instead of its events.
     """
-    per_stream = [
-        [(ts, stream, seq, type_, next(iter(frames.values()))) for seq, type_, frames, ts in rows]
-        for stream, rows in (
-            (stream, read_typed_after(stream, pos.seq, limit)) for stream, pos in positions.items()
-        )
-    ]
     after = dict(positions)
+    resets = []
+    per_stream = []
+    for stream, pos in positions.items():
+        rows = read_typed_after(stream, pos.seq, limit)
+        if rows and rows[0][0] > pos.seq + 1:  # the log has no hole but its pruned front
+            now = position(stream)
+            after[stream] = Position(now.seq, now.epoch)
+            resets.append({"op": "reset", "stream": stream, "epoch": now.epoch, "seq": now.seq})
+            continue
+        per_stream.append(
+            [(ts, stream, seq, kind, next(iter(frames.values()))) for seq, kind, frames, ts in rows]
+        )
     events = []
     for _ts, stream, seq, type_, frame in itertools.islice(
         heapq.merge(*per_stream, key=lambda event: event[0]), limit
     ):
         events.append((stream, seq, type_, frame))
         after[stream] = Position(seq, after[stream].epoch)
-    return events, after
+    return events, after, resets
 
 
 def cursor_of(positions: dict[str, Position]) -> str:

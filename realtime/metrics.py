@@ -42,6 +42,12 @@ RESUMES = Counter(
     "Subscriptions resumed from a position (`since` / Last-Event-ID): clients reconnecting.",
     ["transport"],
 )
+RESETS = Counter(
+    "realtime_resets",
+    "Resumes the log could not serve (history pruned, another epoch), found at the start or "
+    "during the replay: the client was told to refetch, by transport (websocket, sse, poll).",
+    ["transport"],
+)
 DISCONNECTS = Counter(
     "realtime_disconnects", "Closed WebSocket connections, by close code.", ["code"]
 )

@@ -98,6 +98,11 @@ class SSEConnection:
         self.positions[stream] = Position(self.subscriptions[stream].contiguous, old.epoch)
         self.enqueue(_message(event_type or "message", frame, encode(self.positions)))
 
+    def send_reset(self, stream: str, seq: int, epoch: str | None) -> None:
+        self.positions[stream] = Position(seq, epoch)
+        reset = {"op": "reset", "stream": stream, "epoch": epoch, "seq": seq}
+        self.enqueue(_message("reset", json.dumps(reset), encode(self.positions)))
+
     def send_ephemeral(self, stream: str, event_type: str, frame: str) -> None:
         # Not logged, so no `id:`: the cursor (Last-Event-ID) stays at the last logged event.
         self.enqueue(_message(event_type or "message", frame))
@@ -212,6 +217,7 @@ class SSEConnection:
                 await hub.join(stream, subscription)
             yield f"retry: {RETRY_MS}\n\n"
             for reset in resets:
+                metrics.RESETS.labels("sse").inc()
                 yield _message("reset", json.dumps(reset), encode(self.positions))
             if unplaced and not resets:
                 # Streams that started now: an `id:` with no data dispatches no event, but sets

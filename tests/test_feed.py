@@ -227,3 +227,37 @@ async def test_long_poll_decides_again_after_waiting():
     assert response.status_code == 403
     assert b"after revocation" not in response.content
     assert response.json()["error"]["code"] == "forbidden"
+
+
+async def test_events_pruned_after_the_cursor_was_checked_give_a_reset(monkeypatch):
+    """`realtime_prune` ran between the cursor's check and the read of the log."""
+    import realtime.feed
+    from realtime.models import Event, Stream
+
+    owner, project = await setup_project(items=4)
+    other = await db(ProjectFactory)(owner=owner)
+    await db(ItemFactory)(project=other)
+    client = await logged_in(owner)
+    stream, untouched = f"project:{project.pk}", f"project:{other.pk}"
+    row = await db(Stream.objects.get)(name=stream)
+    original = realtime.feed.read_typed_after
+
+    def pruning_read(name, after, limit):
+        if name == stream:
+            Event.objects.filter(stream__name=name, seq__lte=3).delete()
+        return original(name, after, limit)
+
+    monkeypatch.setattr(realtime.feed, "read_typed_after", pruning_read)
+    cursor = encode({stream: Position(1, row.epoch), untouched: Position(1, None)})
+    response = await client.get(
+        "/api/realtime/events/", {"streams": f"{stream},{untouched}", "cursor": cursor}
+    )
+    body = response.json()
+    # Not seqs 4 and 5 on a state that lacks 2 and 3: a reset at the stream's position.
+    assert body["resets"] == [
+        {"op": "reset", "stream": stream, "epoch": row.epoch, "seq": row.last_seq}
+    ]
+    assert [(e["stream"], e["seq"]) for e in body["events"]] == [(untouched, 2)]
+    positions = decode(body["cursor"])
+    assert positions[stream].seq == row.last_seq
+    assert positions[untouched].seq == 2

@@ -232,3 +232,45 @@ async def test_seqs_given_up_on_count_every_later_one_already_delivered():
     subscription.emit(last, {"v1": "duplicate"})
     assert subscription.contiguous == last + 1
     assert sink.seqs == list(range(3, last + 2))
+
+
+@pytest.mark.parametrize("pruned_after_batch", [0, 1])
+async def test_events_pruned_after_the_position_was_read_give_a_reset(
+    settings, monkeypatch, pruned_after_batch
+):
+    """`realtime_prune` ran after the position (which covered `since`) was read: before the
+    replay's first read, or between its batches."""
+    from realtime.models import Event
+
+    settings.REALTIME = {**settings.REALTIME, "REPLAY_BATCH": 2}
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    for _ in range(8):
+        await db(ItemFactory)(project=project)
+    stream = f"project:{project.pk}"
+    original = realtime.replay.read_typed_after
+    reads = []
+
+    def pruning_read(name, after, limit):
+        if len(reads) == pruned_after_batch:
+            Event.objects.filter(stream__name=name, seq__lte=6).delete()
+        reads.append(after)
+        return original(name, after, limit)
+
+    monkeypatch.setattr(realtime.replay, "read_typed_after", pruning_read)
+    client = await connected(owner)
+    reply = await client.subscribe(stream, since=1)
+    assert reply["data"]["recovered"] is True  # the log covered `since` when it was read
+    got = []
+    while (frame := await client.receive())["op"] in ("event", "ping"):
+        if frame["op"] == "event":
+            got.append(frame["seq"])
+    # What the log gave before the hole, then a reset at the stream's position: the client
+    # refetches instead of applying the rest on a state that lacks what was pruned.
+    assert got == ([] if pruned_after_batch == 0 else [2, 3])
+    now = reply["data"]["seq"]  # the project's creation and the 8 items
+    assert frame == {"op": "reset", "stream": stream, "epoch": reply["data"]["epoch"], "seq": now}
+    assert await client.nothing_more(0.3)
+    await db(ItemFactory)(project=project)
+    assert await receive_seqs(client, 1) == [now + 1]
+    await client.close()

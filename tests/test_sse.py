@@ -459,3 +459,37 @@ async def test_a_stream_found_over_the_limit_when_its_body_starts_says_so(settin
     with pytest.raises(StopAsyncIteration):
         await second.message()
     await first.close()
+
+
+async def test_events_pruned_after_the_cursor_was_checked_give_a_reset(settings, monkeypatch):
+    """`realtime_prune` ran between the cursor's check and the replay's read of the log."""
+    import realtime.replay
+    from realtime.cursor import Position, encode
+    from realtime.models import Event, Stream
+
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    for _ in range(5):
+        await db(ItemFactory)(project=project)
+    stream = f"project:{project.pk}"
+    row = await db(Stream.objects.get)(name=stream)
+    original = realtime.replay.read_typed_after
+
+    def pruning_read(name, after, limit):
+        Event.objects.filter(stream__name=name, seq__lte=4).delete()
+        return original(name, after, limit)
+
+    monkeypatch.setattr(realtime.replay, "read_typed_after", pruning_read)
+    cursor = encode({stream: Position(1, row.epoch)})
+    reader, _ = await open_sse(owner, stream, last_event_id=cursor)
+    message = await reader.event()
+    # Not seq 5 on a state that lacks 2 to 4: a reset at the stream's position, and a cursor
+    # that resumes from there.
+    assert message["event"] == "reset"
+    assert (message["data"]["stream"], message["data"]["seq"]) == (stream, row.last_seq)
+    assert decode(message["id"])[stream].seq == row.last_seq
+    await db(ItemFactory)(project=project)
+    event = await reader.event()
+    assert event["data"]["seq"] == row.last_seq + 1
+    assert decode(event["id"])[stream].seq == row.last_seq + 1
+    await reader.close()
