@@ -164,11 +164,15 @@ class Subscription:
         if self.replaying:
             # Held in arrival order, ephemeral ones too: a presence diff dropped here would
             # leave the client's member list wrong until the member next joins or leaves.
-            if len(self.buffer) >= realtime_settings.REPLAY_BUFFER:
-                self.buffer.clear()
-                self.overflowed = True  # the replay loop reads the log again instead
-            else:
-                self.buffer.append(message)
+            bound = int(realtime_settings.REPLAY_BUFFER)
+            if len(self.buffer) >= bound:
+                # Logged events come back from the log (the replay loop reads it again);
+                # those that are not logged would not, so they are kept: the newest half of
+                # the bound at most, should they alone fill it (a flood of typing).
+                kept = [held for held in self.buffer if held.get("ephemeral")]
+                self.buffer = kept[-max(bound // 2, 1) :] if len(kept) >= bound else kept
+                self.overflowed = True
+            self.buffer.append(message)
             return
         self.emit(message["seq"], message["frames"], message.get("eventType", ""))
 

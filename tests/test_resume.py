@@ -274,3 +274,40 @@ async def test_events_pruned_after_the_position_was_read_give_a_reset(
     await db(ItemFactory)(project=project)
     assert await receive_seqs(client, 1) == [now + 1]
     await client.close()
+
+
+async def test_events_that_are_not_logged_survive_a_replay_buffer_overflow(settings):
+    from realtime.consumers import Subscription
+    from realtime.policies import stream_kinds
+
+    settings.REALTIME = {**settings.REALTIME, "REPLAY_BUFFER": 4}
+    sink = RecordingSink()
+    subscription = Subscription(sink, "project:1", stream_kinds.get("project"), None)
+    subscription.contiguous = 4
+
+    def ephemeral(name: str) -> dict:
+        return {"ephemeral": True, "origin": "other", "eventType": name, "frames": {"*": name}}
+
+    subscription.deliver(ephemeral("presence.joined"))
+    for seq in range(5, 10):  # past the bound: the logged ones are read from the log again
+        subscription.deliver({"seq": seq, "frames": {"v1": f"event {seq}"}, "eventType": "v1:x"})
+    subscription.deliver(ephemeral("presence.left"))
+    assert subscription.overflowed
+    subscription.go_live()
+    # The log gives back no presence change: one dropped here would leave the member list
+    # wrong until that member next joins or leaves.
+    assert sink.frames[0] == "presence.joined"
+    assert "presence.left" in sink.frames
+    assert len(subscription.buffer) == 0
+
+
+async def test_a_flood_of_events_that_are_not_logged_during_a_replay_stays_bounded(settings):
+    from realtime.consumers import Subscription
+    from realtime.policies import stream_kinds
+
+    settings.REALTIME = {**settings.REALTIME, "REPLAY_BUFFER": 10}
+    subscription = Subscription(RecordingSink(), "project:1", stream_kinds.get("project"), None)
+    for n in range(1000):
+        subscription.deliver({"ephemeral": True, "origin": "x", "frames": {"*": f"typing {n}"}})
+        assert len(subscription.buffer) <= 10
+    assert subscription.buffer[-1]["frames"]["*"] == "typing 999"  # the newest are kept
