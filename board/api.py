@@ -203,6 +203,9 @@ class ItemViewSet(
 
     serializer_class = ItemSerializer
     permission_classes = [permissions.IsAuthenticated, ProjectPermission]
+    # An item shows its own fields only, and every save bumps its version: its tag need not
+    # move with the other items of its project.
+    etag_object_positions = False
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
 
     # Every change to a project's items is an event on project:<pk> (items are registered

@@ -67,7 +67,8 @@ def test_etag_changes_with_the_object_and_with_the_users_permissions(board):
     add_member(project, member)
     client = client_for(member)
     first = client.get(f"/api/items/{item.pk}/")["ETag"]
-    ItemFactory(project=project)  # another item: the stream moved
+    item.title = "renamed"
+    item.save()
     second = client.get(f"/api/items/{item.pk}/")["ETag"]
     assert second != first
     from guardian.shortcuts import assign_perm
@@ -423,3 +424,37 @@ def test_the_range_of_a_relation_primary_key_is_its_targets():
     assert not _in_range(connection, child_pk, 10**30)
     odd = types.SimpleNamespace(is_relation=False, get_internal_type=lambda: "UUIDField")
     assert _in_range(connection, odd, 10**30)  # no range known: the query decides
+
+
+def test_a_change_to_another_item_of_the_project_leaves_this_ones_tag_valid(board):
+    """Items tag from their own version: two people editing two items of one project do not
+    get each other's writes as conflicts (412), and a reader keeps its 304."""
+    owner, project, item = board
+    other = ItemFactory(project=project)
+    client = client_for(owner)
+    read = client.get(f"/api/items/{item.pk}/")
+    etag = read["ETag"]
+    other.title = "changed by someone else"
+    other.save()
+    ItemFactory(project=project)
+    again = client.get(f"/api/items/{item.pk}/", HTTP_IF_NONE_MATCH=etag)
+    assert again.status_code == 304
+    # The position still moves: it says where to subscribe from.
+    assert again["X-Stream-Position"] != read["X-Stream-Position"]
+    response = client.patch(
+        f"/api/items/{item.pk}/", {"title": "mine"}, format="json", HTTP_IF_MATCH=etag
+    )
+    assert response.status_code == 200
+    assert client.delete(f"/api/items/{item.pk}/", HTTP_IF_MATCH=etag).status_code == 412
+
+
+def test_an_item_made_again_under_the_same_pk_does_not_match_the_old_tag(board):
+    """SQLite gives the highest rowid again once its row is deleted: a new item with the pk
+    and the version of a deleted one is another object."""
+    owner, project, item = board
+    client = client_for(owner)
+    etag = client.get(f"/api/items/{item.pk}/")["ETag"]
+    pk = item.pk
+    Item.objects.filter(pk=pk).delete()
+    Item.objects.create(pk=pk, project=project, title="first")
+    assert client.get(f"/api/items/{pk}/", HTTP_IF_NONE_MATCH=etag).status_code == 200
