@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import uuid
@@ -376,34 +377,73 @@ def relay_once(
     timeout: float | None = None,
     using: str | None = None,
 ) -> RelayResult:
-    """Publish committed events that were never published, oldest stream positions first."""
+    """Publish committed events that were never published, oldest stream positions first.
+
+    A layer failure ends the pass. A stream whose event the layer refuses is left (its later
+    events wait behind it, in order) and the rest of the pass's `limit` goes to other streams.
+    """
     grace = realtime_settings.RELAY_GRACE if grace is None else grace
     limit = realtime_settings.RELAY_BATCH if limit is None else limit
     using = using or router.db_for_write(Event)
     cutoff = timezone.now() - dt.timedelta(seconds=grace)
     result = RelayResult()
+    left_out: set[int] = set()  # streams refused in this pass
+    budget = limit
+    while budget > 0:
+        tried, refused = _relay_rows(result, cutoff, budget, left_out, timeout, using)
+        if not refused:
+            break
+        left_out |= refused
+        budget -= tried
+    return result
+
+
+def _relay_rows(
+    result: RelayResult,
+    cutoff: Any,
+    limit: int,
+    left_out: set[int],
+    timeout: float | None,
+    using: str,
+) -> tuple[int, set[int]]:
+    """One read and publish of up to `limit` unpublished events, outside streams `left_out`.
+
+    Adds to `result`; returns (the events tried, the ids of the streams the layer refused).
+    """
     connection = connections[using]
-    with transaction.atomic(using=using):
+    # Two relays never take the same rows where the database can skip locked ones; that
+    # lock lasts as long as the publish. Elsewhere (SQLite) nothing is locked: holding a
+    # transaction open while publishing would keep every writer waiting on the database.
+    locking = connection.features.has_select_for_update_skip_locked
+    with transaction.atomic(using=using) if locking else contextlib.nullcontext():
         query = (
             Event.objects.using(using)
             .filter(published_at__isnull=True, timestamp__lte=cutoff)
+            .exclude(stream_id__in=left_out)
             .select_related("stream")
             .order_by("stream_id", "seq")
         )
-        if connection.features.has_select_for_update_skip_locked:
-            # Two relays never take the same rows; writers' Stream rows stay unlocked.
+        if locking:
+            # Writers' Stream rows stay unlocked.
             query = query.select_for_update(skip_locked=True, of=("self",))
         rows = list(query[:limit])
-        result.found = len(rows)
+        result.found += len(rows)
         if not rows:
-            return result
+            return 0, set()
         items = [outgoing(Envelope.from_row(row), row.pk, using) for row in rows]
-        sent = publisher.publish_now(items, timeout=timeout)
+        refused_streams: set[str] = set()
+        sent = publisher.publish_now(items, timeout=timeout, refused=refused_streams)
         if sent:
             Event.objects.using(using).filter(pk__in=sent).update(published_at=timezone.now())
-        result.published = len(sent)
-        result.failed = len(rows) - len(sent)
-    return result
+        result.published += len(sent)
+        result.failed += len(rows) - len(sent)
+    refused = {row.stream_id for row in rows if row.stream.name in refused_streams}
+    # A refused stream's rows after the refused one were not tried: all of its rows but one
+    # are counted as untried (an estimate; it only sizes the rest of the pass, and at least
+    # one row per refused stream counts, so the pass's loop ends). Rows after a layer
+    # failure were not tried either, but then nothing was refused and the pass ends anyway.
+    untried = sum(1 for row in rows if row.stream_id in refused) - len(refused)
+    return len(rows) - untried, refused
 
 
 # -- retention ---------------------------------------------------------------------------

@@ -75,18 +75,20 @@ class _LoopWorker:
         if items:
             self.enqueue(items)
 
+    def room(self) -> int:
+        """How many more events fit in this worker's queue and inbox (lock held, any thread)."""
+        limit = int(realtime_settings.PUBLISH_QUEUE_SIZE)
+        return max(0, limit - len(self.pending) - len(self.inbox))
+
     def enqueue(self, items: list[Outgoing]) -> None:
-        # Runs in the worker's loop.
-        limit = realtime_settings.PUBLISH_QUEUE_SIZE
-        if len(self.pending) + len(items) > limit:
-            logger.warning(
-                "publish queue full (%d events); %d event(s) left for the relay",
-                len(self.pending),
-                len(items),
-            )
-            self.publisher._finished(len(items), shed=len(items))
-            metrics.DROPPED.labels("publish_shed").inc(len(items))
-            return
+        # Runs in the worker's loop. `submit` kept the inbox within the bound; a smaller
+        # bound set since (a settings change) sheds what no longer fits here.
+        room = max(0, int(realtime_settings.PUBLISH_QUEUE_SIZE) - len(self.pending))
+        if len(items) > room:
+            self.publisher._shed(items[room:], len(self.pending) + room)
+            items = items[:room]
+            if not items:
+                return
         self.pending.extend(items)
         if self.wakeup is None:
             self.wakeup = asyncio.Event()
@@ -140,18 +142,31 @@ class Publisher:
     # -- submission --------------------------------------------------------------------
 
     def submit(self, items: Iterable[Outgoing]) -> None:
-        """Queue events for publishing and return at once; safe from any thread."""
+        """Queue events for publishing and return at once; safe from any thread.
+
+        What does not fit in the loop's queue (`PUBLISH_QUEUE_SIZE`, the events not yet sent
+        included) is shed at once: those events stay in the log for the relay.
+        """
         batch = list(items)
         if not batch:
             return
         loop = self._target_loop()
+        overflow: list[Outgoing] = []
         with self._lock:
             self.submitted += len(batch)
             worker = self._worker(loop)
+            room = worker.room()
+            if len(batch) > room:
+                batch, overflow = batch[:room], batch[room:]
+                queued = len(worker.pending) + len(worker.inbox)
             worker.inbox.extend(batch)
-            if worker.scheduled:
-                return  # the loop has a drain pending that will take these too
-            worker.scheduled = True
+            schedule = bool(batch) and not worker.scheduled
+            if schedule:
+                worker.scheduled = True
+        if overflow:
+            self._shed(overflow, queued)
+        if not schedule:
+            return  # nothing new, or the loop has a drain pending that will take these too
         try:
             loop.call_soon_threadsafe(worker.take_inbox)
         except RuntimeError:  # the loop closed between lookup and call
@@ -161,23 +176,57 @@ class Publisher:
             logger.warning("event loop closed; %d event(s) left for the relay", lost)
             self._finished(lost, shed=lost)
 
+    def _shed(self, items: list[Outgoing], queued: int) -> None:
+        """Count events that did not fit in a full queue as done; the relay has them."""
+        events = sum(1 for item in items if item.event_pk is not None)
+        if events:
+            logger.warning(
+                "publish queue full (%d waiting); %d event(s) left for the relay", queued, events
+            )
+            metrics.DROPPED.labels("publish_shed").inc(events)
+        if len(items) > events:
+            logger.error(
+                "publish queue full (%d waiting); %d control message(s) lost (sockets pick the "
+                "change up at their next authorization check)",
+                queued,
+                len(items) - events,
+            )
+        self._finished(len(items), shed=len(items))
+
     def send_control(self, group: str, message: dict[str, Any]) -> None:
         """Queue a message that is not a logged event (authorization changes, logout)."""
         self.submit([Outgoing(None, "", 0, group, message)])
 
-    def publish_now(self, items: list[Outgoing], timeout: float | None = None) -> list[int]:
-        """Publish on the private loop and wait; return the pks of the events that were sent."""
+    def publish_now(
+        self,
+        items: list[Outgoing],
+        timeout: float | None = None,
+        refused: set[str] | None = None,
+    ) -> list[int]:
+        """Publish on the private loop and wait; return the pks of the events that were sent.
+
+        The streams whose messages the layer refused (not a layer failure) are added to
+        `refused`, when given.
+        """
         if not items:
             return []
         loop = self._ensure_private_loop()
-        future = asyncio.run_coroutine_threadsafe(self.send(items, None), loop)
+        future = asyncio.run_coroutine_threadsafe(self.send(items, None, refused), loop)
         sent, _failed = future.result(timeout)
         return [item.event_pk for item in sent if item.event_pk is not None]
 
     async def send(
-        self, items: list[Outgoing], worker: _LoopWorker | None
+        self,
+        items: list[Outgoing],
+        worker: _LoopWorker | None,
+        refused: set[str] | None = None,
     ) -> tuple[list[Outgoing], int]:
-        """Send each message to its group; return (the logged events sent, failures)."""
+        """Send each message to its group; return (the logged events sent, failures).
+
+        Live (`worker` given), a layer failure pauses the live path for a second. Without a
+        worker (a relay pass), a layer failure ends the pass, and a stream whose message the
+        layer refused gets no more tries in this pass, so its events stay in seq order.
+        """
         from channels.layers import get_channel_layer
 
         layer = get_channel_layer(realtime_settings.CHANNEL_LAYER)
@@ -192,12 +241,17 @@ class Publisher:
         sent: list[Outgoing] = []
         failed = 0
         skipped = 0
+        layer_failed = False
+        refused_here: set[str] = set()
         for index, item in enumerate(items):
-            if worker is None and failed:
-                # A relay pass stops at the first failure instead of paying the timeout for
-                # every remaining event; it tries again on its next pass.
+            if worker is None and layer_failed:
+                # A relay pass stops at the first layer failure instead of paying the timeout
+                # for every remaining event; it tries again on its next pass.
                 failed += len(items) - index
                 break
+            if worker is None and item.stream in refused_here:
+                failed += 1
+                continue
             paused = worker is not None and time.monotonic() < worker.paused_until
             if paused and item.event_pk is not None:  # control messages have no relay: try
                 failed += 1
@@ -212,9 +266,21 @@ class Publisher:
                     await layer.group_send(item.group, item.message)
             except Exception as exc:
                 failed += 1
+                # Channels and the layers' serializers raise TypeError or ValueError for a
+                # message they will never take (a bad group name, data they cannot pack); a
+                # layer that is down or slow raises anything else (OSError, TimeoutError).
+                refusal = isinstance(exc, TypeError | ValueError)
                 if item.event_pk is None:
                     logger.error(
                         "control message to %s lost (%s: %s)", item.group, type(exc).__name__, exc
+                    )
+                elif refusal:
+                    logger.error(
+                        "the channel layer refused %s seq %d (%s: %s); left for the relay",
+                        item.stream,
+                        item.seq,
+                        type(exc).__name__,
+                        exc,
                     )
                 else:
                     logger.warning(
@@ -224,8 +290,13 @@ class Publisher:
                         type(exc).__name__,
                         exc,
                     )
-                if worker is not None:
-                    worker.paused_until = time.monotonic() + _BACKOFF_SECONDS
+                if refusal:
+                    if item.event_pk is not None:
+                        refused_here.add(item.stream)
+                else:
+                    layer_failed = True
+                    if worker is not None:
+                        worker.paused_until = time.monotonic() + _BACKOFF_SECONDS
             else:
                 if item.event_pk is not None:
                     sent.append(item)
@@ -235,6 +306,8 @@ class Publisher:
                 "%d event(s) not published live during the failure backoff; left for the relay",
                 skipped,
             )
+        if refused is not None:
+            refused.update(refused_here)
         return sent, failed
 
     def resume(self) -> None:

@@ -54,4 +54,8 @@ def group_name(stream: str) -> str:
     if len(name) > _GROUP_MAX:
         digest = hashlib.sha256(stream.encode()).hexdigest()[:40]
         name = f"{prefix}.{_escape(kind)}.h.{digest}"
+        if len(name) > _GROUP_MAX:
+            # A long kind full of escapes: drop it. A lone `_` is no escaped kind (an escape
+            # is `_` and two hex digits), so this form cannot be another stream's.
+            name = f"{prefix}._.h.{digest}"
     return name

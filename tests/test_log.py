@@ -572,3 +572,87 @@ def test_published_marks_go_to_the_database_the_event_was_logged_in(failing_laye
     with record_group_sends() as sent:
         call_command("realtime_relay", "--once", "--grace", "0", verbosity=0)
     assert [m["stream"] for _group, m in sent] == ["tenant:down"]
+
+
+@pytest.fixture
+def refusing_layer():
+    """The channel layer refuses the messages of one group, as it does a malformed one."""
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    original = layer.group_send
+    refused = group_name("bad:1")
+    calls = []
+
+    async def group_send(group, message):
+        calls.append(group)
+        if group == refused:
+            raise TypeError("Group name must be a valid unicode string")
+        await original(group, message)
+
+    layer.group_send = group_send
+    yield calls
+    layer.__dict__.pop("group_send", None)
+
+
+def test_a_message_the_layer_refuses_does_not_pause_the_live_path(refusing_layer):
+    realtime.emit("bad:1", "v1:note.added", {"n": 1})
+    realtime.emit("good:1", "v1:note.added", {"n": 2})
+    flush()
+    # The refusal is about one message, not a layer that is down: the next event goes live.
+    assert not Event.objects.filter(stream__name="good:1", published_at__isnull=True).exists()
+    assert Event.objects.filter(stream__name="bad:1", published_at__isnull=True).count() == 1
+    assert refusing_layer == [group_name("bad:1"), group_name("good:1")]
+
+
+def test_a_refused_stream_does_not_starve_the_relay_of_the_others(refusing_layer, monkeypatch):
+    with monkeypatch.context() as patched:
+        patched.setattr(publisher, "submit", lambda items: None)  # all wait for the relay
+        for n in range(3):
+            realtime.emit("bad:1", "v1:note.added", {"n": n})  # the first stream rows
+        realtime.emit("good:1", "v1:note.added", {"n": 9})
+    result = realtime.log.relay_once(grace=0, limit=3)
+    # One try of the refused stream (its later events wait behind the first, in order), then
+    # the remaining budget goes to the other streams.
+    assert refusing_layer == [group_name("bad:1"), group_name("good:1")]
+    assert (result.found, result.published, result.failed) == (4, 1, 3)
+    assert not Event.objects.filter(stream__name="good:1", published_at__isnull=True).exists()
+    assert Event.objects.filter(stream__name="bad:1", published_at__isnull=True).count() == 3
+
+
+def test_a_busy_publisher_bounds_its_inbox_and_sheds_only_the_overflow(settings):
+    # While the loop is busy, submissions gather in the worker's inbox. They used to gather
+    # without bound, and then the whole merged burst was shed at once.
+    import threading
+
+    from realtime.publisher import Outgoing, Publisher
+
+    settings.REALTIME = {"PUBLISH_QUEUE_SIZE": 5}
+    local = Publisher()
+    loop = local._ensure_private_loop()
+    busy, release = threading.Event(), threading.Event()
+
+    def block():
+        busy.set()
+        release.wait(10)
+
+    loop.call_soon_threadsafe(block)
+    assert busy.wait(5)
+    try:
+        for batch in range(3):
+            local.submit(
+                Outgoing(-1, "s:1", batch * 3 + n, "rt.s.1", {"type": "x"}) for n in range(3)
+            )
+        worker = local._workers[loop]
+        assert len(worker.inbox) == 5  # the first five; the other four were shed at once
+        assert local.shed == 4
+    finally:
+        release.set()
+    with record_group_sends() as sent:
+        assert local.flush(5)
+    assert [message["type"] for _, message in sent] == ["x"] * 5
+    assert (local.submitted, local.finished, local.shed) == (9, 9, 4)
+    from django.db import connections
+
+    local.acker.call(connections.close_all, 5)  # its own connection, before the db goes
+    loop.call_soon_threadsafe(loop.stop)

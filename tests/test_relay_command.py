@@ -25,6 +25,34 @@ def test_once_reports_what_it_did(capsys):
     assert "relay: 0 published, 0 failed of 0 pending" in capsys.readouterr().out
 
 
+def test_once_fails_when_events_could_not_be_published(monkeypatch, capsys):
+    # For cron and supervisors: a single pass that left events behind exits non-zero.
+    from channels.layers import get_channel_layer
+
+    ItemFactory()
+    flush()
+    Event.objects.update(published_at=None)
+    layer = get_channel_layer()
+
+    async def group_send(group, message):
+        raise ConnectionError("layer down")
+
+    monkeypatch.setattr(layer, "group_send", group_send)
+    with pytest.raises(CommandError, match="3 event"):
+        call_command("realtime_relay", "--once", "--grace", "0")
+    assert "relay: 0 published, 3 failed of 3 pending" in capsys.readouterr().out
+    assert Event.objects.filter(published_at__isnull=True).count() == 3
+
+
+def test_once_fails_when_the_pass_fails(monkeypatch):
+    def broken(**kwargs):
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr("realtime.management.commands.realtime_relay.relay_once", broken)
+    with pytest.raises(CommandError, match="database gone"):
+        call_command("realtime_relay", "--once")
+
+
 def test_loop_drains_a_backlog_in_batches_and_stops_after_max_passes(capsys):
     ItemFactory.create_batch(3)
     flush()

@@ -76,3 +76,25 @@ def test_group_names_do_not_collide():
 def test_group_prefix_follows_settings(settings):
     settings.REALTIME = {"GROUP_PREFIX": "app1"}
     assert group_name("project:1") == "app1.project.1"
+
+
+def test_group_names_stay_valid_for_the_longest_prefix_and_kind(settings):
+    # A 20-character prefix and a 32-character kind of underscores (each escaped to three
+    # characters) made a hashed name of 158 characters, which Channels refuses every time.
+    settings.REALTIME = {"GROUP_PREFIX": "acme-production-eu01"}
+    streams = [
+        "project_task_comment_attachments:1",
+        "a" + "_" * 31 + ":x",
+        "a" + "_" * 31 + ":" + "y" * 128,
+        "a" + "_" * 30 + "b:x",
+        "h:" + "0" * 40,
+        "k:" + "z" * 128,
+    ]
+    names = [group_name(s) for s in streams]
+    for name in names:
+        assert CHANNELS_GROUP.match(name), name
+    assert len(set(names)) == len(names)
+    # Names that fit keep their kind, for whoever reads the layer's keys.
+    assert group_name("project_task_comment_attachments:1").startswith(
+        "acme-production-eu01.project_5ftask"
+    )

@@ -77,6 +77,8 @@ class Command(BaseCommand):
             try:
                 result = relay_once(grace=options["grace"], limit=batch, using=options["database"])
             except Exception as exc:  # keep running; the database may come back
+                if options["once"]:
+                    raise CommandError(f"relay pass failed: {type(exc).__name__}: {exc}") from exc
                 self.stderr.write(f"relay pass failed: {type(exc).__name__}: {exc}")
                 result = None
             passes += 1
@@ -84,6 +86,11 @@ class Command(BaseCommand):
                 self.stdout.write(
                     f"relay: {result.published} published, {result.failed} failed "
                     f"of {result.found} pending ({time.monotonic() - started:.3f}s)"
+                )
+            if options["once"] and result is not None and result.failed:
+                raise CommandError(
+                    f"{result.failed} event(s) could not be published; they stay in the log "
+                    "for the next pass"
                 )
             if max_passes is not None and passes >= max_passes:
                 break
