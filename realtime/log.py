@@ -156,10 +156,14 @@ def _create_stream(stream: str, using: str) -> None:
 
 
 def _publish_on_commit(envelopes: list[Envelope], pks: list[int], using: str) -> None:
+    # The frames are serialized now, as the rows were written: a caller that changes its
+    # data before the commit must not make the live frame differ from the logged event.
+    items = [outgoing(env, pk, using) for env, pk in zip(envelopes, pks, strict=True)]
+
     # A function, not a partial: Django logs a robust hook's failure by its __qualname__,
     # which a partial lacks, and the AttributeError would then stop the remaining hooks.
     def publish_committed() -> None:
-        publisher.submit(outgoing(env, pk, using) for env, pk in zip(envelopes, pks, strict=True))
+        publisher.submit(items)
 
     transaction.on_commit(publish_committed, using=using, robust=True)
 

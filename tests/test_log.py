@@ -656,3 +656,18 @@ def test_a_busy_publisher_bounds_its_inbox_and_sheds_only_the_overflow(settings)
 
     local.acker.call(connections.close_all, 5)  # its own connection, before the db goes
     loop.call_soon_threadsafe(loop.stop)
+
+
+def test_the_live_frame_is_the_logged_event_even_if_the_caller_changes_its_data():
+    data = {"tags": ["a"]}
+    with record_group_sends() as sent:
+        with transaction.atomic():
+            realtime.emit("note:1", "v1:note.added", data)
+            data["tags"].append("b")  # the caller reuses its dict before the commit
+            data["extra"] = 1
+        flush()
+    [logged] = events("note:1")
+    assert logged.data == {"tags": ["a"]}
+    [(_group, message)] = sent
+    assert frame(message)["data"] == {"tags": ["a"]}
+    assert frame(message)["eventId"] == str(logged.event_id)
