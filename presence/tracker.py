@@ -112,10 +112,19 @@ async def _signal(signal: Any, stream: str, user_id: str, **kwargs: Any) -> None
             logger.error("presence signal receiver %r raised %r", receiver, result)
 
 
+async def _announce(stream: str, event_type: str, data: Any, **kwargs: Any) -> None:
+    # A join or leave is written whether or not its announcement goes out: a layer that is
+    # down or stuck (PUBLISH_TIMEOUT) costs the announcement, never the join or the leave.
+    try:
+        await send_ephemeral(stream, event_type, data, **kwargs)
+    except Exception as exc:
+        logger.warning(
+            "presence %s on %s not announced (%s: %s)", event_type, stream, type(exc).__name__, exc
+        )
+
+
 async def announce_left(change: Change, reason: str) -> None:
-    await send_ephemeral(
-        change.stream, LEFT, {"user": {"id": _id(change.user_id)}, "reason": reason}
-    )
+    await _announce(change.stream, LEFT, {"user": {"id": _id(change.user_id)}, "reason": reason})
     await _signal(presence_left, change.stream, change.user_id, reason=reason)
 
 
@@ -181,7 +190,7 @@ class PresenceTracker(ConnectionHooks):
             first = await get_backend().join(stream, *entry[1:], _node(), now + _ttl(), now)
         if first:
             shown = await _thread(serializer())(connection.user)
-            await send_ephemeral(
+            await _announce(
                 stream,
                 JOINED,
                 {"user": shown, "since": iso(now)},
@@ -236,7 +245,7 @@ class PresenceTracker(ConnectionHooks):
                         sorted(state.entries), _node(), now + _ttl(), now
                     )
                 for change in rejoined:  # swept while this node stalled: present again
-                    await send_ephemeral(
+                    await _announce(
                         change.stream,
                         JOINED,
                         {"user": {"id": _id(change.user_id)}, "since": iso(now)},

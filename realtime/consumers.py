@@ -674,14 +674,26 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.enqueue(protocol.reply(frame.ref, {"throttled": True}))
             self.refusals = 0
             return
-        event_id = await hooks.send_ephemeral(
-            frame.stream,
-            frame.type,
-            passed["data"],
-            origin=self.connection_id,
-            origin_user=self.user.pk,  # type: ignore[union-attr]
-            sender={"user": self.user.pk, "connectionId": self.connection_id},  # type: ignore[union-attr]
-        )
+        try:
+            event_id = await hooks.send_ephemeral(
+                frame.stream,
+                frame.type,
+                passed["data"],
+                origin=self.connection_id,
+                origin_user=self.user.pk,  # type: ignore[union-attr]
+                sender={"user": self.user.pk, "connectionId": self.connection_id},  # type: ignore[union-attr]
+            )
+        except Exception as exc:  # the layer is down or stuck: say so to this frame
+            logger.warning(
+                "client event on %s not sent (%s: %s)",
+                frame.stream,
+                type(exc).__name__,
+                exc,
+                extra=self._log_extra(),
+            )
+            raise ProtocolError(
+                Code.INTERNAL_ERROR, "event not sent; try again later", frame.ref
+            ) from None
         self.enqueue(protocol.reply(frame.ref, {"eventId": event_id}))
         # Only an accepted publish forgives earlier refusals: a client cannot clear its count
         # with frames that cost it nothing, and malformed frames count for the socket's life.

@@ -94,8 +94,10 @@ async def send_ephemeral(
 
     For client publishes, presence diffs and the like. `origin` (a connection id) and
     `origin_user` (a user pk) are left out of the delivery; `sender` becomes the frame's
-    `from`. The frame is serialized once here. Returns the event's id.
+    `from`. The frame is serialized once here. Returns the event's id. A layer that does not
+    take the message within `PUBLISH_TIMEOUT` raises `TimeoutError`; nothing retries it.
     """
+    import asyncio
     import uuid
 
     from channels.layers import get_channel_layer
@@ -129,5 +131,6 @@ async def send_ephemeral(
     if origin_user is not None:
         message["originUser"] = origin_user
     layer = get_channel_layer(realtime_settings.CHANNEL_LAYER)
-    await layer.group_send(group_name(stream), message)
+    async with asyncio.timeout(float(realtime_settings.PUBLISH_TIMEOUT)):
+        await layer.group_send(group_name(stream), message)
     return str(frame["eventId"])

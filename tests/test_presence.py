@@ -498,3 +498,32 @@ async def test_a_leave_waits_for_a_refresh_under_way_instead_of_being_undone_by_
         ("joined", "2"),
         ("left", "2"),
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_a_stuck_layer_costs_the_announcements_never_the_join_or_leave(
+    fresh_presence, signals, settings, monkeypatch
+):
+    from channels.layers import get_channel_layer
+
+    settings.REALTIME = {"PUBLISH_TIMEOUT": 0.2}
+    alice = await db(UserFactory)(username="alice-s")
+    _owner, _project, stream = await project_with(alice)
+    layer = get_channel_layer()
+    original = layer.group_send
+
+    async def stuck(group, message):
+        if message.get("ephemeral"):
+            await asyncio.sleep(3600)  # presence diffs hang (Redis paused)
+        await original(group, message)
+
+    monkeypatch.setattr(layer, "group_send", stuck)
+    client = await tab(alice)
+    reply = await client.subscribe(stream)
+    assert reply["ok"] is True
+    assert [m["user"]["username"] for m in reply["data"]["presence"]] == ["alice-s"]
+    await client.close()
+    await asyncio.sleep(0.5)
+    assert [change[0] for change in signals] == ["joined", "left"]
+    assert await get_backend().members(stream) == {}

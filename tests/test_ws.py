@@ -506,6 +506,36 @@ async def test_client_event_data_is_capped_per_stream_kind():
     await client.close()
 
 
+async def test_a_publish_the_layer_does_not_take_in_time_is_refused_and_the_socket_goes_on(
+    settings, monkeypatch
+):
+    import asyncio
+
+    from channels.layers import get_channel_layer
+
+    settings.REALTIME = {"PUBLISH_TIMEOUT": 0.2}
+    owner, project = await make_project()
+    stream = f"project:{project.pk}"
+    client = await client_for(owner)
+    await client.subscribe(stream)
+    layer = get_channel_layer()
+    original = layer.group_send
+
+    async def stuck(group, message):
+        if message.get("ephemeral"):
+            await asyncio.sleep(3600)  # a layer that hangs (Redis paused) on client events
+        await original(group, message)
+
+    monkeypatch.setattr(layer, "group_send", stuck)
+    reply = await client.request("publish", stream=stream, type="v1:typing.started", data={})
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "internal_error"
+    assert "not sent" in reply["error"]["message"]
+    await client.send({"op": "ping", "ref": "p"})
+    assert (await client.receive_until("pong"))["ref"] == "p"
+    await client.close()
+
+
 async def test_publish_is_reauthorized_every_time():
     _owner, project = await make_project()
     stranger = await db(UserFactory)()
