@@ -20,7 +20,8 @@ from .streams import InvalidStreamName, parse_stream
 logger = logging.getLogger("realtime.registry")
 
 ACTIONS = ("created", "updated", "deleted")
-_LOADED = "_realtime_loaded"
+_LOADED = "_realtime_loaded"  # the field values the row held when loaded or last committed
+_PENDING = "_realtime_pending"  # those of a save in a transaction not yet committed
 
 StreamsSpec = str | Callable[[Any], Any] | Iterable[str | Callable[[Any], Any]]
 
@@ -146,6 +147,8 @@ class Registry:
 
     def __init__(self) -> None:
         self._by_model: dict[Any, list[Registration]] = {}
+        # Per model class: its registrations and, for a proxy, its concrete model's first.
+        self._effective: dict[Any, list[Registration]] = {}
         self.problems: list[str] = []  # registrations that could not be stored at all
 
     def register(
@@ -188,8 +191,8 @@ class Registry:
                 f"{_label(model)} is registered twice for version {version!r}"
             )
         existing.append(registration)
-        if len(existing) == 1:
-            _connect(model)
+        self._effective.clear()
+        _connect(model)
         return registration
 
     def unregister(self, model: Any, version: str | None = None) -> None:
@@ -200,13 +203,54 @@ class Registry:
             self._by_model[model] = kept
         else:
             self._by_model.pop(model, None)
-            _disconnect(model)
+        self._effective.clear()
+        for cls in [model, *_proxies_of(model)]:
+            if not self.for_model(cls):  # a proxy of a model still registered stays connected
+                _disconnect(cls)
 
     def for_model(self, model: Any) -> list[Registration]:
-        return self._by_model.get(model, [])
+        """The registrations a change to an instance of `model` goes through.
+
+        A proxy's rows are its concrete model's, so a proxy gets the concrete model's
+        registrations, then those of each proxy on the way to it (its own included).
+        """
+        regs = self._effective.get(model)
+        if regs is None:
+            regs = self._effective[model] = [
+                reg for cls in _proxy_chain(model) for reg in self._by_model.get(cls, [])
+            ]
+        return regs
 
     def all(self) -> list[Registration]:
         return [r for regs in self._by_model.values() for r in regs]
+
+
+def _proxy_chain(model: Any) -> list[Any]:
+    """The model classes whose registrations a model's instances go through, concrete first."""
+    meta = getattr(model, "_meta", None)
+    if meta is None or not meta.proxy:
+        return [model]
+    concrete = meta.concrete_model
+    return [
+        cls
+        for cls in reversed(model.__mro__)
+        if "_meta" in cls.__dict__
+        and not cls._meta.abstract
+        and cls._meta.concrete_model is concrete
+    ]
+
+
+def _proxies_of(model: Any) -> list[Any]:
+    """Every proxy model defined so far whose chain includes `model`."""
+    found: list[Any] = []
+    todo = list(model.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        meta = cls.__dict__.get("_meta")
+        if meta is not None and meta.proxy and meta.concrete_model is model._meta.concrete_model:
+            found.append(cls)
+            todo.extend(cls.__subclasses__())
+    return found
 
 
 def _has_field(model: Any, name: str) -> bool:
@@ -319,16 +363,30 @@ def broadcast(
 
 
 def _connect(model: Any) -> None:
-    uid = f"realtime:{_label(model)}"
-    signals.post_init.connect(_on_init, sender=model, dispatch_uid=uid, weak=False)
-    signals.post_save.connect(_on_save, sender=model, dispatch_uid=uid, weak=False)
-    signals.post_delete.connect(_on_delete, sender=model, dispatch_uid=uid, weak=False)
-    _wrap_save_base(model)
+    # Django sends a proxy's signals with the proxy as sender: its proxies are connected too,
+    # those defined later when they are prepared (`_on_class_prepared`).
+    for cls in [model, *_proxies_of(model)]:
+        uid = f"realtime:{_label(cls)}"
+        signals.post_init.connect(_on_init, sender=cls, dispatch_uid=uid, weak=False)
+        signals.pre_save.connect(_on_pre_save, sender=cls, dispatch_uid=uid, weak=False)
+        signals.post_save.connect(_on_save, sender=cls, dispatch_uid=uid, weak=False)
+        signals.post_delete.connect(_on_delete, sender=cls, dispatch_uid=uid, weak=False)
+        _wrap_save_base(cls)
+
+
+def _on_class_prepared(sender: Any, **kwargs: Any) -> None:
+    # A proxy of a registered model, defined after the registration.
+    if sender._meta.proxy and registry.for_model(sender):
+        _connect(sender)
+
+
+signals.class_prepared.connect(_on_class_prepared, dispatch_uid="realtime:proxies", weak=False)
 
 
 def _disconnect(model: Any) -> None:
     uid = f"realtime:{_label(model)}"
     signals.post_init.disconnect(sender=model, dispatch_uid=uid)
+    signals.pre_save.disconnect(sender=model, dispatch_uid=uid)
     signals.post_save.disconnect(sender=model, dispatch_uid=uid)
     signals.post_delete.disconnect(sender=model, dispatch_uid=uid)
 
@@ -374,45 +432,122 @@ def _on_init(sender: Any, instance: Any, **kwargs: Any) -> None:
         instance.__dict__[_LOADED] = _snapshot(instance)
 
 
-def _old_copy(instance: Any) -> Any | None:
-    """Return a copy of the instance as it was loaded, or None if no field changed."""
-    loaded = instance.__dict__.get(_LOADED)
-    if not loaded:
-        return None
-    changed = {k for k, v in loaded.items() if instance.__dict__.get(k, v) != v}
+def _on_pre_save(sender: Any, instance: Any, raw: bool, using: str, **kwargs: Any) -> None:
+    # An instance loaded with deferred fields knows nothing of their stored values; one
+    # that is about to write such a field (set since) reads them first, so a move is seen.
+    if raw or instance._state.adding or not realtime_settings.ENABLED:
+        return
+    stored = _stored(instance, using)
+    if stored is None:
+        return
+    values = instance.__dict__
+    missing = [name for name in _attnames(type(instance)) if name in values and name not in stored]
+    if missing:
+        row = sender._base_manager.using(using).filter(pk=instance.pk).values(*missing).first()
+        if row is not None:
+            stored.update(row)
+
+
+def _stored(instance: Any, using: str) -> dict[str, Any] | None:
+    """The field values the instance's row holds, as far as the instance knows.
+
+    Those of its last save in a transaction still open, if that save was not rolled back
+    (its commit hook is still queued); else those it was loaded or last committed with.
+    """
+    pending = instance.__dict__.get(_PENDING)
+    if pending is not None:
+        values, alias, index, hook = pending
+        queued = connections[alias].run_on_commit
+        # A rollback drops the hooks queued since its savepoint, and only those, so a hook
+        # still at its index is still queued.
+        if alias == using and index < len(queued) and queued[index][1] is hook:
+            return values  # type: ignore[no-any-return]
+        del instance.__dict__[_PENDING]
+    return instance.__dict__.get(_LOADED)
+
+
+def _remember(instance: Any, values: dict[str, Any], using: str) -> None:
+    """Record what the row holds after a save: now for this transaction, for good at commit."""
+    connection = connections[using]
+    if not connection.in_atomic_block:
+        instance.__dict__[_LOADED] = values
+        return
+
+    def saved_row_committed() -> None:
+        instance.__dict__[_LOADED] = values
+        pending = instance.__dict__.get(_PENDING)
+        if pending is not None and pending[3] is saved_row_committed:
+            del instance.__dict__[_PENDING]
+
+    transaction.on_commit(saved_row_committed, using=using)
+    index = len(connection.run_on_commit) - 1
+    instance.__dict__[_PENDING] = (values, using, index, saved_row_committed)
+
+
+def _as_stored(instance: Any, stored: dict[str, Any], keep: frozenset[str] = frozenset()) -> Any:
+    """The instance with `stored` values for every field that differs from them (except those
+    in `keep`), as a copy; the instance itself when none differs."""
+    values = instance.__dict__
+    changed = {k for k, v in stored.items() if k not in keep and values.get(k, v) != v}
     if not changed:
-        return None
-    old = instance.__class__.__new__(instance.__class__)
-    old.__dict__.update(instance.__dict__)
-    old.__dict__.update(loaded)
-    old._state = type(instance._state)()
-    old._state.db, old._state.adding = instance._state.db, False
-    # Related objects cached for a foreign key that changed belong to the new value.
+        return instance
+    copy = instance.__class__.__new__(instance.__class__)
+    copy.__dict__.update(values)
+    copy.__dict__.update({k: stored[k] for k in changed})
+    copy._state = type(instance._state)()
+    copy._state.db, copy._state.adding = instance._state.db, False
+    # Related objects cached for a foreign key that changed belong to the other value.
     cache = dict(instance._state.fields_cache)
     for f in instance._meta.concrete_fields:
         if f.is_relation and f.attname in changed:
             cache.pop(f.name, None)
-    old._state.fields_cache = cache
-    return old
+    copy._state.fields_cache = cache
+    return copy
+
+
+def _attnames_of(model: Any, names: Iterable[str]) -> frozenset[str]:
+    """The attnames of fields named by name or attname (as `update_fields` may)."""
+    result = set()
+    for name in names:
+        try:
+            result.add(model._meta.get_field(name).attname)
+        except Exception:
+            result.add(name)
+    return frozenset(result)
 
 
 Plan = dict[str, dict[str, tuple[str, Any]]]  # stream -> version -> (type, data)
 
 
 def _on_save(
-    sender: Any, instance: Any, created: bool, raw: bool, using: str, **kwargs: Any
+    sender: Any,
+    instance: Any,
+    created: bool,
+    raw: bool,
+    using: str,
+    update_fields: Any = None,
+    **kwargs: Any,
 ) -> None:
     if raw or not realtime_settings.ENABLED:
         return
     regs = registry.for_model(sender)
     if not regs:
         return
-    old = None if created else _old_copy(instance)
+    stored = None if created else _stored(instance, using)
+    new = old = instance
+    updated: frozenset[str] | None = None
+    if stored:
+        if update_fields is not None:
+            # Only these fields were written: the row keeps its stored values for the others,
+            # whatever the instance holds for them in memory.
+            updated = _attnames_of(sender, update_fields)
+            new = _as_stored(instance, stored, keep=updated)
+        old = _as_stored(instance, stored)
     plan: Plan = {}
     for reg in regs:
         _raise_problems(reg)
-        new_streams = reg.stream_names(instance)
-        old_streams = reg.stream_names(old) if old is not None else new_streams
+        new_streams = reg.stream_names(new)
+        old_streams = new_streams if old is new else reg.stream_names(old)
         data: Any = None
         for stream in dict.fromkeys([*old_streams, *new_streams]):
             if stream in new_streams:
@@ -422,21 +557,27 @@ def _on_save(
             if action not in reg.actions:
                 continue
             if action == "deleted":
-                payload: Any = reg.deleted_data(instance.pk, instance)
+                payload: Any = reg.deleted_data(instance.pk, new)
             else:
                 if data is None:
-                    data = reg.serialize(instance)
+                    data = reg.serialize(new)
                 payload = data
             plan.setdefault(stream, {}).setdefault(reg.version, (reg.type_for(action), payload))
     _append([plan], using)
-    instance.__dict__[_LOADED] = _snapshot(instance)
+    if updated is None or stored is None:
+        _remember(instance, _snapshot(instance), using)
+    else:
+        values = instance.__dict__
+        _remember(instance, {**stored, **{k: values[k] for k in updated if k in values}}, using)
 
 
 def _on_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
     if not realtime_settings.ENABLED:
         return
     if registry.for_model(sender):
-        _append([_plan(instance, "deleted")], using)
+        # The row's streams, not the ones of a change the instance holds but never saved.
+        stored = _stored(instance, using)
+        _append([_plan(instance if not stored else _as_stored(instance, stored), "deleted")], using)
 
 
 def _plan(instance: Any, action: str) -> Plan:

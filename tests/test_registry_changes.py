@@ -1,0 +1,182 @@
+"""Which changes become events: proxy models, moves, `update_fields`, rollbacks and retries."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import transaction
+
+import realtime
+from board.models import Item
+from realtime.models import Event
+from realtime.registry import registry
+from realtime.testing import flush
+
+from .factories import ItemFactory, ProjectFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class ArchivedItem(Item):
+    """A proxy of a registered model: its rows are items, and so are its changes."""
+
+    class Meta:
+        proxy = True
+        app_label = "board"
+
+
+class Boom(Exception):
+    pass
+
+
+def types(stream: str) -> list[str]:
+    rows = Event.objects.filter(stream__name=stream).order_by("seq")
+    return list(rows.values_list("type", flat=True))
+
+
+def save_then_fail(item: Item) -> None:
+    """Save in a transaction (or savepoint) that then rolls back."""
+    with transaction.atomic():
+        item.save()
+        raise Boom
+
+
+def test_a_proxy_saves_and_deletes_as_its_concrete_model():
+    project = ProjectFactory()
+    stream = f"project:{project.pk}"
+    archived = ArchivedItem.objects.create(project=project, title="old")
+    archived.title = "older"
+    archived.save()
+    ArchivedItem.objects.get(pk=archived.pk).delete()
+    flush()
+    assert types(stream)[1:] == ["v1:item.created", "v1:item.updated", "v1:item.deleted"]
+    assert not Event.objects.filter(published_at__isnull=True).exists()
+
+
+def test_a_proxy_move_is_detected_like_its_concrete_models():
+    item = ItemFactory()
+    other = ProjectFactory(organization=item.project.organization)
+    archived = ArchivedItem.objects.get(pk=item.pk)
+    archived.project = other
+    archived.save()
+    flush()
+    assert types(f"project:{item.project_id}")[-1] == "v1:item.deleted"
+    assert types(f"project:{other.pk}")[-1] == "v1:item.created"
+
+
+def test_a_proxy_defined_after_registration_is_covered_too():
+    project = ProjectFactory()
+
+    class PinnedItem(Item):
+        class Meta:
+            proxy = True
+            app_label = "board"
+
+    PinnedItem.objects.create(project=project, title="late")
+    flush()
+    assert types(f"project:{project.pk}")[-1] == "v1:item.created"
+
+
+def test_a_registered_proxy_adds_its_own_events_to_its_concrete_models():
+    realtime.register(ArchivedItem, streams="archive:{project_id}", name="archived")
+    try:
+        project = ProjectFactory()
+        ArchivedItem.objects.create(project=project, title="a")
+        Item.objects.create(project=project, title="b")  # not an archived item: not there
+        flush()
+        assert types(f"project:{project.pk}")[1:] == ["v1:item.created", "v1:item.created"]
+        assert types(f"archive:{project.pk}") == ["v1:archived.created"]
+    finally:
+        registry.unregister(ArchivedItem)
+    # Unregistering the proxy leaves it covered by its concrete model's registration.
+    ArchivedItem.objects.create(project=project, title="c")
+    flush()
+    assert types(f"archive:{project.pk}") == ["v1:archived.created"]
+    assert types(f"project:{project.pk}")[-1] == "v1:item.created"
+
+
+# -- moves ---------------------------------------------------------------------------------
+
+
+def test_a_move_retried_after_a_rollback_is_still_a_move():
+    item = ItemFactory()
+    old, new = item.project, ProjectFactory(organization=item.project.organization)
+    item = Item.objects.get(pk=item.pk)
+    item.project = new
+    with pytest.raises(Boom):
+        save_then_fail(item)  # the move did not happen
+    item.save()  # the caller tries again with the same instance
+    flush()
+    assert types(f"project:{old.pk}")[-1] == "v1:item.deleted"
+    assert types(f"project:{new.pk}")[1:] == ["v1:item.created"]
+
+
+def test_a_move_retried_after_a_savepoint_rollback_is_still_a_move():
+    item = ItemFactory()
+    old, new = item.project, ProjectFactory(organization=item.project.organization)
+    item = Item.objects.get(pk=item.pk)
+    item.project = new
+    with transaction.atomic():
+        with pytest.raises(Boom):
+            save_then_fail(item)  # a savepoint
+        item.save()
+    flush()
+    assert types(f"project:{old.pk}")[-1] == "v1:item.deleted"
+    assert types(f"project:{new.pk}")[1:] == ["v1:item.created"]
+
+
+def test_two_saves_of_one_move_in_one_transaction_move_once():
+    item = ItemFactory()
+    old, new = item.project, ProjectFactory(organization=item.project.organization)
+    item = Item.objects.get(pk=item.pk)
+    with transaction.atomic():
+        item.project = new
+        item.save()
+        item.title = "moved and renamed"
+        item.save()
+    flush()
+    assert types(f"project:{old.pk}")[1:] == ["v1:item.created", "v1:item.deleted"]
+    assert types(f"project:{new.pk}")[1:] == ["v1:item.created", "v1:item.updated"]
+
+
+def test_update_fields_that_leave_the_stream_field_out_move_nothing():
+    item = ItemFactory()
+    old, new = item.project, ProjectFactory(organization=item.project.organization)
+    item = Item.objects.get(pk=item.pk)
+    item.project = new  # changed in memory, not saved
+    item.title = "renamed"
+    item.save(update_fields=["title"])
+    flush()
+    assert Item.objects.get(pk=item.pk).project_id == old.pk
+    last = Event.objects.filter(stream__name=f"project:{old.pk}").latest("seq")
+    assert last.type == "v1:item.updated"
+    assert last.data["title"] == "renamed"
+    assert last.data["project"] == old.pk  # the row's, not the unsaved value
+    assert types(f"project:{new.pk}") == ["v1:project.created"]
+    # Saving the stream field later is the move, seen against what the row still holds.
+    item.save(update_fields=["project"])
+    flush()
+    assert types(f"project:{old.pk}")[-1] == "v1:item.deleted"
+    assert types(f"project:{new.pk}")[-1] == "v1:item.created"
+
+
+def test_a_delete_goes_to_the_stream_the_row_is_in():
+    item = ItemFactory()
+    old, new = item.project, ProjectFactory(organization=item.project.organization)
+    item = Item.objects.get(pk=item.pk)
+    item.project = new  # changed in memory, never saved
+    item.delete()
+    flush()
+    assert types(f"project:{old.pk}")[-1] == "v1:item.deleted"
+    assert types(f"project:{new.pk}") == ["v1:project.created"]
+
+
+def test_a_move_of_an_instance_loaded_without_its_stream_field_is_seen():
+    item = ItemFactory()
+    old, new = item.project, ProjectFactory(organization=item.project.organization)
+    item = Item.objects.only("title").get(pk=item.pk)  # project_id deferred
+    item.project_id = new.pk
+    item.save()  # Django writes the loaded fields and project_id
+    flush()
+    assert Item.objects.get(pk=item.pk).project_id == new.pk
+    assert types(f"project:{old.pk}")[-1] == "v1:item.deleted"
+    assert types(f"project:{new.pk}")[-1] == "v1:item.created"
