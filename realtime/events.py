@@ -31,9 +31,26 @@ def format_timestamp(value: dt.datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
+class EventJSONEncoder(DjangoJSONEncoder):
+    """`DjangoJSONEncoder` that refuses NaN and infinities (`ValueError`).
+
+    Python's json writes them as `NaN` and `Infinity`, which are not JSON: no browser parses
+    such a frame, and PostgreSQL's jsonb refuses the row.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_nan"] = False
+        super().__init__(*args, **kwargs)
+
+
 def dumps(value: Any) -> str:
-    """Serialize to compact JSON, understanding dates, decimals and UUIDs."""
-    return json.dumps(value, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False)
+    """Serialize to compact JSON, understanding dates, decimals and UUIDs.
+
+    Raises `ValueError` for NaN and infinite floats, which JSON cannot carry.
+    """
+    return json.dumps(
+        value, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def append(pending: Sequence[Pending], *, using: str | None = None) -> list[Enve
     correlation_id = get_correlation_id() or ""
     envelopes: list[Envelope] = []
     with transaction.atomic(using=using, savepoint=False):
-        inserted = [_insert(item, correlation_id, using) for item in pending]
+        inserted = [_insert_checked(item, correlation_id, using) for item in pending]
         for (_pk, seq, event_id, timestamp), item in zip(inserted, pending, strict=True):
             envelopes.append(
                 Envelope(
@@ -67,6 +67,15 @@ def append(pending: Sequence[Pending], *, using: str | None = None) -> list[Enve
         pks = [row[0] for row in inserted]
         _publish_on_commit(envelopes, pks, using)
     return envelopes
+
+
+def _insert_checked(
+    item: Pending, correlation_id: str, using: str
+) -> tuple[int, int, uuid.UUID, Any]:
+    try:
+        return _insert(item, correlation_id, using)
+    except ValueError as exc:  # from the encoder, before any SQL: NaN or an infinity
+        raise ValueError(f"event data for {item.stream} ({item.type}) is not JSON: {exc}") from exc
 
 
 def _insert(item: Pending, correlation_id: str, using: str) -> tuple[int, int, uuid.UUID, Any]:

@@ -6,8 +6,9 @@ import secrets
 import uuid
 
 from django.conf import settings
-from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
+
+from .events import EventJSONEncoder
 
 
 def new_epoch() -> str:
@@ -42,9 +43,9 @@ class Event(models.Model):
     type = models.CharField(max_length=100)
     timestamp = models.DateTimeField(db_index=True)
     correlation_id = models.CharField(max_length=128, blank=True, default="")
-    data = models.JSONField(encoder=DjangoJSONEncoder, default=dict)
+    data = models.JSONField(encoder=EventJSONEncoder, default=dict)
     # Payloads of the other registered versions: {"v2": {"type": ..., "data": ...}}.
-    variants = models.JSONField(encoder=DjangoJSONEncoder, default=dict, blank=True)
+    variants = models.JSONField(encoder=EventJSONEncoder, default=dict, blank=True)
     published_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

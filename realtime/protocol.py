@@ -139,12 +139,17 @@ def _stream(frame: dict[str, Any], ref: str | None) -> str:
     return str(stream)
 
 
+def _not_json(name: str) -> Any:
+    # Python's json reads NaN, Infinity and -Infinity; JSON has no such values.
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse(text: str, *, max_bytes: int, max_depth: int) -> Frame:
     """Parse and validate one inbound text frame, raising ProtocolError with a documented code."""
     if len(text) > max_bytes or len(text.encode("utf-8", "surrogatepass")) > max_bytes:
         raise ProtocolError(Code.TOO_LARGE, f"frames are limited to {max_bytes} bytes")
     try:
-        frame = json.loads(text)
+        frame = json.loads(text, parse_constant=_not_json)
     except RecursionError:
         raise ProtocolError(Code.TOO_DEEP, f"JSON nesting is limited to {max_depth}") from None
     except ValueError:
@@ -191,7 +196,7 @@ def parse(text: str, *, max_bytes: int, max_depth: int) -> Frame:
 
 def dumps(frame: dict[str, Any]) -> str:
     """Serialize an outbound frame compactly."""
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def reply(ref: str | None, data: Any = None) -> str:

@@ -671,3 +671,34 @@ def test_the_live_frame_is_the_logged_event_even_if_the_caller_changes_its_data(
     [(_group, message)] = sent
     assert frame(message)["data"] == {"tags": ["a"]}
     assert frame(message)["eventId"] == str(logged.event_id)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_data_json_cannot_carry_is_refused_before_anything_is_written(value):
+    # Python's json writes NaN and Infinity, which no browser parses and PostgreSQL's jsonb
+    # refuses after the model row was written.
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        realtime.emit("note:1", "v1:note.added", {"x": [value]})
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        realtime.emit_many([("note:1", "v1:note.added", {"x": value})])
+    assert not Event.objects.exists()
+
+
+def test_a_save_whose_event_data_json_cannot_carry_fails_whole_and_clearly():
+    project = ProjectFactory()
+    realtime.register(
+        Project,
+        streams="org:{organization_id}",
+        version="v5",
+        name="proj",
+        serializer=lambda p: {"score": float("nan")},
+    )
+    try:
+        count = Event.objects.count()
+        project.name = "renamed"
+        with pytest.raises(ValueError, match=r"org:\d+ \(v5:proj\.updated\).*not JSON"):
+            project.save()
+    finally:
+        realtime.registry.registry.unregister(Project, version="v5")
+    assert Event.objects.count() == count
+    assert Project.objects.get(pk=project.pk).name != "renamed"  # the save rolled back

@@ -554,6 +554,13 @@ async def test_publish_is_reauthorized_every_time():
     ("frame", "code"),
     [
         ("{not json", "invalid_json"),
+        # Python reads these, JSON has no such values, and other browsers could not parse
+        # the event they would make.
+        (
+            '{"op": "publish", "stream": "project:1", "type": "v1:typing.started", "data": NaN}',
+            "invalid_json",
+        ),
+        ('{"op": "ping", "ref": "p", "x": -Infinity}', "invalid_json"),
         ("[1, 2]", "invalid_frame"),
         ('{"op": "dance"}', "unknown_op"),
         ('{"op": "subscribe"}', "invalid_frame"),
