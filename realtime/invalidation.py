@@ -118,6 +118,28 @@ def _membership_changed(
         permissions_changed(pk_set or [], using=using)
 
 
+def _group_permissions_changed(
+    sender: Any,
+    instance: Any,
+    action: str,
+    reverse: bool,
+    pk_set: Any,
+    using: str,
+    **kwargs: Any,
+) -> None:
+    # Model-wide permissions of groups: group.permissions (the instance is the group) or
+    # permission.group_set (the instance is the permission, pk_set its groups).
+    if action not in ("post_add", "post_remove", "post_clear", "pre_clear"):
+        return
+    if not reverse:
+        if action != "pre_clear":
+            _groups_changed([instance.pk], using)
+    elif action == "pre_clear":  # permission.group_set.clear(): read the groups now
+        _groups_changed(list(instance.group_set.using(using).values_list("pk", flat=True)), using)
+    elif action != "post_clear":
+        _groups_changed(pk_set or [], using)
+
+
 def _logged_out(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
     if user is not None:
         from .tickets import revoke_issued
@@ -155,6 +177,19 @@ def connect(registry: Any = None) -> None:
     user_model = get_user_model()
     signals.m2m_changed.connect(
         _membership_changed, sender=user_model.groups.through, dispatch_uid="realtime.groups"
+    )
+    # Model-wide permissions, for policies that read them (user.has_perm("app.view_x")):
+    # user.user_permissions and permission.user_set work as group membership does.
+    if hasattr(user_model, "user_permissions"):
+        signals.m2m_changed.connect(
+            _membership_changed,
+            sender=user_model.user_permissions.through,
+            dispatch_uid="realtime.user_permissions",
+        )
+    signals.m2m_changed.connect(
+        _group_permissions_changed,
+        sender=Group.permissions.through,
+        dispatch_uid="realtime.group_permissions",
     )
     user_logged_out.connect(_logged_out, dispatch_uid="realtime.logout")
     signals.post_save.connect(_user_saved, sender=user_model, dispatch_uid="realtime.user_saved")

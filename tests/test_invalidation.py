@@ -186,3 +186,30 @@ def test_direct_foreign_key_permission_models_are_watched_too():
             for signal in (signals.post_save, signals.post_delete, signals.pre_delete):
                 signal.disconnect(sender=model, dispatch_uid=f"rt.uop.{label}")
                 signal.disconnect(sender=model, dispatch_uid=f"rt.gop.{label}")
+
+
+def test_model_wide_permission_changes_tell_the_users_concerned():
+    # A policy may read model-wide permissions (user.has_perm("board.view_project")): a
+    # grant or revoke of one, from either side, is told like an object permission's.
+    from django.contrib.auth.models import Permission
+
+    perm = Permission.objects.get(codename="view_project", content_type__app_label="board")
+    alice, bob, carol = UserFactory(), UserFactory(), UserFactory()
+    team = Group.objects.create(name="readers")
+    team.user_set.add(bob, carol)
+    flush()
+    cases = [
+        (lambda: alice.user_permissions.add(perm), [alice.pk]),
+        (lambda: alice.user_permissions.remove(perm), [alice.pk]),
+        (lambda: perm.user_set.add(bob, carol), [bob.pk, carol.pk]),
+        (lambda: perm.user_set.clear(), [bob.pk, carol.pk]),
+        (lambda: team.permissions.add(perm), [bob.pk, carol.pk]),
+        (lambda: team.permissions.clear(), [bob.pk, carol.pk]),
+        (lambda: perm.group_set.add(team), [bob.pk, carol.pk]),
+        (lambda: perm.group_set.remove(team), [bob.pk, carol.pk]),
+    ]
+    for change, told in cases:
+        with record_group_sends() as sent:
+            change()
+            flush()
+        assert sorted(authz_sent(sent)) == sorted(told)
