@@ -6,10 +6,12 @@ not found (404): a user can never see, count or change someone else's notificati
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import Count, Max, QuerySet
+from django.utils.dateparse import parse_datetime
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -41,7 +43,7 @@ from realtime.openapi import (
 )
 
 from .models import LEVEL_CHOICES, LEVELS, Notification, Preference
-from .service import represent, set_read, soft_delete, stream_of, unread_count
+from .service import read_all, represent, set_read, soft_delete, stream_of, unread_count
 
 
 class RefSerializer(serializers.Serializer):  # type: ignore[type-arg]
@@ -92,12 +94,32 @@ class NewestFirst(CursorPagination):
 
     def get_page_size(self, request: Request) -> int:
         # DRF falls back to the default on a bad value; a client's mistake should be a 400.
+        problem = self.page_size_problem(request)
+        if problem:
+            raise ValidationError({"page_size": problem})
+        value = request.query_params.get(self.page_size_query_param)
+        return self.page_size if value is None else int(value)
+
+    def page_size_problem(self, request: Request) -> str | None:
         value = request.query_params.get(self.page_size_query_param)
         if value is None:
-            return self.page_size
-        if not value.isdigit() or not 1 <= int(value) <= self.max_page_size:
-            raise ValidationError({"page_size": f"An integer from 1 to {self.max_page_size}."})
-        return int(value)
+            return None
+        # ASCII digits only: str.isdigit() takes '²', which int() refuses.
+        if not re.fullmatch(r"[0-9]{1,4}", value) or not 1 <= int(value) <= self.max_page_size:
+            return f"An integer from 1 to {self.max_page_size}."
+        return None
+
+    def decode_cursor(self, request: Request) -> Any:
+        cursor = super().decode_cursor(request)
+        # DRF trusts the position it decoded: a forged one reached the query (a 500).
+        if cursor is not None and cursor.position is not None:
+            try:
+                valid = parse_datetime(str(cursor.position)) is not None
+            except ValueError:
+                valid = False
+            if not valid:
+                raise NotFound(self.invalid_cursor_message)
+        return cursor
 
 
 UNREAD = OpenApiParameter(
@@ -114,7 +136,12 @@ COUNT = inline_serializer("UnreadCount", {"unread_count": serializers.IntegerFie
 CHANGED = inline_serializer(
     "ReadAll",
     {
-        "ids": serializers.ListField(child=serializers.IntegerField()),
+        "count": serializers.IntegerField(help_text="How many were marked read."),
+        "ids": serializers.ListField(
+            child=serializers.IntegerField(),
+            required=False,
+            help_text="The ids marked read; only when they are at most 1,000.",
+        ),
         "unread_count": serializers.IntegerField(),
     },
 )
@@ -161,18 +188,41 @@ class NotificationViewSet(
         query = Notification.objects.for_user(self.request.user)
         if self.action != "list":
             return query
+        self.check_list_parameters()
         params = self.request.query_params
         unread = params.get("unread")
         if unread is not None:
-            if unread.lower() not in ("true", "false", "1", "0"):
-                raise ValidationError({"unread": "Use true or false."})
             query = query.filter(read_at__isnull=unread.lower() in ("true", "1"))
         level = params.get("level")
         if level is not None:
-            if level not in LEVELS:
-                raise ValidationError({"level": f"Use one of {', '.join(LEVELS)}."})
             query = query.filter(level=level)
         return query
+
+    def check_list_parameters(self) -> None:
+        """A 400 with a message for every bad filter or paging value, not the first alone."""
+        params = self.request.query_params
+        errors: dict[str, str] = {}
+        unread = params.get("unread")
+        if unread is not None and unread.lower() not in ("true", "false", "1", "0"):
+            errors["unread"] = "Use true or false."
+        level = params.get("level")
+        if level is not None and level not in LEVELS:
+            errors["level"] = f"Use one of {', '.join(LEVELS)}."
+        paginator = self.paginator
+        if isinstance(paginator, NewestFirst):
+            problem = paginator.page_size_problem(self.request)
+            if problem:
+                errors["page_size"] = problem
+        if errors:
+            raise ValidationError(errors)
+
+    def listed_pks(self, queryset: Any) -> Any:
+        # Every change but a muted notification's making is an event on the user's stream;
+        # that one adds a row (a new highest id), and a row deleted without an event (the
+        # admin's delete) lowers the count: one aggregate row covers both, however many the
+        # user has, where the ids of all of them were read for every list request.
+        found = queryset.order_by().aggregate(count=Count("pk"), newest=Max("pk"))
+        return [found["count"], found["newest"]]
 
     def get_streams(self, obj: Any = None) -> list[str]:
         return [stream_of(self.request.user)]
@@ -180,9 +230,9 @@ class NotificationViewSet(
     def get_list_state(self) -> Any:
         # Bad paging parameters are a 400 (a 404 for a cursor) even when If-None-Match would
         # match: the ETag is decided before the paginator would have looked at them.
+        self.check_list_parameters()
         paginator = self.paginator
         if isinstance(paginator, NewestFirst):
-            paginator.get_page_size(self.request)
             paginator.decode_cursor(self.request)
         return super().get_list_state()
 
@@ -195,7 +245,10 @@ class NotificationViewSet(
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         """Soft delete: hidden from the user, kept for the admin."""
         with transaction.atomic(), collect_positions() as written:
-            instance = self.get_object()
+            found = self.get_object()
+            # Locked before the check: a change committed meanwhile (marked read) either
+            # waits for this delete, or is seen by the check and makes If-Match stale.
+            instance = self.get_queryset().select_for_update().get(pk=found.pk)
             self.check_if_match(instance)
             soft_delete(request.user, [instance.pk])
         return self.with_position(Response(status=status.HTTP_204_NO_CONTENT), written)
@@ -237,11 +290,14 @@ class NotificationViewSet(
     )
     @action(detail=False, methods=["post"], url_path="read-all")
     def read_all(self, request: Request) -> Response:
-        """Mark every unread notification read; one `v1:notification.read` event for them all."""
+        """Mark every unread notification read; one `v1:notification.read` event for them all.
+
+        Answers how many were marked (`count`) and, when they are at most 1,000, their `ids`.
+        """
         with collect_positions() as written:
-            ids = set_read(request.user, None, read=True)
+            answer = read_all(request.user)
         return self.with_position(
-            Response({"ids": ids, "unread_count": unread_count(request.user)}), written
+            Response({**answer, "unread_count": unread_count(request.user)}), written
         )
 
     @extend_schema(

@@ -45,20 +45,36 @@ def _ref(obj: Any) -> tuple[ContentType | None, str, dict[str, Any] | None]:
     return content_type, str(obj.pk), {"type": label, "id": str(obj.pk), "repr": str(obj)[:200]}
 
 
-def _recipient_ids(recipients: Any) -> list[int]:
+def _recipient_ids(recipients: Any) -> list[Any]:
+    """The distinct pks of the recipients, checked to be saved users, in the given order."""
+    from django.contrib.auth import get_user_model
+
+    user_model = get_user_model()
     if isinstance(recipients, models.Model):
-        return [recipients.pk]
+        recipients = [recipients]
     if isinstance(recipients, models.QuerySet):
+        if not issubclass(recipients.model, user_model):
+            raise TypeError(f"recipients: a queryset of {recipients.model.__name__} is not a user")
         values: Iterable[Any] = recipients.values_list("pk", flat=True)
     elif isinstance(recipients, Iterable) and not isinstance(recipients, (str, bytes)):
-        values = (getattr(r, "pk", r) for r in recipients)
+        values = recipients
     else:
         raise TypeError("recipients must be a user, a queryset of users or an iterable of them")
-    seen: dict[int, None] = {}
+    pk_field = user_model._meta.pk
+    seen: dict[Any, None] = {}
     for value in values:
-        if value is None:
+        if isinstance(value, models.Model):
+            if not isinstance(value, user_model):
+                raise TypeError(f"recipient {value!r} is not a user")
+            value = value.pk
+            if value is None:
+                raise TypeError("a recipient is not saved (no pk)")
+        elif value is None:
             raise TypeError("a recipient is not saved (no pk)")
-        seen.setdefault(value, None)
+        try:  # "7" and 7 are one user
+            seen.setdefault(pk_field.to_python(value), None)
+        except Exception:
+            raise TypeError(f"recipient {value!r} is not a valid user pk") from None
     return list(seen)
 
 
@@ -119,6 +135,10 @@ def notify(
     ids = _recipient_ids(recipients)
     created: list[Notification] = []
     with _atomic():
+        # Every recipient's stream, locked up front in one order (the streams' pks): batches
+        # locking theirs one after the other, in the caller's order, could deadlock with
+        # another bulk notify to the same users in another order.
+        lock_streams(stream_of(pk) for pk in ids)
         for start in range(0, len(ids), max(1, batch_size)):
             chunk = ids[start : start + max(1, batch_size)]
             created += _notify_chunk(chunk, verb, level, data, refs, related)
@@ -194,23 +214,27 @@ def _atomic() -> ExitStack:
     return stack
 
 
+#: A read-all names the notifications it marked, in its event and its answer, up to this many.
+READ_ALL_IDS = 1000
+
+
 def _changed(user: Any, type: str, ids: list[int], extra: dict[str, Any]) -> None:
     stream = stream_of(user)
     lock_streams([stream])  # then count: a notify() racing this one has committed by now
     realtime.emit(stream, type, {"ids": ids, **extra, "unread_count": unread_count(user)})
 
 
-def set_read(user: Any, ids: Iterable[int] | None, read: bool = True) -> list[int]:
-    """Mark the user's notifications (all of them when `ids` is None) read or unread.
+def set_read(user: Any, ids: Iterable[int], read: bool = True) -> list[int]:
+    """Mark some of the user's notifications read or unread (all unread ones: `read_all`).
 
     Returns the ids that changed; when any did, one `v1:notification.read` event carries
     them and the new unread count, so every tab of the user stays in step.
     """
+    if ids is None:
+        raise TypeError("set_read() needs the ids; read_all() marks every unread one")
     with _atomic():
         query = Notification.objects.for_user(user).select_for_update()
-        if ids is not None:
-            query = query.filter(pk__in=list(ids))
-        query = query.filter(read_at__isnull=read)
+        query = query.filter(pk__in=list(ids)).filter(read_at__isnull=read)
         changed = sorted(query.values_list("pk", flat=True))
         if changed:
             Notification.objects.filter(pk__in=changed).update(
@@ -218,6 +242,32 @@ def set_read(user: Any, ids: Iterable[int] | None, read: bool = True) -> list[in
             )
             _changed(user, READ, changed, {"read": read})
     return changed
+
+
+def read_all(user: Any) -> dict[str, Any]:
+    """Mark every unread notification of the user read, in one UPDATE whatever their number.
+
+    Returns `{"count": n, "ids": [...]}`, `ids` only when `n` is at most `READ_ALL_IDS`. The
+    `v1:notification.read` event says `"all": true`: every notification of the user before it
+    in the stream is read now (a later one comes after it, with its own event).
+    """
+    stream = stream_of(user)
+    with _atomic():
+        lock_streams([stream])  # notify() and other read changes of this user wait, or are in
+        now = timezone.now()
+        count = Notification.objects.for_user(user).unread().update(read_at=now)
+        if not count:
+            return {"count": 0, "ids": []}
+        answer: dict[str, Any] = {"count": count}
+        if count <= READ_ALL_IDS:
+            marked = Notification.objects.for_user(user).filter(read_at=now)
+            answer["ids"] = sorted(marked.values_list("pk", flat=True)[: READ_ALL_IDS + 1])
+        realtime.emit(
+            stream,
+            READ,
+            {"all": True, **answer, "read": True, "unread_count": unread_count(user)},
+        )
+    return answer
 
 
 def soft_delete(user: Any, ids: Iterable[int]) -> list[int]:

@@ -24,7 +24,14 @@ from channels.utils import await_many_dispatch
 from . import hooks, metrics, protocol
 from .conf import realtime_settings
 from .fanout import get_hub, node_id
-from .policies import StreamPolicy, auth_hash, next_recheck, same_password, stream_kinds
+from .policies import (
+    StreamPolicy,
+    auth_hash,
+    next_recheck,
+    same_password,
+    signed_out,
+    stream_kinds,
+)
 from .protocol import Close, Code, ProtocolError
 from .ratelimit import TokenBucket, user_bucket
 from .streams import parse_stream
@@ -394,10 +401,14 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     async def _authenticate(self) -> Any:
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         tickets = query.get("ticket")
+        self.opened_at = time.time()
         if tickets:
             from .tickets import redeem
 
+            self.session, self.session_key = None, None
             return await _thread(redeem)(tickets[0])
+        self.session = self.scope.get("session")
+        self.session_key = getattr(self.session, "session_key", None)
         return self.scope.get("user")
 
     def _log_extra(self, stream: str | None = None) -> dict[str, Any]:
@@ -926,6 +937,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             # changed the password (its session was given the new hash) comes back and the
             # others get 4401. A ticket client fetches a new ticket.
             await self._close(Close.DISCONNECTED)
+            return False
+        if await _thread(signed_out)(self.session, self.session_key, user, self.opened_at):
+            # Logged out, and the logout message was lost (or this decision came first).
+            # After the password check: a password change cycles the changer's session key,
+            # and that tab is to reconnect (4000) on its new one, not to give up.
+            await self._close(Close.UNAUTHENTICATED)
             return False
         self.user = user
         return True

@@ -82,6 +82,25 @@ def _user_perm_changed(sender: Any, instance: Any, using: str, **kwargs: Any) ->
     permissions_changed([instance.user_id], using=using)
 
 
+def _perm_row_moving(sender: Any, instance: Any, raw: bool, using: str, **kwargs: Any) -> None:
+    # A permission row saved again with another user or group: the one it leaves loses it.
+    if raw or instance.pk is None:
+        return
+    field = "user_id" if hasattr(instance, "user_id") else "group_id"
+    old = (
+        sender._base_manager.using(using)
+        .filter(pk=instance.pk)
+        .values_list(field, flat=True)
+        .first()
+    )
+    if old is None or old == getattr(instance, field):
+        return
+    if field == "user_id":
+        permissions_changed([old], using=using)
+    else:
+        _groups_changed([old], using)
+
+
 def _group_members(group_ids: Iterable[Any], using: str) -> list[Any]:
     users = get_user_model()._default_manager.db_manager(using)
     return list(users.filter(groups__in=list(group_ids)).values_list("pk", flat=True).distinct())
@@ -145,7 +164,9 @@ def _logged_out(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
         from .tickets import revoke_issued
 
         revoke_issued(user)  # a ticket fetched before the logout opens nothing after it
-        _send([user.pk], "realtime.logout")
+        # After the commit, as the session's flush: a socket closed before it could reconnect
+        # on the session that is still there (ATOMIC_REQUESTS). Outside a transaction, now.
+        _logout_on_commit(user.pk, DEFAULT_DB_ALIAS)
 
 
 def _user_saved(
@@ -175,9 +196,10 @@ def connect(registry: Any = None) -> None:
     from django.contrib.auth.models import Group
 
     user_model = get_user_model()
-    signals.m2m_changed.connect(
-        _membership_changed, sender=user_model.groups.through, dispatch_uid="realtime.groups"
-    )
+    if hasattr(user_model, "groups"):  # a user model without PermissionsMixin has none
+        signals.m2m_changed.connect(
+            _membership_changed, sender=user_model.groups.through, dispatch_uid="realtime.groups"
+        )
     # Model-wide permissions, for policies that read them (user.has_perm("app.view_x")):
     # user.user_permissions and permission.user_set work as group membership does.
     if hasattr(user_model, "user_permissions"):
@@ -199,6 +221,7 @@ def connect(registry: Any = None) -> None:
     signals.pre_delete.connect(_group_deleted, sender=Group, dispatch_uid="realtime.group_deleted")
     for model, kind in permission_models(registry):
         label = model._meta.label_lower
+        signals.pre_save.connect(_perm_row_moving, sender=model, dispatch_uid=f"rt.move.{label}")
         if kind == "user":
             for signal in (signals.post_save, signals.post_delete):
                 signal.connect(_user_perm_changed, sender=model, dispatch_uid=f"rt.uop.{label}")

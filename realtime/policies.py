@@ -200,6 +200,23 @@ def reload_user(user: Any) -> Any | None:
     return None if pk is None else get_user_model()._default_manager.filter(pk=pk).first()
 
 
+def signed_out(session: Any, session_key: str | None, user: Any, since: float) -> bool:
+    """Whether what a connection was opened with has ended since `since` (a Unix time).
+
+    A session connection: its session is gone (a logout flushes it). A ticket connection
+    (`session` None): the user logged out after it opened. The logout message closes such
+    connections at once; this is the check that catches them when that message was lost.
+    A cookie-only session engine keeps nothing to check.
+    """
+    if session is not None:
+        if not session_key or type(session).__module__.endswith("signed_cookies"):
+            return False
+        return not session.exists(session_key)
+    from .tickets import logged_out_since
+
+    return logged_out_since(getattr(user, "pk", None), since)
+
+
 def auth_hash(user: Any) -> str | None:
     """Django's session auth hash of `user` (it changes with the password); None if the user
     model has none."""

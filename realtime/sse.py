@@ -35,6 +35,7 @@ from .policies import (
     next_recheck,
     reload_user,
     same_password,
+    signed_out,
     stream_kinds,
 )
 from .protocol import Code
@@ -71,10 +72,15 @@ class SSEConnection:
         *,
         client_version: str = "",
         remote_addr: str = "",
+        session: Any = None,
     ) -> None:
         self.connection_id = uuid.uuid4().hex
         self.user = user
         self.auth_hash = auth_hash(user)
+        # What it was opened with, for the check that it has not been signed out since.
+        self.session = session
+        self.session_key = getattr(session, "session_key", None)
+        self.opened_at = time.time()
         self.client_version = client_version
         self.remote_addr = remote_addr
         self.recheck: asyncio.Task[None] | None = None
@@ -146,9 +152,14 @@ class SSEConnection:
             return
         # The user as stored now: this copy is as old as the stream (is_superuser, is_active).
         user = await _db(reload_user)(self.user)
-        if user is None or not user.is_active or not same_password(user, self.auth_hash):
-            # Gone, inactive, or its password changed: the browser reconnects, and the view
-            # decides on its session as it is now.
+        if (
+            user is None
+            or not user.is_active
+            or not same_password(user, self.auth_hash)
+            or await _db(signed_out)(self.session, self.session_key, user, self.opened_at)
+        ):
+            # Gone, inactive, its password changed, or logged out (the logout message was
+            # lost): the browser reconnects, and the view decides on its session as it is now.
             self.closed = True
             self.wakeup.set()
             return
@@ -324,6 +335,7 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         start.positions,
         client_version=request.GET.get("v", ""),
         remote_addr=request.META.get("REMOTE_ADDR") or "",
+        session=getattr(request, "session", None),
     )
     connection.resumed = cursor is not None
     limit = int(realtime_settings.MAX_CONNECTIONS_PER_USER)

@@ -54,6 +54,19 @@ def revoke_issued(user: Any) -> None:
     )
 
 
+def logged_out_since(user_pk: Any, since: float) -> bool:
+    """Whether the user logged out after `since` (a Unix time), as far as the mark still says."""
+    if user_pk is None:
+        return False
+    ttl = float(realtime_settings.TICKET_TTL)
+    mark = (
+        UsedTicket.objects.filter(nonce=_logout_mark(user_pk))
+        .values_list("expires_at", flat=True)
+        .first()
+    )
+    return mark is not None and (mark - dt.timedelta(seconds=ttl)).timestamp() > since
+
+
 def redeem(ticket: str) -> Any | None:
     """Return the ticket's user if it is authentic, fresh, unused and the user active; else None.
 

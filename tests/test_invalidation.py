@@ -213,3 +213,40 @@ def test_model_wide_permission_changes_tell_the_users_concerned():
             change()
             flush()
         assert sorted(authz_sent(sent)) == sorted(told)
+
+
+def test_a_permission_row_moved_to_another_user_or_group_tells_who_lost_it_too():
+    alice, bob, carol = UserFactory(), UserFactory(), UserFactory()
+    readers, others = Group.objects.create(name="readers"), Group.objects.create(name="others")
+    readers.user_set.add(carol)
+    project = ProjectFactory()
+    assign_perm("board.view_project", alice, project)
+    assign_perm("board.view_project", readers, project)
+    flush()
+    row = UserObjectPermission.objects.get(user=alice, object_pk=str(project.pk))
+    with record_group_sends() as sent:
+        row.user = bob  # alice loses board.view_project on the project
+        row.save()
+        flush()
+    assert sorted(authz_sent(sent)) == sorted([alice.pk, bob.pk])
+    grant = GroupObjectPermission.objects.get(group=readers, object_pk=str(project.pk))
+    others.user_set.add(bob)
+    flush()
+    with record_group_sends() as sent:
+        grant.group = others
+        grant.save()
+        flush()
+    assert sorted(authz_sent(sent)) == sorted([carol.pk, bob.pk])
+
+
+def test_a_logout_inside_a_transaction_is_told_after_it_commits():
+    from django.contrib.auth import user_logged_out
+
+    bob = UserFactory()
+    with record_group_sends() as sent:
+        with transaction.atomic():  # ATOMIC_REQUESTS: the session flush commits at the end
+            user_logged_out.send(sender=type(bob), request=None, user=bob)
+            flush()
+            assert [m["type"] for _g, m in sent] == []  # a reconnect now would still get in
+        flush()
+    assert [m["type"] for _g, m in sent] == ["realtime.logout"]

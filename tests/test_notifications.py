@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from notifications import notify
 from notifications.models import Notification, Preference
-from notifications.service import represent, set_read
+from notifications.service import read_all, represent, set_read
 from realtime.models import Event
 from realtime.policies import UserPolicy, stream_kinds
 from realtime.testing import RealtimeClient, flush, record_group_sends, session_for
@@ -200,6 +200,7 @@ def test_read_unread_read_all_and_delete_are_events_with_the_unread_count():
     client.post(f"/api/notifications/{first.pk}/unread/")
     assert client.post("/api/notifications/read-all/").json() == {
         "ids": sorted([first.pk, second.pk, third.pk]),
+        "count": 3,
         "unread_count": 0,
     }
     client.post(f"/api/notifications/{second.pk}/unread/")
@@ -488,7 +489,7 @@ def test_a_count_carried_by_an_event_counts_a_concurrent_writers_notification(ch
             if change == "notify":
                 notify([user], "happened")
             else:
-                set_read(user, None)
+                read_all(user)
         finally:
             connection.close()
 
@@ -502,5 +503,226 @@ def test_a_count_carried_by_an_event_counts_a_concurrent_writers_notification(ch
     last = Event.objects.filter(stream__name=f"user:{user.pk}").order_by("-seq").first()
     assert last is not None
     true_count = Notification.objects.unread().filter(recipient=user).count()
-    assert true_count == (2 if change == "notify" else 1)
+    # A read-all takes the stream first, then marks: the other writer's notification, committed
+    # before it, is before the read event in the stream, and is read too ("all").
+    assert true_count == (2 if change == "notify" else 0)
     assert last.data["unread_count"] == true_count
+
+
+# -- bad input, bounds and races ----------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("position", [b"p=junk", b"p=2026-13-45T99:00:00", b"o=5&p=x"])
+def test_a_forged_cursor_position_is_a_404_not_a_500(position):
+    import base64
+
+    bob = UserFactory()
+    notify(bob, "liked")
+    client = Client(raise_request_exception=False)
+    client.force_login(bob)
+    cursor = base64.b64encode(position).decode()
+    assert client.get("/api/notifications/", {"cursor": cursor}).status_code == 404
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("size", ["\u00b2", "\u0663", "1" * 40, " 5", "+5"])
+def test_page_sizes_that_are_not_plain_digits_are_a_400(size):
+    bob = UserFactory()
+    notify(bob, "liked")
+    client = Client(raise_request_exception=False)
+    client.force_login(bob)
+    response = client.get("/api/notifications/", {"page_size": size})
+    assert response.status_code == 400
+    assert "page_size" in response.json()
+
+
+@pytest.mark.django_db
+def test_every_bad_filter_gets_its_message():
+    bob = UserFactory()
+    notify(bob, "liked")
+    response = client_for(bob).get("/api/notifications/?unread=maybe&level=loud&page_size=0")
+    assert response.status_code == 400
+    assert set(response.json()) == {"unread", "level", "page_size"}
+
+
+@pytest.mark.django_db
+def test_a_list_page_reads_a_bounded_number_of_rows_whatever_the_user_has():
+    bob = UserFactory()
+    now = timezone.now()
+    Notification.objects.bulk_create(
+        (Notification(recipient=bob, verb="x", created_at=now) for _ in range(600)), batch_size=600
+    )
+    client = client_for(bob)
+    with CaptureQueriesContext(connection) as queries:
+        first = client.get("/api/notifications/", {"page_size": 1})
+    assert first.status_code == 200
+    reads = [
+        q["sql"].upper() for q in queries if '"NOTIFICATIONS_NOTIFICATION"' in q["sql"].upper()
+    ]
+    # The page itself (LIMIT 2), and for the ETag one aggregate row, never the user's pks.
+    limits = [int(sql.rsplit("LIMIT", 1)[1].split()[0]) for sql in reads if "LIMIT" in sql]
+    aggregates = [sql for sql in reads if "LIMIT" not in sql]
+    assert limits, reads
+    assert max(limits) <= 2, reads
+    assert all("COUNT(" in sql and "MAX(" in sql for sql in aggregates), reads
+    # A muted notification (no event) still changes the ETag.
+    Preference.objects.create(user=bob, muted_verbs=["muted"])
+    notify(bob, "muted")
+    assert (
+        client.get(
+            "/api/notifications/", {"page_size": 1}, HTTP_IF_NONE_MATCH=first["ETag"]
+        ).status_code
+        == 200
+    )
+    again = client.get("/api/notifications/", {"page_size": 1})
+    # So does a notification removed without an event (the admin deletes it).
+    Notification.objects.filter(verb="x").first().delete()
+    assert (
+        client.get(
+            "/api/notifications/", {"page_size": 1}, HTTP_IF_NONE_MATCH=again["ETag"]
+        ).status_code
+        == 200
+    )
+
+
+@pytest.mark.django_db
+def test_read_all_is_one_update_and_names_the_ids_only_when_they_are_few(monkeypatch):
+    from notifications import service
+
+    monkeypatch.setattr(service, "READ_ALL_IDS", 5)
+    bob = UserFactory()
+    few = [notify(bob, f"v{i}")[0].pk for i in range(3)]
+    client = client_for(bob)
+    assert client.post("/api/notifications/read-all/").json() == {
+        "ids": sorted(few),
+        "count": 3,
+        "unread_count": 0,
+    }
+    now = timezone.now()
+    Notification.objects.bulk_create(
+        (Notification(recipient=bob, verb="x", created_at=now) for _ in range(40)), batch_size=40
+    )
+    with CaptureQueriesContext(connection) as queries:
+        answer = client.post("/api/notifications/read-all/").json()
+    assert answer == {"count": 40, "unread_count": 0}
+    assert not Notification.objects.filter(recipient=bob, read_at__isnull=True).exists()
+    # No statement lists the 40 ids (an IN of every unread id failed past SQLite's limit).
+    assert all(sql.count("%s") < 40 and sql.count("?") < 40 for sql in (q["sql"] for q in queries))
+    _type, last = events_of(bob)[-1]
+    assert last == {"all": True, "count": 40, "read": True, "unread_count": 0}
+    _type, before = events_of(bob)[-2]
+    assert before == {"all": True, "ids": sorted(few), "count": 3, "read": True, "unread_count": 0}
+
+
+@pytest.mark.django_db
+def test_recipients_must_be_saved_users():
+    from board.models import Project
+
+    project = ProjectFactory(owner=UserFactory())
+    bystander = UserFactory()
+    project.pk = bystander.pk  # a project whose pk is some user's
+    with pytest.raises(TypeError, match="not a user"):
+        notify(project, "commented on")
+    with pytest.raises(TypeError, match="not a user"):
+        notify(Project.objects.all(), "commented on")
+    with pytest.raises(TypeError, match="not a user"):
+        notify([project], "commented on")
+    with pytest.raises(TypeError, match="not saved"):
+        notify(get_user_model()(username="ghost"), "liked")
+    assert not Notification.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_user_given_as_an_object_and_as_pk_text_is_notified_once():
+    bob = UserFactory()
+    notify([bob, str(bob.pk), bob.pk], "mentioned you in")
+    assert Notification.objects.filter(recipient=bob).count() == 1
+    with pytest.raises(TypeError, match="not a valid user pk"):
+        notify(["nobody"], "liked")
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_bulk_notifies_to_the_same_users_in_other_orders_do_not_deadlock(monkeypatch):
+    import contextlib
+    import threading
+
+    from notifications import service
+
+    a, b = UserFactory(), UserFactory()
+    notify([a, b], "warm up")  # both streams exist
+    flush()
+    barrier = threading.Barrier(2, timeout=3)
+    real_chunk = service._notify_chunk
+    seen = threading.local()
+
+    def chunk(*args, **kwargs):
+        rows = real_chunk(*args, **kwargs)
+        if not getattr(seen, "once", False):  # both writers hold their first batch's locks
+            seen.once = True
+            # Broken: the other one waits for our locks (the fixed order), so go on.
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait()
+        return rows
+
+    monkeypatch.setattr(service, "_notify_chunk", chunk)
+    errors = []
+
+    def write(order):
+        try:
+            notify(order, "announced", batch_size=1)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=write, args=(order,)) for order in ([a, b], [b, a])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    flush()
+    assert errors == [], [repr(e) for e in errors]
+    assert Notification.objects.filter(verb="announced").count() == 4
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_delete_with_if_match_does_not_pass_over_a_change_made_meanwhile(monkeypatch):
+    import threading
+
+    import notifications.api as notifications_api
+
+    bob = UserFactory()
+    (note,) = notify(bob, "liked")
+    flush()
+    client = client_for(bob)
+    etag = client.get(f"/api/notifications/{note.pk}/")["ETag"]
+    real_soft_delete = notifications_api.soft_delete
+    other = []
+
+    def mark_read_meanwhile():
+        try:
+            other.append(client_for(bob).post(f"/api/notifications/{note.pk}/read/").status_code)
+        finally:
+            connection.close()
+
+    def soft_delete(user, ids):
+        # The If-Match check passed; another request marks it read before the delete writes.
+        thread = threading.Thread(target=mark_read_meanwhile)
+        thread.start()
+        thread.join(2)  # it waits for this delete's lock, so it does not finish here
+        return real_soft_delete(user, ids)
+
+    monkeypatch.setattr(notifications_api, "soft_delete", soft_delete)
+    response = client.delete(f"/api/notifications/{note.pk}/", HTTP_IF_MATCH=etag)
+    for thread in threading.enumerate():
+        if thread.name != threading.current_thread().name and thread.daemon is False:
+            thread.join(10)
+    flush()
+    note.refresh_from_db()
+    assert response.status_code == 204
+    assert note.deleted_at is not None
+    assert note.read_at is None  # the read came after the delete, and found nothing to mark
+    assert other == [404]

@@ -249,6 +249,33 @@ async def test_logout_ends_the_stream():
         await reader.event(timeout=2)
 
 
+async def test_a_lost_logout_message_is_made_up_for_by_the_next_decision():
+    from django.contrib.sessions.models import Session
+
+    from realtime.invalidation import _send
+
+    owner = await db(UserFactory)()
+    reader, _ = await open_sse(owner, f"user:{owner.pk}")
+    # Logged out elsewhere (the session is flushed) and the logout message was lost.
+    await db(lambda: Session.objects.all().delete())()
+    await db(_send)([owner.pk], "realtime.authz")  # the periodic recheck, or any change
+    with pytest.raises(StopAsyncIteration):
+        await reader.event(timeout=3)
+
+
+async def test_a_decision_keeps_a_stream_whose_session_is_still_signed_in():
+    from realtime.invalidation import _send
+
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    reader, _ = await open_sse(owner, f"project:{project.pk}")
+    await db(_send)([owner.pk], "realtime.authz")
+    await asyncio.sleep(0.3)
+    await db(ItemFactory)(project=project, title="still here")
+    assert (await reader.event("v1:item.created"))["data"]["data"]["title"] == "still here"
+    await reader.close()
+
+
 async def test_a_password_change_ends_the_stream_of_another_session():
     owner = await db(UserFactory)()
     reader, _ = await open_sse(owner, f"user:{owner.pk}")

@@ -421,6 +421,75 @@ async def test_a_lost_permission_message_is_made_up_for_by_the_periodic_recheck(
     await client.close()
 
 
+async def closed_with(socket: RealtimeClient, wait: float = 3.0) -> int | None:
+    """The close code the socket gets within `wait` seconds (None if it stays open)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if await socket.communicator.receive_nothing(0.2):
+            continue
+        frame = await socket.receive()
+        if frame.get("type") == "websocket.close":
+            return frame.get("code")
+    return None
+
+
+@pytest.mark.parametrize("how", ["session", "ticket"])
+async def test_a_lost_logout_message_is_made_up_for_by_the_next_decision(how, monkeypatch):
+    from django.conf import settings
+    from django.test import Client
+
+    from realtime import invalidation
+    from realtime.consumers import user_group
+    from realtime.publisher import publisher
+    from realtime.testing import flush
+    from realtime.tickets import issue
+
+    bob = await db(UserFactory)()
+    key = await db(session_for)(bob)
+    if how == "session":
+        socket = RealtimeClient(session_key=key)
+    else:
+        socket = RealtimeClient(path=f"/ws/realtime/?ticket={await db(issue)(bob)}")
+    await socket.connect()
+    assert (await socket.subscribe(f"user:{bob.pk}"))["ok"] is True
+    real_send = invalidation._send
+
+    def lossy(user_ids, message_type):  # the channel layer loses the logout message
+        if message_type != "realtime.logout":
+            real_send(user_ids, message_type)
+
+    monkeypatch.setattr(invalidation, "_send", lossy)
+
+    def log_out():
+        browser = Client()
+        browser.cookies[settings.SESSION_COOKIE_NAME] = key
+        browser.logout()
+
+    await db(log_out)()
+    assert await closed_with(socket, 0.5) is None  # the message was lost
+    # What the periodic recheck (AUTHZ_RECHECK_INTERVAL) or any permission change does.
+    publisher.send_control(user_group(bob.pk), {"type": "realtime.authz", "user": bob.pk})
+    await db(flush)()
+    assert await closed_with(socket) == 4401
+
+
+async def test_a_decision_keeps_a_socket_whose_session_is_still_signed_in():
+    from realtime.consumers import user_group
+    from realtime.publisher import publisher
+    from realtime.testing import flush
+
+    bob = await db(UserFactory)()
+    socket = await client_for(bob)
+    publisher.send_control(user_group(bob.pk), {"type": "realtime.authz", "user": bob.pk})
+    await db(flush)()
+    assert await closed_with(socket, 1.0) is None
+    await socket.send({"op": "ping", "ref": "p"})
+    assert (await socket.receive_until("pong"))["ref"] == "p"
+    await socket.close()
+
+
 async def test_logout_closes_the_users_sockets(client):
     owner, _ = await make_project()
     session = await db(session_for)(owner)
