@@ -296,9 +296,7 @@ class NotificationViewSet(
         """
         with collect_positions() as written:
             answer = read_all(request.user)
-        return self.with_position(
-            Response({**answer, "unread_count": unread_count(request.user)}), written
-        )
+        return self.with_position(Response(answer), written)
 
     @extend_schema(
         parameters=[IF_NONE_MATCH, *read_headers()],

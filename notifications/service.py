@@ -247,7 +247,8 @@ def set_read(user: Any, ids: Iterable[int], read: bool = True) -> list[int]:
 def read_all(user: Any) -> dict[str, Any]:
     """Mark every unread notification of the user read, in one UPDATE whatever their number.
 
-    Returns `{"count": n, "ids": [...]}`, `ids` only when `n` is at most `READ_ALL_IDS`. The
+    Returns `{"count": n, "ids": [...], "unread_count": m}`, `ids` only when `n` is at most
+    `READ_ALL_IDS`, `m` as the event says it (notifications made meanwhile count). The
     `v1:notification.read` event says `"all": true`: every notification of the user before it
     in the stream is read now (a later one comes after it, with its own event).
     """
@@ -257,16 +258,13 @@ def read_all(user: Any) -> dict[str, Any]:
         now = timezone.now()
         count = Notification.objects.for_user(user).unread().update(read_at=now)
         if not count:
-            return {"count": 0, "ids": []}
+            return {"count": 0, "ids": [], "unread_count": unread_count(user)}
         answer: dict[str, Any] = {"count": count}
         if count <= READ_ALL_IDS:
             marked = Notification.objects.for_user(user).filter(read_at=now)
             answer["ids"] = sorted(marked.values_list("pk", flat=True)[: READ_ALL_IDS + 1])
-        realtime.emit(
-            stream,
-            READ,
-            {"all": True, **answer, "read": True, "unread_count": unread_count(user)},
-        )
+        answer["unread_count"] = unread_count(user)  # the event's, under the stream lock
+        realtime.emit(stream, READ, {"all": True, **answer, "read": True})
     return answer
 
 
@@ -282,14 +280,19 @@ def soft_delete(user: Any, ids: Iterable[int]) -> list[int]:
 
 
 def mark_read_by_admin(queryset: Any) -> int:
-    """Mark the given notifications read, one event per recipient (the admin's bulk action)."""
-    by_user: dict[int, list[int]] = {}
-    for pk, user_pk in queryset.unread().values_list("pk", "recipient_id"):
-        by_user.setdefault(user_pk, []).append(pk)
+    """Mark the given notifications read, one event per recipient (the admin's bulk action).
+
+    In one transaction (all or nothing), one recipient at a time: only that recipient's
+    selected ids are held in memory, however many the selection has.
+    """
     from django.contrib.auth import get_user_model
 
-    users = get_user_model()._default_manager.in_bulk(list(by_user))
+    selected = queryset.unread()
     total = 0
-    for user_pk, pks in by_user.items():
-        total += len(set_read(users[user_pk], pks, read=True))
+    with _atomic():
+        user_pks = selected.order_by("recipient_id").values_list("recipient_id", flat=True)
+        for user_pk in list(user_pks.distinct()):
+            user = get_user_model()._default_manager.get(pk=user_pk)
+            pks = selected.filter(recipient_id=user_pk).values_list("pk", flat=True)
+            total += len(set_read(user, list(pks), read=True))
     return total
