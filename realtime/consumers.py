@@ -939,10 +939,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self._close(Close.DISCONNECTED)
             return False
         if await _thread(signed_out)(self.session, self.session_key, user, self.opened_at):
-            # Logged out, and the logout message was lost (or this decision came first).
-            # After the password check: a password change cycles the changer's session key,
-            # and that tab is to reconnect (4000) on its new one, not to give up.
-            await self._close(Close.UNAUTHENTICATED)
+            # Logged out with the logout message lost, or signed in again (login() cycles the
+            # session key). A session socket cannot tell which, so it reconnects (4000) and
+            # the handshake decides on the cookie as it is now (4401 after a logout); a ticket
+            # socket is told for good.
+            code = Close.DISCONNECTED if self.session is not None else Close.UNAUTHENTICATED
+            await self._close(code)
             return False
         self.user = user
         return True

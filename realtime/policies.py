@@ -209,9 +209,13 @@ def signed_out(session: Any, session_key: str | None, user: Any, since: float) -
     A cookie-only session engine keeps nothing to check.
     """
     if session is not None:
-        if not session_key or type(session).__module__.endswith("signed_cookies"):
+        store = getattr(session, "_wrapped", session)  # Channels' scope holds a LazyObject
+        if not session_key or type(store).__module__.endswith("signed_cookies"):
             return False
-        return not session.exists(session_key)
+        try:
+            return not store.exists(session_key)
+        except (NotImplementedError, AttributeError):  # an engine that cannot tell
+            return False
     from .tickets import logged_out_since
 
     return logged_out_since(getattr(user, "pk", None), since)

@@ -21,7 +21,7 @@ logger = logging.getLogger("realtime.registry")
 
 ACTIONS = ("created", "updated", "deleted")
 _LOADED = "_realtime_loaded"  # the field values the row held when loaded or last committed
-_PENDING = "_realtime_pending"  # those of a save in a transaction not yet committed
+_PENDING = "_realtime_pending"  # those of its saves in a transaction not yet committed
 
 StreamsSpec = str | Callable[[Any], Any] | Iterable[str | Callable[[Any], Any]]
 
@@ -369,6 +369,7 @@ def _connect(model: Any) -> None:
         uid = f"realtime:{_label(cls)}"
         signals.post_init.connect(_on_init, sender=cls, dispatch_uid=uid, weak=False)
         signals.pre_save.connect(_on_pre_save, sender=cls, dispatch_uid=uid, weak=False)
+        signals.pre_delete.connect(_on_pre_delete, sender=cls, dispatch_uid=uid, weak=False)
         signals.post_save.connect(_on_save, sender=cls, dispatch_uid=uid, weak=False)
         signals.post_delete.connect(_on_delete, sender=cls, dispatch_uid=uid, weak=False)
         _wrap_save_base(cls)
@@ -387,6 +388,7 @@ def _disconnect(model: Any) -> None:
     uid = f"realtime:{_label(model)}"
     signals.post_init.disconnect(sender=model, dispatch_uid=uid)
     signals.pre_save.disconnect(sender=model, dispatch_uid=uid)
+    signals.pre_delete.disconnect(sender=model, dispatch_uid=uid)
     signals.post_save.disconnect(sender=model, dispatch_uid=uid)
     signals.post_delete.disconnect(sender=model, dispatch_uid=uid)
 
@@ -433,9 +435,19 @@ def _on_init(sender: Any, instance: Any, **kwargs: Any) -> None:
 
 
 def _on_pre_save(sender: Any, instance: Any, raw: bool, using: str, **kwargs: Any) -> None:
-    # An instance loaded with deferred fields knows nothing of their stored values; one
-    # that is about to write such a field (set since) reads them first, so a move is seen.
-    if raw or instance._state.adding or not realtime_settings.ENABLED:
+    if not raw:
+        _read_deferred(sender, instance, using)
+
+
+def _on_pre_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
+    _read_deferred(sender, instance, using)
+
+
+def _read_deferred(sender: Any, instance: Any, using: str) -> None:
+    # An instance loaded with deferred fields knows nothing of their stored values; one about
+    # to be saved or deleted with such a field set since reads them first, so a move is seen
+    # and a delete goes to the row's streams.
+    if instance._state.adding or not realtime_settings.ENABLED:
         return
     stored = _stored(instance, using)
     if stored is None:
@@ -451,18 +463,19 @@ def _on_pre_save(sender: Any, instance: Any, raw: bool, using: str, **kwargs: An
 def _stored(instance: Any, using: str) -> dict[str, Any] | None:
     """The field values the instance's row holds, as far as the instance knows.
 
-    Those of its last save in a transaction still open, if that save was not rolled back
-    (its commit hook is still queued); else those it was loaded or last committed with.
+    Those of its newest save in a transaction still open that was not rolled back (its commit
+    hook is still queued); else those it was loaded or last committed with.
     """
     pending = instance.__dict__.get(_PENDING)
-    if pending is not None:
-        values, alias, index, hook = pending
+    while pending:
+        values, alias, index, hook = pending[-1]
         queued = connections[alias].run_on_commit
         # A rollback drops the hooks queued since its savepoint, and only those, so a hook
-        # still at its index is still queued.
+        # still at its index is still queued; a dropped one's save is undone, and the save
+        # before it (if its hook is queued) is what the row holds.
         if alias == using and index < len(queued) and queued[index][1] is hook:
             return values  # type: ignore[no-any-return]
-        del instance.__dict__[_PENDING]
+        pending.pop()
     return instance.__dict__.get(_LOADED)
 
 
@@ -471,17 +484,21 @@ def _remember(instance: Any, values: dict[str, Any], using: str) -> None:
     connection = connections[using]
     if not connection.in_atomic_block:
         instance.__dict__[_LOADED] = values
+        instance.__dict__.pop(_PENDING, None)
         return
 
     def saved_row_committed() -> None:
         instance.__dict__[_LOADED] = values
-        pending = instance.__dict__.get(_PENDING)
-        if pending is not None and pending[3] is saved_row_committed:
-            del instance.__dict__[_PENDING]
+        pending = instance.__dict__.get(_PENDING) or []
+        for position, entry in enumerate(pending):
+            if entry[3] is saved_row_committed:  # this save and those before it are in
+                del pending[: position + 1]
+                break
 
     transaction.on_commit(saved_row_committed, using=using)
     index = len(connection.run_on_commit) - 1
-    instance.__dict__[_PENDING] = (values, using, index, saved_row_committed)
+    pending = instance.__dict__.setdefault(_PENDING, [])
+    pending.append((values, using, index, saved_row_committed))
 
 
 def _as_stored(instance: Any, stored: dict[str, Any], keep: frozenset[str] = frozenset()) -> Any:

@@ -180,3 +180,34 @@ def test_a_move_of_an_instance_loaded_without_its_stream_field_is_seen():
     assert Item.objects.get(pk=item.pk).project_id == new.pk
     assert types(f"project:{old.pk}")[-1] == "v1:item.deleted"
     assert types(f"project:{new.pk}")[-1] == "v1:item.created"
+
+
+def test_a_move_after_a_rolled_back_savepoint_leaves_the_stream_the_row_is_in():
+    item = ItemFactory()
+    org = item.project.organization
+    b, c, d = (ProjectFactory(organization=org) for _ in range(3))
+    item = Item.objects.get(pk=item.pk)
+    with transaction.atomic():
+        item.project = b
+        item.save()  # stands
+        item.project = c
+        with pytest.raises(Boom):
+            save_then_fail(item)  # a savepoint: undone
+        item.project = d
+        item.save()  # from b, where the row is
+    flush()
+    assert Item.objects.get(pk=item.pk).project_id == d.pk
+    assert types(f"project:{b.pk}")[1:] == ["v1:item.created", "v1:item.deleted"]
+    assert types(f"project:{c.pk}") == ["v1:project.created"]
+    assert types(f"project:{d.pk}")[1:] == ["v1:item.created"]
+
+
+def test_a_delete_of_an_instance_loaded_without_its_stream_field_goes_to_the_rows_stream():
+    item = ItemFactory()
+    old, new = item.project, ProjectFactory(organization=item.project.organization)
+    item = Item.objects.defer("project").get(pk=item.pk)
+    item.project_id = new.pk  # never saved
+    item.delete()
+    flush()
+    assert types(f"project:{old.pk}")[-1] == "v1:item.deleted"
+    assert types(f"project:{new.pk}") == ["v1:project.created"]

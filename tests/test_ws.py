@@ -472,7 +472,12 @@ async def test_a_lost_logout_message_is_made_up_for_by_the_next_decision(how, mo
     # What the periodic recheck (AUTHZ_RECHECK_INTERVAL) or any permission change does.
     publisher.send_control(user_group(bob.pk), {"type": "realtime.authz", "user": bob.pk})
     await db(flush)()
-    assert await closed_with(socket) == 4401
+    # A session socket reconnects, and the handshake refuses the session that is gone; a
+    # ticket socket is told for good.
+    assert await closed_with(socket) == (4000 if how == "session" else 4401)
+    if how == "session":
+        stale = RealtimeClient(session_key=key)
+        assert await stale.connect() == {"type": "websocket.close", "code": 4401}
 
 
 async def test_a_decision_keeps_a_socket_whose_session_is_still_signed_in():
