@@ -71,6 +71,8 @@ def _recipient_ids(recipients: Any) -> list[Any]:
                 raise TypeError("a recipient is not saved (no pk)")
         elif value is None:
             raise TypeError("a recipient is not saved (no pk)")
+        elif isinstance(value, bool):  # to_python would take True for pk 1
+            raise TypeError(f"recipient {value!r} is not a valid user pk")
         try:  # "7" and 7 are one user
             seen.setdefault(pk_field.to_python(value), None)
         except Exception:

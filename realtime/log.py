@@ -403,8 +403,8 @@ def relay_once(
     left_out: set[int] = set()  # streams refused in this pass
     budget = limit
     while budget > 0:
-        tried, refused = _relay_rows(result, cutoff, budget, left_out, timeout, using)
-        if not refused:
+        tried, refused, layer_failed = _relay_rows(result, cutoff, budget, left_out, timeout, using)
+        if not refused or layer_failed:  # a layer that failed is not tried again this pass
             break
         left_out |= refused
         budget -= tried
@@ -418,10 +418,11 @@ def _relay_rows(
     left_out: set[int],
     timeout: float | None,
     using: str,
-) -> tuple[int, set[int]]:
+) -> tuple[int, set[int], bool]:
     """One read and publish of up to `limit` unpublished events, outside streams `left_out`.
 
-    Adds to `result`; returns (the events tried, the ids of the streams the layer refused).
+    Adds to `result`; returns (the events tried, the ids of the streams the layer refused,
+    whether the layer itself failed).
     """
     connection = connections[using]
     # Two relays never take the same rows where the database can skip locked ones; that
@@ -442,7 +443,7 @@ def _relay_rows(
         rows = list(query[:limit])
         result.found += len(rows)
         if not rows:
-            return 0, set()
+            return 0, set(), False
         items = [outgoing(Envelope.from_row(row), row.pk, using) for row in rows]
         refused_streams: set[str] = set()
         sent = publisher.publish_now(items, timeout=timeout, refused=refused_streams)
@@ -456,7 +457,9 @@ def _relay_rows(
     # one row per refused stream counts, so the pass's loop ends). Rows after a layer
     # failure were not tried either, but then nothing was refused and the pass ends anyway.
     untried = sum(1 for row in rows if row.stream_id in refused) - len(refused)
-    return len(rows) - untried, refused
+    done = set(sent)
+    layer_failed = any(row.pk not in done and row.stream_id not in refused for row in rows)
+    return len(rows) - untried, refused, layer_failed
 
 
 # -- retention ---------------------------------------------------------------------------

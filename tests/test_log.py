@@ -702,3 +702,28 @@ def test_a_save_whose_event_data_json_cannot_carry_fails_whole_and_clearly():
         realtime.registry.registry.unregister(Project, version="v5")
     assert Event.objects.count() == count
     assert Project.objects.get(pk=project.pk).name != "renamed"  # the save rolled back
+
+
+def test_a_relay_pass_with_a_refusal_and_a_layer_failure_does_not_try_the_layer_again(
+    refusing_layer, monkeypatch
+):
+    from channels.layers import get_channel_layer
+
+    with monkeypatch.context() as patched:
+        patched.setattr(publisher, "submit", lambda items: None)  # all wait for the relay
+        realtime.emit("bad:1", "v1:note.added", {"n": 1})
+        realtime.emit("good:1", "v1:note.added", {"n": 2})
+        realtime.emit("other:1", "v1:note.added", {"n": 3})
+    layer = get_channel_layer()
+    refusing = layer.group_send
+
+    async def down_after_the_refusal(group, message):
+        await refusing(group, message)  # bad:1 is refused (TypeError) and recorded
+        raise ConnectionError("layer down")  # anything else: the layer fails
+
+    layer.group_send = down_after_the_refusal
+    result = realtime.log.relay_once(grace=0, limit=10)
+    # bad:1 refused, good:1 failed with the layer down: the pass ends there, without a
+    # second round that would pay the layer's timeout again for other:1.
+    assert refusing_layer == [group_name("bad:1"), group_name("good:1")]
+    assert (result.found, result.published) == (3, 0)

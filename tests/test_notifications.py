@@ -640,6 +640,8 @@ def test_a_user_given_as_an_object_and_as_pk_text_is_notified_once():
     assert Notification.objects.filter(recipient=bob).count() == 1
     with pytest.raises(TypeError, match="not a valid user pk"):
         notify(["nobody"], "liked")
+    with pytest.raises(TypeError, match="not a valid user pk"):
+        notify([True], "liked")  # not user 1
 
 
 @pytest.mark.postgres
