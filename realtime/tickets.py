@@ -54,17 +54,24 @@ def revoke_issued(user: Any) -> None:
     )
 
 
-def logged_out_since(user_pk: Any, since: float) -> bool:
-    """Whether the user logged out after `since` (a Unix time), as far as the mark still says."""
-    if user_pk is None:
-        return False
-    ttl = float(realtime_settings.TICKET_TTL)
+def _last_logout(user_pk: Any) -> float | None:
+    """When the user last logged out (a Unix time), while the mark is kept; else None."""
     mark = (
         UsedTicket.objects.filter(nonce=_logout_mark(user_pk))
         .values_list("expires_at", flat=True)
         .first()
     )
-    return mark is not None and (mark - dt.timedelta(seconds=ttl)).timestamp() > since
+    if mark is None:
+        return None
+    return (mark - dt.timedelta(seconds=float(realtime_settings.TICKET_TTL))).timestamp()
+
+
+def logged_out_since(user_pk: Any, since: float) -> bool:
+    """Whether the user logged out after `since` (a Unix time), as far as the mark still says."""
+    if user_pk is None:
+        return False
+    logged_out = _last_logout(user_pk)
+    return logged_out is not None and logged_out > since
 
 
 def redeem(ticket: str) -> Any | None:
@@ -91,16 +98,9 @@ def redeem(ticket: str) -> Any | None:
             )
     except IntegrityError:
         return None  # already used
-    logged_out = (
-        UsedTicket.objects.filter(nonce=_logout_mark(payload["u"]))
-        .values_list("expires_at", flat=True)
-        .first()
-    )
+    logged_out = _last_logout(payload["u"])
     issued = payload.get("t")
-    if logged_out is not None and (
-        not isinstance(issued, int | float)
-        or issued <= (logged_out - dt.timedelta(seconds=ttl)).timestamp()
-    ):
+    if logged_out is not None and (not isinstance(issued, int | float) or issued <= logged_out):
         return None  # issued before the user's last logout
     User = get_user_model()
     try:
