@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.core.exceptions import ObjectDoesNotExist
 from django.db import connections, models, router, transaction
 from django.db.models import signals
 from django.utils.module_loading import import_string
@@ -441,6 +442,15 @@ def _on_pre_save(sender: Any, instance: Any, raw: bool, using: str, **kwargs: An
 
 def _on_pre_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
     _read_deferred(sender, instance, using)
+    if realtime_settings.ENABLED and not instance._state.adding:
+        # After the delete, a deferred field can no longer be read (Django would query the
+        # row and find none), yet the event's streams and data may need it: read them now.
+        deferred = instance.get_deferred_fields()
+        if deferred:
+            try:
+                instance.refresh_from_db(using=using, fields=sorted(deferred))
+            except ObjectDoesNotExist:
+                pass  # already gone: the delete removes nothing, as Django's own would
 
 
 def _read_deferred(sender: Any, instance: Any, using: str) -> None:

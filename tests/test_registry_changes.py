@@ -211,3 +211,17 @@ def test_a_delete_of_an_instance_loaded_without_its_stream_field_goes_to_the_row
     flush()
     assert types(f"project:{old.pk}")[-1] == "v1:item.deleted"
     assert types(f"project:{new.pk}") == ["v1:project.created"]
+
+
+@pytest.mark.parametrize("loaded", [("title",), ("id",)])
+def test_a_delete_of_an_instance_loaded_with_deferred_fields_logs_the_rows_values(loaded):
+    item = ItemFactory()
+    item.save()  # version 2
+    stored = Item.objects.get(pk=item.pk)
+    item = Item.objects.only(*loaded).get(pk=item.pk)  # version (and project_id) deferred
+    item.delete()
+    flush()
+    assert not Item.objects.filter(pk=stored.pk).exists()
+    row = Event.objects.filter(stream__name=f"project:{stored.project_id}").order_by("seq").last()
+    assert row.type == "v1:item.deleted"
+    assert row.data == {"id": stored.pk, "version": stored.version}
