@@ -703,6 +703,7 @@ def test_a_delete_with_if_match_does_not_pass_over_a_change_made_meanwhile(monke
     etag = client.get(f"/api/notifications/{note.pk}/")["ETag"]
     real_soft_delete = notifications_api.soft_delete
     other = []
+    threads = []
 
     def mark_read_meanwhile():
         try:
@@ -713,15 +714,16 @@ def test_a_delete_with_if_match_does_not_pass_over_a_change_made_meanwhile(monke
     def soft_delete(user, ids):
         # The If-Match check passed; another request marks it read before the delete writes.
         thread = threading.Thread(target=mark_read_meanwhile)
+        threads.append(thread)
         thread.start()
         thread.join(2)  # it waits for this delete's lock, so it does not finish here
         return real_soft_delete(user, ids)
 
     monkeypatch.setattr(notifications_api, "soft_delete", soft_delete)
     response = client.delete(f"/api/notifications/{note.pk}/", HTTP_IF_MATCH=etag)
-    for thread in threading.enumerate():
-        if thread.name != threading.current_thread().name and thread.daemon is False:
-            thread.join(10)
+    (thread,) = threads
+    thread.join(10)
+    assert not thread.is_alive()
     flush()
     note.refresh_from_db()
     assert response.status_code == 204
