@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django.conf import settings
@@ -36,6 +37,16 @@ def check_backend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
                 id="presence.W001",
             )
         )
+    bad = _bad_numbers(presence_settings)
+    if bad:
+        messages.append(
+            checks.Error(
+                "PRESENCE " + "; ".join(bad) + ": the background refresh and sweep would spin "
+                "(or never run) and typing indicators would misbehave.",
+                id="presence.E004",
+            )
+        )
+        return messages
     ttl = float(presence_settings.TTL)
     refresh = presence_settings.REFRESH_INTERVAL
     if refresh is not None and float(refresh) >= ttl:
@@ -47,3 +58,31 @@ def check_backend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
             )
         )
     return messages
+
+
+# (setting, may it be zero, may it be None)
+_NUMBERS = (
+    ("TTL", False, False),
+    ("REFRESH_INTERVAL", False, True),
+    ("SWEEP_INTERVAL", False, False),
+    ("TYPING_INTERVAL", True, False),
+    ("TYPING_EXPIRES_MS", True, False),
+)
+
+
+def _bad_numbers(presence_settings: Any) -> list[str]:
+    bad = []
+    for name, zero_ok, none_ok in _NUMBERS:
+        value = getattr(presence_settings, name)
+        if value is None and none_ok:
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            bad.append(f"[{name!r}] = {value!r} is not a number")
+            continue
+        low = number < 0 or (number == 0 and not zero_ok)
+        if isinstance(value, bool) or not math.isfinite(number) or low:
+            least = "at least 0" if zero_ok else "greater than 0"
+            bad.append(f"[{name!r}] = {value!r} must be a finite number {least}")
+    return bad

@@ -136,6 +136,30 @@ async def test_backend_counts_users_not_connections(kind):
     await backend.close()
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_user_id_with_a_bar_expires_as_that_user(kind):
+    # A string primary key may hold the "|" that the Redis backend puts between user and
+    # connection ids (connection ids are hex, so the user is what comes before the last one).
+    if kind == "redis":
+        from .conftest import need
+
+        need(bool(os.environ.get("REDIS_URL")), "REDIS_URL is not set")
+        from presence.backends.redis import RedisBackend
+
+        backend = RedisBackend(url=os.environ["REDIS_URL"], prefix=f"test-{uuid.uuid4().hex}")
+    else:
+        from presence.backends.memory import MemoryBackend
+
+        backend = MemoryBackend()
+    now, s = time.time(), "project:1"
+    assert await backend.join(s, "ops|bob", "c1", "n1", now + 0.1, now) is True
+    assert [(e.user_id, e.connection_id) for e in await backend.entries()] == [("ops|bob", "c1")]
+    assert await backend.expire(now + 1) == [Change(s, "ops|bob")]
+    assert await backend.members(s) == {}
+    await backend.close()
+
+
 # -- over the WebSocket -----------------------------------------------------------------------
 
 
@@ -353,6 +377,19 @@ def test_system_checks():
         PRESENCE={"BACKEND": "presence.backends.memory.MemoryBackend"}, DEBUG=False
     ):
         assert [m.id for m in check_backend()] == ["presence.W001"]
+    # Intervals of zero or less (or not numbers) would make the background loops spin.
+    for bad in (
+        {"TTL": 0},
+        {"TTL": -5, "REFRESH_INTERVAL": 1},
+        {"REFRESH_INTERVAL": 0},
+        {"REFRESH_INTERVAL": -1},
+        {"SWEEP_INTERVAL": 0},
+        {"SWEEP_INTERVAL": "soon"},
+        {"TYPING_INTERVAL": -1},
+        {"TYPING_EXPIRES_MS": -1},
+    ):
+        with override_settings(PRESENCE=bad, DEBUG=True):
+            assert [m.id for m in check_backend()] == ["presence.E004"], bad
 
 
 @pytest.mark.django_db(transaction=True)

@@ -49,7 +49,7 @@ local left = {}
 for _, member in ipairs(doomed) do
   redis.call('ZREM', KEYS[1], member)
   redis.call('HDEL', KEYS[2], member)
-  local user = string.match(member, '^(.-)|')
+  local user = string.match(member, '^(.*)|')  -- the last bar: connection ids are hex
   local n = redis.call('HINCRBY', KEYS[3], user, -1)
   if n <= 0 then
     redis.call('HDEL', KEYS[3], user)
@@ -171,7 +171,7 @@ class RedisBackend(PresenceBackend):
             scored = await client.zrange(keys[0], 0, limit, withscores=True)
             nodes = await client.hgetall(keys[1])
             for member, expires_at in scored:
-                user_id, _, connection_id = member.partition("|")
+                user_id, _, connection_id = member.rpartition("|")
                 found.append(
                     Entry(stream, user_id, connection_id, nodes.get(member, ""), expires_at)
                 )
