@@ -9,7 +9,8 @@ node that dies stops refreshing, and a sweeper on any node removes its entries a
 and announces each leave once (the backend's atomic removal decides who announces).
 
 Typing indicators pass through `publishing`: `v1:typing.started` is forwarded at most once
-per TYPING_INTERVAL per user and stream (per node), with `expiresIn` added.
+per TYPING_INTERVAL per user and stream (per node), with `expiresIn` added, and
+`v1:typing.stopped` only once after each forwarded `started`.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ class _LoopState:
     """What one event loop (one server process, usually) holds."""
 
     entries: set[tuple[str, str, str]] = field(default_factory=set)
-    typing: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: (stream, user id) -> (when its last `started` was forwarded, not stopped since)
+    typing: dict[tuple[str, str], tuple[float, bool]] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     #: Held while `entries` changes together with the backend, and by a refresh from the
     #: moment it reads `entries` until its writes are done. Without it, a leave landing
@@ -220,16 +222,20 @@ class PresenceTracker(ConnectionHooks):
         state = self.state()
         key = (stream, str(connection.user.pk))
         now = time.monotonic()
-        if event_type == TYPING_STOPPED:
-            state.typing.pop(key, None)
-            return True, data
         last = state.typing.get(key)
-        if last is not None and now - last < float(presence_settings.TYPING_INTERVAL):
+        if event_type == TYPING_STOPPED:
+            # Only a `stopped` that ends a forwarded `started`: the throttle's interval stands,
+            # so alternating the two cannot forward more than one `started` per interval.
+            if last is None or last[1] is False:
+                return False, data
+            state.typing[key] = (last[0], False)
+            return True, data
+        if last is not None and now - last[0] < float(presence_settings.TYPING_INTERVAL):
             return False, data
         if len(state.typing) >= _TYPING_MEMORY:  # bounded: forget the stalest half
             for stale in sorted(state.typing, key=state.typing.__getitem__)[: _TYPING_MEMORY // 2]:
                 del state.typing[stale]
-        state.typing[key] = now
+        state.typing[key] = (now, True)
         extra = data if isinstance(data, dict) else {}
         return True, {**extra, "expiresIn": int(presence_settings.TYPING_EXPIRES_MS)}
 

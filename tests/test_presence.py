@@ -261,6 +261,12 @@ async def test_typing_goes_to_the_others_throttled_with_expiry(fresh_presence):
     stopped = await alice_tab.request("publish", stream=stream, type="v1:typing.stopped", data={})
     assert stopped["ok"] is True
     assert (await next_event(bob_tab, "v1:typing.stopped"))["from"]["user"] == alice.pk
+    # A `stopped` does not reset the interval, and one with no `started` before it is held
+    # back: alternating the two forwards nothing more within the interval.
+    for kind in ("started", "stopped", "started", "stopped"):
+        held = await alice_tab.request("publish", stream=stream, type=f"v1:typing.{kind}", data={})
+        assert held["data"] == {"throttled": True}, kind
+    assert await no_event(bob_tab, "v1:typing.", wait=0.3)
     # Never to the sender's own tabs.
     assert await no_event(alice_tab, "v1:typing.", wait=0.2)
     assert await no_event(alice_other, "v1:typing.", wait=0.2)
