@@ -199,6 +199,8 @@ class Subscription:
             self.overflowed = False
             while True:
                 rows = await _thread(read_typed_after)(self.stream, self.contiguous, batch)
+                if not self.authorized:
+                    return  # refused while the rows were read: none of them goes out
                 metrics.REPLAYED.labels(self.consumer.transport).inc(len(rows))
                 hole = False
                 for seq, event_type, frames, _timestamp in rows:
@@ -254,6 +256,8 @@ class Subscription:
         self.contiguous = contiguous
 
     def emit(self, seq: int, frames: dict[str, str], event_type: str = "") -> None:
+        if not self.authorized:
+            return  # refused while its replay was under way (`deliver` counts live ones)
         if seq <= self.contiguous or seq in self.above:
             return  # already delivered (replay and live overlap, or the relay's duplicate)
         if seq == self.contiguous + 1:

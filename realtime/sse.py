@@ -100,8 +100,11 @@ class SSEConnection:
 
     # The sink Subscription delivers into.
     def send_event(self, stream: str, seq: int, event_type: str, frame: str) -> None:
+        subscription = self.subscriptions.get(stream)
+        if subscription is None:
+            return  # refused meanwhile
         old = self.positions[stream]
-        self.positions[stream] = Position(self.subscriptions[stream].contiguous, old.epoch)
+        self.positions[stream] = Position(subscription.contiguous, old.epoch)
         self.enqueue(_message(event_type or "message", frame, encode(self.positions)))
 
     def send_reset(self, stream: str, seq: int, epoch: str | None) -> None:
@@ -224,8 +227,12 @@ class SSEConnection:
             counted = True
             if self.resumed:
                 metrics.RESUMES.labels("sse").inc()
-            for stream, subscription in self.subscriptions.items():
+            for stream, subscription in list(self.subscriptions.items()):
                 await hub.join(stream, subscription)
+                if not subscription.authorized:
+                    # Refused while it was being joined (after its decision left the hub):
+                    # leave again, or the hub would hold it for as long as the stream runs.
+                    await hub.leave(stream, subscription)
             yield f"retry: {RETRY_MS}\n\n"
             for reset in resets:
                 metrics.RESETS.labels("sse").inc()
@@ -236,6 +243,8 @@ class SSEConnection:
                 # from here instead of from a later now (and misses nothing in between).
                 yield f"id: {encode(self.positions)}\n\n"
             for subscription in list(self.subscriptions.values()):
+                if not subscription.authorized:
+                    continue  # refused since; its `unsubscribed` is queued
                 async for chunk in self._replay(subscription):
                     yield chunk
             while not self.closed:

@@ -220,7 +220,7 @@ async def test_seqs_given_up_on_count_every_later_one_already_delivered():
 
     sink = RecordingSink()
     subscription = Subscription(sink, "project:1", stream_kinds.get("project"), None)
-    subscription.authorized = False  # no resync: the bound is all that stops the wait
+    assert subscription.replaying  # no resync: the bound is all that stops the wait
     subscription.contiguous = 1
     last = 4 * consumers._DUPLICATE_WINDOW + 3
     for seq in range(3, last + 1):  # seq 2 never comes

@@ -520,3 +520,90 @@ async def test_events_pruned_after_the_cursor_was_checked_give_a_reset(settings,
     assert event["data"]["seq"] == row.last_seq + 1
     assert decode(event["id"])[stream].seq == row.last_seq + 1
     await reader.close()
+
+
+async def test_access_revoked_during_a_replay_unsubscribes_and_sends_nothing_more(
+    settings, monkeypatch
+):
+    import time
+
+    import realtime
+    import realtime.replay
+    from realtime.cursor import Position, encode
+    from realtime.models import Stream
+
+    settings.REALTIME = {**getattr(settings, "REALTIME", {}), "REPLAY_BATCH": 2}
+    owner, member = await db(UserFactory)(), await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    await db(add_member)(project, member)
+    for n in range(6):
+        await db(ItemFactory)(project=project, title=f"secret{n}")
+    stream = f"project:{project.pk}"
+    row = await db(Stream.objects.get)(name=stream)
+    original = realtime.replay.read_typed_after
+    reads = []
+
+    def revoking_read(name, after, limit):
+        if name == stream:
+            reads.append(after)
+            if len(reads) == 2:  # the replay's second batch: access goes meanwhile
+                remove_member(project, member)
+                time.sleep(1.0)  # the stream decides again while this batch is read
+        return original(name, after, limit)
+
+    monkeypatch.setattr(realtime.replay, "read_typed_after", revoking_read)
+    client = AsyncClient()
+    await client.aforce_login(member)
+    response = await client.get(
+        "/realtime/sse/",
+        {"streams": f"{stream},user:{member.pk}"},
+        headers={"Last-Event-ID": encode({stream: Position(0, row.epoch)})},
+    )
+    reader = SSEReader(response)
+    seen = []
+    while not seen or seen[-1].get("event") != "unsubscribed":
+        seen.append(await reader.message(timeout=5))
+    items = [m for m in seen if m.get("event", "").startswith("v1:item")]
+    assert len(items) <= 2  # the batch read before the revocation, nothing after it
+    await db(realtime.emit)(f"user:{member.pk}", "v1:note.added", {"n": 1})
+    message = await reader.message()
+    while "event" not in message:
+        message = await reader.message()
+    assert message["event"] == "v1:note.added"  # the stream still allowed goes on
+    assert message["data"]["stream"] == f"user:{member.pk}"
+    await reader.close()
+
+
+async def test_access_revoked_while_the_stream_joins_its_streams(monkeypatch):
+    from realtime import fanout
+
+    owner, member = await db(UserFactory)(), await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    await db(add_member)(project, member)
+    original = fanout.Hub.join
+    joined = []
+
+    async def slow_join(self, stream, subscriber):
+        if stream.startswith("user:"):
+            await asyncio.sleep(1.0)  # a slow group_add (Redis under load)
+        joined.append(stream)
+        return await original(self, stream, subscriber)
+
+    monkeypatch.setattr(fanout.Hub, "join", slow_join)
+    client = AsyncClient()
+    await client.aforce_login(member)
+    response = await client.get(
+        "/realtime/sse/", {"streams": f"user:{member.pk},project:{project.pk}"}
+    )
+    reader = SSEReader(response)
+    first = asyncio.ensure_future(reader.message(timeout=5))
+    await asyncio.sleep(0.3)  # the body is joining user:<pk>
+    await db(remove_member)(project, member)
+    assert await first == {"retry": "3000"}
+    gone = await reader.message(timeout=5)
+    while gone.get("event") != "unsubscribed":
+        gone = await reader.message(timeout=5)
+    assert gone["data"]["stream"] == f"project:{project.pk}"
+    # The revoked stream is not joined after its decision (a hub member nobody would leave).
+    assert not fanout.get_hub().members.get(f"project:{project.pk}")
+    await reader.close()
