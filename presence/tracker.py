@@ -82,6 +82,10 @@ def _node() -> str:
     return node_id()
 
 
+def _gone(connection: Any) -> bool:
+    return bool(getattr(connection, "closing", False))
+
+
 def presence_enabled(stream: str) -> bool:
     kind, _key = parse_stream(stream)
     policy = stream_kinds.get(kind)
@@ -145,7 +149,8 @@ async def sweep(now: float | None = None) -> list[Change]:
 class _LoopState:
     """What one event loop (one server process, usually) holds."""
 
-    entries: set[tuple[str, str, str]] = field(default_factory=set)
+    #: (stream, user id, connection id) -> the connection (consumer) it is for
+    entries: dict[tuple[str, str, str], Any] = field(default_factory=dict)
     #: (stream, user id) -> (when its last `started` was forwarded, not stopped since)
     typing: dict[tuple[str, str], tuple[float, bool]] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -188,7 +193,7 @@ class PresenceTracker(ConnectionHooks):
         now = time.time()
         entry = (stream, user_id, connection.connection_id)
         async with state.lock:
-            state.entries.add(entry)
+            state.entries[entry] = connection
             first = await get_backend().join(stream, *entry[1:], _node(), now + _ttl(), now)
         if first:
             shown = await _thread(serializer())(connection.user)
@@ -209,7 +214,7 @@ class PresenceTracker(ConnectionHooks):
         user_id = str(connection.user.pk)
         state.typing.pop((stream, user_id), None)
         async with state.lock:
-            state.entries.discard((stream, user_id, connection.connection_id))
+            state.entries.pop((stream, user_id, connection.connection_id), None)
             last = await get_backend().leave(stream, user_id, connection.connection_id)
         if last:
             await announce_left(Change(stream, user_id), reason)
@@ -247,14 +252,25 @@ class PresenceTracker(ConnectionHooks):
             try:
                 now = time.time()
                 async with state.lock:  # no entry joins or leaves while the refresh writes
+                    # A connection that is closing, or whose consumer was cancelled before
+                    # its leaves ran, is not refreshed: its entries expire after the TTL, and
+                    # a sweep announces the leave, instead of it staying present for good.
+                    for entry in [e for e, conn in state.entries.items() if _gone(conn)]:
+                        del state.entries[entry]
                     rejoined = await get_backend().refresh(
                         sorted(state.entries), _node(), now + _ttl(), now
                     )
-                for change in rejoined:  # swept while this node stalled: present again
+                if rejoined:  # swept while this node stalled: present again
+                    shown = await _thread(display_many)(sorted({c.user_id for c in rejoined}))
+                for change in rejoined:
+                    # As a join says it (display fields), and not to the user's own sockets,
+                    # which are all on this node: their entries are what came back.
+                    user = shown.get(change.user_id) or {"id": _id(change.user_id)}
                     await _announce(
                         change.stream,
                         JOINED,
-                        {"user": {"id": _id(change.user_id)}, "since": iso(now)},
+                        {"user": user, "since": iso(now)},
+                        origin_user=_id(change.user_id),
                     )
                     await _signal(presence_joined, change.stream, change.user_id)
             except Exception:

@@ -302,8 +302,19 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.base_send = send
         self.handling = asyncio.Lock()
-        with contextlib.suppress(StopConsumer):
-            await await_many_dispatch([receive], self.dispatch)
+        try:
+            with contextlib.suppress(StopConsumer):
+                await await_many_dispatch([receive], self.dispatch)
+        finally:
+            started = getattr(self, "hub", None) is not None
+            if started and (
+                getattr(self, "registered", False) or getattr(self, "subscriptions", {})
+            ):
+                # Cancelled (the server gave up waiting for it) before `disconnect` ran or
+                # finished: finish it in a task of its own, or the hub, the Connection row and
+                # presence would keep this socket for as long as the process runs.
+                self.closing = True
+                _background(self.disconnect(1006))
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         self.hub = get_hub()  # this loop's; read once, not per frame
@@ -1016,11 +1027,23 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         hub = self.hub
         hub.remove_connection(self)
         try:
-            for stream, subscription in list(self.subscriptions.items()):
+            ending = list(self.subscriptions.items())
+            for stream, subscription in ending:
                 if subscription.task is not None:
                     subscription.task.cancel()
                 await hub.leave(stream, subscription)
-                await hooks.call("unsubscribed", self, stream, subscription.policy, "disconnect")
+            # The hooks of all subscriptions at once: each may wait up to PUBLISH_TIMEOUT for
+            # an announcement (presence) when the layer is stuck, and one after the other they
+            # would outlast the server's wait for this coroutine and be cut off.
+            turns = asyncio.Semaphore(32)
+
+            async def unsubscribed(stream: str, subscription: Subscription) -> None:
+                async with turns:
+                    await hooks.call(
+                        "unsubscribed", self, stream, subscription.policy, "disconnect"
+                    )
+
+            await asyncio.gather(*(unsubscribed(stream, sub) for stream, sub in ending))
             self.subscriptions.clear()
             if self.user is not None and registered:
                 await hooks.call("disconnected", self)

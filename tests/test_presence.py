@@ -570,3 +570,145 @@ async def test_a_stuck_layer_costs_the_announcements_never_the_join_or_leave(
     await asyncio.sleep(0.5)
     assert [change[0] for change in signals] == ["joined", "left"]
     assert await get_backend().members(stream) == {}
+
+
+def stop_tracker() -> None:
+    from presence.tracker import tracker
+
+    for state in list(tracker._loops.values()):
+        for task in state.tasks:
+            task.cancel()
+    tracker._loops.clear()
+
+
+def fast_presence() -> dict:
+    return {
+        **backend_settings(),
+        "TTL": 0.6,
+        "REFRESH_INTERVAL": 0.2,
+        "SWEEP_INTERVAL": 0.1,
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_a_socket_cut_off_during_a_slow_disconnect_leaves_every_stream(
+    settings, monkeypatch, signals
+):
+    from channels.layers import get_channel_layer
+
+    settings.REALTIME = {"PUBLISH_TIMEOUT": 0.6}
+    with override_settings(PRESENCE=fast_presence()):
+        stop_tracker()
+        try:
+            alice = await db(UserFactory)()
+            streams = []
+            for _ in range(3):
+                _owner, _project, stream = await project_with(alice)
+                streams.append(stream)
+            client = await tab(alice)
+            for stream in streams:
+                assert (await client.subscribe(stream))["ok"]
+            layer = get_channel_layer()
+            original = layer.group_send
+            stuck = True
+
+            async def group_send(group, message):
+                if stuck and message.get("ephemeral"):
+                    await asyncio.sleep(3600)  # the announcements hang (Redis paused)
+                await original(group, message)
+
+            monkeypatch.setattr(layer, "group_send", group_send)
+            # The server gives the app 1 s after the client left, then cancels it: three
+            # announcements of 0.6 s each, one after the other, would not fit.
+            await client.communicator.disconnect(timeout=1)
+            stuck = False
+            await asyncio.sleep(2.0)  # > 3 TTLs
+            for stream in streams:
+                assert str(alice.pk) not in await get_backend().members(stream), stream
+        finally:
+            stop_tracker()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_a_consumer_cancelled_before_its_disconnect_leaves():
+    from realtime.fanout import get_hub
+    from realtime.models import Connection
+
+    with override_settings(PRESENCE=fast_presence()):
+        stop_tracker()
+        try:
+            alice = await db(UserFactory)()
+            _owner, _project, stream = await project_with(alice)
+            client = await tab(alice)
+            assert (await client.subscribe(stream))["ok"]
+            client.communicator.future.cancel()  # no websocket.disconnect ever comes
+            await asyncio.sleep(2.0)
+            assert str(alice.pk) not in await get_backend().members(stream)
+            assert not get_hub().members.get(stream)
+            assert not await db(Connection.objects.filter(user=alice).exists)()
+        finally:
+            stop_tracker()
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_closing_connection_is_not_refreshed_and_expires(signals):
+    import types
+
+    from presence.tracker import tracker
+
+    user = types.SimpleNamespace(pk=3, get_username=lambda: "u3")
+    alice = types.SimpleNamespace(user=user, connection_id="c3", closing=False)
+    policy = types.SimpleNamespace(presence=True)
+    with override_settings(PRESENCE=fast_presence()):
+        stop_tracker()
+        try:
+            await tracker.subscribed(alice, "project:9", policy)
+            await asyncio.sleep(1.0)  # refreshed past the TTL while it is open
+            assert "3" in await get_backend().members("project:9")
+            alice.closing = True  # its leaves never run (cut off, or they failed)
+            await asyncio.sleep(1.5)
+            assert "3" not in await get_backend().members("project:9")
+        finally:
+            stop_tracker()
+    assert [(kind, reason) for kind, _stream, _user, reason in signals] == [
+        ("joined", ""),
+        ("left", "expired"),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_a_join_announced_by_a_refresh_after_a_stall_shows_the_user():
+    from presence.tracker import _node
+
+    presence = {**backend_settings(), "TTL": 30.0, "REFRESH_INTERVAL": 0.3, "SWEEP_INTERVAL": 60.0}
+    with override_settings(PRESENCE=presence):
+        stop_tracker()
+        try:
+            alice = await db(UserFactory)(username="alice-stall")
+            bob = await db(UserFactory)(username="bob-stall")
+            _owner, _project, stream = await project_with(alice, bob)
+            watcher = await tab(bob)
+            await watcher.subscribe(stream)
+            socket = RealtimeClient(session_key=await db(session_for)(alice))
+            welcome = await socket.connect()
+            await socket.subscribe(stream)
+            normal = await next_event(watcher, "v1:presence.joined")
+            # Alice's entry was not refreshed in time (the node stalled): a sweeper takes it.
+            now = time.time()
+            await get_backend().join(
+                stream, str(alice.pk), welcome["connectionId"], _node(), now - 1, now
+            )
+            assert len(await sweep()) == 1
+            assert (await next_event(watcher, "v1:presence.left"))["data"]["reason"] == "expired"
+            again = await next_event(watcher, "v1:presence.joined")  # the refresh puts it back
+            assert again["data"]["user"] == normal["data"]["user"]
+            assert again["data"]["user"]["username"] == "alice-stall"
+            assert await no_event(socket, "v1:presence.joined", wait=0.5)  # not about herself
+            await watcher.close()
+            await socket.close()
+        finally:
+            stop_tracker()
