@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -447,10 +448,9 @@ def _on_pre_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> Non
         # row and find none), yet the event's streams and data may need it: read them now.
         deferred = instance.get_deferred_fields()
         if deferred:
-            try:
+            # Already gone: the delete removes nothing, as Django's own would.
+            with contextlib.suppress(ObjectDoesNotExist):
                 instance.refresh_from_db(using=using, fields=sorted(deferred))
-            except ObjectDoesNotExist:
-                pass  # already gone: the delete removes nothing, as Django's own would
 
 
 def _read_deferred(sender: Any, instance: Any, using: str) -> None:
