@@ -203,19 +203,25 @@ def reload_user(user: Any) -> Any | None:
 def signed_out(session: Any, session_key: str | None, user: Any, since: float) -> bool:
     """Whether what a connection was opened with has ended since `since` (a Unix time).
 
-    A session connection: its session is gone (a logout flushes it). A ticket connection
-    (`session` None): the user logged out after it opened. The logout message closes such
-    connections at once; this is the check that catches them when that message was lost.
-    A cookie-only session engine keeps nothing to check.
+    A session connection: its session is gone (a logout flushes it), has expired, or is now
+    another user's. A ticket connection (`session` None): the user logged out after it
+    opened. The logout message closes such connections at once; this is the check that
+    catches them when that message was lost, and sessions that ran out meanwhile. A
+    cookie-only session engine keeps nothing to check.
     """
     if session is not None:
+        from django.contrib.auth import SESSION_KEY
+
         store = getattr(session, "_wrapped", session)  # Channels' scope holds a LazyObject
         if not session_key or type(store).__module__.endswith("signed_cookies"):
             return False
         try:
-            return not store.exists(session_key)
-        except (NotImplementedError, AttributeError):  # an engine that cannot tell
+            # Loaded afresh, as a request would: `exists()` is true of an expired row that
+            # `clearsessions` has not removed yet, and a fresh store reads what is stored now.
+            data = type(store)(session_key).load()
+        except (NotImplementedError, AttributeError, TypeError):  # an engine that cannot tell
             return False
+        return str(data.get(SESSION_KEY)) != str(getattr(user, "pk", None))
     from .tickets import logged_out_since
 
     return logged_out_since(getattr(user, "pk", None), since)

@@ -263,6 +263,24 @@ async def test_a_lost_logout_message_is_made_up_for_by_the_next_decision():
         await reader.event(timeout=3)
 
 
+async def test_an_expired_session_ends_the_stream_at_the_next_decision():
+    import datetime as dt
+
+    from django.contrib.sessions.models import Session
+    from django.utils import timezone
+
+    from realtime.invalidation import _send
+
+    owner = await db(UserFactory)()
+    reader, _ = await open_sse(owner, f"user:{owner.pk}")
+    # Expired, not yet removed (`clearsessions` has not run): any request now is anonymous.
+    expired = timezone.now() - dt.timedelta(seconds=1)
+    await db(lambda: Session.objects.update(expire_date=expired))()
+    await db(_send)([owner.pk], "realtime.authz")  # the periodic recheck, or any change
+    with pytest.raises(StopAsyncIteration):
+        await reader.event(timeout=3)
+
+
 async def test_a_decision_keeps_a_stream_whose_session_is_still_signed_in():
     from realtime.invalidation import _send
 

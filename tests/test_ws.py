@@ -480,6 +480,25 @@ async def test_a_lost_logout_message_is_made_up_for_by_the_next_decision(how, mo
         assert await stale.connect() == {"type": "websocket.close", "code": 4401}
 
 
+async def test_a_socket_whose_session_expired_is_closed_at_the_next_decision():
+    import datetime as dt
+
+    from django.contrib.sessions.models import Session
+    from django.utils import timezone
+
+    from realtime.consumers import user_group
+    from realtime.publisher import publisher
+    from realtime.testing import flush
+
+    bob = await db(UserFactory)()
+    socket = await client_for(bob)
+    expired = timezone.now() - dt.timedelta(seconds=1)
+    await db(lambda: Session.objects.update(expire_date=expired))()  # not yet cleared away
+    publisher.send_control(user_group(bob.pk), {"type": "realtime.authz", "user": bob.pk})
+    await db(flush)()
+    assert await closed_with(socket) == 4000  # it reconnects, and the handshake decides
+
+
 async def test_a_decision_keeps_a_socket_whose_session_is_still_signed_in():
     from realtime.consumers import user_group
     from realtime.publisher import publisher
