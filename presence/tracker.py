@@ -129,7 +129,13 @@ async def _announce(stream: str, event_type: str, data: Any, **kwargs: Any) -> N
 
 
 async def announce_left(change: Change, reason: str) -> None:
-    await _announce(change.stream, LEFT, {"user": {"id": _id(change.user_id)}, "reason": reason})
+    data: dict[str, Any] = {"user": {"id": _id(change.user_id)}, "reason": reason}
+    if change.since > 0:
+        # The presence this ends, as its `joined` (or the member list) gave it: announcements
+        # from other sockets or nodes may arrive out of order, and a client drops a `left`
+        # that ends an older presence than the one it shows.
+        data["since"] = iso(change.since)
+    await _announce(change.stream, LEFT, data)
     await _signal(presence_left, change.stream, change.user_id, reason=reason)
 
 
@@ -217,7 +223,8 @@ class PresenceTracker(ConnectionHooks):
             state.entries.pop((stream, user_id, connection.connection_id), None)
             last = await get_backend().leave(stream, user_id, connection.connection_id)
         if last:
-            await announce_left(Change(stream, user_id), reason)
+            since = last if isinstance(last, float) else 0.0  # True: a backend that cannot say
+            await announce_left(Change(stream, user_id, since), reason)
 
     async def publishing(
         self, connection: Any, stream: str, policy: Any, event_type: str, data: Any

@@ -314,7 +314,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 # finished: finish it in a task of its own, or the hub, the Connection row and
                 # presence would keep this socket for as long as the process runs.
                 self.closing = True
-                _background(self.disconnect(1006))
+                _background(self._disconnect_after_cancel())
+
+    async def _disconnect_after_cancel(self) -> None:
+        try:
+            await self.disconnect(1006)
+        except Exception:  # the loop may be closing (server shutdown): say so, once
+            logger.warning("cleanup of cancelled socket %s failed", self.connection_id)
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         self.hub = get_hub()  # this loop's; read once, not per frame

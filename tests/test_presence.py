@@ -15,7 +15,7 @@ from django.test import Client, override_settings
 from board.membership import add_member
 from presence.backends import Change
 from presence.signals import presence_joined, presence_left
-from presence.tracker import get_backend, sweep
+from presence.tracker import get_backend, iso, sweep
 from realtime.testing import RealtimeClient, session_for
 
 from .factories import OrganizationFactory, ProjectFactory, UserFactory
@@ -120,17 +120,18 @@ async def test_backend_counts_users_not_connections(kind):
     assert await backend.leave(s, "7", "c1") is False  # one tab left
     assert await backend.leave(s, "7", "c1") is False  # twice: nothing
     assert sorted(e.connection_id for e in await backend.entries()) == ["c2", "c3"]
-    # c3 (user 8) expires; two sweepers race: the leave is reported once.
+    # c3 (user 8) expires; two sweepers race: the leave is reported once, with the since of
+    # the presence it ends.
     first, second = await asyncio.gather(backend.expire(now + 10), backend.expire(now + 10))
-    assert first + second == [Change(s, "8")]
+    assert first + second == [Change(s, "8", now + 3)]
     assert await backend.members(s) == {"7": now}
     # A swept entry comes back with a refresh (a node that stalled), as a new join.
     assert await backend.refresh([(s, "8", "c3")], "n2", now + 60, now + 11) == [
         Change(s, "8", now + 11)
     ]
     assert await backend.refresh([(s, "8", "c3")], "n2", now + 70, now + 12) == []
-    assert await backend.leave(s, "7", "c2") is True
-    assert await backend.leave(s, "8", "c3") is True
+    assert await backend.leave(s, "7", "c2") == now  # the last tab: its presence's since
+    assert await backend.leave(s, "8", "c3") == now + 11
     assert await backend.members(s) == {}
     assert await backend.entries() == []
     await backend.close()
@@ -155,7 +156,7 @@ async def test_a_user_id_with_a_bar_expires_as_that_user(kind):
     now, s = time.time(), "project:1"
     assert await backend.join(s, "ops|bob", "c1", "n1", now + 0.1, now) is True
     assert [(e.user_id, e.connection_id) for e in await backend.entries()] == [("ops|bob", "c1")]
-    assert await backend.expire(now + 1) == [Change(s, "ops|bob")]
+    assert await backend.expire(now + 1) == [Change(s, "ops|bob", now)]
     assert await backend.members(s) == {}
     await backend.close()
 
@@ -188,7 +189,12 @@ async def test_two_tabs_are_one_member_one_join_and_one_leave(fresh_presence, si
     assert await no_event(watcher, "v1:presence.")  # one tab of two closed: no leave
     await second.close()
     left = await next_event(watcher, "v1:presence.left")
-    assert left["data"] == {"user": {"id": alice.pk}, "reason": "disconnect"}
+    # `since`: the presence this ends, as the `joined` gave it.
+    assert left["data"] == {
+        "user": {"id": alice.pk},
+        "reason": "disconnect",
+        "since": joined["data"]["since"],
+    }
     assert await no_event(watcher, "v1:presence.")
     await watcher.close()
     await asyncio.sleep(0.1)
@@ -223,7 +229,8 @@ async def test_unsubscribe_and_revocation_leave_and_streams_without_presence_tra
 
     await db(remove_member)(project, alice)  # revoked: the subscription ends, so does presence
     left = await next_event(watcher, "v1:presence.left")
-    assert left["data"] == {"user": {"id": alice.pk}, "reason": "forbidden"}
+    assert left["data"]["user"] == {"id": alice.pk}
+    assert left["data"]["reason"] == "forbidden"
     assert await get_backend().members(stream) == {str(bob.pk): pytest.approx(time.time(), abs=60)}
 
     organization = await db(OrganizationFactory)()
@@ -294,7 +301,7 @@ async def test_entries_of_a_dead_node_expire_and_the_leave_is_announced_once(
     results = await asyncio.gather(sweep(), sweep())
     assert sum(len(r) for r in results) == 1
     left = await next_event(watcher, "v1:presence.left")
-    assert left["data"] == {"user": {"id": 424242}, "reason": "expired"}
+    assert left["data"] == {"user": {"id": 424242}, "reason": "expired", "since": iso(now)}
     assert await no_event(watcher, "v1:presence.", wait=0.3)
     assert ("left", stream, "424242", "expired") in signals
     await watcher.close()

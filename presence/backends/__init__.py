@@ -8,7 +8,10 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Change:
-    """A user who joined (first connection) or left (last connection) a stream."""
+    """A user who joined (first connection) or left (last connection) a stream.
+
+    `since`: when that presence began (for a leave, the one it ends; 0.0 when unknown).
+    """
 
     stream: str
     user_id: str
@@ -50,8 +53,9 @@ class PresenceBackend:
         """Add or refresh an entry; True when this is the user's first connection there."""
         raise NotImplementedError
 
-    async def leave(self, stream: str, user_id: str, connection_id: str) -> bool:
-        """Remove an entry; True when it was the user's last connection there."""
+    async def leave(self, stream: str, user_id: str, connection_id: str) -> float | bool:
+        """Remove an entry; when it was the user's last connection there, the `since` of the
+        presence that ends (or True if the backend does not know it), else False."""
         raise NotImplementedError
 
     async def refresh(
@@ -69,7 +73,8 @@ class PresenceBackend:
         raise NotImplementedError
 
     async def expire(self, now: float, limit: int = 1000) -> list[Change]:
-        """Remove entries that expired before `now`; return the users who thereby left."""
+        """Remove entries that expired before `now`; return the users who thereby left (with
+        the `since` of the presence each ended)."""
         raise NotImplementedError
 
     async def entries(self, limit: int = 1000) -> list[Entry]:

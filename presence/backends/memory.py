@@ -43,27 +43,29 @@ class MemoryBackend(PresenceBackend):
             state[0] += 1
             return False
 
-    def _remove(self, stream: str, user_id: str, connection_id: str) -> bool:
+    def _remove(self, stream: str, user_id: str, connection_id: str) -> float | None:
+        """The since of the user's presence when this was their last entry, else None."""
         entries = self._entries.get(stream, {})
         if entries.pop((user_id, connection_id), None) is None:
-            return False
+            return None
         if not entries:
             self._entries.pop(stream, None)
         users = self._users.get(stream, {})
         state = users.get(user_id)
         if state is None:
-            return False
+            return None
         state[0] -= 1
         if state[0] > 0:
-            return False
+            return None
         del users[user_id]
         if not users:
             self._users.pop(stream, None)
-        return True
+        return state[1]
 
-    async def leave(self, stream: str, user_id: str, connection_id: str) -> bool:
+    async def leave(self, stream: str, user_id: str, connection_id: str) -> float | bool:
         with self._lock:
-            return self._remove(stream, user_id, connection_id)
+            since = self._remove(stream, user_id, connection_id)
+        return False if since is None else since
 
     async def refresh(
         self, entries: list[tuple[str, str, str]], node: str, expires_at: float, now: float
@@ -88,8 +90,9 @@ class MemoryBackend(PresenceBackend):
                 if expires_at < now
             ][:limit]
             for stream, user_id, connection_id in doomed:
-                if self._remove(stream, user_id, connection_id):
-                    left.append(Change(stream, user_id))
+                since = self._remove(stream, user_id, connection_id)
+                if since is not None:
+                    left.append(Change(stream, user_id, since))
         return left
 
     async def entries(self, limit: int = 1000) -> list[Entry]:

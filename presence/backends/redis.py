@@ -6,7 +6,8 @@ Keys (under `prefix`, "presence" by default), per stream `s`:
 - `<prefix>:s:<s>:u`  hash user -> number of live connections;
 - `<prefix>:s:<s>:t`  hash user -> since (when the first connection joined);
 - `<prefix>:streams`  set of streams that have entries (what sweepers walk).
-Each script changes one stream's keys at once, so racing nodes agree on who joined or left.
+Each script changes one stream's keys at once, so racing nodes agree on who joined or left;
+a leave reports the `since` of the presence it ends.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 if removed == 0 then return 0 end
 local n = redis.call('HINCRBY', KEYS[3], ARGV[2], -1)
 if n <= 0 then
+  local since = redis.call('HGET', KEYS[4], ARGV[2]) or '-1'  -- -1: unknown, still a leave
   redis.call('HDEL', KEYS[3], ARGV[2])
   redis.call('HDEL', KEYS[4], ARGV[2])
   if redis.call('ZCARD', KEYS[1]) == 0 then redis.call('SREM', KEYS[5], ARGV[3]) end
-  return 1
+  return since
 end
 return 0
 """
@@ -52,9 +54,11 @@ for _, member in ipairs(doomed) do
   local user = string.match(member, '^(.*)|')  -- the last bar: connection ids are hex
   local n = redis.call('HINCRBY', KEYS[3], user, -1)
   if n <= 0 then
+    local since = redis.call('HGET', KEYS[4], user) or '0'
     redis.call('HDEL', KEYS[3], user)
     redis.call('HDEL', KEYS[4], user)
     table.insert(left, user)
+    table.insert(left, since)
   end
 end
 if redis.call('ZCARD', KEYS[1]) == 0 then redis.call('SREM', KEYS[5], ARGV[3]) end
@@ -124,10 +128,12 @@ class RedisBackend(PresenceBackend):
         args = [member, user_id, node, expires_at, now, stream]
         return bool(await client.presence_scripts["join"](keys=self._keys(stream), args=args))
 
-    async def leave(self, stream: str, user_id: str, connection_id: str) -> bool:
+    async def leave(self, stream: str, user_id: str, connection_id: str) -> float | bool:
         client = self._client()
         args = [f"{user_id}|{connection_id}", user_id, stream]
-        return bool(await client.presence_scripts["leave"](keys=self._keys(stream), args=args))
+        # 0 (not the last connection), else the since (text: Lua numbers reach us as integers)
+        since = await client.presence_scripts["leave"](keys=self._keys(stream), args=args)
+        return False if since in (0, "0") else float(since)
 
     async def refresh(
         self, entries: list[tuple[str, str, str]], node: str, expires_at: float, now: float
@@ -155,10 +161,10 @@ class RedisBackend(PresenceBackend):
         client = self._client()
         left: list[Change] = []
         async for stream in client.sscan_iter(f"{self.prefix}:streams", count=200):
-            users = await client.presence_scripts["expire"](
+            found = await client.presence_scripts["expire"](
                 keys=self._keys(stream), args=[now, limit, stream]
-            )
-            left += [Change(stream, user) for user in users]
+            )  # user, since, user, since, ...
+            left += [Change(stream, user, float(since)) for user, since in zip(*[iter(found)] * 2)]
             if len(left) >= limit:
                 break
         return left

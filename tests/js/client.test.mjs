@@ -595,6 +595,40 @@ test("presence list from the reply, patched by joined and left", async () => {
   c.close();
 });
 
+test("presence diffs that arrive out of order leave the member list right", async () => {
+  const { c, sockets } = client();
+  c.connect();
+  await flush();
+  sockets[0].open();
+  const lists = [];
+  c.subscribe("project:1", { onPresence: (m) => lists.push(m.map((x) => x.user.id)) });
+  const sub = sockets[0].last("subscribe");
+  const T1 = "2026-12-03T10:00:00.000Z";
+  const T2 = "2026-12-03T10:00:05.000Z";
+  sockets[0].receive({
+    op: "reply", ref: sub.ref, ok: true,
+    data: { seq: 0, epoch: null, recovered: false, presence: [{ user: { id: 1 }, since: T1 }] },
+  });
+  await flush();
+  const diff = (type, id, since) => ({ op: "event", stream: "project:1", eventId: `${type}${id}${since}`, type, data: { user: { id }, since } });
+  // User 1 reloaded the page: the new socket's joined came before the old one's left.
+  sockets[0].receive(diff("v1:presence.joined", 1, T2));
+  sockets[0].receive(diff("v1:presence.left", 1, T1));
+  assert.deepEqual(lists.at(-1), [1]); // the late left ends the older presence only
+  // User 2 came and went, and the joined arrived last: it is of a presence seen to end.
+  sockets[0].receive(diff("v1:presence.left", 2, T1));
+  sockets[0].receive(diff("v1:presence.joined", 2, T1));
+  assert.deepEqual(lists.at(-1), [1]);
+  // In order, every diff applies; a left without since (an older server) still does.
+  sockets[0].receive(diff("v1:presence.left", 1, T2));
+  assert.deepEqual(lists.at(-1), []);
+  sockets[0].receive(diff("v1:presence.joined", 2, T2));
+  assert.deepEqual(lists.at(-1), [2]);
+  sockets[0].receive({ op: "event", stream: "project:1", eventId: "x", type: "v1:presence.left", data: { user: { id: 2 }, reason: "disconnect" } });
+  assert.deepEqual(lists.at(-1), []);
+  c.close();
+});
+
 test("server pings are answered and silence closes the socket", async () => {
   const { c, timers, sockets } = client();
   c.connect();

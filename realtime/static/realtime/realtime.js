@@ -940,6 +940,7 @@ export class RealtimeClient extends EventTarget {
       refused: null,
       data: null,
       presence: new Map(),
+      ended: new Map(), // user id -> `since` of their newest presence seen to end
       gapTimer: null,
       waiting: [],
     };
@@ -1213,15 +1214,35 @@ export class RealtimeClient extends EventTarget {
   }
 
   _ephemeral(frame, state) {
-    if (frame.type === "v1:presence.joined") {
-      state.presence.set(frame.data.user.id, frame.data);
-      this._presence(frame.stream, state);
-    } else if (frame.type === "v1:presence.left") {
-      state.presence.delete(frame.data.user.id);
-      this._presence(frame.stream, state);
+    if (frame.type === "v1:presence.joined" || frame.type === "v1:presence.left") {
+      if (this._presenceChange(frame, state)) this._presence(frame.stream, state);
     }
     this._emit("event", frame);
     for (const h of state.handlers) if (h.onEvent) h.onEvent(frame);
+  }
+
+  // Diffs sent by other sockets or nodes may arrive out of order (a tab reloaded: its old
+  // socket's `left` after its new one's `joined`). `since` names the presence a diff is
+  // about, so a `left` of an older presence than the one shown, or a `joined` of one already
+  // seen to end, changes nothing. ISO timestamps of one format compare as strings.
+  _presenceChange(frame, state) {
+    const id = frame.data.user.id;
+    const since = frame.data.since;
+    if (frame.type === "v1:presence.joined") {
+      const ended = state.ended.get(id);
+      if (since != null && ended != null && since <= ended) return false;
+      state.presence.set(id, frame.data);
+      return true;
+    }
+    if (since != null) {
+      const shown = state.presence.get(id);
+      if (shown && shown.since != null && shown.since > since) return false;
+      state.ended.delete(id); // re-added last: the map is cut oldest first
+      state.ended.set(id, since);
+      if (state.ended.size > 1000) state.ended.delete(state.ended.keys().next().value);
+    }
+    state.presence.delete(id);
+    return true;
   }
 
   _presence(stream, state) {
