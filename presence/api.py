@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from channels.db import database_sync_to_async
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseNotModified, JsonResponse
 from django.views.decorators.http import require_GET
 
 from realtime import metrics
@@ -47,7 +47,7 @@ async def presence_view(request: HttpRequest, stream: str) -> HttpResponse:
     text = json.dumps(body, separators=(",", ":"), sort_keys=True)
     etag = make_etag(body)
     if etag_matches(request.headers.get("If-None-Match"), etag):
-        response = HttpResponse(status=304)
+        response: HttpResponse = HttpResponseNotModified()
     else:
         response = HttpResponse(text, content_type="application/json")
     response["ETag"] = etag

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from channels.db import database_sync_to_async
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseNotModified, JsonResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import permissions, serializers, status
 from rest_framework.request import Request
@@ -21,15 +21,16 @@ from .conf import realtime_settings
 from .fanout import get_hub
 from .feed import (
     BadRequest,
+    SignIn,
     authorize,
     cursor_of,
+    method_not_allowed,
     parse_cursor,
     parse_streams,
     read_events,
     release_request_connections,
     starting_positions,
 )
-from .policies import reload_user
 from .tickets import issue
 
 
@@ -84,9 +85,7 @@ class _Waker:
 async def event_feed(request: HttpRequest) -> HttpResponse:
     """GET: events after a cursor, oldest first; with `wait`, held until one arrives (long poll)."""
     if request.method != "GET":
-        return JsonResponse(
-            {"error": {"code": "method_not_allowed", "message": "GET only"}}, status=405
-        )
+        return method_not_allowed(["GET"])
     try:
         streams = parse_streams(request)
         cursor = parse_cursor(request.GET.get("cursor"))
@@ -96,6 +95,7 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
         await _db(authorize)(user, streams)
     except BadRequest as exc:
         return exc.response()
+    sign_in = SignIn.of(request, user)
     start = await _db(starting_positions)(streams, cursor)
     events, after, resets = await _db(read_events)(start.positions, limit)
     resets = [*start.resets, *resets]
@@ -112,10 +112,11 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await waker.event.wait()
-                # Held for up to `wait` seconds: decide again, about the user as stored now,
-                # before handing out what committed meanwhile (as a socket is revoked).
+                # Held for up to `wait` seconds: decide again, about the user and the session
+                # as they are now, before handing out what committed meanwhile (as a socket
+                # is revoked, or closed by a logout or a password change).
                 try:
-                    await _db(authorize)(await _db(reload_user)(user), streams)
+                    await _db(sign_in.reauthorize)(user, streams)
                 except BadRequest as exc:
                     return exc.response()
                 events, after, resets = await _db(read_events)(start.positions, limit)
@@ -129,7 +130,7 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
     # nothing new has committed, with no body to parse.
     etag = make_etag(next_cursor, resets_text)
     if not events and etag_matches(request.headers.get("If-None-Match"), etag):
-        response = HttpResponse(status=304)
+        response: HttpResponse = HttpResponseNotModified()
     else:
         body = (
             '{"events":['

@@ -4,8 +4,10 @@
 on streams. Reads answer `ETag` and `X-Stream-Position`; the ETag comes from the streams'
 positions, the object's version and the user's permission state, never from serializing, and
 is computed after DRF has authenticated the request and checked object permissions, so a user
-who may not see an object never gets a 304 for it. Writes take `If-Match` (412 when stale) and
-report the position of the events they caused; a POST with an `Idempotency-Key` is done once.
+who may not see an object never gets a 304 for it. Preconditions follow RFC 9110, 13.2.2 (a
+stale `If-Match` is 412 on reads and writes, a matching `If-None-Match` 304 on reads and 412 on
+writes); writes report the position of the events they caused; a POST with an
+`Idempotency-Key` is done once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from functools import lru_cache
 from typing import Any
 
 from django.db import IntegrityError, connections, models, router, transaction
+from django.http import HttpRequest, HttpResponseNotModified
+from django.http.response import HttpResponseBase
 from django.utils import timezone
+from django.utils.http import parse_etags
 from rest_framework import status
 from rest_framework.exceptions import APIException, NotFound
 from rest_framework.request import Request
@@ -36,6 +41,9 @@ class PreconditionFailed(APIException):
     status_code = status.HTTP_412_PRECONDITION_FAILED
     default_detail = "The resource changed since you read it (If-Match does not match)."
     default_code = "precondition_failed"
+
+
+_NONE_MATCHED = "If-None-Match names the resource as it is now (or is *): nothing was changed."
 
 
 class IdempotencyMismatch(APIException):
@@ -66,25 +74,37 @@ def _seqs(positions: dict[str, tuple[int, str | None]]) -> dict[str, int]:
 _LISTED_PKS = 10_000
 
 
+def _digest(parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()
+
+
 def make_etag(*parts: Any) -> str:
-    digest = hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()
-    return f'"{digest[:32]}"'
+    return f'"{_digest(parts)[:32]}"'
 
 
-def etag_matches(header_value: str | None, etag: str, *, weak: bool = True) -> bool:
+def etag_matches(
+    header_value: str | None, etag: str, *, weak: bool = True, state: bool = False
+) -> bool:
     """Whether an If-None-Match (`weak`) or If-Match header names `etag`, or is `*`.
 
     If-None-Match compares weakly (`W/"x"` matches `"x"`); If-Match strongly (RFC 9110,
-    13.1.1): a weak tag never matches there.
+    13.1.1): a weak tag never matches there. With `state`, only the state part of an object's
+    tag is compared (see `ConditionalReadMixin.object_etag`), so a tag of any of its bodies
+    matches while the object is unchanged.
     """
-    if not header_value:
-        return False
-    if header_value.strip() == "*":
+    tags = parse_etags(header_value or "")
+    if tags == ["*"]:
         return True
-    candidates = {c.strip() for c in header_value.split(",")}
     if weak:
-        candidates = {c.removeprefix("W/") for c in candidates}
-    return etag in candidates
+        tags = [tag.removeprefix("W/") for tag in tags]
+    if state:
+        return _state(etag) in {_state(tag) for tag in tags}
+    return etag in tags
+
+
+def _state(tag: str) -> str:
+    """The state part of an object's tag, `"<state>.<representation>"`; all of any other tag."""
+    return tag.partition(".")[0]
 
 
 @dataclass(frozen=True)
@@ -228,8 +248,9 @@ class ConditionalReadMixin:
     """ETag/304 and X-Stream-Position on `list` and `retrieve` of a DRF view (reads only).
 
     Override `get_streams(obj)` (the streams whose events change what the view returns) and,
-    if needed, `get_permission_state(obj)` and `get_version(obj)`. `check_if_match(obj)` and
-    `with_position(response, written)` serve a view's own write actions.
+    if needed, `get_permission_state(obj)`, `get_version(obj)`, `get_object_state(obj)` and
+    `get_list_state()`. `check_if_match(obj)` and `with_position(response, written)` serve a
+    view's own write actions.
     """
 
     request: Any
@@ -277,6 +298,11 @@ class ConditionalReadMixin:
             checker = self._realtime_checker = ObjectPermissionChecker(self.request.user)
         return set(checker.get_perms(obj))
 
+    def get_object_state(self, obj: Any) -> Any:
+        """Anything else an object's body depends on (the query parameters, by default, as for
+        a list): a serializer that reads `?expand=` gives another body, so another tag."""
+        return sorted(self.request.query_params.lists())
+
     def get_list_state(self) -> Any:
         """Anything else a list's content depends on (its filter parameters, by default)."""
         return sorted(self.request.query_params.lists())
@@ -303,13 +329,29 @@ class ConditionalReadMixin:
 
     # -- reads --------------------------------------------------------------------------------
 
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        response: HttpResponseBase = super().dispatch(request, *args, **kwargs)  # type: ignore[misc]
+        if response.status_code != status.HTTP_304_NOT_MODIFIED or not isinstance(
+            response, Response
+        ):
+            return response
+        # A 304 has no body (RFC 9110, 15.4.5), but DRF renders a Response's None in the
+        # negotiated media type, and the browsable API's is a whole HTML page. This covers the
+        # 304s a view builds itself too (the notifications' unread count).
+        not_modified = HttpResponseNotModified()
+        for name, value in response.items():
+            if name.lower() != "content-type":
+                not_modified[name] = value
+        not_modified.cookies = response.cookies
+        return not_modified
+
     def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         obj = self.get_object()  # type: ignore[attr-defined]  # authenticates, checks permissions
         streams = self.get_streams(obj)
         positions = stream_positions(streams)
         obj.refresh_from_db()  # the data, read after the positions
         etag = self.object_etag(obj, positions)
-        if etag_matches(request.headers.get("If-None-Match"), etag):
+        if self.check_preconditions(etag):
             return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
         serializer = self.get_serializer(obj)  # type: ignore[attr-defined]
         return self._conditional(Response(serializer.data), etag, positions)
@@ -330,7 +372,7 @@ class ConditionalReadMixin:
             queryset = self.filter_queryset(self.get_queryset())  # type: ignore[attr-defined]
             pks = self.listed_pks(queryset)
         etag = self.representation_etag(positions, permission_state, self.get_list_state(), pks)
-        if etag_matches(request.headers.get("If-None-Match"), etag):
+        if self.check_preconditions(etag):
             return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
         if queryset is None:  # the queryset is not even built for a 304
             queryset = self.filter_queryset(self.get_queryset())  # type: ignore[attr-defined]
@@ -374,25 +416,58 @@ class ConditionalReadMixin:
         response["Vary"] = "Cookie, Authorization, Accept"
         return response
 
-    # -- helpers for writes -------------------------------------------------------------------
+    # -- preconditions, and helpers for writes ------------------------------------------------
+
+    def check_preconditions(self, etag: str) -> bool:
+        """RFC 9110, 13.2.2, for a resource whose tag is `etag`: raise `PreconditionFailed` when
+        If-Match names none of its state, or a write's If-None-Match names it; return whether
+        a read's If-None-Match names it (a 304).
+
+        Steps 2 and 4 need a Last-Modified, which these resources do not send; Django's
+        `get_conditional_response` would answer any If-Unmodified-Since with 412 for want of
+        one, where 13.1.4 says to ignore it.
+        """
+        headers = self.request.headers
+        if_match = headers.get("If-Match")
+        if if_match and not etag_matches(if_match, etag, weak=False, state=True):
+            raise PreconditionFailed()
+        if_none_match = headers.get("If-None-Match")
+        if self.request.method in ("GET", "HEAD"):
+            return etag_matches(if_none_match, etag)
+        if etag_matches(if_none_match, etag, state=True):
+            raise PreconditionFailed(_NONE_MATCHED)
+        return False
 
     def check_if_match(self, obj: Any) -> None:
-        """Raise `PreconditionFailed` (412) when the request's If-Match is stale for `obj`."""
-        expected = self.request.headers.get("If-Match")
-        if not expected:
+        """Raise `PreconditionFailed` (412) unless a write's If-Match and If-None-Match allow it
+        for `obj` as it is now (see `check_preconditions`)."""
+        headers = self.request.headers
+        if not (headers.get("If-Match") or headers.get("If-None-Match")):
             return
         positions = stream_positions(self.get_streams(obj)) if self.etag_object_positions else {}
-        if not etag_matches(expected, self.object_etag(obj, positions), weak=False):
-            raise PreconditionFailed()
+        self.check_preconditions(self.object_etag(obj, positions))
 
     def object_etag(self, obj: Any, positions: Any) -> str:
-        """The ETag of `obj` as this view represents it (`positions`: of its streams)."""
-        return self.representation_etag(
-            positions if self.etag_object_positions else None,
-            self.get_version(obj),
-            self.get_permission_state(obj),
-            obj.pk,
+        """The ETag of `obj` as this request represents it: `"<state>.<representation>"`.
+
+        The state is the object's (`positions` of its streams, its version, the user's
+        permissions, its pk), the representation the body's (`get_object_state(obj)` and the
+        media type). `If-None-Match` on a read compares both: a 304 says the client holds this
+        body. Every other precondition compares the state: a write (or a read's `If-Match`)
+        is about the object, so a tag from any read of it as it is now allows it.
+        """
+        state = _digest(
+            [
+                positions if self.etag_object_positions else None,
+                self.get_version(obj),
+                self.get_permission_state(obj),
+                obj.pk,
+            ]
         )
+        representation = _digest(
+            [self.get_object_state(obj), getattr(self.request, "accepted_media_type", None)]
+        )
+        return f'"{state[:32]}.{representation[:16]}"'
 
     def with_position(self, response: Response, written: dict[str, int]) -> Response:
         """Set `X-Stream-Position` to the positions of the events a write caused."""

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponseNotAllowed, JsonResponse
 
 from . import metrics
 from .cursor import CursorError, Position, decode, encode
-from .policies import check_stream
+from .policies import auth_hash, check_stream, reload_user, same_password, signed_out
 from .protocol import Code
 from .replay import position, read_typed_after
 
@@ -31,6 +34,12 @@ class BadRequest(Exception):
         return JsonResponse(
             {"error": {"code": self.code, "message": self.message}}, status=self.status
         )
+
+
+def method_not_allowed(allowed: Sequence[str]) -> HttpResponseNotAllowed:
+    """A 405 with the `Allow` header RFC 9110 (15.5.6) asks for, and the endpoints' error body."""
+    body = {"error": {"code": "method_not_allowed", "message": f"{', '.join(allowed)} only"}}
+    return HttpResponseNotAllowed(allowed, json.dumps(body), content_type="application/json")
 
 
 def parse_streams(request: HttpRequest) -> list[str]:
@@ -63,6 +72,37 @@ def authorize(user: Any, streams: list[str]) -> None:
             raise BadRequest(code, f"not allowed: {stream}", 403)
         if code is not None:
             raise BadRequest(code, f"cannot read {stream!r}: {code}")
+
+
+@dataclass(frozen=True)
+class SignIn:
+    """What a request was authenticated with, to decide again after it waited (a long poll)."""
+
+    session: Any
+    session_key: str | None
+    auth_hash: str | None
+    at: float
+
+    @classmethod
+    def of(cls, request: HttpRequest, user: Any) -> SignIn:
+        session = getattr(request, "session", None)
+        key = getattr(session, "session_key", None)
+        return cls(session, key, auth_hash(user), time.time())
+
+    def reauthorize(self, user: Any, streams: list[str]) -> Any:
+        """`user` as stored now, authorized again for every stream; BadRequest (401) when it
+        was deleted or deactivated, its password changed or its session signed out since the
+        request began, as an SSE stream decides (`SSEConnection._recheck`)."""
+        fresh = reload_user(user)
+        if (
+            fresh is None
+            or not fresh.is_active
+            or not same_password(fresh, self.auth_hash)
+            or signed_out(self.session, self.session_key, fresh, self.at)
+        ):
+            raise BadRequest("not_authenticated", "no longer signed in", 401)
+        authorize(fresh, streams)
+        return fresh
 
 
 @dataclass

@@ -24,6 +24,7 @@ from .fanout import get_hub, node_id
 from .feed import (
     BadRequest,
     authorize,
+    method_not_allowed,
     parse_cursor,
     parse_streams,
     release_request_connections,
@@ -320,7 +321,7 @@ class SSEConnection:
 async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
     """GET /realtime/sse/?streams=…: resumes from `Last-Event-ID` (or ?cursor=) on every stream."""
     if request.method != "GET":
-        return HttpResponse(status=405)
+        return method_not_allowed(["GET"])
     try:
         streams = parse_streams(request)
         cursor = parse_cursor(request.headers.get("Last-Event-ID") or request.GET.get("cursor"))

@@ -458,3 +458,173 @@ def test_an_item_made_again_under_the_same_pk_does_not_match_the_old_tag(board):
     Item.objects.filter(pk=pk).delete()
     Item.objects.create(pk=pk, project=project, title="first")
     assert client.get(f"/api/items/{pk}/", HTTP_IF_NONE_MATCH=etag).status_code == 200
+
+
+def served(view, request, **kwargs):
+    """The view's answer as Django's handler sends it: rendered if it renders (a DRF
+    `Response`). The test client would hide a 304's body (`conditional_content_removal`)."""
+    response = view(request, **kwargs)
+    return response.render() if callable(getattr(response, "render", None)) else response
+
+
+def test_a_304_has_no_body_as_the_server_sends_it(board):
+    """DRF renders a Response's None in the negotiated media type: the browsable API's is a
+    whole HTML page. A 304 keeps the headers of the 200 but has no body or Content-Type."""
+    from rest_framework.test import APIRequestFactory, force_authenticate
+
+    from board.api import ItemViewSet
+
+    owner, project, item = board
+    factory = APIRequestFactory()
+    views = [
+        (ItemViewSet.as_view({"get": "retrieve"}), f"/api/items/{item.pk}/", {"pk": item.pk}),
+        (
+            ItemViewSet.as_view({"get": "list"}),
+            f"/api/projects/{project.pk}/items/",
+            {"project_pk": project.pk},
+        ),
+    ]
+    for view, url, kwargs in views:
+        for accept in ("application/json", "text/html"):
+            request = factory.get(url, HTTP_ACCEPT=accept)
+            force_authenticate(request, owner)
+            first = served(view, request, **kwargs)
+            assert first.status_code == 200
+            request = factory.get(url, HTTP_ACCEPT=accept, HTTP_IF_NONE_MATCH=first["ETag"])
+            force_authenticate(request, owner)
+            again = served(view, request, **kwargs)
+            assert again.status_code == 304, (url, accept)
+            assert again.content == b"", (url, accept, again.content[:80])
+            assert not again.has_header("Content-Type"), (url, accept)
+            for header in ("ETag", "Cache-Control", "Vary", "X-Stream-Position"):
+                assert again[header] == first[header], (url, accept, header)
+
+
+def test_a_304_a_view_builds_itself_has_no_body_either():
+    """The notifications' unread count answers its own `Response(status=304)` through the
+    mixin's headers: it is sent without a body too."""
+    from rest_framework.test import APIRequestFactory, force_authenticate
+
+    from notifications.api import NotificationViewSet
+
+    user = UserFactory()
+    view = NotificationViewSet.as_view({"get": "unread_count"})
+    factory = APIRequestFactory()
+    request = factory.get("/api/notifications/unread-count/", HTTP_ACCEPT="text/html")
+    force_authenticate(request, user)
+    first = served(view, request)
+    request = factory.get(
+        "/api/notifications/unread-count/",
+        HTTP_ACCEPT="text/html",
+        HTTP_IF_NONE_MATCH=first["ETag"],
+    )
+    force_authenticate(request, user)
+    again = served(view, request)
+    assert again.status_code == 304
+    assert again.content == b"", again.content[:80]
+    assert not again.has_header("Content-Type")
+    assert again["ETag"] == first["ETag"]
+    assert again["X-Stream-Position"] == first["X-Stream-Position"]
+
+
+def test_a_retrieve_whose_representation_depends_on_a_query_parameter_changes_its_etag(board):
+    """The object's tag holds `get_object_state()` (the query parameters, by default): a 304
+    names the body the client holds. A write's If-Match compares the object's state only, so
+    the tag of an expanded read still guards a plain PATCH."""
+    from rest_framework import serializers
+    from rest_framework.test import APIRequestFactory, force_authenticate
+
+    from board.api import ItemViewSet
+
+    class Expanding(serializers.ModelSerializer):
+        class Meta:
+            model = Item
+            fields = ["id", "title"]
+
+        def to_representation(self, instance):
+            data = super().to_representation(instance)
+            if "project" in self.context["request"].query_params.get("expand", ""):
+                data["project"] = {"id": instance.project_id, "name": instance.project.name}
+            return data
+
+    class View(ItemViewSet):
+        def get_serializer_class(self):
+            return Expanding
+
+    owner, _project, item = board
+    view = View.as_view({"get": "retrieve", "patch": "partial_update"})
+    factory = APIRequestFactory()
+
+    def get(query="", **headers):
+        request = factory.get(
+            f"/api/items/{item.pk}/{query}", HTTP_ACCEPT="application/json", **headers
+        )
+        force_authenticate(request, owner)
+        return served(view, request, pk=item.pk)
+
+    plain = get()
+    expanded = get("?expand=project", HTTP_IF_NONE_MATCH=plain["ETag"])
+    assert expanded.status_code == 200, "304 for a body the client never received"
+    assert "project" in expanded.data
+    assert expanded["ETag"] != plain["ETag"]
+    assert get("?expand=project", HTTP_IF_NONE_MATCH=expanded["ETag"]).status_code == 304
+    assert get(HTTP_IF_NONE_MATCH=expanded["ETag"]).status_code == 200
+    # If-Match is about the object, not about which of its bodies the client read.
+    assert get(HTTP_IF_MATCH=expanded["ETag"]).status_code == 200
+    request = factory.patch(
+        f"/api/items/{item.pk}/", {"title": "x"}, format="json", HTTP_IF_MATCH=expanded["ETag"]
+    )
+    force_authenticate(request, owner)
+    assert served(view, request, pk=item.pk).status_code == 200
+    request = factory.patch(
+        f"/api/items/{item.pk}/", {"title": "y"}, format="json", HTTP_IF_MATCH=expanded["ETag"]
+    )
+    force_authenticate(request, owner)
+    assert served(view, request, pk=item.pk).status_code == 412  # changed since that read
+
+
+def test_a_tag_from_the_browsable_api_guards_a_json_write(board):
+    """The media type is part of the representation, not of the object's state."""
+    owner, _project, item = board
+    client = client_for(owner)
+    html = client.get(f"/api/items/{item.pk}/", HTTP_ACCEPT="text/html")["ETag"]
+    response = client.patch(
+        f"/api/items/{item.pk}/", {"title": "x"}, format="json", HTTP_IF_MATCH=html
+    )
+    assert response.status_code == 200
+
+
+def test_if_none_match_on_an_unsafe_method_is_412_when_it_matches(board):
+    """RFC 9110, 13.2.2, step 3: a write whose If-None-Match names the object (or is `*`, and
+    the object exists) is refused, and nothing changes."""
+    owner, _project, item = board
+    client = client_for(owner)
+    etag = client.get(f"/api/items/{item.pk}/")["ETag"]
+    r = client.patch(
+        f"/api/items/{item.pk}/", {"title": "x"}, format="json", HTTP_IF_NONE_MATCH=etag
+    )
+    assert r.status_code == 412, r.status_code
+    r = client.delete(f"/api/items/{item.pk}/", HTTP_IF_NONE_MATCH="*")
+    assert r.status_code == 412, r.status_code
+    item.refresh_from_db()
+    assert item.title == "first"
+    # A tag of another state does not match: the write goes ahead.
+    r = client.patch(
+        f"/api/items/{item.pk}/", {"title": "x"}, format="json", HTTP_IF_NONE_MATCH='"other"'
+    )
+    assert r.status_code == 200, r.status_code
+
+
+def test_stale_if_match_on_get_is_412(board):
+    """RFC 9110, 13.2.2, step 1, on reads too, and before If-None-Match."""
+    owner, project, item = board
+    client = client_for(owner)
+    for url in (f"/api/items/{item.pk}/", f"/api/projects/{project.pk}/items/"):
+        etag = client.get(url)["ETag"]
+        r = client.get(url, HTTP_IF_MATCH='"stale"')
+        assert r.status_code == 412, (url, r.status_code)
+        r = client.get(url, HTTP_IF_MATCH='"stale"', HTTP_IF_NONE_MATCH=etag)
+        assert r.status_code == 412, (url, r.status_code)
+        assert client.get(url, HTTP_IF_MATCH=etag).status_code == 200
+        assert client.get(url, HTTP_IF_MATCH="*").status_code == 200
+        assert client.get(url, HTTP_IF_MATCH=etag, HTTP_IF_NONE_MATCH=etag).status_code == 304

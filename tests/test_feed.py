@@ -139,6 +139,16 @@ async def test_bad_parameters_are_answered_with_a_message(query, status, code):
 async def test_anonymous_is_refused_with_401():
     response = await AsyncClient().get("/api/realtime/events/", {"streams": "user:1"})
     assert response.status_code == 401
+    assert response.json()["error"]["code"] == "not_authenticated"
+
+
+async def test_a_method_other_than_get_is_405_with_allow():
+    owner = await db(UserFactory)()
+    client = await logged_in(owner)
+    for method in (client.post, client.put, client.delete, client.head):
+        response = await method("/api/realtime/events/?streams=user:1")
+        assert response.status_code == 405
+        assert response["Allow"] == "GET"
 
 
 async def test_long_poll_returns_as_soon_as_an_event_commits():
@@ -196,6 +206,8 @@ async def test_etag_gives_304_while_nothing_new_and_200_once_something_commits()
     unchanged = await client.get("/api/realtime/events/", params, headers={"If-None-Match": etag})
     assert unchanged.status_code == 304
     assert unchanged.content == b""
+    assert not unchanged.has_header("Content-Type")  # a 304 has no body to name the type of
+    assert unchanged["Cache-Control"] == "no-store"
     assert unchanged["ETag"] == etag
     await db(ItemFactory)(project=project, title="new")
     changed = await client.get("/api/realtime/events/", params, headers={"If-None-Match": etag})
@@ -261,3 +273,45 @@ async def test_events_pruned_after_the_cursor_was_checked_give_a_reset(monkeypat
     positions = decode(body["cursor"])
     assert positions[stream].seq == row.last_seq
     assert positions[untouched].seq == 2
+
+
+async def held_across(change):
+    """A long poll of a new owner's project, held while `change(owner)` runs and an item is
+    saved after it; its answer."""
+    owner, project = await setup_project()
+    client = await logged_in(owner)
+    stream = f"project:{project.pk}"
+    first = (await client.get("/api/realtime/events/", {"streams": stream})).json()
+
+    async def change_then_save():
+        await asyncio.sleep(0.3)
+        await db(change)(owner)
+        await db(ItemFactory)(project=project, title="after the change")
+
+    changer = asyncio.create_task(change_then_save())
+    response = await client.get(
+        "/api/realtime/events/", {"streams": stream, "cursor": first["cursor"], "wait": "5"}
+    )
+    await changer
+    return response
+
+
+async def test_a_long_poll_held_across_a_logout_hands_out_nothing():
+    """The session is gone after the wait (a logout elsewhere, the logout message lost)."""
+    from django.contrib.sessions.models import Session
+
+    response = await held_across(lambda owner: Session.objects.all().delete())
+    assert response.status_code == 401, response.content
+    assert response.json()["error"]["code"] == "not_authenticated"
+    assert b"after the change" not in response.content
+
+
+async def test_a_long_poll_held_across_a_password_change_hands_out_nothing():
+    def change_password(owner):
+        owner.set_password("another")
+        owner.save()
+
+    response = await held_across(change_password)
+    assert response.status_code == 401, response.content
+    assert response.json()["error"]["code"] == "not_authenticated"
+    assert b"after the change" not in response.content

@@ -625,3 +625,13 @@ async def test_access_revoked_while_the_stream_joins_its_streams(monkeypatch):
     # The revoked stream is not joined after its decision (a hub member nobody would leave).
     assert not fanout.get_hub().members.get(f"project:{project.pk}")
     await reader.close()
+
+
+async def test_a_method_other_than_get_is_405_with_allow():
+    owner = await db(UserFactory)()
+    client = AsyncClient()
+    await client.aforce_login(owner)
+    for method in (client.post, client.put, client.delete):
+        response = await method(f"/realtime/sse/?streams=user:{owner.pk}")
+        assert response.status_code == 405
+        assert response["Allow"] == "GET"

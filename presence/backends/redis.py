@@ -164,7 +164,8 @@ class RedisBackend(PresenceBackend):
             found = await client.presence_scripts["expire"](
                 keys=self._keys(stream), args=[now, limit, stream]
             )  # user, since, user, since, ...
-            left += [Change(stream, user, float(since)) for user, since in zip(*[iter(found)] * 2)]
+            pairs = zip(found[::2], found[1::2], strict=True)
+            left += [Change(stream, user, float(since)) for user, since in pairs]
             if len(left) >= limit:
                 break
         return left
