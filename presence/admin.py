@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import time
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -25,7 +26,11 @@ def _entries() -> list[Any]:
         finally:
             await backend.close()
 
-    return async_to_sync(read)()
+    # On an event loop of its own, whose connections it may close. Under ASGI, async_to_sync
+    # would run this on the server's loop, and closing would take the connections from under
+    # the sockets' presence and the REST view.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="presence-admin") as pool:
+        return pool.submit(asyncio.run, read()).result()
 
 
 @admin.register(Presence)

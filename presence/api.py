@@ -42,7 +42,7 @@ async def presence_view(request: HttpRequest, stream: str) -> HttpResponse:
     policy: Any = stream_kinds.get(kind)
     if not policy.presence or not presence_settings.ENABLED:
         return _error(404, f"Presence is not enabled for {kind!r} streams.")
-    listed, total = await member_list(stream)
+    listed, total = await member_list(stream, include=str(user.pk))
     body = {"stream": stream, "members": listed, "total": total}
     text = json.dumps(body, separators=(",", ":"), sort_keys=True)
     etag = make_etag(body)

@@ -92,12 +92,19 @@ def presence_enabled(stream: str) -> bool:
     return bool(policy is not None and policy.presence)
 
 
-async def member_list(stream: str) -> tuple[list[dict[str, Any]], int]:
+async def member_list(stream: str, include: str | None = None) -> tuple[list[dict[str, Any]], int]:
     """The stream's present users, oldest first, at most MAX_LISTED of them, and how many
-    there are in all: ([{"user": {...}, "since": "..."}], total)."""
+    there are in all: ([{"user": {...}, "since": "..."}], total).
+
+    The user `include` (the one asking, if present) is listed even past the bound, in place
+    of the newest of the others: a client shows itself from this list.
+    """
     members = await get_backend().members(stream)
     limit = max(0, int(presence_settings.MAX_LISTED))
-    ordered = sorted(members.items(), key=lambda item: (item[1], item[0]))[:limit]
+    ordered = sorted(members.items(), key=lambda item: (item[1], item[0]))
+    if include in members and limit and include not in dict(ordered[:limit]):
+        ordered = [*ordered[: limit - 1], (include, members[include])]
+    ordered = ordered[:limit]
     shown = await _thread(display_many)([user_id for user_id, _since in ordered])
     listed = [
         {"user": shown[user_id], "since": iso(since)}
@@ -210,7 +217,7 @@ class PresenceTracker(ConnectionHooks):
                 origin=connection.connection_id,
             )
             await _signal(presence_joined, stream, user_id)
-        listed, total = await member_list(stream)
+        listed, total = await member_list(stream, include=user_id)
         return {"presence": listed, "presenceTotal": total}
 
     async def unsubscribed(self, connection: Any, stream: str, policy: Any, reason: str) -> None:

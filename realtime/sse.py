@@ -126,6 +126,9 @@ class SSEConnection:
             )
             metrics.DROPPED.labels("slow_consumer").inc(len(self.outbox) + 1)
             self.closed = True
+            # Dropped, as counted: the client resumes from the last id it read, and writing
+            # these to one that does not read would only keep the stream open.
+            self.outbox.clear()
         else:
             self.outbox.append(text)
         self.wakeup.set()

@@ -161,6 +161,23 @@ async def test_a_user_id_with_a_bar_expires_as_that_user(kind):
     await backend.close()
 
 
+@pytest.mark.asyncio
+async def test_closing_the_redis_backend_closes_its_connections():
+    from .conftest import need
+
+    need(bool(os.environ.get("REDIS_URL")), "REDIS_URL is not set")
+    from presence.backends.redis import RedisBackend
+
+    backend = RedisBackend(url=os.environ["REDIS_URL"], prefix=f"test-{uuid.uuid4().hex}")
+    await backend.members("project:1")
+    pool = backend._client().connection_pool
+    connections = [*pool._available_connections, *pool._in_use_connections]
+    assert connections
+    assert all(c.is_connected for c in connections)
+    await backend.close()
+    assert not any(c.is_connected for c in connections)  # not left for the GC to close
+
+
 # -- over the WebSocket -----------------------------------------------------------------------
 
 
@@ -377,6 +394,28 @@ def test_admin_page_lists_streams_users_and_connections(fresh_presence):
     assert other.get("/admin/presence/presence/").status_code == 403
 
 
+@pytest.mark.asyncio
+async def test_the_admin_page_leaves_the_servers_presence_connections_alone():
+    """Under ASGI the admin's sync view runs in a thread of the server's loop; its read of
+    the entries must not close the connections that loop's sockets use."""
+    from .conftest import need
+
+    need(bool(os.environ.get("REDIS_URL")), "REDIS_URL is not set")
+    from presence.admin import _entries
+
+    with override_settings(PRESENCE=backend_settings()):
+        backend = get_backend()
+        await backend.members("project:1")  # this loop's client, as the server's sockets use
+        loop = asyncio.get_running_loop()
+        client = backend._clients[loop]
+        pool = client.connection_pool
+        assert await sync_to_async(_entries)() == []
+        assert backend._clients.get(loop) is client
+        assert all(c.is_connected for c in pool._available_connections)
+        assert await backend.members("project:1") == {}
+        await backend.close()
+
+
 def test_system_checks():
     from presence.checks import check_backend
 
@@ -421,6 +460,13 @@ def test_lists_are_bounded_with_the_total_and_presence_can_be_switched_off():
         body = client.get(f"/api/presence/{stream}/").json()
         assert body["total"] == 6
         assert [m["user"]["id"] for m in body["members"]] == [owner.pk, users[0].pk, users[1].pk]
+        # The user asking is listed even past the bound, in place of the newest of the others.
+        add_member(project, users[4])
+        newest = Client()
+        newest.force_login(users[4])
+        body = newest.get(f"/api/presence/{stream}/").json()
+        assert body["total"] == 6
+        assert [m["user"]["id"] for m in body["members"]] == [owner.pk, users[0].pk, users[4].pk]
     with override_settings(PRESENCE={**config, "ENABLED": False}):
         client = Client()
         client.force_login(owner)

@@ -635,3 +635,24 @@ async def test_a_method_other_than_get_is_405_with_allow():
         response = await method(f"/realtime/sse/?streams=user:{owner.pk}")
         assert response.status_code == 405
         assert response["Allow"] == "GET"
+
+
+async def test_a_client_too_slow_for_its_queue_is_ended_without_the_queue(monkeypatch):
+    """It resumes by Last-Event-ID: writing out what was queued would only hold the stream
+    open (and its hub membership and row) for a client that does not read."""
+    from realtime import sse
+    from realtime.feed import starting_positions
+    from realtime.models import Connection
+
+    monkeypatch.setattr(sse, "MAX_QUEUED", 5)
+    user = await db(UserFactory)()
+    stream = f"user:{user.pk}"
+    start = await db(starting_positions)([stream], None)
+    connection = sse.SSEConnection(user, [stream], start.positions)
+    body = connection.run([], limit=20)
+    assert (await body.__anext__()).startswith("retry:")
+    for n in range(6):  # the client reads nothing meanwhile
+        connection.enqueue(f"data: {n}\n\n")
+    rest = [chunk async for chunk in body]
+    assert rest == []
+    assert not await db(Connection.objects.filter(pk=connection.connection_id).exists)()

@@ -108,7 +108,8 @@ class RedisBackend(PresenceBackend):
         loop = asyncio.get_running_loop()
         client = self._clients.pop(loop, None)
         if client is not None:
-            await client.aclose()
+            # The pool was made here and handed to the client, which closes only pools it made.
+            await client.aclose(close_connection_pool=True)
 
     def _keys(self, stream: str) -> list[str]:
         base = f"{self.prefix}:s:{stream}"
