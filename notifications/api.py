@@ -29,7 +29,6 @@ from rest_framework.response import Response
 
 from realtime.conditional import (
     ConditionalReadMixin,
-    etag_matches,
     stream_positions,
 )
 from realtime.context import collect_positions
@@ -261,14 +260,25 @@ class NotificationViewSet(
 
     def _set_read(self, pk: Any, read: bool) -> Response:
         self._one(pk)
-        with collect_positions() as written:
+        with transaction.atomic(), collect_positions() as written:
+            if "If-Match" in self.request.headers or "If-None-Match" in self.request.headers:
+                # Checked with the row locked, as a delete is: no change slips in between.
+                locked = self.get_queryset().select_for_update().filter(pk=int(pk)).first()
+                if locked is None:
+                    raise NotFound()  # deleted since
+                self.check_if_match(locked)
             set_read(self.request.user, [int(pk)], read=read)
         return self.with_position(Response(represent(self._one(pk))), written)
 
     @extend_schema(
         request=None,
-        parameters=[ID, *write_headers(200)],
-        responses={200: NotificationSerializer, 403: FORBIDDEN, 404: NOT_FOUND},
+        parameters=[ID, IF_MATCH, *write_headers(200)],
+        responses={
+            200: NotificationSerializer,
+            403: FORBIDDEN,
+            404: NOT_FOUND,
+            412: error("If-Match is stale."),
+        },
     )
     @action(detail=True, methods=["post"])
     def read(self, request: Request, pk: Any = None) -> Response:
@@ -277,8 +287,13 @@ class NotificationViewSet(
 
     @extend_schema(
         request=None,
-        parameters=[ID, *write_headers(200)],
-        responses={200: NotificationSerializer, 403: FORBIDDEN, 404: NOT_FOUND},
+        parameters=[ID, IF_MATCH, *write_headers(200)],
+        responses={
+            200: NotificationSerializer,
+            403: FORBIDDEN,
+            404: NOT_FOUND,
+            412: error("If-Match is stale."),
+        },
     )
     @action(detail=True, methods=["post"])
     def unread(self, request: Request, pk: Any = None) -> Response:
@@ -299,8 +314,13 @@ class NotificationViewSet(
         return self.with_position(Response(answer), written)
 
     @extend_schema(
-        parameters=[IF_NONE_MATCH, *read_headers()],
-        responses={200: COUNT, 304: NOT_MODIFIED, 403: FORBIDDEN},
+        parameters=[IF_NONE_MATCH, IF_MATCH, *read_headers()],
+        responses={
+            200: COUNT,
+            304: NOT_MODIFIED,
+            403: FORBIDDEN,
+            412: error("If-Match is stale."),
+        },
     )
     @action(detail=False, methods=["get"], url_path="unread-count")
     def unread_count(self, request: Request) -> Response:
@@ -308,7 +328,7 @@ class NotificationViewSet(
         positions = stream_positions(self.get_streams())
         count = unread_count(request.user)
         etag = self.representation_etag(positions, request.user.pk, count)
-        if etag_matches(request.headers.get("If-None-Match"), etag):
+        if self.check_preconditions(etag):
             return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)
         return self._conditional(Response({"unread_count": count}), etag, positions)
 

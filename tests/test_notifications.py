@@ -294,6 +294,25 @@ def test_delete_takes_if_match():
 
 
 @pytest.mark.django_db
+def test_read_unread_and_the_count_take_preconditions():
+    bob = UserFactory()
+    (note,) = notify(bob, "liked")
+    client = client_for(bob)
+    etag = client.get(f"/api/notifications/{note.pk}/")["ETag"]
+    count_etag = client.get("/api/notifications/unread-count/")["ETag"]
+    assert client.post(f"/api/notifications/{note.pk}/read/", HTTP_IF_MATCH=etag).status_code == 200
+    # Read since: the tag is stale, so marking it unread on its strength is refused.
+    stale = client.post(f"/api/notifications/{note.pk}/unread/", HTTP_IF_MATCH=etag)
+    assert stale.status_code == 412
+    assert Notification.objects.get(pk=note.pk).read_at is not None
+    fresh = client.get(f"/api/notifications/{note.pk}/")["ETag"]
+    none_match = client.post(f"/api/notifications/{note.pk}/unread/", HTTP_IF_NONE_MATCH=fresh)
+    assert none_match.status_code == 412
+    count = client.get("/api/notifications/unread-count/", HTTP_IF_MATCH=count_etag)
+    assert count.status_code == 412
+
+
+@pytest.mark.django_db
 def test_preferences_round_trip_and_validate():
     bob = UserFactory()
     client = client_for(bob)
