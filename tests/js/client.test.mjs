@@ -92,6 +92,7 @@ function client(extra = {}) {
   const { FakeWebSocket, sockets } = fakeSockets();
   const statuses = [];
   const errors = [];
+  const reported = []; // errors thrown by the page's handlers, reported and not rethrown
   const c = new RealtimeClient({
     baseUrl: "http://testserver",
     WebSocket: FakeWebSocket,
@@ -100,11 +101,12 @@ function client(extra = {}) {
     random: () => 0.5,
     fetch: extra.fetch || (async () => { throw new Error("no network in this test"); }),
     shareTabs: false,
+    reportError: (e) => reported.push(e),
     ...extra,
   });
   c.on("status", (s) => statuses.push(s));
   c.on("error", (e) => errors.push(e));
-  return { c, timers, sockets, statuses, errors };
+  return { c, timers, sockets, statuses, errors, reported };
 }
 
 const event = (seq, extra = {}) => ({
@@ -246,13 +248,15 @@ test("4401 and 4403 stop reconnecting and say why", async () => {
   }
 });
 
+// The queue tests publish a type other than typing: of queued typing frames only the newest
+// per stream and type is sent (a test near the end covers that).
 test("frames sent while reconnecting are queued, bounded, the oldest dropped with an error", async () => {
   const { c, sockets, errors } = client({ maxQueue: 2 });
   c.connect();
   await flush();
-  const first = c.publish("project:1", "v1:typing.started", { n: 1 });
-  const second = c.publish("project:1", "v1:typing.started", { n: 2 });
-  const third = c.publish("project:1", "v1:typing.started", { n: 3 });
+  const first = c.publish("project:1", "v1:cursor.moved", { n: 1 });
+  const second = c.publish("project:1", "v1:cursor.moved", { n: 2 });
+  const third = c.publish("project:1", "v1:cursor.moved", { n: 3 });
   await assert.rejects(first, (e) => e.code === "queue_full");
   assert.equal(errors[0].code, "queue_full");
   sockets[0].open();
@@ -313,7 +317,7 @@ test("the queue stays bounded across failed reconnects; what overflowed is never
   sockets[0].fail();
   const outcomes = [];
   const promises = [1, 2, 3, 4].map((n) => {
-    const p = c.publish("project:1", "v1:typing.started", { n });
+    const p = c.publish("project:1", "v1:cursor.moved", { n });
     p.then(() => outcomes.push([n, "ok"]), (e) => outcomes.push([n, e.code]));
     return p;
   });
@@ -1763,4 +1767,281 @@ test("a follower frozen through a roll call subscribes again from its position w
   assert.deepEqual(seen, [4, 5]);
   leader.close();
   frozen.close();
+});
+
+// -- handler errors, fallback limits, ending and pacing ----------------------------------------
+
+/** A fetch body whose one chunk is `text`; then the stream ends, or (end false) stays open. */
+const sseBody = (text, end = true) => {
+  let sent = false;
+  return { getReader: () => ({ read: async () => {
+    if (!sent) { sent = true; return { value: new TextEncoder().encode(text), done: false }; }
+    return end ? { done: true } : new Promise(() => {});
+  } }) };
+};
+
+test("an exception in onEvent is reported and does not lose the events reordered after it", async () => {
+  const { c, sockets, reported } = client();
+  c.connect(); await flush(); sockets[0].open();
+  const seen = [];
+  c.subscribe("project:1", { onEvent: (f) => { seen.push(f.seq); if (f.seq === 4) throw new Error("app bug"); } });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: false });
+  await settle();
+  sockets[0].receive(event(5));
+  try { sockets[0].receive(event(4)); } catch (_) {}
+  sockets[0].receive(event(6));
+  assert.deepEqual(seen, [4, 5, 6]);
+  assert.deepEqual(reported.map((e) => e.message), ["app bug"]);
+  c.close();
+});
+
+test("an exception in onEvent during a gap fill neither resets the stream nor loses the rest", async () => {
+  const fetch = async () => feedAnswer({ events: [event(4), event(5)] });
+  const resets = [];
+  const { c, timers, sockets, reported } = client({ fetch });
+  c.connect(); await flush(); sockets[0].open();
+  const seen = [];
+  c.subscribe("project:1", { onEvent: (f) => { seen.push(f.seq); if (f.seq === 4) throw new Error("app bug"); }, onReset: (r) => resets.push(r) });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: false });
+  await settle();
+  sockets[0].receive(event(6));
+  await timers.tick(1000); await settle();
+  assert.deepEqual(resets, []);
+  assert.deepEqual(seen, [4, 5, 6]);
+  assert.equal(reported.length, 1);
+  c.close();
+});
+
+test("an exception in onPresence still settles ready and lets the next subscribe go out", async () => {
+  const { c, timers, sockets, reported } = client();
+  c.connect(); await flush(); sockets[0].open();
+  const ready = watch(c.subscribe("project:1", { onPresence: () => { throw new Error("app bug"); } }).ready);
+  refuse(sockets[0], sockets[0].last("subscribe"), "rate_limited");
+  await settle(); await timers.tick(750);
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 0, epoch: null, recovered: false, presence: [] });
+  await settle();
+  c.subscribe("project:2", {});
+  await timers.tick(40000); await settle();
+  assert.equal(sentOf(sockets[0], "subscribe", "project:2").length, 1);
+  assert.equal(ready.state, "resolved");
+  assert.equal(reported.length, 1);
+  c.close();
+});
+
+test("a refused stream is left out of the fallback's streams, so the others still flow", async () => {
+  const urls = [];
+  const fetch = async (url) => { urls.push(new URL(url)); return new Promise(() => {}); };
+  const { c, timers, sockets } = client({ fetch, wsAttempts: 1 });
+  c.connect(); await flush(); sockets[0].open();
+  c.subscribe("project:1", {}); c.subscribe("project:9", {});
+  ok(sockets[0], sentOf(sockets[0], "subscribe", "project:1")[0]);
+  refuse(sockets[0], sentOf(sockets[0], "subscribe", "project:9")[0], "forbidden");
+  await settle();
+  sockets[0].fail(); await timers.tick(1000); sockets[1].fail(); await settle();
+  assert.equal(c.transport, "sse");
+  assert.deepEqual(urls[0].searchParams.get("streams").split(","), ["project:1"]);
+  assert.deepEqual(Object.keys(cursorOf(urls[0])), ["project:1"]);
+  c.close();
+});
+
+test("an SSE stream the server ends with retry: and rate_limited waits the retry", async () => {
+  let sse = 0;
+  const fetch = async (url) => {
+    if (new URL(url).pathname !== "/realtime/sse/") return feedAnswer({ events: [] });
+    sse += 1;
+    return { ok: true, status: 200, body: sseBody('retry: 30000\n\nevent: rate_limited\ndata: {"op":"error","error":{"code":"rate_limited","message":"x"}}\n\n') };
+  };
+  const { c, timers, sockets } = client({ fetch, wsAttempts: 1, probeEvery: 1e9 });
+  c.subscribe("project:1", {}); c.connect(); await flush();
+  sockets[0].fail(); await settle();
+  await timers.tick(60000); await settle();
+  assert.ok(sse <= 3, `SSE requests in 60 s: ${sse}`);
+  assert.equal(c.transport, "sse"); // a rate limit is no reason to poll
+  c.close();
+});
+
+test("publish after the client ended (4401) rejects at once with closed", async () => {
+  const { c, timers, sockets } = client();
+  c.connect(); await flush(); sockets[0].open(); sockets[0].fail(4401);
+  const p = watch(c.publish("project:1", "v1:typing.started", {}));
+  await timers.tick(600000); await settle();
+  assert.equal(p.state, "rejected");
+  assert.equal(p.error.code, "closed");
+});
+
+test("connect() after close() starts again with no failures counted", async () => {
+  const { c, timers, sockets } = client({ fetch: async () => new Promise(() => {}), wsAttempts: 3 });
+  c.subscribe("project:1", {}); c.connect(); await flush();
+  for (let i = 0; i < 3; i++) { sockets.at(-1).fail(); await timers.tick(5000); await settle(); }
+  c.close(); c.connect(); await flush(); sockets.at(-1).fail(); await settle();
+  assert.notEqual(c.transport, "sse");
+  c.close();
+});
+
+test("a server that goes down after SSE worked is reconnected to, not taken for a blocked SSE", async () => {
+  let up = true;
+  const fetch = async (url) => { if (!up) throw new TypeError("Failed to fetch");
+    if (new URL(url).pathname !== "/realtime/sse/") return feedAnswer({ events: [] });
+    return { ok: true, status: 200, body: sseBody(": hb\n\n") }; };
+  const { c, timers, sockets } = client({ fetch, wsAttempts: 1, sseAttempts: 2, probeEvery: 1e9 });
+  c.subscribe("project:1", {}); c.connect(); await flush();
+  sockets[0].fail(); await settle();
+  up = false;
+  await timers.tick(5000); await settle();
+  assert.notEqual(c.status, STATUS.POLLING);
+  c.close();
+});
+
+test("a 401 from SSE or the feed ends the client as 4401 does", async () => {
+  const fetch = async () => ({ ok: false, status: 401, body: null, headers: { get: () => null }, json: async () => ({}) });
+  const { c, timers, sockets, errors } = client({ fetch, wsAttempts: 1, sseAttempts: 1, probeEvery: 1e9 });
+  c.subscribe("project:1", {}); c.connect(); await flush(); sockets[0].fail(); await settle();
+  await timers.tick(600000); await settle();
+  assert.equal(c.status, STATUS.OFFLINE);
+  assert.ok(errors.some((e) => e.code === "unauthenticated"));
+  c.close();
+});
+
+test("close() in a handler stops the rest of the SSE chunk", async () => {
+  const chunk = [1, 2, 3].map((s) => `event: v1:item.updated\ndata: ${JSON.stringify(event(s))}\n\n`).join("");
+  const fetch = async (url) => new URL(url).pathname === "/realtime/sse/" ? { ok: true, status: 200, body: sseBody(chunk, false) } : feedAnswer({ events: [] });
+  const { c, sockets } = client({ fetch, wsAttempts: 1 });
+  const seen = [];
+  c.subscribe("project:1", { since: 0, onEvent: (f) => { seen.push(f.seq); c.close(); } });
+  c.connect(); await flush(); sockets[0].fail(); await settle();
+  assert.deepEqual(seen, [1]);
+});
+
+test("close() in a handler stops the rest of a reordered batch, which a later connect() replays", async () => {
+  const { c, sockets } = client();
+  c.connect(); await flush(); sockets[0].open();
+  const seen = [];
+  c.subscribe("project:1", { onEvent: (f) => { seen.push(f.seq); if (f.seq === 4) c.close(); } });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: true });
+  await settle();
+  sockets[0].receive(event(5));
+  sockets[0].receive(event(4));
+  assert.deepEqual(seen, [4]);
+  c.connect(); await flush(); sockets[1].open();
+  assert.equal(sockets[1].last("subscribe").since, 4);
+  sockets[1].receive(event(5));
+  assert.deepEqual(seen, [4, 5]);
+  c.close();
+});
+
+test("a reconcile that throws is reported and does not roll back what the server did", async () => {
+  const { c, reported, errors } = client(); const rolled = [];
+  const result = await c.optimistic({ apply: () => "tmp", request: async () => ({ data: { id: 9 } }),
+    reconcile: () => { throw new TypeError("bug"); }, rollback: (t) => rolled.push(t) });
+  assert.deepEqual(rolled, []);
+  assert.deepEqual(result, { data: { id: 9 } });
+  assert.deepEqual(reported.map((e) => e.message), ["bug"]);
+  assert.ok(!errors.some((e) => e.code === "rolled_back"));
+});
+
+test("4429 before the welcome does not count as a blocked WebSocket", async () => {
+  const { c, timers, sockets, statuses } = client({ fetch: async () => new Promise(() => {}) });
+  c.subscribe("project:1", {}); c.connect(); await flush();
+  for (let i = 0; i < 3; i++) { sockets.at(-1).fail(4429); await timers.tick(statuses.at(-1).retryIn ?? 0); await settle(); }
+  assert.notEqual(c.transport, "sse");
+  c.close();
+});
+
+test("an error reply with ref null fails the oldest unanswered request", async () => {
+  const { c, timers, sockets } = client();
+  c.connect(); await flush(); sockets[0].open();
+  const p = watch(c.publish("project:1", "v1:typing.started", {}));
+  const q = watch(c.publish("project:1", "v1:typing.stopped", {}));
+  sockets[0].receive({ op: "reply", ref: null, ok: false, error: { code: "internal_error", message: "x" } });
+  for (let i = 0; i < 10; i++) { await timers.tick(20000); sockets[0].receive({ op: "ping" }); }
+  await settle();
+  assert.equal(p.state, "rejected");
+  assert.equal(p.error.code, "internal_error");
+  assert.equal(q.state, "pending"); // its reply is still to come
+  c.close();
+});
+
+test("a reconnect sends the newest typing frame per stream and type, and rejects the others", async () => {
+  const { c, timers, sockets } = client({ wsAttempts: 100 });
+  c.connect(); await flush(); sockets[0].open(); sockets[0].fail();
+  const results = [];
+  for (let i = 0; i < 100; i++) results.push(watch(c.publish("project:1", "v1:typing.started", { i })));
+  await timers.tick(1000); sockets[1].open();
+  assert.ok(sentOf(sockets[1], "publish").length <= 20);
+  assert.deepEqual(sentOf(sockets[1], "publish").map((f) => f.data.i), [99]);
+  await settle();
+  assert.equal(results.filter((r) => r.state === "rejected" && r.error.code === "superseded").length, 99);
+  c.close();
+});
+
+test("a reconnect paces the queued publishes to stay within the server's burst", async () => {
+  const { c, timers, sockets } = client({ wsAttempts: 100 });
+  c.connect(); await flush(); sockets[0].open(); sockets[0].fail();
+  for (let i = 0; i < 30; i++) c.publish("project:1", "v1:card.moved", { i }).catch(() => {});
+  await timers.tick(1000); sockets[1].open();
+  assert.equal(sentOf(sockets[1], "publish").length, 10);
+  c.publish("project:1", "v1:card.moved", { i: 30 }).catch(() => {}); // behind the queue, in order
+  assert.equal(sentOf(sockets[1], "publish").length, 10);
+  await timers.tick(1000);
+  assert.equal(sentOf(sockets[1], "publish").length, 20);
+  await timers.tick(2000);
+  assert.deepEqual(sentOf(sockets[1], "publish").map((f) => f.data.i), Array.from({ length: 31 }, (_, i) => i));
+  c.close();
+});
+
+test("a reply with ref null answers the frame sent first, even one queued before it", async () => {
+  const { c, sockets } = client();
+  c.connect(); await flush();
+  const published = watch(c.publish("project:1", "v1:card.moved", {})); // queued: no socket yet
+  const ready = watch(c.subscribe("project:1", {}).ready);
+  sockets[0].open(); // the subscribe goes out first, then the queue
+  assert.deepEqual(sockets[0].sent.map((f) => f.op), ["subscribe", "publish"]);
+  sockets[0].receive({ op: "reply", ref: null, ok: false, error: { code: "internal_error", message: "x" } });
+  await settle();
+  assert.equal(ready.state, "rejected");
+  assert.equal(ready.error.code, "internal_error");
+  assert.equal(published.state, "pending");
+  c.close();
+});
+
+test("a 401 from the polled feed ends the client as 4401 does", async () => {
+  const fetch = async (url) => new URL(url).pathname === "/realtime/sse/"
+    ? { ok: false, status: 503, body: null, headers: { get: () => null } }
+    : { ok: false, status: 401, headers: { get: () => null }, json: async () => ({}) };
+  const { c, timers, sockets, errors } = client({ fetch, wsAttempts: 1, sseAttempts: 1, probeEvery: 1e9 });
+  c.subscribe("project:1", {}); c.connect(); await flush(); sockets[0].fail(); await settle();
+  await timers.tick(1000); await settle();
+  assert.equal(c.status, STATUS.OFFLINE);
+  assert.deepEqual(errors.map((e) => e.code), ["unauthenticated"]);
+  assert.equal(c.timers.size, 0); // nothing polls on
+});
+
+test("an SSE 429 waits the long backoff and does not count as a blocked SSE", async () => {
+  let sse = 0;
+  const fetch = async (url) => {
+    if (new URL(url).pathname !== "/realtime/sse/") return feedAnswer({ events: [] });
+    sse += 1;
+    return { ok: false, status: 429, body: null, headers: { get: () => null } };
+  };
+  const { c, timers, sockets, statuses } = client({ fetch, wsAttempts: 1, sseAttempts: 1, probeEvery: 1e9 });
+  c.subscribe("project:1", {}); c.connect(); await flush(); sockets[0].fail(); await settle();
+  assert.equal(c.transport, "sse");
+  assert.equal(statuses.at(-1).retryIn, 3000); // between half and all of 4 s
+  await timers.tick(3000); await settle();
+  assert.equal(sse, 2);
+  assert.equal(c.transport, "sse");
+  c.close();
+});
+
+test("SSE streams that keep ending back off further each time, and stay on SSE", async () => {
+  const fetch = async (url) => new URL(url).pathname === "/realtime/sse/"
+    ? { ok: true, status: 200, body: sseBody(": hb\n\n") }
+    : feedAnswer({ events: [] });
+  const { c, timers, sockets, statuses } = client({ fetch, wsAttempts: 1, sseAttempts: 1, probeEvery: 1e9 });
+  c.subscribe("project:1", {}); c.connect(); await flush(); sockets[0].fail(); await settle();
+  for (let i = 0; i < 3; i++) { await timers.tick(statuses.at(-1).retryIn); await settle(); }
+  const waits = statuses.filter((s) => s.retryIn !== undefined && s.status === STATUS.SSE).map((s) => s.retryIn);
+  assert.deepEqual(waits, [1000, 2000, 4000, 8000]);
+  assert.equal(c.transport, "sse"); // each stream opened: SSE gets through
+  c.close();
 });

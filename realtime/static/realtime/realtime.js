@@ -14,6 +14,15 @@ export const STATUS = Object.freeze({
 // Close codes after which reconnecting cannot help (docs/protocol.md, section 11).
 const FINAL_CLOSE = new Set([4401, 4403]);
 
+// Queued publishes go out at most FLUSH_BATCH every FLUSH_EVERY ms: the server takes
+// PUBLISH_BURST (20) at once and PUBLISH_RATE (10) a second, per socket and per user, refuses
+// the rest with `rate_limited`, and closes with 4429 past ABUSE_LIMIT (50) refusals.
+const FLUSH_BATCH = 10;
+const FLUSH_EVERY = 1000;
+
+// Typing indicators: of those queued, only the newest per stream and type is still true.
+const TYPING = /^v[0-9]+:typing\./;
+
 /** Full-jitter exponential backoff: a random delay in [0, min(cap, base * 2^attempt)). */
 export function backoffDelay(attempt, { base = 1000, cap = 30000, random = Math.random } = {}) {
   const ceiling = Math.min(cap, base * 2 ** Math.max(0, attempt));
@@ -217,6 +226,10 @@ export class RealtimeClient extends EventTarget {
     this.random = options.random || Math.random;
     this.document = options.document || g.document || null;
     this.onReset = options.onReset || null;
+    // Where an exception thrown by the page's handlers goes: the browser's console and
+    // `onerror`, as for an event listener's.
+    this.reportError =
+      options.reportError || g.reportError?.bind(g) || ((error) => queueMicrotask(() => { throw error; }));
     this.status = STATUS.IDLE;
     this.streams = new Map(); // stream -> state (see _follow)
     this.deduper = new Deduper(this.options.dedupeLimit);
@@ -228,12 +241,15 @@ export class RealtimeClient extends EventTarget {
     // only `limitForget` ms without one forgets them (a socket open for stableAfter does not).
     this.limitStrikes = 0;
     this.wsFailures = 0;
-    this.sseFailures = 0;
+    this.sseFailures = 0; // SSE tries in a row that got no stream (a blocked SSE: poll instead)
+    this.sseAttempt = 0; // SSE reconnects in a row without a stable stream: the backoff's exponent
+    this.sseRetry = null; // the server's `retry:` (ms), the least wait before an SSE reconnect
     this.timers = new Set();
     // Subscribes and unsubscribes the server refused with `rate_limited`, retried in order.
     this.throttle = { jobs: [], timer: null, busy: null, attempt: 0 };
     this.pendingCorrelations = new Set();
     this.closed = true;
+    this.ended = false; // closed after a connect(): nothing is sent until the next connect()
     this.transport = null;
     this.lockGeneration = 0; // a lock grant for an older generation is released at once
     this.socketGeneration = 0; // a socket opened for an older generation is dropped
@@ -249,7 +265,22 @@ export class RealtimeClient extends EventTarget {
   }
 
   _emit(type, detail) {
+    // dispatchEvent reports a listener's exception itself and goes on with the next one.
     this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  /**
+   * Call one of the page's handlers. Its exception is reported, not thrown: thrown here it
+   * would stop the delivery, fill or subscribe under way, and events would be lost or a
+   * reset faked for a bug in the page.
+   */
+  _call(handler, ...args) {
+    try {
+      return handler(...args);
+    } catch (error) {
+      this.reportError(error);
+      return undefined;
+    }
   }
 
   _setStatus(status, extra = {}) {
@@ -279,6 +310,10 @@ export class RealtimeClient extends EventTarget {
   connect() {
     if (!this.closed) return this;
     this.closed = false;
+    this.ended = false;
+    // A new start: the failures of the last run say nothing about the transports now.
+    this.attempt = this.wsFailures = this.sseFailures = this.sseAttempt = 0;
+    this.sseRetry = null;
     if (this.document && this.document.addEventListener) {
       this.document.addEventListener("visibilitychange", this._onVisibility);
     }
@@ -585,6 +620,7 @@ export class RealtimeClient extends EventTarget {
    */
   _end() {
     this.closed = true;
+    this.ended = true;
     this.lockGeneration += 1; // a grant still to come is released at once
     this._abortLockRequest();
     if (this._releaseLeadership) this._releaseLeadership();
@@ -727,7 +763,7 @@ export class RealtimeClient extends EventTarget {
         this.socket = socket;
         this.transport = "websocket";
         this.wsFailures = 0;
-        this.sseFailures = 0;
+        this.sseFailures = this.sseAttempt = 0;
         this.heartbeat = (frame.heartbeat || 25) * 1000;
         this._setStatus(STATUS.OPEN);
         this._emit("welcome", frame);
@@ -759,7 +795,10 @@ export class RealtimeClient extends EventTarget {
     };
   }
 
-  /** A 4401 or 4403 (or the ticket endpoint's 401 or 403): reconnecting cannot help. */
+  /**
+   * A 4401 or 4403 (or a 401 or 403 from the ticket endpoint, a 401 from SSE or the feed):
+   * reconnecting cannot help.
+   */
   _refused(code) {
     this._setStatus(STATUS.OFFLINE, { code }); // followers see it too
     this._emit("error", {
@@ -772,7 +811,10 @@ export class RealtimeClient extends EventTarget {
   _socketFailed(code, probe, wasOpen = false) {
     if (this.closed) return;
     if (probe) return this._scheduleProbe();
-    if (!wasOpen) this.wsFailures += 1;
+    // A close code of the server's own (4000-4999: 4429 before the welcome, say) proves the
+    // WebSocket gets through; only a try that never reached the server hints at a blocked one.
+    const fromServer = code >= 4000 && code < 5000;
+    if (!wasOpen && !fromServer) this.wsFailures += 1;
     if (this.wsFailures >= this.options.wsAttempts && this.fetch) return this._startSSE();
     let delay = backoffDelay(this.attempt, { ...this.options.backoff, random: this.random });
     this.attempt += 1;
@@ -810,6 +852,13 @@ export class RealtimeClient extends EventTarget {
     }
     if (this.socket && this.socket.readyState === 1) {
       this.socket.send(JSON.stringify(frame));
+      const pending = frame.ref && this.replies.get(frame.ref);
+      if (pending) {
+        // Moved to the end: the sent frames are kept in the order they were sent, which is the
+        // order of their replies (see _oldestSent).
+        this.replies.delete(frame.ref);
+        this.replies.set(frame.ref, Object.assign(pending, { sent: true }));
+      }
       return true;
     }
     return false;
@@ -817,8 +866,10 @@ export class RealtimeClient extends EventTarget {
 
   /** Send a frame now, or queue it until the socket is open (bounded: the oldest is dropped). */
   _enqueue(frame) {
-    if (this._send(frame)) return;
-    if (frame.op === "subscribe" || frame.op === "unsubscribe") return; // resent on (re)connect
+    const control = frame.op === "subscribe" || frame.op === "unsubscribe";
+    // A publish goes behind those still queued, in order and within the pace of _flush.
+    if ((control || !this.queue.length) && this._send(frame)) return;
+    if (control) return; // resent on (re)connect
     this.queue.push(frame);
     while (this.queue.length > this.options.maxQueue) {
       const dropped = this.queue.shift();
@@ -831,8 +882,33 @@ export class RealtimeClient extends EventTarget {
     }
   }
 
+  /**
+   * Send what waited for a socket (or a leader): the newest typing frame per stream and type
+   * (the older ones reject with `superseded`), and the rest FLUSH_BATCH at a time, every
+   * FLUSH_EVERY ms, so a long queue does not meet the server's publish limits.
+   */
   _flush() {
-    while (this.queue.length && this._send(this.queue[0])) this.queue.shift();
+    this._cancel(this.flushTimer);
+    this.flushTimer = null;
+    this._supersede();
+    for (let sent = 0; sent < FLUSH_BATCH && this.queue.length && this._send(this.queue[0]); sent++) this.queue.shift();
+    if (this.queue.length && this._canSend()) this.flushTimer = this._later(FLUSH_EVERY, () => this._flush());
+  }
+
+  /** Drop the queued typing frames a newer one of the same stream and type makes stale. */
+  _supersede() {
+    const key = (frame) => (frame.op === "publish" && TYPING.test(frame.type) ? `${frame.stream} ${frame.type}` : null);
+    const newest = new Map();
+    for (const frame of this.queue) if (key(frame)) newest.set(key(frame), frame);
+    const stale = this.queue.filter((frame) => key(frame) && newest.get(key(frame)) !== frame);
+    if (!stale.length) return;
+    this.queue = this.queue.filter((frame) => !key(frame) || newest.get(key(frame)) === frame);
+    for (const frame of stale) {
+      const pending = this.replies.get(frame.ref);
+      if (!pending) continue;
+      this.replies.delete(frame.ref);
+      pending.reject(Object.assign(new Error("replaced by a newer typing frame"), { code: "superseded" }));
+    }
   }
 
   _request(frame) {
@@ -845,6 +921,12 @@ export class RealtimeClient extends EventTarget {
     });
   }
 
+  /** The ref of the oldest frame sent on the socket whose reply has not come yet. */
+  _oldestSent() {
+    for (const [ref, pending] of this.replies) if (pending.sent) return ref;
+    return null;
+  }
+
   _frame(frame) {
     if (this.role === "leader" && !["ping", "reply", "reset"].includes(frame.op)) {
       this._post({ kind: "server", frame }); // events, unsubscribed: for every tab
@@ -854,9 +936,13 @@ export class RealtimeClient extends EventTarget {
         this._send({ op: "pong" });
         return;
       case "reply": {
-        const pending = this.replies.get(frame.ref);
+        // An error the server could not tie to its frame (`internal_error`, `too_deep`) comes
+        // with `ref` null. It handles a socket's frames one at a time and replies in order
+        // (protocol.md, section 2), so the reply is the oldest sent frame's still unanswered.
+        const ref = frame.ref ?? (frame.ok ? null : this._oldestSent());
+        const pending = ref != null && this.replies.get(ref);
         if (!pending) return;
-        this.replies.delete(frame.ref);
+        this.replies.delete(ref);
         if (frame.ok) pending.resolve(frame.data || {});
         else {
           const error = frame.error || { code: "error", message: "refused" };
@@ -1172,10 +1258,10 @@ export class RealtimeClient extends EventTarget {
     for (const h of state.handlers) {
       if (h.onReset) {
         handled = true;
-        h.onReset(info);
+        this._call(h.onReset, info);
       }
     }
-    if (!handled && this.onReset) this.onReset(info);
+    if (!handled && this.onReset) this._call(this.onReset, info);
   }
 
   _event(frame) {
@@ -1196,7 +1282,8 @@ export class RealtimeClient extends EventTarget {
     }
     // Seen only once delivered or kept in the buffer: a copy of one ignored here may still count.
     if (ready.length || state.order.pending.get(frame.seq) === frame) this.deduper.fresh(frame.eventId);
-    for (const f of ready) this._deliver(f, state);
+    this._deliverAll(ready, state);
+    if (!this._delivering(frame.stream, state)) return;
     if (state.order.hasGap && state.gapTimer == null) {
       state.gapTimer = this._later(this.options.gapWait, () => {
         state.gapTimer = null;
@@ -1205,12 +1292,33 @@ export class RealtimeClient extends EventTarget {
     }
   }
 
+  /** Still delivering to this stream's state: not closed, and the stream still followed. */
+  _delivering(stream, state) {
+    return !this.closed && this.streams.get(stream) === state;
+  }
+
+  /**
+   * Deliver frames taken from the stream's order. A handler may close the client or drop the
+   * stream: then what it did not get is taken back (the position goes back to before it, and
+   * its ids are forgotten), so that a later resume sends it again and it is delivered then.
+   */
+  _deliverAll(frames, state) {
+    for (let i = 0; i < frames.length; i++) {
+      if (!this._delivering(frames[i].stream, state)) {
+        state.order.seq = frames[i].seq - 1;
+        for (const f of frames.slice(i)) this.deduper.forget(f.eventId);
+        return;
+      }
+      this._deliver(frames[i], state);
+    }
+  }
+
   _deliver(frame, state) {
     if (frame.correlationId && this.pendingCorrelations.has(frame.correlationId)) {
       frame = { ...frame, own: true };
     }
     this._emit("event", frame);
-    for (const h of state.handlers) if (h.onEvent) h.onEvent(frame);
+    for (const h of state.handlers) if (h.onEvent) this._call(h.onEvent, frame);
   }
 
   _ephemeral(frame, state) {
@@ -1218,7 +1326,7 @@ export class RealtimeClient extends EventTarget {
       if (this._presenceChange(frame, state)) this._presence(frame.stream, state);
     }
     this._emit("event", frame);
-    for (const h of state.handlers) if (h.onEvent) h.onEvent(frame);
+    for (const h of state.handlers) if (h.onEvent) this._call(h.onEvent, frame);
   }
 
   // Diffs sent by other sockets or nodes may arrive out of order (a tab reloaded: its old
@@ -1248,7 +1356,7 @@ export class RealtimeClient extends EventTarget {
   _presence(stream, state) {
     const members = Array.from(state.presence.values());
     this._emit("presence", { stream, members });
-    for (const h of state.handlers) if (h.onPresence) h.onPresence(members);
+    for (const h of state.handlers) if (h.onPresence) this._call(h.onPresence, members);
   }
 
   /**
@@ -1270,10 +1378,12 @@ export class RealtimeClient extends EventTarget {
         // The log no longer covers our position: start again from the server's.
         if (reset) throw Object.assign(new Error("reset"), { seq: reset.seq ?? 0, epoch: reset.epoch ?? null });
         for (const frame of body.events) {
+          if (gone()) return; // closed by a handler: the rest is read again on a resume
           const ready = state.order.offer(frame) || [];
           if (ready.length) this.deduper.fresh(frame.eventId);
-          for (const f of ready) this._deliver(f, state);
+          this._deliverAll(ready, state);
         }
+        if (gone()) return;
         const behind = state.behind != null && state.order.seq < state.behind;
         if (!state.order.hasGap && !behind) break;
         if (state.order.seq === before) {
@@ -1286,6 +1396,7 @@ export class RealtimeClient extends EventTarget {
       state.behind = null;
     } catch (error) {
       if (gone()) return;
+      if (error.status === 401) return this._refused(4401); // the session is gone: as a 4401 close
       state.behind = null;
       const seq = error.seq ?? state.order.seq;
       // Early events past a new position are still good: delivered after the reset, not forgotten.
@@ -1293,7 +1404,14 @@ export class RealtimeClient extends EventTarget {
       for (const frame of held) state.order.pending.delete(frame.seq);
       this._reset(stream, seq, error.epoch ?? state.order.epoch);
       held.sort((a, b) => a.seq - b.seq);
-      for (const frame of held) for (const f of state.order.offer(frame) || []) this._deliver(f, state);
+      for (let i = 0; i < held.length; i++) {
+        if (gone()) {
+          // Out of the buffer and not delivered: a resume's copy must not be taken for a duplicate.
+          for (const f of held.slice(i)) this.deduper.forget(f.eventId);
+          break;
+        }
+        this._deliverAll(state.order.offer(held[i]) || [], state);
+      }
     } finally {
       state.filling = false;
     }
@@ -1326,6 +1444,8 @@ export class RealtimeClient extends EventTarget {
 
   /** Publish a client event (typing); resolves with the reply's data. */
   publish(stream, type, data = {}) {
+    // After close() (or 4401, 4403) nothing would send it, and nothing would settle it.
+    if (this.ended) return Promise.reject(closedError());
     if (this.role !== "follower" && this.transport && this.transport !== "websocket") {
       return Promise.reject(Object.assign(new Error("publishing needs the WebSocket"), { code: "no_websocket" }));
     }
@@ -1385,19 +1505,21 @@ export class RealtimeClient extends EventTarget {
    * Optimistic update: `apply()` changes the page at once (it may return a temporary id);
    * `request()` does the change on the server; on success `reconcile(result, temp)` swaps in
    * the server's state, on failure `rollback(temp, error)` undoes it and the error is re-thrown
-   * (and emitted as an `error` event) so the page can show it.
+   * (and emitted as an `error` event) so the page can show it. An exception in `reconcile`
+   * or `rollback` is reported, as a handler's: the server's change stands, and is not rolled back.
    */
   async optimistic({ apply, request, reconcile, rollback }) {
     const temp = apply ? apply() : undefined;
+    let result;
     try {
-      const result = await request(temp);
-      if (reconcile) reconcile(result, temp);
-      return result;
+      result = await request(temp);
     } catch (error) {
-      if (rollback) rollback(temp, error);
+      if (rollback) this._call(rollback, temp, error);
       this._emit("error", { code: "rolled_back", message: error.message, status: error.status });
       throw error;
     }
+    if (reconcile) this._call(reconcile, result, temp);
+    return result;
   }
 
   /**
@@ -1424,9 +1546,17 @@ export class RealtimeClient extends EventTarget {
   _positions() {
     const positions = {};
     for (const [stream, state] of this.streams) {
-      if (state.order.seq !== null) positions[stream] = [state.order.seq, state.order.epoch];
+      if (!state.refused && state.order.seq !== null) positions[stream] = [state.order.seq, state.order.epoch];
     }
     return positions;
+  }
+
+  /**
+   * The streams a fallback follows: not those refused or revoked, since SSE and the feed
+   * answer 403 to the whole request when any stream of it is refused.
+   */
+  _fallbackStreams() {
+    return Array.from(this.streams).filter(([, state]) => !state.refused).map(([stream]) => stream);
   }
 
   /**
@@ -1466,6 +1596,12 @@ export class RealtimeClient extends EventTarget {
     this.probeTimer = this._later(this.options.probeEvery, () => this._openSocket({ probe: true }));
   }
 
+  /**
+   * Follow the streams over one SSE request, and reconnect when it ends. As EventSource does,
+   * a reconnect waits at least the server's `retry:`, and longer after `rate_limited` (too
+   * many connections). A stream that opened proves SSE gets through: only tries that got no
+   * stream count towards polling, and only a stream open for `stableAfter` resets the backoff.
+   */
   async _startSSE() {
     if (this.closed) return;
     this._stopFallback();
@@ -1474,11 +1610,15 @@ export class RealtimeClient extends EventTarget {
     this._setStatus(STATUS.SSE);
     this._scheduleProbe();
     const controller = (this.fallbackAbort = new AbortController());
-    if (!this.streams.size) return; // nothing to follow yet; subscribe() restarts it
+    const streams = this._fallbackStreams();
+    if (!streams.length) return; // nothing to follow yet; subscribe() restarts it
     const url = new URL(this.options.sseUrl);
-    url.searchParams.set("streams", Array.from(this.streams.keys()).join(","));
+    url.searchParams.set("streams", streams.join(","));
     const positions = this._positions();
     if (Object.keys(positions).length) url.searchParams.set("cursor", encodeCursor(positions));
+    let opened = false; // this try got a stream
+    let limited = false; // the server refused it for too many connections (429, `rate_limited`)
+    let stable = null;
     try {
       const response = await this.fetch(url.toString(), {
         credentials: "same-origin",
@@ -1486,10 +1626,13 @@ export class RealtimeClient extends EventTarget {
         signal: controller.signal,
       });
       if (!response.ok || !response.body) {
+        limited = response.status === 429;
         throw Object.assign(new Error(`SSE answered ${response.status}`), { status: response.status });
       }
-      this.sseFailures = 0;
-      this.sseOpened = true;
+      opened = true;
+      stable = this._later(this.options.stableAfter, () => {
+        if (this.fallbackAbort === controller) this.sseFailures = this.sseAttempt = 0;
+      });
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
       const parser = new SSEParser();
@@ -1497,6 +1640,14 @@ export class RealtimeClient extends EventTarget {
         const { value, done } = await reader.read();
         if (done) break;
         for (const message of parser.push(decoder.decode(value, { stream: true }))) {
+          // close() or another transport, from a handler of the messages before: the rest of
+          // the chunk is not ours any more (a resume sends it again).
+          if (controller.signal.aborted || this.closed) return;
+          if (Number.isInteger(message.retry) && message.retry >= 0) this.sseRetry = message.retry;
+          if (message.event === "rate_limited") {
+            limited = true; // too many connections: the server ends the stream next
+            continue;
+          }
           // An `id:` with no data: where the streams that started now begin.
           if (message.id && !message.data) this._placeUnplaced(decodeCursor(message.id));
           if (!message.data) continue;
@@ -1513,8 +1664,10 @@ export class RealtimeClient extends EventTarget {
       }
       throw new Error("SSE stream ended");
     } catch (error) {
+      this._cancel(stable);
       if (controller.signal.aborted || this.closed) return;
-      if (error.status === undefined && !this.sseOpened && !(await this._reachable())) {
+      if (error.status === 401) return this._refused(4401); // the session is gone: as a 4401 close
+      if (error.status === undefined && !opened && !(await this._reachable())) {
         // No HTTP answer at all, not even from the feed: the server is down, rather than the
         // WebSocket and SSE blocked. Keep trying the WebSocket with backoff (its next
         // failure tries SSE again).
@@ -1527,17 +1680,22 @@ export class RealtimeClient extends EventTarget {
         this.retryTimer = this._later(delay, () => this._openSocket());
         return;
       }
-      this.sseFailures += 1;
+      if (!opened && !limited) this.sseFailures += 1;
       if (this.sseFailures >= this.options.sseAttempts) return this._startPolling();
-      const delay = backoffDelay(this.sseFailures, { ...this.options.backoff, random: this.random });
-      this._setStatus(STATUS.SSE, { retryIn: delay });
+      this.sseAttempt += 1;
+      const backoff = backoffDelay(this.sseAttempt, { ...this.options.backoff, random: this.random });
+      let delay = Math.max(this.sseRetry ?? 0, backoff);
+      if (limited) delay = Math.max(delay, this._limitedDelay());
+      this._setStatus(STATUS.SSE, limited ? { retryIn: delay, code: "rate_limited" } : { retryIn: delay });
       this.pollTimer = this._later(delay, () => this._startSSE());
     }
   }
 
   async _reachable() {
     try {
-      await this._readFeed(Array.from(this.streams.keys()), this._positions(), 0);
+      const streams = this._fallbackStreams();
+      if (!streams.length) return false; // nothing to ask about: no answer to go by
+      await this._readFeed(streams, this._positions(), 0);
       return true;
     } catch (error) {
       return error.status !== undefined; // an HTTP error is still an answer
@@ -1564,11 +1722,12 @@ export class RealtimeClient extends EventTarget {
     let failures = 0;
     const poll = async () => {
       if (controller.signal.aborted || this.closed) return;
-      if (!this.streams.size) return;
+      const streams = this._fallbackStreams();
+      if (!streams.length) return; // nothing to follow yet; subscribe() restarts it
       const hidden = this._hidden();
       try {
         const body = await this._readFeed(
-          Array.from(this.streams.keys()),
+          streams,
           this._positions(),
           hidden ? 0 : this.options.pollVisible,
           { etag, signal: controller.signal },
@@ -1577,12 +1736,22 @@ export class RealtimeClient extends EventTarget {
         if (controller.signal.aborted || this.closed) return;
         if (!body.notModified) {
           etag = body.etag;
-          for (const stream of body.resets || []) this._serverReset(stream.stream || stream, stream.seq ?? 0, stream.epoch ?? null);
-          for (const frame of body.events) this._event(frame);
+          // A handler may close the client or leave polling: the rest is not ours any more.
+          const stopped = () => controller.signal.aborted || this.closed;
+          for (const stream of body.resets || []) {
+            if (stopped()) return;
+            this._serverReset(stream.stream || stream, stream.seq ?? 0, stream.epoch ?? null);
+          }
+          for (const frame of body.events) {
+            if (stopped()) return;
+            this._event(frame);
+          }
+          if (stopped()) return;
           this._placeUnplaced(body.cursor ? decodeCursor(body.cursor) : {});
         }
       } catch (error) {
         if (controller.signal.aborted || this.closed) return; // stopped meanwhile: not ours any more
+        if (error.status === 401) return this._refused(4401); // the session is gone: as a 4401 close
         failures += 1;
         this._setStatus(STATUS.POLLING, { error: error.message });
       }
