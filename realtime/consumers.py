@@ -914,7 +914,14 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if not force:
             while self.outbox:
                 await self.send(text_data=self.outbox.popleft())
-        await self.close(code)
+        try:
+            await self.close(code)
+        except Exception:
+            # Refused (a server that does not send this code) or the socket is gone: close
+            # plainly, or this socket would stay `closing`, answering nothing and never pinged.
+            logger.warning("close %s of %s refused; closing with 1000", code, self.connection_id)
+            with contextlib.suppress(Exception):
+                await self.close(Close.NORMAL)
 
     # -- control messages (channel layer) ----------------------------------------------
 
@@ -996,7 +1003,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     async def realtime_disconnect(self, message: dict[str, Any]) -> None:
         if not message.get("connection") or message["connection"] == self.connection_id:
-            await self._close(int(message.get("code", Close.GOING_AWAY)))
+            await self._close(int(message.get("code", Close.DISCONNECTED)))
 
     # -- teardown -------------------------------------------------------------------------
 

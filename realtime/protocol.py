@@ -17,7 +17,8 @@ class Close:
 
     NORMAL = 1000
     GOING_AWAY = 1001
-    INTERNAL_ERROR = 1011
+    # Not 1011: daphne (autobahn) sends only 1000 and 3000-4999, and raises for any other.
+    INTERNAL_ERROR = 4500
     DISCONNECTED = 4000  # closed by an operator (admin "disconnect"); reconnect with backoff
     MALFORMED = 4400
     UNAUTHENTICATED = 4401

@@ -67,13 +67,13 @@ async def test_a_layer_error_at_disconnect_still_removes_the_connection_row(monk
     assert await db(rows_of)(user) == 0
 
 
-async def test_a_layer_error_at_connect_closes_1011_and_leaves_no_row(monkeypatch):
+async def test_a_layer_error_at_connect_closes_4500_and_leaves_no_row(monkeypatch):
     user = await db(UserFactory)()
     failing_for_user_groups(monkeypatch, "group_add")
     client = RealtimeClient(session_key=await db(session_for)(user))
     connected, _subprotocol = await client.communicator.connect()
     assert connected  # accepted, then closed: the client retries after its backoff
-    assert await client.receive(timeout=2.0) == {"type": "websocket.close", "code": 1011}
+    assert await client.receive(timeout=2.0) == {"type": "websocket.close", "code": 4500}
     assert await db(rows_of)(user) == 0
 
 
@@ -214,3 +214,46 @@ async def test_a_seq_missing_for_long_is_read_from_the_log(monkeypatch):
             seqs.append(frame["seq"])
     assert sorted(seqs) == list(range(1, 1031))  # seq 1 and 1028-1030 from the log, once each
     await client.close()
+
+
+def test_every_close_code_the_server_sends_is_one_daphne_can_send():
+    """Autobahn (daphne) sends only 1000 and 3000-4999, and raises for any other code."""
+    from realtime.protocol import Close
+
+    sent_by_the_asgi_server = {Close.GOING_AWAY}  # its own, as it shuts down; never ours
+    codes = {name: v for name, v in vars(Close).items() if name.isupper() and isinstance(v, int)}
+    assert len(codes) > 5
+    for name, code in codes.items():
+        if code not in sent_by_the_asgi_server:
+            assert code == 1000 or 3000 <= code <= 4999, name
+
+
+async def test_a_close_code_the_server_refuses_still_closes_the_socket(monkeypatch):
+    """A refused code must not leave a socket that is `closing` (so it answers nothing and
+    sends no ping) but never closed."""
+    from realtime.consumers import RealtimeConsumer
+    from realtime.protocol import Close
+
+    user = await db(UserFactory)()
+    stream = f"user:{user.pk}"
+    await db(emit)(stream, 1)
+    real_close = RealtimeConsumer.close
+
+    async def strict_close(self, code=None, reason=None):
+        if code is not None and code != 1000 and not 3000 <= code <= 4999:
+            raise ValueError(f"invalid close code {code}")  # as autobahn's sendClose does
+        await real_close(self, code)
+
+    monkeypatch.setattr(RealtimeConsumer, "close", strict_close)
+    monkeypatch.setattr(Close, "INTERNAL_ERROR", 1011, raising=False)
+
+    def broken(*args):
+        raise RuntimeError("replay failed")
+
+    monkeypatch.setattr(replay, "read_typed_after", broken)
+    client = RealtimeClient(session_key=await db(session_for)(user))
+    await client.connect()
+    await client.send({"op": "subscribe", "ref": "s", "stream": stream, "since": 0})
+    while (frame := await client.receive(timeout=3)).get("op") in ("reply", "ping"):
+        pass
+    assert frame["type"] == "websocket.close"
