@@ -751,7 +751,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.drained.clear()
         self.unacked += len(text)
         self.queued += len(text)
-        if self.unacked > self.credit:
+        # Over the credit, unless little was outstanding before this frame: one frame larger
+        # than the whole credit must still reach a client that reads, or it could never be
+        # delivered (a resume would replay it into the same close). Bounded all the same:
+        # half the credit, this frame, and the next frame closes.
+        if self.unacked > self.credit and self.unacked - len(text) > self.credit // 2:
             logger.warning("slow consumer %s: closing", self.connection_id, extra=self._log_extra())
             metrics.DROPPED.labels("slow_consumer").inc(len(self.outbox) + 1)
             self.closing = True

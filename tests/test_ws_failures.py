@@ -257,3 +257,18 @@ async def test_a_close_code_the_server_refuses_still_closes_the_socket(monkeypat
     while (frame := await client.receive(timeout=3)).get("op") in ("reply", "ping"):
         pass
     assert frame["type"] == "websocket.close"
+
+
+async def test_an_event_larger_than_the_whole_credit_reaches_a_reading_client(settings):
+    settings.REALTIME = {**settings.REALTIME, "MAX_UNACKED_BYTES": 4000}
+    user = await db(UserFactory)()
+    client = RealtimeClient(session_key=await db(session_for)(user))
+    await client.connect()
+    stream = f"user:{user.pk}"
+    assert (await client.subscribe(stream))["ok"]
+    await db(emit)(stream, 1, pad=5000)
+    while (frame := await client.receive(timeout=3)).get("op") == "ping":
+        await client.send({"op": "pong"})
+    assert frame.get("op") == "event", frame  # not a 4409 close, which a resume would repeat
+    assert len(frame["data"]["pad"]) == 5000
+    await client.close()
