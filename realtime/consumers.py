@@ -420,10 +420,14 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         )
 
     async def _authenticate(self) -> Any:
-        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        # Blank values kept: `?ticket=` names a ticket (an empty one, refused), and must not
+        # fall back to the session cookie.
+        query = parse_qs(
+            self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
+        )
         tickets = query.get("ticket")
         self.opened_at = time.time()
-        if tickets:
+        if tickets is not None:
             from .tickets import redeem
 
             self.session, self.session_key = None, None
@@ -455,6 +459,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             extra=self._log_extra(),
         )
         metrics.REFUSED.labels(str(code)).inc()
+        # Frames the client sends during the close handshake are not handled (a socket over
+        # the connection limit has a user already, but may not subscribe or publish).
+        self.closing = True
         # Accept first: a browser cannot read a refused handshake's status, only a close code.
         await self.accept()
         await self.close(code)

@@ -28,8 +28,12 @@ class RealtimeOriginValidator(OriginValidator):
             return await self.application(scope, receive, send)
         self.allowed_origins = self.configured or _allowed_from_settings()
         origin = dict(scope.get("headers") or []).get(b"origin")
-        parsed = urlparse(origin.decode("latin1")) if origin else None
-        if not self.valid_origin(parsed):
+        try:
+            parsed = urlparse(origin.decode("latin1")) if origin else None
+            allowed = self.valid_origin(parsed)
+        except ValueError:  # not a URL at all ("http://[", say): refused like a foreign one
+            allowed = False
+        if not allowed:
             scope = {
                 **scope,
                 "realtime_origin_refused": origin.decode("latin1") if origin else "none",

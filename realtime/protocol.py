@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,18 +146,46 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    # `1e999` is valid JSON text for a number no double holds: Python reads it as infinity,
+    # which nothing could send on (events refuse NaN and infinities).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _encodable(value: Any) -> bool:
+    """Whether every string in `value` can be sent as UTF-8 (no lone surrogate)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_encodable(k) and _encodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_encodable(v) for v in value)
+    return True
+
+
 def parse(text: str, *, max_bytes: int, max_depth: int) -> Frame:
     """Parse and validate one inbound text frame, raising ProtocolError with a documented code."""
     if len(text) > max_bytes or len(text.encode("utf-8", "surrogatepass")) > max_bytes:
         raise ProtocolError(Code.TOO_LARGE, f"frames are limited to {max_bytes} bytes")
     try:
-        frame = json.loads(text, parse_constant=_not_json)
+        frame = json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except RecursionError:
         raise ProtocolError(Code.TOO_DEEP, f"JSON nesting is limited to {max_depth}") from None
     except ValueError:
         raise ProtocolError(Code.INVALID_JSON, "the frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise ProtocolError(Code.INVALID_FRAME, "a frame must be a JSON object")
+    # A text frame arrives as UTF-8, so a lone surrogate can only come from a `\ud8xx`-style
+    # escape: valid JSON, but no reply or event holding it could be sent.
+    if "\\u" in text and not _encodable(frame):
+        raise ProtocolError(Code.INVALID_FRAME, "strings must not hold lone surrogates")
     raw_ref = frame.get("ref")
     ref = raw_ref if isinstance(raw_ref, str) and len(raw_ref) <= 64 else None
     if raw_ref is not None and ref is None:

@@ -66,6 +66,65 @@ async def test_foreign_origin_is_closed_with_4403(caplog):
     assert "evil.example" in caplog.text
 
 
+@pytest.mark.parametrize("origin", ["http://[", "http://[::1", "http://x]"])
+async def test_a_malformed_origin_is_closed_with_4403(origin):
+    owner, _ = await make_project()
+    client = RealtimeClient(session_key=await db(session_for)(owner), origin=origin)
+    assert await client.connect() == {"type": "websocket.close", "code": 4403}
+
+
+async def test_an_empty_ticket_does_not_fall_back_to_the_cookie():
+    owner, _ = await make_project()
+    session = await db(session_for)(owner)
+    client = RealtimeClient(session_key=session, path="/ws/realtime/?ticket=")
+    assert await client.connect() == {"type": "websocket.close", "code": 4401}
+
+
+async def test_a_socket_refused_for_the_connection_limit_handles_no_frame(settings):
+    settings.REALTIME = {**settings.REALTIME, "MAX_CONNECTIONS_PER_USER": 1}
+    owner, project = await make_project()
+    other = await db(UserFactory)()
+    await db(add_member)(project, other)
+    stream = f"project:{project.pk}"
+    watcher = await client_for(other)
+    await watcher.subscribe(stream)
+    first = await client_for(owner)
+    refused = RealtimeClient(session_key=await db(session_for)(owner))
+    assert (await refused.connect())["code"] == 4429
+    # Frames the client sends while the close handshake runs are not handled.
+    await refused.send({"op": "publish", "stream": stream, "type": "v1:typing.started", "data": {}})
+    assert await watcher.nothing_more(0.5)
+    await first.close()
+    await watcher.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        (
+            '{"op":"publish","ref":"r","stream":"project:1","type":"v1:typing.started",'
+            '"data":{"x":1e999}}',
+            "invalid_json",
+        ),
+        (
+            '{"op":"publish","ref":"r","stream":"project:1","type":"v1:typing.started",'
+            '"data":{"x":"\\udc00"}}',
+            "invalid_frame",
+        ),
+        ('{"op":"ping","ref":"\\ud800"}', "invalid_frame"),
+    ],
+)
+async def test_numbers_and_strings_no_frame_could_carry_on_get_a_documented_error(text, code):
+    owner, _ = await make_project()
+    client = await client_for(owner)
+    await client.send(text)
+    reply = await client.receive_until("reply")
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == code
+    json.dumps(reply, ensure_ascii=False).encode("utf-8")  # the answer itself can be sent
+    await client.close()
+
+
 async def test_missing_origin_is_refused():
     owner, _ = await make_project()
     client = RealtimeClient(session_key=await db(session_for)(owner), origin=None)
