@@ -378,6 +378,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             # Accepted first: a logout arriving now can close the socket.
             await self.hub.watch_user(user.pk, self)
             await self.hub.add_connection(self)
+            # A logout or deactivation told to the user's group before this socket watched it
+            # reached no socket: decide on the user and the session as they are now, once.
+            refusal = await _thread(self._signed_in_now)()
         except Exception:
             # The channel layer failed (or the client left): release the row now, since no
             # disconnect may follow a connect that failed; the client retries after backoff.
@@ -385,6 +388,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.disconnect(Close.INTERNAL_ERROR)
             with contextlib.suppress(Exception):
                 await self.close(Close.INTERNAL_ERROR)
+            return
+        if refusal is not None:
+            await self._close(refusal)
             return
         heartbeat = float(realtime_settings.HEARTBEAT)
         self.enqueue(
@@ -960,6 +966,21 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 self.authz_waiting = False
             if not self.closing:
                 await getattr(self, get_handler_name(message))(message)
+
+    def _signed_in_now(self) -> int | None:
+        """The close code this socket gets if its user or session ended meanwhile, else None
+        (in one thread hop: it runs in every handshake)."""
+        from .policies import reload_user
+
+        user = reload_user(self.user)
+        if user is None or not user.is_active:
+            return Close.UNAUTHENTICATED
+        if not same_password(user, self.auth_hash):
+            return Close.DISCONNECTED
+        if signed_out(self.session, self.session_key, user, self.opened_at):
+            return Close.DISCONNECTED if self.session is not None else Close.UNAUTHENTICATED
+        self.user = user
+        return None
 
     async def _reload_user(self) -> bool:
         """Read this socket's user again (is_active, is_superuser, …); close if it is gone."""

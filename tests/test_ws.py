@@ -125,6 +125,33 @@ async def test_numbers_and_strings_no_frame_could_carry_on_get_a_documented_erro
     await client.close()
 
 
+async def test_a_logout_during_the_handshake_closes_the_socket(monkeypatch):
+    """The logout's message went to the user's group before this socket watched it."""
+    from django.conf import settings as django_settings
+    from django.test import Client
+
+    from realtime.consumers import RealtimeConsumer
+    from realtime.testing import flush
+
+    user = await db(UserFactory)()
+    session = await db(session_for)(user)
+    original = RealtimeConsumer._open_row
+
+    def open_row_then_logout(self, *args):
+        opened = original(self, *args)
+        browser = Client()
+        browser.cookies[django_settings.SESSION_COOKIE_NAME] = session
+        browser.logout()
+        flush()
+        return opened
+
+    monkeypatch.setattr(RealtimeConsumer, "_open_row", open_row_then_logout)
+    client = RealtimeClient(session_key=session)
+    connected, _ = await client.communicator.connect()
+    assert connected  # accepted, then closed: it reconnects and the handshake refuses it
+    assert await client.receive(timeout=3) == {"type": "websocket.close", "code": 4000}
+
+
 async def test_missing_origin_is_refused():
     owner, _ = await make_project()
     client = RealtimeClient(session_key=await db(session_for)(owner), origin=None)
