@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from typing import Any
 
 from django.db import connections, router, transaction
@@ -70,10 +71,16 @@ def count_for_user(user: Any) -> int:
     return Connection.objects.filter(user=user).count()
 
 
-def touch_node(node: str) -> int:
-    """Mark this node's connections as seen now, and sweep those of silent nodes."""
+def touch_node(node: str, connection_ids: Iterable[str]) -> int:
+    """Mark the connections this node holds (`connection_ids`) as seen now, and sweep the
+    rows not seen for long: those of silent nodes, and this node's rows it no longer holds
+    (a socket whose cleanup never ran), which touching every row of the node would keep."""
     now = timezone.now()
-    touched = Connection.objects.filter(node=node).update(last_seen=now)
+    ids = sorted(connection_ids)
+    touched = 0
+    for start in range(0, len(ids), 500):  # bounded statements, whatever the socket count
+        chunk = ids[start : start + 500]
+        touched += Connection.objects.filter(node=node, pk__in=chunk).update(last_seen=now)
     sweep(now=now)
     return touched
 

@@ -246,8 +246,16 @@ class Hub:
             turn = (turn + 1) % HEARTBEAT_SLICES
             # SSE streams have no heartbeat here but rows of their own, and watch their user.
             if turn == 0 and (self.connections or self.user_listeners):
+                held = {
+                    getattr(listener, "connection_id", None)
+                    for listeners in self.user_listeners.values()
+                    for listener in listeners
+                } | {getattr(c, "connection_id", None) for c in self.connections}
+                held.discard(None)
                 try:
-                    await database_sync_to_async(touch_node, thread_sensitive=False)(node_id())
+                    await database_sync_to_async(touch_node, thread_sensitive=False)(
+                        node_id(), held
+                    )
                 except Exception:
                     logger.warning("updating this node's connections failed", exc_info=True)
 

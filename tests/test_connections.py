@@ -18,9 +18,22 @@ def test_rows_of_a_silent_node_are_swept_and_live_ones_kept(settings):
     old = timezone.now() - dt.timedelta(seconds=120)
     Connection.objects.create(id="dead1", node="dead:1", last_seen=old)
     Connection.objects.create(id="live1", node="live:1", last_seen=old)
-    assert touch_node("live:1") == 1  # the live node's heartbeat refreshes its rows
+    assert touch_node("live:1", ["live1"]) == 1  # the live node's heartbeat refreshes its rows
     assert set(Connection.objects.values_list("id", flat=True)) == {"live1"}
     assert sweep() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_row_its_live_node_no_longer_holds_is_swept_too(settings):
+    """A row left behind by a socket whose cleanup never ran (cancelled while its row was
+    being written, or a failed delete) is not refreshed by its node's heartbeat."""
+    settings.REALTIME = {"CONNECTION_SWEEP_AFTER": 60}
+    old = timezone.now() - dt.timedelta(seconds=120)
+    Connection.objects.create(id="held", node="live:1", last_seen=old)
+    Connection.objects.create(id="leaked", node="live:1", last_seen=old)
+    many = [f"other{n}" for n in range(1200)]  # past SQLite's old 999-parameter limit
+    assert touch_node("live:1", ["held", *many]) == 1
+    assert set(Connection.objects.values_list("id", flat=True)) == {"held"}
 
 
 @pytest.mark.parametrize(
