@@ -92,6 +92,7 @@ class Hub:
                     (self._listen(), "realtime-hub-listen"),
                     (self._tick(), "realtime-hub-tick"),
                     (self._probe(), "realtime-hub-probe"),
+                    (self._renew_groups(), "realtime-hub-groups"),
                 )
             ]
 
@@ -258,6 +259,33 @@ class Hub:
                     )
                 except Exception:
                     logger.warning("updating this node's connections failed", exc_info=True)
+
+    async def _renew_groups(self) -> None:
+        """Add the hub's channel to its groups again, within the layer's `group_expiry`.
+
+        Channels' in-memory layer and channels-redis' core layer drop a group member after
+        `group_expiry` (a day by default) however busy it is: a stream followed for longer
+        would go silent, with no error. (The pub/sub layer has no expiry: nothing to do.)
+        """
+        from .consumers import user_group
+
+        while True:
+            expiry = getattr(self.layer, "group_expiry", None)
+            if not expiry:
+                await asyncio.sleep(3600)  # a layer swapped in by settings is looked at again
+                continue
+            await asyncio.sleep(max(float(expiry) / 4, 0.1))
+            groups: list[tuple[dict[Any, Any], Any, str]] = [
+                (self.members, s, group_name(s)) for s in self.members
+            ]
+            groups += [(self.user_listeners, u, user_group(u)) for u in self.user_listeners]
+            for held, key, group in groups:
+                if key not in held:
+                    continue  # left meanwhile
+                try:
+                    await self.layer.group_add(group, self.channel)
+                except Exception:
+                    logger.warning("renewing group %s failed", group, exc_info=True)
 
     async def _probe(self) -> None:
         """Send a message to this hub's channel every LAYER_PROBE_INTERVAL, through the layer.

@@ -421,3 +421,27 @@ async def test_a_resync_that_cannot_reach_the_database_closes_rather_than_stalls
     # Replaying (buffering) for ever would deliver nothing, silently: the client resumes.
     closed = await clients[0].receive_until("never", timeout=5)
     assert closed == {"type": "websocket.close", "code": 4500}
+
+
+async def test_a_stream_followed_longer_than_the_layers_group_expiry_still_gets_events(
+    monkeypatch,
+):
+    """The in-memory and channels-redis core layers drop group members after group_expiry."""
+    from realtime.testing import RealtimeClient, flush, session_for
+
+    monkeypatch.setattr(get_channel_layer(), "group_expiry", 1, raising=False)
+    user = await db(UserFactory)()
+    client = RealtimeClient(session_key=await db(session_for)(user))
+    await client.connect()
+    stream = f"user:{user.pk}"
+    assert (await client.subscribe(stream))["ok"]
+    await asyncio.sleep(2.5)
+
+    def emit():
+        realtime.emit(stream, "v1:tick.happened", {})
+        flush()
+
+    await db(emit)()
+    frame = await client.receive_until("event", timeout=3)
+    assert frame["type"] == "v1:tick.happened"
+    await client.close()
