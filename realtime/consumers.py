@@ -377,10 +377,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.accept()
             # Accepted first: a logout arriving now can close the socket.
             await self.hub.watch_user(user.pk, self)
-            await self.hub.add_connection(self)
             # A logout or deactivation told to the user's group before this socket watched it
             # reached no socket: decide on the user and the session as they are now, once.
+            # Before the hub's heartbeat holds the socket, so nothing (a ping) precedes the
+            # welcome.
             refusal = await _thread(self._signed_in_now)()
+            if refusal is None:
+                await self.hub.add_connection(self)
         except Exception:
             # The channel layer failed (or the client left): release the row now, since no
             # disconnect may follow a connect that failed; the client retries after backoff.

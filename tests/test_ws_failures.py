@@ -216,7 +216,7 @@ async def test_a_seq_missing_for_long_is_read_from_the_log(monkeypatch):
     await client.close()
 
 
-def test_every_close_code_the_server_sends_is_one_daphne_can_send():
+async def test_every_close_code_the_server_sends_is_one_daphne_can_send():
     """Autobahn (daphne) sends only 1000 and 3000-4999, and raises for any other code."""
     from realtime.protocol import Close
 
