@@ -220,7 +220,7 @@ test("a 4429 waits long, longer each time in a row, and a stable socket between 
     await timers.tick(retries.at(-1));
   }
   assert.deepEqual(retries, [3000, 6000, 12000]); // random 0.5 of 2-4 s, 4-8 s, 8-16 s
-  sockets.at(-1).open();
+  sockets.at(-1).open(1000); // a heartbeat longer than the wait: the socket stays open
   await timers.tick(300000); // five minutes without one: forgotten
   sockets.at(-1).fail(4429);
   assert.equal(statuses.at(-1).retryIn, 3000);
@@ -887,7 +887,8 @@ test("a follower that hears no leader within leaderWait steals the lock from the
 });
 
 test("a follower that hears its leader does not steal; a leader whose lock is stolen steps down", async () => {
-  const { make, sockets, timers } = tabs({ leaderWait: 3000 });
+  // The new leader's socket never opens here: no connectTimeout within the test's minute.
+  const { make, sockets, timers } = tabs({ leaderWait: 3000, connectTimeout: 1e9 });
   const first = make().connect();
   const heard = make().connect();
   await settle();
@@ -1691,7 +1692,7 @@ test("a probe still connecting when its fallback stops is closed: one socket at 
   failSSE(new TypeError("Failed to fetch")); // no answer from the feed either: retry the WebSocket
   await settle();
   assert.equal(probe.readyState, 3); // closed with the fallback
-  await timers.tick(30000);
+  await timers.tick(5000); // the retry's backoff (not its connectTimeout: it would fail)
   const retry = sockets[2];
   retry.open();
   probe.open(); // a late open of the old probe is ignored
@@ -2043,5 +2044,247 @@ test("SSE streams that keep ending back off further each time, and stay on SSE",
   const waits = statuses.filter((s) => s.retryIn !== undefined && s.status === STATUS.SSE).map((s) => s.retryIn);
   assert.deepEqual(waits, [1000, 2000, 4000, 8000]);
   assert.equal(c.transport, "sse"); // each stream opened: SSE gets through
+  c.close();
+});
+
+// -- tabs: what a follower is told after the leader's socket changes -------------------------
+
+test("after the leader's socket reconnects, its followers get the new subscribe reply's presence", async () => {
+  const { make, sockets, timers } = tabs({ wsAttempts: 100 });
+  const leader = make().connect(); const follower = make().connect();
+  await settle(); sockets[0].open(); await settle();
+  const shown = [];
+  follower.subscribe("project:1", { onPresence: (members) => shown.push(members.map((m) => m.user.id)) }); await settle();
+  const T = "2026-12-03T10:00:00.000Z";
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: false, presence: [{ user: { id: 1 }, since: T }, { user: { id: 2 }, since: T }] });
+  await settle();
+  sockets[0].fail(); await timers.tick(1000); sockets[1].open(); await settle();
+  ok(sockets[1], sockets[1].last("subscribe"), { seq: 3, epoch: "e", recovered: true, presence: [{ user: { id: 1 }, since: T }, { user: { id: 3 }, since: T }] });
+  await settle();
+  assert.deepEqual(follower.members("project:1").map((m) => m.user.id), [1, 3]);
+  assert.deepEqual(shown, [[1, 2], [1, 3]]); // once from its own reply, once from the snapshot
+  leader.close(); follower.close();
+});
+
+test("a follower resuming from another epoch, or ahead of the leader without an epoch, is reset to the leader's position", async () => {
+  const { make, sockets } = tabs();
+  const leader = make().connect(); const follower = make().connect();
+  await settle(); sockets[0].open(); await settle();
+  leader.subscribe("project:1", {});
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e2", recovered: false }); await settle();
+  const seen = [], resets = [];
+  const sub = follower.subscribe("project:1", { since: 50, epoch: "e1", onEvent: (f) => seen.push(f.seq), onReset: (r) => resets.push(r) });
+  await settle();
+  sockets[0].receive(event(4)); sockets[0].receive(event(5)); await settle();
+  assert.deepEqual(resets, [{ stream: "project:1", seq: 3, epoch: "e2" }]);
+  assert.deepEqual(seen, [4, 5]);
+  assert.equal((await sub.ready).recovered, false);
+  // Ahead of the leader with no epoch to compare (the server would say recovered: false too).
+  const ahead = [];
+  const other = make().connect(); await settle();
+  other.subscribe("project:1", { since: 9, onReset: (r) => ahead.push(r.seq) }); await settle();
+  assert.deepEqual(ahead, [5]);
+  // Ahead in the leader's own epoch: the leader is only behind, and the tab goes on from its
+  // position (the events up to it are not delivered again).
+  const third = make().connect(); await settle();
+  const later = [], thirdResets = [];
+  third.subscribe("project:1", { since: 7, epoch: "e2", onEvent: (f) => later.push(f.seq), onReset: (r) => thirdResets.push(r) });
+  await settle();
+  for (const seq of [6, 7, 8]) sockets[0].receive(event(seq));
+  await settle();
+  assert.deepEqual(thirdResets, []);
+  assert.deepEqual(later, [8]);
+  leader.close(); follower.close(); other.close(); third.close();
+});
+
+test("a follower more than one feed page behind the leader reads page by page up to it", async () => {
+  const fetch = async (url) => { const from = cursorOf(url)["project:1"][0];
+    return feedAnswer({ events: Array.from({ length: 500 }, (_, i) => event(from + 1 + i)).filter((e) => e.seq <= 1200) }); };
+  const { make, sockets, timers } = tabs({ fetch });
+  const leader = make().connect(); const follower = make().connect();
+  await settle(); sockets[0].open(); await settle();
+  leader.subscribe("project:1", {});
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 1200, epoch: "e", recovered: false }); await settle();
+  const seen = [], resets = [];
+  follower.subscribe("project:1", { since: 0, onEvent: (f) => seen.push(f.seq), onReset: (r) => resets.push(r) });
+  for (let i = 0; i < 10; i++) await settle();
+  await timers.tick(5000); await settle();
+  assert.equal(seen.length, 1200);
+  assert.deepEqual([seen[0], seen.at(-1)], [1, 1200]);
+  assert.deepEqual(resets, []);
+  leader.close(); follower.close();
+});
+
+test("a follower's refused stream is dropped at the leader when its handle unsubscribes, and not resubscribed", async () => {
+  const { make, sockets, timers } = tabs({ wsAttempts: 100 });
+  const leader = make().connect(); const follower = make().connect();
+  await settle(); sockets[0].open(); await settle();
+  const sub = follower.subscribe("project:9", {}); await settle();
+  refuse(sockets[0], sockets[0].last("subscribe"), "forbidden"); await settle();
+  sub.unsubscribe(); await settle();
+  assert.equal(leader.tabStreams.has("project:9"), false);
+  assert.equal(leader.streams.has("project:9"), false);
+  sockets[0].fail(); await timers.tick(1000); sockets[1].open(); await settle();
+  assert.equal(sentOf(sockets[1], "subscribe", "project:9").length, 0);
+  leader.close(); follower.close();
+});
+
+test("a refusal of a follower's stream is an error in the follower, not in the leader's page", async () => {
+  const { make, sockets } = tabs();
+  const leader = make().connect(); const follower = make().connect();
+  await settle(); sockets[0].open(); await settle();
+  const errors = [], followerErrors = [];
+  leader.on("error", (e) => errors.push(e.code));
+  follower.on("error", (e) => followerErrors.push(e.code));
+  const sub = follower.subscribe("project:9", {}); await settle();
+  refuse(sockets[0], sockets[0].last("subscribe"), "forbidden"); await settle();
+  await assert.rejects(sub.ready, (e) => e.code === "forbidden");
+  // A revocation of another stream the follower follows: the same.
+  follower.subscribe("project:8", {}); await settle();
+  ok(sockets[0], sockets[0].last("subscribe")); await settle();
+  sockets[0].receive({ op: "unsubscribed", stream: "project:8", reason: "forbidden" }); await settle();
+  assert.deepEqual(errors, []);
+  assert.deepEqual(followerErrors, ["forbidden", "forbidden"]);
+  leader.close(); follower.close();
+});
+
+// -- connect timeout, watchdog, probe ---------------------------------------------------------
+
+test("a handshake that hangs times out after connectTimeout and counts as a failed try", async () => {
+  const { c, timers, sockets, statuses } = client({ fetch: async () => new Promise(() => {}), wsAttempts: 2 });
+  c.subscribe("project:1", {}); c.connect(); await flush();
+  assert.equal(sockets.length, 1);
+  await timers.tick(14999);
+  assert.equal(sockets.length, 1);
+  assert.equal(c.status, STATUS.CONNECTING);
+  await timers.tick(1); // 15 s: the try failed
+  assert.equal(sockets[0].readyState, 3);
+  assert.equal(c.status, STATUS.RECONNECTING);
+  await timers.tick(statuses.at(-1).retryIn);
+  assert.equal(sockets.length, 2);
+  sockets[0].open(); // a late open of the timed-out socket is ignored
+  assert.equal(c.socket, undefined);
+  await timers.tick(15000); await settle(); // the second try fails too: SSE
+  assert.equal(c.transport, "sse");
+  c.close();
+});
+
+test("a ticket request that hangs times out as a failed try, and its late answer is ignored", async () => {
+  const answers = [];
+  const fetch = (url) => new URL(url).pathname === "/api/realtime/tickets/"
+    ? new Promise((resolve) => answers.push(resolve))
+    : new Promise(() => {});
+  const { c, timers, sockets } = client({ fetch, ticketUrl: "http://testserver/api/realtime/tickets/", wsAttempts: 100, connectTimeout: 5000 });
+  c.connect(); await flush();
+  assert.equal(answers.length, 1);
+  await timers.tick(5000); await settle();
+  assert.equal(c.status, STATUS.RECONNECTING);
+  await timers.tick(1000); await settle();
+  assert.equal(answers.length, 2); // tried again with a new ticket request
+  answers[0]({ ok: true, status: 200, json: async () => ({ ticket: "late" }) });
+  answers[1]({ ok: true, status: 200, json: async () => ({ ticket: "t2" }) });
+  await settle();
+  assert.equal(sockets.length, 1);
+  assert.match(sockets[0].url, /ticket=t2/);
+  c.close();
+});
+
+test("the watchdog drops a silent socket at once, without waiting for its onclose", async () => {
+  const { c, timers, sockets, statuses } = client();
+  c.connect(); await flush(); sockets[0].open(25);
+  sockets[0].close = function () { this.readyState = 2; }; // a dead link: onclose comes late, if ever
+  await timers.tick(51000);
+  assert.equal(c.status, STATUS.RECONNECTING);
+  assert.equal(statuses.at(-1).code, 4408); // as a heartbeat timeout
+  assert.equal(c.socket, null);
+  await timers.tick(statuses.at(-1).retryIn);
+  assert.equal(sockets.length, 2);
+  sockets[1].open();
+  assert.equal(c.status, STATUS.OPEN);
+  c.close();
+});
+
+test("on a fallback, subscribes made often do not postpone the WebSocket probe", async () => {
+  const { c, timers, sockets } = client({ fetch: async () => new Promise(() => {}), wsAttempts: 1, probeEvery: 30000 });
+  c.subscribe("project:1", {}); c.connect(); await flush(); sockets[0].fail(); await settle();
+  assert.equal(c.transport, "sse");
+  for (let i = 2; i < 12; i++) { await timers.tick(20000); c.subscribe(`project:${i}`, {}); }
+  assert.ok(sockets.length > 1);
+  // Probes at 30 s, 75 s, 120 s and 165 s: each hangs until connectTimeout (15 s), then the next waits probeEvery.
+  assert.equal(sockets.length, 5);
+  c.close();
+});
+
+// -- a handle that joins a stream already followed ---------------------------------------------
+
+test("snapshot() of a stream already followed delivers the events committed while its GET was on its way", async () => {
+  let answer; const fetch = () => new Promise((r) => (answer = r));
+  const { c, sockets } = client({ fetch });
+  c.connect(); await flush(); sockets[0].open();
+  c.subscribe("project:1", { onEvent() {} });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 5, epoch: "e", recovered: false }); await settle();
+  const seen = [];
+  const snap = c.snapshot("/api/projects/1/items/", "project:1", { onEvent: (f) => seen.push(f.seq) });
+  await flush();
+  sockets[0].receive(event(6));
+  answer({ ok: true, status: 200, headers: { get: (h) => (h === "X-Stream-Position" ? "project:1=5" : null) }, json: async () => [] });
+  await snap;
+  assert.deepEqual(seen, []); // not before the page has the snapshot's data
+  sockets[0].receive(event(7));
+  assert.deepEqual(seen, [6, 7]);
+  c.close();
+});
+
+test("a handle joining from a position it missed gets the kept events after a turn, or a reset of its own", async () => {
+  const { c, timers, sockets } = client();
+  c.connect(); await flush(); sockets[0].open();
+  const first = [];
+  c.subscribe("project:1", { onEvent: (f) => first.push(f.seq) });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 0, epoch: "e", recovered: false }); await settle();
+  for (let seq = 1; seq <= 150; seq++) sockets[0].receive(event(seq));
+  const late = [];
+  c.subscribe("project:1", { since: 140, onEvent: (f) => late.push(f.seq) });
+  assert.deepEqual(late, []);
+  await timers.tick(0);
+  assert.deepEqual(late, [141, 142, 143, 144, 145, 146, 147, 148, 149, 150]);
+  // Further back than the events kept (100) and the feed fails, or from another epoch: that
+  // handle alone resets.
+  const resets = [], old = [];
+  c.subscribe("project:1", { since: 10, onEvent: (f) => old.push(f.seq), onReset: (r) => resets.push(r) });
+  c.subscribe("project:1", { since: 149, epoch: "other", onReset: (r) => resets.push(r) });
+  await timers.tick(0); await settle();
+  assert.deepEqual(resets, [{ stream: "project:1", seq: 150, epoch: "e" }, { stream: "project:1", seq: 150, epoch: "e" }]);
+  sockets[0].receive(event(151));
+  assert.deepEqual(old, [151]);
+  assert.equal(first.length, 151); // the first handle saw each event once, and no reset
+  c.close();
+});
+
+test("a handle joining from further back than the kept events reads them from the feed, for it alone", async () => {
+  const requests = [];
+  let release;
+  const gate = new Promise((r) => (release = r));
+  const fetch = async (url) => {
+    const from = cursorOf(url)["project:1"][0];
+    requests.push(from);
+    await gate;
+    return feedAnswer({ events: Array.from({ length: 500 }, (_, i) => event(from + 1 + i)).filter((e) => e.seq <= 151) });
+  };
+  const { c, sockets } = client({ fetch });
+  c.connect(); await flush(); sockets[0].open();
+  const first = [];
+  c.subscribe("project:1", { onEvent: (f) => first.push(f.seq) });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 0, epoch: "e", recovered: false }); await settle();
+  for (let seq = 1; seq <= 150; seq++) sockets[0].receive(event(seq));
+  const late = [], resets = [];
+  c.subscribe("project:1", { since: 10, onEvent: (f) => late.push(f.seq), onReset: (r) => resets.push(r) });
+  await settle();
+  sockets[0].receive(event(151)); // live while the feed is read: it waits behind
+  assert.deepEqual(late, []);
+  release(); await settle();
+  assert.deepEqual(requests, [10]);
+  assert.deepEqual(late, Array.from({ length: 141 }, (_, i) => 11 + i)); // 11..150 from the feed, then 151
+  assert.deepEqual(resets, []);
+  assert.equal(first.length, 151); // the other handle got nothing twice
   c.close();
 });

@@ -20,6 +20,10 @@ const FINAL_CLOSE = new Set([4401, 4403]);
 const FLUSH_BATCH = 10;
 const FLUSH_EVERY = 1000;
 
+// Logged events kept per stream after delivery, for a handle that joins from an earlier
+// position (a snapshot() whose GET was on its way while they were delivered).
+const HISTORY = 100;
+
 // Typing indicators: of those queued, only the newest per stream and type is still true.
 const TYPING = /^v[0-9]+:typing\./;
 
@@ -201,6 +205,9 @@ export class RealtimeClient extends EventTarget {
       pollVisible: options.pollVisible ?? 20, // long-poll `wait` (s) while the tab is visible
       pollHidden: options.pollHidden ?? 30000, // ms between short polls while it is hidden
       probeEvery: options.probeEvery ?? 30000, // ms between WebSocket tries while on a fallback
+      // ms a WebSocket try (the ticket request, the handshake and the welcome) may take before
+      // it counts as failed: a hung one would otherwise stay "connecting" for good.
+      connectTimeout: options.connectTimeout ?? 15000,
       dedupeLimit: options.dedupeLimit ?? 5000,
       // Tabs of one origin share one connection: a leader tab (Web Locks) holds it and feeds
       // the others over a BroadcastChannel.
@@ -532,6 +539,14 @@ export class RealtimeClient extends EventTarget {
       case "server":
         if (!message.to || message.to === this.tabId) this._frame(message.frame);
         return;
+      case "presence": {
+        // The leader's new subscribe reply (after its socket reconnected) lists who is present now.
+        const state = this.streams.get(message.stream);
+        if (!state || !Array.isArray(message.presence)) return;
+        state.presence = new Map(message.presence.map((m) => [m.user.id, m]));
+        this._presence(message.stream, state);
+        return;
+      }
       default:
     }
   }
@@ -565,21 +580,27 @@ export class RealtimeClient extends EventTarget {
       if (!tabs) this.tabStreams.set(frame.stream, (tabs = new Set()));
       tabs.add(tab);
       // Follow it here for the tab (no handler of this page's own), from the tab's position.
+      // A stream made for it is subscribed from that position: the server judges it, and a
+      // reset it answers reaches the tab too (_serverReset).
+      const judged = !this.streams.has(frame.stream);
       const state = this._follow(frame.stream, { since: frame.since ?? null, epoch: frame.epoch ?? null });
       const reply = (error) => {
         const s = this.streams.get(frame.stream);
         if (error) return answer({ ok: false, error: { code: error.code || "error", message: error.message } });
+        const seq = s ? s.order.seq : null; // null: not known yet (a fallback that started "now")
+        const epoch = s ? s.order.epoch : null;
         answer({
           ok: true,
           data: {
-            seq: s ? s.order.seq : null, // null: not known yet (a fallback that started "now")
-            epoch: s ? s.order.epoch : null,
-            recovered: true,
+            seq,
+            epoch,
+            recovered: judged || this._resumable(frame, seq, epoch),
             shared: true,
             presence: s ? Array.from(s.presence.values()) : [],
           },
         });
       };
+      reply.tab = tab;
       // Answer once the server has answered this connection's own subscribe (a rate-limited
       // one keeps the tab waiting while it is retried here).
       if (state.live) reply();
@@ -598,6 +619,19 @@ export class RealtimeClient extends EventTarget {
         (error) => answer({ ok: false, error: { code: error.code || "error", message: error.message } }),
       );
     }
+  }
+
+  /**
+   * Can a follower's subscribe resume from this leader's position, as the server would judge
+   * it (protocol.md, section 5): not from another epoch, nor, without an epoch to compare,
+   * from past the leader's seq. In one epoch the log only grows, so a leader behind the
+   * follower (its next events still on their way) catches up and loses nothing for it.
+   * A position this leader does not know yet (a fallback that started "now") judges nothing.
+   */
+  _resumable(frame, seq, epoch) {
+    if (frame.since == null || seq === null) return true;
+    if (frame.epoch && epoch) return frame.epoch === epoch;
+    return frame.since <= seq;
   }
 
   _tabLeaves(tab, stream) {
@@ -668,11 +702,11 @@ export class RealtimeClient extends EventTarget {
   }
 
   /** Close a socket without the reconnect that follows a close. */
-  _forget(socket) {
+  _forget(socket, code = 1000) {
     socket.onclose = socket.onmessage = socket.onerror = socket.onopen = null;
     if (this.connecting === socket) this.connecting = null;
     try {
-      socket.close(1000);
+      socket.close(code);
     } catch (_) {
       /* already closed */
     }
@@ -727,22 +761,36 @@ export class RealtimeClient extends EventTarget {
     const generation = this.socketGeneration;
     if (!probe) this._setStatus(this.attempt ? STATUS.RECONNECTING : STATUS.CONNECTING);
     const probing = this.probeGeneration;
+    let socket = null;
+    let timedOut = false;
     // A probe whose fallback stopped meanwhile (the WebSocket is being retried) is not needed.
-    const stale = () => this.closed || generation !== this.socketGeneration || (probe && probing !== this.probeGeneration);
+    const stale = () =>
+      timedOut || this.closed || generation !== this.socketGeneration || (probe && probing !== this.probeGeneration);
+    // A try that hangs (a ticket request or a handshake with no answer, no open and no close)
+    // fails after connectTimeout, as a close would: the next try, or the fallback, follows.
+    const timeout = this._later(this.options.connectTimeout, () => {
+      // Not after a newer try took over (it closed this socket: one at a time).
+      if (stale() || (socket && this.connecting !== socket)) return;
+      timedOut = true;
+      if (socket) this._forget(socket);
+      if (socket && this.probeSocket === socket) this.probeSocket = null;
+      this._socketFailed(null, probe);
+    });
     let url;
     try {
       url = await this._socketUrl();
     } catch (error) {
-      if (stale()) return;
+      if (stale()) return this._cancel(timeout);
+      this._cancel(timeout);
       if (error.status === 401 || error.status === 403) return this._refused(error.status === 401 ? 4401 : 4403);
       return this._socketFailed(null, probe);
     }
-    if (stale()) return;
+    if (stale()) return this._cancel(timeout);
     if (this.connecting) this._forget(this.connecting); // an older try still connecting: one at a time
-    let socket;
     try {
       socket = new this.WebSocket(url);
     } catch (error) {
+      this._cancel(timeout);
       return this._socketFailed(null, probe);
     }
     this.connecting = socket;
@@ -757,6 +805,7 @@ export class RealtimeClient extends EventTarget {
         return;
       }
       if (frame.op === "welcome") {
+        this._cancel(timeout);
         promoted = true;
         if (this.connecting === socket) this.connecting = null;
         if (probe) this._stopFallback();
@@ -778,8 +827,10 @@ export class RealtimeClient extends EventTarget {
       this._frame(frame);
     };
     socket.onclose = (event) => {
+      this._cancel(timeout);
       if (this.socket === socket) this.socket = null;
       if (this.connecting === socket) this.connecting = null;
+      if (this.probeSocket === socket) this.probeSocket = null;
       if (promoted) {
         this._cancel(this.watchdog);
         this._cancel(this.stableTimer);
@@ -840,7 +891,13 @@ export class RealtimeClient extends EventTarget {
     // The server pings every `heartbeat`; silence for two intervals means a dead link.
     this._cancel(this.watchdog);
     this.watchdog = this._later(2 * this.heartbeat + 1000, () => {
-      if (this.socket) this.socket.close(4000);
+      // On a dead link the browser may fire onclose only minutes later: forget the socket and
+      // go through its close path now, as a heartbeat timeout.
+      const socket = this.socket;
+      if (!socket) return;
+      const onclose = socket.onclose;
+      this._forget(socket, 4000);
+      if (onclose) onclose({ code: 4408 });
     });
   }
 
@@ -964,7 +1021,10 @@ export class RealtimeClient extends EventTarget {
           state.active = state.live = state.onServer = false;
           state.refused = Object.assign(new Error(`unsubscribed from ${frame.stream}`), { code: frame.reason, stream: frame.stream });
         }
-        this._emit("error", { code: frame.reason, message: `unsubscribed from ${frame.stream}`, stream: frame.stream });
+        // A leader passes it to every tab: it is an error only in a page that follows the stream.
+        if (state && state.handlers.size) {
+          this._emit("error", { code: frame.reason, message: `unsubscribed from ${frame.stream}`, stream: frame.stream });
+        }
         return;
       }
       default:
@@ -984,9 +1044,11 @@ export class RealtimeClient extends EventTarget {
    * unsubscribes before.
    */
   subscribe(stream, { onEvent, onReset, onPresence, since = null, epoch = null } = {}) {
+    const existing = this.streams.get(stream);
     const state = this._follow(stream, { since, epoch });
-    const handler = { onEvent, onReset, onPresence };
+    const handler = { onEvent, onReset, onPresence, backlog: null, reset: null, reading: null };
     state.handlers.add(handler); // counted even without callbacks: the page follows the stream
+    if (existing && since != null) this._join(stream, state, handler, since, epoch);
     const reader = {};
     const ready = new Promise((resolve, reject) => Object.assign(reader, { resolve, reject }));
     ready.catch(() => {});
@@ -1004,6 +1066,75 @@ export class RealtimeClient extends EventTarget {
         this._drop(stream, state);
       },
     };
+  }
+
+  /**
+   * A handle joins a stream already followed from an earlier position than the stream's: it
+   * gets the events after `since` from those kept (HISTORY), or else from the event feed, for
+   * it alone. They come after a turn of the event loop (so a snapshot()'s caller has its data
+   * first) and before any later event. A `since` of another epoch, or one the feed cannot
+   * serve, gets the handle a reset of its own instead.
+   */
+  _join(stream, state, handler, since, epoch) {
+    const at = state.order.seq;
+    if (at === null || since >= at) return;
+    const sameEpoch = !epoch || !state.order.epoch || epoch === state.order.epoch;
+    const missed = sameEpoch ? state.history.filter((f) => f.seq > since) : [];
+    const later = () => this._later(0, () => {
+      if (this._delivering(stream, state) && state.handlers.has(handler)) this._catchUp(state, handler);
+    });
+    if (missed.length && missed[0].seq === since + 1) {
+      handler.backlog = missed;
+      return later();
+    }
+    const reset = { stream, seq: at, epoch: state.order.epoch };
+    if (!sameEpoch || !this.fetch) {
+      handler.reset = reset;
+      return later();
+    }
+    // Live events wait in the backlog, behind what the feed gives, while it is read.
+    const reading = (handler.reading = {});
+    handler.backlog = [];
+    this._readMissed(stream, since, epoch ?? state.order.epoch, at).catch(() => null).then((frames) => {
+      if (handler.reading !== reading) return; // a reset of the stream came first, and told it
+      handler.reading = null;
+      if (frames) handler.backlog = frames.concat(handler.backlog);
+      else Object.assign(handler, { backlog: null, reset: { ...reset, seq: state.order.seq } });
+      if (this._delivering(stream, state) && state.handlers.has(handler)) this._catchUp(state, handler);
+    });
+  }
+
+  /** The logged events after `since` up to `to`, read page by page from the feed; throws if it cannot serve them. */
+  async _readMissed(stream, since, epoch, to) {
+    const frames = [];
+    let seq = since;
+    while (seq < to) {
+      const body = await this._readFeed([stream], { [stream]: [seq, epoch] }, 0);
+      if ((body.resets || []).some((r) => (r.stream || r) === stream)) throw new Error("reset");
+      const mine = body.events.filter((f) => f.stream === stream && f.seq > seq && f.seq <= to);
+      if (!mine.length || mine[0].seq !== seq + 1) throw new Error("gap");
+      for (const frame of mine) {
+        if (frame.seq !== seq + 1) break; // the next page goes on from here
+        frames.push(frame);
+        seq = frame.seq;
+      }
+    }
+    return frames;
+  }
+
+  /** Give a joining handle what it missed (see _join), once. */
+  _catchUp(state, handler) {
+    if (handler.reading) return; // the feed is still being read: its events come first
+    const { backlog, reset } = handler;
+    handler.backlog = handler.reset = null;
+    if (reset) {
+      if (handler.onReset) this._call(handler.onReset, reset);
+      else if (this.onReset) this._call(this.onReset, reset);
+    }
+    for (const frame of backlog || []) {
+      if (this.closed || !state.handlers.has(handler)) return;
+      if (handler.onEvent) this._call(handler.onEvent, frame);
+    }
   }
 
   /**
@@ -1027,6 +1158,7 @@ export class RealtimeClient extends EventTarget {
       data: null,
       presence: new Map(),
       ended: new Map(), // user id -> `since` of their newest presence seen to end
+      history: [], // the last HISTORY events delivered, in order (see _join)
       gapTimer: null,
       waiting: [],
     };
@@ -1060,7 +1192,11 @@ export class RealtimeClient extends EventTarget {
     this.streams.delete(stream);
     this._cancel(state.gapTimer);
     this._settleReaders(state, unsubscribedError(stream));
-    if (this.role === "follower" || this.transport === "websocket") {
+    if (this.role === "follower") {
+      // Always: the leader keeps the stream for this tab until told, even one refused or
+      // revoked (it would subscribe it again on every reconnect).
+      if (this._canSend()) this._request({ op: "unsubscribe", stream }).catch(() => {});
+    } else if (this.transport === "websocket") {
       // Only a subscription the server has, or may have, is unsubscribed: a subscribe still
       // waiting for its retry is just forgotten.
       if (state.onServer && this._canSend()) this._control({ op: "unsubscribe", stream, state });
@@ -1129,7 +1265,9 @@ export class RealtimeClient extends EventTarget {
       this.throttle.jobs.some((j) => j.op === "unsubscribe" && j.stream === stream);
     if (error.code === "rate_limited" || behind) return this._jobDone(job, true, behind);
     state.refused = Object.assign(error, { stream });
-    this._emit("error", { code: error.code, message: error.message, stream });
+    // Only this page's own handles make it this page's error: a stream a leader follows only
+    // for other tabs is theirs, and they hear of the refusal from _answerTabs.
+    if (state.handlers.size) this._emit("error", { code: error.code, message: error.message, stream });
     this._answerTabs(state, error);
     this._settleReaders(state, error);
     this._jobDone(job, false);
@@ -1198,16 +1336,33 @@ export class RealtimeClient extends EventTarget {
     } else {
       if (data.epoch != null) state.order.epoch = data.epoch; // a leader on a fallback may know none
       // Another tab's connection already follows the stream from a later position: read
-      // what this tab missed from the feed.
-      if (data.shared && data.seq > state.order.seq) this._fillGap(stream);
+      // what this tab missed from the feed, page by page up to that position.
+      if (data.shared && data.seq > state.order.seq) {
+        state.behind = Math.max(state.behind ?? 0, data.seq);
+        this._fillGap(stream);
+      }
     }
     if (Array.isArray(data.presence)) {
       state.presence = new Map(data.presence.map((m) => [m.user.id, m]));
       this._presence(stream, state);
+      this._presenceToTabs(stream, state);
     }
     this._answerTabs(state, null); // other tabs waiting on this subscription (leader only)
     this._settleReaders(state, null, data);
     return data;
+  }
+
+  /**
+   * A leader's (re)subscribe replaced the stream's presence: the tabs following it are told,
+   * but not those whose own subscribe waits for this reply (it carries the presence).
+   */
+  _presenceToTabs(stream, state) {
+    if (this.role !== "leader") return;
+    const tabs = this.tabStreams.get(stream);
+    if (!tabs) return;
+    const answered = new Set(state.waiting.map((reply) => reply.tab));
+    const presence = Array.from(state.presence.values());
+    for (const tab of tabs) if (!answered.has(tab)) this._post({ kind: "presence", to: tab, stream, presence });
   }
 
   /** A new connection (or leader): subscribe every stream again, at once. */
@@ -1252,6 +1407,8 @@ export class RealtimeClient extends EventTarget {
     for (const frame of state.order.pending.values()) this.deduper.forget(frame.eventId);
     state.order.reset(seq, epoch);
     this._cancel(state.gapTimer);
+    state.history = []; // the events before a reset are no base to continue from
+    for (const h of state.handlers) h.backlog = h.reset = h.reading = null; // the reset below tells them
     const info = { stream, seq, epoch };
     this._emit("reset", info);
     let handled = false;
@@ -1318,7 +1475,16 @@ export class RealtimeClient extends EventTarget {
       frame = { ...frame, own: true };
     }
     this._emit("event", frame);
-    for (const h of state.handlers) if (h.onEvent) this._call(h.onEvent, frame);
+    state.history.push(frame);
+    if (state.history.length > HISTORY) state.history.shift();
+    for (const h of state.handlers) {
+      if (h.reading) {
+        h.backlog.push(frame); // after what the feed is reading for it
+        continue;
+      }
+      if (h.backlog || h.reset) this._catchUp(state, h); // what it missed comes first
+      if (h.onEvent && state.handlers.has(h)) this._call(h.onEvent, frame);
+    }
   }
 
   _ephemeral(frame, state) {
@@ -1570,30 +1736,46 @@ export class RealtimeClient extends EventTarget {
     }
   }
 
-  _stopFallback() {
+  /**
+   * Stop the fallback's request and timers. Leaving the fallbacks (`probe` true) stops the
+   * WebSocket probe too; going on with one (a restart, SSE to polling) keeps it, so that
+   * frequent restarts (subscribes, visibility changes) do not postpone it for ever.
+   */
+  _stopFallback({ probe = true } = {}) {
     if (this.fallbackAbort) this.fallbackAbort.abort();
     this.fallbackAbort = null;
     this._cancel(this.pollTimer);
-    this._cancel(this.probeTimer);
-    this.pollTimer = this.probeTimer = null;
-    // A probe still connecting goes with its fallback: the WebSocket is tried (or is) anew.
-    this.probeGeneration += 1;
-    if (this.connecting && this.connecting === this.probeSocket) this._forget(this.connecting);
-    this.probeSocket = null;
+    this.pollTimer = null;
+    if (probe) {
+      this._cancel(this.probeTimer);
+      this.probeTimer = null;
+      // A probe still connecting goes with its fallback: the WebSocket is tried (or is) anew.
+      this.probeGeneration += 1;
+      if (this.connecting && this.connecting === this.probeSocket) this._forget(this.connecting);
+      this.probeSocket = null;
+    }
     if (this._onFallback()) for (const state of this.streams.values()) state.live = false;
     if (this.transport !== "websocket") this.transport = null;
   }
 
   _restartFallback() {
     const mode = this.transport;
-    this._stopFallback();
+    this._stopFallback({ probe: false });
     if (mode === "sse") this._startSSE();
     else if (mode === "polling") this._startPolling();
   }
 
   _scheduleProbe() {
     this._cancel(this.probeTimer);
-    this.probeTimer = this._later(this.options.probeEvery, () => this._openSocket({ probe: true }));
+    this.probeTimer = this._later(this.options.probeEvery, () => {
+      this.probeTimer = null;
+      this._openSocket({ probe: true });
+    });
+  }
+
+  /** A fallback (re)started: probe the WebSocket unless a probe waits or is connecting already. */
+  _keepProbing() {
+    if (this.probeTimer == null && !this.probeSocket) this._scheduleProbe();
   }
 
   /**
@@ -1604,11 +1786,11 @@ export class RealtimeClient extends EventTarget {
    */
   async _startSSE() {
     if (this.closed) return;
-    this._stopFallback();
+    this._stopFallback({ probe: false });
     this.transport = "sse";
     this._fallbackLive();
     this._setStatus(STATUS.SSE);
-    this._scheduleProbe();
+    this._keepProbing();
     const controller = (this.fallbackAbort = new AbortController());
     const streams = this._fallbackStreams();
     if (!streams.length) return; // nothing to follow yet; subscribe() restarts it
@@ -1712,11 +1894,11 @@ export class RealtimeClient extends EventTarget {
 
   async _startPolling() {
     if (this.closed) return;
-    this._stopFallback();
+    this._stopFallback({ probe: false });
     this.transport = "polling";
     this._fallbackLive();
     this._setStatus(STATUS.POLLING);
-    this._scheduleProbe();
+    this._keepProbing();
     const controller = (this.fallbackAbort = new AbortController());
     let etag = null;
     let failures = 0;
