@@ -277,15 +277,10 @@ class PresenceTracker(ConnectionHooks):
                 if rejoined:  # swept while this node stalled: present again
                     shown = await _thread(display_many)(sorted({c.user_id for c in rejoined}))
                 for change in rejoined:
-                    # As a join says it (display fields), and not to the user's own sockets,
-                    # which are all on this node: their entries are what came back.
+                    # As a join says it (display fields), and to the user's own sockets too:
+                    # they got the sweep's `left` about themselves.
                     user = shown.get(change.user_id) or {"id": _id(change.user_id)}
-                    await _announce(
-                        change.stream,
-                        JOINED,
-                        {"user": user, "since": iso(now)},
-                        origin_user=_id(change.user_id),
-                    )
+                    await _announce(change.stream, JOINED, {"user": user, "since": iso(now)})
                     await _signal(presence_joined, change.stream, change.user_id)
             except Exception:
                 logger.warning("presence refresh failed; retrying", exc_info=True)

@@ -285,6 +285,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     authz_due = float("inf")  # when to decide the subscriptions again unprompted
     authz_waiting = False  # a realtime.authz is queued and has not started
     auth_hash: str | None = None  # the user's session auth hash when last checked
+    announced = False  # the `connected` hooks ran
 
     @property  # type: ignore[override]
     def channel_layer_alias(self) -> str:
@@ -406,6 +407,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 }
             )
         )
+        self.announced = True  # `disconnected` is called only after `connected`
         await hooks.call("connected", self)
 
     def _open_row(self, version: str, addr: str, limit: int) -> bool:
@@ -778,7 +780,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.outbox.clear()
             _background(self._close(Close.SLOW_CONSUMER, force=True))
             return
-        if self.unacked > self.credit // 2 and not self.pings:
+        if self.unacked > self.credit:
+            # Let through over the credit: a ping right behind it, or a pong to an older
+            # ping would leave the count over the credit and the next frame would close.
+            self._ping()
+        elif self.unacked > self.credit // 2 and not self.pings:
             # Ask for a pong early: a reading client answers, a stuck one runs out of credit.
             self._ping()
         self._wake_writer()
@@ -982,7 +988,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return Close.DISCONNECTED
         if signed_out(self.session, self.session_key, user, self.opened_at):
             return Close.DISCONNECTED if self.session is not None else Close.UNAUTHENTICATED
-        self.user = user
+        # `self.user` stays the one the handshake read ms ago: the scope holds it anyway, and a
+        # second copy per socket would cost idle memory (the 40 KiB per connection budget).
         return None
 
     async def _reload_user(self) -> bool:
@@ -1090,10 +1097,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                     await hooks.call(
                         "unsubscribed", self, stream, subscription.policy, "disconnect"
                     )
+                # Done: a disconnect finished after this one was cut off does not call it again.
+                if self.subscriptions.get(stream) is subscription:
+                    del self.subscriptions[stream]
 
             await asyncio.gather(*(unsubscribed(stream, sub) for stream, sub in ending))
             self.subscriptions.clear()
-            if self.user is not None and registered:
+            if self.user is not None and registered and self.announced:
                 await hooks.call("disconnected", self)
             if self.writer is not None:
                 self.writer.cancel()

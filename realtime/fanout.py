@@ -280,12 +280,13 @@ class Hub:
             ]
             groups += [(self.user_listeners, u, user_group(u)) for u in self.user_listeners]
             for held, key, group in groups:
-                if key not in held:
-                    continue  # left meanwhile
-                try:
-                    await self.layer.group_add(group, self.channel)
-                except Exception:
-                    logger.warning("renewing group %s failed", group, exc_info=True)
+                async with self._lock:  # not interleaved with a leave's group_discard
+                    if key not in held:
+                        continue  # left meanwhile
+                    try:
+                        await self.layer.group_add(group, self.channel)
+                    except Exception:
+                        logger.warning("renewing group %s failed", group, exc_info=True)
 
     async def _probe(self) -> None:
         """Send a message to this hub's channel every LAYER_PROBE_INTERVAL, through the layer.

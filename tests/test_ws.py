@@ -931,3 +931,79 @@ async def test_deactivated_user_is_disconnected():
         "type": "websocket.close",
         "code": 4401,
     }
+
+
+class CountingHooks:
+    def __init__(self, slow_stream_kind: str | None = None) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.slow_stream_kind = slow_stream_kind
+        self.slowed = False
+
+    async def connected(self, connection):
+        self.calls.append(("connected", ""))
+
+    async def unsubscribed(self, connection, stream, policy, reason):
+        import asyncio
+
+        if self.slow_stream_kind and stream.startswith(self.slow_stream_kind) and not self.slowed:
+            self.slowed = True
+            await asyncio.sleep(5)  # cut off by the server's cancel
+        self.calls.append(("unsubscribed", stream))
+
+    async def disconnected(self, connection):
+        self.calls.append(("disconnected", ""))
+
+
+async def test_a_disconnect_cut_off_and_finished_later_calls_each_hook_once():
+    import asyncio
+
+    from realtime import hooks
+
+    counting = CountingHooks(slow_stream_kind="project:")
+    hooks.register_hooks(counting)
+    try:
+        owner, project = await make_project()
+        client = await client_for(owner)
+        assert (await client.subscribe(f"user:{owner.pk}"))["ok"]
+        assert (await client.subscribe(f"project:{project.pk}"))["ok"]
+        await client.communicator.send_input({"type": "websocket.disconnect", "code": 1001})
+        await asyncio.sleep(0.3)
+        client.communicator.future.cancel()  # the server stops waiting for the app
+        await asyncio.sleep(0.5)
+        unsubscribed = [stream for kind, stream in counting.calls if kind == "unsubscribed"]
+        assert sorted(unsubscribed) == sorted([f"user:{owner.pk}", f"project:{project.pk}"])
+    finally:
+        hooks.unregister_hooks(counting)
+
+
+async def test_a_socket_refused_by_the_handshakes_sign_in_check_calls_no_hook(monkeypatch):
+    from django.conf import settings as django_settings
+    from django.test import Client
+
+    from realtime import hooks
+    from realtime.consumers import RealtimeConsumer
+    from realtime.testing import flush
+
+    counting = CountingHooks()
+    hooks.register_hooks(counting)
+    try:
+        user = await db(UserFactory)()
+        session = await db(session_for)(user)
+        original = RealtimeConsumer._open_row
+
+        def open_row_then_logout(self, *args):
+            opened = original(self, *args)
+            browser = Client()
+            browser.cookies[django_settings.SESSION_COOKIE_NAME] = session
+            browser.logout()
+            flush()
+            return opened
+
+        monkeypatch.setattr(RealtimeConsumer, "_open_row", open_row_then_logout)
+        client = RealtimeClient(session_key=session)
+        await client.communicator.connect()
+        assert await client.receive(timeout=3) == {"type": "websocket.close", "code": 4000}
+        await client.communicator.disconnect()
+        assert counting.calls == []  # no `disconnected` for a `connected` that never ran
+    finally:
+        hooks.unregister_hooks(counting)

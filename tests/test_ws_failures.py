@@ -272,3 +272,29 @@ async def test_an_event_larger_than_the_whole_credit_reaches_a_reading_client(se
     assert frame.get("op") == "event", frame  # not a 4409 close, which a resume would repeat
     assert len(frame["data"]["pad"]) == 5000
     await client.close()
+
+
+async def test_a_frame_let_over_the_credit_is_followed_by_a_ping_a_pong_can_clear(settings):
+    """A heartbeat ping was unanswered when the big frame went: the pong to that ping
+    acknowledges only what came before the frame, so another ping must follow it."""
+    settings.REALTIME = {**settings.REALTIME, "MAX_UNACKED_BYTES": 4000, "HEARTBEAT": 0.5}
+    user = await db(UserFactory)()
+    client = RealtimeClient(session_key=await db(session_for)(user))
+    await client.connect()
+    stream = f"user:{user.pk}"
+    assert (await client.subscribe(stream))["ok"]
+    while (await client.receive(timeout=3)).get("op") != "ping":
+        pass  # a heartbeat ping, left unanswered for now
+    await db(emit)(stream, 1, pad=5000)
+    pings = 1
+    while (frame := await client.receive(timeout=3)).get("op") != "event":
+        pings += frame.get("op") == "ping"
+    while not await client.communicator.receive_nothing(0.2):
+        pings += (await client.receive()).get("op") == "ping"  # the one behind the frame
+    for _ in range(pings):
+        await client.send({"op": "pong"})
+    await db(emit)(stream, 1)
+    while (frame := await client.receive(timeout=3)).get("op") == "ping":
+        await client.send({"op": "pong"})
+    assert frame.get("op") == "event", frame  # not closed with 4409 as a slow consumer
+    await client.close()
