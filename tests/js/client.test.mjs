@@ -2189,6 +2189,22 @@ test("a ticket request that hangs times out as a failed try, and its late answer
   c.close();
 });
 
+test("a ticket request that times out is aborted, not left open", async () => {
+  const signals = [];
+  const fetch = (url, init = {}) => {
+    if (new URL(url).pathname === "/api/realtime/tickets/") signals.push(init.signal);
+    return new Promise(() => {});
+  };
+  const { c, timers } = client({ fetch, ticketUrl: "http://testserver/api/realtime/tickets/", wsAttempts: 100, connectTimeout: 5000 });
+  c.connect(); await flush();
+  assert.equal(signals.length, 1);
+  assert.ok(signals[0], "the ticket request carries a signal");
+  assert.equal(signals[0].aborted, false);
+  await timers.tick(5000); await settle();
+  assert.equal(signals[0].aborted, true); // the hung request is given up, not left to pile up
+  c.close();
+});
+
 test("the watchdog drops a silent socket at once, without waiting for its onclose", async () => {
   const { c, timers, sockets, statuses } = client();
   c.connect(); await flush(); sockets[0].open(25);

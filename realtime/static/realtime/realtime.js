@@ -737,7 +737,7 @@ export class RealtimeClient extends EventTarget {
    * closes 4401, which ends the client, so a failed ticket request fails the try instead (a
    * retry with backoff); only a 401 or 403 from the ticket endpoint is final, as 4401/4403.
    */
-  async _socketUrl() {
+  async _socketUrl(signal) {
     const url = new URL(this.options.wsUrl);
     url.searchParams.set("v", this.options.clientVersion);
     if (this.options.ticketUrl && this.fetch) {
@@ -745,6 +745,7 @@ export class RealtimeClient extends EventTarget {
         method: "POST",
         credentials: "same-origin",
         headers: this._csrfHeaders(),
+        signal,
       });
       if (!response.ok) {
         throw Object.assign(new Error(`ticket answered ${response.status}`), { status: response.status });
@@ -763,6 +764,9 @@ export class RealtimeClient extends EventTarget {
     const probing = this.probeGeneration;
     let socket = null;
     let timedOut = false;
+    // A timed-out ticket request is aborted: tries that each left one open would pile up
+    // against the browser's connections per host and stall the page's own requests.
+    const ticketAbort = globalThis.AbortController ? new AbortController() : null;
     // A probe whose fallback stopped meanwhile (the WebSocket is being retried) is not needed.
     const stale = () =>
       timedOut || this.closed || generation !== this.socketGeneration || (probe && probing !== this.probeGeneration);
@@ -772,13 +776,14 @@ export class RealtimeClient extends EventTarget {
       // Not after a newer try took over (it closed this socket: one at a time).
       if (stale() || (socket && this.connecting !== socket)) return;
       timedOut = true;
+      if (ticketAbort) ticketAbort.abort();
       if (socket) this._forget(socket);
       if (socket && this.probeSocket === socket) this.probeSocket = null;
       this._socketFailed(null, probe);
     });
     let url;
     try {
-      url = await this._socketUrl();
+      url = await this._socketUrl(ticketAbort ? ticketAbort.signal : undefined);
     } catch (error) {
       if (stale()) return this._cancel(timeout);
       this._cancel(timeout);
