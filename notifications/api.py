@@ -146,6 +146,19 @@ CHANGED = inline_serializer(
 )
 
 
+#: `read` and `unread`: the notification back, preconditions as for `DELETE`.
+MARK_SCHEMA: dict[str, Any] = {
+    "request": None,
+    "parameters": [ID, IF_MATCH, *write_headers(200)],
+    "responses": {
+        200: NotificationSerializer,
+        403: FORBIDDEN,
+        404: NOT_FOUND,
+        412: error("If-Match is stale."),
+    },
+}
+
+
 @extend_schema_view(
     list=extend_schema(
         parameters=[UNREAD, LEVEL, IF_NONE_MATCH, *read_headers()],
@@ -270,31 +283,13 @@ class NotificationViewSet(
             set_read(self.request.user, [int(pk)], read=read)
         return self.with_position(Response(represent(self._one(pk))), written)
 
-    @extend_schema(
-        request=None,
-        parameters=[ID, IF_MATCH, *write_headers(200)],
-        responses={
-            200: NotificationSerializer,
-            403: FORBIDDEN,
-            404: NOT_FOUND,
-            412: error("If-Match is stale."),
-        },
-    )
+    @extend_schema(**MARK_SCHEMA)
     @action(detail=True, methods=["post"])
     def read(self, request: Request, pk: Any = None) -> Response:
         """Mark it read (no change if it was)."""
         return self._set_read(pk, True)
 
-    @extend_schema(
-        request=None,
-        parameters=[ID, IF_MATCH, *write_headers(200)],
-        responses={
-            200: NotificationSerializer,
-            403: FORBIDDEN,
-            404: NOT_FOUND,
-            412: error("If-Match is stale."),
-        },
-    )
+    @extend_schema(**MARK_SCHEMA)
     @action(detail=True, methods=["post"])
     def unread(self, request: Request, pk: Any = None) -> Response:
         """Mark it unread again."""

@@ -96,20 +96,24 @@ def signals():
 # -- backends -------------------------------------------------------------------------------
 
 
-@pytest.mark.asyncio
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-async def test_backend_counts_users_not_connections(kind):
+def make_backend(kind: str):
+    """A fresh backend: Redis (own key prefix; skipped without REDIS_URL) or in-memory."""
     if kind == "redis":
         from .conftest import need
 
         need(bool(os.environ.get("REDIS_URL")), "REDIS_URL is not set")
         from presence.backends.redis import RedisBackend
 
-        backend = RedisBackend(url=os.environ["REDIS_URL"], prefix=f"test-{uuid.uuid4().hex}")
-    else:
-        from presence.backends.memory import MemoryBackend
+        return RedisBackend(url=os.environ["REDIS_URL"], prefix=f"test-{uuid.uuid4().hex}")
+    from presence.backends.memory import MemoryBackend
 
-        backend = MemoryBackend()
+    return MemoryBackend()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_backend_counts_users_not_connections(kind):
+    backend = make_backend(kind)
     now = time.time()
     s = "project:1"
     assert await backend.join(s, "7", "c1", "n1", now + 30, now) is True
@@ -142,17 +146,7 @@ async def test_backend_counts_users_not_connections(kind):
 async def test_a_user_id_with_a_bar_expires_as_that_user(kind):
     # A string primary key may hold the "|" that the Redis backend puts between user and
     # connection ids (connection ids are hex, so the user is what comes before the last one).
-    if kind == "redis":
-        from .conftest import need
-
-        need(bool(os.environ.get("REDIS_URL")), "REDIS_URL is not set")
-        from presence.backends.redis import RedisBackend
-
-        backend = RedisBackend(url=os.environ["REDIS_URL"], prefix=f"test-{uuid.uuid4().hex}")
-    else:
-        from presence.backends.memory import MemoryBackend
-
-        backend = MemoryBackend()
+    backend = make_backend(kind)
     now, s = time.time(), "project:1"
     assert await backend.join(s, "ops|bob", "c1", "n1", now + 0.1, now) is True
     assert [(e.user_id, e.connection_id) for e in await backend.entries()] == [("ops|bob", "c1")]

@@ -125,16 +125,16 @@ async def test_numbers_and_strings_no_frame_could_carry_on_get_a_documented_erro
     await client.close()
 
 
-async def test_a_logout_during_the_handshake_closes_the_socket(monkeypatch):
-    """The logout's message went to the user's group before this socket watched it."""
+async def logged_out_while_its_row_is_written(monkeypatch) -> RealtimeClient:
+    """A client whose user logs out during its handshake, before the socket watches the
+    user's group (so the logout's message reaches no socket)."""
     from django.conf import settings as django_settings
     from django.test import Client
 
     from realtime.consumers import RealtimeConsumer
     from realtime.testing import flush
 
-    user = await db(UserFactory)()
-    session = await db(session_for)(user)
+    session = await db(session_for)(await db(UserFactory)())
     original = RealtimeConsumer._open_row
 
     def open_row_then_logout(self, *args):
@@ -146,7 +146,12 @@ async def test_a_logout_during_the_handshake_closes_the_socket(monkeypatch):
         return opened
 
     monkeypatch.setattr(RealtimeConsumer, "_open_row", open_row_then_logout)
-    client = RealtimeClient(session_key=session)
+    return RealtimeClient(session_key=session)
+
+
+async def test_a_logout_during_the_handshake_closes_the_socket(monkeypatch):
+    """The logout's message went to the user's group before this socket watched it."""
+    client = await logged_out_while_its_row_is_written(monkeypatch)
     connected, _ = await client.communicator.connect()
     assert connected  # accepted, then closed: it reconnects and the handshake refuses it
     assert await client.receive(timeout=3) == {"type": "websocket.close", "code": 4000}
@@ -977,30 +982,12 @@ async def test_a_disconnect_cut_off_and_finished_later_calls_each_hook_once():
 
 
 async def test_a_socket_refused_by_the_handshakes_sign_in_check_calls_no_hook(monkeypatch):
-    from django.conf import settings as django_settings
-    from django.test import Client
-
     from realtime import hooks
-    from realtime.consumers import RealtimeConsumer
-    from realtime.testing import flush
 
     counting = CountingHooks()
     hooks.register_hooks(counting)
     try:
-        user = await db(UserFactory)()
-        session = await db(session_for)(user)
-        original = RealtimeConsumer._open_row
-
-        def open_row_then_logout(self, *args):
-            opened = original(self, *args)
-            browser = Client()
-            browser.cookies[django_settings.SESSION_COOKIE_NAME] = session
-            browser.logout()
-            flush()
-            return opened
-
-        monkeypatch.setattr(RealtimeConsumer, "_open_row", open_row_then_logout)
-        client = RealtimeClient(session_key=session)
+        client = await logged_out_while_its_row_is_written(monkeypatch)
         await client.communicator.connect()
         assert await client.receive(timeout=3) == {"type": "websocket.close", "code": 4000}
         await client.communicator.disconnect()
