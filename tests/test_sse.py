@@ -216,17 +216,25 @@ async def test_revocation_ends_delivery_of_that_stream():
     await reader.close()
 
 
-async def test_an_event_queued_while_a_chunk_is_written_goes_out_without_waiting(monkeypatch):
+async def started_stream():
+    """An SSE connection of a new user to their own stream, its body past the `retry:`."""
     from realtime import sse
     from realtime.feed import starting_positions
 
-    monkeypatch.setattr(sse, "HEARTBEAT", 30.0)  # a lost wake-up would sleep this long
     user = await db(UserFactory)()
     stream = f"user:{user.pk}"
     start = await db(starting_positions)([stream], None)
     connection = sse.SSEConnection(user, [stream], start.positions)
     body = connection.run([], limit=20)
     assert (await body.__anext__()).startswith("retry:")
+    return connection, body
+
+
+async def test_an_event_queued_while_a_chunk_is_written_goes_out_without_waiting(monkeypatch):
+    from realtime import sse
+
+    monkeypatch.setattr(sse, "HEARTBEAT", 30.0)  # a lost wake-up would sleep this long
+    connection, body = await started_stream()
     waiting = asyncio.ensure_future(body.__anext__())
     await asyncio.sleep(0.2)  # past the replay: the body waits for its wake-up
     assert not waiting.done()
@@ -641,16 +649,10 @@ async def test_a_client_too_slow_for_its_queue_is_ended_without_the_queue(monkey
     """It resumes by Last-Event-ID: writing out what was queued would only hold the stream
     open (and its hub membership and row) for a client that does not read."""
     from realtime import sse
-    from realtime.feed import starting_positions
     from realtime.models import Connection
 
     monkeypatch.setattr(sse, "MAX_QUEUED", 5)
-    user = await db(UserFactory)()
-    stream = f"user:{user.pk}"
-    start = await db(starting_positions)([stream], None)
-    connection = sse.SSEConnection(user, [stream], start.positions)
-    body = connection.run([], limit=20)
-    assert (await body.__anext__()).startswith("retry:")
+    connection, body = await started_stream()
     for n in range(6):  # the client reads nothing meanwhile
         connection.enqueue(f"data: {n}\n\n")
     rest = [chunk async for chunk in body]

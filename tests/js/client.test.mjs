@@ -580,14 +580,19 @@ test("events caused by the client's own request are marked own via correlationId
   c.close();
 });
 
-test("presence list from the reply, patched by joined and left", async () => {
+// A client subscribed to project:1 on an open socket, recording each presence list's ids.
+async function presenceClient() {
   const { c, sockets } = client();
   c.connect();
   await flush();
   sockets[0].open();
   const lists = [];
   c.subscribe("project:1", { onPresence: (m) => lists.push(m.map((x) => x.user.id)) });
-  const sub = sockets[0].last("subscribe");
+  return { c, sockets, lists, sub: sockets[0].last("subscribe") };
+}
+
+test("presence list from the reply, patched by joined and left", async () => {
+  const { c, sockets, lists, sub } = await presenceClient();
   sockets[0].receive({
     op: "reply", ref: sub.ref, ok: true,
     data: { seq: 0, epoch: null, recovered: false, presence: [{ user: { id: 1 }, since: "t" }] },
@@ -600,13 +605,7 @@ test("presence list from the reply, patched by joined and left", async () => {
 });
 
 test("presence diffs that arrive out of order leave the member list right", async () => {
-  const { c, sockets } = client();
-  c.connect();
-  await flush();
-  sockets[0].open();
-  const lists = [];
-  c.subscribe("project:1", { onPresence: (m) => lists.push(m.map((x) => x.user.id)) });
-  const sub = sockets[0].last("subscribe");
+  const { c, sockets, lists, sub } = await presenceClient();
   const T1 = "2026-12-03T10:00:00.000Z";
   const T2 = "2026-12-03T10:00:05.000Z";
   sockets[0].receive({
