@@ -32,7 +32,7 @@ from realtime.streams import parse_stream
 
 from .backends import Change, PresenceBackend
 from .conf import presence_settings
-from .display import display_many, serializer
+from .display import display_many, serializer, user_id
 from .signals import presence_joined, presence_left
 
 logger = logging.getLogger("presence")
@@ -136,7 +136,7 @@ async def _announce(stream: str, event_type: str, data: Any, **kwargs: Any) -> N
 
 
 async def announce_left(change: Change, reason: str) -> None:
-    data: dict[str, Any] = {"user": {"id": _id(change.user_id)}, "reason": reason}
+    data: dict[str, Any] = {"user": {"id": user_id(change.user_id)}, "reason": reason}
     if change.since > 0:
         # The presence this ends, as its `joined` (or the member list) gave it: announcements
         # from other sockets or nodes may arrive out of order, and a client drops a `left`
@@ -144,10 +144,6 @@ async def announce_left(change: Change, reason: str) -> None:
         data["since"] = iso(change.since)
     await _announce(change.stream, LEFT, data)
     await _signal(presence_left, change.stream, change.user_id, reason=reason)
-
-
-def _id(user_id: str) -> Any:
-    return int(user_id) if user_id.isdigit() else user_id
 
 
 async def sweep(now: float | None = None) -> list[Change]:
@@ -279,7 +275,7 @@ class PresenceTracker(ConnectionHooks):
                 for change in rejoined:
                     # As a join says it (display fields), and to the user's own sockets too:
                     # they got the sweep's `left` about themselves.
-                    user = shown.get(change.user_id) or {"id": _id(change.user_id)}
+                    user = shown.get(change.user_id) or {"id": user_id(change.user_id)}
                     await _announce(change.stream, JOINED, {"user": user, "since": iso(now)})
                     await _signal(presence_joined, change.stream, change.user_id)
             except Exception:

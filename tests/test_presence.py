@@ -762,3 +762,56 @@ async def test_a_join_announced_by_a_refresh_after_a_stall_shows_the_user():
             await socket.close()
         finally:
             stop_tracker()
+
+
+def faulty_display(user):
+    """A USER_SERIALIZER with the mistakes an integrator can make, one per username."""
+    import datetime
+
+    if user.username.endswith("-raises"):
+        raise RuntimeError("no profile")
+    if user.username.endswith("-list"):
+        return [user.pk]
+    if user.username.endswith("-date"):
+        return {"id": user.pk, "joined": datetime.date(2026, 1, 1)}
+    return {"username": user.username}  # no `id`: clients match `left` by it
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_a_failing_user_serializer_shows_the_user_by_id_and_breaks_nothing(caplog):
+    presence = {**backend_settings(), "USER_SERIALIZER": "tests.test_presence.faulty_display"}
+    with override_settings(PRESENCE=presence):
+        names = ["u-raises", "u-list", "u-date", "u-plain"]
+        users = [await db(UserFactory)(username=name) for name in names]
+        bob = await db(UserFactory)(username="bob-shown")
+        _owner, _project, stream = await project_with(bob, *users)
+        watcher = await tab(bob)
+        await watcher.subscribe(stream)
+        sockets = []
+        for user in users:
+            socket = await tab(user)
+            reply = await socket.subscribe(stream)
+            assert reply["ok"], reply
+            sockets.append(socket)
+            joined = await next_event(watcher, "v1:presence.joined")
+            expected = (
+                {"id": user.pk, "username": user.username}
+                if user.username == "u-plain"
+                else {"id": user.pk}
+            )
+            assert joined["data"]["user"] == expected
+        latecomer = await tab(bob)
+        listed = (await latecomer.subscribe(stream))["data"]["presence"]
+        assert [m["user"]["id"] for m in listed] == [bob.pk, *(u.pk for u in users)]
+        assert "USER_SERIALIZER" in caplog.text
+        client = Client()
+        await db(client.force_login)(bob)
+        response = await db(client.get)(f"/api/presence/{stream}/")
+        assert response.status_code == 200
+        assert [m["user"]["id"] for m in response.json()["members"]] == [
+            bob.pk,
+            *(u.pk for u in users),
+        ]
+        for socket in [watcher, latecomer, *sockets]:
+            await socket.close()
