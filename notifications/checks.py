@@ -5,13 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 
 
 @checks.register(checks.Tags.security)
 def check_user_stream(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     from realtime.policies import UserPolicy, stream_kinds
 
-    policy = stream_kinds.get("user")
+    try:
+        policy = stream_kinds.get("user")
+    except (ImproperlyConfigured, ImportError, AttributeError):
+        # REALTIME or its STREAM_POLICIES is malformed: realtime.E010 or E013 reports it.
+        return []
     if policy is None:
         return [
             checks.Error(

@@ -7,6 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 
 
 @checks.register()
@@ -16,6 +17,10 @@ def check_backend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
     from .backends import PresenceBackend
     from .conf import presence_settings
 
+    try:
+        presence_settings.BACKEND  # noqa: B018  (loads the dict: unknown keys raise)
+    except ImproperlyConfigured as exc:
+        return [checks.Error(str(exc), id="presence.E007")]
     try:
         backend = import_string(presence_settings.BACKEND)
     except ImportError as exc:
@@ -37,12 +42,24 @@ def check_backend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
                 id="presence.W001",
             )
         )
+    config = presence_settings.CONFIG
+    if config is not None and not isinstance(config, dict):
+        messages.append(
+            checks.Error(
+                f"PRESENCE['CONFIG'] must be a dict of the backend's keyword arguments, not "
+                f"{config!r}",
+                id="presence.E005",
+            )
+        )
+    problem = _user_serializer_problem(presence_settings.USER_SERIALIZER)
+    if problem:
+        messages.append(checks.Error(problem, id="presence.E006"))
     bad = _bad_numbers(presence_settings)
     if bad:
         messages.append(
             checks.Error(
                 "PRESENCE " + "; ".join(bad) + ": the background refresh and sweep would spin "
-                "(or never run) and typing indicators would misbehave.",
+                "(or never run), and typing indicators and member lists would misbehave.",
                 id="presence.E004",
             )
         )
@@ -67,7 +84,21 @@ _NUMBERS = (
     ("SWEEP_INTERVAL", False, False),
     ("TYPING_INTERVAL", True, False),
     ("TYPING_EXPIRES_MS", True, False),
+    ("MAX_LISTED", True, False),
 )
+
+
+def _user_serializer_problem(configured: Any) -> str | None:
+    from django.utils.module_loading import import_string
+
+    if isinstance(configured, str):
+        try:
+            configured = import_string(configured)
+        except ImportError as exc:
+            return f"PRESENCE['USER_SERIALIZER'] cannot be imported: {exc}"
+    if not callable(configured):  # a DRF serializer class is callable too
+        return f"PRESENCE['USER_SERIALIZER'] is neither a callable nor a class: {configured!r}"
+    return None
 
 
 def _bad_numbers(presence_settings: Any) -> list[str]:

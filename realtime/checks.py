@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import decimal
+import math
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -120,13 +122,11 @@ def check_registrations(
 def check_settings(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """Report unknown REALTIME keys and a missing channel layer."""
+    """Report REALTIME settings that cannot work, and a missing channel layer."""
     try:
         alias = realtime_settings.CHANNEL_LAYER
     except ImproperlyConfigured as exc:
         return [checks.Error(str(exc), id="realtime.E010")]
-    import re
-
     prefix = realtime_settings.GROUP_PREFIX
     if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,20}", prefix):
         return [
@@ -135,12 +135,33 @@ def check_settings(
                 id="realtime.E012",
             )
         ]
+    from django.utils.module_loading import import_string
+
+    from .policies import StreamPolicy
+    from .streams import KIND_PATTERN
+
     errors: list[checks.CheckMessage] = []
-    for kind, path in (realtime_settings.STREAM_POLICIES or {}).items():
-        from django.utils.module_loading import import_string
-
-        from .policies import StreamPolicy
-
+    policies = realtime_settings.STREAM_POLICIES or {}
+    if not isinstance(policies, dict):
+        errors.append(
+            checks.Error(
+                f"REALTIME['STREAM_POLICIES'] must be a dict of stream kind to policy, not "
+                f"{type(policies).__name__}",
+                id="realtime.E013",
+            )
+        )
+        policies = {}
+    for kind, path in policies.items():
+        if not (isinstance(kind, str) and re.fullmatch(KIND_PATTERN, kind)):
+            # parse_stream() refuses such a kind, so no subscribe could ever reach it.
+            errors.append(
+                checks.Error(
+                    f"STREAM_POLICIES key {kind!r} is not a valid stream kind: it must match "
+                    f"{KIND_PATTERN}",
+                    id="realtime.E013",
+                )
+            )
+            continue
         try:
             policy = import_string(path) if isinstance(path, str) else path
         except ImportError as exc:
@@ -169,6 +190,24 @@ def check_settings(
                 id="realtime.E015",
             )
         )
+    bad_numbers = _bad_numbers()
+    for problem in bad_numbers:
+        errors.append(checks.Error(problem, id="realtime.E017"))
+    header = realtime_settings.CORRELATION_HEADER
+    if not (isinstance(header, str) and _HEADER_NAME.fullmatch(header)):
+        errors.append(
+            checks.Error(
+                f"REALTIME['CORRELATION_HEADER'] is {header!r}: use an HTTP header name, such "
+                "as 'X-Request-ID'",
+                hint="CorrelationIdMiddleware reads and sets this header on every request.",
+                id="realtime.E018",
+            )
+        )
+    resolver_problem = _tenant_resolver_problem(realtime_settings.TENANT_RESOLVER)
+    if resolver_problem:
+        errors.append(checks.Error(resolver_problem, id="realtime.E019"))
+    if bad_numbers:
+        return errors  # the comparisons below need numbers
     if float(realtime_settings.CONNECTION_SWEEP_AFTER) <= 2 * float(realtime_settings.HEARTBEAT):
         errors.append(
             checks.Error(
@@ -200,6 +239,82 @@ def check_settings(
     return errors
 
 
+# An RFC 9110 token: what a header name may be.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+# (setting, integers only, must it be greater than 0 (else at least 0), may it be None). The
+# code reads each with int() or float() or compares it with numbers, so a string or None
+# breaks it at run time, and a zero heartbeat or batch spins a loop.
+_NUMBERS: tuple[tuple[str, bool, bool, bool], ...] = (
+    ("PUBLISH_QUEUE_SIZE", True, False, False),
+    ("PUBLISH_TIMEOUT", False, True, False),
+    ("PUBLISH_BATCH", True, True, False),
+    ("RELAY_INTERVAL", False, True, False),
+    ("RELAY_GRACE", False, False, False),
+    ("RELAY_BATCH", True, True, False),
+    ("RETENTION_MAX_AGE", False, False, True),
+    ("RETENTION_MAX_EVENTS", True, False, True),
+    ("PRUNE_BATCH", True, True, False),
+    ("HEARTBEAT", False, True, False),
+    ("LAYER_PROBE_INTERVAL", False, False, True),  # 0 or None: off
+    ("MAX_FRAME_BYTES", True, True, False),
+    ("MAX_DEPTH", True, True, False),
+    ("MALFORMED_LIMIT", True, False, False),
+    ("MAX_SUBSCRIPTIONS", True, True, False),
+    ("MAX_CONNECTIONS_PER_USER", True, True, False),
+    ("PUBLISH_RATE", False, False, False),
+    ("PUBLISH_BURST", True, False, False),
+    ("SUBSCRIBE_RATE", False, False, False),
+    ("SUBSCRIBE_BURST", True, True, False),
+    ("ABUSE_LIMIT", True, False, False),
+    ("AUTHZ_RECHECK_INTERVAL", False, False, True),  # 0 or None: off
+    ("MAX_UNACKED_BYTES", True, True, False),
+    ("REPLAY_BATCH", True, True, False),
+    ("REPLAY_BUFFER", True, True, False),
+    ("TICKET_TTL", False, True, False),
+    ("CONNECTION_SWEEP_AFTER", False, True, False),
+    ("IDEMPOTENCY_TTL", False, False, False),
+)
+
+
+def _bad_numbers() -> list[str]:
+    problems = []
+    for name, integer, positive, none_ok in _NUMBERS:
+        value = getattr(realtime_settings, name)
+        if value is None and none_ok:
+            continue
+        allowed = int if integer else int | float
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, allowed)
+            or not math.isfinite(value)
+            or value < 0
+            or (positive and value == 0)
+        ):
+            kind = "an integer" if integer else "a number"
+            bound = "greater than 0" if positive else "of 0 or more"
+            problems.append(
+                f"REALTIME[{name!r}] is {value!r}: use {kind} {bound}"
+                + (", or None" if none_ok else "")
+            )
+    return problems
+
+
+def _tenant_resolver_problem(resolver: Any) -> str | None:
+    if resolver is None:
+        return None
+    if isinstance(resolver, str):
+        from django.utils.module_loading import import_string
+
+        try:
+            resolver = import_string(resolver)
+        except ImportError as exc:
+            return f"REALTIME['TENANT_RESOLVER'] cannot be imported: {exc}"
+    if not callable(resolver):
+        return f"REALTIME['TENANT_RESOLVER'] is not callable: {resolver!r}"
+    return None
+
+
 @checks.register("realtime", checks.Tags.security, deploy=False)
 def check_allowed_hosts(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
@@ -218,7 +333,10 @@ def check_allowed_hosts(
 
 
 def _layer_backend() -> str:
-    alias = realtime_settings.CHANNEL_LAYER
+    try:
+        alias = realtime_settings.CHANNEL_LAYER
+    except ImproperlyConfigured:
+        return ""  # an unknown key: check_settings reports it (realtime.E010)
     layer = (getattr(settings, "CHANNEL_LAYERS", {}) or {}).get(alias) or {}
     return str(layer.get("BACKEND", ""))
 

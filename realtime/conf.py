@@ -58,8 +58,8 @@ DEFAULTS: dict[str, Any] = {
     # refusals past ABUSE_LIMIT since the last accepted publish close the socket with 4429.
     "PUBLISH_RATE": 10.0,
     "PUBLISH_BURST": 20,
-    # Subscribe and unsubscribe frames: token bucket per socket (each cycle on a presence
-    # stream tells every member); the burst lets a page subscribe to all it shows at once.
+    # Subscribe frames: token bucket per socket (each subscribe on a presence stream tells
+    # every member; unsubscribe is free); the burst lets a page subscribe to all it shows at once.
     "SUBSCRIBE_RATE": 5.0,
     "SUBSCRIBE_BURST": 100,
     "ABUSE_LIMIT": 50,
@@ -111,13 +111,17 @@ class AppSettings:
         _all.append(self)
 
     def _load(self) -> dict[str, Any]:
+        from django.core.exceptions import ImproperlyConfigured
+
         user = getattr(django_settings, self._setting, None) or {}
+        if not isinstance(user, dict):
+            raise ImproperlyConfigured(
+                f"{self._setting} must be a dict of settings, not {type(user).__name__}."
+            )
         unknown = set(user) - set(self._defaults)
         if unknown:
-            from django.core.exceptions import ImproperlyConfigured
-
             raise ImproperlyConfigured(
-                f"Unknown {self._setting} setting(s): {', '.join(sorted(unknown))}. "
+                f"Unknown {self._setting} setting(s): {', '.join(sorted(map(repr, unknown)))}. "
                 f"Known keys: {', '.join(sorted(self._defaults))}."
             )
         return {**self._defaults, **user}

@@ -59,8 +59,11 @@ async def call(name: str, *args: Any) -> list[Any]:
     """Await `name` on every hook object; return the results of those that did not raise."""
     results = []
     for hooks in tuple(_registered):
+        method = getattr(hooks, name, None)
+        if method is None:  # an object with only some of the methods
+            continue
         try:
-            results.append(await getattr(hooks, name)(*args))
+            results.append(await method(*args))
         except Exception:
             logger.exception("realtime hook %s.%s failed", type(hooks).__name__, name)
     return results
@@ -71,8 +74,11 @@ async def publishing(
 ) -> dict[str, Any] | None:
     """Pass a client event through every hook's `publishing`; None when one holds it back."""
     for hooks in tuple(_registered):
+        method = getattr(hooks, "publishing", None)
+        if method is None:
+            continue
         try:
-            forward, data = await hooks.publishing(connection, stream, policy, event_type, data)
+            forward, data = await method(connection, stream, policy, event_type, data)
         except Exception:
             logger.exception("realtime hook %s.publishing failed", type(hooks).__name__)
             continue

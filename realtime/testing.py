@@ -36,6 +36,8 @@ def record_group_sends() -> Iterator[list[tuple[str, dict[str, Any]]]]:
     layer = get_channel_layer(realtime_settings.CHANNEL_LAYER)
     sent: list[tuple[str, dict[str, Any]]] = []
     original = layer.group_send
+    # An outer recorder's patch, to put back on exit (nested recorders both record).
+    shadowed = vars(layer).get("group_send")
 
     async def group_send(group: str, message: dict[str, Any]) -> None:
         sent.append((group, message))
@@ -45,7 +47,10 @@ def record_group_sends() -> Iterator[list[tuple[str, dict[str, Any]]]]:
     try:
         yield sent
     finally:
-        del layer.group_send
+        if shadowed is None:
+            del layer.group_send
+        else:
+            layer.group_send = shadowed
 
 
 async def receive_published(

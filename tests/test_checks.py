@@ -243,3 +243,189 @@ def test_a_subscribe_burst_below_the_subscription_limit_is_a_warning():
         assert _ids(check_settings()) == ["realtime.W016"]
     with override_settings(REALTIME={"SUBSCRIBE_BURST": 100, "MAX_SUBSCRIPTIONS": 100}):
         assert check_settings() == []
+
+
+# -- settings that would break at run time -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("HEARTBEAT", None),
+        ("HEARTBEAT", "25"),
+        ("HEARTBEAT", 0),
+        ("HEARTBEAT", -5),
+        ("HEARTBEAT", float("nan")),
+        ("CONNECTION_SWEEP_AFTER", None),
+        ("SUBSCRIBE_BURST", None),
+        ("MAX_SUBSCRIPTIONS", "100"),
+        ("MAX_SUBSCRIPTIONS", 0),
+        ("TICKET_TTL", None),
+        ("REPLAY_BATCH", 0),
+        ("MAX_CONNECTIONS_PER_USER", 2.5),
+        ("ABUSE_LIMIT", True),
+        ("PUBLISH_RATE", -1),
+        ("RETENTION_MAX_EVENTS", -1),
+        ("PUBLISH_TIMEOUT", float("inf")),
+    ],
+)
+def test_bad_numbers_are_reported_instead_of_raising(settings, key, value):
+    settings.REALTIME = {key: value}
+    errors = check_settings()
+    assert [e.id for e in errors] == ["realtime.E017"]
+    assert f"REALTIME[{key!r}]" in errors[0].msg
+
+
+@pytest.mark.parametrize(
+    "realtime",
+    [
+        {"RETENTION_MAX_AGE": None, "RETENTION_MAX_EVENTS": None},
+        {"LAYER_PROBE_INTERVAL": None, "AUTHZ_RECHECK_INTERVAL": None},
+        {"HEARTBEAT": 10, "CONNECTION_SWEEP_AFTER": 60.5, "TICKET_TTL": 30.0},
+        {"PUBLISH_RATE": 0, "PUBLISH_BURST": 0, "PUBLISH_QUEUE_SIZE": 0, "RELAY_GRACE": 0},
+    ],
+)
+def test_good_numbers_pass(settings, realtime):
+    settings.REALTIME = realtime
+    assert check_settings() == []
+
+
+@pytest.mark.parametrize(
+    ("policies", "fragment"),
+    [
+        (["realtime.UserPolicy"], "must be a dict"),
+        ({"User": "realtime.UserPolicy"}, "not a valid stream kind"),
+        ({"my-kind": "realtime.UserPolicy"}, "not a valid stream kind"),
+    ],
+)
+def test_stream_policies_of_the_wrong_shape_are_reported(settings, policies, fragment):
+    settings.REALTIME = {"STREAM_POLICIES": policies}
+    [error] = check_settings()
+    assert error.id == "realtime.E013"
+    assert fragment in error.msg
+
+
+@pytest.mark.parametrize("header", [None, "", "X Correlation", "X-Id:", "X-Id\n", 42])
+def test_bad_correlation_header_is_reported(settings, header):
+    settings.REALTIME = {"CORRELATION_HEADER": header}
+    [error] = check_settings()
+    assert error.id == "realtime.E018"
+
+
+def test_a_custom_correlation_header_passes(settings):
+    settings.REALTIME = {"CORRELATION_HEADER": "X-Request-ID"}
+    assert check_settings() == []
+
+
+@pytest.mark.parametrize("resolver", ["board.nope.resolve", "board.models.Item.nope", 42])
+def test_bad_tenant_resolver_is_reported(settings, resolver):
+    settings.REALTIME = {"TENANT_RESOLVER": resolver}
+    [error] = check_settings()
+    assert error.id == "realtime.E019"
+
+
+@pytest.mark.parametrize("resolver", [None, "realtime.context.new_correlation_id", len])
+def test_good_tenant_resolvers_pass(settings, resolver):
+    settings.REALTIME = {"TENANT_RESOLVER": resolver}
+    assert check_settings() == []
+
+
+def test_an_unknown_key_is_reported_by_django_not_raised(settings):
+    # Every check of the `realtime` tag runs; none may raise before E010 is shown.
+    settings.REALTIME = {"CHANEL_LAYER": "default"}
+    errors = checks.run_checks(tags=["realtime"])
+    assert "realtime.E010" in [e.id for e in errors]
+
+
+# -- presence settings ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listed", [None, "many", -1])
+def test_presence_max_listed_that_is_no_count_is_reported(settings, listed):
+    from presence.checks import check_backend
+
+    settings.PRESENCE = {"MAX_LISTED": listed}
+    assert "presence.E004" in _ids(check_backend())
+
+
+@pytest.mark.parametrize("listed", [0, 100])
+def test_presence_max_listed_counts_pass(settings, listed):
+    from presence.checks import check_backend
+
+    settings.PRESENCE = {"MAX_LISTED": listed}
+    assert "presence.E004" not in _ids(check_backend())
+
+
+@pytest.mark.parametrize("config", [["url"], "redis://127.0.0.1:6379/0"])
+def test_presence_config_that_is_not_a_dict_is_reported(settings, config):
+    from presence.checks import check_backend
+
+    settings.PRESENCE = {"CONFIG": config}
+    assert "presence.E005" in _ids(check_backend())
+
+
+@pytest.mark.parametrize("serializer", ["presence.display.nope", "board.nope.Serializer", 42])
+def test_presence_user_serializer_that_cannot_work_is_reported(settings, serializer):
+    from presence.checks import check_backend
+
+    settings.PRESENCE = {"USER_SERIALIZER": serializer}
+    assert "presence.E006" in _ids(check_backend())
+
+
+@pytest.mark.parametrize(
+    "serializer", ["presence.display.user_display", "board.serializers.ItemSerializer", str]
+)
+def test_presence_user_serializers_that_work_pass(settings, serializer):
+    from presence.checks import check_backend
+
+    settings.PRESENCE = {"USER_SERIALIZER": serializer}
+    assert "presence.E006" not in _ids(check_backend())
+
+
+# -- notifications ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def user_kind_from_settings(monkeypatch):
+    from realtime.policies import stream_kinds
+
+    monkeypatch.setattr(
+        stream_kinds, "_policies", {k: v for k, v in stream_kinds._policies.items() if k != "user"}
+    )
+
+
+@pytest.mark.parametrize(
+    "realtime",
+    [
+        {"STREAM_POLICIES": {"user": "board.nope.UserPolicy"}},
+        {"STREAM_POLICIES": [("user", "realtime.UserPolicy")]},
+        {"STREAM_POLICIES": {}, "CHANEL_LAYER": "default"},
+    ],
+)
+def test_the_user_stream_check_leaves_bad_settings_to_realtime(
+    settings, user_kind_from_settings, realtime
+):
+    from notifications.checks import check_user_stream
+
+    settings.REALTIME = realtime
+    assert check_user_stream() == []  # realtime.E010 or E013 says what is wrong
+    assert {e.id for e in check_settings()} & {"realtime.E010", "realtime.E013"}
+
+
+def test_the_user_stream_check_reads_a_policy_from_settings(settings, user_kind_from_settings):
+    from notifications.checks import check_user_stream
+
+    settings.REALTIME = {"STREAM_POLICIES": {"user": "realtime.UserPolicy"}}
+    assert check_user_stream() == []
+    settings.REALTIME = {}
+    assert _ids(check_user_stream()) == ["notifications.E001"]
+
+
+@pytest.mark.parametrize("presence", [{"TTTL": 30}, ["TTL", 30]])
+def test_a_presence_setting_of_the_wrong_shape_is_reported_not_raised(settings, presence):
+    from presence.checks import check_backend
+
+    settings.PRESENCE = presence
+    [error] = check_backend()
+    assert error.id == "presence.E007"
+    assert "PRESENCE" in error.msg

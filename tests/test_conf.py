@@ -25,3 +25,24 @@ def test_unknown_key_is_an_error(settings):
 def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError):
         getattr(realtime_settings, "NOPE")  # noqa: B009
+
+
+@pytest.mark.parametrize("value", [[("RELAY_BATCH", 3)], "RELAY_BATCH", 3])
+def test_a_setting_that_is_not_a_dict_is_an_error(settings, value):
+    settings.REALTIME = value
+    with pytest.raises(ImproperlyConfigured, match="REALTIME must be a dict"):
+        getattr(realtime_settings, "RELAY_BATCH")  # noqa: B009
+
+
+def test_a_key_that_is_not_a_string_is_named_in_the_error(settings):
+    settings.REALTIME = {1: 2, "RELAY_BATCHES": 3}
+    with pytest.raises(ImproperlyConfigured, match=r"'RELAY_BATCHES', 1\."):
+        getattr(realtime_settings, "RELAY_BATCH")  # noqa: B009
+
+
+def test_a_non_dict_setting_is_reported_by_the_checks(settings):
+    from realtime.checks import check_settings
+
+    settings.REALTIME = [("RELAY_BATCH", 3)]
+    [error] = check_settings()
+    assert error.id == "realtime.E010"
