@@ -21,6 +21,8 @@ class Organization(models.Model):
 @realtime.broadcast(
     streams=["project:{pk}", "tenant:{organization_id}"],
     serializer="board.serializers.ProjectSerializer",
+    # Every member of the organization reads its stream, not only the project's people.
+    stream_serializers={"tenant": "board.serializers.ProjectListingSerializer"},
 )
 class Project(models.Model):
     organization = models.ForeignKey(

@@ -10,6 +10,16 @@ class ProjectSerializer(serializers.ModelSerializer):
         read_only_fields = ["owner"]
 
 
+class ProjectListingSerializer(serializers.ModelSerializer):
+    """A project as its organization's stream shows it: every member reads that stream, but
+    only the project's owner and members may see the project (REST answers 404 to the
+    others), so it names the project and nothing more. Clients refetch their list."""
+
+    class Meta:
+        model = Project
+        fields = ["id", "organization"]
+
+
 class ProjectUpdateSerializer(ProjectSerializer):
     """A project stays in its organization: moving it would hand it to another tenant."""
 

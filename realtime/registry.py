@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from django.utils.module_loading import import_string
 
 from .conf import realtime_settings
 from .events import is_valid_type, is_valid_version
-from .streams import InvalidStreamName, parse_stream
+from .streams import KIND_PATTERN, InvalidStreamName, parse_stream
 
 logger = logging.getLogger("realtime.registry")
 
@@ -43,6 +44,9 @@ class Registration:
     version: str
     name: str
     version_field: str | None
+    #: {stream kind: serializer} used for the streams of that kind instead of `serializer`
+    #: (a redacted payload for a wider audience, such as an organization-wide stream).
+    stream_serializers: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     _local: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
@@ -74,16 +78,25 @@ class Registration:
                     names.append(name)
         return names
 
-    def serialize(self, instance: Any) -> Any:
-        serializer = self.resolved_serializer()
+    def payload_key(self, stream: str) -> str | None:
+        """The stream kind whose own serializer serves `stream`; None for `serializer`."""
+        if not self.stream_serializers:
+            return None
+        kind = stream.partition(":")[0]
+        return kind if kind in self.stream_serializers else None
+
+    def serialize(self, instance: Any, key: str | None = None) -> Any:
+        """The payload of `instance` for streams of `payload_key` `key`."""
+        serializer = self.resolved_serializer(key)
         if serializer is None:
             return _default_data(instance)
         if isinstance(serializer, type) and _is_drf_serializer(serializer):
             # Building a DRF serializer's fields costs more than using them: keep one
             # instance per thread and call to_representation, as `.data` would.
-            cached = getattr(self._local, "serializer", None)
+            cache = self._local.__dict__.setdefault("serializers", {})
+            cached = cache.get(key)
             if cached is None:
-                cached = self._local.serializer = serializer()
+                cached = cache[key] = serializer()
             return cached.to_representation(instance)
         return serializer(instance)
 
@@ -99,8 +112,11 @@ class Registration:
             return import_string(self.serializer)
         return self.serializer
 
-    def resolved_serializer(self) -> Any:
-        return self._serializer
+    def resolved_serializer(self, key: str | None = None) -> Any:
+        if key is None:
+            return self._serializer
+        spec = self.stream_serializers[key]
+        return import_string(spec) if isinstance(spec, str) else spec  # import_string caches
 
 
 class _Attrs(dict):  # type: ignore[type-arg]
@@ -163,6 +179,7 @@ class Registry:
         version: str = "v1",
         name: str | None = None,
         version_field: str | None = None,
+        stream_serializers: Any = None,
     ) -> Registration | None:
         """Register a model; problems are kept for the system check, not raised here."""
         if not (isinstance(model, type) and issubclass(model, models.Model)):
@@ -181,6 +198,7 @@ class Registry:
             version=version,
             name=name or meta.model_name or "",
             version_field=version_field or ("version" if _has_field(model, "version") else None),
+            stream_serializers={} if stream_serializers is None else stream_serializers,
         )
         registration.problems.extend(_static_problems(registration))
         if version_field and not _has_field(model, version_field):
@@ -268,17 +286,24 @@ def _usable_serializer(value: Any) -> bool:
 
 
 def serializer_problem(reg: Registration) -> str | None:
-    """Resolve a dotted serializer path; return a problem if it cannot be used."""
-    if not isinstance(reg.serializer, str):
-        return None
+    """Resolve dotted serializer paths; return a problem if one cannot be used."""
     label = f"{_label(reg.model)} ({reg.version})"
-    try:
-        value = reg.resolved_serializer()
-    except ImportError as exc:
-        return f"{label}: serializer {reg.serializer!r} cannot be imported ({exc})"
-    if not _usable_serializer(value):
-        return f"{label}: serializer {reg.serializer!r} is neither a serializer class nor callable"
-    return None
+    specs: list[tuple[str | None, Any]] = [(None, reg.serializer)]
+    if isinstance(reg.stream_serializers, dict):
+        specs += [(k, v) for k, v in reg.stream_serializers.items() if isinstance(k, str)]
+    problems = []
+    for key, spec in specs:
+        if not isinstance(spec, str):
+            continue
+        name = "serializer" if key is None else f"stream_serializers[{key!r}]"
+        try:
+            value = reg.resolved_serializer(key)
+        except ImportError as exc:
+            problems.append(f"{label}: {name} {spec!r} cannot be imported ({exc})")
+            continue
+        if not _usable_serializer(value):
+            problems.append(f"{label}: {name} {spec!r} is neither a serializer class nor callable")
+    return "; ".join(problems) or None
 
 
 def _static_problems(reg: Registration) -> list[str]:
@@ -305,6 +330,20 @@ def _static_problems(reg: Registration) -> list[str]:
             f"{label}: serializer must be a DRF serializer class, a callable or a dotted path, "
             f"not {reg.serializer!r}"
         )
+    if not isinstance(reg.stream_serializers, dict):
+        problems.append(
+            f"{label}: stream_serializers must be a dict of stream kind to serializer, not "
+            f"{reg.stream_serializers!r}"
+        )
+        return problems
+    for kind, spec in reg.stream_serializers.items():
+        if not (isinstance(kind, str) and re.fullmatch(KIND_PATTERN, kind)):
+            problems.append(f"{label}: stream_serializers key {kind!r} is not a stream kind")
+        elif not isinstance(spec, str) and not _usable_serializer(spec):
+            problems.append(
+                f"{label}: stream_serializers[{kind!r}]: a serializer must be a DRF serializer "
+                f"class, a callable or a dotted path, not {spec!r}"
+            )
     return problems
 
 
@@ -324,6 +363,7 @@ def broadcast(
     version: str = "v1",
     name: str | None = None,
     version_field: str | None = None,
+    stream_serializers: Any = None,
 ) -> Callable[[Any], Any]:
     """Class decorator registering a model: its saves and deletes become events on `streams`.
 
@@ -344,6 +384,11 @@ def broadcast(
     version_field:
         A field whose value deleted events also carry, so clients can drop stale versions;
         a field named ``version`` is used when this is not given.
+    stream_serializers:
+        ``{stream kind: serializer}`` (each as ``serializer`` may be): the streams of that
+        kind get this payload instead, such as a redacted one for an organization-wide
+        stream whose readers may not see every field. Deletes carry the pk (and
+        ``version_field``) on every stream.
     """
 
     def decorate(model: Any) -> Any:
@@ -355,6 +400,7 @@ def broadcast(
             version=version,
             name=name,
             version_field=version_field,
+            stream_serializers=stream_serializers,
         )
         return model
 
@@ -575,7 +621,7 @@ def _on_save(
         _raise_problems(reg)
         new_streams = reg.stream_names(new)
         old_streams = new_streams if old is new else reg.stream_names(old)
-        data: Any = None
+        data: dict[str | None, Any] = {}  # payload_key -> payload, serialized once each
         for stream in dict.fromkeys([*old_streams, *new_streams]):
             if stream in new_streams:
                 action = "created" if created or stream not in old_streams else "updated"
@@ -586,9 +632,10 @@ def _on_save(
             if action == "deleted":
                 payload: Any = reg.deleted_data(instance.pk, new)
             else:
-                if data is None:
-                    data = reg.serialize(new)
-                payload = data
+                key = reg.payload_key(stream)
+                if key not in data:
+                    data[key] = reg.serialize(new, key)
+                payload = data[key]
             plan.setdefault(stream, {}).setdefault(reg.version, (reg.type_for(action), payload))
     _append([plan], using)
     if updated is None or stored is None:
@@ -617,11 +664,15 @@ def _plan(instance: Any, action: str) -> Plan:
         _raise_problems(reg)
         if action not in reg.actions:
             continue
-        if action == "deleted":
-            payload = reg.deleted_data(instance.pk, instance)
-        else:
-            payload = reg.serialize(instance)
+        data: dict[str | None, Any] = {}  # payload_key -> payload, serialized once each
         for stream in reg.stream_names(instance):
+            if action == "deleted":
+                payload = reg.deleted_data(instance.pk, instance)
+            else:
+                key = reg.payload_key(stream)
+                if key not in data:
+                    data[key] = reg.serialize(instance, key)
+                payload = data[key]
             plan.setdefault(stream, {}).setdefault(reg.version, (reg.type_for(action), payload))
     return plan
 

@@ -127,3 +127,27 @@ async def test_leaving_the_group_that_grants_access_ends_the_subscription(
     assert await no_item_event(other, 0.3)
     await client.close()
     await other.close()
+
+
+async def test_the_organization_stream_shows_members_no_more_of_a_project_than_rest_would():
+    """Every member reads `tenant:<org>`, but only the project's own people may see it: the
+    organization-wide event names the project by id, the project's stream carries the rest."""
+    from board.membership import create_project
+
+    from .factories import OrganizationFactory
+
+    organization = await db(OrganizationFactory)()
+    owner, colleague = await db(UserFactory)(), await db(UserFactory)()
+    await db(organization.members.add)(owner, colleague)
+    watcher = await client_for(colleague)
+    assert (await watcher.subscribe(f"tenant:{organization.pk}"))["ok"]
+    project = await db(create_project)(organization=organization, name="Secret", owner=owner)
+    frame = await watcher.receive_until("event")
+    assert frame["type"] == "v1:project.created"
+    assert frame["data"] == {"id": project.pk, "organization": organization.pk}
+    mine = await client_for(owner)
+    assert (await mine.subscribe(f"project:{project.pk}", since=0))["ok"]
+    full = await item_event(mine)  # the project's own stream: everything its serializer gives
+    assert full["data"]["name"] == "Secret"
+    await watcher.close()
+    await mine.close()

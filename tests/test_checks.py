@@ -429,3 +429,19 @@ def test_a_presence_setting_of_the_wrong_shape_is_reported_not_raised(settings, 
     [error] = check_backend()
     assert error.id == "presence.E007"
     assert "PRESENCE" in error.msg
+
+
+@pytest.mark.parametrize(
+    ("stream_serializers", "fragment"),
+    [
+        ([("tenant", None)], "stream_serializers must be a dict"),
+        ({"Tenant": None}, "not a stream kind"),
+        ({"tenant": 42}, "serializer must be"),
+        ({"tenant": "board.nope.Ser"}, "cannot be imported"),
+    ],
+)
+def test_bad_stream_serializers_are_reported(isolated_registry, stream_serializers, fragment):
+    isolated_registry.register(
+        Item, streams="project:{project_id}", stream_serializers=stream_serializers
+    )
+    assert any(fragment in m for m in messages(check_registrations()))

@@ -225,3 +225,39 @@ def test_a_delete_of_an_instance_loaded_with_deferred_fields_logs_the_rows_value
     row = Event.objects.filter(stream__name=f"project:{stored.project_id}").order_by("seq").last()
     assert row.type == "v1:item.deleted"
     assert row.data == {"id": stored.pk, "version": stored.version}
+
+
+def test_a_stream_kind_can_have_its_own_serializer():
+    """`stream_serializers`: the streams of one kind get another payload (a redacted one)."""
+    realtime.register(
+        ArchivedItem,
+        streams=["project:{project_id}", "tenant:{project.organization_id}"],
+        serializer=lambda item: {"id": item.pk, "title": item.title},
+        stream_serializers={"tenant": lambda item: {"id": item.pk}},
+        version="v7",
+        name="item",
+    )
+    try:
+        project = ProjectFactory()
+        item = ArchivedItem.objects.create(project=project, title="secret")
+        item.title = "still secret"
+        item.save()
+        realtime.emit_instances([item], "updated")
+        flush()
+
+        def data(stream: str) -> list:  # of the v7 frames (the project stream's are variants)
+            rows = Event.objects.filter(stream__name=stream, type__contains=":item.")
+            return [
+                e.data if e.type.startswith("v7:") else e.variants["v7"]["data"]
+                for e in rows.order_by("seq")
+            ]
+
+        tenant = f"tenant:{project.organization_id}"
+        assert data(tenant) == [{"id": item.pk}] * 3
+        assert data(f"project:{project.pk}") == [
+            {"id": item.pk, "title": "secret"},
+            {"id": item.pk, "title": "still secret"},
+            {"id": item.pk, "title": "still secret"},
+        ]
+    finally:
+        registry.unregister(ArchivedItem)
