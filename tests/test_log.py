@@ -175,7 +175,9 @@ def test_project_events_go_to_project_and_tenant_streams():
     flush()
     assert [e.type for e in events(f"project:{project.pk}")] == ["v1:project.created"]
     assert [e.type for e in events(f"tenant:{org.pk}")] == ["v1:project.created"]
-    assert events(f"tenant:{org.pk}")[0].data["name"] == project.name
+    assert events(f"project:{project.pk}")[0].data["name"] == project.name
+    # Every member of the organization reads its stream: it names the project, no more.
+    assert events(f"tenant:{org.pk}")[0].data == {"id": project.pk, "organization": org.pk}
 
 
 def test_emit_logs_and_publishes_in_the_callers_transaction():
