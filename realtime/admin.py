@@ -6,7 +6,8 @@ import logging
 from typing import Any
 
 from django.contrib import admin, messages
-from django.db.models import Count, QuerySet
+from django.db.models import F, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 
 from .models import Connection, Event, Stream
@@ -23,6 +24,11 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A deleted event is a hole in its stream that no resume can see; retention is
+        # `realtime_prune`'s, which deletes only from the bottom of a stream.
+        return False
+
 
 @admin.register(Stream)
 class StreamAdmin(ReadOnlyAdmin):
@@ -31,7 +37,12 @@ class StreamAdmin(ReadOnlyAdmin):
     show_full_result_count = False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Stream]:
-        return super().get_queryset(request).annotate(retained_events=Count("events"))
+        # Pruning deletes from the bottom only and seqs have no gaps, so a stream keeps the
+        # events from its first seq up to last_seq: one index probe per row listed, where
+        # Count("events") grouped the whole log (for the paginator's count too).
+        first = Event.objects.filter(stream=OuterRef("pk")).order_by("seq").values("seq")[:1]
+        kept = Coalesce(F("last_seq") - Subquery(first) + 1, 0)
+        return super().get_queryset(request).annotate(retained_events=kept)
 
     @admin.display(description="events kept for replay", ordering="retained_events")
     def retained(self, stream: Any) -> int:

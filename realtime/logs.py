@@ -13,8 +13,9 @@ LOGGING = {
 
 Each JSON line carries `time`, `level`, `logger`, `message` and, when known, `correlationId`
 (from the request or `realtime.correlation()`), `stream`, `connection` and `user` (from a log
-call's `extra`). Tickets, tokens, session and CSRF cookies and bearer credentials are
-replaced by `[redacted]`; payload bodies are never logged by realtime.
+call's `extra`), `exception` and `stack`. Tickets, tokens, session and CSRF cookies and
+`Authorization` credentials (Bearer, Basic, DRF's Token) are replaced by `[redacted]`;
+payload bodies are never logged by realtime.
 """
 
 from __future__ import annotations
@@ -28,11 +29,21 @@ from typing import Any
 from .context import get_correlation_id
 
 _SECRETS = [
-    # ?ticket=…, &token=…, sessionid=…, csrftoken=… in URLs, cookies and query strings
+    # ?ticket=…, &refresh_token=…, sessionid=…, csrftoken=… in URLs, cookies and query strings,
+    # and "ticket": "…" or 'HTTP_X_CSRFTOKEN': '…' in JSON and in reprs of dicts (request.GET,
+    # request.META). Only letters and digits may come before the name: "_" separates.
     (
         re.compile(
-            r"(?i)\b(ticket|token|access_token|sessionid|csrftoken|csrfmiddlewaretoken|api_key)"
-            r"(=|%3D|:\s*)([^&\s;,\"']+)"
+            r"(?i)(?<![a-z0-9])"
+            r"(ticket|token|access_token|sessionid|csrftoken|csrfmiddlewaretoken|api_key)"
+            r"([\"']?(?:=|%3D|:\s*)[\"'\[]*)(?!redacted\])([^&\s;,\"'\[\]]+)"
+        ),
+        r"\1\2[redacted]",
+    ),
+    # Authorization headers of any scheme (DRF's "Token …" too), as a header or a META key.
+    (
+        re.compile(
+            r"(?i)(?<![a-z0-9])(authorization[\"']?\s*[:=]\s*[\"']?)([a-z]+\s+)?[^\s\"',;]+"
         ),
         r"\1\2[redacted]",
     ),
@@ -62,6 +73,8 @@ class RedactSecrets(logging.Filter):
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
 
 
@@ -88,4 +101,6 @@ class JSONFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             entry["exception"] = record.exc_text
+        if record.stack_info:  # log(..., stack_info=True), as the plain formatter shows it
+            entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, default=str, ensure_ascii=False)

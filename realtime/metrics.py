@@ -78,7 +78,10 @@ LAYER_STALLS = Counter(
     "LAYER_PROBE_INTERVALs) and reconnected it.",
 )
 UNAUTHORIZED = Counter(
-    "realtime_unauthorized_attempts", "Refused subscribe and publish attempts.", ["action"]
+    "realtime_unauthorized_attempts",
+    "Refused attempts, by action: subscribe and publish on a socket, read (an SSE stream, the "
+    "event feed or a presence list answered 403).",
+    ["action"],
 )
 
 DROP_REASONS = {

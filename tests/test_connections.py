@@ -1,15 +1,20 @@
-"""Connection rows: swept when their node goes silent; the ALLOWED_HOSTS check."""
+"""Connection rows: swept when their node goes silent; the presence sweeper; the ALLOWED_HOSTS
+check."""
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pytest
+from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from realtime.checks import check_allowed_hosts
 from realtime.connections import sweep, touch_node
 from realtime.models import Connection
+
+from .conftest import free_port
 
 
 @pytest.mark.django_db(transaction=True)  # touch_node runs on worker threads, in autocommit
@@ -46,3 +51,25 @@ def test_wildcard_allowed_hosts_outside_debug_is_an_error(settings, hosts, debug
     found = check_allowed_hosts()
     assert len(found) == errors
     assert all(e.id == "realtime.E020" for e in found)
+
+
+@pytest.mark.parametrize("interval", ["0", "-1"])
+def test_presence_sweep_refuses_an_interval_that_is_not_positive(interval):
+    with pytest.raises(CommandError):
+        call_command("presence_sweep", "--once", "--interval", interval)
+
+
+def test_presence_sweep_outlives_a_presence_backend_that_is_down(settings, capsys):
+    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings.PRESENCE = {"BACKEND": "presence.backends.redis.RedisBackend", "CONFIG": {"url": down}}
+    call_command("presence_sweep", "--interval", "0.05", "--max-runtime", "0.5")
+    assert capsys.readouterr().err.count("presence sweep failed") >= 2
+    with pytest.raises(CommandError):  # one sweep asked for, and it failed: exit status 1
+        call_command("presence_sweep", "--once")
+
+
+def test_presence_sweep_stops_at_its_max_runtime_not_an_interval_later(capsys):
+    started = time.monotonic()
+    call_command("presence_sweep", "--interval", "30", "--max-runtime", "0.2")
+    assert time.monotonic() - started < 10
+    assert "presence sweep: 0 leave(s) announced" in capsys.readouterr().out

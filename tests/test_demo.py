@@ -80,3 +80,92 @@ def test_login_page_lists_the_demo_users_and_pages_need_a_login(client):
     dashboard = client.get("/dashboard/").content.decode()
     assert f"project:{launch.pk}" in dashboard
     assert "v1:item.created" in dashboard
+
+
+@pytest.mark.django_db
+def test_the_event_log_and_its_streams_cannot_be_deleted_in_the_admin(admin_client):
+    """Deleting an event would leave a hole no resume sees; deleting a stream, a new epoch."""
+    from realtime.models import Event, Stream
+
+    call_command("board_demo")
+    event = Event.objects.order_by("pk").first()
+    stream = Stream.objects.order_by("pk").first()
+    assert admin_client.get(f"/admin/realtime/event/{event.pk}/delete/").status_code == 403
+    assert admin_client.get(f"/admin/realtime/stream/{stream.pk}/delete/").status_code == 403
+    listing = admin_client.get("/admin/realtime/event/").content
+    assert b"delete_selected" not in listing
+    admin_client.post(
+        "/admin/realtime/event/",
+        {"action": "delete_selected", "_selected_action": [event.pk], "post": "yes"},
+    )
+    assert Event.objects.filter(pk=event.pk).exists()
+
+
+@pytest.mark.django_db
+def test_project_members_edited_in_the_admin_get_and_lose_access(admin_client):
+    from django.contrib.auth import get_user_model
+
+    from board.models import Organization
+
+    User = get_user_model()
+    call_command("board_demo")
+    bob, carol = User.objects.get(username="bob"), User.objects.get(username="carol")
+    globex = Organization.objects.get(name="Globex")
+    response = admin_client.post(
+        "/admin/board/project/add/",
+        {"organization": globex.pk, "name": "Made here", "owner": carol.pk, "members": [bob.pk]},
+    )
+    assert response.status_code == 302, response.content
+    made = Project.objects.get(name="Made here")
+    carol, bob = User.objects.get(pk=carol.pk), User.objects.get(pk=bob.pk)  # fresh perm caches
+    assert carol.has_perm("board.view_project", made)
+    assert carol.has_perm("board.delete_project", made)
+    assert bob.has_perm("board.change_project", made)
+
+    research = Project.objects.get(name="Research")
+    form = {"organization": globex.pk, "name": "Research", "owner": carol.pk}
+    admin_client.post(f"/admin/board/project/{research.pk}/change/", {**form, "members": [bob.pk]})
+    assert User.objects.get(pk=bob.pk).has_perm("board.view_project", research)
+    response = admin_client.post(f"/admin/board/project/{research.pk}/change/", form)  # bob out
+    assert response.status_code == 302, response.content
+    assert not User.objects.get(pk=bob.pk).has_perm("board.view_project", research)
+    assert User.objects.get(pk=carol.pk).has_perm("board.view_project", research)  # the owner
+    # A new owner gets the owner's permissions, and the old one keeps only a member's.
+    moved = {**form, "owner": bob.pk, "members": [carol.pk]}
+    response = admin_client.post(f"/admin/board/project/{research.pk}/change/", moved)
+    assert response.status_code == 302, response.content
+    bob, carol = User.objects.get(pk=bob.pk), User.objects.get(pk=carol.pk)
+    assert bob.has_perm("board.delete_project", research)
+    assert carol.has_perm("board.view_project", research)
+    assert not carol.has_perm("board.delete_project", research)
+
+
+@pytest.mark.django_db
+def test_streams_admin_counts_kept_events_without_scanning_the_whole_log(admin_client):
+    """The list (and its count) must not join and group every event of every stream."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    from django.utils import timezone
+
+    import realtime
+    from realtime.log import prune
+    from realtime.models import Event
+    from realtime.testing import flush
+
+    for n in range(12):
+        realtime.emit("tenant:kept", "v1:tick.happened", {"n": n})
+    realtime.emit("tenant:other", "v1:tick.happened", {})
+    flush()
+    Event.objects.update(published_at=timezone.now())
+    prune(max_events=5)
+    with CaptureQueriesContext(connection) as queries:
+        page = admin_client.get("/admin/realtime/stream/?q=tenant:kept").content.decode()
+    assert "tenant:kept" in page
+    assert '<td class="field-retained">5</td>' in page
+    for query in queries.captured_queries:
+        sql = query["sql"]
+        if '"realtime_stream"' in sql:
+            assert "GROUP BY" not in sql, sql
+            assert 'JOIN "realtime_event"' not in sql, sql
+    ordered = admin_client.get("/admin/realtime/stream/?o=2").content.decode()  # "retained"
+    assert ordered.index("tenant:other") < ordered.index("tenant:kept")

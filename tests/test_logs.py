@@ -69,6 +69,29 @@ def test_secrets_are_redacted(text):
     assert "[redacted]" in cleaned
 
 
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ('{"ticket": "abc.DEF-123:xyz"}', "abc.DEF-123:xyz"),  # a JSON body
+        ("<QueryDict: {'ticket': ['abc.DEF-123:xyz']}>", "abc.DEF-123:xyz"),  # request.GET
+        ("{'HTTP_X_CSRFTOKEN': 'tok123', 'PATH_INFO': '/'}", "tok123"),  # request.META
+        ("/callback?refresh_token=supersecret&state=1", "supersecret"),
+        ("Authorization: Token 9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b", "9944b09199c62bcf"),
+        ("'HTTP_AUTHORIZATION': 'Token 9944b09199c62bcf'", "9944b09199c62bcf"),
+    ],
+)
+def test_secrets_are_redacted_in_quoted_and_prefixed_forms(text, secret):
+    cleaned = redact(text)
+    assert secret not in cleaned
+    assert "[redacted]" in cleaned
+    assert redact(cleaned) == cleaned  # a record that two handlers filter reads the same
+
+
+def test_redaction_leaves_other_words_alone():
+    text = "ticket refused for user 7 on project:1 (the token had expired)"
+    assert redact(text) == text
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.asyncio
 async def test_a_ticket_never_reaches_a_log_line(json_log):
@@ -92,3 +115,12 @@ async def test_a_ticket_never_reaches_a_log_line(json_log):
     assert ticket not in text
     assert ticket.split(":")[0] not in text
     assert "forged-ticket-value" not in text
+
+
+def test_json_lines_keep_the_stack_a_log_call_asks_for(json_log):
+    def where_it_happened():
+        logging.getLogger("realtime.test").warning("look here", stack_info=True)
+
+    where_it_happened()
+    [line] = json_log()
+    assert "where_it_happened" in line["stack"]

@@ -264,3 +264,71 @@ def test_values_of_several_processes_add_up_in_multiprocess_mode(tmp_path):
     # Live connections count only processes that are alive: the exposition forgets the
     # files of the two that exited.
     assert lines.get('realtime_connections{transport="websocket"}') == 1.0
+
+
+@pytest.mark.django_db
+def test_realtime_stats_reads_the_subscriptions_row_by_row():
+    """20,000 sockets of 100 streams each must not all be in memory for one screen."""
+    import tracemalloc
+
+    from realtime.management.commands.realtime_stats import Command
+    from realtime.models import Connection
+
+    streams = [f"project:{n}" for n in range(50)]
+    now = timezone.now()
+    Connection.objects.bulk_create(
+        Connection(id=f"c{n}", node=f"node:{n % 2}", last_seen=now, subscriptions=streams)
+        for n in range(4000)
+    )
+    tracemalloc.start()
+    try:
+        screen = Command().screen(3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "live connections: 4000" in screen
+    assert "node:1" in screen
+    assert screen.count("4000 subscriber(s)") == 3
+    assert peak < 5 * 1024 * 1024  # all the lists at once took 17 MiB
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("args", [["--watch", "-1"], ["--top", "0"], ["--count", "-1"]])
+def test_realtime_stats_rejects_bad_arguments(args):
+    from django.core.management import CommandError, call_command
+
+    with pytest.raises(CommandError):
+        call_command("realtime_stats", *args)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("heartbeat", "age", "stale"),
+    [(10.0, 25, True), (100.0, 95, False), (25.0, 60, True), (25.0, 30, False)],
+)
+def test_realtime_stats_calls_rows_stale_after_two_missed_heartbeats(
+    settings, heartbeat, age, stale
+):
+    """A live node refreshes its rows every HEARTBEAT; not the default's 90 s whatever it is."""
+    import datetime as dt
+
+    from realtime.management.commands.realtime_stats import Command
+    from realtime.models import Connection
+
+    settings.REALTIME = {"HEARTBEAT": heartbeat, "CONNECTION_SWEEP_AFTER": 3 * heartbeat}
+    seen = timezone.now() - dt.timedelta(seconds=age)
+    Connection.objects.create(id="c1", node="n:1", last_seen=seen)
+    screen = Command().screen(3)
+    assert (f"1 row(s) not seen for {2 * heartbeat:g} s" in screen) is stale
+    assert ("not seen for" in screen) is stale
+
+
+def test_help_of_unauthorized_attempts_names_every_action_counted():
+    from realtime.metrics import exposition
+
+    text = exposition()[0].decode()
+    help_line = next(
+        line for line in text.splitlines() if line.startswith("# HELP realtime_unauthorized")
+    )
+    for action in ("subscribe", "publish", "read"):
+        assert action in help_line

@@ -57,7 +57,10 @@ def test_prune_reports_progress(capsys):
     assert "pruned 4 event(s)" in out
 
 
-@pytest.mark.parametrize("args", [["--max-age", "-1"], ["--max-events", "-2"], ["--batch", "0"]])
+@pytest.mark.parametrize(
+    "args",
+    [["--max-age", "-1"], ["--max-age", "nan"], ["--max-events", "-2"], ["--batch", "0"]],
+)
 def test_prune_rejects_bad_arguments(args):
     with pytest.raises(CommandError):
         call_command("realtime_prune", *args)
@@ -96,3 +99,11 @@ def test_age_prune_deletes_only_below_the_first_young_event_of_a_stream():
     assert prune(max_age=(timezone.now() - cutoff).total_seconds()) == 1
     assert position("project:1").covers(1, None)
     assert [row[0] for row in read_typed_after("project:1", 1, 10)] == [2, 3, 4]
+
+
+@pytest.mark.parametrize("max_age", ["inf", "1e12"])
+def test_an_age_older_than_any_date_keeps_every_event(max_age):
+    emit_many("tenant:a", 3)
+    Event.objects.update(timestamp=timezone.now() - dt.timedelta(days=365 * 50))
+    call_command("realtime_prune", "--max-age", max_age, verbosity=0)
+    assert Event.objects.count() == 3

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import signal
+import threading
 import time
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from presence.conf import presence_settings
 from presence.tracker import get_backend, sweep
@@ -31,24 +34,50 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        interval = options["interval"] or float(presence_settings.SWEEP_INTERVAL)
-        if interval <= 0:
-            self.stderr.write("--interval must be positive")
-            raise SystemExit(2)
+        interval = options["interval"]
+        interval = float(presence_settings.SWEEP_INTERVAL) if interval is None else interval
+        if not (interval > 0 and math.isfinite(interval)):
+            raise CommandError("--interval must be a positive number of seconds")
+        limit = options["max_runtime"]
+        if limit is not None and not limit >= 0:
+            raise CommandError("--max-runtime must not be negative")
         started = time.monotonic()
+        stop = threading.Event()
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda *_: stop.set())
+        try:
+            self.sweep_until(interval, limit, once=options["once"], started=started, stop=stop)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
-        async def once() -> int:
+    def sweep_until(
+        self, interval: float, limit: float | None, *, once: bool, started: float, stop: Any
+    ) -> None:
+        async def sweep_once() -> int:
             try:
                 return len(await sweep())
             finally:
                 await get_backend().close()
 
-        while True:
-            left = asyncio.run(once())
-            self.stdout.write(f"presence sweep: {left} leave(s) announced")
-            if options["once"]:
+        while not stop.is_set():
+            try:
+                left = asyncio.run(sweep_once())
+            except Exception as exc:  # keep sweeping: the backend may come back
+                if once:
+                    raise CommandError(
+                        f"presence sweep failed: {type(exc).__name__}: {exc}"
+                    ) from exc
+                self.stderr.write(f"presence sweep failed: {type(exc).__name__}: {exc}")
+            else:
+                self.stdout.write(f"presence sweep: {left} leave(s) announced")
+            if once:
                 return
-            limit = options["max_runtime"]
-            if limit is not None and time.monotonic() - started >= limit:
-                return
-            time.sleep(interval)
+            if limit is not None:
+                remaining = limit - (time.monotonic() - started)
+                if remaining < interval:  # the next sweep would come after the limit
+                    stop.wait(max(remaining, 0.0))
+                    return
+            stop.wait(interval)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
 
 from realtime.conf import realtime_settings
 from realtime.log import prune
@@ -29,8 +32,13 @@ class Command(BaseCommand):
         max_age = realtime_settings.RETENTION_MAX_AGE if max_age is None else max_age
         max_events = options["max_events"]
         max_events = realtime_settings.RETENTION_MAX_EVENTS if max_events is None else max_events
-        if max_age is not None and max_age < 0:
+        if max_age is not None and (math.isnan(max_age) or max_age < 0):
             raise CommandError("--max-age must not be negative")
+        if max_age is not None:
+            try:
+                timezone.now() - dt.timedelta(seconds=max_age)
+            except OverflowError:  # before the first representable date: nothing is that old
+                max_age = None
         if max_events is not None and max_events < 0:
             raise CommandError("--max-events must not be negative")
         batch = options["batch"]
