@@ -35,7 +35,10 @@ def open_connection(
     with transaction.atomic(using=using):
         if limit is not None and owner is not None:
             _lock_user(owner, using)
-            if Connection.objects.using(using).filter(user=owner).count() >= limit:
+            # Rows a live node touched lately: a dead node's stay until a sweep, which may
+            # never come when the nodes left hold no sockets (they sweep as they touch theirs).
+            live = Connection.objects.using(using).filter(user=owner, last_seen__gte=_cutoff())
+            if live.count() >= limit:
                 return False
         Connection.objects.using(using).create(
             id=connection_id,
@@ -68,7 +71,8 @@ def set_subscriptions(connection_id: str, streams: list[str]) -> None:
 
 
 def count_for_user(user: Any) -> int:
-    return Connection.objects.filter(user=user).count()
+    """The user's connections that a live node touched lately (see `open_connection`)."""
+    return Connection.objects.filter(user=user, last_seen__gte=_cutoff()).count()
 
 
 def touch_node(node: str, connection_ids: Iterable[str]) -> int:
@@ -87,10 +91,14 @@ def touch_node(node: str, connection_ids: Iterable[str]) -> int:
 
 def sweep(*, now: dt.datetime | None = None) -> int:
     """Delete connection rows not seen for REALTIME['CONNECTION_SWEEP_AFTER'] seconds."""
-    now = now or timezone.now()
-    cutoff = now - dt.timedelta(seconds=float(realtime_settings.CONNECTION_SWEEP_AFTER))
-    count, _ = Connection.objects.filter(last_seen__lt=cutoff).delete()
+    count, _ = Connection.objects.filter(last_seen__lt=_cutoff(now)).delete()
     return count
+
+
+def _cutoff(now: dt.datetime | None = None) -> dt.datetime:
+    """Rows last seen before this belong to a node that stopped touching them."""
+    now = now or timezone.now()
+    return now - dt.timedelta(seconds=float(realtime_settings.CONNECTION_SWEEP_AFTER))
 
 
 def resolve_tenant(user: Any) -> str:

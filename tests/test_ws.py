@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pytest
@@ -178,6 +179,26 @@ async def test_connections_per_user_are_limited(settings):
     assert (await third.connect())["code"] == 4429
     await a.close()
     await b.close()
+
+
+async def test_rows_of_a_dead_node_do_not_count_against_the_limit(settings):
+    """A node died holding the user's sockets: its rows stay until swept, and the node that
+    sweeps may be one with no socket yet (it would then never sweep): the limit counts only
+    rows a live node touched within CONNECTION_SWEEP_AFTER."""
+    from django.utils import timezone
+
+    from realtime.models import Connection
+
+    settings.REALTIME = {"MAX_CONNECTIONS_PER_USER": 2}
+    owner, _ = await make_project()
+    silent = timezone.now() - dt.timedelta(seconds=91)  # past CONNECTION_SWEEP_AFTER (90 s)
+    for n in range(2):
+        await db(Connection.objects.create)(
+            id=f"dead-{n}", user=owner, node="dead-node", transport="websocket", last_seen=silent
+        )
+    client = RealtimeClient(session_key=await db(session_for)(owner))
+    assert (await client.connect())["op"] == "welcome"
+    await client.close()
 
 
 # -- subscribe, events, resume ------------------------------------------------------------
