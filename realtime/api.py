@@ -27,6 +27,7 @@ from .feed import (
     method_not_allowed,
     parse_cursor,
     parse_streams,
+    parse_version,
     read_events,
     release_request_connections,
     starting_positions,
@@ -88,6 +89,7 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
         return method_not_allowed(["GET"])
     try:
         streams = parse_streams(request)
+        version = parse_version(request)
         cursor = parse_cursor(request.GET.get("cursor"))
         limit = _number(request, "limit", 100, 1, 500, int)
         wait = _number(request, "wait", 0, 0, 25, float)
@@ -97,7 +99,7 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
         return exc.response()
     sign_in = SignIn.of(request, user)
     start = await _db(starting_positions)(streams, cursor)
-    events, after, resets = await _db(read_events)(start.positions, limit)
+    events, after, resets = await _db(read_events)(start.positions, limit, version)
     resets = [*start.resets, *resets]
     if not events and not resets and wait > 0:
         await release_request_connections()
@@ -107,7 +109,7 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
             await hub.join(stream, waker)
         try:
             # Joined first, then read again: an event committed meanwhile is in one or the other.
-            events, after, resets = await _db(read_events)(start.positions, limit)
+            events, after, resets = await _db(read_events)(start.positions, limit, version)
             if not events and not resets:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
@@ -119,7 +121,7 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
                     await _db(sign_in.reauthorize)(user, streams)
                 except BadRequest as exc:
                     return exc.response()
-                events, after, resets = await _db(read_events)(start.positions, limit)
+                events, after, resets = await _db(read_events)(start.positions, limit, version)
         finally:
             for stream in streams:
                 await hub.leave(stream, waker)

@@ -14,6 +14,7 @@ from django.http import HttpRequest, HttpResponseNotAllowed, JsonResponse
 
 from . import metrics
 from .cursor import CursorError, Position, decode, encode
+from .events import is_valid_version
 from .policies import auth_hash, check_stream, reload_user, same_password, signed_out
 from .protocol import Code
 from .replay import position, read_typed_after
@@ -59,6 +60,16 @@ def parse_cursor(token: str | None) -> dict[str, Position] | None:
         return decode(token)
     except CursorError as exc:
         raise BadRequest("invalid_cursor", str(exc)) from None
+
+
+def parse_version(request: HttpRequest) -> str | None:
+    """The `?version=` of the logged events' frames; None gives each event its primary one."""
+    raw = request.GET.get("version")
+    if not raw:
+        return None
+    if not is_valid_version(raw):  # as a socket's subscribe (`Subscribe.version`)
+        raise BadRequest(Code.UNSUPPORTED_VERSION, "'version' must look like 'v1'")
+    return raw
 
 
 def authorize(user: Any, streams: list[str]) -> None:
@@ -136,14 +147,15 @@ def starting_positions(streams: list[str], cursor: dict[str, Position] | None) -
 
 
 def read_events(
-    positions: dict[str, Position], limit: int
+    positions: dict[str, Position], limit: int, version: str | None = None
 ) -> tuple[list[tuple[str, int, str, str]], dict[str, Position], list[dict[str, Any]]]:
     """Read up to `limit` events after the positions, oldest first across streams.
 
     Returns (events as (stream, seq, type, frame text), the positions after them, resets).
-    Within a stream the events keep their seq order, so the new positions never skip one.
-    A stream whose next event was pruned after its position was checked gives a reset at
-    its position now instead of its events.
+    Each frame is the event's `version` one when it has it, else its primary one, as for a
+    socket's subscription. Within a stream the events keep their seq order, so the new
+    positions never skip one. A stream whose next event was pruned after its position was
+    checked gives a reset at its position now instead of its events.
     """
     after = dict(positions)
     resets = []
@@ -156,7 +168,10 @@ def read_events(
             resets.append({"op": "reset", "stream": stream, "epoch": now.epoch, "seq": now.seq})
             continue
         per_stream.append(
-            [(ts, stream, seq, kind, next(iter(frames.values()))) for seq, kind, frames, ts in rows]
+            [
+                (ts, stream, seq, kind, frames.get(version or "") or next(iter(frames.values())))
+                for seq, kind, frames, ts in rows
+            ]
         )
     events = []
     for _ts, stream, seq, type_, frame in itertools.islice(

@@ -27,6 +27,7 @@ from .feed import (
     method_not_allowed,
     parse_cursor,
     parse_streams,
+    parse_version,
     release_request_connections,
     starting_positions,
 )
@@ -59,6 +60,21 @@ def _message(event: str, data: str, event_id: str | None = None) -> str:
     return head + f"data: {data}\n\n"
 
 
+_TYPE_FIELD = '"type":"'
+
+
+def _frame_type(frame: str) -> str | None:
+    """The `type` of a logged event's frame text, read without parsing the whole frame."""
+    # `Envelope.frame` puts `type` after `op`, `stream`, `seq` and `eventId`, none of which
+    # can hold this text (stream names have no quote), so the first match is the field.
+    start = frame.find(_TYPE_FIELD)
+    if start < 0:
+        return None
+    start += len(_TYPE_FIELD)
+    end = frame.find('"', start)
+    return frame[start:end] if end > start else None
+
+
 class SSEConnection:
     """One client's event stream: replay from its cursor, then live events, as SSE messages."""
 
@@ -74,6 +90,7 @@ class SSEConnection:
         client_version: str = "",
         remote_addr: str = "",
         session: Any = None,
+        version: str | None = None,
     ) -> None:
         self.connection_id = uuid.uuid4().hex
         self.user = user
@@ -87,12 +104,13 @@ class SSEConnection:
         self.recheck: asyncio.Task[None] | None = None
         self.authz_due = next_recheck(time.monotonic(), first=True)
         self.positions = dict(positions)
+        self.version = version  # of the logged events' frames (None: each event's primary)
         self.subscriptions: dict[str, Subscription] = {}
         for stream in streams:
             kind, _key = parse_stream(stream)
             policy = stream_kinds.get(kind)
             assert policy is not None  # authorized already
-            subscription = Subscription(self, stream, policy, None)
+            subscription = Subscription(self, stream, policy, version)
             subscription.contiguous = positions[stream].seq
             self.subscriptions[stream] = subscription
         self.outbox: collections.deque[str] = collections.deque()
@@ -106,6 +124,9 @@ class SSEConnection:
             return  # refused meanwhile
         old = self.positions[stream]
         self.positions[stream] = Position(subscription.contiguous, old.epoch)
+        if self.version is not None and not event_type.startswith(f"{self.version}:"):
+            # `event_type` is the primary frame's; the frame sent may be another version's.
+            event_type = _frame_type(frame) or event_type
         self.enqueue(_message(event_type or "message", frame, encode(self.positions)))
 
     def send_reset(self, stream: str, seq: int, epoch: str | None) -> None:
@@ -327,6 +348,7 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         return method_not_allowed(["GET"])
     try:
         streams = parse_streams(request)
+        version = parse_version(request)
         cursor = parse_cursor(request.headers.get("Last-Event-ID") or request.GET.get("cursor"))
         user = await request.auser()  # type: ignore[attr-defined]
         await _db(authorize)(user, streams)
@@ -349,6 +371,7 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         client_version=request.GET.get("v", ""),
         remote_addr=request.META.get("REMOTE_ADDR") or "",
         session=getattr(request, "session", None),
+        version=version,
     )
     connection.resumed = cursor is not None
     limit = int(realtime_settings.MAX_CONNECTIONS_PER_USER)

@@ -123,6 +123,10 @@ DEEP_CURSOR = base64.urlsafe_b64encode(b'{"user:1":' + b"[" * 11_000).decode().r
         ({"streams": "user:{me}", "cursor": DEEP_CURSOR}, 400, "invalid_cursor"),
         ({"streams": "project:987654"}, 403, "forbidden"),
         ({"streams": "user:{other}"}, 403, "forbidden"),
+        ({"streams": "user:{me}", "version": "2"}, 400, "unsupported_version"),
+        ({"streams": "user:{me}", "version": "v0"}, 400, "unsupported_version"),
+        ({"streams": "user:{me}", "version": "V1"}, 400, "unsupported_version"),
+        ({"streams": "user:{me}", "version": "v12345"}, 400, "unsupported_version"),
     ],
 )
 async def test_bad_parameters_are_answered_with_a_message(query, status, code):
@@ -315,3 +319,61 @@ async def test_a_long_poll_held_across_a_password_change_hands_out_nothing():
     assert response.status_code == 401, response.content
     assert response.json()["error"]["code"] == "not_authenticated"
     assert b"after the change" not in response.content
+
+
+@pytest.fixture
+def item_v2():
+    """Items registered for v2 too, next to the board's v1."""
+    import realtime
+    from board.models import Item
+
+    realtime.register(
+        Item,
+        streams="project:{project_id}",
+        version="v2",
+        serializer=lambda item: {"id": item.pk, "label": item.title},
+    )
+    yield
+    realtime.registry.registry.unregister(Item, version="v2")
+
+
+async def test_version_picks_the_frames_and_without_one_each_event_has_its_primary(
+    item_v2, settings
+):
+    settings.REALTIME = {"DEFAULT_VERSION": "v2"}
+    owner, project = await setup_project()
+    client = await logged_in(owner)
+    stream = f"project:{project.pk}"
+    cursor = encode({stream: Position(1, None)})  # after the project's own event
+    await db(ItemFactory)(project=project, title="both")
+
+    async def read(**version):
+        query = {"streams": stream, "cursor": cursor, **version}
+        response = await client.get("/api/realtime/events/", query)
+        assert response.status_code == 200, response.content
+        [event] = response.json()["events"]
+        return event
+
+    v1, default, v2 = await read(version="v1"), await read(), await read(version="v2")
+    assert v1["type"] == "v1:item.created"
+    assert v1["data"]["title"] == "both"
+    assert default == v2
+    assert v2["type"] == "v2:item.created"
+    assert v2["data"] == {"id": v1["data"]["id"], "label": "both"}
+    assert (v1["seq"], v1["eventId"]) == (v2["seq"], v2["eventId"])
+    # A version the event lacks gets its primary frame, as over the WebSocket.
+    assert await read(version="v7") == default
+
+
+async def test_a_long_poll_hands_out_the_version_asked_for(item_v2):
+    owner, project = await setup_project()
+    client = await logged_in(owner)
+    stream = f"project:{project.pk}"
+    now = (await client.get("/api/realtime/events/", {"streams": stream})).json()["cursor"]
+    query = {"streams": stream, "cursor": now, "wait": "5", "version": "v2"}
+    poll = asyncio.ensure_future(client.get("/api/realtime/events/", query))
+    await asyncio.sleep(0.3)
+    await db(ItemFactory)(project=project, title="later")
+    [event] = (await asyncio.wait_for(poll, 5)).json()["events"]
+    assert event["type"] == "v2:item.created"
+    assert event["data"]["label"] == "later"

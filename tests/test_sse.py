@@ -53,11 +53,13 @@ class SSEReader:
         await self.chunks.aclose()
 
 
-async def open_sse(user, streams: str, last_event_id: str | None = None) -> tuple[SSEReader, dict]:
+async def open_sse(
+    user, streams: str, last_event_id: str | None = None, **query: str
+) -> tuple[SSEReader, dict]:
     client = AsyncClient()
     await client.aforce_login(user)
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    response = await client.get("/realtime/sse/", {"streams": streams}, headers=headers)
+    response = await client.get("/realtime/sse/", {"streams": streams, **query}, headers=headers)
     assert response.status_code == 200, response.content
     reader = SSEReader(response)
     first = await reader.message()
@@ -658,3 +660,67 @@ async def test_a_client_too_slow_for_its_queue_is_ended_without_the_queue(monkey
     rest = [chunk async for chunk in body]
     assert rest == []
     assert not await db(Connection.objects.filter(pk=connection.connection_id).exists)()
+
+
+@pytest.fixture
+def item_v2():
+    """Items registered for v2 too, next to the board's v1."""
+    import realtime
+    from board.models import Item
+
+    realtime.register(
+        Item,
+        streams="project:{project_id}",
+        version="v2",
+        serializer=lambda item: {"id": item.pk, "label": item.title},
+    )
+    yield
+    realtime.registry.registry.unregister(Item, version="v2")
+
+
+async def test_version_picks_the_frames_and_without_one_each_event_has_its_primary(
+    item_v2, settings
+):
+    settings.REALTIME = {"DEFAULT_VERSION": "v2"}
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    stream = f"project:{project.pk}"
+    readers = {
+        version: (await open_sse(owner, stream, **({"version": version} if version else {})))[0]
+        for version in ("v1", None, "v7")
+    }
+    await db(ItemFactory)(project=project, title="both")
+    v1, default, v7 = [await reader.event() for reader in readers.values()]
+    for message in (v1, default, v7):
+        assert message["event"] == message["data"]["type"]
+    assert v1["data"]["type"] == "v1:item.created"
+    assert v1["data"]["data"]["title"] == "both"
+    assert default["data"]["type"] == "v2:item.created"
+    assert default["data"]["data"] == {"id": v1["data"]["data"]["id"], "label": "both"}
+    assert (v1["data"]["seq"], v1["data"]["eventId"]) == (
+        default["data"]["seq"],
+        default["data"]["eventId"],
+    )
+    assert v7["data"] == default["data"]  # a version the event lacks: its primary, as on a socket
+    for reader in readers.values():
+        await reader.close()
+
+    # A resume replays in the version asked for too.
+    await db(ItemFactory)(project=project, title="missed")
+    reader, _ = await open_sse(owner, stream, last_event_id=v1["id"], version="v1")
+    replayed = await reader.event()
+    assert (replayed["event"], replayed["data"]["data"]["title"]) == ("v1:item.created", "missed")
+    await reader.close()
+
+
+@pytest.mark.parametrize("version", ["2", "v0", "V1", "v12345", "latest"])
+async def test_a_malformed_version_is_400_unsupported_version(version):
+    owner = await db(UserFactory)()
+    client = AsyncClient()
+    await client.aforce_login(owner)
+    response = await client.get(
+        "/realtime/sse/", {"streams": f"user:{owner.pk}", "version": version}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "unsupported_version"
+    assert response.json()["error"]["message"]

@@ -2303,3 +2303,174 @@ test("a handle joining from further back than the kept events reads them from th
   assert.equal(first.length, 151); // the other handle got nothing twice
   c.close();
 });
+
+// -- dead fallbacks: a half-open SSE stream, a long poll with no answer -----------------------
+
+/** A fetch body the test writes to (`push(text)`), or ends (`push("", true)`). */
+const openBody = () => {
+  let push = null;
+  const body = { getReader: () => ({ read: () => new Promise((resolve) => (push = resolve)) }) };
+  return { body, push: (text, done = false) => push(done ? { done: true } : { value: new TextEncoder().encode(text), done: false }) };
+};
+
+test("an SSE stream that goes silent (half-open: no byte, no close) is given up after sseTimeout and resumed from its cursor", async () => {
+  const requests = [];
+  const fetch = async (url, init = {}) => {
+    if (new URL(url).pathname !== "/realtime/sse/") return feedAnswer({ events: [] });
+    const { body, push } = openBody();
+    requests.push({ cursor: cursorOf(url), signal: init.signal, push });
+    return { ok: true, status: 200, body };
+  };
+  const { c, timers, sockets, statuses } = client({ fetch, wsAttempts: 1, probeEvery: 1e9 });
+  const seen = [];
+  c.subscribe("project:1", { since: 4, onEvent: (f) => seen.push(f.seq) });
+  c.connect(); await flush(); sockets[0].fail(); await settle();
+  assert.equal(c.transport, "sse");
+  assert.equal(requests.length, 1);
+  requests[0].push(`retry: 3000\n\nevent: v1:item.updated\ndata: ${JSON.stringify(event(5))}\n\n`);
+  await settle();
+  assert.deepEqual(seen, [5]);
+  // The read never settles, and ignores the abort: only the client's own timer can end it.
+  await timers.tick(34999); await settle();
+  assert.equal(requests.length, 1);
+  assert.equal(requests[0].signal.aborted, false);
+  await timers.tick(1); await settle();
+  assert.equal(requests[0].signal.aborted, true); // the dead request is let go
+  assert.equal(c.status, STATUS.SSE);
+  assert.ok(statuses.at(-1).retryIn >= 3000); // the existing reconnect path: at least `retry:`
+  await timers.tick(statuses.at(-1).retryIn); await settle();
+  assert.equal(requests.length, 2);
+  assert.deepEqual(requests[1].cursor, { "project:1": [5, null] }); // from where it was: nothing lost
+  requests[1].push(`retry: 3000\n\nevent: v1:item.updated\ndata: ${JSON.stringify(event(6))}\n\n`);
+  await settle();
+  assert.deepEqual(seen, [5, 6]);
+  c.close();
+  assert.equal(timers.queue.size, 0); // no timer of the fallback outlives close()
+});
+
+test("the server's heartbeat comments keep an idle SSE stream, which a silence then ends", async () => {
+  const requests = [];
+  const fetch = async (url) => {
+    if (new URL(url).pathname !== "/realtime/sse/") return feedAnswer({ events: [] });
+    const { body, push } = openBody();
+    requests.push(push);
+    return { ok: true, status: 200, body };
+  };
+  const { c, timers, sockets } = client({ fetch, wsAttempts: 1, probeEvery: 1e9, sseTimeout: 20000 });
+  c.subscribe("project:1", { since: 4 });
+  c.connect(); await flush(); sockets[0].fail(); await settle();
+  requests[0]("retry: 3000\n\n");
+  for (let i = 0; i < 8; i++) {
+    await timers.tick(15000); // the server's HEARTBEAT
+    requests[0](": heartbeat\n\n");
+    await settle();
+  }
+  assert.equal(requests.length, 1); // two minutes of comments only: still the same stream
+  await timers.tick(20000); await settle();
+  await timers.tick(5000); await settle();
+  assert.equal(requests.length, 2);
+  c.close();
+});
+
+test("a long poll with no answer within its wait and feedTimeout is aborted and polled again", async () => {
+  const polls = [];
+  const fetch = (url, init = {}) => {
+    if (new URL(url).pathname === "/realtime/sse/") return Promise.resolve({ ok: false, status: 502, body: null, headers: { get: () => null } });
+    polls.push({ url: new URL(url), signal: init.signal });
+    return new Promise(() => {}); // a proxy that holds the request: no answer, no close
+  };
+  const { c, timers, sockets, statuses } = client({ fetch, wsAttempts: 1, sseAttempts: 1, probeEvery: 1e9 });
+  c.subscribe("project:1", { since: 4 });
+  c.connect(); await flush(); sockets[0].fail(); await settle();
+  assert.equal(c.status, STATUS.POLLING);
+  assert.equal(polls.length, 1);
+  assert.equal(polls[0].url.searchParams.get("wait"), "20");
+  await timers.tick(29999); await settle(); // wait (20 s) + feedTimeout (10 s)
+  assert.equal(polls.length, 1);
+  await timers.tick(1); await settle();
+  assert.equal(polls[0].signal.aborted, true);
+  assert.equal(c.status, STATUS.POLLING);
+  assert.ok(statuses.at(-1).error);
+  await timers.tick(1000); await settle(); // the poll's backoff after one failure
+  assert.equal(polls.length, 2);
+  assert.deepEqual(cursorOf(polls[1].url), { "project:1": [4, null] });
+  c.close();
+  assert.equal(timers.queue.size, 0);
+});
+
+test("a gap fill whose feed request hangs gives up after feedTimeout instead of holding the stream", async () => {
+  let reads = 0;
+  const fetch = () => { reads += 1; return new Promise(() => {}); };
+  const resets = [];
+  const { c, timers, sockets } = client({ fetch, feedTimeout: 5000 });
+  c.connect(); await flush(); sockets[0].open();
+  const seen = [];
+  c.subscribe("project:1", { onEvent: (f) => seen.push(f.seq), onReset: (r) => resets.push(r.seq) });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: true });
+  await settle();
+  sockets[0].receive(event(5)); // 4 is missing
+  await timers.tick(1000); await settle(); // gapWait: the feed is asked
+  assert.equal(reads, 1);
+  await timers.tick(5000); await settle();
+  assert.deepEqual(resets, [3]); // as any failed fill: the stream resets where it was
+  assert.equal(c.streams.get("project:1").filling, false);
+  c.close();
+});
+
+// -- versions ---------------------------------------------------------------------------------
+
+test("the version option goes in every subscribe frame, and as ?version= to SSE and the feed", async () => {
+  const urls = [];
+  const fetch = async (url) => {
+    urls.push(new URL(url));
+    if (new URL(url).pathname === "/realtime/sse/") return { ok: false, status: 502, body: null, headers: { get: () => null } };
+    return feedAnswer({ events: [] });
+  };
+  const { c, timers, sockets } = client({ fetch, version: "v2", wsAttempts: 1, sseAttempts: 1, probeEvery: 30000 });
+  c.connect(); await flush(); sockets[0].open();
+  c.subscribe("project:1", {});
+  assert.equal(sockets[0].last("subscribe").version, "v2");
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: true });
+  await settle();
+  sockets[0].receive(event(5)); // a gap: the fill reads the feed in the same version
+  await timers.tick(1000); await settle();
+  sockets[0].fail(); await timers.tick(1000); sockets[1].fail(); await settle(); // SSE, then polling
+  assert.equal(c.status, STATUS.POLLING);
+  const paths = urls.map((u) => u.pathname);
+  assert.ok(paths.includes("/realtime/sse/") && paths.includes("/api/realtime/events/"));
+  for (const url of urls) assert.equal(url.searchParams.get("version"), "v2", url.toString());
+  await timers.tick(30000); await settle(); // the probe resubscribes with it too
+  sockets.at(-1).open(); await settle();
+  assert.equal(sockets.at(-1).last("subscribe").version, "v2");
+  c.close();
+});
+
+test("without the version option nothing names one, and a malformed one is refused at once", async () => {
+  const urls = [];
+  const fetch = async (url) => { urls.push(new URL(url)); return { ok: false, status: 502, body: null, headers: { get: () => null } }; };
+  const { c, timers, sockets } = client({ fetch, wsAttempts: 1 });
+  c.connect(); await flush(); sockets[0].open();
+  c.subscribe("project:1", {});
+  assert.equal("version" in sockets[0].last("subscribe"), false);
+  sockets[0].fail(); await timers.tick(1000); sockets[1].fail(); await settle();
+  assert.ok(urls.length);
+  for (const url of urls) assert.equal(url.searchParams.has("version"), false);
+  c.close();
+  for (const version of ["2", "v0", "V1", "v12345", "latest"]) {
+    assert.throws(() => new RealtimeClient({ version, shareTabs: false, WebSocket: class {}, setTimeout, clearTimeout }), RangeError);
+  }
+});
+
+test("tabs of different versions do not share a connection", async () => {
+  const { make, sockets, locks, lockName } = tabs();
+  const plain = make().connect();
+  const v2 = make({ version: "v2" }).connect();
+  await settle();
+  assert.equal(plain.role, "leader");
+  assert.equal(v2.role, "leader"); // a follower would get the other tab's version
+  assert.equal(sockets.length, 2);
+  assert.ok(locks.state(lockName).held);
+  assert.ok(locks.state(`${lockName}#v2`).held);
+  plain.close();
+  v2.close();
+});

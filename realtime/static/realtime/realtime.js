@@ -27,6 +27,9 @@ const HISTORY = 100;
 // Typing indicators: of those queued, only the newest per stream and type is still true.
 const TYPING = /^v[0-9]+:typing\./;
 
+// An event version, as the server accepts one (`unsupported_version` otherwise).
+const VERSION = /^v[1-9][0-9]{0,3}$/;
+
 /** Full-jitter exponential backoff: a random delay in [0, min(cap, base * 2^attempt)). */
 export function backoffDelay(attempt, { base = 1000, cap = 30000, random = Math.random } = {}) {
   const ceiling = Math.min(cap, base * 2 ** Math.max(0, attempt));
@@ -195,6 +198,8 @@ export class RealtimeClient extends EventTarget {
       feedUrl: options.feedUrl || base + "/api/realtime/events/",
       ticketUrl: options.ticketUrl || null, // POST it for ?ticket= (clients without cookies)
       clientVersion: options.clientVersion || "js-1",
+      // The serializer version of logged events (`v2`); null: each event's primary version.
+      version: options.version ?? null,
       maxQueue: options.maxQueue ?? 100,
       wsAttempts: options.wsAttempts ?? 3, // failed WebSocket tries before SSE
       sseAttempts: options.sseAttempts ?? 2, // failed SSE tries before polling
@@ -205,6 +210,11 @@ export class RealtimeClient extends EventTarget {
       pollVisible: options.pollVisible ?? 20, // long-poll `wait` (s) while the tab is visible
       pollHidden: options.pollHidden ?? 30000, // ms between short polls while it is hidden
       probeEvery: options.probeEvery ?? 30000, // ms between WebSocket tries while on a fallback
+      // ms an SSE request may go without a byte before it counts as dead: the server writes a
+      // `: heartbeat` after 15 s with nothing else to send, so two of them and 5 s to spare.
+      sseTimeout: options.sseTimeout ?? 35000,
+      // ms a feed request (a poll, a gap fill) may take beyond its `wait` before it is aborted.
+      feedTimeout: options.feedTimeout ?? 10000,
       // ms a WebSocket try (the ticket request, the handshake and the welcome) may take before
       // it counts as failed: a hung one would otherwise stay "connecting" for good.
       connectTimeout: options.connectTimeout ?? 15000,
@@ -222,6 +232,10 @@ export class RealtimeClient extends EventTarget {
       // between half and all of min(cap, base * 2^n), one frame at a time.
       subscribeRetry: { base: 1000, cap: 30000, ...(options.subscribeRetry || {}) },
     };
+    if (this.options.version !== null && !VERSION.test(this.options.version)) {
+      // The server would refuse every subscribe, and close the socket after ten.
+      throw new RangeError(`version must look like "v1", got ${JSON.stringify(this.options.version)}`);
+    }
     this.BroadcastChannel = options.BroadcastChannel || g.BroadcastChannel || null;
     this.locks = options.locks || (g.navigator && g.navigator.locks) || null;
     this.role = "solo"; // "solo" (own connection), "leader" or "follower"
@@ -312,6 +326,44 @@ export class RealtimeClient extends EventTarget {
     this.timers.delete(id);
   }
 
+  /**
+   * A request's deadline: `ms` after it was made, or after its last `touch()`, its `signal`
+   * aborts and what it `race()`s rejects with `code: "timeout"`. A half-open connection
+   * neither answers nor closes, and the browser may take minutes to notice; the race also
+   * ends a read that its abort does not. `parent` (the fallback's signal) aborts it as well.
+   */
+  _deadline(ms, parent, what) {
+    const controller = new AbortController();
+    let expire;
+    const expired = new Promise((_, reject) => (expire = reject));
+    expired.catch(() => {}); // it may expire while nothing races it
+    let timer = null;
+    const abort = () => {
+      this._cancel(timer);
+      expire(parent.reason ?? new Error("aborted"));
+      controller.abort();
+    };
+    const deadline = {
+      signal: controller.signal,
+      race: (promise) => Promise.race([promise, expired]),
+      touch: () => {
+        this._cancel(timer);
+        timer = this._later(ms, () => {
+          expire(Object.assign(new Error(`${what} gave nothing for ${ms} ms`), { code: "timeout" }));
+          controller.abort();
+        });
+      },
+      clear: () => {
+        this._cancel(timer);
+        if (parent) parent.removeEventListener("abort", abort);
+      },
+    };
+    deadline.touch();
+    if (parent?.aborted) abort();
+    else if (parent) parent.addEventListener("abort", abort, { once: true });
+    return deadline;
+  }
+
   // -- lifecycle ---------------------------------------------------------------------------
 
   connect() {
@@ -334,11 +386,17 @@ export class RealtimeClient extends EventTarget {
 
   // -- tabs sharing one connection -----------------------------------------------------------
 
+  /** What the tabs that share a connection have in common: its URL, and the version it reads. */
+  _tabKey() {
+    const { wsUrl, version } = this.options;
+    return version ? `${wsUrl}#${version}` : wsUrl;
+  }
+
   _joinTabs() {
     this.role = "follower";
     this.leaderId = null;
     this.tabStreams = new Map(); // leader only: stream -> Set of follower tab ids
-    this.channel = new this.BroadcastChannel(`realtime:${this.options.wsUrl}`);
+    this.channel = new this.BroadcastChannel(`realtime:${this._tabKey()}`);
     this.channel.onmessage = (message) => this._fromTab(message.data || {});
     this._setStatus(STATUS.CONNECTING);
     this._post({ kind: "hello" });
@@ -361,7 +419,7 @@ export class RealtimeClient extends EventTarget {
     else if (globalThis.AbortController) options.signal = (this._lockAbort = new AbortController()).signal;
     if (!steal) this._awaitLeader();
     this.locks
-      .request(`realtime-leader:${this.options.wsUrl}`, options, () => new Promise((release) => {
+      .request(`realtime-leader:${this._tabKey()}`, options, () => new Promise((release) => {
         if (this.closed || generation !== this.lockGeneration) return release();
         this._releaseLeadership = release;
         this._lead();
@@ -1240,6 +1298,7 @@ export class RealtimeClient extends EventTarget {
       return;
     }
     const frame = { op: "subscribe", stream };
+    if (this.options.version) frame.version = this.options.version;
     if (state.order.seq !== null) {
       frame.since = state.order.seq;
       if (state.order.epoch) frame.epoch = state.order.epoch;
@@ -1595,22 +1654,30 @@ export class RealtimeClient extends EventTarget {
     }
   }
 
-  /** Read the feed for `streams`; a stream absent from `positions` starts at the server's now. */
+  /**
+   * Read the feed for `streams`; a stream absent from `positions` starts at the server's now.
+   * A request with no answer `feedTimeout` ms past its `wait` is aborted, and throws.
+   */
   async _readFeed(streams, positions, wait, { etag = null, signal } = {}) {
     const url = new URL(this.options.feedUrl);
     url.searchParams.set("streams", streams.join(","));
     if (Object.keys(positions).length) url.searchParams.set("cursor", encodeCursor(positions));
     url.searchParams.set("limit", "500");
     if (wait) url.searchParams.set("wait", String(wait));
+    if (this.options.version) url.searchParams.set("version", this.options.version);
     const headers = etag ? { "If-None-Match": etag } : {};
-    const init = { credentials: "same-origin", headers };
-    if (signal) init.signal = signal;
-    const response = await this.fetch(url.toString(), init);
-    if (response.status === 304) return { events: [], resets: [], cursor: null, notModified: true };
-    if (!response.ok) throw Object.assign(new Error(`feed answered ${response.status}`), { status: response.status });
-    const body = await response.json();
-    body.etag = response.headers.get("ETag");
-    return body;
+    const deadline = this._deadline(wait * 1000 + this.options.feedTimeout, signal, "the event feed");
+    try {
+      const init = { credentials: "same-origin", headers, signal: deadline.signal };
+      const response = await deadline.race(this.fetch(url.toString(), init));
+      if (response.status === 304) return { events: [], resets: [], cursor: null, notModified: true };
+      if (!response.ok) throw Object.assign(new Error(`feed answered ${response.status}`), { status: response.status });
+      const body = await deadline.race(response.json());
+      body.etag = response.headers.get("ETag");
+      return body;
+    } finally {
+      deadline.clear();
+    }
   }
 
   /** Publish a client event (typing); resolves with the reply's data. */
@@ -1803,15 +1870,19 @@ export class RealtimeClient extends EventTarget {
     url.searchParams.set("streams", streams.join(","));
     const positions = this._positions();
     if (Object.keys(positions).length) url.searchParams.set("cursor", encodeCursor(positions));
+    if (this.options.version) url.searchParams.set("version", this.options.version);
     let opened = false; // this try got a stream
     let limited = false; // the server refused it for too many connections (429, `rate_limited`)
     let stable = null;
+    // Every chunk (a `: heartbeat` comment too) puts it off: a stream silent for longer is
+    // half-open, and ends as a closed one would, to be resumed from the cursor.
+    const deadline = this._deadline(this.options.sseTimeout, controller.signal, "the SSE stream");
     try {
-      const response = await this.fetch(url.toString(), {
+      const response = await deadline.race(this.fetch(url.toString(), {
         credentials: "same-origin",
         headers: { Accept: "text/event-stream" },
-        signal: controller.signal,
-      });
+        signal: deadline.signal,
+      }));
       if (!response.ok || !response.body) {
         limited = response.status === 429;
         throw Object.assign(new Error(`SSE answered ${response.status}`), { status: response.status });
@@ -1824,7 +1895,8 @@ export class RealtimeClient extends EventTarget {
       const decoder = new TextDecoder();
       const parser = new SSEParser();
       for (;;) {
-        const { value, done } = await reader.read();
+        deadline.touch();
+        const { value, done } = await deadline.race(reader.read());
         if (done) break;
         for (const message of parser.push(decoder.decode(value, { stream: true }))) {
           // close() or another transport, from a handler of the messages before: the rest of
@@ -1875,6 +1947,8 @@ export class RealtimeClient extends EventTarget {
       if (limited) delay = Math.max(delay, this._limitedDelay());
       this._setStatus(STATUS.SSE, limited ? { retryIn: delay, code: "rate_limited" } : { retryIn: delay });
       this.pollTimer = this._later(delay, () => this._startSSE());
+    } finally {
+      deadline.clear();
     }
   }
 
