@@ -22,6 +22,13 @@ class ProjectPolicy(ObjectPolicy):
     client_events = ("v1:typing.started", "v1:typing.stopped")
     presence = True
 
+    def clean_client_event(self, user: Any, stream: str, event_type: str, data: Any) -> Any:
+        # Typing says at most which field: any other key would reach every member as sent.
+        field = data.get("field") if isinstance(data, dict) else None
+        if field is not None and not (isinstance(field, str) and len(field) <= 50):
+            raise ValueError("'field' must be a string of at most 50 characters")
+        return {} if field is None else {"field": field}
+
 
 def is_member(user: Any, key: str) -> bool:
     """Whether `user` belongs to the organization whose pk is `key`."""

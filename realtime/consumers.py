@@ -719,7 +719,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if not await self._authorized(policy, frame.stream):
             metrics.UNAUTHORIZED.labels("publish").inc()
             raise ProtocolError(Code.FORBIDDEN, "not allowed", frame.ref)
-        passed = await hooks.publishing(self, frame.stream, policy, frame.type, frame.data)
+        try:
+            data = policy.clean_client_event(self.user, frame.stream, frame.type, frame.data)
+        except ValueError as exc:
+            message = str(exc)[:200] or "event data refused"
+            raise ProtocolError(Code.EVENT_NOT_ALLOWED, message, frame.ref) from None
+        passed = await hooks.publishing(self, frame.stream, policy, frame.type, data)
         if passed is None:  # held back by a hook (typing throttled): accepted, not sent on
             self.enqueue(protocol.reply(frame.ref, {"throttled": True}))
             self.refusals = 0

@@ -74,6 +74,16 @@ class StreamPolicy:
     def allows_client_event(self, event_type: str) -> bool:
         return event_type in self.client_events
 
+    def clean_client_event(self, user: Any, stream: str, event_type: str, data: Any) -> Any:
+        """Validate a client event's `data` and return what is sent on; override this.
+
+        Runs on the event loop for every accepted publish (no database access). Raise
+        `ValueError` to refuse the event: the sender gets `event_not_allowed` with its
+        message. By default everything passes as sent (within `client_event_max_bytes`):
+        receivers must take the sender from `from`, never from `data`.
+        """
+        return data
+
 
 class ObjectPolicy(StreamPolicy):
     """`<kind>:<pk>` readable by users holding a django-guardian object permission on the row."""

@@ -54,13 +54,13 @@ async def test_publish_is_refused_once_the_permission_is_revoked_on_the_same_soc
     watcher, sender = await client_for(owner), await client_for(member)
     assert (await watcher.subscribe(stream))["ok"] is True
 
-    first = await sender.request("publish", stream=stream, type=TYPING, data={"n": 1})
+    first = await sender.request("publish", stream=stream, type=TYPING, data={"field": "a"})
     assert first["ok"] is True
     typing = await watcher.receive_until("event")
-    assert (typing["type"], typing["data"]["n"]) == (TYPING, 1)
+    assert (typing["type"], typing["data"]["field"]) == (TYPING, "a")
 
     await db(remove_member)(project, member)
-    second = await sender.request("publish", stream=stream, type=TYPING, data={"n": 2})
+    second = await sender.request("publish", stream=stream, type=TYPING, data={"field": "b"})
     assert second["ok"] is False
     assert second["error"]["code"] == "forbidden"
     assert await watcher.nothing_more(0.5)  # the refused event went nowhere
@@ -151,3 +151,28 @@ async def test_the_organization_stream_shows_members_no_more_of_a_project_than_r
     assert full["data"]["name"] == "Secret"
     await watcher.close()
     await mine.close()
+
+
+async def test_a_client_event_carries_only_what_its_policy_lets_through():
+    """The demo's typing indicator says which field, nothing else: a client cannot make
+    others show a name or markup it sent."""
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    member = await db(UserFactory)()
+    await db(add_member)(project, member)
+    stream = f"project:{project.pk}"
+    watcher, sender = await client_for(owner), await client_for(member)
+    assert (await watcher.subscribe(stream))["ok"] is True
+    spoof = {"field": "title", "user": {"id": owner.pk, "name": "CEO"}, "text": "<img>"}
+    assert (await sender.request("publish", stream=stream, type=TYPING, data=spoof))["ok"]
+    typing = await watcher.receive_until("event")
+    assert typing["data"] == {"field": "title", "expiresIn": 3000}
+    assert typing["from"]["user"] == member.pk
+    refused = await sender.request(
+        "publish", stream=stream, type="v1:typing.stopped", data={"field": ["x"]}
+    )
+    assert refused["error"]["code"] == "event_not_allowed"
+    assert "'field'" in refused["error"]["message"]
+    assert await watcher.nothing_more(0.3)
+    await watcher.close()
+    await sender.close()
