@@ -206,6 +206,7 @@ def check_settings(
     resolver_problem = _tenant_resolver_problem(realtime_settings.TENANT_RESOLVER)
     if resolver_problem:
         errors.append(checks.Error(resolver_problem, id="realtime.E019"))
+    errors += [checks.Error(problem, id="realtime.E021") for problem in _bad_names()]
     if bad_numbers:
         return errors  # the comparisons below need numbers
     if float(realtime_settings.CONNECTION_SWEEP_AFTER) <= 2 * float(realtime_settings.HEARTBEAT):
@@ -297,6 +298,30 @@ def _bad_numbers() -> list[str]:
                 f"REALTIME[{name!r}] is {value!r}: use {kind} {bound}"
                 + (", or None" if none_ok else "")
             )
+    return problems
+
+
+def _bad_names() -> list[str]:
+    """Text settings the code uses as they are: an event version, a column, a URL path."""
+    from .events import is_valid_version
+
+    problems = []
+    version = realtime_settings.DEFAULT_VERSION
+    if not (isinstance(version, str) and is_valid_version(version)):
+        # Anything else never matches a registration's version: every event's primary frame
+        # would silently be its first registration's.
+        problems.append(f"REALTIME['DEFAULT_VERSION'] is {version!r}: use a version like 'v1'")
+    node = realtime_settings.NODE_ID
+    if node is not None and not (isinstance(node, str) and 0 < len(node) <= 128):
+        problems.append(
+            f"REALTIME['NODE_ID'] is {node!r}: use None or a name of 1 to 128 characters (the "
+            "Connection rows' node column)"
+        )
+    path = realtime_settings.METRICS_PATH
+    if not (isinstance(path, str) and path.strip("/")):
+        problems.append(
+            f"REALTIME['METRICS_PATH'] is {path!r}: use a URL path such as 'realtime/metrics'"
+        )
     return problems
 
 

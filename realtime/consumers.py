@@ -714,7 +714,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 f"event data over {policy.client_event_max_bytes} bytes",
                 frame.ref,
             )
-        if not (self.bucket.take() and user_bucket(self.user.pk).take()):  # type: ignore[union-attr]
+        if not self.bucket.take():
+            raise ProtocolError(Code.RATE_LIMITED, "too many events; slow down", frame.ref)
+        if not user_bucket(self.user.pk).take():  # type: ignore[union-attr]
+            self.bucket.give_back()  # refused all the same: it costs this socket nothing
             raise ProtocolError(Code.RATE_LIMITED, "too many events; slow down", frame.ref)
         if not await self._authorized(policy, frame.stream):
             metrics.UNAUTHORIZED.labels("publish").inc()

@@ -34,6 +34,10 @@ class TokenBucket:
             return True
         return False
 
+    def give_back(self) -> None:
+        """Return the token of a `take()` that another bucket then refused."""
+        self.tokens = min(self.burst, self.tokens + 1.0)
+
 
 _user_buckets: OrderedDict[Any, TokenBucket] = OrderedDict()
 

@@ -445,3 +445,27 @@ def test_bad_stream_serializers_are_reported(isolated_registry, stream_serialize
         Item, streams="project:{project_id}", stream_serializers=stream_serializers
     )
     assert any(fragment in m for m in messages(check_registrations()))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("DEFAULT_VERSION", "V1"),
+        ("DEFAULT_VERSION", 1),
+        ("NODE_ID", "n" * 129),  # Connection.node holds 128: every connect would fail
+        ("NODE_ID", 7),
+        ("METRICS_PATH", ""),  # the view would answer at the include's root
+        ("METRICS_PATH", "/"),
+        ("METRICS_PATH", None),
+    ],
+)
+def test_bad_names_are_reported(settings, key, value):
+    settings.REALTIME = {key: value}
+    errors = check_settings()
+    assert [e.id for e in errors] == ["realtime.E021"]
+    assert f"REALTIME[{key!r}]" in errors[0].msg
+
+
+def test_good_names_pass(settings):
+    settings.REALTIME = {"DEFAULT_VERSION": "v2", "NODE_ID": "web-1", "METRICS_PATH": "/m/x/"}
+    assert check_settings() == []

@@ -36,6 +36,12 @@ async def test_two_sockets_of_one_user_share_the_users_bucket(settings):
         refused = await publish(client)
         assert refused["ok"] is False
         assert refused["error"]["code"] == "rate_limited"
+    # A publish the user's bucket refused did not cost the socket one of its own tokens:
+    # once the user has tokens again, the second socket still has its 2 left.
+    from realtime.ratelimit import _user_buckets
+
+    _user_buckets.clear()
+    assert [(await publish(second))["ok"] for _ in range(3)] == [True, True, False]
     await first.close()
     await second.close()
 

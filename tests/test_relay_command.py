@@ -14,10 +14,17 @@ from .factories import ItemFactory, ProjectFactory, UserFactory
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.mark.parametrize("args", [["--batch", "0"], ["--grace", "-1"]])
+@pytest.mark.parametrize(
+    "args", [["--batch", "0"], ["--grace", "-1"], ["--grace", "nan"], ["--interval", "nan"]]
+)
 def test_bad_arguments_are_refused(args):
     with pytest.raises(CommandError):
         call_command("realtime_relay", "--once", *args)
+
+
+def test_max_passes_below_one_is_refused():
+    with pytest.raises(CommandError, match="--max-passes"):
+        call_command("realtime_relay", "--max-passes", "0")
 
 
 def test_once_reports_what_it_did(capsys):

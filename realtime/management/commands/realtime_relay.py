@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -20,7 +21,11 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--once", action="store_true", help="Do one pass and exit.")
+        parser.add_argument(
+            "--once",
+            action="store_true",
+            help="Do one pass of at most --batch events and exit (1 if it failed).",
+        )
         parser.add_argument(
             "--interval",
             type=float,
@@ -51,13 +56,17 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         interval = options["interval"]
         interval = realtime_settings.RELAY_INTERVAL if interval is None else interval
+        if math.isnan(float(interval)):
+            raise CommandError("--interval must be a number of seconds")
         interval = min(max(float(interval), 0.05), 60.0)
         batch = options["batch"]
         batch = realtime_settings.RELAY_BATCH if batch is None else batch
         if batch < 1:
             raise CommandError("--batch must be at least 1")
-        if options["grace"] is not None and options["grace"] < 0:
+        if options["grace"] is not None and not options["grace"] >= 0:  # NaN too
             raise CommandError("--grace must not be negative")
+        if options["max_passes"] is not None and options["max_passes"] < 1:
+            raise CommandError("--max-passes must be at least 1")
         from channels.layers import InMemoryChannelLayer, get_channel_layer
 
         if isinstance(get_channel_layer(realtime_settings.CHANNEL_LAYER), InMemoryChannelLayer):
