@@ -17,7 +17,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from .conf import realtime_settings
-from .context import get_correlation_id, note_position
+from .context import get_correlation_id, new_correlation_id, note_position
 from .events import Envelope, dumps, is_valid_type
 from .models import Event, Stream
 from .publisher import LAYER_MESSAGE_TYPE, Outgoing, publisher
@@ -36,6 +36,32 @@ class Pending:
     variants: dict[str, tuple[str, Any]]
 
 
+def _correlation_id(using: str) -> str:
+    """The work's correlation id; outside one (a shell, a worker without
+    `realtime.correlation()`), one of the transaction's own, shared by all its events."""
+    given = get_correlation_id()
+    if given:
+        return given
+    connection = transaction.get_connection(using)
+    # The transaction's id lives as long as a no-op commit hook of its own: a commit or a
+    # rollback drops the hook (a savepoint rollback too, if the hook was added inside it).
+    # Its place in the hook list is kept, so the check is O(1) whatever the transaction holds.
+    held = getattr(connection, "_realtime_correlation", None)
+    hooks = connection.run_on_commit
+    if held is not None:
+        place, kept, correlation_id = held
+        if place < len(hooks) and hooks[place][1] is kept:
+            return str(correlation_id)
+
+    def marker() -> None:
+        """Ends the transaction's correlation id (never does anything)."""
+
+    correlation_id = new_correlation_id()
+    connection._realtime_correlation = (len(hooks), marker, correlation_id)  # type: ignore[attr-defined]
+    transaction.on_commit(marker, using=using)
+    return correlation_id
+
+
 def append(pending: Sequence[Pending], *, using: str | None = None) -> list[Envelope]:
     """Log events in the current transaction (one of its own if none) and publish them on commit.
 
@@ -45,9 +71,9 @@ def append(pending: Sequence[Pending], *, using: str | None = None) -> list[Enve
     if not pending:
         return []
     using = using or router.db_for_write(Event)
-    correlation_id = get_correlation_id() or ""
     envelopes: list[Envelope] = []
     with transaction.atomic(using=using, savepoint=False):
+        correlation_id = _correlation_id(using)
         inserted = [_insert_checked(item, correlation_id, using) for item in pending]
         for (_pk, seq, event_id, timestamp), item in zip(inserted, pending, strict=True):
             envelopes.append(
@@ -282,10 +308,10 @@ def emit_many(
     dumps([item.data for item in pending])  # not JSON-serializable: fail before writing
     size = max(1, batch_size)
     using = using or router.db_for_write(Event)
-    correlation_id = get_correlation_id() or ""
     counts = Counter(item.stream for item in pending)
     names = list(counts)
     with transaction.atomic(using=using, savepoint=False):
+        correlation_id = _correlation_id(using)
         rows = _lock_streams(names, size, using)
         by_count: dict[int, list[int]] = {}
         for name, count in counts.items():

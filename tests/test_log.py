@@ -729,3 +729,45 @@ def test_a_relay_pass_with_a_refusal_and_a_layer_failure_does_not_try_the_layer_
     # second round that would pay the layer's timeout again for other:1.
     assert refusing_layer == [group_name("bad:1"), group_name("good:1")]
     assert (result.found, result.published) == (3, 0)
+
+
+def test_events_logged_outside_a_request_share_one_correlation_id_per_transaction():
+    """A shell, a worker or a command without `realtime.correlation()`: the events of one
+    transaction are correlated with each other, never left without an id."""
+    with transaction.atomic():
+        first = realtime.emit("tenant:cid", "v1:report.ready", {"n": 1})
+        ProjectFactory()  # a model change in the same transaction
+        second = realtime.emit("tenant:cid", "v1:report.ready", {"n": 2})
+    later = realtime.emit("tenant:cid", "v1:report.ready", {"n": 3})  # its own transaction
+    flush()
+    assert first.correlation_id
+    assert first.correlation_id == second.correlation_id
+    rows = Event.objects.filter(correlation_id=first.correlation_id)
+    assert rows.count() == 4  # both emits, and the project's events on its two streams
+    assert later.correlation_id
+    assert later.correlation_id != first.correlation_id
+    with realtime.correlation("job-9"):
+        assert realtime.emit("tenant:cid", "v1:report.ready", {}).correlation_id == "job-9"
+
+
+def test_one_atomic_object_used_twice_gives_each_transaction_its_own_correlation_id():
+    atomic = transaction.atomic()  # as `@transaction.atomic` reuses one object per function
+
+    def job(n: int) -> str:
+        with atomic:
+            return realtime.emit("tenant:cid2", "v1:report.ready", {"n": n}).correlation_id
+
+    first, second = job(1), job(2)
+    assert first
+    assert second != first
+
+    def rolled_back() -> str:
+        try:
+            with transaction.atomic():
+                correlation_id = realtime.emit("tenant:cid2", "v1:report.ready", {}).correlation_id
+                raise RuntimeError
+        except RuntimeError:
+            return correlation_id
+
+    gone = rolled_back()
+    assert job(3) not in (first, second, gone)
