@@ -32,6 +32,25 @@ def test_demo_seed_is_idempotent_and_sets_object_permissions(capsys):
 
 
 @pytest.mark.django_db
+def test_a_demo_password_changed_since_is_not_printed(capsys):
+    from django.contrib.auth import get_user_model
+
+    call_command("board_demo")
+    bob = get_user_model().objects.get(username="bob")
+    bob.set_password("something-else")
+    bob.save()
+    capsys.readouterr()
+    call_command("board_demo")
+    out = capsys.readouterr().out
+    assert "alice-demo-pw" in out
+    assert "bob-demo-pw" not in out  # it would not log in
+    assert "bob" in out
+    assert "password changed" in out
+    bob.refresh_from_db()
+    assert bob.check_password("something-else")  # left as its owner set it
+
+
+@pytest.mark.django_db
 def test_home_page_lists_what_the_user_may_see(client):
     call_command("board_demo")
     response = client.get("/")
