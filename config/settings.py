@@ -202,7 +202,10 @@ LOGGING = {
     "disable_existing_loggers": False,
     "filters": {"redact": {"()": "realtime.logs.RedactSecrets"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "plain": {
+            "()": "realtime.logs.PlainFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        },
         "json": {"()": "realtime.logs.JSONFormatter"},
     },
     "handlers": {

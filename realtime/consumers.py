@@ -372,6 +372,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         self.registered = True
         metrics.CONNECTS.labels(self.transport).inc()
+        if query.get("reconnect") == ["1"]:
+            metrics.RECONNECTS.labels(self.transport).inc()
         metrics.CONNECTIONS.labels(self.transport).inc()
         self.authz_due = next_recheck(time.monotonic(), first=True)
         try:

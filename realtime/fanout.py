@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from . import metrics
 from .conf import realtime_settings
-from .publisher import LAYER_MESSAGE_TYPE
+from .publisher import LAYER_MESSAGE_TYPE, logged_at
 from .streams import group_name
 
 logger = logging.getLogger("realtime.fanout")
@@ -179,11 +179,11 @@ class Hub:
                 continue
             self.received += 1
             subscribers = tuple(self.members.get(message.get("stream", ""), ()))
+            written = None
             if not message.get("ephemeral"):
-                sent_at = message.get("ts")
-                if sent_at is not None:
-                    metrics.LATENCY.observe(max(0.0, time.time() - sent_at))
                 metrics.DELIVERED.inc(len(subscribers))
+                if subscribers:
+                    written = logged_at(message)
             self.batch = []
             try:
                 for subscriber in subscribers:
@@ -205,6 +205,8 @@ class Hub:
                     await asyncio.sleep(0)
                 self._flush(batch[start : start + chunk])
                 self.chunked += bool(start)
+            if written is not None:  # once per event, when every local subscriber has it
+                metrics.LATENCY.observe(max(0.0, time.time() - written))
 
     def _end_batch(self) -> None:
         """Send what the sockets of the current batch queued, and end the batch."""

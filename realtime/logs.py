@@ -16,6 +16,9 @@ Each JSON line carries `time`, `level`, `logger`, `message` and, when known, `co
 call's `extra`), `exception` and `stack`. Tickets, tokens, session and CSRF cookies and
 `Authorization` credentials (Bearer, Basic, DRF's Token) are replaced by `[redacted]`;
 payload bodies are never logged by realtime.
+
+`PlainFormatter` is a `logging.Formatter` that appends the same fields, where known, to the
+message: `... subscribed correlationId=… stream=project:1 connection=…`.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ _SECRETS = [
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 [redacted]"),
 ]
 _FIELDS = ("stream", "connection", "user")
+# A plain field's value is written bare unless it holds a space, a quote, an "=" or a line
+# break (or is long): then as a JSON string, so a stream name a client sent forges neither
+# a field nor a line.
+_BARE = re.compile(r"[^\s\"=]{1,200}")
 
 
 def redact(text: str) -> str:
@@ -104,3 +111,20 @@ class JSONFormatter(logging.Formatter):
         if record.stack_info:  # log(..., stack_info=True), as the plain formatter shows it
             entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class PlainFormatter(logging.Formatter):
+    """A plain line, with `correlationId=`, `stream=`, `connection=` and `user=` where known."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        fields = [("correlationId", getattr(record, "correlationId", None) or get_correlation_id())]
+        fields += [(name, getattr(record, name, None)) for name in _FIELDS]
+        for name, value in fields:
+            if value is None or value == "":
+                continue
+            text = str(value)
+            if not _BARE.fullmatch(text):
+                text = json.dumps(text, ensure_ascii=False)
+            line += f" {name}={text}"
+        return line

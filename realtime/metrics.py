@@ -32,6 +32,12 @@ CONNECTIONS = Gauge(
     multiprocess_mode="livesum",
 )
 CONNECTS = Counter("realtime_connects", "Accepted connections, by transport.", ["transport"])
+RECONNECTS = Counter(
+    "realtime_reconnects",
+    "Accepted connections whose client says it had one before and lost it (?reconnect=1), by "
+    "transport.",
+    ["transport"],
+)
 REFUSED = Counter(
     "realtime_refused_connections",
     "Refused handshakes, by close code (4401, 4403, 4429).",
@@ -39,7 +45,8 @@ REFUSED = Counter(
 )
 RESUMES = Counter(
     "realtime_resumes",
-    "Subscriptions resumed from a position (`since` / Last-Event-ID): clients reconnecting.",
+    "Subscriptions resumed from a position (`since` / Last-Event-ID): clients reconnecting, "
+    "or a page subscribing after a snapshot.",
     ["transport"],
 )
 RESETS = Counter(
@@ -61,10 +68,20 @@ DELIVERED = Counter(
 REPLAYED = Counter(
     "realtime_events_replayed", "Logged events sent from the log by a resume.", ["transport"]
 )
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LATENCY = Histogram(
     "realtime_publish_to_fanout_seconds",
-    "From the publish to the channel layer to the fan-out on a node.",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    "From a logged event's timestamp (its write to the log, in the writer's transaction) "
+    "until this node has handed it to all of its local subscribers: the publisher's queue or "
+    "the relay's wait, the channel layer, and the fan-out. Once per event per node.",
+    buckets=_SECONDS,
+)
+PUBLISH_DELAY = Histogram(
+    "realtime_publish_delay_seconds",
+    "From a logged event's timestamp until the channel layer took it, by path: live (the "
+    "writer's node after commit) or relay. Once per event.",
+    ["path"],
+    buckets=_SECONDS,
 )
 DROPPED = Counter(
     "realtime_dropped",

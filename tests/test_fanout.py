@@ -445,3 +445,46 @@ async def test_a_stream_followed_longer_than_the_layers_group_expiry_still_gets_
     frame = await client.receive_until("event", timeout=3)
     assert frame["type"] == "v1:tick.happened"
     await client.close()
+
+
+async def test_delivery_latency_runs_from_the_events_timestamp_to_its_last_subscriber(
+    monkeypatch,
+):
+    """Observed once per event, after every local subscriber has it, from the log's time."""
+    import datetime as dt
+
+    from realtime.events import format_timestamp
+    from realtime.publisher import LAYER_MESSAGE_TYPE
+
+    order: list[str] = []
+
+    class Recording:
+        def deliver(self, message: dict[str, Any]) -> None:
+            order.append("deliver")
+
+        def resync(self) -> None:
+            pass
+
+    class Histogram:
+        def observe(self, seconds: float) -> None:
+            order.append(f"observe {seconds:.1f}")
+
+    monkeypatch.setattr(metrics, "LATENCY", Histogram())
+    hub = get_hub()
+    stream = "user:latency"
+    subscribers = [Recording() for _ in range(3)]
+    for subscriber in subscribers:
+        await hub.join(stream, subscriber)
+    written = format_timestamp(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=3))
+    frame = f'{{"op":"event","stream":"{stream}","seq":1,"eventId":"e","type":"v1:a.b",'
+    frame += f'"timestamp":"{written}","correlationId":null,"data":{{}}}}'
+    message = {"type": LAYER_MESSAGE_TYPE, "stream": stream, "seq": 1, "frames": {"v1": frame}}
+    try:
+        await get_channel_layer().send(hub.channel, message)
+        await eventually(lambda: any(o.startswith("observe") for o in order))
+        assert order[:3] == ["deliver"] * 3
+        assert order[3] in ("observe 3.0", "observe 3.1")  # waited 3 s before the layer
+        assert len(order) == 4
+    finally:
+        for subscriber in subscribers:
+            await hub.leave(stream, subscriber)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -51,6 +52,63 @@ def test_json_lines_carry_the_correlation_id_and_the_extra_fields(json_log):
     assert (first["stream"], first["user"], first["level"]) == ("project:1", 7, "WARNING")
     assert "correlationId" not in second
     assert second["connection"] == "abc"
+
+
+def plain_line(record_extra: dict[str, object], message: str = "subscribed") -> str:
+    """One line as the demo's plain handler (config/settings.py) writes it."""
+    from logging.config import DictConfigurator
+
+    from django.conf import settings
+
+    logging_config: dict[str, Any] = settings.LOGGING
+    config = logging_config["formatters"]["plain"]
+    formatter = DictConfigurator(logging_config).configure_formatter(dict(config))
+    record = logging.getLogger("realtime.test").makeRecord(
+        "realtime.test", logging.INFO, __file__, 1, message, (), None, extra=record_extra
+    )
+    return formatter.format(record)
+
+
+def test_plain_lines_carry_the_correlation_id_and_the_extra_fields():
+    line = plain_line({"correlationId": "corr-1", "stream": "project:1", "connection": "c9"})
+    assert line.endswith(" subscribed correlationId=corr-1 stream=project:1 connection=c9")
+    with realtime.correlation("from-context"):
+        assert plain_line({"user": 7}).endswith(" subscribed correlationId=from-context user=7")
+    assert plain_line({}).endswith(" INFO realtime.test subscribed")  # nothing to add
+
+
+def test_plain_fields_cannot_forge_a_line_or_a_field():
+    line = plain_line({"stream": "bad stream\n2026-01-01 ERROR forged x=1"})
+    assert "\n" not in line
+    assert line.endswith(' stream="bad stream\\n2026-01-01 ERROR forged x=1"')
+
+
+def test_plain_fields_stay_on_the_first_line_of_a_traceback():
+    from logging.config import DictConfigurator
+
+    from django.conf import settings
+
+    logging_config: dict[str, Any] = settings.LOGGING
+    config = logging_config["formatters"]["plain"]
+    formatter = DictConfigurator(logging_config).configure_formatter(dict(config))
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        import sys
+
+        record = logging.getLogger("realtime.test").makeRecord(
+            "realtime.test",
+            logging.ERROR,
+            __file__,
+            1,
+            "failed",
+            (),
+            sys.exc_info(),
+            extra={"connection": "c9"},
+        )
+    first, *rest = formatter.format(record).splitlines()
+    assert first.endswith(" failed connection=c9")
+    assert rest[-1] == "RuntimeError: boom"
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -332,3 +333,62 @@ def test_help_of_unauthorized_attempts_names_every_action_counted():
     )
     for action in ("subscribe", "publish", "read"):
         assert action in help_line
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish_delay_runs_from_the_events_timestamp_live_and_through_the_relay(monkeypatch):
+    import datetime as dt
+    import time
+
+    from django.db.models import F
+
+    import realtime
+    from realtime.log import relay_once
+    from realtime.models import Event
+    from realtime.publisher import publisher
+
+    def delay(path: str) -> float:
+        return value("realtime_publish_delay_seconds_sum", path=path)
+
+    live, relayed = delay("live"), delay("relay")
+    real_submit = publisher.submit
+
+    def slow_submit(items: Any) -> None:  # the event waits before the publisher's queue
+        time.sleep(0.3)
+        real_submit(items)
+
+    monkeypatch.setattr(publisher, "submit", slow_submit)
+    realtime.emit("user:delay", "v1:tick.happened", {})
+    flush()
+    assert delay("live") - live >= 0.3
+    monkeypatch.setattr(publisher, "submit", lambda items: None)  # the live publish is lost
+    realtime.emit("user:delay", "v1:tick.happened", {})
+    Event.objects.filter(stream__name="user:delay", seq=2).update(
+        timestamp=F("timestamp") - dt.timedelta(seconds=3)
+    )
+    assert relay_once(grace=0).published == 1
+    assert delay("relay") - relayed >= 3  # the relay's lag is what operators need to see
+    assert delay("live") - live < 3
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_reconnects_are_the_accepted_sockets_whose_client_says_so():
+    user = await db(UserFactory)()
+    session = await db(session_for)(user)
+
+    def reconnects() -> float:
+        return value("realtime_reconnects_total", transport="websocket")
+
+    before = reconnects()
+    refused = RealtimeClient(path="/ws/realtime/?reconnect=1")  # no session: 4401
+    assert (await refused.connect())["code"] == 4401
+    for path in ("/ws/realtime/?v=js-1", "/ws/realtime/?v=js-1&reconnect=0"):
+        first = RealtimeClient(path=path, session_key=session)
+        await first.connect()
+        await first.close()
+    assert reconnects() == before
+    again = RealtimeClient(path="/ws/realtime/?v=js-1&reconnect=1", session_key=session)
+    await again.connect()
+    await again.close()
+    assert reconnects() == before + 1

@@ -207,6 +207,24 @@ test("reconnects with backoff 1, 2, 4 s (jittered), statuses in order, reset aft
   c.close();
 });
 
+test("a socket after one that was welcomed says it reconnects (?reconnect=1); first tries do not", async () => {
+  const { c, timers, sockets } = client({ wsAttempts: 100, stableAfter: 10000 });
+  c.connect();
+  await flush();
+  sockets[0].fail(); // never welcomed: the next try is still a first connection
+  await timers.tick(500);
+  sockets[1].open();
+  await timers.tick(10000); // stable: the backoff forgets its attempts, not the connection
+  sockets[1].fail(1006);
+  await timers.tick(500);
+  sockets[2].fail();
+  await timers.tick(1000);
+  const reconnect = sockets.map((s) => new URL(s.url).searchParams.get("reconnect"));
+  assert.deepEqual(reconnect, [null, null, "1", "1"]);
+  assert.match(sockets[3].url, /\?v=js-1&reconnect=1$/);
+  c.close();
+});
+
 test("a 4429 waits long, longer each time in a row, and a stable socket between does not forget it", async () => {
   const { c, timers, sockets, statuses } = client({ wsAttempts: 100, stableAfter: 10000, limitForget: 300000 });
   c.connect();
@@ -577,6 +595,42 @@ test("events caused by the client's own request are marked own via correlationId
   sockets[0].receive(event(4, { correlationId: result.correlationId }));
   sockets[0].receive(event(5, { correlationId: "someone-else" }));
   assert.deepEqual(seen.map((f) => [f.seq, Boolean(f.own)]), [[4, true], [5, false]]);
+  c.close();
+});
+
+test("optimistic makes the correlation id before the request: apply and request get it, its events are own", async () => {
+  const calls = [];
+  const fetch = async (url, init) => {
+    calls.push(init);
+    return { ok: true, status: 201, headers: { get: () => null }, text: async () => JSON.stringify({ id: 1 }) };
+  };
+  const { c, sockets } = client({ fetch });
+  c.connect();
+  await flush();
+  sockets[0].open();
+  const seen = [];
+  c.subscribe("project:1", { onEvent: (f) => seen.push(f) });
+  const sub = sockets[0].last("subscribe");
+  sockets[0].receive({ op: "reply", ref: sub.ref, ok: true, data: { seq: 3, epoch: "e", recovered: true } });
+  await flush();
+  let applied = null;
+  const result = await c.optimistic({
+    apply: ({ correlationId }) => ((applied = correlationId), "tmp-1"),
+    request: (temp, { correlationId }) => {
+      assert.equal(temp, "tmp-1");
+      assert.equal(correlationId, applied);
+      // The events of the change may come before the answer: they carry the id already.
+      sockets[0].receive(event(4, { correlationId }));
+      return c.request("/api/projects/1/items/", { body: { title: "x" }, correlationId });
+    },
+  });
+  assert.match(applied, /^[0-9a-f]{32}$/);
+  assert.equal(calls[0].headers["X-Correlation-ID"], applied);
+  assert.equal(result.correlationId, applied);
+  assert.deepEqual(seen.map((f) => [f.seq, Boolean(f.own)]), [[4, true]]);
+  // One the server would not take (it would make another, and no event would carry it).
+  await assert.rejects(c.request("/api/x/", { correlationId: "no spaces" }), RangeError);
+  assert.equal(calls.length, 1);
   c.close();
 });
 
@@ -1971,6 +2025,33 @@ test("a reconnect sends the newest typing frame per stream and type, and rejects
   assert.deepEqual(sentOf(sockets[1], "publish").map((f) => f.data.i), [99]);
   await settle();
   assert.equal(results.filter((r) => r.state === "rejected" && r.error.code === "superseded").length, 99);
+  c.close();
+});
+
+test("a reconnect drops a queued typing.started older than typingExpires, and sends a fresh one", async () => {
+  // The first reconnect waits half of 20 s (random 0.5): the socket is down for 10 s.
+  const { c, timers, sockets } = client({ backoff: { base: 20000, cap: 20000 }, now: () => timers.now });
+  c.connect(); await flush(); sockets[0].open(); sockets[0].fail();
+  const stale = watch(c.publish("project:1", "v1:typing.started", { field: "title" }));
+  const other = watch(c.publish("project:2", "v1:card.moved", {})); // not typing: kept however old
+  await timers.tick(10000);
+  assert.equal(sockets.length, 2);
+  sockets[1].open();
+  assert.deepEqual(sentOf(sockets[1], "publish").map((f) => f.type), ["v1:card.moved"]);
+  await settle();
+  assert.equal(stale.state, "rejected");
+  assert.equal(stale.error.code, "expired");
+  assert.equal(other.state, "pending");
+  sockets[1].fail();
+  while (sockets.length === 2) await timers.tick(1000);
+  const fresh = watch(c.publish("project:1", "v1:typing.started", { field: "title" }));
+  await timers.tick(2000); // typed 2 s before the socket is back: still true
+  sockets[2].open();
+  const sent = sentOf(sockets[2], "publish");
+  assert.deepEqual(sent.map((f) => f.type), ["v1:typing.started"]);
+  sockets[2].receive({ op: "reply", ref: sent[0].ref, ok: true, data: {} });
+  await settle();
+  assert.equal(fresh.state, "resolved");
   c.close();
 });
 

@@ -84,19 +84,22 @@ form.addEventListener("submit", async (event) => {
   const position = Math.max(0, ...[...items.values()].map((i) => i.position + 1));
   try {
     await client.optimistic({
-      apply: () => {
+      apply: ({ correlationId }) => {
         const id = `tmp-${++tempIds}`;
-        items.local(id, { id, title, done: false, position });
+        // Our own `item.created` often comes over the socket before the answer: it replaces
+        // this temp item then, so the item is never shown twice.
+        items.local(id, { id, title, done: false, position }, correlationId);
         render();
         return id;
       },
-      request: () =>
+      request: (_temp, { correlationId }) =>
         client.request(`/api/projects/${projectId}/items/`, {
           body: { title, position },
           headers: { "Idempotency-Key": `${me}-${Date.now()}-${tempIds}` },
+          correlationId,
         }),
       reconcile: (result, temp) => {
-        items.forget(temp);
+        items.forget(temp); // unless the event already replaced it
         items.put(result.data); // unless an event already brought a newer version, or a delete
         render();
       },

@@ -15,6 +15,7 @@ export class BoardItems {
     this.deleted = new Set(); // ids the server deleted: never shown again (ids are not reused)
     this.deleting = new Map(); // id -> its newest server state, while our own delete is pending
     this.touched = new Map(); // id -> clock when the server last said something about it
+    this.adding = new Map(); // correlation id of a pending create -> its temp id
     this.clock = 0;
   }
 
@@ -51,18 +52,30 @@ export class BoardItems {
   apply(frame) {
     const data = frame.data || {};
     if (frame.type === "v1:item.deleted") return this.remove(data.id);
+    if (frame.type === "v1:item.created" && this.adding.has(frame.correlationId)) {
+      // Our own create, echoed before its answer: the item takes the temp item's place.
+      this.forget(this.adding.get(frame.correlationId));
+      this.put(data);
+      return true;
+    }
     if (frame.type === "v1:item.created" || frame.type === "v1:item.updated") return this.put(data);
     return false;
   }
 
-  /** A local change shown before the server answers (a temp item, or an edit of one). */
-  local(id, item) {
+  /**
+   * A local change shown before the server answers (a temp item, or an edit of one). A temp
+   * item made by a request with `correlationId` gives way to the first `item.created` event
+   * that carries it, should that come before the answer.
+   */
+  local(id, item, correlationId = null) {
     this.items.set(id, { ...item, pending: true });
+    if (correlationId !== null) this.adding.set(correlationId, id);
   }
 
-  /** Forget a temp item (its server copy arrives through `put`). */
+  /** Forget a temp item (its server copy arrives through `put`, or has already). */
   forget(id) {
     this.items.delete(id);
+    for (const [correlationId, temp] of this.adding) if (temp === id) this.adding.delete(correlationId);
   }
 
   /** Undo a refused local edit, unless the server said something newer meanwhile. */

@@ -26,9 +26,16 @@ const HISTORY = 100;
 
 // Typing indicators: of those queued, only the newest per stream and type is still true.
 const TYPING = /^v[0-9]+:typing\./;
+// A typing indicator the others see for a while only (the server adds `expiresIn`): one
+// queued for longer than that (`typingExpires`) says nothing true any more.
+const TYPING_STARTED = /^v[0-9]+:typing\.started$/;
 
 // An event version, as the server accepts one (`unsupported_version` otherwise).
 const VERSION = /^v[1-9][0-9]{0,3}$/;
+
+// A correlation id as the server takes one (realtime/context.py): it replaces any other with
+// one of its own, and no event would carry the id the page waits for.
+const CORRELATION_ID = /^[A-Za-z0-9._:@/+=-]{1,128}$/;
 
 /** Full-jitter exponential backoff: a random delay in [0, min(cap, base * 2^attempt)). */
 export function backoffDelay(attempt, { base = 1000, cap = 30000, random = Math.random } = {}) {
@@ -231,6 +238,8 @@ export class RealtimeClient extends EventTarget {
       // Retries of a subscribe (or unsubscribe) refused with `rate_limited`: a random delay
       // between half and all of min(cap, base * 2^n), one frame at a time.
       subscribeRetry: { base: 1000, cap: 30000, ...(options.subscribeRetry || {}) },
+      // ms a queued `typing.started` stays worth sending: the server's TYPING_EXPIRES_MS.
+      typingExpires: options.typingExpires ?? 3000,
     };
     if (this.options.version !== null && !VERSION.test(this.options.version)) {
       // The server would refuse every subscribe, and close the socket after ten.
@@ -245,6 +254,7 @@ export class RealtimeClient extends EventTarget {
     this.setTimeout = options.setTimeout || g.setTimeout.bind(g);
     this.clearTimeout = options.clearTimeout || g.clearTimeout.bind(g);
     this.random = options.random || Math.random;
+    this.now = options.now || Date.now;
     this.document = options.document || g.document || null;
     this.onReset = options.onReset || null;
     // Where an exception thrown by the page's handlers goes: the browser's console and
@@ -255,9 +265,10 @@ export class RealtimeClient extends EventTarget {
     this.streams = new Map(); // stream -> state (see _follow)
     this.deduper = new Deduper(this.options.dedupeLimit);
     this.queue = []; // frames waiting for an open socket
-    this.replies = new Map(); // ref -> {resolve, reject, frame}
+    this.replies = new Map(); // ref -> {resolve, reject, frame, queuedAt}
     this.refs = 0;
     this.attempt = 0;
+    this.welcomed = false; // a socket of this client was welcomed once: later ones reconnect
     // 4429s (too many connections, or abuse) in a row: each makes the next wait longer, and
     // only `limitForget` ms without one forgets them (a socket open for stableAfter does not).
     this.limitStrikes = 0;
@@ -798,6 +809,8 @@ export class RealtimeClient extends EventTarget {
   async _socketUrl(signal) {
     const url = new URL(this.options.wsUrl);
     url.searchParams.set("v", this.options.clientVersion);
+    // For the server's reconnect rate: a storm of clients coming back, not new users.
+    if (this.welcomed) url.searchParams.set("reconnect", "1");
     if (this.options.ticketUrl && this.fetch) {
       const response = await this.fetch(this.options.ticketUrl, {
         method: "POST",
@@ -874,6 +887,7 @@ export class RealtimeClient extends EventTarget {
         if (probe) this._stopFallback();
         this.socket = socket;
         this.transport = "websocket";
+        this.welcomed = true;
         this.wsFailures = 0;
         this.sseFailures = this.sseAttempt = 0;
         this.heartbeat = (frame.heartbeat || 25) * 1000;
@@ -1003,16 +1017,35 @@ export class RealtimeClient extends EventTarget {
   }
 
   /**
-   * Send what waited for a socket (or a leader): the newest typing frame per stream and type
+   * Send what waited for a socket (or a leader): of the typing frames, no `typing.started`
+   * older than `typingExpires` (they reject with `expired`) and the newest per stream and type
    * (the older ones reject with `superseded`), and the rest FLUSH_BATCH at a time, every
    * FLUSH_EVERY ms, so a long queue does not meet the server's publish limits.
    */
   _flush() {
     this._cancel(this.flushTimer);
     this.flushTimer = null;
+    this._expire();
     this._supersede();
     for (let sent = 0; sent < FLUSH_BATCH && this.queue.length && this._send(this.queue[0]); sent++) this.queue.shift();
     if (this.queue.length && this._canSend()) this.flushTimer = this._later(FLUSH_EVERY, () => this._flush());
+  }
+
+  /** Drop the queued `typing.started` frames older than their useful life. */
+  _expire() {
+    const oldest = this.now() - this.options.typingExpires;
+    const expired = (frame) => {
+      const pending = frame.op === "publish" && TYPING_STARTED.test(frame.type) && this.replies.get(frame.ref);
+      return Boolean(pending) && pending.queuedAt < oldest;
+    };
+    const stale = this.queue.filter(expired);
+    if (!stale.length) return;
+    this.queue = this.queue.filter((frame) => !expired(frame));
+    for (const frame of stale) {
+      const pending = this.replies.get(frame.ref);
+      this.replies.delete(frame.ref);
+      pending.reject(Object.assign(new Error("a typing indicator queued for too long"), { code: "expired" }));
+    }
   }
 
   /** Drop the queued typing frames a newer one of the same stream and type makes stale. */
@@ -1036,7 +1069,7 @@ export class RealtimeClient extends EventTarget {
     const ref = String(this.refs);
     const full = { ...frame, ref };
     return new Promise((resolve, reject) => {
-      this.replies.set(ref, { resolve, reject, frame: full });
+      this.replies.set(ref, { resolve, reject, frame: full, queuedAt: this.now() });
       this._enqueue(full);
     });
   }
@@ -1703,15 +1736,23 @@ export class RealtimeClient extends EventTarget {
     return match ? { "X-CSRFToken": decodeURIComponent(match[1]) } : {};
   }
 
-  /**
-   * A REST call that makes a change: sends a fresh `X-Correlation-ID` (the events the change
-   * causes carry it, and arrive with `own: true`), the CSRF token and JSON. Rejects with an
-   * error holding `status` and the server's message on a non-2xx answer.
-   */
-  async request(url, { method = "POST", body, headers = {} } = {}) {
-    const correlationId = randomId();
+  /** Mark the events that carry `correlationId` as own (`own: true`) for the next minute. */
+  _expectOwn(correlationId) {
     this.pendingCorrelations.add(correlationId);
     this._later(60000, () => this.pendingCorrelations.delete(correlationId));
+  }
+
+  /**
+   * A REST call that makes a change: sends `X-Correlation-ID` (`correlationId`, by default a
+   * fresh one: the events the change causes carry it, and arrive with `own: true`), the CSRF
+   * token and JSON. Rejects with an error holding `status` and the server's message on a
+   * non-2xx answer, and with a `RangeError` for a `correlationId` the server would not take.
+   */
+  async request(url, { method = "POST", body, headers = {}, correlationId = randomId() } = {}) {
+    if (typeof correlationId !== "string" || !CORRELATION_ID.test(correlationId)) {
+      throw new RangeError(`correlationId must match ${CORRELATION_ID}, got ${JSON.stringify(correlationId)}`);
+    }
+    this._expectOwn(correlationId);
     const response = await this.fetch(url, {
       method,
       credentials: "same-origin",
@@ -1740,17 +1781,21 @@ export class RealtimeClient extends EventTarget {
   }
 
   /**
-   * Optimistic update: `apply()` changes the page at once (it may return a temporary id);
-   * `request()` does the change on the server; on success `reconcile(result, temp)` swaps in
-   * the server's state, on failure `rollback(temp, error)` undoes it and the error is re-thrown
-   * (and emitted as an `error` event) so the page can show it. An exception in `reconcile`
-   * or `rollback` is reported, as a handler's: the server's change stands, and is not rolled back.
+   * Optimistic update: `apply({correlationId})` changes the page at once (it may return a
+   * temporary id); `request(temp, {correlationId})` does the change on the server, passing the
+   * id to `request()`, so the page knows the events of its change before the answer; on
+   * success `reconcile(result, temp)` swaps in the server's state, on failure
+   * `rollback(temp, error)` undoes it and the error is re-thrown (and emitted as an `error`
+   * event) so the page can show it. An exception in `reconcile` or `rollback` is reported, as
+   * a handler's: the server's change stands, and is not rolled back.
    */
   async optimistic({ apply, request, reconcile, rollback }) {
-    const temp = apply ? apply() : undefined;
+    const correlationId = randomId();
+    this._expectOwn(correlationId);
+    const temp = apply ? apply({ correlationId }) : undefined;
     let result;
     try {
-      result = await request(temp);
+      result = await request(temp, { correlationId });
     } catch (error) {
       if (rollback) this._call(rollback, temp, error);
       this._emit("error", { code: "rolled_back", message: error.message, status: error.status });
