@@ -2055,6 +2055,22 @@ test("a reconnect drops a queued typing.started older than typingExpires, and se
   c.close();
 });
 
+test("typing while the socket is down keeps one frame per stream and type queued, not a full queue", async () => {
+  const { c, timers, sockets } = client({ maxQueue: 5, now: () => timers.now });
+  c.connect(); await flush(); sockets[0].open(); sockets[0].fail();
+  const errors = [];
+  c.on("error", (e) => errors.push(e.code));
+  const moved = watch(c.publish("project:2", "v1:card.moved", {}));
+  const keys = [];
+  for (let i = 0; i < 20; i++) keys.push(watch(c.publish("project:1", "v1:typing.started", {})));
+  await settle();
+  assert.equal(moved.state, "pending"); // not pushed out by keystrokes
+  assert.deepEqual(errors, []);
+  assert.deepEqual(keys.slice(0, -1).map((k) => k.error?.code), Array(19).fill("superseded"));
+  assert.equal(keys.at(-1).state, "pending");
+  c.close();
+});
+
 test("a reconnect paces the queued publishes to stay within the server's burst", async () => {
   const { c, timers, sockets } = client({ wsAttempts: 100 });
   c.connect(); await flush(); sockets[0].open(); sockets[0].fail();

@@ -1005,6 +1005,9 @@ export class RealtimeClient extends EventTarget {
     if ((control || !this.queue.length) && this._send(frame)) return;
     if (control) return; // resent on (re)connect
     this.queue.push(frame);
+    // A keystroke's typing frame replaces the one queued before it, so typing through an
+    // outage cannot fill the queue and push out the frames that matter.
+    if (frame.op === "publish" && TYPING.test(frame.type)) this._supersede();
     while (this.queue.length > this.options.maxQueue) {
       const dropped = this.queue.shift();
       const pending = this.replies.get(dropped.ref);
