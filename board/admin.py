@@ -2,11 +2,9 @@ from typing import Any
 
 from django.contrib import admin
 from guardian.admin import GuardedModelAdmin
-from guardian.shortcuts import assign_perm, remove_perm
+from guardian.shortcuts import remove_perm
 
-from notifications import notify
-
-from .membership import MEMBER_PERMS, remove_member
+from .membership import MEMBER_PERMS, grant_member, grant_owner, remove_member
 from .models import Item, Organization, Project
 
 
@@ -30,8 +28,7 @@ class ProjectAdmin(GuardedModelAdmin):
         super().save_related(request, form, formsets, change)
         after = set(project.members.all())
         if not change or "owner" in form.changed_data:
-            for perm in (*MEMBER_PERMS, "board.delete_project"):
-                assign_perm(perm, project.owner, project)
+            grant_owner(project, project.owner)
             previous = form.initial.get("owner") if change else None
             if previous is not None and previous != project.owner.pk:
                 old = type(project.owner)._default_manager.get(pk=previous)
@@ -40,9 +37,7 @@ class ProjectAdmin(GuardedModelAdmin):
                     for perm in MEMBER_PERMS:
                         remove_perm(perm, old, project)
         for user in after - before:
-            for perm in MEMBER_PERMS:
-                assign_perm(perm, user, project)
-            notify(user, "added you to", actor=request.user, target=project)
+            grant_member(project, user, by=request.user)
         for user in before - after:
             if user != project.owner:  # the owner's access does not come from membership
                 remove_member(project, user)

@@ -14,14 +14,28 @@ from .models import Project
 MEMBER_PERMS = ("board.view_project", "board.change_project")
 
 
+OWNER_PERMS = (*MEMBER_PERMS, "board.delete_project")
+
+
 @transaction.atomic
 def create_project(*, organization: Any, name: str, owner: Any) -> Project:
     """Create a project; its owner gets the member permissions on it."""
     project = Project.objects.create(organization=organization, name=name, owner=owner)
-    for perm in MEMBER_PERMS:
-        assign_perm(perm, owner, project)
-    assign_perm("board.delete_project", owner, project)
+    grant_owner(project, owner)
     return project
+
+
+def grant_owner(project: Project, user: Any) -> None:
+    """Give `user` what the owner of `project` may do."""
+    for perm in OWNER_PERMS:
+        assign_perm(perm, user, project)
+
+
+def grant_member(project: Project, user: Any, *, by: Any = None) -> None:
+    """Give a member of `project` (in its `members` already) their permissions, and tell them."""
+    for perm in MEMBER_PERMS:
+        assign_perm(perm, user, project)
+    notify(user, "added you to", actor=by or project.owner, target=project)
 
 
 @transaction.atomic
@@ -30,9 +44,7 @@ def add_member(project: Project, user: Any, *, by: Any = None) -> None:
     if project.members.filter(pk=user.pk).exists():
         return
     project.members.add(user)
-    for perm in MEMBER_PERMS:
-        assign_perm(perm, user, project)
-    notify(user, "added you to", actor=by or project.owner, target=project)
+    grant_member(project, user, by=by)
 
 
 def readers(project: Project) -> Any:

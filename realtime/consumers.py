@@ -23,6 +23,7 @@ from channels.utils import await_many_dispatch
 
 from . import hooks, metrics, protocol
 from .conf import realtime_settings
+from .events import pick_frame
 from .fanout import get_hub, node_id
 from .policies import (
     StreamPolicy,
@@ -274,7 +275,7 @@ class Subscription:
             elif len(self.above) > 4 * _DUPLICATE_WINDOW:  # bounded whatever happens
                 logger.warning("%s: giving up on seqs up to %d", self.stream, min(self.above))
                 self._skip_to(min(self.above))
-        frame = frames.get(self.version or "") or next(iter(frames.values()))
+        frame = pick_frame(frames, self.version)
         self.consumer.send_event(self.stream, seq, event_type, frame)
 
 
@@ -726,9 +727,19 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             raise ProtocolError(Code.FORBIDDEN, "not allowed", frame.ref)
         try:
             data = policy.clean_client_event(self.user, frame.stream, frame.type, frame.data)
+            text = protocol.dumps(data)  # what it returns is sent on: it must be JSON
         except ValueError as exc:
             message = str(exc)[:200] or "event data refused"
             raise ProtocolError(Code.EVENT_NOT_ALLOWED, message, frame.ref) from None
+        except Exception:
+            logger.exception("%s.clean_client_event failed", type(policy).__name__)
+            raise ProtocolError(Code.INTERNAL_ERROR, "internal error", frame.ref) from None
+        if len(text.encode()) > policy.client_event_max_bytes:
+            raise ProtocolError(
+                Code.EVENT_NOT_ALLOWED,
+                f"event data over {policy.client_event_max_bytes} bytes",
+                frame.ref,
+            )
         passed = await hooks.publishing(self, frame.stream, policy, frame.type, data)
         if passed is None:  # held back by a hook (typing throttled): accepted, not sent on
             self.enqueue(protocol.reply(frame.ref, {"throttled": True}))

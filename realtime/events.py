@@ -54,6 +54,29 @@ def dumps(value: Any) -> str:
 
 
 @dataclass(frozen=True)
+def pick_frame(frames: dict[str, str], version: str | None) -> str:
+    """The frame of `version` among an event's serialized frames, else its primary one."""
+    return frames.get(version or "") or next(iter(frames.values()))
+
+
+def frame_field(frame: str, name: str) -> str | None:
+    """A text field of a serialized event frame, read without parsing the frame.
+
+    `Envelope.frame` writes `op`, `stream`, `seq`, `eventId`, `type`, `timestamp`,
+    `correlationId`, then `data`, in that order. None of the fields before `data` can hold
+    the text `"<name>":"` except the field itself (stream names and types have no quotes,
+    and quotes in other strings are escaped), so the first match is the field, for every
+    field up to `correlationId`. Costs a string search: the fan-out reads it per event.
+    """
+    marker = f'"{name}":"'
+    start = frame.find(marker)
+    if start < 0:
+        return None
+    start += len(marker)
+    end = frame.find('"', start)
+    return frame[start:end] if end > start else None
+
+
 class Envelope:
     """A durable event as it travels: stream position, identity, type and payload."""
 

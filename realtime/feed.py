@@ -14,7 +14,7 @@ from django.http import HttpRequest, HttpResponseNotAllowed, JsonResponse
 
 from . import metrics
 from .cursor import CursorError, Position, decode, encode
-from .events import is_valid_version
+from .events import is_valid_version, pick_frame
 from .policies import auth_hash, check_stream, reload_user, same_password, signed_out
 from .protocol import Code
 from .replay import position, read_typed_after
@@ -168,10 +168,7 @@ def read_events(
             resets.append({"op": "reset", "stream": stream, "epoch": now.epoch, "seq": now.seq})
             continue
         per_stream.append(
-            [
-                (ts, stream, seq, kind, frames.get(version or "") or next(iter(frames.values())))
-                for seq, kind, frames, ts in rows
-            ]
+            [(ts, stream, seq, kind, pick_frame(frames, version)) for seq, kind, frames, ts in rows]
         )
     events = []
     for _ts, stream, seq, type_, frame in itertools.islice(

@@ -43,10 +43,18 @@ _SECRETS = [
         ),
         r"\1\2[redacted]",
     ),
-    # Authorization headers of any scheme (DRF's "Token …" too), as a header or a META key.
+    # The other items of a list of such values (<QueryDict: {'ticket': ['a', 'b']}>): the
+    # rule above redacts the first one only.
+    (
+        re.compile(r"(?i)(\[redacted\][\"']?(?:,\s*[\"']?))(?!redacted\])([^\]\"',\s]+)"),
+        r"\1[redacted]",
+    ),
+    # Authorization headers (DRF's "Token …" too), as a header or a META key: a known scheme
+    # is kept, the credential after it (or a bare one) is not.
     (
         re.compile(
-            r"(?i)(?<![a-z0-9])(authorization[\"']?\s*[:=]\s*[\"']?)([a-z]+\s+)?[^\s\"',;]+"
+            r"(?i)(?<![a-z0-9])(authorization[\"']?\s*[:=]\s*[\"']?)"
+            r"((?:bearer|basic|token|digest|negotiate)\s+)?(?!\[redacted\])[^\s\"',;]+"
         ),
         r"\1\2[redacted]",
     ),

@@ -28,16 +28,13 @@ from asgiref.sync import SyncToAsync
 
 from . import metrics
 from .conf import realtime_settings
+from .events import frame_field
 
 logger = logging.getLogger("realtime.publisher")
 
 #: The `type` of every channel-layer message carrying an event; consumers handle it in
 #: `realtime_event`. The event's own type travels inside the message.
 LAYER_MESSAGE_TYPE = "realtime.event"
-
-# Where an event frame's log time begins; frames are dumped with their keys in one order,
-# and the stream name and event type before it cannot hold this (their quotes are escaped).
-_TIMESTAMP = '"timestamp":"'
 
 # After a failed publish, skip the live path for this long (events go to the relay) instead
 # of paying the timeout once per queued event.
@@ -66,9 +63,8 @@ def logged_at(message: dict[str, Any]) -> float | None:
     field of their own in the layer message; reading it costs about a microsecond.
     """
     try:
-        frame = next(iter(message["frames"].values()))
-        start = frame.index(_TIMESTAMP) + len(_TIMESTAMP)
-        return dt.datetime.fromisoformat(frame[start : start + 24]).timestamp()
+        stamp = frame_field(next(iter(message["frames"].values())), "timestamp")
+        return None if stamp is None else dt.datetime.fromisoformat(stamp).timestamp()
     except (KeyError, StopIteration, AttributeError, TypeError, ValueError):
         return None
 

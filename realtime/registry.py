@@ -49,6 +49,10 @@ class Registration:
     stream_serializers: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     _local: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+    #: `stream_serializers` values resolved (dotted paths imported), by kind.
+    _resolved: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: Set once every dotted serializer path imported and is usable: saves skip the check.
+    _paths_ok: bool = field(default=False, repr=False, compare=False)
 
     def type_for(self, action: str) -> str:
         return f"{self.version}:{self.name}.{action}"
@@ -115,8 +119,11 @@ class Registration:
     def resolved_serializer(self, key: str | None = None) -> Any:
         if key is None:
             return self._serializer
-        spec = self.stream_serializers[key]
-        return import_string(spec) if isinstance(spec, str) else spec  # import_string caches
+        resolved = self._resolved.get(key)
+        if resolved is None:
+            spec = self.stream_serializers[key]
+            resolved = self._resolved[key] = import_string(spec) if isinstance(spec, str) else spec
+        return resolved
 
 
 class _Attrs(dict):  # type: ignore[type-arg]
@@ -287,6 +294,8 @@ def _usable_serializer(value: Any) -> bool:
 
 def serializer_problem(reg: Registration) -> str | None:
     """Resolve dotted serializer paths; return a problem if one cannot be used."""
+    if reg._paths_ok:  # checked at every save: once they resolved, they stay resolved
+        return None
     label = f"{_label(reg.model)} ({reg.version})"
     specs: list[tuple[str | None, Any]] = [(None, reg.serializer)]
     if isinstance(reg.stream_serializers, dict):
@@ -303,6 +312,7 @@ def serializer_problem(reg: Registration) -> str | None:
             continue
         if not _usable_serializer(value):
             problems.append(f"{label}: {name} {spec!r} is neither a serializer class nor callable")
+    reg._paths_ok = not problems
     return "; ".join(problems) or None
 
 
@@ -339,6 +349,11 @@ def _static_problems(reg: Registration) -> list[str]:
     for kind, spec in reg.stream_serializers.items():
         if not (isinstance(kind, str) and re.fullmatch(KIND_PATTERN, kind)):
             problems.append(f"{label}: stream_serializers key {kind!r} is not a stream kind")
+        elif spec is None:  # as `serializer=None`, it would send every field: the opposite
+            problems.append(
+                f"{label}: stream_serializers[{kind!r}] is None: name the serializer of the "
+                "redacted payload (None would send every concrete field)"
+            )
         elif not isinstance(spec, str) and not _usable_serializer(spec):
             problems.append(
                 f"{label}: stream_serializers[{kind!r}]: a serializer must be a DRF serializer "

@@ -20,6 +20,7 @@ from .conf import realtime_settings
 from .connections import count_for_user
 from .consumers import Subscription
 from .cursor import Position, encode
+from .events import frame_field
 from .fanout import get_hub, node_id
 from .feed import (
     BadRequest,
@@ -58,21 +59,6 @@ def _db(func: Any) -> Any:
 def _message(event: str, data: str, event_id: str | None = None) -> str:
     head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id else "")
     return head + f"data: {data}\n\n"
-
-
-_TYPE_FIELD = '"type":"'
-
-
-def _frame_type(frame: str) -> str | None:
-    """The `type` of a logged event's frame text, read without parsing the whole frame."""
-    # `Envelope.frame` puts `type` after `op`, `stream`, `seq` and `eventId`, none of which
-    # can hold this text (stream names have no quote), so the first match is the field.
-    start = frame.find(_TYPE_FIELD)
-    if start < 0:
-        return None
-    start += len(_TYPE_FIELD)
-    end = frame.find('"', start)
-    return frame[start:end] if end > start else None
 
 
 class SSEConnection:
@@ -126,7 +112,7 @@ class SSEConnection:
         self.positions[stream] = Position(subscription.contiguous, old.epoch)
         if self.version is not None and not event_type.startswith(f"{self.version}:"):
             # `event_type` is the primary frame's; the frame sent may be another version's.
-            event_type = _frame_type(frame) or event_type
+            event_type = frame_field(frame, "type") or event_type
         self.enqueue(_message(event_type or "message", frame, encode(self.positions)))
 
     def send_reset(self, stream: str, seq: int, epoch: str | None) -> None:

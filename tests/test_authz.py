@@ -176,3 +176,41 @@ async def test_a_client_event_carries_only_what_its_policy_lets_through():
     assert await watcher.nothing_more(0.3)
     await watcher.close()
     await sender.close()
+
+
+async def test_a_cleaner_that_fails_or_returns_no_json_is_answered_and_the_socket_goes_on():
+    import datetime
+
+    from realtime.policies import StreamPolicy, stream_kinds
+
+    class Careless(StreamPolicy):
+        client_events = ("v1:note.sent",)
+
+        def authorize(self, user, key):
+            return True
+
+        def clean_client_event(self, user, stream, event_type, data):
+            if data.get("as") == "date":
+                return {"at": datetime.date(2026, 1, 1)}
+            if data.get("as") == "big":
+                return {"pad": "x" * 5000}
+            return data["missing"]  # KeyError: a bug in the host's cleaner
+
+    stream_kinds.register("careless", Careless)
+    try:
+        client = await client_for(await db(UserFactory)())
+        for data, code in (
+            ({}, "internal_error"),
+            ({"as": "date"}, "internal_error"),
+            ({"as": "big"}, "event_not_allowed"),
+        ):
+            reply = await client.request(
+                "publish", stream="careless:1", type="v1:note.sent", data=data
+            )
+            assert reply["ref"] is not None
+            assert reply["error"]["code"] == code, (data, reply)
+        await client.send({"op": "ping", "ref": "alive"})
+        assert (await client.receive_until("pong"))["ref"] == "alive"
+        await client.close()
+    finally:
+        stream_kinds.unregister("careless")

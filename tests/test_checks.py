@@ -438,6 +438,7 @@ def test_a_presence_setting_of_the_wrong_shape_is_reported_not_raised(settings, 
         ({"Tenant": None}, "not a stream kind"),
         ({"tenant": 42}, "serializer must be"),
         ({"tenant": "board.nope.Ser"}, "cannot be imported"),
+        ({"tenant": None}, "would send every concrete field"),
     ],
 )
 def test_bad_stream_serializers_are_reported(isolated_registry, stream_serializers, fragment):

@@ -80,3 +80,54 @@ def test_presence_sweep_stops_at_its_max_runtime_not_an_interval_later(settings,
     call_command("presence_sweep", "--interval", "30", "--max-runtime", "0.2")
     assert time.monotonic() - started < 10
     assert "presence sweep: 0 leave(s) announced" in capsys.readouterr().out
+
+
+def test_presence_sweep_stops_on_sigterm_while_a_sweep_hangs(tmp_path):
+    """A Redis that takes the connection and never answers (paused): SIGTERM, as systemd
+    sends it, ends the command instead of waiting for a sweep that never ends."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts; nobody ever reads or answers
+    port = silent.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "presence_sweep", "--interval", "60"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the sweep's connection is in
+            silent.settimeout(0.5)
+            try:
+                held, _ = silent.accept()
+                break
+            except TimeoutError:
+                continue
+        else:
+            pytest.fail("the sweep never connected")
+        time.sleep(0.5)  # it sent its command and waits for the answer
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=20)  # waited on for good before the fix
+        assert b"stopped during a sweep" in err
+        held.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        silent.close()

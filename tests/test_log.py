@@ -771,3 +771,26 @@ def test_one_atomic_object_used_twice_gives_each_transaction_its_own_correlation
 
     gone = rolled_back()
     assert job(3) not in (first, second, gone)
+
+
+def test_the_migration_redacts_project_events_already_on_tenant_streams():
+    """Events logged before the organization stream got its own payload keep no project name."""
+    import importlib
+    import types
+
+    from django.apps import apps
+    from django.db import connection
+
+    migration = importlib.import_module(
+        "board.migrations.0002_tenant_project_events_name_the_project"
+    )
+    full = {"id": 5, "organization": 3, "name": "Secret", "owner": 9}
+    realtime.emit("tenant:3", "v1:project.updated", full)
+    realtime.emit("project:5", "v1:project.updated", full)
+    realtime.emit("tenant:3", "v1:note.added", {"name": "kept: not a project event"})
+    migration.redact_tenant_project_events(apps, types.SimpleNamespace(connection=connection))
+    assert [e.data for e in events("tenant:3")] == [
+        {"id": 5, "organization": 3},
+        {"name": "kept: not a project event"},
+    ]
+    assert events("project:5")[0].data == full

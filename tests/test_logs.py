@@ -136,6 +136,8 @@ def test_secrets_are_redacted(text):
         ("/callback?refresh_token=supersecret&state=1", "supersecret"),
         ("Authorization: Token 9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b", "9944b09199c62bcf"),
         ("'HTTP_AUTHORIZATION': 'Token 9944b09199c62bcf'", "9944b09199c62bcf"),
+        ("Authorization: sEcReTkEy from 10.0.0.1", "sEcReTkEy"),  # no scheme: all of it
+        ("<QueryDict: {'ticket': ['first1', 'second2']}>", "second2"),  # every item
     ],
 )
 def test_secrets_are_redacted_in_quoted_and_prefixed_forms(text, secret):

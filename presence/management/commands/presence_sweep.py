@@ -43,18 +43,43 @@ class Command(BaseCommand):
             raise CommandError("--max-runtime must not be negative")
         started = time.monotonic()
         stop = threading.Event()
+        sweeping = threading.Event()
+
+        def on_signal(*_: Any) -> None:
+            # Between sweeps: stop after the wait. During one: stop now, since a sweep waiting
+            # on a backend that does not answer (a paused Redis) may never end by itself.
+            stop.set()
+            if sweeping.is_set():
+                raise KeyboardInterrupt
+
         previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, lambda *_: stop.set())
+                previous[sig] = signal.signal(sig, on_signal)
         try:
-            self.sweep_until(interval, limit, once=options["once"], started=started, stop=stop)
+            self.sweep_until(
+                interval,
+                limit,
+                once=options["once"],
+                started=started,
+                stop=stop,
+                sweeping=sweeping,
+            )
+        except KeyboardInterrupt:
+            self.stderr.write("presence sweep: stopped during a sweep")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
     def sweep_until(
-        self, interval: float, limit: float | None, *, once: bool, started: float, stop: Any
+        self,
+        interval: float,
+        limit: float | None,
+        *,
+        once: bool,
+        started: float,
+        stop: Any,
+        sweeping: Any,
     ) -> None:
         async def sweep_once() -> int:
             try:
@@ -63,6 +88,7 @@ class Command(BaseCommand):
                 await get_backend().close()
 
         while not stop.is_set():
+            sweeping.set()
             try:
                 left = asyncio.run(sweep_once())
             except Exception as exc:  # keep sweeping: the backend may come back
@@ -73,6 +99,8 @@ class Command(BaseCommand):
                 self.stderr.write(f"presence sweep failed: {type(exc).__name__}: {exc}")
             else:
                 self.stdout.write(f"presence sweep: {left} leave(s) announced")
+            finally:
+                sweeping.clear()
             if once:
                 return
             if limit is not None:
