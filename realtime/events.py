@@ -53,7 +53,6 @@ def dumps(value: Any) -> str:
     )
 
 
-@dataclass(frozen=True)
 def pick_frame(frames: dict[str, str], version: str | None) -> str:
     """The frame of `version` among an event's serialized frames, else its primary one."""
     return frames.get(version or "") or next(iter(frames.values()))
@@ -77,6 +76,7 @@ def frame_field(frame: str, name: str) -> str | None:
     return frame[start:end] if end > start else None
 
 
+@dataclass(frozen=True)
 class Envelope:
     """A durable event as it travels: stream position, identity, type and payload."""
 

@@ -31,34 +31,38 @@ from typing import Any
 
 from .context import get_correlation_id
 
-_SECRETS = [
+_NAMES = r"(ticket|token|access_token|sessionid|csrftoken|csrfmiddlewaretoken|api_key)"
+_SCHEMES = r"(?:bearer|basic|token|digest|negotiate)"
+
+
+def _redact_items(match: re.Match[str]) -> str:
+    items = re.sub(r"([\"'])(?!\[redacted\]\1)(?:(?!\1).)*\1", r"\1[redacted]\1", match[3])
+    return f"{match[1]}{match[2]}[{items}]"
+
+
+_SECRETS: list[tuple[re.Pattern[str], Any]] = [
+    # A list of such values, as in a QueryDict's repr: {'ticket': ['a', 'b']}, every item.
+    (re.compile(rf"(?i)(?<![a-z0-9]){_NAMES}([\"']?\s*:\s*)\[([^\]]*)\]"), _redact_items),
     # ?ticket=…, &refresh_token=…, sessionid=…, csrftoken=… in URLs, cookies and query strings,
     # and "ticket": "…" or 'HTTP_X_CSRFTOKEN': '…' in JSON and in reprs of dicts (request.GET,
     # request.META). Only letters and digits may come before the name: "_" separates.
     (
         re.compile(
-            r"(?i)(?<![a-z0-9])"
-            r"(ticket|token|access_token|sessionid|csrftoken|csrfmiddlewaretoken|api_key)"
-            r"([\"']?(?:=|%3D|:\s*)[\"'\[]*)(?!redacted\])([^&\s;,\"'\[\]]+)"
+            rf"(?i)(?<![a-z0-9]){_NAMES}"
+            r"([\"']?(?:=|%3D|:\s*)[\"']*)(?!\[)([^&\s;,\"'\[\]]+)"
         ),
         r"\1\2[redacted]",
     ),
-    # The other items of a list of such values (<QueryDict: {'ticket': ['a', 'b']}>): the
-    # rule above redacts the first one only.
-    (
-        re.compile(r"(?i)(\[redacted\][\"']?(?:,\s*[\"']?))(?!redacted\])([^\]\"',\s]+)"),
-        r"\1[redacted]",
-    ),
     # Authorization headers (DRF's "Token …" too), as a header or a META key: a known scheme
-    # is kept, the credential after it (or a bare one) is not.
+    # is kept, the credential after it (or a bare one, whatever follows it) is not.
     (
         re.compile(
             r"(?i)(?<![a-z0-9])(authorization[\"']?\s*[:=]\s*[\"']?)"
-            r"((?:bearer|basic|token|digest|negotiate)\s+)?(?!\[redacted\])[^\s\"',;]+"
+            rf"((?:{_SCHEMES}\s+)?)(?!\[redacted\])(?!{_SCHEMES}\s)([^\s\"',;]+)"
         ),
         r"\1\2[redacted]",
     ),
-    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 [redacted]"),
+    (re.compile(r"(?i)\b(bearer|basic)\s+(?!\[redacted\])[A-Za-z0-9._~+/=-]+"), r"\1 [redacted]"),
 ]
 _FIELDS = ("stream", "connection", "user")
 # A plain field's value is written bare unless it holds a space, a quote, an "=" or a line
