@@ -173,3 +173,19 @@ def _keep_logs(item: pytest.Item) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for log in logs:
         shutil.copyfile(log, target / log.name)
+
+
+@pytest.fixture
+def item_v2() -> Iterator[None]:
+    """Items registered for v2 too, next to the board's v1."""
+    import realtime
+    from board.models import Item
+
+    realtime.register(
+        Item,
+        streams="project:{project_id}",
+        version="v2",
+        serializer=lambda item: {"id": item.pk, "label": item.title},
+    )
+    yield
+    realtime.registry.registry.unregister(Item, version="v2")

@@ -45,14 +45,21 @@ async def no_item_event(client: RealtimeClient, timeout: float = 0.5) -> bool:  
     return True
 
 
-async def test_publish_is_refused_once_the_permission_is_revoked_on_the_same_socket():
+async def owner_and_member_on_a_project() -> tuple[Any, Any, Any, RealtimeClient, RealtimeClient]:
+    """A project's owner watching its stream, and a member's socket to publish from."""
     owner = await db(UserFactory)()
-    project = await db(ProjectFactory)(owner=owner)
+    project: Any = await db(ProjectFactory)(owner=owner)
     member = await db(UserFactory)()
     await db(add_member)(project, member)
     stream = f"project:{project.pk}"
     watcher, sender = await client_for(owner), await client_for(member)
     assert (await watcher.subscribe(stream))["ok"] is True
+    return owner, member, project, watcher, sender
+
+
+async def test_publish_is_refused_once_the_permission_is_revoked_on_the_same_socket():
+    _owner, member, project, watcher, sender = await owner_and_member_on_a_project()
+    stream = f"project:{project.pk}"
 
     first = await sender.request("publish", stream=stream, type=TYPING, data={"field": "a"})
     assert first["ok"] is True
@@ -156,13 +163,8 @@ async def test_the_organization_stream_shows_members_no_more_of_a_project_than_r
 async def test_a_client_event_carries_only_what_its_policy_lets_through():
     """The demo's typing indicator says which field, nothing else: a client cannot make
     others show a name or markup it sent."""
-    owner = await db(UserFactory)()
-    project = await db(ProjectFactory)(owner=owner)
-    member = await db(UserFactory)()
-    await db(add_member)(project, member)
+    owner, member, project, watcher, sender = await owner_and_member_on_a_project()
     stream = f"project:{project.pk}"
-    watcher, sender = await client_for(owner), await client_for(member)
-    assert (await watcher.subscribe(stream))["ok"] is True
     spoof = {"field": "title", "user": {"id": owner.pk, "name": "CEO"}, "text": "<img>"}
     assert (await sender.request("publish", stream=stream, type=TYPING, data=spoof))["ok"]
     typing = await watcher.receive_until("event")

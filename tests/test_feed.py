@@ -321,22 +321,6 @@ async def test_a_long_poll_held_across_a_password_change_hands_out_nothing():
     assert b"after the change" not in response.content
 
 
-@pytest.fixture
-def item_v2():
-    """Items registered for v2 too, next to the board's v1."""
-    import realtime
-    from board.models import Item
-
-    realtime.register(
-        Item,
-        streams="project:{project_id}",
-        version="v2",
-        serializer=lambda item: {"id": item.pk, "label": item.title},
-    )
-    yield
-    realtime.registry.registry.unregister(Item, version="v2")
-
-
 async def test_version_picks_the_frames_and_without_one_each_event_has_its_primary(
     item_v2, settings
 ):
