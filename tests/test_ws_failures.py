@@ -130,12 +130,14 @@ async def test_a_pong_acknowledges_only_what_came_before_its_ping(settings):
     assert (await client.subscribe(stream))["ok"] is True
     consumer = consumer_of(client)
     consumer.heartbeat(time.monotonic())  # a ping now, before the events below
-    await db(emit)(stream, 8, pad=250)  # about 2,600 characters after the ping
+    # Frames of about 380 characters each (a correlation id of 32 included): 8 stay below the
+    # credit with what came before the ping, 14 do not.
+    await db(emit)(stream, 8, pad=150)  # about 3,000 characters after the ping
     assert (await client.receive())["op"] == "ping"
     await client.send({"op": "pong"})  # answered; the 8 events are still unread
     await asyncio.sleep(0.1)
     assert not consumer.closing
-    await db(emit)(stream, 6, pad=250)  # about 2,000 more: 4,600 unacknowledged
+    await db(emit)(stream, 6, pad=150)  # about 2,300 more: 5,300 unacknowledged
     frames = []
     while not frames or frames[-1].get("type") != "websocket.close":
         frames.append(await client.receive())
