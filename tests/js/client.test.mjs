@@ -573,14 +573,8 @@ test("optimistic: apply, then reconcile; on failure roll back and surface the er
   assert.deepEqual(errors.at(-1), { code: "rolled_back", message: "The resource changed", status: 412 });
 });
 
-test("events caused by the client's own request are marked own via correlationId", async () => {
-  const fetch = async (url, init) => ({
-    ok: true,
-    status: 201,
-    headers: { get: (h) => (h === "X-Stream-Position" ? "project:1=4" : null) },
-    text: async () => JSON.stringify({ id: 1 }),
-    init,
-  });
+// A client with this fetch, following project:1 (at seq 3) on an open socket; `seen` gets its events.
+async function followingProject1(fetch) {
   const { c, sockets } = client({ fetch });
   c.connect();
   await flush();
@@ -590,6 +584,18 @@ test("events caused by the client's own request are marked own via correlationId
   const sub = sockets[0].last("subscribe");
   sockets[0].receive({ op: "reply", ref: sub.ref, ok: true, data: { seq: 3, epoch: "e", recovered: false } });
   await flush();
+  return { c, sockets, seen };
+}
+
+test("events caused by the client's own request are marked own via correlationId", async () => {
+  const fetch = async (url, init) => ({
+    ok: true,
+    status: 201,
+    headers: { get: (h) => (h === "X-Stream-Position" ? "project:1=4" : null) },
+    text: async () => JSON.stringify({ id: 1 }),
+    init,
+  });
+  const { c, sockets, seen } = await followingProject1(fetch);
   const result = await c.request("/api/projects/1/items/", { body: { title: "x" } });
   assert.deepEqual(result.positions, { "project:1": 4 });
   sockets[0].receive(event(4, { correlationId: result.correlationId }));
@@ -604,15 +610,7 @@ test("optimistic makes the correlation id before the request: apply and request 
     calls.push(init);
     return { ok: true, status: 201, headers: { get: () => null }, text: async () => JSON.stringify({ id: 1 }) };
   };
-  const { c, sockets } = client({ fetch });
-  c.connect();
-  await flush();
-  sockets[0].open();
-  const seen = [];
-  c.subscribe("project:1", { onEvent: (f) => seen.push(f) });
-  const sub = sockets[0].last("subscribe");
-  sockets[0].receive({ op: "reply", ref: sub.ref, ok: true, data: { seq: 3, epoch: "e", recovered: true } });
-  await flush();
+  const { c, sockets, seen } = await followingProject1(fetch);
   let applied = null;
   const result = await c.optimistic({
     apply: ({ correlationId }) => ((applied = correlationId), "tmp-1"),
