@@ -279,6 +279,14 @@ class Subscription:
         self.consumer.send_event(self.stream, seq, event_type, frame)
 
 
+def _within_cap(policy: Any, text: str, ref: str | None) -> None:
+    """Refuse a client event whose data, as JSON in UTF-8, is over the policy's cap."""
+    if len(text.encode()) > policy.client_event_max_bytes:
+        raise ProtocolError(
+            Code.EVENT_NOT_ALLOWED, f"event data over {policy.client_event_max_bytes} bytes", ref
+        )
+
+
 class RealtimeConsumer(AsyncWebsocketConsumer):
     """Authenticated, per-stream authorized, resumable event delivery over one socket."""
 
@@ -711,12 +719,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         policy = self._policy(frame.stream, frame.ref)
         if not policy.allows_client_event(frame.type):
             raise ProtocolError(Code.EVENT_NOT_ALLOWED, "event type not allowed here", frame.ref)
-        if len(protocol.dumps(frame.data).encode()) > policy.client_event_max_bytes:
-            raise ProtocolError(
-                Code.EVENT_NOT_ALLOWED,
-                f"event data over {policy.client_event_max_bytes} bytes",
-                frame.ref,
-            )
+        _within_cap(policy, protocol.dumps(frame.data), frame.ref)
         if not self.bucket.take():
             raise ProtocolError(Code.RATE_LIMITED, "too many events; slow down", frame.ref)
         if not user_bucket(self.user.pk).take():  # type: ignore[union-attr]
@@ -727,19 +730,19 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             raise ProtocolError(Code.FORBIDDEN, "not allowed", frame.ref)
         try:
             data = policy.clean_client_event(self.user, frame.stream, frame.type, frame.data)
-            text = protocol.dumps(data)  # what it returns is sent on: it must be JSON
         except ValueError as exc:
             message = str(exc)[:200] or "event data refused"
             raise ProtocolError(Code.EVENT_NOT_ALLOWED, message, frame.ref) from None
         except Exception:
             logger.exception("%s.clean_client_event failed", type(policy).__name__)
             raise ProtocolError(Code.INTERNAL_ERROR, "internal error", frame.ref) from None
-        if len(text.encode()) > policy.client_event_max_bytes:
-            raise ProtocolError(
-                Code.EVENT_NOT_ALLOWED,
-                f"event data over {policy.client_event_max_bytes} bytes",
-                frame.ref,
-            )
+        if data is not frame.data:  # what the policy made is sent on: JSON, within the cap
+            try:
+                text = protocol.dumps(data)
+            except (TypeError, ValueError):
+                logger.exception("%s.clean_client_event returned no JSON", type(policy).__name__)
+                raise ProtocolError(Code.INTERNAL_ERROR, "internal error", frame.ref) from None
+            _within_cap(policy, text, frame.ref)
         passed = await hooks.publishing(self, frame.stream, policy, frame.type, data)
         if passed is None:  # held back by a hook (typing throttled): accepted, not sent on
             self.enqueue(protocol.reply(frame.ref, {"throttled": True}))

@@ -196,6 +196,8 @@ async def test_a_cleaner_that_fails_or_returns_no_json_is_answered_and_the_socke
                 return {"at": datetime.date(2026, 1, 1)}
             if data.get("as") == "big":
                 return {"pad": "x" * 5000}
+            if data.get("as") == "nan":  # json refuses it with ValueError: still our bug
+                return {"at": float("nan")}
             return data["missing"]  # KeyError: a bug in the host's cleaner
 
     stream_kinds.register("careless", Careless)
@@ -205,6 +207,7 @@ async def test_a_cleaner_that_fails_or_returns_no_json_is_answered_and_the_socke
             ({}, "internal_error"),
             ({"as": "date"}, "internal_error"),
             ({"as": "big"}, "event_not_allowed"),
+            ({"as": "nan"}, "internal_error"),
         ):
             reply = await client.request(
                 "publish", stream="careless:1", type="v1:note.sent", data=data
