@@ -34,6 +34,7 @@ from .models import Item, Project
 from .serializers import (
     ItemSerializer,
     ItemWriteSerializer,
+    ProjectOwnerSerializer,
     ProjectSerializer,
     ProjectUpdateSerializer,
 )
@@ -90,7 +91,16 @@ PROJECT_ID = OpenApiParameter("id", ID, OpenApiParameter.PATH, description="The 
     ),
     retrieve=extend_schema(
         parameters=[PROJECT_ID, IF_NONE_MATCH, *read_headers()],
-        responses={200: ProjectSerializer, 304: NOT_MODIFIED, 403: FORBIDDEN, 404: NOT_FOUND},
+        responses={
+            200: OpenApiResponse(
+                ProjectSerializer,
+                description="The project; its owner (who may delete it) also gets `members`, "
+                "the ids of its members.",
+            ),
+            304: NOT_MODIFIED,
+            403: FORBIDDEN,
+            404: NOT_FOUND,
+        },
     ),
     create=extend_schema(
         parameters=[IDEMPOTENCY_KEY, *write_headers(201)],
@@ -121,6 +131,19 @@ class ProjectViewSet(RealtimeResourceMixin, viewsets.ModelViewSet):  # type: ign
 
     def get_serializer_class(self) -> type[ProjectSerializer]:
         return ProjectUpdateSerializer if self.action == "partial_update" else ProjectSerializer
+
+    def get_serializer(self, *args: Any, **kwargs: Any) -> Any:
+        # Its owner reads a project with its members, as the owner audience of its stream
+        # does (ProjectPolicy.audiences); the ETag follows the reader's permissions already.
+        instance = args[0] if args else kwargs.get("instance")
+        if (
+            self.action == "retrieve"
+            and isinstance(instance, Project)
+            and "delete_project" in self.object_perms(instance)
+        ):
+            kwargs.setdefault("context", self.get_serializer_context())
+            return ProjectOwnerSerializer(*args, **kwargs)
+        return super().get_serializer(*args, **kwargs)
 
     def get_queryset(self) -> QuerySet[Project]:
         # Objects the user cannot see are simply not found (404), so existence does not leak.

@@ -23,6 +23,8 @@ class Organization(models.Model):
     serializer="board.serializers.ProjectSerializer",
     # Every member of the organization reads its stream, not only the project's people.
     stream_serializers={"tenant": "board.serializers.ProjectListingSerializer"},
+    # Its owners (ProjectPolicy.audiences) also see who its members are.
+    audiences={"owner": "board.serializers.ProjectOwnerSerializer"},
 )
 class Project(models.Model):
     organization = models.ForeignKey(

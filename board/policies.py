@@ -21,6 +21,9 @@ class ProjectPolicy(ObjectPolicy):
     permission = "board.view_project"
     client_events = ("v1:typing.started", "v1:typing.stopped")
     presence = True
+    # Who may delete the project (its owner, and superusers) gets the owner's payload of its
+    # events (`ProjectOwnerSerializer`, with the members); every other reader the default one.
+    audiences = {"owner": "board.delete_project"}
 
     def clean_client_event(self, user: Any, stream: str, event_type: str, data: Any) -> Any:
         # Typing says at most which field: any other key would reach every member as sent.
@@ -53,6 +56,30 @@ def tenant_of(user: Any) -> str | None:
     """The organization a connection belongs to, for Connection rows (the first one)."""
     pk = user.organizations.order_by("pk").values_list("pk", flat=True).first()
     return None if pk is None else str(pk)
+
+
+@receiver(m2m_changed, sender=Project.members.through, dispatch_uid="board.project_members")
+def _project_members_changed(
+    sender: Any, instance: Any, action: str, reverse: bool, pk_set: Any, **kwargs: Any
+) -> None:
+    # The owner's payload of a project lists its members: a change to them is an update of
+    # the project (no save, so no signal of its own), logged in the same transaction.
+    if reverse and action == "pre_clear":  # a user's projects are about to go: note which
+        instance._board_cleared_projects = list(instance.projects.values_list("pk", flat=True))
+        return
+    if action not in ("post_add", "post_remove", "post_clear"):
+        return
+    if not reverse:
+        projects = [instance]
+    else:
+        pks = (
+            instance.__dict__.pop("_board_cleared_projects", ())
+            if action == "post_clear"
+            else pk_set
+        )
+        projects = list(Project.objects.filter(pk__in=list(pks or ())))
+    if projects:
+        realtime.emit_instances(projects, "updated")
 
 
 @receiver(m2m_changed, sender=Organization.members.through, dispatch_uid="board.org_members")

@@ -1,3 +1,5 @@
+from typing import Any
+
 from rest_framework import serializers
 
 from .models import Item, Project
@@ -8,6 +10,18 @@ class ProjectSerializer(serializers.ModelSerializer):
         model = Project
         fields = ["id", "organization", "name", "owner"]
         read_only_fields = ["owner"]
+
+
+class ProjectOwnerSerializer(ProjectSerializer):
+    """A project as its owner sees it, over REST and on its stream (the `owner` audience):
+    with its members, which its other readers are not shown."""
+
+    members = serializers.PrimaryKeyRelatedField[Any](  # users
+        many=True, read_only=True
+    )
+
+    class Meta(ProjectSerializer.Meta):
+        fields = [*ProjectSerializer.Meta.fields, "members"]
 
 
 class ProjectListingSerializer(serializers.ModelSerializer):

@@ -94,12 +94,12 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
         limit = _number(request, "limit", 100, 1, 500, int)
         wait = _number(request, "wait", 0, 0, 25, float)
         user = await request.auser()  # type: ignore[attr-defined]
-        await _db(authorize)(user, streams)
+        audiences = await _db(authorize)(user, streams)
     except BadRequest as exc:
         return exc.response()
     sign_in = SignIn.of(request, user)
     start = await _db(starting_positions)(streams, cursor)
-    events, after, resets = await _db(read_events)(start.positions, limit, version)
+    events, after, resets = await _db(read_events)(start.positions, limit, version, audiences)
     resets = [*start.resets, *resets]
     if not events and not resets and wait > 0:
         await release_request_connections()
@@ -109,7 +109,9 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
             await hub.join(stream, waker)
         try:
             # Joined first, then read again: an event committed meanwhile is in one or the other.
-            events, after, resets = await _db(read_events)(start.positions, limit, version)
+            events, after, resets = await _db(read_events)(
+                start.positions, limit, version, audiences
+            )
             if not events and not resets:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
@@ -118,10 +120,12 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
                 # as they are now, before handing out what committed meanwhile (as a socket
                 # is revoked, or closed by a logout or a password change).
                 try:
-                    await _db(sign_in.reauthorize)(user, streams)
+                    audiences = await _db(sign_in.reauthorize)(user, streams)
                 except BadRequest as exc:
                     return exc.response()
-                events, after, resets = await _db(read_events)(start.positions, limit, version)
+                events, after, resets = await _db(read_events)(
+                    start.positions, limit, version, audiences
+                )
         finally:
             for stream in streams:
                 await hub.leave(stream, waker)

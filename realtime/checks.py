@@ -18,9 +18,10 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import models
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.utils.module_loading import import_string
 
 from .conf import realtime_settings
-from .registry import Registration, RegistrationError, registry, serializer_problem
+from .registry import Registration, RegistrationError, _label, registry, serializer_problem
 
 
 class _NeedsDatabase(Exception):
@@ -119,6 +120,86 @@ def check_registrations(
 
 
 @checks.register("realtime")
+def check_audiences(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """Report stream policies' `audiences` that cannot work, and registration audiences no
+    policy of their streams declares (their payload would never be sent)."""
+    from .policies import ObjectPolicy, is_valid_audience, stream_kinds
+
+    messages: list[checks.CheckMessage] = []
+    declared: dict[str, set[str]] = {}
+    try:
+        kinds = sorted(stream_kinds.kinds())
+    except ImproperlyConfigured:  # REALTIME itself cannot be read: that is E010's
+        return []
+    for kind in kinds:
+        try:
+            policy = stream_kinds.get(kind)
+        except Exception:  # an unimportable STREAM_POLICIES entry is E013's
+            continue
+        audiences = getattr(policy, "audiences", None)
+        if audiences is None or policy is None:
+            continue
+        name = type(policy).__name__
+        if not isinstance(audiences, dict):
+            messages.append(
+                checks.Error(
+                    f"{name}.audiences (stream kind {kind!r}) must be a dict of audience name to "
+                    f"test, not {type(audiences).__name__}",
+                    id="realtime.E022",
+                )
+            )
+            continue
+        declared[kind] = set(audiences)
+        for audience, test in audiences.items():
+            problem = None
+            if not is_valid_audience(audience):
+                problem = (
+                    f"{audience!r} is not an audience name: use 1-32 lowercase letters, digits "
+                    "or '_', starting with a letter"
+                )
+            elif isinstance(policy, ObjectPolicy) and isinstance(test, str):
+                if "." not in test:
+                    problem = f"{audience!r}: a permission is 'app_label.codename', not {test!r}"
+            elif isinstance(test, str):
+                try:
+                    test = import_string(test)
+                except ImportError as exc:
+                    problem = f"{audience!r}: {test!r} cannot be imported ({exc})"
+            if problem is None and not isinstance(test, str) and not callable(test):
+                problem = f"{audience!r}: a test is a callable (user, key) -> bool, not {test!r}"
+            if problem:
+                messages.append(
+                    checks.Error(
+                        f"{name}.audiences (stream kind {kind!r}): {problem}", id="realtime.E022"
+                    )
+                )
+    for reg in registry.all():
+        if app_configs is not None and reg.model._meta.app_config not in app_configs:
+            continue
+        if not isinstance(reg.audiences, dict) or not reg.audiences:
+            continue
+        if not all(isinstance(spec, str) for spec in reg.streams):
+            continue  # a callable's streams are known only per instance
+        reg_kinds = {spec.partition(":")[0] for spec in reg.streams}  # type: ignore[union-attr]
+        reachable = set().union(*(declared.get(kind, set()) for kind in reg_kinds))
+        for audience in reg.audiences:
+            if audience not in reachable:
+                messages.append(
+                    checks.Warning(
+                        f"{_label(reg.model)} ({reg.version}): audiences[{audience!r}] is "
+                        "declared by no policy of its streams' kinds "
+                        f"({', '.join(sorted(reg_kinds))}): no reader gets that payload",
+                        hint="Add the audience to the stream policy's `audiences`.",
+                        obj=reg.model,
+                        id="realtime.W023",
+                    )
+                )
+    return messages
+
+
+@checks.register("realtime")
 def check_settings(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
@@ -135,8 +216,6 @@ def check_settings(
                 id="realtime.E012",
             )
         ]
-    from django.utils.module_loading import import_string
-
     from .policies import StreamPolicy
     from .streams import KIND_PATTERN
 
@@ -329,8 +408,6 @@ def _tenant_resolver_problem(resolver: Any) -> str | None:
     if resolver is None:
         return None
     if isinstance(resolver, str):
-        from django.utils.module_loading import import_string
-
         try:
             resolver = import_string(resolver)
         except ImportError as exc:

@@ -135,7 +135,12 @@ class Subscription:
     """One socket's subscription to one stream: authorization, replay seam, dedupe by seq."""
 
     def __init__(
-        self, consumer: Any, stream: str, policy: StreamPolicy, version: str | None
+        self,
+        consumer: Any,
+        stream: str,
+        policy: StreamPolicy,
+        version: str | None,
+        audience: str | None = None,
     ) -> None:
         # `consumer` is the sink: connection_id, user, transport, send_ephemeral(stream, type,
         # text) for events that are not logged, send_event(stream, seq, type, text) for logged
@@ -144,6 +149,9 @@ class Subscription:
         self.stream = stream
         self.policy = policy
         self.version = version
+        # Whose payload variant it gets (StreamPolicy.audiences); "" or None: the default one.
+        # Decided with the authorization, and again whenever that is.
+        self.audience = audience or None
         self.authorized = True
         self.replaying = True
         # A list: empty, as it is once live, it takes a few bytes (a deque takes a block).
@@ -275,7 +283,7 @@ class Subscription:
             elif len(self.above) > 4 * _DUPLICATE_WINDOW:  # bounded whatever happens
                 logger.warning("%s: giving up on seqs up to %d", self.stream, min(self.above))
                 self._skip_to(min(self.above))
-        frame = pick_frame(frames, self.version)
+        frame = pick_frame(frames, self.version, self.audience)
         self.consumer.send_event(self.stream, seq, event_type, frame)
 
 
@@ -581,13 +589,19 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             raise ProtocolError(Code.UNKNOWN_STREAM, f"no stream kind {kind!r}", ref)
         return policy
 
-    async def _authorized(self, policy: StreamPolicy, stream: str) -> bool:
+    async def _access(
+        self, policy: StreamPolicy, stream: str, *, audience: bool = True
+    ) -> str | None:
+        """None if refused, else the audience this socket gets on `stream` ("": the default
+        payload, and always so without `audience`, which skips deciding it)."""
         kind, key = parse_stream(stream)
         try:
-            return bool(await _thread(policy.check)(self.user, kind, key))
+            if not audience:
+                return "" if await _thread(policy.check)(self.user, kind, key) else None
+            return await _thread(policy.access)(self.user, kind, key)
         except Exception:
             logger.exception("policy for %s raised; refusing", stream)
-            return False
+            return None
 
     async def _subscribe(self, frame: protocol.Subscribe) -> None:
         from .replay import position
@@ -601,11 +615,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 frame.ref,
             )
         policy = self._policy(frame.stream, frame.ref)
-        if not await self._authorized(policy, frame.stream):
+        audience = await self._access(policy, frame.stream)
+        if audience is None:
             # Missing objects get the same answer, so existence does not leak.
             metrics.UNAUTHORIZED.labels("subscribe").inc()
             raise ProtocolError(Code.FORBIDDEN, "not allowed", frame.ref)
-        subscription = Subscription(self, frame.stream, policy, frame.version)
+        subscription = Subscription(self, frame.stream, policy, frame.version, audience)
         self.subscriptions[frame.stream] = subscription
         try:
             await self.hub.join(frame.stream, subscription)
@@ -659,7 +674,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         try:
             if not await self._reload_user():
                 return
-            allowed = await self._authorized(subscription.policy, subscription.stream)
+            audience = await self._access(subscription.policy, subscription.stream)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -668,7 +683,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             logger.exception("resync of %s failed on %s", subscription.stream, self.connection_id)
             await self._close(Close.INTERNAL_ERROR)
             return
-        if not allowed:
+        if audience is not None:
+            subscription.audience = audience or None
+        else:
             subscription.task = None  # this task: realtime_authz must not cancel it
             async with self.handling:  # between frames, as any decision is made
                 if not self.closing:
@@ -725,7 +742,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if not user_bucket(self.user.pk).take():  # type: ignore[union-attr]
             self.bucket.give_back()  # refused all the same: it costs this socket nothing
             raise ProtocolError(Code.RATE_LIMITED, "too many events; slow down", frame.ref)
-        if not await self._authorized(policy, frame.stream):
+        if await self._access(policy, frame.stream, audience=False) is None:
             metrics.UNAUTHORIZED.labels("publish").inc()
             raise ProtocolError(Code.FORBIDDEN, "not allowed", frame.ref)
         try:
@@ -1048,8 +1065,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if not await self._reload_user():
             return
         for stream, subscription in list(self.subscriptions.items()):
-            if await self._authorized(subscription.policy, stream):
+            audience = await self._access(subscription.policy, stream)
+            if audience is not None:
                 subscription.authorized = True
+                subscription.audience = audience or None
                 continue
             if self.subscriptions.get(stream) is not subscription:
                 continue  # unsubscribed meanwhile (or closed): nothing of it is left to end

@@ -53,8 +53,20 @@ def dumps(value: Any) -> str:
     )
 
 
-def pick_frame(frames: dict[str, str], version: str | None) -> str:
-    """The frame of `version` among an event's serialized frames, else its primary one."""
+def variant_key(version: str, audience: str | None = None) -> str:
+    """The key of an event's payload for one version and audience: `v1`, or `v1/owner`."""
+    return f"{version}/{audience}" if audience else version
+
+
+def pick_frame(frames: dict[str, str], version: str | None, audience: str | None = None) -> str:
+    """The frame of `version` among an event's serialized frames, else its primary one; of
+    `audience`'s payload where the event has one, else of the default payload."""
+    if audience:
+        if version not in frames:
+            version = next(iter(frames))  # the primary version's key
+        frame = frames.get(f"{version}/{audience}")
+        if frame is not None:
+            return frame
     return frames.get(version or "") or next(iter(frames.values()))
 
 
@@ -87,7 +99,8 @@ class Envelope:
     timestamp: dt.datetime
     correlation_id: str
     data: Any
-    # Other versions of the same event: {"v2": ("v2:item.updated", {...})}.
+    # Other versions and audiences of the same event, by `variant_key`:
+    # {"v2": ("v2:item.updated", {...}), "v1/owner": ("v1:item.updated", {...})}.
     variants: dict[str, tuple[str, Any]] = field(default_factory=dict)
 
     @property
@@ -95,7 +108,7 @@ class Envelope:
         return self.type.split(":", 1)[0]
 
     def frame(self, version: str | None = None) -> dict[str, Any]:
-        """Return the `event` frame for one version (the primary one by default)."""
+        """Return the `event` frame of one `variant_key` (the primary one by default)."""
         type_, data = self.type, self.data
         if version is not None and version != self.version:
             type_, data = self.variants[version]
@@ -111,7 +124,8 @@ class Envelope:
         }
 
     def frames(self) -> dict[str, str]:
-        """Return the serialized frame of every version, keyed by version."""
+        """Return the serialized frame of every version and audience, by `variant_key`; the
+        primary one first."""
         versions = [self.version, *self.variants]
         return {version: dumps(self.frame(version)) for version in versions}
 

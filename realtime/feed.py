@@ -15,7 +15,7 @@ from django.http import HttpRequest, HttpResponseNotAllowed, JsonResponse
 from . import metrics
 from .cursor import CursorError, Position, decode, encode
 from .events import is_valid_version, pick_frame
-from .policies import auth_hash, check_stream, reload_user, same_password, signed_out
+from .policies import auth_hash, reload_user, same_password, signed_out, stream_access
 from .protocol import Code
 from .replay import position, read_typed_after
 
@@ -72,17 +72,23 @@ def parse_version(request: HttpRequest) -> str | None:
     return raw
 
 
-def authorize(user: Any, streams: list[str]) -> None:
-    """Raise BadRequest (403 for refused or missing alike) unless every stream is readable."""
+def authorize(user: Any, streams: list[str]) -> dict[str, str]:
+    """Raise BadRequest (403 for refused or missing alike) unless every stream is readable.
+
+    Returns each stream's audience: whose payload variant the user gets ("": the default).
+    """
     if user is None or not user.is_authenticated or not user.is_active:
         raise BadRequest("not_authenticated", "authentication required", 401)
+    audiences = {}
     for stream in streams:
-        code = check_stream(user, stream)
+        code, audience = stream_access(user, stream)
         if code == Code.FORBIDDEN:
             metrics.UNAUTHORIZED.labels("read").inc()
             raise BadRequest(code, f"not allowed: {stream}", 403)
         if code is not None:
             raise BadRequest(code, f"cannot read {stream!r}: {code}")
+        audiences[stream] = audience or ""
+    return audiences
 
 
 @dataclass(frozen=True)
@@ -100,10 +106,11 @@ class SignIn:
         key = getattr(session, "session_key", None)
         return cls(session, key, auth_hash(user), time.time())
 
-    def reauthorize(self, user: Any, streams: list[str]) -> Any:
-        """`user` as stored now, authorized again for every stream; BadRequest (401) when it
-        was deleted or deactivated, its password changed or its session signed out since the
-        request began, as an SSE stream decides (`SSEConnection._recheck`)."""
+    def reauthorize(self, user: Any, streams: list[str]) -> dict[str, str]:
+        """Authorize the user as stored now again for every stream, and return its audiences
+        (as `authorize`); BadRequest (401) when it was deleted or deactivated, its password
+        changed or its session signed out since the request began, as an SSE stream decides
+        (`SSEConnection._recheck`)."""
         fresh = reload_user(user)
         if (
             fresh is None
@@ -112,8 +119,7 @@ class SignIn:
             or signed_out(self.session, self.session_key, fresh, self.at)
         ):
             raise BadRequest("not_authenticated", "no longer signed in", 401)
-        authorize(fresh, streams)
-        return fresh
+        return authorize(fresh, streams)
 
 
 @dataclass
@@ -147,12 +153,16 @@ def starting_positions(streams: list[str], cursor: dict[str, Position] | None) -
 
 
 def read_events(
-    positions: dict[str, Position], limit: int, version: str | None = None
+    positions: dict[str, Position],
+    limit: int,
+    version: str | None = None,
+    audiences: dict[str, str] | None = None,
 ) -> tuple[list[tuple[str, int, str, str]], dict[str, Position], list[dict[str, Any]]]:
     """Read up to `limit` events after the positions, oldest first across streams.
 
     Returns (events as (stream, seq, type, frame text), the positions after them, resets).
-    Each frame is the event's `version` one when it has it, else its primary one, as for a
+    Each frame is the event's `version` one when it has it, else its primary one, and of
+    the stream's audience in `audiences` where the event has a payload for it, as for a
     socket's subscription. Within a stream the events keep their seq order, so the new
     positions never skip one. A stream whose next event was pruned after its position was
     checked gives a reset at its position now instead of its events.
@@ -167,8 +177,12 @@ def read_events(
             after[stream] = Position(now.seq, now.epoch)
             resets.append({"op": "reset", "stream": stream, "epoch": now.epoch, "seq": now.seq})
             continue
+        audience = (audiences or {}).get(stream)
         per_stream.append(
-            [(ts, stream, seq, kind, pick_frame(frames, version)) for seq, kind, frames, ts in rows]
+            [
+                (ts, stream, seq, kind, pick_frame(frames, version, audience))
+                for seq, kind, frames, ts in rows
+            ]
         )
     events = []
     for _ts, stream, seq, type_, frame in itertools.islice(

@@ -18,8 +18,9 @@ from django.utils import timezone
 
 from .conf import realtime_settings
 from .context import get_correlation_id, new_correlation_id, note_position
-from .events import Envelope, dumps, is_valid_type
+from .events import Envelope, dumps, is_valid_type, variant_key
 from .models import Event, Stream
+from .policies import is_valid_audience
 from .publisher import LAYER_MESSAGE_TYPE, Outgoing, publisher
 from .streams import group_name, parse_stream
 
@@ -262,24 +263,43 @@ def emit(
     data: Any = None,
     *,
     variants: dict[str, tuple[str, Any]] | None = None,
+    audiences: dict[str, Any] | None = None,
     using: str | None = None,
 ) -> Envelope:
     """Log and publish one event that is not a model change (or one that sent no signal).
 
-    The event joins the current transaction, so it is published only if that commits.
+    `variants` are other versions' (type, data), by version (`v2`) or by version and
+    audience (`v2/owner`); `audiences` is {audience: data} of this event's own type, for the
+    readers whose stream policy puts them in that audience. The event joins the current
+    transaction, so it is published only if that commits.
     """
     parse_stream(stream)
-    for version, (variant_type, _data) in (variants or {}).items():
-        if not is_valid_type(variant_type) or not variant_type.startswith(f"{version}:"):
-            raise ValueError(f"invalid variant {version!r}: {variant_type!r}")
     if not is_valid_type(type):
         raise ValueError(
             f"invalid event type {type!r}: expected 'v<N>:<noun>.<action>' such as "
             "'v1:item.updated'"
         )
+    variants = dict(variants or {})
+    version = type.split(":", 1)[0]
+    for audience, audience_data in (audiences or {}).items():
+        variants[variant_key(version, audience)] = (type, audience_data)
+    for key, (variant_type, _data) in variants.items():
+        variant_version, _slash, audience = key.partition("/")
+        if (
+            not is_valid_type(variant_type)
+            or not variant_type.startswith(f"{variant_version}:")
+            or (_slash and not is_valid_audience(audience))
+            or key == version
+            # An audience's payload of a version the event has no default payload of would
+            # never be picked: a reader of that version gets the primary one.
+            or (_slash and variant_version != version and variant_version not in variants)
+        ):
+            raise ValueError(f"invalid variant {key!r}: {variant_type!r}")
     data = {} if data is None else data
     dumps(data)  # fail here, not after commit, when the data is not JSON-serializable
-    return append([Pending(stream, type, data, dict(variants or {}))], using=using)[0]
+    for _type, variant_data in variants.values():
+        dumps(variant_data)
+    return append([Pending(stream, type, data, variants)], using=using)[0]
 
 
 def emit_many(

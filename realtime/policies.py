@@ -8,6 +8,7 @@ run in a worker thread, so they may query the database; every call reads permiss
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 import re
@@ -20,7 +21,16 @@ from django.utils.module_loading import import_string
 from .conf import realtime_settings
 from .streams import KIND_PATTERN
 
+logger = logging.getLogger("realtime.policies")
 _KIND = re.compile(rf"^{KIND_PATTERN}$")
+#: What an audience may be named: it is part of the key of an event's payload variant.
+AUDIENCE_PATTERN = r"[a-z][a-z0-9_]{0,31}"
+_AUDIENCE = re.compile(rf"^{AUDIENCE_PATTERN}$")
+
+
+def is_valid_audience(value: object) -> bool:
+    """Return whether `value` can name an audience (`owner`, `staff_view`)."""
+    return isinstance(value, str) and bool(_AUDIENCE.fullmatch(value))
 
 
 class BasePermission:
@@ -56,6 +66,12 @@ class StreamPolicy:
     presence: bool = False
     #: Events kept for replay, overriding REALTIME['RETENTION_MAX_EVENTS'] for this kind.
     retention: int | None = None
+    #: Payload variants by permission, in order of precedence: {audience name: test}. A
+    #: subscriber gets the payload registered for the first audience whose test passes (see
+    #: `audience`), and the stream's default payload when none does or the event has no
+    #: payload for it. A test is a callable (user, key) -> bool or its dotted path;
+    #: `ObjectPolicy` also takes a permission such as "board.delete_project".
+    audiences: dict[str, Any] = {}
 
     def get_permissions(self) -> list[BasePermission]:
         return [permission() for permission in self.permission_classes]
@@ -70,6 +86,28 @@ class StreamPolicy:
     def authorize(self, user: Any, key: str) -> bool:
         """Decide for one stream key; override this. Deny by default."""
         return False
+
+    def access(self, user: Any, kind: str, key: str) -> str | None:
+        """None if `user` may not read the stream, else the audience whose payload they get
+        (a name of `audiences`, or "" for the default payload)."""
+        if not self.check(user, kind, key):
+            return None
+        return self.audience(user, key) or ""
+
+    def audience(self, user: Any, key: str) -> str | None:
+        """The audience of a reader `check` allowed: the first of `audiences` whose test
+        passes, or None for the default payload. Runs in a worker thread, as `authorize`.
+        """
+        for name, test in self.audiences.items():
+            if self.in_audience(user, key, test):
+                return name
+        return None
+
+    def in_audience(self, user: Any, key: str, test: Any) -> bool:
+        """Whether one test of `audiences` passes for `user` on stream key `key`."""
+        if isinstance(test, str):
+            test = import_string(test)
+        return bool(test(user, key))
 
     def allows_client_event(self, event_type: str) -> bool:
         return event_type in self.client_events
@@ -115,6 +153,28 @@ class ObjectPolicy(StreamPolicy):
             user = copy.copy(user)
             del user._guardian_perms_cache
         return ObjectPermissionChecker(user).has_perm(self.permission.split(".", 1)[-1], obj)
+
+    def audience(self, user: Any, key: str) -> str | None:
+        # One object and one checker for every test: the checker reads the user's
+        # permissions on the object once (a query for the user's, one for their groups').
+        if not self.audiences:
+            return None
+        from guardian.core import ObjectPermissionChecker
+
+        obj = self.get_object(key)
+        if obj is None:
+            return None
+        if hasattr(user, "_guardian_perms_cache"):
+            user = copy.copy(user)
+            del user._guardian_perms_cache
+        checker = ObjectPermissionChecker(user)
+        for name, test in self.audiences.items():
+            if callable(test):
+                if test(user, key):
+                    return name
+            elif checker.has_perm(str(test).split(".", 1)[-1], obj):
+                return name
+        return None
 
 
 class UserPolicy(StreamPolicy):
@@ -253,16 +313,46 @@ def same_password(user: Any, known: str | None) -> bool:
     return now is None or known is None or constant_time_compare(now, known)
 
 
-def check_stream(user: Any, stream: str) -> str | None:
-    """Return None if `user` may read `stream`, else the refusal code (runs policy queries)."""
+def _policy_of(stream: str) -> tuple[str | None, Any, str, str]:
+    """(None, policy, kind, key) of a stream name, or (the refusal code, None, "", "")."""
     from .protocol import Code
     from .streams import InvalidStreamName, parse_stream
 
     try:
         kind, key = parse_stream(stream)
     except InvalidStreamName:
-        return Code.INVALID_STREAM
+        return Code.INVALID_STREAM, None, "", ""
     policy = stream_kinds.get(kind)
     if policy is None:
-        return Code.UNKNOWN_STREAM
+        return Code.UNKNOWN_STREAM, None, "", ""
+    return None, policy, kind, key
+
+
+def check_stream(user: Any, stream: str) -> str | None:
+    """Return None if `user` may read `stream`, else the refusal code (runs policy queries)."""
+    from .protocol import Code
+
+    code, policy, kind, key = _policy_of(stream)
+    if code is not None:
+        return code
     return None if policy.check(user, kind, key) else Code.FORBIDDEN
+
+
+def stream_access(user: Any, stream: str) -> tuple[str | None, str | None]:
+    """(None, audience) if `user` may read `stream`, else (the refusal code, None).
+
+    The audience is the one whose payload the reader gets ("" for the default payload), as
+    `StreamPolicy.access` decides it; runs policy queries. A policy that raises is logged
+    and refuses, as on a socket.
+    """
+    from .protocol import Code
+
+    code, policy, kind, key = _policy_of(stream)
+    if code is not None:
+        return code, None
+    try:
+        audience = policy.access(user, kind, key)
+    except Exception:
+        logger.exception("policy for %s raised; refusing", stream)
+        return Code.FORBIDDEN, None
+    return (Code.FORBIDDEN, None) if audience is None else (None, audience)

@@ -17,7 +17,7 @@ from django.db.models import signals
 from django.utils.module_loading import import_string
 
 from .conf import realtime_settings
-from .events import is_valid_type, is_valid_version
+from .events import is_valid_type, is_valid_version, variant_key
 from .streams import KIND_PATTERN, InvalidStreamName, parse_stream
 
 logger = logging.getLogger("realtime.registry")
@@ -31,6 +31,9 @@ StreamsSpec = str | Callable[[Any], Any] | Iterable[str | Callable[[Any], Any]]
 
 class RegistrationError(ValueError):
     """A registration that cannot work; raised at the first save and reported by checks."""
+
+
+Plan = dict[str, dict[str, tuple[str, Any]]]  # stream -> variant key -> (type, data)
 
 
 @dataclass
@@ -47,9 +50,13 @@ class Registration:
     #: {stream kind: serializer} used for the streams of that kind instead of `serializer`
     #: (a redacted payload for a wider audience, such as an organization-wide stream).
     stream_serializers: dict[str, Any] = field(default_factory=dict)
+    #: {audience: serializer}: the payload that readers of that audience (a name of their
+    #: stream policy's `audiences`) get, such as every field for owners.
+    audiences: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     _local: threading.local = field(default_factory=threading.local, repr=False, compare=False)
-    #: `stream_serializers` values resolved (dotted paths imported), by kind.
+    #: `stream_serializers` values resolved (dotted paths imported), by kind, and
+    #: `audiences` ones by "@<audience>".
     _resolved: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     #: Set once every dotted serializer path imported and is usable: saves skip the check.
     _paths_ok: bool = field(default=False, repr=False, compare=False)
@@ -121,9 +128,39 @@ class Registration:
             return self._serializer
         resolved = self._resolved.get(key)
         if resolved is None:
-            spec = self.stream_serializers[key]
+            by_key = self.audiences if key.startswith("@") else self.stream_serializers
+            spec = by_key[key.lstrip("@")]
             resolved = self._resolved[key] = import_string(spec) if isinstance(spec, str) else spec
         return resolved
+
+    def audiences_on(self, stream: str) -> list[str]:
+        """The audiences of this registration that `stream`'s policy declares, in order."""
+        if not self.audiences:
+            return []
+        from .policies import stream_kinds
+
+        policy = stream_kinds.get(stream.partition(":")[0])
+        declared = getattr(policy, "audiences", None) or {}
+        return [name for name in declared if name in self.audiences]
+
+    def add_to(self, plan: Plan, stream: str, action: str, instance: Any, cache: dict) -> None:
+        """Put the events of `action` on `stream` into `plan`: the payload of this version,
+        and one per audience the stream has. `cache` holds the payloads serialized so far
+        for this instance (by payload key), so each is serialized once."""
+        by_key = plan.setdefault(stream, {})
+        type_ = self.type_for(action)
+        if action == "deleted":
+            by_key.setdefault(self.version, (type_, self.deleted_data(instance.pk, instance)))
+            return  # a delete carries the pk (and version) to every audience alike
+        key = self.payload_key(stream)
+        if key not in cache:
+            cache[key] = self.serialize(instance, key)
+        by_key.setdefault(self.version, (type_, cache[key]))
+        for audience in self.audiences_on(stream):
+            key = f"@{audience}"
+            if key not in cache:
+                cache[key] = self.serialize(instance, key)
+            by_key.setdefault(variant_key(self.version, audience), (type_, cache[key]))
 
 
 class _Attrs(dict):  # type: ignore[type-arg]
@@ -187,6 +224,7 @@ class Registry:
         name: str | None = None,
         version_field: str | None = None,
         stream_serializers: Any = None,
+        audiences: Any = None,
     ) -> Registration | None:
         """Register a model; problems are kept for the system check, not raised here."""
         if not (isinstance(model, type) and issubclass(model, models.Model)):
@@ -206,6 +244,7 @@ class Registry:
             name=name or meta.model_name or "",
             version_field=version_field or ("version" if _has_field(model, "version") else None),
             stream_serializers={} if stream_serializers is None else stream_serializers,
+            audiences={} if audiences is None else audiences,
         )
         registration.problems.extend(_static_problems(registration))
         if version_field and not _has_field(model, version_field):
@@ -300,11 +339,18 @@ def serializer_problem(reg: Registration) -> str | None:
     specs: list[tuple[str | None, Any]] = [(None, reg.serializer)]
     if isinstance(reg.stream_serializers, dict):
         specs += [(k, v) for k, v in reg.stream_serializers.items() if isinstance(k, str)]
+    if isinstance(reg.audiences, dict):
+        specs += [(f"@{k}", v) for k, v in reg.audiences.items() if isinstance(k, str)]
     problems = []
     for key, spec in specs:
         if not isinstance(spec, str):
             continue
-        name = "serializer" if key is None else f"stream_serializers[{key!r}]"
+        if key is None:
+            name = "serializer"
+        elif key.startswith("@"):
+            name = f"audiences[{key[1:]!r}]"
+        else:
+            name = f"stream_serializers[{key!r}]"
         try:
             value = reg.resolved_serializer(key)
         except ImportError as exc:
@@ -340,6 +386,7 @@ def _static_problems(reg: Registration) -> list[str]:
             f"{label}: serializer must be a DRF serializer class, a callable or a dotted path, "
             f"not {reg.serializer!r}"
         )
+    problems += _audience_problems(reg, label)
     if not isinstance(reg.stream_serializers, dict):
         problems.append(
             f"{label}: stream_serializers must be a dict of stream kind to serializer, not "
@@ -362,6 +409,27 @@ def _static_problems(reg: Registration) -> list[str]:
     return problems
 
 
+def _audience_problems(reg: Registration, label: str) -> list[str]:
+    from .policies import is_valid_audience
+
+    if not isinstance(reg.audiences, dict):
+        kind = type(reg.audiences).__name__
+        return [f"{label}: audiences must be a dict of audience to serializer, not {kind}"]
+    problems = []
+    for name, spec in reg.audiences.items():
+        if not is_valid_audience(name):
+            problems.append(
+                f"{label}: audiences key {name!r} is not an audience name: use 1-32 lowercase "
+                "letters, digits or '_', starting with a letter"
+            )
+        elif not isinstance(spec, str) and not _usable_serializer(spec):
+            problems.append(
+                f"{label}: audiences[{name!r}]: a serializer must be a DRF serializer class, a "
+                f"callable, a dotted path or None, not {spec!r}"
+            )
+    return problems
+
+
 registry = Registry()
 
 
@@ -379,6 +447,7 @@ def broadcast(
     name: str | None = None,
     version_field: str | None = None,
     stream_serializers: Any = None,
+    audiences: Any = None,
 ) -> Callable[[Any], Any]:
     """Class decorator registering a model: its saves and deletes become events on `streams`.
 
@@ -404,6 +473,11 @@ def broadcast(
         kind get this payload instead, such as a redacted one for an organization-wide
         stream whose readers may not see every field. Deletes carry the pk (and
         ``version_field``) on every stream.
+    audiences:
+        ``{audience: serializer}`` (each as ``serializer`` may be, None for every concrete
+        field): readers whose stream policy puts them in that audience (its ``audiences``)
+        get this payload, serialized once per event and audience; the others get the
+        stream's payload. Deletes carry the same data to every audience.
     """
 
     def decorate(model: Any) -> Any:
@@ -416,6 +490,7 @@ def broadcast(
             name=name,
             version_field=version_field,
             stream_serializers=stream_serializers,
+            audiences=audiences,
         )
         return model
 
@@ -604,9 +679,6 @@ def _attnames_of(model: Any, names: Iterable[str]) -> frozenset[str]:
     return frozenset(result)
 
 
-Plan = dict[str, dict[str, tuple[str, Any]]]  # stream -> version -> (type, data)
-
-
 def _on_save(
     sender: Any,
     instance: Any,
@@ -636,22 +708,14 @@ def _on_save(
         _raise_problems(reg)
         new_streams = reg.stream_names(new)
         old_streams = new_streams if old is new else reg.stream_names(old)
-        data: dict[str | None, Any] = {}  # payload_key -> payload, serialized once each
+        cache: dict[str | None, Any] = {}  # payload key -> payload, serialized once each
         for stream in dict.fromkeys([*old_streams, *new_streams]):
             if stream in new_streams:
                 action = "created" if created or stream not in old_streams else "updated"
             else:
                 action = "deleted"
-            if action not in reg.actions:
-                continue
-            if action == "deleted":
-                payload: Any = reg.deleted_data(instance.pk, new)
-            else:
-                key = reg.payload_key(stream)
-                if key not in data:
-                    data[key] = reg.serialize(new, key)
-                payload = data[key]
-            plan.setdefault(stream, {}).setdefault(reg.version, (reg.type_for(action), payload))
+            if action in reg.actions:
+                reg.add_to(plan, stream, action, new, cache)
     _append([plan], using)
     if updated is None or stored is None:
         _remember(instance, _snapshot(instance), using)
@@ -679,16 +743,9 @@ def _plan(instance: Any, action: str) -> Plan:
         _raise_problems(reg)
         if action not in reg.actions:
             continue
-        data: dict[str | None, Any] = {}  # payload_key -> payload, serialized once each
+        cache: dict[str | None, Any] = {}  # payload key -> payload, serialized once each
         for stream in reg.stream_names(instance):
-            if action == "deleted":
-                payload = reg.deleted_data(instance.pk, instance)
-            else:
-                key = reg.payload_key(stream)
-                if key not in data:
-                    data[key] = reg.serialize(instance, key)
-                payload = data[key]
-            plan.setdefault(stream, {}).setdefault(reg.version, (reg.type_for(action), payload))
+            reg.add_to(plan, stream, action, instance, cache)
     return plan
 
 

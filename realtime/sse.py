@@ -34,11 +34,11 @@ from .feed import (
 )
 from .policies import (
     auth_hash,
-    check_stream,
     next_recheck,
     reload_user,
     same_password,
     signed_out,
+    stream_access,
     stream_kinds,
 )
 from .protocol import Code
@@ -77,6 +77,7 @@ class SSEConnection:
         remote_addr: str = "",
         session: Any = None,
         version: str | None = None,
+        audiences: dict[str, str] | None = None,
     ) -> None:
         self.connection_id = uuid.uuid4().hex
         self.user = user
@@ -96,7 +97,9 @@ class SSEConnection:
             kind, _key = parse_stream(stream)
             policy = stream_kinds.get(kind)
             assert policy is not None  # authorized already
-            subscription = Subscription(self, stream, policy, version)
+            subscription = Subscription(
+                self, stream, policy, version, (audiences or {}).get(stream)
+            )
             subscription.contiguous = positions[stream].seq
             self.subscriptions[stream] = subscription
         self.outbox: collections.deque[str] = collections.deque()
@@ -180,7 +183,9 @@ class SSEConnection:
         self.user = user
         hub = get_hub()
         for stream, subscription in list(self.subscriptions.items()):
-            if await _db(check_stream)(self.user, stream) is None:
+            refused, audience = await _db(stream_access)(self.user, stream)
+            if refused is None:
+                subscription.audience = audience or None
                 continue
             subscription.authorized = False
             del self.subscriptions[stream]
@@ -307,9 +312,15 @@ class SSEConnection:
             # A permission change announced while the layer was silent was lost with it:
             # decide again, about the user as stored now.
             fresh = await _db(reload_user)(self.user)
-            if fresh is None or await _db(check_stream)(fresh, subscription.stream) is not None:
+            refused, audience = (
+                ("gone", None)
+                if fresh is None
+                else await _db(stream_access)(fresh, subscription.stream)
+            )
+            if refused is not None:
                 await self._recheck()
                 return
+            subscription.audience = audience or None
             async for _batch in subscription.replay_batches():
                 if self.closed:
                     return
@@ -337,14 +348,14 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         version = parse_version(request)
         cursor = parse_cursor(request.headers.get("Last-Event-ID") or request.GET.get("cursor"))
         user = await request.auser()  # type: ignore[attr-defined]
-        await _db(authorize)(user, streams)
+        audiences = await _db(authorize)(user, streams)
     except BadRequest as exc:
         if exc.code == "invalid_cursor":
             # A cursor we cannot read: start now, and say so with a reset per stream.
             cursor = {s: Position(-1, "invalid") for s in parse_streams(request)}
             user = await request.auser()  # type: ignore[attr-defined]
             try:
-                await _db(authorize)(user, streams)
+                audiences = await _db(authorize)(user, streams)
             except BadRequest as refused:
                 return refused.response()
         else:
@@ -358,6 +369,7 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         remote_addr=request.META.get("REMOTE_ADDR") or "",
         session=getattr(request, "session", None),
         version=version,
+        audiences=audiences,
     )
     connection.resumed = cursor is not None
     limit = int(realtime_settings.MAX_CONNECTIONS_PER_USER)
