@@ -5,11 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from .models import Notification, Preference
-from .service import mark_read_by_admin
+from .service import delete_by_admin, mark_read_by_admin
+
+
+def _user_search_fields(relation: str) -> list[str]:
+    """The user model's login and email fields through `relation` (not every one has both)."""
+    user_model: Any = get_user_model()
+    names = [user_model.USERNAME_FIELD, user_model.get_email_field_name()]
+    fields = {field.name for field in user_model._meta.get_fields()}
+    return [f"{relation}__{name}" for name in dict.fromkeys(names) if name in fields]
 
 
 class ReadFilter(admin.SimpleListFilter):
@@ -46,15 +55,25 @@ class DeletedFilter(admin.SimpleListFilter):
 class NotificationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ["id", "recipient", "verb", "level", "created_at", "read_at", "deleted_at"]
     list_filter = [ReadFilter, DeletedFilter, "level", "verb", "created_at"]
-    search_fields = ["recipient__username", "recipient__email", "verb"]
+    search_fields = ["verb"]  # and the recipient's login and email: get_search_fields
     list_select_related = ["recipient"]
     date_hierarchy = "created_at"
     readonly_fields = [f.name for f in Notification._meta.concrete_fields]
     actions = ["mark_read"]
     show_full_result_count = False
 
+    def get_search_fields(self, request: HttpRequest) -> list[str]:
+        return [*_user_search_fields("recipient"), *self.search_fields]
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # made by notify(), which also emits the event
+
+    def delete_model(self, request: HttpRequest, obj: Notification) -> None:
+        # As the API's delete does, tell the recipient's tabs (and their unread count).
+        delete_by_admin(Notification.objects.filter(pk=obj.pk))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
+        delete_by_admin(queryset)
 
     @admin.action(description="Mark selected notifications read", permissions=["change"])
     def mark_read(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
@@ -65,5 +84,7 @@ class NotificationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 @admin.register(Preference)
 class PreferenceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ["user", "muted_verbs", "muted_levels"]
-    search_fields = ["user__username"]
     raw_id_fields = ["user"]
+
+    def get_search_fields(self, request: HttpRequest) -> list[str]:
+        return _user_search_fields("user")

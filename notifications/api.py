@@ -230,9 +230,9 @@ class NotificationViewSet(
 
     def listed_pks(self, queryset: Any) -> Any:
         # Every change but a muted notification's making is an event on the user's stream;
-        # that one adds a row (a new highest id), and a row deleted without an event (the
-        # admin's delete) lowers the count: one aggregate row covers both, however many the
-        # user has, where the ids of all of them were read for every list request.
+        # that one adds a row (a new highest id), and a row deleted without an event (a
+        # queryset's delete in code) lowers the count: one aggregate row covers both, however
+        # many the user has, where the ids of all of them were read for every list request.
         found = queryset.order_by().aggregate(count=Count("pk"), newest=Max("pk"))
         return [found["count"], found["newest"]]
 
@@ -257,31 +257,37 @@ class NotificationViewSet(
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         """Soft delete: hidden from the user, kept for the admin."""
         with transaction.atomic(), collect_positions() as written:
-            found = self.get_object()
-            # Locked before the check: a change committed meanwhile (marked read) either
-            # waits for this delete, or is seen by the check and makes If-Match stale.
-            instance = self.get_queryset().select_for_update().get(pk=found.pk)
+            instance = self._locked(kwargs[self.lookup_url_kwarg or self.lookup_field])
             self.check_if_match(instance)
             soft_delete(request.user, [instance.pk])
         return self.with_position(Response(status=status.HTTP_204_NO_CONTENT), written)
 
-    def _one(self, pk: Any) -> Notification:
+    def _locked(self, pk: Any) -> Notification:
+        """The user's notification `pk`, its row locked until the transaction ends (else 404).
+
+        Found and locked in one read: a change committed meanwhile (marked read) either waits
+        for this write, or is seen by its If-Match check. A read before the lock would miss a
+        delete committed in between, and the locked read then found nothing (a 500).
+        """
         try:
-            return Notification.objects.for_user(self.request.user).get(pk=int(pk))
-        except (Notification.DoesNotExist, ValueError, TypeError, OverflowError):
+            pk = int(pk)
+        except (ValueError, TypeError):
             raise NotFound() from None
+        instance = self.get_queryset().select_for_update().filter(pk=pk).first()
+        if instance is None:
+            raise NotFound()
+        self.check_object_permissions(self.request, instance)
+        return instance
 
     def _set_read(self, pk: Any, read: bool) -> Response:
-        self._one(pk)
         with transaction.atomic(), collect_positions() as written:
-            if "If-Match" in self.request.headers or "If-None-Match" in self.request.headers:
-                # Checked with the row locked, as a delete is: no change slips in between.
-                locked = self.get_queryset().select_for_update().filter(pk=int(pk)).first()
-                if locked is None:
-                    raise NotFound()  # deleted since
-                self.check_if_match(locked)
-            set_read(self.request.user, [int(pk)], read=read)
-        return self.with_position(Response(represent(self._one(pk))), written)
+            instance = self._locked(pk)
+            self.check_if_match(instance)
+            set_read(self.request.user, [instance.pk], read=read)
+            # Read in the transaction: a delete committed right after it is no 404 for a
+            # change that was made.
+            instance.refresh_from_db(fields=["read_at"])
+        return self.with_position(Response(represent(instance)), written)
 
     @extend_schema(**MARK_SCHEMA)
     @action(detail=True, methods=["post"])

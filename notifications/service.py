@@ -77,7 +77,18 @@ def _recipient_ids(recipients: Any) -> list[Any]:
             seen.setdefault(pk_field.to_python(value), None)
         except Exception:
             raise TypeError(f"recipient {value!r} is not a valid user pk") from None
-    return list(seen)
+    ids = list(seen)
+    if not isinstance(recipients, models.QuerySet):
+        # A pk (or a deleted user's object) naming no user would fail its foreign key only at
+        # the commit, after the rows and events were written: the caller's whole transaction.
+        users = user_model._base_manager.db_manager(router.db_for_write(Notification))
+        for start in range(0, len(ids), BATCH):
+            chunk = ids[start : start + BATCH]
+            found = set(users.filter(pk__in=chunk).values_list("pk", flat=True))
+            missing = [pk for pk in chunk if pk not in found]
+            if missing:
+                raise ValueError(f"recipients: no user has pk {missing[0]}")
+    return ids
 
 
 def represent(notification: Notification, unread_count: int | None = None) -> dict[str, Any]:
@@ -218,31 +229,45 @@ def _atomic() -> ExitStack:
 
 #: A read-all names the notifications it marked, in its event and its answer, up to this many.
 READ_ALL_IDS = 1000
+#: The most ids a `read` or `deleted` event names (and a statement lists); more are more events.
+IDS_PER_EVENT = 1000
 
 
 def _changed(user: Any, type: str, ids: list[int], extra: dict[str, Any]) -> None:
+    """Emit `type` for the user's `ids`, with the unread count after the change."""
     stream = stream_of(user)
     lock_streams([stream])  # then count: a notify() racing this one has committed by now
-    realtime.emit(stream, type, {"ids": ids, **extra, "unread_count": unread_count(user)})
+    pk = getattr(user, "pk", user)
+    realtime.emit(stream, type, {"ids": ids, **extra, "unread_count": unread_counts([pk])[pk]})
+
+
+def _batches(ids: Iterable[int]) -> Iterable[list[int]]:
+    """The distinct ids in sorted batches of at most `IDS_PER_EVENT`."""
+    ordered = sorted(set(ids))
+    for start in range(0, len(ordered), IDS_PER_EVENT):
+        yield ordered[start : start + IDS_PER_EVENT]
 
 
 def set_read(user: Any, ids: Iterable[int], read: bool = True) -> list[int]:
     """Mark some of the user's notifications read or unread (all unread ones: `read_all`).
 
-    Returns the ids that changed; when any did, one `v1:notification.read` event carries
-    them and the new unread count, so every tab of the user stays in step.
+    Returns the ids that changed; a `v1:notification.read` event carries them (at most
+    `IDS_PER_EVENT` an event) and the new unread count, so every tab of the user stays in step.
     """
     if ids is None:
         raise TypeError("set_read() needs the ids; read_all() marks every unread one")
+    changed: list[int] = []
     with _atomic():
-        query = Notification.objects.for_user(user).select_for_update()
-        query = query.filter(pk__in=list(ids)).filter(read_at__isnull=read)
-        changed = sorted(query.values_list("pk", flat=True))
-        if changed:
-            Notification.objects.filter(pk__in=changed).update(
-                read_at=timezone.now() if read else None
-            )
-            _changed(user, READ, changed, {"read": read})
+        for batch in _batches(ids):
+            query = Notification.objects.for_user(user).select_for_update()
+            query = query.filter(pk__in=batch).filter(read_at__isnull=read)
+            marked = sorted(query.values_list("pk", flat=True))
+            if marked:
+                Notification.objects.filter(pk__in=marked).update(
+                    read_at=timezone.now() if read else None
+                )
+                _changed(user, READ, marked, {"read": read})
+                changed += marked
     return changed
 
 
@@ -271,18 +296,40 @@ def read_all(user: Any) -> dict[str, Any]:
 
 
 def soft_delete(user: Any, ids: Iterable[int]) -> list[int]:
-    """Hide the user's notifications; one `v1:notification.deleted` event for the change."""
+    """Hide the user's notifications; a `v1:notification.deleted` event per `IDS_PER_EVENT`."""
+    changed: list[int] = []
     with _atomic():
-        query = Notification.objects.for_user(user).filter(pk__in=list(ids))
-        changed = sorted(query.select_for_update().values_list("pk", flat=True))
-        if changed:
-            Notification.objects.filter(pk__in=changed).update(deleted_at=timezone.now())
-            _changed(user, DELETED, changed, {})
+        for batch in _batches(ids):
+            query = Notification.objects.for_user(user).filter(pk__in=batch)
+            hidden = sorted(query.select_for_update().values_list("pk", flat=True))
+            if hidden:
+                Notification.objects.filter(pk__in=hidden).update(deleted_at=timezone.now())
+                _changed(user, DELETED, hidden, {})
+                changed += hidden
     return changed
 
 
+def delete_by_admin(queryset: Any) -> int:
+    """Delete the given notifications for good; their recipients get `v1:notification.deleted`.
+
+    Only the ones still visible to their recipient are in an event (a soft-deleted one is gone
+    from every tab already). Returns how many rows were deleted.
+    """
+    deleted = 0
+    with _atomic():
+        visible = queryset.visible()
+        user_pks = visible.order_by("recipient_id").values_list("recipient_id", flat=True)
+        for user_pk in list(user_pks.distinct()):
+            pks = visible.filter(recipient_id=user_pk).values_list("pk", flat=True)
+            for batch in _batches(pks):
+                deleted += Notification.objects.filter(pk__in=batch).delete()[0]
+                _changed(user_pk, DELETED, batch, {})
+        deleted += queryset.delete()[0]  # the rest: hidden from their users already
+    return deleted
+
+
 def mark_read_by_admin(queryset: Any) -> int:
-    """Mark the given notifications read, one event per recipient (the admin's bulk action).
+    """Mark the given notifications read, an event per recipient and 1,000 (the admin's action).
 
     In one transaction (all or nothing), one recipient at a time: only that recipient's
     selected ids are held in memory, however many the selection has.

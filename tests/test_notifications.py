@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core import checks
 from django.db import connection, transaction
@@ -23,11 +24,13 @@ from realtime.models import Event
 from realtime.policies import UserPolicy, stream_kinds
 from realtime.testing import RealtimeClient, flush, record_group_sends, session_for
 
+from . import test_browser as e2e
 from .factories import ProjectFactory, UserFactory
 from .test_sse import open_sse
 
 db = sync_to_async
 BELL = "notifications/bell.html"
+browser, server = e2e.browser, e2e.server  # real Chromium against daphne, for the bell
 
 
 def events_of(user, type_prefix="v1:notification."):
@@ -749,3 +752,250 @@ def test_a_delete_with_if_match_does_not_pass_over_a_change_made_meanwhile(monke
     assert note.deleted_at is not None
     assert note.read_at is None  # the read came after the delete, and found nothing to mark
     assert other == [404]
+
+
+# -- review: recipients, races, bounded changes, admin deletes, the bell ----------------------
+
+
+@pytest.mark.django_db
+def test_a_recipient_pk_of_no_user_raises_before_anything_is_written():
+    from realtime.models import Stream
+
+    bob = UserFactory()
+    missing = bob.pk + 1000
+    # Unchecked, the rows and events were written and the foreign key failed at the commit,
+    # so the caller's whole transaction failed there, far from the call.
+    with pytest.raises(ValueError, match=f"no user has pk {missing}"):
+        notify([bob, missing], "liked")
+    gone = UserFactory()
+    get_user_model().objects.filter(pk=gone.pk).delete()  # the instance keeps its pk
+    with pytest.raises(ValueError, match="no user has pk"):
+        notify(gone, "liked")
+    assert not Notification.objects.exists()
+    assert not Stream.objects.filter(name__startswith="user:").exists()
+    connection.check_constraints()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("method", ["delete", "read", "unread"])
+def test_a_notification_deleted_while_a_write_waits_for_its_lock_is_a_404_not_a_500(
+    monkeypatch, method
+):
+    from django.db.models import QuerySet
+
+    bob = UserFactory()
+    (note,) = notify(bob, "liked")
+    client = Client(raise_request_exception=False)
+    client.force_login(bob)
+    etag = client.get(f"/api/notifications/{note.pk}/")["ETag"]
+    real = QuerySet.select_for_update
+
+    def select_for_update(self, *args, **kwargs):
+        if self.model is Notification:  # another request's delete commits before our lock
+            Notification.objects.filter(pk=note.pk).update(deleted_at=timezone.now())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(QuerySet, "select_for_update", select_for_update)
+    url = f"/api/notifications/{note.pk}/"
+    if method == "delete":
+        response = client.delete(url, HTTP_IF_MATCH=etag)
+    else:
+        response = client.post(f"{url}{method}/", HTTP_IF_MATCH=etag)
+    assert response.status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_read_answers_the_notification_it_marked_even_if_deleted_right_after(monkeypatch):
+    import notifications.api as notifications_api
+
+    bob = UserFactory()
+    (note,) = notify(bob, "liked")
+    real_set_read = notifications_api.set_read
+
+    def set_read_then_deleted(user, ids, read=True):
+        changed = real_set_read(user, ids, read=read)
+        # Another tab deletes it as soon as this read commits.
+        transaction.on_commit(
+            lambda: Notification.objects.filter(pk=note.pk).update(deleted_at=timezone.now())
+        )
+        return changed
+
+    monkeypatch.setattr(notifications_api, "set_read", set_read_then_deleted)
+    response = client_for(bob).post(f"/api/notifications/{note.pk}/read/")
+    flush()
+    # The read was made (and its event sent): the answer is the notification, not a 404.
+    assert response.status_code == 200
+    assert response.json()["id"] == note.pk
+    assert response.json()["unread"] is False
+    assert [t for t, _d in events_of(bob)] == ["v1:notification.created", "v1:notification.read"]
+
+
+@pytest.mark.django_db
+def test_marking_many_notifications_at_once_sends_events_of_bounded_size(monkeypatch):
+    from notifications import service
+
+    monkeypatch.setattr(service, "IDS_PER_EVENT", 5)
+    bob = UserFactory()
+    now = timezone.now()
+    Notification.objects.bulk_create(
+        Notification(recipient=bob, verb="x", created_at=now) for _ in range(12)
+    )
+    ids = sorted(Notification.objects.values_list("pk", flat=True))
+    sizes: list[int] = []
+
+    def count_params(execute, sql, params, many, context):
+        sizes.append(len(params or ()))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(count_params):
+        assert sorted(set_read(bob, ids)) == ids
+    # No statement lists all 12 ids, and no event carries more than 5.
+    assert max(sizes) < 12
+    changes = [(d["ids"], d["unread_count"]) for _t, d in events_of(bob)]
+    assert changes == [(ids[:5], 7), (ids[5:10], 2), (ids[10:], 0)]
+    assert sorted(service.soft_delete(bob, ids)) == ids
+    assert [len(d["ids"]) for t, d in events_of(bob) if t.endswith("deleted")] == [5, 5, 2]
+    assert not Notification.objects.for_user(bob).exists()
+
+
+@pytest.mark.django_db
+def test_an_admin_delete_tells_the_recipient_with_the_new_count():
+    staff = UserFactory(is_staff=True, is_superuser=True)
+    bob = UserFactory()
+    first, second, third = (notify(bob, f"v{i}")[0] for i in range(3))
+    client = client_for(staff)
+    response = client.post(
+        "/admin/notifications/notification/",
+        {"action": "delete_selected", "_selected_action": [first.pk], "post": "yes"},
+    )
+    assert response.status_code == 302
+    assert not Notification.objects.filter(pk=first.pk).exists()
+    # Every tab of bob showed it, and a count of 3: both follow from the event.
+    assert events_of(bob)[-1] == (
+        "v1:notification.deleted",
+        {"ids": [first.pk], "unread_count": 2},
+    )
+    response = client.post(
+        f"/admin/notifications/notification/{second.pk}/delete/", {"post": "yes"}
+    )
+    assert response.status_code == 302
+    assert events_of(bob)[-1] == (
+        "v1:notification.deleted",
+        {"ids": [second.pk], "unread_count": 1},
+    )
+    # One bob deleted already is gone from his tabs: removing it for good sends nothing.
+    client_for(bob).delete(f"/api/notifications/{third.pk}/")
+    before = len(events_of(bob))
+    client.post(
+        "/admin/notifications/notification/",
+        {"action": "delete_selected", "_selected_action": [third.pk], "post": "yes"},
+    )
+    assert not Notification.objects.exists()
+    assert len(events_of(bob)) == before
+
+
+@pytest.mark.django_db
+def test_admin_search_follows_the_user_models_own_fields(monkeypatch):
+    from django.contrib import admin as django_admin
+
+    from notifications.admin import NotificationAdmin, PreferenceAdmin
+
+    user_model = get_user_model()
+    # A custom user model logs in by another field (and may have no `username` at all).
+    monkeypatch.setattr(user_model, "USERNAME_FIELD", "first_name")
+    request = RequestFactory().get("/admin/")
+    notification_admin = NotificationAdmin(Notification, django_admin.site)
+    fields = list(notification_admin.get_search_fields(request))
+    assert "recipient__first_name" in fields
+    assert "recipient__username" not in fields
+    assert "recipient__email" in fields  # get_email_field_name()
+    preference_admin = PreferenceAdmin(Preference, django_admin.site)
+    assert list(preference_admin.get_search_fields(request)) == ["user__first_name", "user__email"]
+
+
+def _bell_urls(monkeypatch: Any, prefix: str) -> str:
+    """A URLconf module that mounts the notifications under `prefix`; its dotted name."""
+    import sys
+    import types
+
+    from django.urls import include, path
+
+    module = types.ModuleType("notification_bell_urls")
+    module.urlpatterns = [path(prefix, include("notifications.urls"))]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return module.__name__
+
+
+@pytest.mark.django_db
+def test_the_bell_calls_the_api_where_the_project_mounted_it(monkeypatch):
+    from django.test import override_settings
+
+    bob = UserFactory()
+    request = RequestFactory().get("/")
+    request.user = bob
+    with override_settings(ROOT_URLCONF=_bell_urls(monkeypatch, "inbox/")):
+        html = Template("{% load notifications_tags %}{% notification_bell %}").render(
+            Context({"request": request})
+        )
+    assert 'data-list-url="/inbox/api/notifications/"' in html
+    assert 'data-count-url="/inbox/api/notifications/unread-count/"' in html
+    assert 'data-read-all-url="/inbox/api/notifications/read-all/"' in html
+    assert '"/api/notifications/' not in html
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_two_bells_on_a_page_open_and_follow_the_stream_once(browser, server):
+    from playwright.sync_api import expect
+
+    bob = UserFactory()
+    request = RequestFactory().get("/")
+    request.user = bob
+    bells = Template(
+        "{% load notifications_tags %}<header>{% notification_bell %}</header>"
+        "<footer>{% notification_bell %}</footer>"
+    ).render(Context({"request": request}))
+    html = (
+        "<!doctype html><html><body><span data-realtime-status></span>"
+        "<script>window.seen = 0; document.addEventListener('notification', () => seen++);"
+        f"</script>{bells}</body></html>"
+    )
+    context = browser.new_context(base_url=server.url(""))
+    # The page below comes from the route, not the server: Chromium would keep it off 127.0.0.1.
+    context.grant_permissions(["local-network-access"])
+    context.add_cookies(
+        [{"name": settings.SESSION_COOKIE_NAME, "value": session_for(bob), "url": server.url("/")}]
+    )
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    page.route(
+        server.url("/two-bells/"), lambda route: route.fulfill(body=html, content_type="text/html")
+    )
+    # Made after the render: the bells' subscription replays it (the test's process publishes
+    # to no channel layer daphne reads).
+    notify(bob, "mentioned you")
+    page.goto("/two-bells/")
+    expect(page.locator("[data-realtime-status]")).to_have_attribute("data-status", "open")
+    for bell in ("header", "footer"):
+        expect(page.locator(f"{bell} [data-unread-count]")).to_have_text("1")
+    top = page.locator("header .notification-bell")
+    top.locator(".notification-bell__button").click()
+    # Each bell's script handled every bell: a click toggled the menu twice (it stayed shut).
+    expect(top.locator(".notification-bell__menu")).to_be_visible()
+    expect(top.locator("[data-notification-list] li")).to_have_text(["someone mentioned you"])
+    page.wait_for_timeout(300)  # another subscription's copy of the event would be here by now
+    assert page.evaluate("window.seen") == 1
+    context.close()
+
+
+@pytest.mark.django_db
+def test_an_id_past_the_columns_range_is_a_404_on_every_route():
+    bob = UserFactory()
+    notify(bob, "liked")
+    client = Client(raise_request_exception=False)
+    client.force_login(bob)
+    url = f"/api/notifications/{'9' * 25}/"
+    assert client.get(url).status_code == 404
+    assert client.delete(url).status_code == 404
+    assert client.post(f"{url}read/").status_code == 404
+    assert client.post(f"{url}unread/").status_code == 404
