@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import time
 from typing import Any
 
@@ -16,6 +17,8 @@ from .models import Presence
 from .tracker import get_backend, iso
 
 LIMIT = 2000
+
+logger = logging.getLogger("presence")
 
 
 def _entries() -> list[Any]:
@@ -53,7 +56,14 @@ class PresenceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             raise PermissionDenied
         from realtime.models import Connection
 
-        entries = _entries()
+        unavailable = ""
+        try:
+            entries = _entries()
+        except Exception as exc:  # Redis down: say so on the page, not as a server error
+            logger.warning("presence admin: entries not read", exc_info=True)
+            entries, unavailable = [], f"{type(exc).__name__}: {exc}"
+        # Of everything read, before the search: a search runs on the entries read only.
+        truncated = len(entries) >= LIMIT
         query = request.GET.get("q", "").strip()
         if query:
             entries = [e for e in entries if query in e.stream]
@@ -91,7 +101,8 @@ class PresenceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 for stream, users in streams.items()
             ),
             "query": query,
-            "truncated": len(entries) >= LIMIT,
+            "truncated": truncated,
+            "unavailable": unavailable,
             **(extra_context or {}),
         }
         return TemplateResponse(request, "admin/presence/presence/change_list.html", context)

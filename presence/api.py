@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -18,6 +19,17 @@ from realtime.streams import parse_stream
 from .conf import presence_settings
 from .tracker import member_list
 
+logger = logging.getLogger("presence")
+
+
+def _check(user: Any, stream: str) -> str | None:
+    try:
+        return check_stream(user, stream)
+    except Exception:
+        # As a subscribe does: a policy that raises refuses, and the error is logged.
+        logger.exception("policy for %s raised; refusing", stream)
+        return Code.FORBIDDEN
+
 
 def _error(status: int, detail: str) -> JsonResponse:
     return JsonResponse({"detail": detail}, status=status)
@@ -29,7 +41,7 @@ async def presence_view(request: HttpRequest, stream: str) -> HttpResponse:
     user = await request.auser()
     if not user.is_authenticated or not user.is_active:
         return _error(403, "Authentication credentials were not provided.")
-    refusal = await database_sync_to_async(check_stream, thread_sensitive=False)(user, stream)
+    refusal = await database_sync_to_async(_check, thread_sensitive=False)(user, stream)
     if refusal == Code.INVALID_STREAM:
         return _error(400, f"{stream!r} is not a stream name such as 'project:42'.")
     if refusal == Code.UNKNOWN_STREAM:
@@ -42,7 +54,13 @@ async def presence_view(request: HttpRequest, stream: str) -> HttpResponse:
     policy: Any = stream_kinds.get(kind)
     if not policy.presence or not presence_settings.ENABLED:
         return _error(404, f"Presence is not enabled for {kind!r} streams.")
-    listed, total = await member_list(stream, include=str(user.pk))
+    try:
+        listed, total = await member_list(stream, include=str(user.pk))
+    except Exception as exc:  # the backend (Redis) is down: say so, never a stack trace
+        logger.warning(
+            "presence of %s not read (%s: %s)", stream, type(exc).__name__, exc, exc_info=True
+        )
+        return _error(503, "Presence is unavailable; retry later.")
     body = {"stream": stream, "members": listed, "total": total}
     text = json.dumps(body, separators=(",", ":"), sort_keys=True)
     etag = make_etag(body)

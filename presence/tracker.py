@@ -42,6 +42,7 @@ LEFT = "v1:presence.left"
 TYPING_STARTED = "v1:typing.started"
 TYPING_STOPPED = "v1:typing.stopped"
 _TYPING_MEMORY = 10_000
+_UNSURE_MEMORY = 1_000
 
 
 def _thread(func: Any) -> Any:
@@ -163,6 +164,19 @@ class _LoopState:
     #: (stream, user id) -> (when its last `started` was forwarded, not stopped since)
     typing: dict[tuple[str, str], tuple[float, bool]] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: The `now` of each join this loop wrote without learning whether it made the user
+    #: present (the backend raised: Redis may have run it and lost the reply). A presence
+    #: whose `since` is one of them was never announced; the next refresh looks for them.
+    unsure: list[float] = field(default_factory=list)
+    #: (stream, user id) -> since: presences known to be new and not announced yet.
+    unannounced: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: Entries whose leave raised (it may have run): the next refresh makes them expire at
+    #: once, until `deadline` (after which a sweep may have taken them, so one would be
+    #: added back). Entry -> deadline.
+    leaving: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    #: When the last refresh wrote every entry (at first, when this state began): no entry
+    #: of this loop expires before this plus the TTL.
+    written: float = field(default_factory=time.time)
     #: Held while `entries` changes together with the backend, and by a refresh from the
     #: moment it reads `entries` until its writes are done. Without it, a leave landing
     #: while a refresh is on its way is undone by the refresh's write of that entry (the
@@ -203,7 +217,11 @@ class PresenceTracker(ConnectionHooks):
         entry = (stream, user_id, connection.connection_id)
         async with state.lock:
             state.entries[entry] = connection
-            first = await get_backend().join(stream, *entry[1:], _node(), now + _ttl(), now)
+            try:
+                first = await get_backend().join(stream, *entry[1:], _node(), now + _ttl(), now)
+            except Exception:
+                _unsure(state, now)  # the next refresh writes it again, or finds it written
+                raise
         if first:
             shown = await _thread(serializer())(connection.user)
             await _announce(
@@ -221,11 +239,20 @@ class PresenceTracker(ConnectionHooks):
             return
         state = self.state()
         user_id = str(connection.user.pk)
-        state.typing.pop((stream, user_id), None)
+        entry = (stream, user_id, connection.connection_id)
         async with state.lock:
-            state.entries.pop((stream, user_id, connection.connection_id), None)
-            last = await get_backend().leave(stream, user_id, connection.connection_id)
+            state.entries.pop(entry, None)
+            try:
+                last = await get_backend().leave(stream, user_id, connection.connection_id)
+            except Exception:
+                # It may have run with its reply lost, and then nothing would announce this
+                # leave: the next refresh makes the entry expire, and a sweep announces it.
+                state.leaving[entry] = state.written + _ttl()
+                raise
         if last:
+            # Only with the user's last connection: another tab may be typing, and its
+            # `stopped` must still end the `started` forwarded for it.
+            state.typing.pop((stream, user_id), None)
             since = last if isinstance(last, float) else 0.0  # True: a backend that cannot say
             await announce_left(Change(stream, user_id, since), reason)
 
@@ -260,26 +287,48 @@ class PresenceTracker(ConnectionHooks):
         while True:
             await asyncio.sleep(_refresh_interval())
             try:
-                now = time.time()
-                async with state.lock:  # no entry joins or leaves while the refresh writes
-                    # A connection that is closing, or whose consumer was cancelled before
-                    # its leaves ran, is not refreshed: its entries expire after the TTL, and
-                    # a sweep announces the leave, instead of it staying present for good.
-                    for entry in [e for e, conn in state.entries.items() if _gone(conn)]:
-                        del state.entries[entry]
-                    rejoined = await get_backend().refresh(
-                        sorted(state.entries), _node(), now + _ttl(), now
-                    )
-                if rejoined:  # swept while this node stalled: present again
-                    shown = await _thread(display_many)(sorted({c.user_id for c in rejoined}))
-                for change in rejoined:
-                    # As a join says it (display fields), and to the user's own sockets too:
-                    # they got the sweep's `left` about themselves.
-                    user = shown.get(change.user_id) or {"id": user_id(change.user_id)}
-                    await _announce(change.stream, JOINED, {"user": user, "since": iso(now)})
-                    await _signal(presence_joined, change.stream, change.user_id)
+                await self._refresh(state)
             except Exception:
                 logger.warning("presence refresh failed; retrying", exc_info=True)
+
+    async def _refresh(self, state: _LoopState) -> None:
+        backend = get_backend()
+        now = time.time()
+        async with state.lock:  # no entry joins or leaves while the refresh writes
+            await _settle_leaves(state, backend, now)
+            # A connection that is closing, or whose consumer was cancelled before its
+            # leaves ran, is not refreshed: its entries expire after the TTL, and a sweep
+            # announces the leave, instead of it staying present for good.
+            for entry in [e for e, conn in state.entries.items() if _gone(conn)]:
+                del state.entries[entry]
+            entries = sorted(state.entries)
+            try:
+                rejoined = await backend.refresh(entries, _node(), now + _ttl(), now)
+            except Exception:
+                _unsure(state, now)
+                raise
+            state.written = now
+            for change in rejoined:  # swept while this node stalled: present again
+                state.unannounced[(change.stream, change.user_id)] = change.since
+            if state.unsure:
+                await _find_unannounced(state, backend, entries)
+            # Only users still here: one who left since had that leave announced.
+            held = {(stream, user) for stream, user, _connection in state.entries}
+            for key in [key for key in state.unannounced if key not in held]:
+                del state.unannounced[key]
+            if not state.unannounced:
+                return
+            pending = dict(state.unannounced)
+        shown = await _thread(display_many)(sorted({user for _stream, user in pending}))
+        for (stream, user), since in pending.items():
+            if state.unannounced.get((stream, user)) != since:
+                continue
+            del state.unannounced[(stream, user)]
+            # As a join says it (display fields), and to the user's own sockets too: they
+            # got the sweep's `left` about themselves.
+            fields = shown.get(user) or {"id": user_id(user)}
+            await _announce(stream, JOINED, {"user": fields, "since": iso(since)})
+            await _signal(presence_joined, stream, user)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -288,6 +337,52 @@ class PresenceTracker(ConnectionHooks):
                 await sweep()
             except Exception:
                 logger.warning("presence sweep failed; retrying", exc_info=True)
+
+
+def _unsure(state: _LoopState, now: float) -> None:
+    state.unsure.append(now)
+    del state.unsure[:-_UNSURE_MEMORY]  # bounded: a backend down for hours adds one a refresh
+
+
+async def _find_unannounced(
+    state: _LoopState, backend: PresenceBackend, entries: list[tuple[str, str, str]]
+) -> None:
+    """Find the presences that joins of unknown outcome made (their `since` is the `now` such
+    a join wrote), among the users of this loop's entries."""
+    stamps = set(state.unsure)
+    users: dict[str, set[str]] = {}
+    for stream, user, _connection in entries:
+        users.setdefault(stream, set()).add(user)
+    complete = True
+    for stream, present in users.items():
+        try:
+            members = await backend.members(stream)
+        except Exception:
+            logger.warning("presence members of %s not read; retrying", stream, exc_info=True)
+            complete = False
+            continue
+        for user in present:
+            if members.get(user) in stamps:
+                state.unannounced[(stream, user)] = members[user]
+    if complete:
+        state.unsure.clear()
+
+
+async def _settle_leaves(state: _LoopState, backend: PresenceBackend, now: float) -> None:
+    """Make the entries of leaves that raised expire now, so that a sweep announces the leave
+    whether or not the leave ran (atomically: once, and only for a user's last entry)."""
+    for entry, deadline in list(state.leaving.items()):
+        if now >= deadline or entry in state.entries:
+            # Past its expiry a sweep may have taken it (and announced the leave), and an
+            # entry subscribed again is live: either way, nothing is left to settle.
+            del state.leaving[entry]
+            continue
+        try:
+            await backend.join(*entry, _node(), 0.0, now)
+        except Exception:
+            logger.warning("presence leave of %s not settled; retrying", entry, exc_info=True)
+            continue
+        del state.leaving[entry]
 
 
 tracker = PresenceTracker()
