@@ -10,6 +10,8 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import models
 from django.db.models import Q
 
+from realtime.events import EventJSONEncoder
+
 LEVELS = ("success", "info", "warning", "error")
 LEVEL_CHOICES = [(level, level) for level in LEVELS]
 
@@ -55,7 +57,8 @@ class Notification(models.Model):
     #: Display strings of the related objects when the notification was made, so reading a
     #: list needs no query per row (and survives the objects' deletion).
     refs = models.JSONField(default=dict, blank=True)
-    data = models.JSONField(default=dict, blank=True)
+    # Stored as its event carries it: dates, decimals and UUIDs as strings (NaN refused).
+    data = models.JSONField(encoder=EventJSONEncoder, default=dict, blank=True)
     created_at = models.DateTimeField(db_index=True)
     read_at = models.DateTimeField(null=True, blank=True)
     deleted_at = models.DateTimeField(null=True, blank=True)

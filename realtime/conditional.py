@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from django.core.exceptions import ObjectDoesNotExist
 from django.db import IntegrityError, connections, models, router, transaction
 from django.http import HttpRequest, HttpResponseNotModified
 from django.http.response import HttpResponseBase
@@ -349,7 +350,13 @@ class ConditionalReadMixin:
         obj = self.get_object()  # type: ignore[attr-defined]  # authenticates, checks permissions
         streams = self.get_streams(obj)
         positions = stream_positions(streams)
-        obj.refresh_from_db()  # the data, read after the positions
+        # The data, read after the positions, through the view's own queryset: one deleted
+        # (or hidden, as a soft delete does) since `get_object` is a 404, not its old copy
+        # and not a DoesNotExist (500).
+        try:
+            obj.refresh_from_db(from_queryset=self.filter_queryset(self.get_queryset()))  # type: ignore[attr-defined]
+        except ObjectDoesNotExist:
+            raise NotFound() from None
         etag = self.object_etag(obj, positions)
         if self.check_preconditions(etag):
             return self._conditional(Response(status=status.HTTP_304_NOT_MODIFIED), etag, positions)

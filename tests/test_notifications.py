@@ -999,3 +999,49 @@ def test_an_id_past_the_columns_range_is_a_404_on_every_route():
     assert client.delete(url).status_code == 404
     assert client.post(f"{url}read/").status_code == 404
     assert client.post(f"{url}unread/").status_code == 404
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("how", ["hidden", "deleted"])
+def test_a_notification_gone_between_its_permission_check_and_its_read_is_a_404(monkeypatch, how):
+    from notifications.service import soft_delete
+    from realtime import conditional
+
+    bob = UserFactory()
+    (note,) = notify(bob, "liked")
+    real = conditional.stream_positions
+
+    def positions_then_gone(streams):
+        # Runs after get_object() found the row and before the data is read again.
+        if how == "hidden":
+            soft_delete(bob, [note.pk])
+        else:
+            Notification.objects.filter(pk=note.pk).delete()
+        return real(streams)
+
+    monkeypatch.setattr(conditional, "stream_positions", positions_then_gone)
+    client = Client(raise_request_exception=False)
+    client.force_login(bob)
+    response = client.get(f"/api/notifications/{note.pk}/")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not found."}
+
+
+@pytest.mark.django_db
+def test_data_with_dates_decimals_and_uuids_is_stored_as_its_event_carries_it():
+    import datetime as dt
+    import decimal
+    import uuid
+
+    bob = UserFactory()
+    ref = uuid.uuid4()
+    at = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.UTC)
+    # Checked with the events' encoder, it was stored with plain json: a TypeError at INSERT.
+    (note,) = notify(bob, "billed", data={"at": at, "amount": decimal.Decimal("1.50"), "ref": ref})
+    expected = {"at": "2026-12-04T12:00:00Z", "amount": "1.50", "ref": str(ref)}
+    assert Notification.objects.get(pk=note.pk).data == expected
+    event = Event.objects.filter(stream__name=f"user:{bob.pk}").latest("seq")
+    assert (event.type, event.data["data"]) == ("v1:notification.created", expected)
+    client = Client()
+    client.force_login(bob)
+    assert client.get(f"/api/notifications/{note.pk}/").json()["data"] == expected
