@@ -66,6 +66,7 @@ class SSEConnection:
 
     transport = "sse"
     resumed = False
+    reconnect = False  # its client says it had a stream (or socket) before and lost it
 
     def __init__(
         self,
@@ -239,6 +240,8 @@ class SSEConnection:
                 return
             await hub.watch_user(self.user.pk, self)
             metrics.CONNECTS.labels("sse").inc()
+            if self.reconnect:
+                metrics.RECONNECTS.labels("sse").inc()
             metrics.CONNECTIONS.labels("sse").inc()
             counted = True
             if self.resumed:
@@ -372,6 +375,9 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         audiences=audiences,
     )
     connection.resumed = cursor is not None
+    # A client that had a stream before and lost it: EventSource's own retry sends
+    # Last-Event-ID (a first request never does), the JS client `?reconnect=1`.
+    connection.reconnect = request.GET.get("reconnect") == "1" or "Last-Event-ID" in request.headers
     limit = int(realtime_settings.MAX_CONNECTIONS_PER_USER)
     if await _db(count_for_user)(user) >= limit:
         # As a socket past the limit gets 4429: the client retries after its backoff.

@@ -17,6 +17,7 @@ from django.utils import timezone
 from prometheus_client import REGISTRY
 
 from board.membership import add_member
+from realtime.cursor import Position, encode
 from realtime.testing import RealtimeClient, flush, session_for
 
 from .factories import ItemFactory, ProjectFactory, UserFactory
@@ -392,3 +393,31 @@ async def test_reconnects_are_the_accepted_sockets_whose_client_says_so():
     await again.connect()
     await again.close()
     assert reconnects() == before + 1
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_sse_reconnects_are_the_streams_whose_client_says_so_or_sends_last_event_id():
+    from .test_sse import open_sse
+
+    user = await db(UserFactory)()
+    stream = f"user:{user.pk}"
+
+    def counted() -> tuple[float, float]:
+        return (
+            value("realtime_connects_total", transport="sse"),
+            value("realtime_reconnects_total", transport="sse"),
+        )
+
+    async def opened(last_event_id: str | None = None, **query: str) -> None:
+        reader, _ = await open_sse(user, stream, last_event_id, **query)  # counted by its `retry:`
+        await reader.close()
+
+    before = counted()
+    await opened()
+    await opened(reconnect="0")
+    assert counted() == (before[0] + 2, before[1])
+    await opened(reconnect="1")
+    cursor = encode({stream: Position(0, None)})
+    await opened(last_event_id=cursor)  # EventSource's own retry
+    assert counted() == (before[0] + 4, before[1] + 2)

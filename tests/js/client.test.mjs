@@ -1912,6 +1912,22 @@ test("an SSE stream the server ends with retry: and rate_limited waits the retry
   c.close();
 });
 
+test("an SSE request after a stream that opened says it reconnects (?reconnect=1); the first does not", async () => {
+  const urls = [];
+  const fetch = async (url) => {
+    if (new URL(url).pathname !== "/realtime/sse/") return feedAnswer({ events: [] });
+    urls.push(new URL(url));
+    return { ok: true, status: 200, body: sseBody("retry: 1000\n\n") }; // ends: the client comes back
+  };
+  const { c, timers, sockets } = client({ fetch, wsAttempts: 1, probeEvery: 1e9 });
+  c.subscribe("project:1", {}); c.connect(); await flush();
+  sockets[0].fail(); await settle(); // never welcomed: the first SSE request is no reconnect
+  await timers.tick(5000); await settle();
+  assert.ok(urls.length >= 2, `SSE requests: ${urls.length}`);
+  assert.deepEqual(urls.map((u) => u.searchParams.get("reconnect")), [null, ...urls.slice(1).map(() => "1")]);
+  c.close();
+});
+
 test("publish after the client ended (4401) rejects at once with closed", async () => {
   const { c, timers, sockets } = client();
   c.connect(); await flush(); sockets[0].open(); sockets[0].fail(4401);

@@ -276,6 +276,7 @@ export class RealtimeClient extends EventTarget {
     this.sseFailures = 0; // SSE tries in a row that got no stream (a blocked SSE: poll instead)
     this.sseAttempt = 0; // SSE reconnects in a row without a stable stream: the backoff's exponent
     this.sseRetry = null; // the server's `retry:` (ms), the least wait before an SSE reconnect
+    this.sseOpened = false; // an SSE request of this client got a stream once: later ones reconnect
     this.timers = new Set();
     // Subscribes and unsubscribes the server refused with `rate_limited`, retried in order.
     this.throttle = { jobs: [], timer: null, busy: null, attempt: 0 };
@@ -1919,6 +1920,8 @@ export class RealtimeClient extends EventTarget {
     const positions = this._positions();
     if (Object.keys(positions).length) url.searchParams.set("cursor", encodeCursor(positions));
     if (this.options.version) url.searchParams.set("version", this.options.version);
+    // As on the socket: a client that was connected before (either way) comes back.
+    if (this.welcomed || this.sseOpened) url.searchParams.set("reconnect", "1");
     let opened = false; // this try got a stream
     let limited = false; // the server refused it for too many connections (429, `rate_limited`)
     let stable = null;
@@ -1935,7 +1938,7 @@ export class RealtimeClient extends EventTarget {
         limited = response.status === 429;
         throw Object.assign(new Error(`SSE answered ${response.status}`), { status: response.status });
       }
-      opened = true;
+      opened = this.sseOpened = true;
       stable = this._later(this.options.stableAfter, () => {
         if (this.fallbackAbort === controller) this.sseFailures = this.sseAttempt = 0;
       });
