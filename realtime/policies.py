@@ -141,33 +141,20 @@ class ObjectPolicy(StreamPolicy):
             raise
 
     def authorize(self, user: Any, key: str) -> bool:
-        from guardian.core import ObjectPermissionChecker
-
         obj = self.get_object(key)
         if obj is None:
             return False
-        # A new checker per decision reads the permissions as they are now; with guardian's
-        # AUTO_PREFETCH it would reuse a cache kept on the user object (a socket holds one
-        # for hours), so it gets a copy without that cache.
-        if hasattr(user, "_guardian_perms_cache"):
-            user = copy.copy(user)
-            del user._guardian_perms_cache
-        return ObjectPermissionChecker(user).has_perm(self.permission.split(".", 1)[-1], obj)
+        return _fresh_checker(user).has_perm(self.permission.split(".", 1)[-1], obj)
 
     def audience(self, user: Any, key: str) -> str | None:
         # One object and one checker for every test: the checker reads the user's
         # permissions on the object once (a query for the user's, one for their groups').
         if not self.audiences:
             return None
-        from guardian.core import ObjectPermissionChecker
-
         obj = self.get_object(key)
         if obj is None:
             return None
-        if hasattr(user, "_guardian_perms_cache"):
-            user = copy.copy(user)
-            del user._guardian_perms_cache
-        checker = ObjectPermissionChecker(user)
+        checker = _fresh_checker(user)
         for name, test in self.audiences.items():
             if callable(test):
                 if test(user, key):
@@ -175,6 +162,20 @@ class ObjectPolicy(StreamPolicy):
             elif checker.has_perm(str(test).split(".", 1)[-1], obj):
                 return name
         return None
+
+
+def _fresh_checker(user: Any) -> Any:
+    """A guardian checker that reads the user's permissions as they are now.
+
+    With guardian's AUTO_PREFETCH a checker would reuse a cache kept on the user object (a
+    socket holds one for hours), so it gets a copy without that cache.
+    """
+    from guardian.core import ObjectPermissionChecker
+
+    if hasattr(user, "_guardian_perms_cache"):
+        user = copy.copy(user)
+        del user._guardian_perms_cache
+    return ObjectPermissionChecker(user)
 
 
 class UserPolicy(StreamPolicy):

@@ -4,9 +4,12 @@ typing throttle and sender exclusion, signals, REST with authorization and ETag,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
@@ -869,6 +872,23 @@ def lossy_presence(**lose: int) -> dict:
     }
 
 
+@contextlib.asynccontextmanager
+async def lossy_room(name: str, **presence: Any) -> AsyncIterator[tuple[Any, str, Any]]:
+    """Alice and Bob on one project's stream, Bob's tab watching it, with the lossy backend
+    (and `presence` settings over it); the tracker is stopped before and after."""
+    with override_settings(PRESENCE={**lossy_presence(), **presence}):
+        stop_tracker()
+        try:
+            alice = await db(UserFactory)(username=f"alice-{name}")
+            bob = await db(UserFactory)(username=f"bob-{name}")
+            _owner, _project, stream = await project_with(alice, bob)
+            watcher = await tab(bob)
+            await watcher.subscribe(stream)
+            yield alice, stream, watcher
+        finally:
+            stop_tracker()
+
+
 async def swept_away(stream: str, user, connection_id: str) -> None:
     """The user's entry was not refreshed in time (the node stalled): a sweeper takes it."""
     from presence.tracker import _node
@@ -881,32 +901,23 @@ async def swept_away(stream: str, user, connection_id: str) -> None:
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.asyncio
 async def test_a_rejoin_written_by_a_refresh_whose_reply_was_lost_is_announced(signals):
-    with override_settings(PRESENCE=lossy_presence()):
-        stop_tracker()
-        try:
-            alice = await db(UserFactory)(username="alice-lost")
-            bob = await db(UserFactory)(username="bob-lost")
-            _owner, _project, stream = await project_with(alice, bob)
-            watcher = await tab(bob)
-            await watcher.subscribe(stream)
-            socket = RealtimeClient(session_key=await db(session_for)(alice))
-            welcome = await socket.connect()
-            await socket.subscribe(stream)
-            await next_event(watcher, "v1:presence.joined")
-            LostReplyBackend.lose["refresh"] = 1  # the refresh that puts alice back: no answer
-            await swept_away(stream, alice, welcome["connectionId"])
-            left = await next_event(watcher, "v1:presence.left")
-            assert left["data"]["reason"] == "expired"
-            again = await next_event(watcher, "v1:presence.joined", timeout=3)
-            assert again["data"]["user"]["username"] == "alice-lost"
-            assert again["data"]["since"] > left["data"]["since"]  # a client applies it
-            assert str(alice.pk) in await get_backend().members(stream)
-            assert await no_event(watcher, "v1:presence.", wait=0.6)  # announced once
-            await socket.close()
-            assert (await next_event(watcher, "v1:presence.left"))["data"]["user"]["id"] == alice.pk
-            await watcher.close()
-        finally:
-            stop_tracker()
+    async with lossy_room("lost") as (alice, stream, watcher):
+        socket = RealtimeClient(session_key=await db(session_for)(alice))
+        welcome = await socket.connect()
+        await socket.subscribe(stream)
+        await next_event(watcher, "v1:presence.joined")
+        LostReplyBackend.lose["refresh"] = 1  # the refresh that puts alice back: no answer
+        await swept_away(stream, alice, welcome["connectionId"])
+        left = await next_event(watcher, "v1:presence.left")
+        assert left["data"]["reason"] == "expired"
+        again = await next_event(watcher, "v1:presence.joined", timeout=3)
+        assert again["data"]["user"]["username"] == "alice-lost"
+        assert again["data"]["since"] > left["data"]["since"]  # a client applies it
+        assert str(alice.pk) in await get_backend().members(stream)
+        assert await no_event(watcher, "v1:presence.", wait=0.6)  # announced once
+        await socket.close()
+        assert (await next_event(watcher, "v1:presence.left"))["data"]["user"]["id"] == alice.pk
+        await watcher.close()
     a = str(alice.pk)
     assert [(kind, reason) for kind, _s, user, reason in signals if user == a] == [
         ("joined", ""),
@@ -919,25 +930,16 @@ async def test_a_rejoin_written_by_a_refresh_whose_reply_was_lost_is_announced(s
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.asyncio
 async def test_a_join_whose_reply_was_lost_on_subscribe_is_announced_by_the_next_refresh():
-    with override_settings(PRESENCE=lossy_presence()):
-        stop_tracker()
-        try:
-            alice = await db(UserFactory)(username="alice-lost2")
-            bob = await db(UserFactory)(username="bob-lost2")
-            _owner, _project, stream = await project_with(alice, bob)
-            watcher = await tab(bob)
-            await watcher.subscribe(stream)
-            LostReplyBackend.lose["join"] = 1
-            socket = await tab(alice)
-            assert (await socket.subscribe(stream))["ok"]  # written, but not known to be
-            assert str(alice.pk) in await get_backend().members(stream)
-            joined = await next_event(watcher, "v1:presence.joined", timeout=3)
-            assert joined["data"]["user"]["username"] == "alice-lost2"
-            assert await no_event(watcher, "v1:presence.", wait=0.6)
-            await socket.close()
-            await watcher.close()
-        finally:
-            stop_tracker()
+    async with lossy_room("lost2") as (alice, stream, watcher):
+        LostReplyBackend.lose["join"] = 1
+        socket = await tab(alice)
+        assert (await socket.subscribe(stream))["ok"]  # written, but not known to be
+        assert str(alice.pk) in await get_backend().members(stream)
+        joined = await next_event(watcher, "v1:presence.joined", timeout=3)
+        assert joined["data"]["user"]["username"] == "alice-lost2"
+        assert await no_event(watcher, "v1:presence.", wait=0.6)
+        await socket.close()
+        await watcher.close()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -945,69 +947,51 @@ async def test_a_join_whose_reply_was_lost_on_subscribe_is_announced_by_the_next
 async def test_a_rejoin_whose_display_fields_could_not_be_read_is_announced_later(monkeypatch):
     import presence.tracker
 
-    with override_settings(PRESENCE=lossy_presence()):
-        stop_tracker()
-        try:
-            alice = await db(UserFactory)(username="alice-db")
-            bob = await db(UserFactory)(username="bob-db")
-            _owner, _project, stream = await project_with(alice, bob)
-            watcher = await tab(bob)
-            await watcher.subscribe(stream)
-            socket = RealtimeClient(session_key=await db(session_for)(alice))
-            welcome = await socket.connect()
-            await socket.subscribe(stream)
-            await next_event(watcher, "v1:presence.joined")
-            original, failures = presence.tracker.display_many, [1]
+    async with lossy_room("db") as (alice, stream, watcher):
+        socket = RealtimeClient(session_key=await db(session_for)(alice))
+        welcome = await socket.connect()
+        await socket.subscribe(stream)
+        await next_event(watcher, "v1:presence.joined")
+        original, failures = presence.tracker.display_many, [1]
 
-            def display_many(user_ids):
-                if failures:
-                    failures.pop()
-                    raise RuntimeError("database unavailable")
-                return original(user_ids)
+        def display_many(user_ids):
+            if failures:
+                failures.pop()
+                raise RuntimeError("database unavailable")
+            return original(user_ids)
 
-            monkeypatch.setattr(presence.tracker, "display_many", display_many)
-            await swept_away(stream, alice, welcome["connectionId"])
-            await next_event(watcher, "v1:presence.left")
-            again = await next_event(watcher, "v1:presence.joined", timeout=3)
-            assert again["data"]["user"]["username"] == "alice-db"
-            assert not failures
-            await socket.close()
-            await watcher.close()
-        finally:
-            stop_tracker()
+        monkeypatch.setattr(presence.tracker, "display_many", display_many)
+        await swept_away(stream, alice, welcome["connectionId"])
+        await next_event(watcher, "v1:presence.left")
+        again = await next_event(watcher, "v1:presence.joined", timeout=3)
+        assert again["data"]["user"]["username"] == "alice-db"
+        assert not failures
+        await socket.close()
+        await watcher.close()
 
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.asyncio
 @pytest.mark.parametrize("ran", [True, False], ids=["reply-lost", "not-run"])
 async def test_a_leave_that_raised_is_announced_once_and_only_for_the_last_tab(ran, signals):
-    with override_settings(PRESENCE={**lossy_presence(), "SWEEP_INTERVAL": 0.1}):
+    async with lossy_room("gone", SWEEP_INTERVAL=0.1) as (alice, stream, watcher):
         failures = LostReplyBackend.lose if ran else LostReplyBackend.refuse
-        stop_tracker()
-        try:
-            alice = await db(UserFactory)(username="alice-gone")
-            bob = await db(UserFactory)(username="bob-gone")
-            _owner, _project, stream = await project_with(alice, bob)
-            watcher = await tab(bob)
-            await watcher.subscribe(stream)
-            first, second = await tab(alice), await tab(alice)
-            await first.subscribe(stream)
-            await second.subscribe(stream)
-            await next_event(watcher, "v1:presence.joined")
-            failures["leave"] = 1
-            await first.close()  # her other tab is open: no leave, whatever the backend did
-            assert await no_event(watcher, "v1:presence.", wait=1.0)
-            assert str(alice.pk) in await get_backend().members(stream)
-            failures["leave"] = 1
-            await second.close()
-            left = await next_event(watcher, "v1:presence.left", timeout=3)
-            assert left["data"]["user"] == {"id": alice.pk}
-            assert left["data"]["reason"] == "expired"  # settled by the sweep
-            assert await no_event(watcher, "v1:presence.", wait=1.0)  # once
-            assert str(alice.pk) not in await get_backend().members(stream)
-            await watcher.close()
-        finally:
-            stop_tracker()
+        first, second = await tab(alice), await tab(alice)
+        await first.subscribe(stream)
+        await second.subscribe(stream)
+        await next_event(watcher, "v1:presence.joined")
+        failures["leave"] = 1
+        await first.close()  # her other tab is open: no leave, whatever the backend did
+        assert await no_event(watcher, "v1:presence.", wait=1.0)
+        assert str(alice.pk) in await get_backend().members(stream)
+        failures["leave"] = 1
+        await second.close()
+        left = await next_event(watcher, "v1:presence.left", timeout=3)
+        assert left["data"]["user"] == {"id": alice.pk}
+        assert left["data"]["reason"] == "expired"  # settled by the sweep
+        assert await no_event(watcher, "v1:presence.", wait=1.0)  # once
+        assert str(alice.pk) not in await get_backend().members(stream)
+        await watcher.close()
     a = str(alice.pk)
     assert [(kind, reason) for kind, _s, user, reason in signals if user == a] == [
         ("joined", ""),
@@ -1088,29 +1072,20 @@ def test_the_admin_page_says_when_it_could_not_read_everything(fresh_presence, m
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.asyncio
 async def test_a_subscribe_while_the_backend_is_down_makes_the_user_present_when_it_is_back():
-    with override_settings(PRESENCE=lossy_presence()):
-        stop_tracker()
-        try:
-            alice = await db(UserFactory)(username="alice-down")
-            bob = await db(UserFactory)(username="bob-down")
-            _owner, _project, stream = await project_with(alice, bob)
-            watcher = await tab(bob)
-            await watcher.subscribe(stream)
-            LostReplyBackend.refuse["join"] = 1
-            socket = await tab(alice)
-            reply = await socket.subscribe(stream)
-            assert reply["ok"] is True
-            assert "presence" not in reply["data"]
-            assert "presenceTotal" not in reply["data"]
-            joined = await next_event(watcher, "v1:presence.joined", timeout=3)
-            assert joined["data"]["user"]["username"] == "alice-down"
-            mine = await next_event(socket, "v1:presence.joined", timeout=3)
-            assert mine["data"]["user"]["id"] == alice.pk
-            assert await no_event(watcher, "v1:presence.", wait=0.6)
-            await socket.close()
-            await watcher.close()
-        finally:
-            stop_tracker()
+    async with lossy_room("down") as (alice, stream, watcher):
+        LostReplyBackend.refuse["join"] = 1
+        socket = await tab(alice)
+        reply = await socket.subscribe(stream)
+        assert reply["ok"] is True
+        assert "presence" not in reply["data"]
+        assert "presenceTotal" not in reply["data"]
+        joined = await next_event(watcher, "v1:presence.joined", timeout=3)
+        assert joined["data"]["user"]["username"] == "alice-down"
+        mine = await next_event(socket, "v1:presence.joined", timeout=3)
+        assert mine["data"]["user"]["id"] == alice.pk
+        assert await no_event(watcher, "v1:presence.", wait=0.6)
+        await socket.close()
+        await watcher.close()
 
 
 @pytest.mark.django_db(transaction=True)
