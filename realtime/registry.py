@@ -139,11 +139,19 @@ class Registration:
             return []
         from .policies import stream_kinds
 
-        policy = stream_kinds.get(stream.partition(":")[0])
-        declared = getattr(policy, "audiences", None) or {}
+        try:
+            policy = stream_kinds.get(stream.partition(":")[0])
+        except Exception:  # a STREAM_POLICIES path that does not import (check E013)
+            logger.warning("no policy for %s: its events get no audience payloads", stream)
+            return []  # the default payload only: never more than every reader may see
+        declared = getattr(policy, "audiences", None)
+        if not isinstance(declared, dict):
+            return []  # not a dict (check E022)
         return [name for name in declared if name in self.audiences]
 
-    def add_to(self, plan: Plan, stream: str, action: str, instance: Any, cache: dict) -> None:
+    def add_to(
+        self, plan: Plan, stream: str, action: str, instance: Any, cache: dict[str | None, Any]
+    ) -> None:
         """Put the events of `action` on `stream` into `plan`: the payload of this version,
         and one per audience the stream has. `cache` holds the payloads serialized so far
         for this instance (by payload key), so each is serialized once."""

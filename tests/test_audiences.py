@@ -423,3 +423,23 @@ async def test_a_policy_that_raises_refuses_the_feed_and_sse_with_403_not_a_500(
         assert caplog.text.count("policy for desk:1 raised") == 2
     finally:
         StaffSeeMore.audiences = {"staff": lambda user, key: user.is_staff}
+
+
+def test_a_save_on_a_stream_whose_policy_does_not_import_logs_the_default_payload_only(
+    settings, caplog
+):
+    from realtime.registry import registry
+
+    settings.REALTIME = {"STREAM_POLICIES": {"desk": "no.such.module.Policy"}}
+    registry.register(
+        Project, streams="desk:{pk}", version="v7", audiences={"staff": lambda p: {"all": 1}}
+    )
+    try:
+        _owner, _member, project = _project_with_people()  # saves, and saves again below
+        project.name = "Still saved"
+        project.save()
+    finally:
+        registry.unregister(Project, version="v7")
+    event = Event.objects.filter(stream__name=f"desk:{project.pk}").latest("seq")
+    assert (event.type, event.variants) == ("v7:project.updated", {})
+    assert f"no policy for desk:{project.pk}" in caplog.text
