@@ -337,6 +337,7 @@ _NUMBERS: tuple[tuple[str, bool, bool, bool], ...] = (
     ("PRUNE_BATCH", True, True, False),
     ("HEARTBEAT", False, True, False),
     ("LAYER_PROBE_INTERVAL", False, False, True),  # 0 or None: off
+    ("TAIL_CHECK_INTERVAL", False, False, True),  # 0 or None: off
     ("MAX_FRAME_BYTES", True, True, False),
     ("MAX_DEPTH", True, True, False),
     ("MALFORMED_LIMIT", True, False, False),

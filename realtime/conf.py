@@ -47,6 +47,9 @@ DEFAULTS: dict[str, Any] = {
     # Seconds between probes each hub sends itself through the channel layer; none back for
     # two intervals: the layer is reconnected and subscriptions resync from the log (None: off).
     "LAYER_PROBE_INTERVAL": 5.0,
+    # Seconds between the hub's reads of its streams' positions in the log; a subscription
+    # still behind what the previous read found resyncs from the log (None or 0: off).
+    "TAIL_CHECK_INTERVAL": 15.0,
     # Largest inbound frame in bytes, and deepest JSON nesting in it.
     "MAX_FRAME_BYTES": 64 * 1024,
     "MAX_DEPTH": 32,

@@ -5,7 +5,9 @@ so an event crosses the channel layer once per node, and is handed to each local
 as the frame that was serialized once at publish time: no per-subscriber serialization,
 query or thread hop. The hub also runs the heartbeat of its connections, and probes the
 layer: a link to Redis that went silent without an error is noticed, reconnected, and every
-subscription then reads the log for what it missed.
+subscription then reads the log for what it missed. Its tail check reads the log's position of
+each stream it has subscribers of, so an event the layer lost with no later one on its stream
+(nothing for a subscriber to see a gap by) still arrives.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ PROBE_MESSAGE_TYPE = "realtime.probe"
 HEARTBEAT_SLICES = 10
 FLUSH_CHUNK = 50  # sockets sent to between two turns of the event loop
 WAITED = 0.001  # seconds the hub waited for an event: no backlog, send it in chunks
+TAIL_CHUNK = 500  # stream names per query of the tail check (SQLite once took 999 at most)
+TAIL_TURN = 5000  # subscribers the tail check looks at between two turns of the event loop
 
 
 class Subscriber(Protocol):
@@ -93,6 +97,7 @@ class Hub:
                     (self._tick(), "realtime-hub-tick"),
                     (self._probe(), "realtime-hub-probe"),
                     (self._renew_groups(), "realtime-hub-groups"),
+                    (self._tail_check(), "realtime-hub-tail"),
                 )
             ]
 
@@ -340,6 +345,79 @@ class Hub:
             except Exception:
                 pass  # a probe that cannot be sent does not come back: that is the signal
 
+    async def _tail_check(self) -> None:
+        """Every TAIL_CHECK_INTERVAL, resync the subscriptions behind the previous check's log.
+
+        Pub/sub is at-most-once: a subscription sees a lost event by the gap before the next
+        one, and never when none follows. So the hub reads each of its streams' `last_seq`
+        (in a thread, TAIL_CHUNK names a query), and a live subscription whose `contiguous`
+        is still below what the previous read found, which gave the event a whole interval
+        to arrive, reads the log again. Subscribers without a position (the long poll's
+        waker, which reads the log when its wait ends) are left alone.
+        """
+        from channels.db import database_sync_to_async
+
+        committed: dict[str, int] = {}  # each stream's last_seq at the previous check
+        while True:
+            interval = realtime_settings.TAIL_CHECK_INTERVAL
+            if not interval:  # off; look at the setting again later
+                committed = {}
+                await asyncio.sleep(float(realtime_settings.HEARTBEAT))
+                continue
+            interval = float(interval)
+            woke = time.monotonic() + interval
+            await asyncio.sleep(interval)
+            late = time.monotonic() - woke
+            if not self.members:
+                committed = {}
+                continue
+            try:
+                read = await database_sync_to_async(_last_seqs, thread_sensitive=False)(
+                    list(self.members)
+                )
+            except Exception:
+                # The previous read stays what the next check holds subscribers to.
+                logger.warning("tail check: reading stream positions failed", exc_info=True)
+                continue
+            # A stalled layer: the probe resyncs everything once it answers. An overloaded
+            # loop: the events may be queued for the hub itself, and resyncs add to the load.
+            if not self.stalled and late <= interval:
+                await self._resync_behind(committed)
+            committed = read
+
+    async def _resync_behind(self, committed: dict[str, int]) -> None:
+        resynced = looked_at = 0
+        for stream, seq in committed.items():
+            members = self.members.get(stream)
+            if not members:
+                continue  # left since the read
+            if looked_at >= TAIL_TURN:  # a turn of the loop for the sockets now and then
+                looked_at = 0
+                await asyncio.sleep(0)
+            looked_at += len(members)
+            for subscriber in tuple(members):
+                contiguous = getattr(subscriber, "contiguous", None)
+                if contiguous is None or contiguous >= seq:
+                    continue
+                if getattr(subscriber, "replaying", False):
+                    continue  # its replay reads the log to the end anyway
+                if not getattr(subscriber, "authorized", True):
+                    continue  # refused: being removed
+                try:
+                    subscriber.resync()
+                except Exception:
+                    logger.exception("resync of a subscriber failed")
+                    continue
+                resynced += 1
+        if resynced:
+            metrics.TAIL_RESYNCS.inc(resynced)
+            logger.warning(
+                "tail check on %s: %d subscriptions behind the log resync (live events lost "
+                "by the channel layer)",
+                node_id(),
+                resynced,
+            )
+
     def _answered(self) -> None:
         self.answered = time.monotonic()
         if not self.stalled:
@@ -358,6 +436,17 @@ class Hub:
                 subscriber.resync()
             except Exception:
                 logger.exception("resync of a subscriber failed")
+
+
+def _last_seqs(streams: list[str]) -> dict[str, int]:
+    """Each stream's `last_seq`, TAIL_CHUNK names a query; streams with no row are left out."""
+    from .models import Stream
+
+    seqs: dict[str, int] = {}
+    for start in range(0, len(streams), TAIL_CHUNK):
+        names = streams[start : start + TAIL_CHUNK]
+        seqs.update(Stream.objects.filter(name__in=names).values_list("name", "last_seq"))
+    return seqs
 
 
 async def reconnect_layer(layer: Any) -> bool:

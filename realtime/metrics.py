@@ -94,6 +94,12 @@ LAYER_STALLS = Counter(
     "Times this process found the channel layer silent (no probe back for two "
     "LAYER_PROBE_INTERVALs) and reconnected it.",
 )
+TAIL_RESYNCS = Counter(
+    "realtime_tail_resyncs",
+    "Subscriptions this process resynced from the log because the tail check found them "
+    "behind a stream's position of the previous check (TAIL_CHECK_INTERVAL): a live event "
+    "that the channel layer lost, with no later one on its stream to show the gap.",
+)
 UNAUTHORIZED = Counter(
     "realtime_unauthorized_attempts",
     "Refused attempts, by action: subscribe and publish on a socket, read (an SSE stream, the "
