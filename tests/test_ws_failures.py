@@ -299,6 +299,11 @@ async def test_a_frame_let_over_the_credit_is_followed_by_a_ping_a_pong_can_clea
         pings += (await client.receive()).get("op") == "ping"  # heartbeats since
     for _ in range(pings):
         await client.send({"op": "pong"})
+    # The socket reads its frames in order: once this ping is answered, so were the pongs (an
+    # event that the hub queued before the socket read them would find the credit spent).
+    await client.send({"op": "ping", "ref": "after-the-pongs"})
+    while (await client.receive(timeout=3)).get("ref") != "after-the-pongs":
+        pass
     await db(emit)(stream, 1)
     while (frame := await client.receive(timeout=3)).get("op") == "ping":
         await client.send({"op": "pong"})
