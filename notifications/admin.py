@@ -5,20 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin, messages
-from django.contrib.auth import get_user_model
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from realtime.admin import user_search_fields
+
 from .models import Notification, Preference
 from .service import delete_by_admin, mark_read_by_admin
-
-
-def _user_search_fields(relation: str) -> list[str]:
-    """The user model's login and email fields through `relation` (not every one has both)."""
-    user_model: Any = get_user_model()
-    names = [user_model.USERNAME_FIELD, user_model.get_email_field_name()]
-    fields = {field.name for field in user_model._meta.get_fields()}
-    return [f"{relation}__{name}" for name in dict.fromkeys(names) if name in fields]
 
 
 class ReadFilter(admin.SimpleListFilter):
@@ -63,7 +56,7 @@ class NotificationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     show_full_result_count = False
 
     def get_search_fields(self, request: HttpRequest) -> list[str]:
-        return [*_user_search_fields("recipient"), *self.search_fields]
+        return [*user_search_fields("recipient"), *self.search_fields]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # made by notify(), which also emits the event
@@ -87,4 +80,4 @@ class PreferenceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     raw_id_fields = ["user"]
 
     def get_search_fields(self, request: HttpRequest) -> list[str]:
-        return _user_search_fields("user")
+        return user_search_fields("user")

@@ -12,6 +12,17 @@ from django.http import HttpRequest
 
 from .models import Connection, Event, Stream
 
+
+def user_search_fields(relation: str) -> list[str]:
+    """The user model's login and email fields through `relation` (not every one has both)."""
+    from django.contrib.auth import get_user_model
+
+    user_model: Any = get_user_model()
+    names = [user_model.USERNAME_FIELD, user_model.get_email_field_name()]
+    fields = {field.name for field in user_model._meta.get_fields()}
+    return [f"{relation}__{name}" for name in dict.fromkeys(names) if name in fields]
+
+
 logger = logging.getLogger("realtime.admin")
 
 
@@ -105,10 +116,14 @@ class ConnectionAdmin(ReadOnlyAdmin):
         "last_seen",
     ]
     list_filter = ["transport", "node", "client_version"]
-    search_fields = ["=id", "user__username", "tenant", "remote_addr", "subscriptions"]
+    search_fields = ["=id", "tenant", "remote_addr", "subscriptions"]
     list_select_related = ["user"]
     ordering = ["-connected_at"]
     actions = ["disconnect"]
+
+    def get_search_fields(self, request: HttpRequest) -> list[str]:
+        # The user model's own login field: a custom one may have no `username`.
+        return [*user_search_fields("user"), *self.search_fields]
 
     @admin.display(description="streams")
     def streams(self, connection: Any) -> str:

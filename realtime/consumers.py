@@ -301,6 +301,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     transport = "websocket"
     authz_due = float("inf")  # when to decide the subscriptions again unprompted
     authz_waiting = False  # a realtime.authz is queued and has not started
+    authz_runs = 0  # realtime.authz decisions started: a resync's older one must not win
     auth_hash: str | None = None  # the user's session auth hash when last checked
     announced = False  # the `connected` hooks ran
 
@@ -674,6 +675,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         try:
             if not await self._reload_user():
                 return
+            runs = self.authz_runs
             audience = await self._access(subscription.policy, subscription.stream)
         except asyncio.CancelledError:
             raise
@@ -684,7 +686,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self._close(Close.INTERNAL_ERROR)
             return
         if audience is not None:
-            subscription.audience = audience or None
+            if self.authz_runs == runs:  # else a decision begun since, on newer state, holds
+                subscription.audience = audience or None
         else:
             subscription.task = None  # this task: realtime_authz must not cancel it
             async with self.handling:  # between frames, as any decision is made
@@ -1062,6 +1065,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     async def realtime_authz(self, message: dict[str, Any]) -> None:
         """Permissions of this user changed somewhere: decide every subscription again."""
+        self.authz_runs += 1
         if not await self._reload_user():
             return
         for stream, subscription in list(self.subscriptions.items()):

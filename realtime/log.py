@@ -282,7 +282,12 @@ def emit(
     variants = dict(variants or {})
     version = type.split(":", 1)[0]
     for audience, audience_data in (audiences or {}).items():
-        variants[variant_key(version, audience)] = (type, audience_data)
+        key = variant_key(version, audience)
+        if key in variants:
+            raise ValueError(
+                f"audience {audience!r} given twice: in audiences and variants[{key!r}]"
+            )
+        variants[key] = (type, audience_data)
     for key, (variant_type, _data) in variants.items():
         variant_version, _slash, audience = key.partition("/")
         if (

@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import re
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -69,8 +70,8 @@ class StreamPolicy:
     #: Payload variants by permission, in order of precedence: {audience name: test}. A
     #: subscriber gets the payload registered for the first audience whose test passes (see
     #: `audience`), and the stream's default payload when none does or the event has no
-    #: payload for it. A test is a callable (user, key) -> bool or its dotted path;
-    #: `ObjectPolicy` also takes a permission such as "board.delete_project".
+    #: payload for it. A test is a callable (user, key) -> bool or its dotted path; on an
+    #: `ObjectPolicy` a string is a permission on the object ("board.delete_project").
     audiences: dict[str, Any] = {}
 
     def get_permissions(self) -> list[BasePermission]:
@@ -140,26 +141,43 @@ class ObjectPolicy(StreamPolicy):
                 return None
             raise
 
+    #: Within one `access` call, the object and checker `authorize` used, for `audience`
+    #: (per thread: policies are shared by the worker threads that decide).
+    _decided = threading.local()
+
+    def access(self, user: Any, kind: str, key: str) -> str | None:
+        try:
+            return super().access(user, kind, key)
+        finally:
+            self._decided.__dict__.clear()
+
     def authorize(self, user: Any, key: str) -> bool:
         obj = self.get_object(key)
         if obj is None:
             return False
-        return _fresh_checker(user).has_perm(self.permission.split(".", 1)[-1], obj)
+        checker = _fresh_checker(user)
+        self._decided.__dict__.update(key=key, user=user, obj=obj, checker=checker)
+        return checker.has_perm(self.permission.split(".", 1)[-1], obj)
 
     def audience(self, user: Any, key: str) -> str | None:
-        # One object and one checker for every test: the checker reads the user's
-        # permissions on the object once (a query for the user's, one for their groups').
+        # The object and the checker of the authorization just made, when there was one (the
+        # checker has read the user's permissions on the object already): no query more.
+        # A string test is a permission on the object; other tests go to `in_audience`.
         if not self.audiences:
             return None
-        obj = self.get_object(key)
-        if obj is None:
-            return None
-        checker = _fresh_checker(user)
+        decided = self._decided.__dict__
+        if decided.get("key") == key and decided.get("user") is user:
+            obj, checker = decided["obj"], decided["checker"]
+        else:
+            obj = self.get_object(key)
+            if obj is None:
+                return None
+            checker = _fresh_checker(user)
         for name, test in self.audiences.items():
-            if callable(test):
-                if test(user, key):
+            if isinstance(test, str):
+                if checker.has_perm(test.split(".", 1)[-1], obj):
                     return name
-            elif checker.has_perm(str(test).split(".", 1)[-1], obj):
+            elif self.in_audience(user, key, test):
                 return name
         return None
 

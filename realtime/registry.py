@@ -134,8 +134,13 @@ class Registration:
         return resolved
 
     def audiences_on(self, stream: str) -> list[str]:
-        """The audiences of this registration that `stream`'s policy declares, in order."""
-        if not self.audiences:
+        """The audiences of this registration that `stream`'s policy declares, in order.
+
+        None on a stream whose kind has a `stream_serializers` payload: that kind was given a
+        narrower payload on purpose, and an audience of the same name there (a policy's
+        `owner` meaning something else) must not bring the wider one back.
+        """
+        if not self.audiences or self.payload_key(stream) is not None:
             return []
         from .policies import stream_kinds
 

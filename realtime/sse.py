@@ -161,6 +161,7 @@ class SSEConnection:
             self.recheck = asyncio.get_running_loop().create_task(self._recheck(previous))
 
     recheck_waiting = False
+    rechecks = 0  # decisions started: a catch-up's older one must not win
 
     async def _recheck(self, previous: asyncio.Task[None] | None = None) -> None:
         if previous is not None:
@@ -168,6 +169,7 @@ class SSEConnection:
         self.recheck_waiting = False
         if self.closed:
             return
+        self.rechecks += 1
         # The user as stored now: this copy is as old as the stream (is_superuser, is_active).
         user = await _db(reload_user)(self.user)
         if (
@@ -314,6 +316,7 @@ class SSEConnection:
         try:
             # A permission change announced while the layer was silent was lost with it:
             # decide again, about the user as stored now.
+            runs = self.rechecks
             fresh = await _db(reload_user)(self.user)
             refused, audience = (
                 ("gone", None)
@@ -323,7 +326,8 @@ class SSEConnection:
             if refused is not None:
                 await self._recheck()
                 return
-            subscription.audience = audience or None
+            if self.rechecks == runs:  # else a decision begun since, on newer state, holds
+                subscription.audience = audience or None
             async for _batch in subscription.replay_batches():
                 if self.closed:
                     return

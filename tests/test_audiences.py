@@ -314,6 +314,10 @@ def test_pick_frame_prefers_version_and_audience_and_falls_back():
         ({"audiences": {"staff": float("nan")}}, "Out of range float"),
         ({"variants": {"v2/staff": ("v2:ticket.opened", {})}}, "invalid variant 'v2/staff'"),
         ({"variants": {"v1": ("v1:ticket.opened", {})}}, "invalid variant 'v1'"),
+        (
+            {"audiences": {"staff": {}}, "variants": {"v1/staff": ("v1:ticket.opened", {})}},
+            "audience 'staff' given twice",
+        ),
     ],
 )
 def test_emit_refuses_a_bad_audience_payload(kwargs, message):
@@ -443,3 +447,108 @@ def test_a_save_on_a_stream_whose_policy_does_not_import_logs_the_default_payloa
     event = Event.objects.filter(stream__name=f"desk:{project.pk}").latest("seq")
     assert (event.type, event.variants) == ("v7:project.updated", {})
     assert f"no policy for desk:{project.pk}" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_resyncs_older_decision_does_not_undo_a_revocation_decided_since(monkeypatch):
+    import time
+
+    from guardian.shortcuts import remove_perm
+
+    from board.policies import ProjectPolicy
+    from realtime.fanout import get_hub
+
+    owner, _member, project = await db(_project_with_people)()
+    stream = f"project:{project.pk}"
+    client = await client_for(owner)
+    assert (await client.subscribe(stream))["ok"] is True
+    [subscription] = get_hub().members[stream]
+    original, slow = ProjectPolicy.access, [True]
+
+    def access(self, user, kind, key):
+        decided = original(self, user, kind, key)
+        if slow:  # the resync's decision: made now ("owner"), handed back late
+            slow.pop()
+            time.sleep(1.0)
+        return decided
+
+    monkeypatch.setattr(ProjectPolicy, "access", access)
+    subscription.resync()  # as the tail check or a layer stall does
+    await client.nothing_more(0.2)  # the resync is deciding
+    await db(remove_perm)("board.delete_project", owner, project)
+    await client.nothing_more(1.5)  # the revocation is decided, then the resync's comes back
+    assert subscription.audience is None
+    await rename(project, "After")
+    event = await next_event(client)
+    assert event["data"]["name"] == "After"
+    assert "members" not in event["data"]
+    await client.close()
+
+
+def test_a_kind_with_its_own_redacted_payload_gets_no_audience_payload(desk):
+    from realtime.registry import registry
+
+    registry.register(
+        Project,
+        streams="desk:{pk}",
+        version="v7",
+        stream_serializers={"desk": lambda project: {"id": project.pk}},
+        audiences={"staff": None},  # every field: never on a kind redacted on purpose
+    )
+    try:
+        _owner, _member, project = _project_with_people()
+    finally:
+        registry.unregister(Project, version="v7")
+    event = Event.objects.filter(stream__name=f"desk:{project.pk}").latest("seq")
+    assert event.data == {"id": project.pk}
+    assert event.variants == {}
+
+
+def test_deciding_the_audience_costs_no_query_more_than_the_authorization():
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from board.policies import ProjectPolicy
+
+    owner, member, project = _project_with_people()
+    policy = ProjectPolicy()
+    key = str(project.pk)
+    for user, audience in ((owner, "owner"), (member, "")):
+        with CaptureQueriesContext(connection) as checked:
+            assert policy.check(user, "project", key) is True
+        with CaptureQueriesContext(connection) as accessed:
+            assert policy.access(user, "project", key) == audience
+        assert len(accessed) == len(checked), [q["sql"] for q in accessed]
+    # A string test is a permission on the object, not a dotted path to import.
+    ProjectPolicy.audiences = {"owner": "board.audiences.is_editor"}
+    try:
+        assert policy.access(owner, "project", key) == ""
+    finally:
+        ProjectPolicy.audiences = {"owner": "board.delete_project"}
+
+
+@pytest.mark.asyncio
+async def test_two_owners_subscribed_cost_one_owner_serialization(monkeypatch):
+    from guardian.shortcuts import assign_perm
+
+    from board import serializers
+
+    owner, member, project = await db(_project_with_people)()
+    await db(assign_perm)("board.delete_project", member, project)  # a second owner
+    stream = f"project:{project.pk}"
+    clients = [await client_for(owner), await client_for(member)]
+    for client in clients:
+        assert (await client.subscribe(stream))["ok"] is True
+    calls: list[int] = []
+    original = serializers.ProjectOwnerSerializer.to_representation
+
+    def counting(self, instance):
+        calls.append(instance.pk)
+        return original(self, instance)
+
+    monkeypatch.setattr(serializers.ProjectOwnerSerializer, "to_representation", counting)
+    await rename(project, "Both")
+    for client in clients:
+        assert (await next_event(client))["data"]["members"] == [member.pk]
+        await client.close()
+    assert calls == [project.pk]  # once for the event, not once per owner

@@ -35,6 +35,7 @@ def test_every_proxied_location_passes_the_host_and_the_scheme():
         # SECURE_PROXY_SSL_HEADER reads the scheme: the upstream's name and plain HTTP fail.
         assert "proxy_set_header Host $host;" in block, path
         assert "proxy_set_header X-Forwarded-Proto $scheme;" in block, path
+        assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in block, path
 
 
 def test_proxy_timeouts_outlast_heartbeats_and_long_polls():

@@ -911,6 +911,13 @@ def test_admin_search_follows_the_user_models_own_fields(monkeypatch):
     assert "recipient__email" in fields  # get_email_field_name()
     preference_admin = PreferenceAdmin(Preference, django_admin.site)
     assert list(preference_admin.get_search_fields(request)) == ["user__first_name", "user__email"]
+    # The live connections' admin too.
+    from realtime.admin import ConnectionAdmin
+    from realtime.models import Connection
+
+    connections = list(ConnectionAdmin(Connection, django_admin.site).get_search_fields(request))
+    assert connections[:2] == ["user__first_name", "user__email"]
+    assert "user__username" not in connections
 
 
 def _bell_urls(monkeypatch: Any, prefix: str) -> str:
