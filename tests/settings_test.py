@@ -15,3 +15,8 @@ DATABASES["other"] = {  # noqa: F405
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     },
 }
+
+# Test users are made by the thousand, and the default hasher spends ~0.2 s on each on
+# purpose: a fast one keeps the suite minutes shorter. Daphne children of the tests can check
+# these hashes (settings_live.py), and the demo's own settings are left alone.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
