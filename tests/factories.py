@@ -50,3 +50,11 @@ class ItemFactory(factory.django.DjangoModelFactory[Item]):
     project = factory.SubFactory(ProjectFactory)
     title = factory.Sequence(lambda n: f"Item {n}")
     position = factory.Sequence(lambda n: n)
+
+
+def server_password(user: User, raw: str) -> None:
+    """Give `user` a password a daphne child of the tests can check (its settings hash with
+    PBKDF2; the test process's own default is a fast hasher, tests/settings_test.py)."""
+    from django.contrib.auth.hashers import make_password
+
+    user.password = make_password(raw, hasher="pbkdf2_sha256")

@@ -7,6 +7,3 @@ from config.settings import *  # noqa: F403
 
 REALTIME = {**REALTIME, **json.loads(os.environ.get("TEST_REALTIME", "{}"))}  # noqa: F405
 PRESENCE = {**PRESENCE, **json.loads(os.environ.get("TEST_PRESENCE", "{}"))}  # noqa: F405
-
-# The users the test process made carry MD5 hashes (settings_test.py): check them here too.
-PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -17,6 +17,10 @@ DATABASES["other"] = {  # noqa: F405
 }
 
 # Test users are made by the thousand, and the default hasher spends ~0.2 s on each on
-# purpose: a fast one keeps the suite minutes shorter. Daphne children of the tests can check
-# these hashes (settings_live.py), and the demo's own settings are left alone.
-PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+# purpose: a fast one keeps the suite minutes shorter. Daphne children of the tests run the
+# demo's settings (PBKDF2 only): a password they check is made with
+# `tests.factories.server_password`.
+PASSWORD_HASHERS = [
+    "django.contrib.auth.hashers.MD5PasswordHasher",
+    "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+]

@@ -19,7 +19,7 @@ from websockets.typing import Origin
 from board.membership import add_member, remove_member
 from realtime.testing import session_for
 
-from .factories import ProjectFactory, UserFactory
+from .factories import ProjectFactory, UserFactory, server_password
 from .live import Browser, Daphne, database_url
 
 
@@ -38,7 +38,7 @@ async def next_frame(socket, op: str, timeout: float = 10) -> dict:  # noqa: ASY
 @pytest.mark.django_db(transaction=True)
 def test_save_on_node_a_reaches_subscriber_on_node_b_and_revocation_follows(tmp_path):
     alice = UserFactory(username="alice", is_staff=True, is_superuser=True)
-    alice.set_password("alice-pw-1")
+    server_password(alice, "alice-pw-1")
     alice.save()
     bob = UserFactory(username="bob")
     project = ProjectFactory(owner=alice)
@@ -284,7 +284,7 @@ def test_revoking_through_node_a_unsubscribes_on_node_b_within_a_second(tmp_path
     from guardian.shortcuts import get_perms
 
     alice = UserFactory(username="alice-admin", is_staff=True, is_superuser=True)
-    alice.set_password("alice-pw-2")
+    server_password(alice, "alice-pw-2")
     alice.save()
     bob = UserFactory(username="bob-revoked")
     project = ProjectFactory(owner=alice)
@@ -342,7 +342,7 @@ def test_logout_through_node_a_closes_the_users_sockets_on_node_b(tmp_path):
     """The browser logs in and out on node A (the logout form of the demo's pages); every
     socket of that user on node B closes with 4401, another user's stays open."""
     bob = UserFactory(username="bob-leaving")
-    bob.set_password("bob-pw-3")
+    server_password(bob, "bob-pw-3")
     bob.save()
     carol = UserFactory(username="carol-stays")
     other_bob_session, carol_session = session_for(bob), session_for(carol)

@@ -14,7 +14,7 @@ from channels.layers import get_channel_layer
 from realtime.models import Event
 from realtime.streams import group_name
 
-from .factories import ProjectFactory, UserFactory
+from .factories import ProjectFactory, UserFactory, server_password
 from .live import Browser, Daphne, database_url
 
 
@@ -23,7 +23,7 @@ from .live import Browser, Daphne, database_url
 @pytest.mark.django_db(transaction=True)
 def test_admin_save_under_daphne_is_published_to_redis_subscribers(tmp_path):
     admin = UserFactory(username="root", is_staff=True, is_superuser=True)
-    admin.set_password("pw-root-1")
+    server_password(admin, "pw-root-1")
     admin.save()
     project = ProjectFactory(owner=admin)
     stream = f"project:{project.pk}"
