@@ -89,7 +89,8 @@ async def test_owners_get_their_payload_and_members_the_default_one_over_the_web
     await member_client.close()
 
 
-def test_the_log_holds_one_payload_per_audience_and_serializes_each_once(monkeypatch):
+def owner_serializations(monkeypatch) -> list[int]:
+    """The pks of the projects `ProjectOwnerSerializer` serializes from now on."""
     from board import serializers
 
     calls: list[int] = []
@@ -100,6 +101,11 @@ def test_the_log_holds_one_payload_per_audience_and_serializes_each_once(monkeyp
         return original(self, instance)
 
     monkeypatch.setattr(serializers.ProjectOwnerSerializer, "to_representation", counting)
+    return calls
+
+
+def test_the_log_holds_one_payload_per_audience_and_serializes_each_once(monkeypatch):
+    calls = owner_serializations(monkeypatch)
     _owner, member, project = _project_with_people()
     calls.clear()
     project.name = "Once"
@@ -531,22 +537,13 @@ def test_deciding_the_audience_costs_no_query_more_than_the_authorization():
 async def test_two_owners_subscribed_cost_one_owner_serialization(monkeypatch):
     from guardian.shortcuts import assign_perm
 
-    from board import serializers
-
     owner, member, project = await db(_project_with_people)()
     await db(assign_perm)("board.delete_project", member, project)  # a second owner
     stream = f"project:{project.pk}"
     clients = [await client_for(owner), await client_for(member)]
     for client in clients:
         assert (await client.subscribe(stream))["ok"] is True
-    calls: list[int] = []
-    original = serializers.ProjectOwnerSerializer.to_representation
-
-    def counting(self, instance):
-        calls.append(instance.pk)
-        return original(self, instance)
-
-    monkeypatch.setattr(serializers.ProjectOwnerSerializer, "to_representation", counting)
+    calls = owner_serializations(monkeypatch)
     await rename(project, "Both")
     for client in clients:
         assert (await next_event(client))["data"]["members"] == [member.pk]
