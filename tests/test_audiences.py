@@ -123,21 +123,33 @@ def test_the_log_holds_one_payload_per_audience_and_serializes_each_once(monkeyp
     assert tenant_event.event_id != project_event.event_id
 
 
+async def audience_becomes(subscription, audience, wait: float = 5.0) -> None:
+    """Wait (bounded) until the socket has decided `subscription`'s audience as `audience`."""
+    import asyncio
+
+    async with asyncio.timeout(wait):
+        while subscription.audience != audience:  # noqa: ASYNC110 (set by the socket, no event to wait on)
+            await asyncio.sleep(0.02)
+
+
 @pytest.mark.asyncio
 async def test_a_member_made_owner_gets_the_owner_payload_from_the_next_event_and_back():
     from guardian.shortcuts import assign_perm, remove_perm
+
+    from realtime.fanout import get_hub
 
     _owner, member, project = await db(_project_with_people)()
     stream = f"project:{project.pk}"
     client = await client_for(member)
     assert (await client.subscribe(stream))["ok"] is True
+    [subscription] = get_hub().members[stream]
     await db(assign_perm)("board.delete_project", member, project)
-    await client.nothing_more(0.5)  # the permission change reaches the socket
+    await audience_becomes(subscription, "owner")  # the permission change reached the socket
     await rename(project, "Promoted")
     promoted = await next_event(client)
     assert promoted["data"]["members"] == [member.pk]
     await db(remove_perm)("board.delete_project", member, project)
-    await client.nothing_more(0.5)
+    await audience_becomes(subscription, None)
     await rename(project, "Demoted")
     demoted = await next_event(client)
     assert demoted["data"]["name"] == "Demoted"
