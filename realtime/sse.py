@@ -248,6 +248,16 @@ class SSEConnection:
             counted = True
             if self.resumed:
                 metrics.RESUMES.labels("sse").inc()
+            # The view decided before this stream watched the user's permission messages,
+            # so one sent in between reached nobody: decide again now that none can be
+            # missed, before anything of a stream is joined or replayed. As a task, so a
+            # message arriving meanwhile queues its decision after this one.
+            self.recheck = asyncio.get_running_loop().create_task(self._recheck())
+            await self.recheck
+            resets = [reset for reset in resets if reset["stream"] in self.subscriptions]
+            if self.closed:  # signed out since, or every stream refused (`unsubscribed` queued)
+                yield f"retry: {RETRY_MS}\n\n" + "".join(self.outbox)
+                return
             for stream, subscription in list(self.subscriptions.items()):
                 await hub.join(stream, subscription)
                 if not subscription.authorized:

@@ -637,6 +637,63 @@ async def test_access_revoked_while_the_stream_joins_its_streams(monkeypatch):
     await reader.close()
 
 
+async def test_access_revoked_before_the_stream_watches_its_user_is_decided_again(monkeypatch):
+    """The view decides; a revocation's message sent before the body watches the user is lost."""
+    from realtime import fanout
+
+    owner, member = await db(UserFactory)(), await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    await db(add_member)(project, member)
+    original = fanout.Hub.watch_user
+
+    async def revoked_first(self, user_pk, connection):
+        if user_pk == member.pk:
+            await db(remove_member)(project, member)  # its realtime.authz reaches no one yet
+        return await original(self, user_pk, connection)
+
+    monkeypatch.setattr(fanout.Hub, "watch_user", revoked_first)
+    reader, _ = await open_sse(member, f"user:{member.pk},project:{project.pk}")
+    gone = await reader.event(timeout=5)
+    assert gone["event"] == "unsubscribed"  # before any event of the project
+    assert gone["data"] == {
+        "op": "unsubscribed",
+        "stream": f"project:{project.pk}",
+        "reason": "forbidden",
+    }
+    assert not fanout.get_hub().members.get(f"project:{project.pk}")
+    await db(ItemFactory)(project=project, title="secret")
+    import realtime
+
+    await db(realtime.emit)(f"user:{member.pk}", "v1:note.added", {"still": "here"})
+    message = await reader.event()
+    assert message["data"]["stream"] == f"user:{member.pk}"  # the secret was not sent first
+    await reader.close()
+
+
+async def test_a_stream_refused_everything_before_it_watched_its_user_ends(monkeypatch):
+    from realtime import fanout
+
+    owner, member = await db(UserFactory)(), await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    await db(add_member)(project, member)
+    original = fanout.Hub.watch_user
+
+    async def revoked_first(self, user_pk, connection):
+        await db(remove_member)(project, member)
+        return await original(self, user_pk, connection)
+
+    monkeypatch.setattr(fanout.Hub, "watch_user", revoked_first)
+    reader, opened = await open_sse(member, f"project:{project.pk}")
+    assert opened["first"] == {"retry": "3000"}
+    gone = await reader.message()
+    assert gone["event"] == "unsubscribed"
+    assert gone["data"]["stream"] == f"project:{project.pk}"
+    with pytest.raises(StopAsyncIteration):  # nothing left to stream: the body ends
+        await reader.message()
+    assert not fanout.get_hub().members.get(f"project:{project.pk}")
+    assert member.pk not in fanout.get_hub().user_listeners
+
+
 async def test_a_method_other_than_get_is_405_with_allow():
     owner = await db(UserFactory)()
     client = AsyncClient()
