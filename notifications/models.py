@@ -32,9 +32,11 @@ class NotificationQuerySet(models.QuerySet["Notification"]):
 
 
 def _generic(name: str) -> tuple[Any, Any, Any]:
+    # SET_NULL: a content type removed with its model (`remove_stale_contenttypes`) must not
+    # delete users' notifications, silently and with no event; each keeps its `refs` copy.
     content_type = models.ForeignKey(
         ContentType,
-        on_delete=models.CASCADE,
+        on_delete=models.SET_NULL,
         null=True,
         blank=True,
         related_name="+",

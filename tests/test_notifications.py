@@ -70,6 +70,25 @@ def test_notify_stores_a_row_and_logs_its_event_after_commit_only():
 
 
 @pytest.mark.django_db
+def test_a_removed_content_type_keeps_the_notifications_that_refer_to_it():
+    from django.contrib.contenttypes.models import ContentType
+
+    alice, bob = UserFactory(), UserFactory()
+    project = ProjectFactory(owner=alice)
+    (note,) = notify(bob, "commented on", actor=alice, target=project)
+    shown = represent(note)
+    # As `remove_stale_contenttypes` does once a model is gone: its permissions go with it.
+    ContentType.objects.get_for_model(project).delete()
+    ContentType.objects.clear_cache()
+    note.refresh_from_db()
+    assert note.target_content_type is None
+    assert note.actor_content_type is not None
+    assert represent(note) == shown  # the reader still sees what it was about
+    body = client_for(bob).get("/api/notifications/").json()
+    assert [row["target"]["type"] for row in body["results"]] == ["board.project"]
+
+
+@pytest.mark.django_db
 def test_a_rolled_back_notify_leaves_no_row_and_no_event():
     bob = UserFactory()
 
