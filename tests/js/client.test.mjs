@@ -2585,3 +2585,275 @@ test("tabs of different versions do not share a connection", async () => {
   plain.close();
   v2.close();
 });
+
+// -- review fixes: joins before the position, ticket clients, fallbacks, malformed frames ----
+
+test("snapshot() of a stream whose plain subscribe is not answered yet gets the events after its own position", async () => {
+  const feed = [];
+  const fetch = async (url) => {
+    if (new URL(url, "http://testserver").pathname === "/api/projects/1/items/") {
+      return { ok: true, status: 200, headers: { get: (h) => (h === "X-Stream-Position" ? "project:1=100" : null) }, json: async () => [] };
+    }
+    const from = cursorOf(url)["project:1"][0];
+    feed.push(from);
+    return feedAnswer({ events: [101, 102, 103, 104, 105].filter((s) => s > from).map((s) => event(s)) });
+  };
+  const { c, sockets } = client({ fetch });
+  c.connect(); await flush(); sockets[0].open();
+  const first = [], late = [], resets = [];
+  c.subscribe("project:1", { onEvent: (f) => first.push(f.seq) }); // "from now": no position yet
+  const sub = sockets[0].last("subscribe");
+  const { since } = await c.snapshot("/api/projects/1/items/", "project:1", {
+    onEvent: (f) => late.push(f.seq),
+    onReset: (r) => resets.push(r),
+  });
+  assert.equal(since, 100);
+  ok(sockets[0], sub, { seq: 105, epoch: "e", recovered: false }); // the stream starts past the snapshot
+  await settle();
+  sockets[0].receive(event(106));
+  await settle();
+  assert.deepEqual(feed, [100]);
+  assert.deepEqual(late, [101, 102, 103, 104, 105, 106]); // snapshot and stream meet exactly
+  assert.deepEqual(first, [106]); // the other handle sees nothing of it
+  assert.deepEqual(resets, []);
+  c.close();
+});
+
+const TICKETS = "http://testserver/api/realtime/tickets/";
+const ticketAnswer = () => ({ ok: true, status: 201, headers: { get: () => null }, json: async () => ({ ticket: "T" }) });
+const refused401 = () => ({ ok: false, status: 401, body: null, headers: { get: () => null }, json: async () => ({}) });
+
+test("a ticket client fills a gap by subscribing again on the socket from its position, not from the feed that refuses it", async () => {
+  const feed = [];
+  const fetch = async (url) => {
+    if (url === TICKETS) return ticketAnswer();
+    feed.push(url);
+    return refused401(); // the feed takes the session only
+  };
+  const { c, timers, sockets, errors } = client({ fetch, ticketUrl: TICKETS, gapWait: 1000 });
+  c.connect(); await settle(); sockets[0].open();
+  const seen = [];
+  c.subscribe("project:1", { onEvent: (f) => seen.push(f.seq) });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: false }); await settle();
+  sockets[0].receive(event(6)); // 4 and 5 lost on the way
+  await timers.tick(1000); await settle();
+  assert.deepEqual(feed, []);
+  const [unsub] = sentOf(sockets[0], "unsubscribe", "project:1");
+  const again = sentOf(sockets[0], "subscribe", "project:1")[1];
+  assert.ok(unsub && again);
+  assert.ok(sockets[0].sent.indexOf(unsub) < sockets[0].sent.indexOf(again));
+  assert.equal(again.since, 3);
+  assert.equal(again.epoch, "e");
+  await timers.tick(5000); await settle();
+  assert.equal(sentOf(sockets[0], "subscribe", "project:1").length, 2); // one resume at a time
+  ok(sockets[0], unsub, {});
+  ok(sockets[0], again, { seq: 6, epoch: "e", recovered: true });
+  await settle();
+  for (const seq of [4, 5, 6]) sockets[0].receive(event(seq)); // the replay; 6 was held already
+  assert.deepEqual(seen, [4, 5, 6]);
+  assert.equal(c.status, STATUS.OPEN);
+  assert.deepEqual(errors, []);
+  c.close();
+});
+
+test("a ticket client does not fall back to SSE or polling, which take the session only: it keeps trying the WebSocket", async () => {
+  const other = [];
+  const fetch = async (url) => {
+    if (url === TICKETS) return ticketAnswer();
+    other.push(new URL(url).pathname);
+    return refused401();
+  };
+  const { c, timers, sockets, errors, statuses } = client({ fetch, ticketUrl: TICKETS, wsAttempts: 2 });
+  c.subscribe("project:1", {});
+  c.connect(); await settle();
+  for (let i = 0; i < 4; i++) { sockets.at(-1).fail(); await timers.tick(statuses.at(-1).retryIn); await settle(); }
+  assert.deepEqual(other, []);
+  assert.equal(sockets.length, 5);
+  assert.notEqual(c.status, STATUS.OFFLINE);
+  assert.deepEqual(errors, []);
+  c.close();
+});
+
+test("publishes queued for a socket fail with no_websocket when the client falls back to SSE", async () => {
+  const fetch = async (url) => (new URL(url).pathname === "/realtime/sse/" ? new Promise(() => {}) : feedAnswer({ events: [] }));
+  const { c, sockets } = client({ fetch, wsAttempts: 1, probeEvery: 1e9 });
+  c.subscribe("project:1", {});
+  c.connect(); await flush();
+  const queued = watch(c.publish("project:1", "v1:typing.started", {}));
+  sockets[0].fail(); await settle();
+  assert.equal(c.transport, "sse");
+  assert.equal(queued.state, "rejected");
+  assert.equal(queued.error.code, "no_websocket");
+  assert.equal(c.queue.length, 0);
+  const later = watch(c.publish("project:1", "v1:typing.started", {}));
+  await settle();
+  assert.equal(later.error.code, "no_websocket"); // as one made there
+  c.close();
+});
+
+test("SSE reconnects spread above the server's retry: two clients wait differently, neither less than the retry", async () => {
+  const waits = [];
+  for (const r of [0.1, 0.9]) {
+    const fetch = async (url) => new URL(url).pathname === "/realtime/sse/"
+      ? { ok: true, status: 200, body: sseBody("retry: 3000\n\n") }
+      : feedAnswer({ events: [] });
+    const { c, sockets, statuses } = client({ fetch, wsAttempts: 1, probeEvery: 1e9, random: () => r });
+    c.subscribe("project:1", {}); c.connect(); await flush(); sockets[0].fail(); await settle();
+    const wait = statuses.filter((s) => s.status === STATUS.SSE && s.retryIn !== undefined).at(-1).retryIn;
+    assert.ok(wait >= 3000, `random ${r}: ${wait}`);
+    waits.push(wait);
+    c.close();
+  }
+  // The retry (3 s, longer than the first step's 2 s), and a random share of it above it.
+  assert.deepEqual(waits, [3300, 5700]);
+});
+
+/** A document whose visibility the test changes (`set`), firing `visibilitychange`. */
+function fakeDocument(visibilityState = "visible") {
+  const listeners = new Set();
+  return {
+    visibilityState,
+    cookie: "",
+    addEventListener: (type, fn) => listeners.add(fn),
+    removeEventListener: (type, fn) => listeners.delete(fn),
+    set(state) {
+      this.visibilityState = state;
+      for (const fn of [...listeners]) fn();
+    },
+  };
+}
+
+test("a follower tab shown on a polling leader neither polls nor probes; the leader long-polls while any tab is shown", async () => {
+  const leaderPolls = [];
+  const leaderFetch = async (url) => {
+    const u = new URL(url);
+    if (u.pathname === "/realtime/sse/") return { ok: false, status: 503, body: null, headers: { get: () => null } };
+    leaderPolls.push(u.searchParams.get("wait"));
+    return feedAnswer({ events: [] });
+  };
+  const followerRequests = [];
+  const followerFetch = async (url) => { followerRequests.push(url); return new Promise(() => {}); };
+  const { make, sockets, timers } = tabs({ wsAttempts: 1, sseAttempts: 1 });
+  const leaderDoc = fakeDocument("hidden"), followerDoc = fakeDocument("hidden");
+  const leader = make({ fetch: leaderFetch, document: leaderDoc, probeEvery: 1e9 }).connect();
+  const follower = make({ fetch: followerFetch, document: followerDoc, probeEvery: 1000 }).connect();
+  await settle();
+  assert.equal(follower.role, "follower");
+  follower.subscribe("project:1", {});
+  await settle();
+  sockets[0].fail(); await settle();
+  assert.equal(leader.transport, "polling");
+  assert.equal(follower.transport, "polling"); // mirrored from the leader's status
+  assert.equal(leaderPolls.at(-1), null); // every tab hidden: a short poll
+  followerDoc.set("visible"); await settle();
+  await timers.tick(5000); await settle();
+  assert.deepEqual(followerRequests, []);
+  assert.equal(sockets.length, 1); // no probe from the follower
+  assert.equal(leaderPolls.at(-1), "20"); // a tab is shown: the leader long-polls
+  followerDoc.set("hidden"); await settle();
+  await timers.tick(1000); await settle();
+  assert.equal(leaderPolls.at(-1), null); // none shown any more: short polls again
+  leader.close();
+  follower.close();
+});
+
+test("4400 and 4413 wait the long backoff, and a stream refused as malformed is not subscribed again", async () => {
+  const { c, timers, sockets, statuses } = client({ wsAttempts: 100, stableAfter: 10000 });
+  c.connect(); await flush(); sockets[0].open();
+  const bad = watch(c.subscribe("Project 1", {}).ready);
+  c.subscribe("project:1", {});
+  refuse(sockets[0], sentOf(sockets[0], "subscribe", "Project 1")[0], "invalid_stream");
+  ok(sockets[0], sentOf(sockets[0], "subscribe", "project:1")[0]);
+  await settle();
+  assert.equal(bad.error.code, "invalid_stream");
+  await timers.tick(10000); // stable: the ordinary backoff would start again from 0-1 s
+  sockets[0].fail(4400);
+  assert.equal(statuses.at(-1).retryIn, 3000); // between half and all of 4 s, as after a 4429
+  await timers.tick(3000);
+  sockets[1].open();
+  assert.deepEqual(sentOf(sockets[1], "subscribe").map((f) => f.stream), ["project:1"]);
+  const again = watch(c.subscribe("Project 1", {}).ready);
+  await settle();
+  assert.equal(again.error.code, "invalid_stream"); // at once, and nothing sent
+  assert.equal(sentOf(sockets[1], "subscribe", "Project 1").length, 0);
+  await timers.tick(10000);
+  sockets[1].fail(4413);
+  assert.equal(statuses.at(-1).retryIn, 6000); // the next in a row waits longer
+  c.close();
+});
+
+test("malformed server frames are dropped and said, never thrown, and ready still settles", async () => {
+  const { c, sockets, errors } = client();
+  c.connect(); await flush(); sockets[0].open();
+  const seen = [], members = [];
+  const sub = watch(c.subscribe("project:1", {
+    onEvent: (f) => seen.push(f.seq),
+    onPresence: (m) => members.push(m.map((x) => x.user.id)),
+  }).ready);
+  for (const text of ["null", "[1]", "5", '"x"', "{"]) sockets[0].onmessage({ data: text });
+  ok(sockets[0], sockets[0].last("subscribe"), {
+    seq: 0, epoch: "e", recovered: false, presence: [{ since: "t" }, { user: { id: 2 }, since: "t" }],
+  });
+  await settle();
+  assert.equal(sub.state, "resolved");
+  assert.deepEqual(members, [[2]]);
+  sockets[0].receive({ op: "event", stream: "project:1", eventId: "p1", type: "v1:presence.joined", data: {} });
+  sockets[0].receive({ op: "event", stream: "project:1", eventId: "p2", type: "v1:presence.left", data: null });
+  sockets[0].receive(event(1));
+  assert.deepEqual(seen, [1]);
+  assert.deepEqual(members, [[2]]);
+  assert.equal(c.status, STATUS.OPEN);
+  assert.equal(errors.length, 8);
+  assert.ok(errors.every((e) => e.code === "malformed_frame"));
+  c.close();
+});
+
+test("a malformed presence diff or frame on SSE is dropped, and the stream goes on", async () => {
+  const diff = { op: "event", stream: "project:1", eventId: "p1", type: "v1:presence.joined", data: {} };
+  const chunk = [
+    `event: v1:presence.joined\ndata: ${JSON.stringify(diff)}\n\n`,
+    "event: v1:item.updated\ndata: null\n\n",
+    `event: v1:item.updated\ndata: ${JSON.stringify(event(5))}\n\n`,
+  ].join("");
+  let sse = 0;
+  const fetch = async (url) => {
+    if (new URL(url).pathname !== "/realtime/sse/") return feedAnswer({ events: [] });
+    sse += 1;
+    return { ok: true, status: 200, body: sseBody(chunk, false) };
+  };
+  const { c, sockets, errors } = client({ fetch, wsAttempts: 1, probeEvery: 1e9 });
+  const seen = [];
+  c.subscribe("project:1", { since: 4, onEvent: (f) => seen.push(f.seq) });
+  c.connect(); await flush(); sockets[0].fail(); await settle();
+  assert.deepEqual(seen, [5]);
+  assert.equal(sse, 1); // not torn down and opened again
+  assert.deepEqual(errors.map((e) => e.code), ["malformed_frame", "malformed_frame"]);
+  c.close();
+});
+
+test("on a fallback the socket's presence list is emptied, then read again from the presence API", async () => {
+  const asked = [];
+  const fetch = async (url) => {
+    const u = new URL(url);
+    if (u.pathname === "/realtime/sse/") return new Promise(() => {});
+    if (u.pathname.startsWith("/api/presence/")) {
+      asked.push(u.pathname);
+      return { ok: true, status: 200, headers: { get: () => null }, json: async () => ({ stream: "project:1", members: [{ user: { id: 3 }, since: "t" }], total: 1 }) };
+    }
+    return feedAnswer({ events: [] });
+  };
+  const { c, timers, sockets } = client({ fetch, wsAttempts: 1, probeEvery: 1e9 });
+  c.connect(); await flush(); sockets[0].open();
+  const lists = [];
+  c.subscribe("project:1", { onPresence: (m) => lists.push(m.map((x) => x.user.id)) });
+  ok(sockets[0], sockets[0].last("subscribe"), {
+    seq: 0, epoch: "e", recovered: false, presence: [{ user: { id: 1 }, since: "t" }, { user: { id: 2 }, since: "t" }],
+  });
+  await settle();
+  sockets[0].fail(); await timers.tick(1000); sockets[1].fail(); await settle();
+  assert.equal(c.transport, "sse");
+  assert.deepEqual(asked, ["/api/presence/project%3A1/"]);
+  assert.deepEqual(lists, [[1, 2], [], [3]]);
+  assert.deepEqual(c.members("project:1").map((m) => m.user.id), [3]);
+  c.close();
+});

@@ -52,6 +52,7 @@ for (const el of document.querySelectorAll("[data-realtime-status]")) attachBadg
 client.on("error", (e) => {
   const box = document.querySelector("[data-realtime-errors]");
   if (!box || e.code === "queue_full" || e.code === "closed") return;
+  if (e.code === "malformed_frame") return console.warn(e.message, e.frame); // for developers, not users
   if (e.code === "rolled_back") return; // widgets show their own rollback message
   box.textContent = e.message;
   box.hidden = false;

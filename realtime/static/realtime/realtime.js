@@ -13,6 +13,12 @@ export const STATUS = Object.freeze({
 
 // Close codes after which reconnecting cannot help (docs/protocol.md, section 11).
 const FINAL_CLOSE = new Set([4401, 4403]);
+// Close codes for frames this client sent (4400: malformed ones, 4413: one too large). Coming
+// straight back would meet them again: they wait the long backoff of a 4429 (section 11).
+const CLIENT_FAULT_CLOSE = new Set([4400, 4413]);
+// Refusals of a subscribe for its frame itself (a stream name the server cannot read, say).
+// Sent again on each connection, every one would count towards MALFORMED_LIMIT and a 4400.
+const MALFORMED = new Set(["invalid_frame", "invalid_stream", "unsupported_version"]);
 
 // Queued publishes go out at most FLUSH_BATCH every FLUSH_EVERY ms: the server takes
 // PUBLISH_BURST (20) at once and PUBLISH_RATE (10) a second, per socket and per user, refuses
@@ -174,6 +180,20 @@ export class SSEParser {
   }
 }
 
+function noWebsocketError() {
+  return Object.assign(new Error("publishing needs the WebSocket"), { code: "no_websocket" });
+}
+
+/** A server frame the client can read at all: a JSON object. */
+function isObject(value) {
+  return value !== null && typeof value === "object" && !Array.isArray(value);
+}
+
+/** A presence entry as the server lists one: `{user: {id, …}, since}`. */
+function isMember(entry) {
+  return isObject(entry) && isObject(entry.user) && entry.user.id != null;
+}
+
 function closedError() {
   return Object.assign(new Error("connection closed"), { code: "closed" });
 }
@@ -203,6 +223,7 @@ export class RealtimeClient extends EventTarget {
       wsUrl: options.wsUrl || base.replace(/^http/, "ws") + "/ws/realtime/",
       sseUrl: options.sseUrl || base + "/realtime/sse/",
       feedUrl: options.feedUrl || base + "/api/realtime/events/",
+      presenceUrl: options.presenceUrl || base + "/api/presence/", // + <stream>/ (read on a fallback)
       ticketUrl: options.ticketUrl || null, // POST it for ?ticket= (clients without cookies)
       clientVersion: options.clientVersion || "js-1",
       // The serializer version of logged events (`v2`); null: each event's primary version.
@@ -314,6 +335,30 @@ export class RealtimeClient extends EventTarget {
       this.reportError(error);
       return undefined;
     }
+  }
+
+  /** A server frame the client cannot use: dropped and said (an `error` event), never thrown. */
+  _malformed(frame, why) {
+    this._emit("error", { code: "malformed_frame", message: `a server frame was dropped: ${why}`, frame });
+  }
+
+  /**
+   * Handle a server frame. One malformed in a way no check foresaw must not throw out of the
+   * socket's or the stream's reader (on SSE that would end the stream): it is dropped.
+   */
+  _safely(frame, handle) {
+    try {
+      handle();
+    } catch (error) {
+      this._malformed(frame, error.message);
+    }
+  }
+
+  /** The members of a presence list, by user id; entries without a user are left out. */
+  _presenceMap(list, stream) {
+    const members = list.filter(isMember);
+    if (members.length < list.length) this._malformed({ stream, presence: list }, "a presence entry without a user");
+    return new Map(members.map((m) => [m.user.id, m]));
   }
 
   _setStatus(status, extra = {}) {
@@ -504,8 +549,10 @@ export class RealtimeClient extends EventTarget {
     this.leaderId = this.tabId;
     this.tabStreams = new Map();
     this.goneTabs = new Set(); // tabs whose streams a roll call dropped
+    this.shownTabs = new Set(); // follower tabs that are visible (they say so: _postVisibility)
     this.rollHeard = null; // tabs heard from since the roll call under way, if any
     for (const state of this.streams.values()) state.live = false;
+    this.transport = null; // the old leader's, mirrored: this tab has no connection yet
     this._openSocket();
     this._post({ kind: "leader" });
     this._beatTabs();
@@ -534,6 +581,7 @@ export class RealtimeClient extends EventTarget {
           this.rollHeard = null;
           for (const tab of called) {
             if (heard.has(tab)) continue;
+            this.shownTabs.delete(tab);
             for (const stream of [...this.tabStreams.keys()]) this._tabLeaves(tab, stream);
             if (this.goneTabs.size >= 1000) this.goneTabs.clear(); // bounded
             this.goneTabs.add(tab);
@@ -579,6 +627,7 @@ export class RealtimeClient extends EventTarget {
         this._heardLeader(message.from);
         this._resubscribe();
         this._flush();
+        this._postVisibility();
         return;
       case "alive":
         // A heartbeat. From a leader this tab has lost track of (it said bye on pagehide and
@@ -587,6 +636,7 @@ export class RealtimeClient extends EventTarget {
         this._heardLeader(message.from);
         this._resubscribe();
         this._flush();
+        this._postVisibility();
         return;
       case "roll":
         this._post({ kind: "here" }); // the leader's roll call: this tab is still here
@@ -613,7 +663,7 @@ export class RealtimeClient extends EventTarget {
         // The leader's new subscribe reply (after its socket reconnected) lists who is present now.
         const state = this.streams.get(message.stream);
         if (!state || !Array.isArray(message.presence)) return;
-        state.presence = new Map(message.presence.map((m) => [m.user.id, m]));
+        state.presence = this._presenceMap(message.presence, message.stream);
         this._presence(message.stream, state);
         return;
       }
@@ -638,7 +688,15 @@ export class RealtimeClient extends EventTarget {
       this._post({ kind: "alive" }); // a follower has not heard this leader for leaderWait
       return;
     }
+    if (message.kind === "visibility") {
+      const wasHidden = this._hidden();
+      if (message.hidden) this.shownTabs.delete(tab);
+      else if (this.shownTabs.size < 1000) this.shownTabs.add(tab); // bounded
+      if (wasHidden && !this._hidden()) this._visibilityChanged(); // a tab shows: poll now, and fast
+      return;
+    }
     if (message.kind === "bye") {
+      this.shownTabs.delete(tab);
       for (const stream of [...this.tabStreams.keys()]) this._tabLeaves(tab, stream);
       return;
     }
@@ -797,7 +855,7 @@ export class RealtimeClient extends EventTarget {
       if (pending.frame.op !== "subscribe") pending.reject(closedError());
     }
     this._clearThrottle(); // the next connection starts with a fresh bucket and no subscription
-    for (const state of this.streams.values()) state.live = state.onServer = false;
+    for (const state of this.streams.values()) state.live = state.onServer = state.resuming = false;
   }
 
   // -- WebSocket ----------------------------------------------------------------------------
@@ -879,8 +937,9 @@ export class RealtimeClient extends EventTarget {
       try {
         frame = JSON.parse(message.data);
       } catch (_) {
-        return;
+        return this._malformed(message.data, "not JSON");
       }
+      if (!isObject(frame)) return this._malformed(frame, "not an object");
       if (frame.op === "welcome") {
         this._cancel(timeout);
         promoted = true;
@@ -891,7 +950,7 @@ export class RealtimeClient extends EventTarget {
         this.welcomed = true;
         this.wsFailures = 0;
         this.sseFailures = this.sseAttempt = 0;
-        this.heartbeat = (frame.heartbeat || 25) * 1000;
+        this.heartbeat = (Number(frame.heartbeat) > 0 ? Number(frame.heartbeat) : 25) * 1000;
         this._setStatus(STATUS.OPEN);
         this._emit("welcome", frame);
         this._watchdog();
@@ -902,7 +961,7 @@ export class RealtimeClient extends EventTarget {
         return;
       }
       this._watchdog();
-      this._frame(frame);
+      this._safely(frame, () => this._frame(frame));
     };
     socket.onclose = (event) => {
       this._cancel(timeout);
@@ -944,10 +1003,11 @@ export class RealtimeClient extends EventTarget {
     // WebSocket gets through; only a try that never reached the server hints at a blocked one.
     const fromServer = code >= 4000 && code < 5000;
     if (!wasOpen && !fromServer) this.wsFailures += 1;
-    if (this.wsFailures >= this.options.wsAttempts && this.fetch) return this._startSSE();
+    // SSE and the feed take the Django session only: a ticket client keeps to the WebSocket.
+    if (this.wsFailures >= this.options.wsAttempts && this.fetch && !this.options.ticketUrl) return this._startSSE();
     let delay = backoffDelay(this.attempt, { ...this.options.backoff, random: this.random });
     this.attempt += 1;
-    if (code === 4429) delay = Math.max(delay, this._limitedDelay());
+    if (code === 4429 || CLIENT_FAULT_CLOSE.has(code)) delay = Math.max(delay, this._limitedDelay());
     this._setStatus(STATUS.RECONNECTING, { retryIn: delay, code });
     this.retryTimer = this._later(delay, () => this._openSocket());
   }
@@ -1146,7 +1206,7 @@ export class RealtimeClient extends EventTarget {
   subscribe(stream, { onEvent, onReset, onPresence, since = null, epoch = null } = {}) {
     const existing = this.streams.get(stream);
     const state = this._follow(stream, { since, epoch });
-    const handler = { onEvent, onReset, onPresence, backlog: null, reset: null, reading: null };
+    const handler = { onEvent, onReset, onPresence, backlog: null, reset: null, reading: null, joining: null };
     state.handlers.add(handler); // counted even without callbacks: the page follows the stream
     if (existing && since != null) this._join(stream, state, handler, since, epoch);
     const reader = {};
@@ -1173,11 +1233,17 @@ export class RealtimeClient extends EventTarget {
    * gets the events after `since` from those kept (HISTORY), or else from the event feed, for
    * it alone. They come after a turn of the event loop (so a snapshot()'s caller has its data
    * first) and before any later event. A `since` of another epoch, or one the feed cannot
-   * serve, gets the handle a reset of its own instead.
+   * serve, gets the handle a reset of its own instead. While the stream's position is not
+   * known yet (its subscribe not answered, a fallback that started "now"), the handle waits for
+   * it (_joinWaiting): the position the server then gives may well be past `since`.
    */
   _join(stream, state, handler, since, epoch) {
     const at = state.order.seq;
-    if (at === null || since >= at) return;
+    if (at === null) {
+      handler.joining = { since, epoch };
+      return;
+    }
+    if (since >= at) return;
     const sameEpoch = !epoch || !state.order.epoch || epoch === state.order.epoch;
     const missed = sameEpoch ? state.history.filter((f) => f.seq > since) : [];
     const later = () => this._later(0, () => {
@@ -1202,6 +1268,16 @@ export class RealtimeClient extends EventTarget {
       else Object.assign(handler, { backlog: null, reset: { ...reset, seq: state.order.seq } });
       if (this._delivering(stream, state) && state.handlers.has(handler)) this._catchUp(state, handler);
     });
+  }
+
+  /** The stream's position is known now: the handles that joined before it was catch up from their own. */
+  _joinWaiting(stream, state) {
+    for (const handler of state.handlers) {
+      const joining = handler.joining;
+      if (!joining) continue;
+      handler.joining = null;
+      this._join(stream, state, handler, joining.since, joining.epoch);
+    }
   }
 
   /** The logged events after `since` up to `to`, read page by page from the feed; throws if it cannot serve them. */
@@ -1344,7 +1420,15 @@ export class RealtimeClient extends EventTarget {
     state.onServer = true;
     this._request(frame).then(
       (data) => {
-        this._subscribed(stream, state, data, frame);
+        try {
+          this._subscribed(stream, state, isObject(data) ? data : {}, frame);
+        } catch (error) {
+          // A reply this client cannot fully read: the subscription stands, and no `ready`
+          // (nor another tab) is left waiting for ever.
+          this._malformed(data, error.message);
+          this._answerTabs(state, null);
+          this._settleReaders(state, null, data);
+        }
         this._jobDone(job, false);
       },
       (error) => this._subscribeRefused(job, error),
@@ -1365,7 +1449,9 @@ export class RealtimeClient extends EventTarget {
     const behind = error.code === "already_subscribed" &&
       this.throttle.jobs.some((j) => j.op === "unsubscribe" && j.stream === stream);
     if (error.code === "rate_limited" || behind) return this._jobDone(job, true, behind);
+    state.resuming = false;
     state.refused = Object.assign(error, { stream });
+    if (MALFORMED.has(error.code)) state.malformed = true; // never sent again (see _resubscribe)
     // Only this page's own handles make it this page's error: a stream a leader follows only
     // for other tabs is theirs, and they hear of the refusal from _answerTabs.
     if (state.handlers.size) this._emit("error", { code: error.code, message: error.message, stream });
@@ -1424,27 +1510,31 @@ export class RealtimeClient extends EventTarget {
   }
 
   _subscribed(stream, state, data, frame) {
+    state.resuming = false;
     if (this.streams.get(stream) !== state) return data; // unsubscribed meanwhile
     state.active = true;
     state.live = true;
     state.onServer = true;
     state.refused = null;
     state.data = data;
+    const seq = Number.isInteger(data.seq) ? data.seq : null; // null: a leader on a fallback knows none
     if (frame.since != null && data.recovered === false) {
-      this._serverReset(stream, data.seq, data.epoch);
+      this._serverReset(stream, seq, data.epoch);
     } else if (state.order.seq === null) {
-      state.order.reset(data.seq, data.epoch);
+      state.order.reset(seq, data.epoch ?? null);
+      if (seq !== null) this._joinWaiting(stream, state);
     } else {
       if (data.epoch != null) state.order.epoch = data.epoch; // a leader on a fallback may know none
       // Another tab's connection already follows the stream from a later position: read
       // what this tab missed from the feed, page by page up to that position.
-      if (data.shared && data.seq > state.order.seq) {
-        state.behind = Math.max(state.behind ?? 0, data.seq);
+      if (data.shared && seq > state.order.seq) {
+        state.behind = Math.max(state.behind ?? 0, seq);
         this._fillGap(stream);
       }
     }
     if (Array.isArray(data.presence)) {
-      state.presence = new Map(data.presence.map((m) => [m.user.id, m]));
+      state.presence = this._presenceMap(data.presence, stream);
+      state.presenceLive = true; // the socket's list: stale once on a fallback (_stalePresence)
       this._presence(stream, state);
       this._presenceToTabs(stream, state);
     }
@@ -1471,6 +1561,8 @@ export class RealtimeClient extends EventTarget {
     this._clearThrottle();
     for (const [stream, state] of this.streams) {
       state.live = false;
+      // Refused for its frame: the same frame again would only count towards a 4400.
+      if (state.malformed) continue;
       this._sendJob({ op: "subscribe", stream, state });
     }
   }
@@ -1496,6 +1588,7 @@ export class RealtimeClient extends EventTarget {
    * tells its followers too, whose positions the server no longer covers either.
    */
   _serverReset(stream, seq, epoch) {
+    if (!Number.isInteger(seq)) return this._malformed({ op: "reset", stream, seq, epoch }, "a reset without a seq");
     if (this.role === "leader") this._post({ kind: "server", frame: { op: "reset", stream, seq, epoch } });
     this._reset(stream, seq, epoch);
   }
@@ -1509,7 +1602,7 @@ export class RealtimeClient extends EventTarget {
     state.order.reset(seq, epoch);
     this._cancel(state.gapTimer);
     state.history = []; // the events before a reset are no base to continue from
-    for (const h of state.handlers) h.backlog = h.reset = h.reading = null; // the reset below tells them
+    for (const h of state.handlers) h.backlog = h.reset = h.reading = h.joining = null; // the reset below tells them
     const info = { stream, seq, epoch };
     this._emit("reset", info);
     let handled = false;
@@ -1527,9 +1620,16 @@ export class RealtimeClient extends EventTarget {
     const state = this.streams.get(frame.stream);
     if (!state) return;
     if (this.deduper.has(frame.eventId)) return;
-    if (frame.seq === undefined) {
+    if (frame.seq == null) {
       this.deduper.fresh(frame.eventId);
       return this._ephemeral(frame, state); // not logged
+    }
+    if (!Number.isInteger(frame.seq) || frame.seq < 1) return this._malformed(frame, "a seq that is not a positive integer");
+    if (state.order.seq === null) {
+      // The first event places a stream that had no position (offer() would do the same):
+      // handles that joined from an earlier one read up to it first.
+      state.order.seq = frame.seq - 1;
+      this._joinWaiting(frame.stream, state);
     }
     const ready = state.order.offer(frame);
     if (ready === null) {
@@ -1590,6 +1690,7 @@ export class RealtimeClient extends EventTarget {
 
   _ephemeral(frame, state) {
     if (frame.type === "v1:presence.joined" || frame.type === "v1:presence.left") {
+      if (!isMember(frame.data)) return this._malformed(frame, "a presence diff without a user");
       if (this._presenceChange(frame, state)) this._presence(frame.stream, state);
     }
     this._emit("event", frame);
@@ -1633,7 +1734,8 @@ export class RealtimeClient extends EventTarget {
    */
   async _fillGap(stream) {
     const state = this.streams.get(stream);
-    if (!state || !this.fetch || state.filling) return;
+    if (!state || state.filling || this._resumeOnSocket(stream, state)) return;
+    if (!this.fetch) return;
     state.filling = true;
     const gone = () => this.closed || this.streams.get(stream) !== state;
     try {
@@ -1663,7 +1765,9 @@ export class RealtimeClient extends EventTarget {
       state.behind = null;
     } catch (error) {
       if (gone()) return;
-      if (error.status === 401) return this._refused(4401); // the session is gone: as a 4401 close
+      // The session is gone: as a 4401 close. A ticket client (a follower tab's) has none to
+      // lose: the feed refuses it, and the stream resets.
+      if (error.status === 401 && !this.options.ticketUrl) return this._refused(4401);
       state.behind = null;
       const seq = error.seq ?? state.order.seq;
       // Early events past a new position are still good: delivered after the reset, not forgotten.
@@ -1689,6 +1793,26 @@ export class RealtimeClient extends EventTarget {
         if (state.order.hasGap) this._fillGap(stream);
       });
     }
+  }
+
+  /**
+   * A ticket client has no session for the event feed (it would answer 401). It fills a gap on
+   * the socket instead: it unsubscribes the stream and subscribes it again from its position,
+   * and the server replays what is missing; the early events held are dropped as duplicates
+   * when they come again. One at a time per stream, until the reply. False: not for this client.
+   */
+  _resumeOnSocket(stream, state) {
+    if (!this.options.ticketUrl || this.role === "follower" || this.transport !== "websocket") return false;
+    if (!this._canSend() || !state.onServer) return false;
+    if (!state.resuming) {
+      state.resuming = true;
+      state.behind = null; // the replay goes on to the stream's newest event
+      this._cancel(state.gapTimer);
+      state.gapTimer = null;
+      this._control({ op: "unsubscribe", stream, state });
+      this._control({ op: "subscribe", stream, state });
+    }
+    return true;
   }
 
   /**
@@ -1722,7 +1846,7 @@ export class RealtimeClient extends EventTarget {
     // After close() (or 4401, 4403) nothing would send it, and nothing would settle it.
     if (this.ended) return Promise.reject(closedError());
     if (this.role !== "follower" && this.transport && this.transport !== "websocket") {
-      return Promise.reject(Object.assign(new Error("publishing needs the WebSocket"), { code: "no_websocket" }));
+      return Promise.reject(noWebsocketError());
     }
     return this._request({ op: "publish", stream, type, data });
   }
@@ -1853,7 +1977,10 @@ export class RealtimeClient extends EventTarget {
   _placeUnplaced(positions) {
     for (const [stream, state] of this.streams) {
       const at = positions[stream];
-      if (state.order.seq === null && Array.isArray(at) && Number.isInteger(at[0])) state.order.reset(at[0], at[1] ?? null);
+      if (state.order.seq === null && Array.isArray(at) && Number.isInteger(at[0])) {
+        state.order.reset(at[0], at[1] ?? null);
+        this._joinWaiting(stream, state);
+      }
     }
   }
 
@@ -1900,16 +2027,72 @@ export class RealtimeClient extends EventTarget {
   }
 
   /**
+   * On a fallback: nothing sends the publishes queued for a socket, so they fail now, as
+   * publishes made on a fallback do (`no_websocket`), instead of waiting for a probe that may
+   * never be welcomed.
+   */
+  _failQueued() {
+    if (!this.queue.length) return;
+    const queued = this.queue;
+    this.queue = [];
+    this._cancel(this.flushTimer);
+    this.flushTimer = null;
+    for (const frame of queued) {
+      const pending = this.replies.get(frame.ref);
+      if (!pending) continue;
+      this.replies.delete(frame.ref);
+      pending.reject(noWebsocketError());
+    }
+  }
+
+  /**
+   * On a fallback the socket's presence lists go stale: its diffs no longer come, and this
+   * client is not present any more (SSE and polls do not count). Each list is emptied at once,
+   * then read again from the presence API (the fallback's diffs patch it from then on).
+   */
+  _stalePresence() {
+    for (const [stream, state] of this.streams) {
+      if (!state.presenceLive) continue;
+      state.presenceLive = false;
+      state.presence = new Map();
+      this._presence(stream, state);
+      this._presenceToTabs(stream, state);
+      this._loadPresence(stream, state);
+    }
+  }
+
+  async _loadPresence(stream, state) {
+    if (!this.fetch) return;
+    let body;
+    try {
+      const url = `${this.options.presenceUrl}${encodeURIComponent(stream)}/`;
+      const response = await this.fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
+      if (!response.ok) return;
+      body = await response.json();
+    } catch (_) {
+      return; // the list stays empty; the fallback's diffs still patch it
+    }
+    // A socket welcomed meanwhile has sent a fresher list with its subscribe reply.
+    if (!this._delivering(stream, state) || !this._onFallback() || state.presenceLive) return;
+    if (!isObject(body) || !Array.isArray(body.members)) return this._malformed(body, "a presence answer without members");
+    state.presence = this._presenceMap(body.members, stream);
+    this._presence(stream, state);
+    this._presenceToTabs(stream, state);
+  }
+
+  /**
    * Follow the streams over one SSE request, and reconnect when it ends. As EventSource does,
    * a reconnect waits at least the server's `retry:`, and longer after `rate_limited` (too
    * many connections). A stream that opened proves SSE gets through: only tries that got no
    * stream count towards polling, and only a stream open for `stableAfter` resets the backoff.
    */
   async _startSSE() {
-    if (this.closed) return;
+    if (this.closed || this.role === "follower") return; // a follower's leader holds the connection
     this._stopFallback({ probe: false });
     this.transport = "sse";
+    this._failQueued();
     this._fallbackLive();
+    this._stalePresence();
     this._setStatus(STATUS.SSE);
     this._keepProbing();
     const controller = (this.fallbackAbort = new AbortController());
@@ -1965,11 +2148,18 @@ export class RealtimeClient extends EventTarget {
           try {
             frame = JSON.parse(message.data);
           } catch (_) {
+            this._malformed(message.data, "not JSON");
             continue;
           }
-          if (message.event === "reset" || frame.op === "reset") this._serverReset(frame.stream, frame.seq, frame.epoch);
-          else if (frame.op === "event") this._event(frame);
-          else this._frame(frame);
+          if (!isObject(frame)) {
+            this._malformed(frame, "not an object");
+            continue;
+          }
+          this._safely(frame, () => {
+            if (message.event === "reset" || frame.op === "reset") this._serverReset(frame.stream, frame.seq, frame.epoch);
+            else if (frame.op === "event") this._event(frame);
+            else this._frame(frame);
+          });
         }
       }
       throw new Error("SSE stream ended");
@@ -1993,14 +2183,27 @@ export class RealtimeClient extends EventTarget {
       if (!opened && !limited) this.sseFailures += 1;
       if (this.sseFailures >= this.options.sseAttempts) return this._startPolling();
       this.sseAttempt += 1;
-      const backoff = backoffDelay(this.sseAttempt, { ...this.options.backoff, random: this.random });
-      let delay = Math.max(this.sseRetry ?? 0, backoff);
+      let delay = this._sseDelay();
       if (limited) delay = Math.max(delay, this._limitedDelay());
       this._setStatus(STATUS.SSE, limited ? { retryIn: delay, code: "rate_limited" } : { retryIn: delay });
       this.pollTimer = this._later(delay, () => this._startSSE());
     } finally {
       deadline.clear();
     }
+  }
+
+  /**
+   * The wait before the next SSE request: the backoff, or, once the server said `retry:`, that
+   * plus a random share of the retry (or of the backoff's step, when longer). EventSource waits
+   * the retry exactly, so the clients of a stream that a restart ended would all come back at
+   * one instant; this spreads them, and never comes back sooner than the server asked.
+   */
+  _sseDelay() {
+    const retry = this.sseRetry ?? 0;
+    if (!retry) return backoffDelay(this.sseAttempt, { ...this.options.backoff, random: this.random });
+    const { base, cap } = this.options.backoff;
+    const step = Math.min(cap, base * 2 ** this.sseAttempt);
+    return retry + Math.floor(this.random() * Math.min(cap, Math.max(retry, step)));
   }
 
   async _reachable() {
@@ -2014,19 +2217,34 @@ export class RealtimeClient extends EventTarget {
     }
   }
 
-  _hidden() {
+  /** This tab is hidden. */
+  _ownHidden() {
     return Boolean(this.document && this.document.visibilityState === "hidden");
   }
 
+  /** Hidden for polling: this tab and, in a leader, every tab that follows it. */
+  _hidden() {
+    return this._ownHidden() && !(this.role === "leader" && this.shownTabs && this.shownTabs.size);
+  }
+
   _visibilityChanged() {
+    // A follower polls nothing (its leader holds the connection): it tells the leader instead.
+    if (this.role === "follower") return this._postVisibility();
     if (this.transport === "polling" && !this._hidden()) this._startPolling(); // poll now
   }
 
+  /** A follower tells its leader whether it is shown: the leader polls fast while any tab is. */
+  _postVisibility() {
+    if (this.role === "follower" && this.leaderId) this._post({ kind: "visibility", hidden: this._ownHidden() });
+  }
+
   async _startPolling() {
-    if (this.closed) return;
+    if (this.closed || this.role === "follower") return; // a follower's leader holds the connection
     this._stopFallback({ probe: false });
     this.transport = "polling";
+    this._failQueued();
     this._fallbackLive();
+    this._stalePresence();
     this._setStatus(STATUS.POLLING);
     this._keepProbing();
     const controller = (this.fallbackAbort = new AbortController());
@@ -2052,11 +2270,12 @@ export class RealtimeClient extends EventTarget {
           const stopped = () => controller.signal.aborted || this.closed;
           for (const stream of body.resets || []) {
             if (stopped()) return;
-            this._serverReset(stream.stream || stream, stream.seq ?? 0, stream.epoch ?? null);
+            this._safely(stream, () => this._serverReset(stream.stream || stream, stream.seq ?? 0, stream.epoch ?? null));
           }
           for (const frame of body.events) {
             if (stopped()) return;
-            this._event(frame);
+            if (isObject(frame)) this._safely(frame, () => this._event(frame));
+            else this._malformed(frame, "not an object");
           }
           if (stopped()) return;
           this._placeUnplaced(body.cursor ? decodeCursor(body.cursor) : {});
