@@ -98,7 +98,7 @@ function client(extra = {}) {
     WebSocket: FakeWebSocket,
     setTimeout: timers.setTimeout,
     clearTimeout: timers.clearTimeout,
-    random: () => 0.5,
+    random: () => 0, // the shortest waits (backoffDelay: half the step)
     fetch: extra.fetch || (async () => { throw new Error("no network in this test"); }),
     shareTabs: false,
     reportError: (e) => reported.push(e),
@@ -127,10 +127,13 @@ test("backoff doubles from 1 s, caps at 30 s, and stays within the jitter bounds
   for (let attempt = 0; attempt < 12; attempt++) {
     for (const r of [0, 0.25, 0.5, 0.999]) {
       const d = backoffDelay(attempt, { random: () => r });
-      assert.ok(d >= 0 && d < Math.min(30000, 1000 * 2 ** attempt), `${attempt} ${r} ${d}`);
+      const step = Math.min(30000, 1000 * 2 ** attempt);
+      assert.ok(d >= step / 2 && d < step, `${attempt} ${r} ${d}`);
     }
   }
-  assert.equal(backoffDelay(3, { random: () => 0 }), 0); // full jitter reaches 0
+  // Never sooner than half the step: 0.5, 1, 2, 4 s at the least, 15 s once capped.
+  const floors = [0, 1, 2, 3, 10].map((a) => backoffDelay(a, { random: () => 0 }));
+  assert.deepEqual(floors, [500, 1000, 2000, 4000, 15000]);
 });
 
 test("dedupe remembers a bounded number of ids", () => {
@@ -186,7 +189,7 @@ test("reconnects with backoff 1, 2, 4 s (jittered), statuses in order, reset aft
   assert.match(sockets[0].url, /^ws:\/\/testserver\/ws\/realtime\/\?v=js-1$/);
   sockets[0].fail();
   sockets.at(-1);
-  assert.deepEqual(timers.delays(), [500]); // random 0.5 of 1 s
+  assert.deepEqual(timers.delays(), [500]); // random 0: the lower half of 1 s, 500 ms
   await timers.tick(500);
   sockets[1].fail();
   assert.deepEqual(timers.delays(), [1000]);
@@ -226,7 +229,7 @@ test("a socket after one that was welcomed says it reconnects (?reconnect=1); fi
 });
 
 test("a 4429 waits long, longer each time in a row, and a stable socket between does not forget it", async () => {
-  const { c, timers, sockets, statuses } = client({ wsAttempts: 100, stableAfter: 10000, limitForget: 300000 });
+  const { c, timers, sockets, statuses } = client({ wsAttempts: 100, stableAfter: 10000, limitForget: 300000, random: () => 0.5 });
   c.connect();
   await flush();
   const retries = [];
@@ -1207,7 +1210,7 @@ test("a leader busy for less than leaderWait + leaderWait/3 keeps its followers"
 // -- rate-limited subscribes -------------------------------------------------------------------
 
 test("a subscribe refused with rate_limited is retried with backoff and jitter until it succeeds", async () => {
-  const { c, timers, sockets, errors } = client();
+  const { c, timers, sockets, errors } = client({ random: () => 0.5 });
   c.connect();
   await flush();
   sockets[0].open();
@@ -1275,7 +1278,7 @@ test("a rate-limited retry ends when refused with another code, or when the stre
 });
 
 test("rate-limited subscribes are retried one at a time, later ones wait behind them, and a reconnect sends all", async () => {
-  const { c, timers, sockets } = client({ wsAttempts: 100 });
+  const { c, timers, sockets } = client({ wsAttempts: 100, random: () => 0.5 });
   c.connect();
   await flush();
   sockets[0].open();
@@ -2043,7 +2046,7 @@ test("a reconnect sends the newest typing frame per stream and type, and rejects
 });
 
 test("a reconnect drops a queued typing.started older than typingExpires, and sends a fresh one", async () => {
-  // The first reconnect waits half of 20 s (random 0.5): the socket is down for 10 s.
+  // The first reconnect waits half of 20 s (random 0: the least of its upper half): the socket is down for 10 s.
   const { c, timers, sockets } = client({ backoff: { base: 20000, cap: 20000 }, now: () => timers.now });
   c.connect(); await flush(); sockets[0].open(); sockets[0].fail();
   const stale = watch(c.publish("project:1", "v1:typing.started", { field: "title" }));
@@ -2134,7 +2137,7 @@ test("an SSE 429 waits the long backoff and does not count as a blocked SSE", as
     sse += 1;
     return { ok: false, status: 429, body: null, headers: { get: () => null } };
   };
-  const { c, timers, sockets, statuses } = client({ fetch, wsAttempts: 1, sseAttempts: 1, probeEvery: 1e9 });
+  const { c, timers, sockets, statuses } = client({ fetch, wsAttempts: 1, sseAttempts: 1, probeEvery: 1e9, random: () => 0.5 });
   c.subscribe("project:1", {}); c.connect(); await flush(); sockets[0].fail(); await settle();
   assert.equal(c.transport, "sse");
   assert.equal(statuses.at(-1).retryIn, 3000); // between half and all of 4 s
@@ -2758,7 +2761,7 @@ test("a follower tab shown on a polling leader neither polls nor probes; the lea
 });
 
 test("4400 and 4413 wait the long backoff, and a stream refused as malformed is not subscribed again", async () => {
-  const { c, timers, sockets, statuses } = client({ wsAttempts: 100, stableAfter: 10000 });
+  const { c, timers, sockets, statuses } = client({ wsAttempts: 100, stableAfter: 10000, random: () => 0.5 });
   c.connect(); await flush(); sockets[0].open();
   const bad = watch(c.subscribe("Project 1", {}).ready);
   c.subscribe("project:1", {});

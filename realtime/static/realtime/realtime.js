@@ -43,10 +43,15 @@ const VERSION = /^v[1-9][0-9]{0,3}$/;
 // one of its own, and no event would carry the id the page waits for.
 const CORRELATION_ID = /^[A-Za-z0-9._:@/+=-]{1,128}$/;
 
-/** Full-jitter exponential backoff: a random delay in [0, min(cap, base * 2^attempt)). */
+/**
+ * Exponential backoff with equal jitter: a random delay in [step / 2, step), where step is
+ * min(cap, base * 2^attempt): 1, 2, 4, 8 … s up to 30 s, each spread over its upper half.
+ * Never 0, so a server that fails every connect at once is not retried in a tight loop, and
+ * spread enough that the clients of a restarted node do not all come back together.
+ */
 export function backoffDelay(attempt, { base = 1000, cap = 30000, random = Math.random } = {}) {
-  const ceiling = Math.min(cap, base * 2 ** Math.max(0, attempt));
-  return Math.floor(random() * ceiling);
+  const step = Math.min(cap, base * 2 ** Math.max(0, attempt));
+  return Math.floor(step / 2 + random() * (step / 2));
 }
 
 /** The event feed's cursor for positions {stream: [seq, epoch]} (base64url of JSON). */
