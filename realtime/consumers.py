@@ -160,6 +160,10 @@ class Subscription:
         self.task: asyncio.Task[None] | None = None
         self.contiguous = 0  # every seq up to this one was delivered (or predates the snapshot)
         self.above: set[int] = set()  # seqs delivered beyond `contiguous`
+        # A seq the log had committed when the replay began (the position a subscribe read),
+        # or None when that is not known (a resync, a cursor): a replay that reads nothing
+        # while this is beyond `contiguous` found those events pruned, with no row to say so.
+        self.newest: int | None = None
 
     def deliver(self, message: dict[str, Any]) -> None:
         """Called by the hub for each event of the stream; never awaits."""
@@ -188,6 +192,7 @@ class Subscription:
                 kept = [held for held in self.buffer if held.get("ephemeral")]
                 self.buffer = kept[-max(bound // 2, 1) :] if len(kept) >= bound else kept
                 self.overflowed = True
+                self.newest = None  # the log had the dropped ones; how far is not kept
             self.buffer.append(message)
             return
         self.emit(message["seq"], message["frames"], message.get("eventType", ""))
@@ -198,7 +203,7 @@ class Subscription:
         Yields after each batch so the transport can drain and pace itself. Live events that
         arrive meanwhile are buffered; if the buffer overflowed, the log is read again.
         """
-        from .replay import position, read_typed_after
+        from .replay import last_seq, position, read_typed_after
 
         batch = int(realtime_settings.REPLAY_BATCH)
         # A sink that paces itself on a credit (a socket) says when to stop within a batch:
@@ -222,11 +227,25 @@ class Subscription:
                     self.emit(seq, frames, event_type)
                     if full is not None and full():
                         yield
+                if not rows:
+                    if self.newest is None:
+                        # How far the log went is not known: read that, then the log once
+                        # more. In this order an event committed after the empty read is
+                        # read (or arrives live), not taken for one pruned.
+                        self.newest = await _thread(last_seq)(self.stream)
+                        if self.newest > self.contiguous:
+                            continue
+                    # Every seq up to `newest` was committed before this read found none
+                    # after `contiguous`: those between were pruned, the last ones too.
+                    hole = self.newest > self.contiguous
                 if hole:
                     # Lost to this subscriber for good: say so, as a resume the log no
                     # longer covers would have, and go on from the stream's position.
                     now = await _thread(position)(self.stream)
+                    if not self.authorized:
+                        return  # refused (or unsubscribed) meanwhile: nothing more goes out
                     self._skip_to(now.seq)
+                    self.newest = now.seq
                     metrics.RESETS.labels(self.consumer.transport).inc()
                     self.consumer.send_reset(self.stream, now.seq, now.epoch)
                     continue
@@ -240,6 +259,7 @@ class Subscription:
         """Read the log again after `contiguous`: live events may have been lost on the way."""
         if not self.authorized:
             return
+        self.newest = None  # the log may have gone on past what this subscription knows of
         if self.replaying:
             self.overflowed = True  # the replay under way reads the log once more
             return
@@ -374,18 +394,35 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if origin_refusal:
             await self._refuse(Close.FORBIDDEN, "origin not allowed", origin_refusal)
             return
-        user = await self._authenticate()
-        if user is None or not user.is_authenticated or not user.is_active:
-            await self._refuse(Close.UNAUTHENTICATED, "not authenticated")
-            return
-        self.user = user
-        self.auth_hash = auth_hash(user)  # for a password change later (_reload_user)
         limit = int(realtime_settings.MAX_CONNECTIONS_PER_USER)
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         client = self.scope.get("client") or ("", 0)
-        if not await _thread(self._open_row)(
-            (query.get("v") or [""])[0], str(client[0] or ""), limit
-        ):
+        opened = False
+        try:
+            user = await self._authenticate()
+            signed_in = user is not None and user.is_authenticated and user.is_active
+            if signed_in:
+                self.user = user
+                self.auth_hash = auth_hash(user)  # for a password change later (_reload_user)
+                opened = await _thread(self._open_row)(
+                    (query.get("v") or [""])[0], str(client[0] or ""), limit
+                )
+        except Exception:
+            # The database failed (a ticket's redeem, the count or the row): accepted and
+            # closed with 4500, as a failure after the accept is. Raised from here, it would
+            # reject the handshake, which a browser sees as 1006 with no code to act on.
+            # No row was written (its transaction rolled back), so there is none to release.
+            logger.exception(
+                "connect of %s failed before the accept",
+                self.connection_id,
+                extra=self._log_extra(),
+            )
+            await self._refuse(Close.INTERNAL_ERROR, "internal error")
+            return
+        if not signed_in:
+            await self._refuse(Close.UNAUTHENTICATED, "not authenticated")
+            return
+        if not opened:
             await self._refuse(Close.RATE_LIMITED, f"more than {limit} connections for this user")
             return
         self.registered = True
@@ -648,6 +685,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             if not recovered:
                 metrics.RESETS.labels(self.transport).inc()
         subscription.contiguous = frame.since if recovered and frame.since is not None else pos.seq
+        subscription.newest = pos.seq  # committed before the replay reads: an empty read is a hole
         data: dict[str, Any] = {"seq": pos.seq, "epoch": pos.epoch, "recovered": recovered}
         for extra in await hooks.call("subscribed", self, frame.stream, policy):
             if extra:
@@ -673,7 +711,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         # policy again (about the user as stored now) before replaying, and revoke as a
         # permission change would.
         try:
-            if not await self._reload_user():
+            if not await self._reload_user_once():
                 return
             runs = self.authz_runs
             audience = await self._access(subscription.policy, subscription.stream)
@@ -735,16 +773,21 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self._save_subscriptions()
 
     async def _publish(self, frame: protocol.Publish) -> None:
-
-        policy = self._policy(frame.stream, frame.ref)
-        if not policy.allows_client_event(frame.type):
-            raise ProtocolError(Code.EVENT_NOT_ALLOWED, "event type not allowed here", frame.ref)
-        _within_cap(policy, protocol.dumps(frame.data), frame.ref)
+        # The buckets first, as for a subscribe: every publish costs a token, whatever its
+        # answer. Refused before them, publishes to an unknown kind (no abuse either) went
+        # unlimited, as fast as the socket carried frames, for ever.
         if not self.bucket.take():
             raise ProtocolError(Code.RATE_LIMITED, "too many events; slow down", frame.ref)
         if not user_bucket(self.user.pk).take():  # type: ignore[union-attr]
             self.bucket.give_back()  # refused all the same: it costs this socket nothing
             raise ProtocolError(Code.RATE_LIMITED, "too many events; slow down", frame.ref)
+        policy = self._policy(frame.stream, frame.ref)
+        if not policy.allows_client_event(frame.type):
+            # A type clients may not send here, such as a server event (`v1:item.deleted`)
+            # forged: an attempt at what only the server may do, counted as a refused one.
+            metrics.UNAUTHORIZED.labels("publish").inc()
+            raise ProtocolError(Code.EVENT_NOT_ALLOWED, "event type not allowed here", frame.ref)
+        _within_cap(policy, protocol.dumps(frame.data), frame.ref)
         if await self._access(policy, frame.stream, audience=False) is None:
             metrics.UNAUTHORIZED.labels("publish").inc()
             raise ProtocolError(Code.FORBIDDEN, "not allowed", frame.ref)
@@ -1035,6 +1078,29 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         # `self.user` stays the one the handshake read ms ago: the scope holds it anyway, and a
         # second copy per socket would cost idle memory (the 40 KiB per connection budget).
         return None
+
+    _reloading: asyncio.Task[bool] | None = None
+
+    async def _reload_user_once(self) -> bool:
+        """`_reload_user`, shared by the resyncs that wait for it at the same time.
+
+        A stalled layer that answers again resyncs every subscription at once: each reading
+        the user on its own would cost a user and a session query per subscription. The
+        ones that come while a read is under way take its answer; a later one reads anew.
+        """
+        reloading = self._reloading
+        if reloading is None or reloading.done():
+            reloading = asyncio.get_running_loop().create_task(self._reload_user())
+            self._reloading = reloading
+            reloading.add_done_callback(self._reloaded)
+        # Shielded: an unsubscribe cancels its own resync, not the read the others wait for.
+        return await asyncio.shield(reloading)
+
+    def _reloaded(self, task: asyncio.Task[bool]) -> None:
+        if self._reloading is task:
+            self._reloading = None
+        if not task.cancelled():
+            task.exception()  # retrieved: every resync that awaited it logs it itself
 
     async def _reload_user(self) -> bool:
         """Read this socket's user again (is_active, is_superuser, …); close if it is gone."""

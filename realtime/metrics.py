@@ -40,7 +40,7 @@ RECONNECTS = Counter(
 )
 REFUSED = Counter(
     "realtime_refused_connections",
-    "Refused handshakes, by close code (4401, 4403, 4429).",
+    "Refused handshakes, by close code (4401, 4403, 4429; 4500: the database failed).",
     ["code"],
 )
 RESUMES = Counter(

@@ -156,17 +156,25 @@ def _finite(text: str) -> float:
 
 
 def _encodable(value: Any) -> bool:
-    """Whether every string in `value` can be sent as UTF-8 (no lone surrogate)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(value, dict):
-        return all(_encodable(k) and _encodable(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_encodable(v) for v in value)
+    """Whether every string in `value` can be sent as UTF-8 (no lone surrogate).
+
+    Iterative, as `_depth_ok` is: it runs before the depth check, on whatever nesting the
+    parser took, and a recursion here would fail a deep frame with an internal error instead
+    of `too_deep`.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return True
 
 

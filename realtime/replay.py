@@ -39,6 +39,12 @@ def position(stream: str) -> StreamPosition:
     )
 
 
+def last_seq(stream: str) -> int:
+    """The stream's newest seq (0 before its first event), in one query."""
+    seq = Stream.objects.filter(name=stream).values_list("last_seq", flat=True).first()
+    return seq or 0
+
+
 def read_typed_after(
     stream: str, after: int, limit: int
 ) -> list[tuple[int, str, dict[str, str], Any]]:

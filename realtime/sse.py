@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -79,6 +79,7 @@ class SSEConnection:
         session: Any = None,
         version: str | None = None,
         audiences: dict[str, str] | None = None,
+        started_now: Collection[str] | None = None,
     ) -> None:
         self.connection_id = uuid.uuid4().hex
         self.user = user
@@ -102,6 +103,11 @@ class SSEConnection:
                 self, stream, policy, version, (audiences or {}).get(stream)
             )
             subscription.contiguous = positions[stream].seq
+            if started_now is not None and stream in started_now:
+                # At the stream's newest seq, just read: nothing of it can have been pruned
+                # unseen. A resumed stream's replay asks the log how far it went when its
+                # first read finds nothing (its events may have been pruned since the check).
+                subscription.newest = subscription.contiguous
             self.subscriptions[stream] = subscription
         self.outbox: collections.deque[str] = collections.deque()
         self.wakeup = asyncio.Event()
@@ -387,6 +393,7 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         session=getattr(request, "session", None),
         version=version,
         audiences=audiences,
+        started_now={*start.unplaced, *(reset["stream"] for reset in start.resets)},
     )
     connection.resumed = cursor is not None
     # A client that had a stream before and lost it: EventSource's own retry sends

@@ -89,17 +89,18 @@ async def test_counters_follow_a_scripted_session(settings):
     assert reply["data"]["recovered"] is True
     await client.receive_until("event")
     await client.receive_until("event")  # the project's and the item's created events
+    # A server event's type, forged: refused, and counted as an unauthorized publish.
+    not_allowed = await client.request(
+        "publish", stream=f"project:{project.pk}", type="v1:item.deleted", data={"id": 1}
+    )
+    assert not_allowed["error"]["code"] == "event_not_allowed"
     refusals = 0
-    for _ in range(25):  # burst 20: the rest are rate limited
+    for _ in range(24):  # burst 20, one taken by the forged publish: the rest are rate limited
         answer = await client.request(
             "publish", stream=f"project:{project.pk}", type="v1:typing.started", data={}
         )
         refusals += not answer["ok"]
     assert refusals == 5
-    not_allowed = await client.request(
-        "publish", stream=f"project:{project.pk}", type="v1:item.created", data={}
-    )
-    assert not_allowed["error"]["code"] == "event_not_allowed"
     await client.send("{not json")
     await client.receive_until("reply")
     await db(ItemFactory)(project=project, title="live one")
@@ -115,6 +116,7 @@ async def test_counters_follow_a_scripted_session(settings):
     assert moved["realtime_connects_total{transport=websocket}"] == 1
     assert moved["realtime_connections{transport=websocket}"] == 0  # up, then down again
     assert moved["realtime_unauthorized_attempts_total{action=subscribe}"] == 1
+    assert moved["realtime_unauthorized_attempts_total{action=publish}"] == 1  # the forged type
     assert moved["realtime_resumes_total{transport=websocket}"] == 1
     assert moved["realtime_events_replayed_total{transport=websocket}"] == 2
     assert moved["realtime_dropped_total{reason=rate_limit}"] == refusals

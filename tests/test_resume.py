@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -273,6 +274,145 @@ async def test_events_pruned_after_the_position_was_read_give_a_reset(
     assert await client.nothing_more(0.3)
     await db(ItemFactory)(project=project)
     assert await receive_seqs(client, 1) == [now + 1]
+    await client.close()
+
+
+async def test_every_remaining_event_pruned_before_the_replay_read_gives_a_reset(monkeypatch):
+    """The position covered `since`; then `realtime_prune` deleted every event of the stream
+    before the replay's first read. That read finds nothing, and no later row shows the hole:
+    the events between `since` and the position must still be said lost."""
+    from realtime.models import Event
+
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    for _ in range(8):
+        await db(ItemFactory)(project=project)
+    stream = f"project:{project.pk}"
+    original = realtime.replay.read_typed_after
+    reads = []
+
+    def pruning_read(name, after, limit):
+        if not reads:
+            Event.objects.filter(stream__name=name).delete()
+        reads.append(after)
+        return original(name, after, limit)
+
+    monkeypatch.setattr(realtime.replay, "read_typed_after", pruning_read)
+    client = await connected(owner)
+    reply = await client.subscribe(stream, since=1)
+    assert reply["data"]["recovered"] is True
+    now = reply["data"]["seq"]
+    assert now == 9  # the project's creation and the 8 items
+    frame = await client.receive_until("reset")
+    assert frame == {"op": "reset", "stream": stream, "epoch": reply["data"]["epoch"], "seq": now}
+    assert await client.nothing_more(0.3)
+    await db(ItemFactory)(project=project)
+    assert await receive_seqs(client, 1) == [now + 1]
+    await client.close()
+
+
+async def test_a_resync_that_finds_every_missed_event_pruned_gives_a_reset():
+    """Live events the layer lost, pruned before the resync (tail check, stall) read the log:
+    a reset, once, not a subscription left behind that the tail check resyncs for ever."""
+    from realtime.fanout import get_hub
+    from realtime.models import Event, Stream
+
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    stream = f"project:{project.pk}"
+    client = await connected(owner)
+    reply = await client.subscribe(stream)
+    [subscription] = get_hub().members[stream]
+    assert subscription.contiguous == reply["data"]["seq"]
+    now = reply["data"]["seq"] + 3
+
+    def lost_then_pruned() -> None:
+        # Three events this subscription never got (the layer lost them), then a prune.
+        Stream.objects.filter(name=stream).update(last_seq=now)
+        Event.objects.filter(stream__name=stream).delete()
+
+    await db(lost_then_pruned)()
+    subscription.resync()  # as the tail check does for a subscription behind the log
+    frame = await client.receive_until("reset")
+    assert (frame["stream"], frame["seq"]) == (stream, now)
+    assert subscription.contiguous == now
+    assert await client.nothing_more(0.3)
+    await client.close()
+
+
+async def test_twenty_subscriptions_resyncing_at_once_read_the_user_once(monkeypatch):
+    """A layer that answers again resyncs every subscription of a socket at once: one
+    reload of the user (and its session) for all of them, not one each."""
+    from realtime import policies
+    from realtime.fanout import get_hub
+
+    owner = await db(UserFactory)()
+    projects = [await db(ProjectFactory)(owner=owner) for _ in range(20)]
+    client = await connected(owner)
+    for project in projects:
+        assert (await client.subscribe(f"project:{project.pk}"))["ok"] is True
+    subscriptions = [next(iter(get_hub().members[f"project:{p.pk}"])) for p in projects]
+    await asyncio.sleep(0.3)  # any permission message of the projects' creation is decided
+    original, reloads = policies.reload_user, []
+
+    def counting(user):
+        reloads.append(user.pk)
+        return original(user)
+
+    monkeypatch.setattr(policies, "reload_user", counting)
+    for subscription in subscriptions:  # as the hub does when the layer answers again
+        subscription.resync()
+    for _ in range(250):
+        if not any(s.replaying for s in subscriptions):
+            break
+        await asyncio.sleep(0.02)
+    assert not any(s.replaying for s in subscriptions)
+    assert reloads == [owner.pk]
+    await db(ItemFactory)(project=projects[-1])  # live again, every one of them
+    event = await client.receive_until("event")
+    assert event["stream"] == f"project:{projects[-1].pk}"
+    # A later resync reads the user again: only resyncs under way at once share a read.
+    subscriptions[0].resync()
+    for _ in range(250):
+        if not subscriptions[0].replaying:
+            break
+        await asyncio.sleep(0.02)
+    assert reloads == [owner.pk, owner.pk]
+    await client.close()
+
+
+async def test_an_unsubscribe_during_a_replay_comes_after_the_events_sent_and_ends_them(settings):
+    """docs/protocol.md section 2: frames are read while a replay runs; an unsubscribe cuts it
+    short, and nothing of the stream follows its reply."""
+    import realtime as rt
+
+    settings.REALTIME = {**settings.REALTIME, "REPLAY_BATCH": 10}
+    owner = await db(UserFactory)()
+    stream = f"user:{owner.pk}"
+
+    def emit_many():
+        for n in range(300):
+            rt.emit(stream, "v1:tick.happened", {"n": n})
+
+    await db(emit_many)()
+    client = await connected(owner)
+    await client.send({"op": "subscribe", "ref": "s", "stream": stream, "since": 0})
+    await client.send({"op": "unsubscribe", "ref": "u", "stream": stream})
+    frames = []
+    while True:
+        frame = await client.receive()
+        if frame.get("op") == "ping":
+            continue
+        frames.append(frame)
+        if frame.get("ref") == "u":
+            break
+    assert frames[0]["ref"] == "s"
+    assert frames[0]["ok"] is True
+    assert frames[-1] == {"op": "reply", "ref": "u", "ok": True, "data": {}}
+    seqs = [f["seq"] for f in frames[1:-1]]
+    assert all(f["op"] == "event" for f in frames[1:-1])
+    assert seqs == list(range(1, len(seqs) + 1))  # in order, from the start, no gap
+    assert await client.nothing_more(0.5)  # nothing of the stream after the reply
     await client.close()
 
 

@@ -550,6 +550,39 @@ async def test_events_pruned_after_the_cursor_was_checked_give_a_reset(settings,
     await reader.close()
 
 
+async def test_every_event_pruned_after_the_cursor_was_checked_gives_a_reset(monkeypatch):
+    """As above, but the prune left no event at all: the replay's read finds nothing, and no
+    later row shows that 2 to 6 are gone."""
+    import realtime.replay
+    from realtime.cursor import Position, encode
+    from realtime.models import Event, Stream
+
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    for _ in range(5):
+        await db(ItemFactory)(project=project)
+    stream = f"project:{project.pk}"
+    row = await db(Stream.objects.get)(name=stream)
+    original = realtime.replay.read_typed_after
+
+    def pruning_read(name, after, limit):
+        Event.objects.filter(stream__name=name).delete()
+        return original(name, after, limit)
+
+    monkeypatch.setattr(realtime.replay, "read_typed_after", pruning_read)
+    cursor = encode({stream: Position(1, row.epoch)})
+    reader, _ = await open_sse(owner, stream, last_event_id=cursor)
+    message = await reader.event()
+    assert message["event"] == "reset"
+    assert (message["data"]["stream"], message["data"]["seq"]) == (stream, row.last_seq)
+    assert decode(message["id"])[stream].seq == row.last_seq
+    monkeypatch.setattr(realtime.replay, "read_typed_after", original)
+    await db(ItemFactory)(project=project)
+    event = await reader.event()
+    assert event["data"]["seq"] == row.last_seq + 1
+    await reader.close()
+
+
 async def test_access_revoked_during_a_replay_unsubscribes_and_sends_nothing_more(
     settings, monkeypatch
 ):

@@ -641,12 +641,12 @@ async def test_typing_reaches_others_but_not_the_sender_and_is_not_logged():
 
 
 async def test_publish_rules_and_rate_limit(settings):
-    settings.REALTIME = {"PUBLISH_RATE": 0.001, "PUBLISH_BURST": 2, "ABUSE_LIMIT": 3}
+    settings.REALTIME = {"PUBLISH_RATE": 0.001, "PUBLISH_BURST": 3, "ABUSE_LIMIT": 3}
     owner, project = await make_project()
     stream = f"project:{project.pk}"
     client = await client_for(owner)
     bad_type = await client.request("publish", stream=stream, type="v1:item.created", data={})
-    assert bad_type["error"]["code"] == "event_not_allowed"
+    assert bad_type["error"]["code"] == "event_not_allowed"  # and it took a token
     for _ in range(2):
         ok = await client.request("publish", stream=stream, type="v1:typing.started", data={})
         assert ok["ok"] is True
@@ -655,6 +655,23 @@ async def test_publish_rules_and_rate_limit(settings):
     # Refusals since the last success: 1 (above), then 3 more pass the abuse limit of 3.
     for _ in range(3):
         await client.send({"op": "publish", "stream": stream, "type": "v1:typing.started"})
+    assert (await client.receive_until("never")) == {"type": "websocket.close", "code": 4429}
+
+
+async def test_publishes_to_an_unknown_kind_are_rate_limited_and_end_in_4429(settings):
+    """Refused before the buckets, they were never limited nor counted: a client could send
+    them as fast as the socket carried frames, for ever."""
+    settings.REALTIME = {"PUBLISH_RATE": 0.001, "PUBLISH_BURST": 2, "ABUSE_LIMIT": 3}
+    owner, _project = await make_project()
+    client = await client_for(owner)
+    codes = []
+    for _ in range(5):
+        reply = await client.request("publish", stream="nope:1", type="v1:typing.started")
+        codes.append(reply["error"]["code"])
+    # Each took a token, as any publish does; past the burst they are refused as too fast,
+    # which counts as abuse (refusals 1 to 3 here).
+    assert codes == ["unknown_stream"] * 2 + ["rate_limited"] * 3
+    await client.send({"op": "publish", "stream": "nope:1", "type": "v1:typing.started"})
     assert (await client.receive_until("never")) == {"type": "websocket.close", "code": 4429}
 
 
@@ -799,6 +816,22 @@ async def test_repeated_malformed_frames_close_with_4400(settings):
     for _ in range(4):
         await client.send("nope")
     assert (await client.receive_until("never")) == {"type": "websocket.close", "code": 4400}
+
+
+async def test_deep_frames_with_an_escape_are_too_deep_and_count_as_malformed(caplog):
+    """The lone-surrogate check runs before the depth check, on any nesting the parser took:
+    a `\\u` escape made it recurse into an internal error instead of `too_deep`."""
+    from realtime.conf import realtime_settings
+
+    deep = '{"op":"ping","x":"\\u0041","y":' + "[" * 450 + "]" * 450 + "}"
+    owner, _ = await make_project()
+    client = await client_for(owner)
+    for _ in range(int(realtime_settings.MALFORMED_LIMIT) + 1):  # the default limit, 10
+        await client.send(deep)
+        reply = await client.receive_until("reply")
+        assert reply["error"]["code"] == "too_deep", reply
+    assert (await client.receive_until("never")) == {"type": "websocket.close", "code": 4400}
+    assert "error handling a frame" not in caplog.text
 
 
 async def test_malformed_frames_count_for_the_sockets_life(settings):

@@ -129,3 +129,34 @@ async def test_node_defaults_to_host_and_process():
     assert row.node == f"{socket.gethostname()}:{os.getpid()}"
     assert row.remote_addr == "::1"
     await client.close()
+
+
+@pytest.mark.parametrize("failing", ["connection row", "ticket"])
+async def test_a_database_error_during_the_handshake_closes_4500_after_the_accept(
+    ws_log, monkeypatch, failing
+):
+    """Not a rejected handshake with a traceback (a browser reads only 1006 of that): the
+    socket is accepted and closed with a code the client reconnects after, and it is logged."""
+    from django.db import OperationalError
+
+    from realtime import connections, tickets
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("the database is down")
+
+    user = await db(UserFactory)()
+    if failing == "ticket":
+        ticket = await db(issue)(user)
+        monkeypatch.setattr(tickets, "redeem", down)
+        client = RealtimeClient(path=f"/ws/realtime/?ticket={ticket}", origin=ORIGIN)
+    else:
+        monkeypatch.setattr(connections, "open_connection", down)
+        client = RealtimeClient(origin=ORIGIN, session_key=await db(session_for)(user))
+    assert await client.connect() == {"type": "websocket.close", "code": 4500}
+    errors = [(m, f) for m, f in ws_log.records if f["levelname"] == "ERROR"]
+    assert len(errors) == 1, ws_log.records
+    assert errors[0][0].startswith("connect of ")
+    assert errors[0][1]["exc_info"][0] is OperationalError
+    message, _fields = refusal(ws_log)
+    assert "4500" in message
+    assert await db(Connection.objects.filter(user=user).count)() == 0
