@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -33,6 +34,8 @@ from .feed import (
     starting_positions,
 )
 from .tickets import issue
+
+logger = logging.getLogger("realtime.api")
 
 
 class TicketSerializer(serializers.Serializer):  # type: ignore[type-arg]
@@ -105,9 +108,24 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
         await release_request_connections()
         hub = get_hub()
         waker = _Waker()
-        for stream in streams:
-            await hub.join(stream, waker)
+        # A waiting poll is a live connection of its own transport, as a socket or an SSE
+        # stream is: counted from here until it answers, however it ends.
+        metrics.CONNECTS.labels("poll").inc()
+        metrics.CONNECTIONS.labels("poll").inc()
         try:
+            # Inside the try: a join that fails or is cancelled (the client left) must not
+            # leave the streams joined before it holding the waker, and this node in their
+            # groups, for as long as the process runs. Leaving a stream never joined is a no-op.
+            try:
+                for stream in streams:
+                    await hub.join(stream, waker)
+            except Exception:
+                logger.exception(
+                    "long poll of %s could not wait (channel layer)",
+                    ",".join(streams),
+                    extra={"user": getattr(user, "pk", None)},
+                )
+                return _unavailable()
             # Joined first, then read again: an event committed meanwhile is in one or the other.
             events, after, resets = await _db(read_events)(
                 start.positions, limit, version, audiences
@@ -127,8 +145,9 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
                     start.positions, limit, version, audiences
                 )
         finally:
-            for stream in streams:
-                await hub.leave(stream, waker)
+            metrics.CONNECTIONS.labels("poll").dec()
+            # Shielded: a client that leaves while this runs must not cut the other leaves off.
+            await asyncio.shield(asyncio.gather(*(hub.leave(s, waker) for s in streams)))
     next_cursor = cursor_of(after)
     metrics.RESETS.labels("poll").inc(len(resets))
     resets_text = json.dumps(resets)
@@ -149,6 +168,17 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
         )
         response = HttpResponse(body, content_type="application/json")
     response["ETag"] = etag
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+def _unavailable() -> JsonResponse:
+    """503: the request cannot wait for events now (the channel layer); poll again later."""
+    response = JsonResponse(
+        {"error": {"code": "internal_error", "message": "cannot wait for events now; retry"}},
+        status=503,
+    )
+    response["Retry-After"] = "1"
     response["Cache-Control"] = "no-store"
     return response
 

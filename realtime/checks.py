@@ -328,6 +328,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _NUMBERS: tuple[tuple[str, bool, bool, bool], ...] = (
     ("PUBLISH_QUEUE_SIZE", True, False, False),
     ("PUBLISH_TIMEOUT", False, True, False),
+    ("GROUP_TIMEOUT", False, True, False),
     ("PUBLISH_BATCH", True, True, False),
     ("RELAY_INTERVAL", False, True, False),
     ("RELAY_GRACE", False, False, False),

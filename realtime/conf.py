@@ -25,6 +25,10 @@ DEFAULTS: dict[str, Any] = {
     "PUBLISH_QUEUE_SIZE": 10_000,
     # Seconds one channel-layer publish may take before it counts as failed.
     "PUBLISH_TIMEOUT": 5.0,
+    # Seconds a hub's channel-layer group join or leave (and its channel's creation) may take,
+    # its wait behind another of the same group included; past it the join fails (a socket's
+    # subscribe answers internal_error, its connect closes with 4500) instead of waiting.
+    "GROUP_TIMEOUT": 5.0,
     # Most events one publisher task takes from its queue at a time.
     "PUBLISH_BATCH": 500,
     # Relay: seconds between passes, how old an unpublished event must be before the relay

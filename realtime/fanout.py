@@ -13,16 +13,18 @@ each stream it has subscribers of, so an event the layer lost with no later one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from . import metrics
 from .conf import realtime_settings
-from .publisher import LAYER_MESSAGE_TYPE, logged_at
+from .publisher import LAYER_MESSAGE_TYPE, event_fields, logged_at
 from .streams import group_name
 
 logger = logging.getLogger("realtime.fanout")
@@ -49,6 +51,10 @@ class Flushable(Protocol):
     def flush_queued(self) -> None: ...
 
 
+def _group_timeout() -> float:
+    return float(realtime_settings.GROUP_TIMEOUT)
+
+
 def node_id() -> str:
     """This process's name in Connection rows."""
     configured = realtime_settings.NODE_ID
@@ -66,7 +72,11 @@ class Hub:
         # Listeners that are not Channels consumers (SSE) get their user's control messages
         # (authorization changes, logout) through the hub's channel.
         self.user_listeners: dict[Any, set[Any]] = {}
-        self._lock = asyncio.Lock()
+        # One lock per group, not one per hub: a group_add stuck on one group (a pub/sub shard
+        # whose lock a stuck publish holds) must not hold up every other join and leave.
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._starting = asyncio.Lock()
+        self._undoing: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self.received = 0
         self.chunked = 0  # turns of the loop given between chunks of an event's sockets
@@ -84,77 +94,154 @@ class Hub:
         return get_channel_layer(realtime_settings.CHANNEL_LAYER)
 
     async def _start(self) -> None:
-        if self.channel is None:
-            _tune_gc()
-            self.channel = await self.layer.new_channel(prefix="realtime-hub.")
-            self.answered = time.monotonic()
-            # Each in a context of its own: the hub outlives the request that started it,
-            # whose correlation id would otherwise mark every line it logs.
-            self._tasks = [
-                self.loop.create_task(coro, name=name, context=contextvars.Context())
-                for coro, name in (
-                    (self._listen(), "realtime-hub-listen"),
-                    (self._tick(), "realtime-hub-tick"),
-                    (self._probe(), "realtime-hub-probe"),
-                    (self._renew_groups(), "realtime-hub-groups"),
-                    (self._tail_check(), "realtime-hub-tail"),
+        if self.channel is not None:
+            return
+        # Bounded like every other layer call (the pub/sub layer subscribes the new channel).
+        async with asyncio.timeout(_group_timeout()):
+            async with self._starting:
+                if self.channel is None:
+                    _tune_gc()
+                    self.channel = await self.layer.new_channel(prefix="realtime-hub.")
+                    self.answered = time.monotonic()
+                    self._spawn()
+
+    def _spawn(self) -> None:
+        # Each in a context of its own: the hub outlives the request that started it, whose
+        # correlation id would otherwise mark every line it logs (lines about one event name
+        # its correlation id themselves, `event_fields`).
+        self._tasks = [
+            self.loop.create_task(coro, name=name, context=contextvars.Context())
+            for coro, name in (
+                (self._listen(), "realtime-hub-listen"),
+                (self._tick(), "realtime-hub-tick"),
+                (self._probe(), "realtime-hub-probe"),
+                (self._renew_groups(), "realtime-hub-groups"),
+                (self._tail_check(), "realtime-hub-tail"),
+            )
+        ]
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, group: str) -> AsyncIterator[None]:
+        """Hold the group's lock; the entry goes once no one holds or waits for it."""
+        entry = self._locks.get(group)
+        if entry is None:
+            entry = self._locks[group] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0] and self._locks.get(group) is entry:
+                del self._locks[group]
+
+    async def _enter(self, table: dict[Any, set[Any]], key: Any, group: str, member: Any) -> None:
+        """Add `member` under `key`; the first one adds the hub's channel to `group`.
+
+        The group's lock orders its group_add and group_discard, so the layer's membership
+        and the table agree. The wait for that lock and the layer call together take at most
+        GROUP_TIMEOUT: a layer that does not answer fails this join (TimeoutError) instead of
+        holding it, and every later one of the group, for good.
+        """
+        members = table.get(key)
+        if members is not None:  # the group is joined already: no layer call, no wait
+            members.add(member)
+            return
+        await self._start()
+        timeout = _group_timeout()
+        called = False
+        try:
+            async with asyncio.timeout(timeout), self._locked(group):
+                members = table.get(key)
+                if members is None:
+                    called = True
+                    await self.layer.group_add(group, self.channel)
+                    members = table[key] = set()
+                members.add(member)
+        except BaseException as exc:  # a time-out, a layer error, or the caller cancelled
+            if called and table.get(key) is None:
+                # The layer may have added the channel before the call was cut off: take it
+                # out again (in the background, under the group's lock) rather than leave
+                # this node in a group it has no one for.
+                task = self.loop.create_task(
+                    self._undo(table, key, group), context=contextvars.Context()
                 )
-            ]
+                self._undoing.add(task)  # held: the loop keeps only a weak reference
+                task.add_done_callback(self._undoing.discard)
+            if isinstance(exc, TimeoutError):
+                logger.warning(
+                    "joining group %s timed out after %.1fs",
+                    group,
+                    timeout,
+                    extra={"stream": key} if table is self.members else {"user": key},
+                )
+            raise
+
+    async def _undo(self, table: dict[Any, set[Any]], key: Any, group: str) -> None:
+        try:
+            async with asyncio.timeout(_group_timeout()), self._locked(group):
+                if table.get(key) is None:
+                    await self.layer.group_discard(group, self.channel)
+        except Exception:
+            logger.info("leaving group %s after a failed join failed", group, exc_info=True)
+
+    async def _exit(self, table: dict[Any, set[Any]], key: Any, group: str, member: Any) -> None:
+        """Remove `member`; the last one takes the hub's channel out of `group` (bounded)."""
+        members = table.get(key)
+        if (members is None or member not in members) and group in self._locks:
+            # A join of `member` may be under way, its group_add not back yet: it adds the
+            # member once it is, after this returned, for good. Wait for the group's lock
+            # (that join is bounded as this wait is, and began earlier), then look again.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_group_timeout()), self._locked(group):
+                    pass
+            members = table.get(key)
+        if members is None or member not in members:
+            return
+        members.discard(member)
+        if members:
+            return
+        del table[key]
+        try:
+            async with asyncio.timeout(_group_timeout()), self._locked(group):
+                if table.get(key) is None:  # not joined again while this waited
+                    await self.layer.group_discard(group, self.channel)
+        except Exception:
+            # The channel may stay in the group: its events reach this node for no one
+            # (until the layer's group_expiry, or the next join and leave).
+            logger.warning(
+                "leaving group %s failed",
+                group,
+                exc_info=True,
+                extra={"stream": key} if table is self.members else {"user": key},
+            )
 
     async def join(self, stream: str, subscriber: Subscriber) -> None:
-        """Deliver the stream's events to `subscriber`; returns once the group is joined."""
-        async with self._lock:
-            await self._start()
-            members = self.members.get(stream)
-            if members is None:
-                await self.layer.group_add(group_name(stream), self.channel)
-                members = self.members[stream] = set()
-            members.add(subscriber)
+        """Deliver the stream's events to `subscriber`; returns once the group is joined.
+
+        Raises (TimeoutError after GROUP_TIMEOUT) when the channel layer cannot add this
+        node to the stream's group; `subscriber` is then not a member.
+        """
+        await self._enter(self.members, stream, group_name(stream), subscriber)
 
     async def leave(self, stream: str, subscriber: Subscriber) -> None:
-        async with self._lock:
-            members = self.members.get(stream)
-            if members is None:
-                return
-            members.discard(subscriber)
-            if not members:
-                del self.members[stream]
-                try:
-                    await self.layer.group_discard(group_name(stream), self.channel)
-                except Exception:
-                    logger.warning("leaving group of %s failed", stream, exc_info=True)
+        await self._exit(self.members, stream, group_name(stream), subscriber)
 
     async def watch_user(self, user_id: Any, listener: Any) -> None:
-        """Send `listener.control(message)` the control messages of one user."""
+        """Send `listener.control(message)` the control messages of one user (raises as join)."""
         from .consumers import user_group
 
-        async with self._lock:
-            await self._start()
-            listeners = self.user_listeners.get(user_id)
-            if listeners is None:
-                await self.layer.group_add(user_group(user_id), self.channel)
-                listeners = self.user_listeners[user_id] = set()
-            listeners.add(listener)
+        await self._enter(self.user_listeners, user_id, user_group(user_id), listener)
 
     async def unwatch_user(self, user_id: Any, listener: Any) -> None:
         from .consumers import user_group
 
-        async with self._lock:
-            listeners = self.user_listeners.get(user_id)
-            if listeners is None:
-                return
-            listeners.discard(listener)
-            if not listeners:
-                del self.user_listeners[user_id]
-                try:
-                    await self.layer.group_discard(user_group(user_id), self.channel)
-                except Exception:
-                    logger.warning("leaving group of user %s failed", user_id, exc_info=True)
+        await self._exit(self.user_listeners, user_id, user_group(user_id), listener)
 
     async def add_connection(self, connection: Ticking) -> None:
         """Include a socket in this loop's heartbeat (and start the hub if it is the first)."""
-        async with self._lock:
-            await self._start()
+        await self._start()
         self.connections.add(connection)
 
     def remove_connection(self, connection: Ticking) -> None:
@@ -180,7 +267,10 @@ class Hub:
                     try:
                         listener.control(message)
                     except Exception:
-                        logger.exception("control message to a listener failed")
+                        logger.exception(
+                            "control message to a listener failed",
+                            extra=_fields(listener, {"user": message.get("user")}),
+                        )
                 continue
             self.received += 1
             subscribers = tuple(self.members.get(message.get("stream", ""), ()))
@@ -195,7 +285,12 @@ class Hub:
                     try:
                         subscriber.deliver(message)
                     except Exception:
-                        logger.exception("delivery to a subscriber failed")
+                        # The event is not lost (the subscriber resumes from the log), but
+                        # this is where to look when one seems to be: name it.
+                        logger.exception(
+                            "delivery to a subscriber failed",
+                            extra=_fields(subscriber, event_fields(message)),
+                        )
             finally:
                 batch, self.batch = self.batch, None
             # A server may hold every write until the event loop's next turn (daphne does).
@@ -208,7 +303,7 @@ class Hub:
             for start in range(0, len(batch), chunk or 1):
                 if start:
                     await asyncio.sleep(0)
-                self._flush(batch[start : start + chunk])
+                self._flush(batch[start : start + chunk], message)
                 self.chunked += bool(start)
             if written is not None:  # once per event, when every local subscriber has it
                 metrics.LATENCY.observe(max(0.0, time.time() - written))
@@ -219,12 +314,16 @@ class Hub:
         self._flush(batch)
 
     @staticmethod
-    def _flush(batch: list[Flushable]) -> None:
+    def _flush(batch: list[Flushable], message: dict[str, Any] | None = None) -> None:
         for sink in batch:
             try:
                 sink.flush_queued()
             except Exception:
-                logger.exception("sending to a socket failed")
+                # `message`: the event whose frames were being sent (None: a heartbeat's).
+                logger.exception(
+                    "sending to a socket failed",
+                    extra=_fields(sink, event_fields(message) if message else {}),
+                )
 
     async def _tick(self) -> None:
         """Heartbeats: each connection once per HEARTBEAT, a tenth of them at a time.
@@ -248,7 +347,7 @@ class Hub:
                     try:
                         connection.heartbeat(now)
                     except Exception:
-                        logger.exception("heartbeat failed")
+                        logger.exception("heartbeat failed", extra=_fields(connection, {}))
             finally:
                 self._end_batch()
             turn = (turn + 1) % HEARTBEAT_SLICES
@@ -287,13 +386,13 @@ class Hub:
             ]
             groups += [(self.user_listeners, u, user_group(u)) for u in self.user_listeners]
             for held, key, group in groups:
-                async with self._lock:  # not interleaved with a leave's group_discard
-                    if key not in held:
-                        continue  # left meanwhile
-                    try:
-                        await self.layer.group_add(group, self.channel)
-                    except Exception:
-                        logger.warning("renewing group %s failed", group, exc_info=True)
+                try:
+                    # Under the group's lock: not interleaved with a leave's group_discard.
+                    async with asyncio.timeout(_group_timeout()), self._locked(group):
+                        if key in held:  # else left meanwhile
+                            await self.layer.group_add(group, self.channel)
+                except Exception:
+                    logger.warning("renewing group %s failed", group, exc_info=True)
 
     async def _probe(self) -> None:
         """Send a message to this hub's channel every LAYER_PROBE_INTERVAL, through the layer.
@@ -406,7 +505,10 @@ class Hub:
                 try:
                     subscriber.resync()
                 except Exception:
-                    logger.exception("resync of a subscriber failed")
+                    logger.exception(
+                        "resync of a subscriber failed",
+                        extra=_fields(subscriber, {"stream": stream}),
+                    )
                     continue
                 resynced += 1
         if resynced:
@@ -435,7 +537,21 @@ class Hub:
             try:
                 subscriber.resync()
             except Exception:
-                logger.exception("resync of a subscriber failed")
+                logger.exception(
+                    "resync of a subscriber failed",
+                    extra=_fields(subscriber, {"stream": getattr(subscriber, "stream", None)}),
+                )
+
+
+def _fields(target: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` and the connection of `target` (a socket, an SSE stream, or a subscription of
+    one), for a log line's `extra`."""
+    owner = getattr(target, "consumer", target)  # a Subscription's sink is its connection
+    connection = getattr(owner, "connection_id", None)
+    extra = {key: value for key, value in fields.items() if value is not None}
+    if connection is not None:
+        extra["connection"] = connection
+    return extra
 
 
 def _last_seqs(streams: list[str]) -> dict[str, int]:

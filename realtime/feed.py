@@ -14,10 +14,10 @@ from django.http import HttpRequest, HttpResponseNotAllowed, JsonResponse
 
 from . import metrics
 from .cursor import CursorError, Position, decode, encode
-from .events import is_valid_version, pick_frame
+from .events import Envelope, is_valid_version, pick_frame
 from .policies import auth_hash, reload_user, same_password, signed_out, stream_access
 from .protocol import Code
-from .replay import position, read_typed_after
+from .replay import StreamPosition, position  # noqa: F401 (position: for callers)
 
 MAX_STREAMS = 20
 
@@ -133,11 +133,41 @@ class Start:
     unplaced: list[str] = field(default_factory=list)
 
 
+def positions_of(streams: Sequence[str]) -> dict[str, StreamPosition]:
+    """Each stream's position (as `replay.position`), all in one query, however many streams."""
+    rows = _stream_rows(streams)
+    empty = StreamPosition(seq=0, epoch=None, first_kept=1)  # no row yet, as `position` says
+    return {stream: rows[stream][1] if stream in rows else empty for stream in streams}
+
+
+def _stream_rows(streams: Sequence[str]) -> dict[str, tuple[int, StreamPosition]]:
+    """{stream: (its row's pk, its position)} of the streams that have a row, in one query.
+
+    The oldest kept seq is a correlated subquery per stream row: one probe of the
+    (stream, seq) index each, where a GROUP BY would scan every kept event of the streams.
+    """
+    from django.db.models import OuterRef, Subquery
+
+    from .models import Event, Stream
+
+    first = Event.objects.filter(stream_id=OuterRef("pk")).order_by("seq").values("seq")[:1]
+    rows = (
+        Stream.objects.filter(name__in=list(streams))
+        .annotate(first_kept=Subquery(first))
+        .values_list("name", "pk", "last_seq", "epoch", "first_kept")
+    )
+    return {
+        name: (pk, StreamPosition(last_seq, epoch, last_seq + 1 if first is None else first))
+        for name, pk, last_seq, epoch, first in rows
+    }
+
+
 def starting_positions(streams: list[str], cursor: dict[str, Position] | None) -> Start:
     """Resume from the cursor where the log still covers it; elsewhere start now (a reset)."""
     start = Start(positions={})
+    current = positions_of(streams)
     for stream in streams:
-        now = position(stream)
+        now = current[stream]
         given = (cursor or {}).get(stream)
         if given is not None and now.covers(given.seq, given.epoch):
             start.positions[stream] = Position(given.seq, now.epoch)
@@ -165,15 +195,25 @@ def read_events(
     the stream's audience in `audiences` where the event has a payload for it, as for a
     socket's subscription. Within a stream the events keep their seq order, so the new
     positions never skip one. A stream whose next event was pruned after its position was
-    checked gives a reset at its position now instead of its events.
+    checked gives a reset at its position now instead of its events. Two queries, however
+    many streams: their positions, then their events.
     """
     after = dict(positions)
     resets = []
+    # Read before the events: every seq up to a stream's `last_seq` read here was committed
+    # (with it), so one of them missing from the read below was pruned, not not-yet-written.
+    current = _stream_rows(list(positions))
+    rows = _read_after(
+        {current[s][0]: (s, pos.seq) for s, pos in positions.items() if s in current}, limit
+    )
     per_stream = []
     for stream, pos in positions.items():
-        rows = read_typed_after(stream, pos.seq, limit)
-        if rows and rows[0][0] > pos.seq + 1:  # the log has no hole but its pruned front
-            now = position(stream)
+        if stream not in current:
+            continue  # no row: nothing logged yet
+        now = current[stream][1]
+        read = rows.get(stream, [])
+        if (read and read[0][0] > pos.seq + 1) or (not read and now.seq > pos.seq):
+            # The log has no hole but its pruned front.
             after[stream] = Position(now.seq, now.epoch)
             resets.append({"op": "reset", "stream": stream, "epoch": now.epoch, "seq": now.seq})
             continue
@@ -181,7 +221,7 @@ def read_events(
         per_stream.append(
             [
                 (ts, stream, seq, kind, pick_frame(frames, version, audience))
-                for seq, kind, frames, ts in rows
+                for seq, kind, frames, ts in read
             ]
         )
     events = []
@@ -191,6 +231,48 @@ def read_events(
         events.append((stream, seq, type_, frame))
         after[stream] = Position(seq, after[stream].epoch)
     return events, after, resets
+
+
+def _read_after(
+    after: dict[int, tuple[str, int]], limit: int
+) -> dict[str, list[tuple[int, str, dict[str, str], Any]]]:
+    """Up to `limit` (seq, type, frames by version, timestamp) after a seq for each stream, in
+    seq order, in one query; `after` is {stream pk: (stream name, seq)}.
+
+    A stream's seqs have no hole but its pruned front, so its next `limit` events are the
+    seqs in (seq, seq + limit]: one range of the (stream, seq) index per stream, OR'ed,
+    rather than a LIMIT per stream (which SQLite cannot put in a UNION).
+    """
+    from django.db.models import Q
+
+    from .models import Event
+
+    if not after:
+        return {}
+    window = Q()
+    for pk, (_name, seq) in after.items():
+        window |= Q(stream_id=pk, seq__gt=seq, seq__lte=seq + limit)
+    query = (
+        Event.objects.filter(window)
+        .order_by("stream_id", "seq")
+        .only(
+            "stream_id",
+            "seq",
+            "event_id",
+            "type",
+            "timestamp",
+            "correlation_id",
+            "data",
+            "variants",
+        )
+    )
+    read: dict[str, list[tuple[int, str, dict[str, str], Any]]] = {}
+    for row in query:
+        name = after[row.stream_id][0]
+        read.setdefault(name, []).append(
+            (row.seq, row.type, Envelope.from_row(row, stream=name).frames(), row.timestamp)
+        )
+    return read
 
 
 def cursor_of(positions: dict[str, Position]) -> str:

@@ -12,13 +12,14 @@ LOGGING = {
 ```
 
 Each JSON line carries `time`, `level`, `logger`, `message` and, when known, `correlationId`
-(from the request or `realtime.correlation()`), `stream`, `connection` and `user` (from a log
-call's `extra`), `exception` and `stack`. Tickets, tokens, session and CSRF cookies and
-`Authorization` credentials (Bearer, Basic, DRF's Token) are replaced by `[redacted]`;
-payload bodies are never logged by realtime.
+(a log call's `extra`, else the request's or `realtime.correlation()`'s), `stream`, `seq`,
+`eventId`, `connection` and `user` (from a log call's `extra`), `exception` and `stack`.
+Tickets, tokens, session and CSRF cookies and `Authorization` credentials (Bearer, Basic,
+DRF's Token) are replaced by `[redacted]`; payload bodies are never logged by realtime.
 
 `PlainFormatter` is a `logging.Formatter` that appends the same fields, where known, to the
-message: `... subscribed correlationId=… stream=project:1 connection=…`.
+message: `... subscribed correlationId=… stream=project:1 connection=…` (and `seq=`,
+`eventId=` on lines about one event).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ _SECRETS: list[tuple[re.Pattern[str], Any]] = [
     ),
     (re.compile(r"(?i)\b(bearer|basic)\s+(?!\[redacted\])[A-Za-z0-9._~+/=-]+"), r"\1 [redacted]"),
 ]
-_FIELDS = ("stream", "connection", "user")
+# `seq` and `eventId` name the event of a line about one (a publish or a delivery that failed):
+# with `stream` and `correlationId`, what an operator searches by when an event seems lost.
+_FIELDS = ("stream", "seq", "eventId", "connection", "user")
 # A plain field's value is written bare unless it holds a space, a quote, an "=" or a line
 # break (or is long): then as a JSON string, so a stream name a client sent forges neither
 # a field nor a line.
@@ -126,7 +129,8 @@ class JSONFormatter(logging.Formatter):
 
 
 class PlainFormatter(logging.Formatter):
-    """A plain line, with `correlationId=`, `stream=`, `connection=` and `user=` where known."""
+    """A plain line, with `correlationId=`, `stream=`, `seq=`, `eventId=`, `connection=` and
+    `user=` where known."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)

@@ -27,7 +27,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 CONNECTIONS = Gauge(
     "realtime_connections",
-    "Live connections, by transport (websocket, sse).",
+    "Live connections, by transport (websocket, sse, poll: a long poll while it waits).",
     ["transport"],
     multiprocess_mode="livesum",
 )

@@ -69,6 +69,23 @@ def logged_at(message: dict[str, Any]) -> float | None:
         return None
 
 
+def event_fields(message: dict[str, Any]) -> dict[str, Any]:
+    """The `extra` of a log line about the event in a layer message: `stream`, `seq`,
+    `eventId` and `correlationId` (those it has).
+
+    The correlation id is read from the event's frame: the publisher's and the hub's tasks run
+    in a context of their own (not the request's that started them), so the log formatter
+    would find none, or the wrong one, in the context. Only failures log: off the hot path.
+    """
+    fields = {key: message.get(key) for key in ("stream", "seq", "eventId")}
+    frames = message.get("frames")
+    if isinstance(frames, dict) and frames:
+        frame = next(iter(frames.values()))
+        if isinstance(frame, str):
+            fields["correlationId"] = frame_field(frame, "correlationId")
+    return {key: value for key, value in fields.items() if value not in (None, "")}
+
+
 class _LoopWorker:
     """The queue and the task that publish in one event loop, in submission order."""
 
@@ -137,6 +154,12 @@ class _LoopWorker:
                     self.publisher.acker.add(pks, using)
             finally:
                 self.publisher._finished(len(batch), failed=failed)
+
+
+def _control_fields(message: dict[str, Any]) -> dict[str, Any]:
+    """The `extra` of a log line about a control message: the `user` and `connection` it is for."""
+    fields = {"user": message.get("user"), "connection": message.get("connection")}
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 class Publisher:
@@ -287,7 +310,11 @@ class Publisher:
                 refusal = isinstance(exc, TypeError | ValueError)
                 if item.event_pk is None:
                     logger.error(
-                        "control message to %s lost (%s: %s)", item.group, type(exc).__name__, exc
+                        "control message to %s lost (%s: %s)",
+                        item.group,
+                        type(exc).__name__,
+                        exc,
+                        extra=_control_fields(item.message),
                     )
                 elif refusal:
                     logger.error(
@@ -296,6 +323,7 @@ class Publisher:
                         item.seq,
                         type(exc).__name__,
                         exc,
+                        extra=event_fields(item.message),
                     )
                 else:
                     logger.warning(
@@ -304,6 +332,7 @@ class Publisher:
                         item.seq,
                         type(exc).__name__,
                         exc,
+                        extra=event_fields(item.message),
                     )
                 if refusal:
                     if item.event_pk is not None:

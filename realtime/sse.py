@@ -246,7 +246,9 @@ class SSEConnection:
                 yield f"retry: {LIMITED_RETRY_MS}\n\n"
                 yield _message("rate_limited", json.dumps(refusal))
                 return
-            await hub.watch_user(self.user.pk, self)
+            if not await self._joined(hub.watch_user(self.user.pk, self)):
+                yield f"retry: {RETRY_MS}\n\n"
+                return
             metrics.CONNECTS.labels("sse").inc()
             if self.reconnect:
                 metrics.RECONNECTS.labels("sse").inc()
@@ -265,7 +267,9 @@ class SSEConnection:
                 yield f"retry: {RETRY_MS}\n\n" + "".join(self.outbox)
                 return
             for stream, subscription in list(self.subscriptions.items()):
-                await hub.join(stream, subscription)
+                if not await self._joined(hub.join(stream, subscription)):
+                    yield f"retry: {RETRY_MS}\n\n"
+                    return
                 if not subscription.authorized:
                     # Refused while it was being joined (after its decision left the hub):
                     # leave again, or the hub would hold it for as long as the stream runs.
@@ -322,6 +326,24 @@ class SSEConnection:
                 await _db(close_connection)(self.connection_id)
             except Exception:
                 logger.warning("closing the row of SSE stream %s failed", self.connection_id)
+
+    async def _joined(self, joining: Any) -> bool:
+        """Await a hub join (or watch); False, logged, when the channel layer refused it.
+
+        The stream then ends (its `finally` leaves what was joined) and the browser comes
+        back after its retry, as from any stream that ended, instead of the body raising.
+        """
+        try:
+            await joining
+        except Exception:
+            logger.warning(
+                "SSE stream %s could not join its groups; it ends, and the client retries",
+                self.connection_id,
+                exc_info=True,
+                extra={"connection": self.connection_id},
+            )
+            return False
+        return True
 
     def catch_up(self, subscription: Subscription) -> None:
         """Replay the log into a live subscription again (the hub found the layer stalled)."""

@@ -488,3 +488,90 @@ async def test_delivery_latency_runs_from_the_events_timestamp_to_its_last_subsc
     finally:
         for subscriber in subscribers:
             await hub.leave(stream, subscriber)
+
+
+def stuck_group_add(monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
+    """Make the in-memory layer's group_add never return for groups named `prefix…`, as a
+    pub/sub shard does whose lock a publish stuck on a dead connection holds."""
+    from channels.layers import InMemoryChannelLayer
+
+    real_add = InMemoryChannelLayer.group_add
+
+    async def stuck(self: Any, group: str, channel: str) -> None:
+        if group.startswith(prefix):
+            await asyncio.Event().wait()
+        await real_add(self, group, channel)
+
+    monkeypatch.setattr(InMemoryChannelLayer, "group_add", stuck)
+
+
+async def test_a_join_stuck_in_the_layer_holds_up_no_other_socket_and_fails(settings, monkeypatch):
+    import time
+
+    settings.REALTIME = {"GROUP_TIMEOUT": 3.0}
+    stuck_group_add(monkeypatch, "rt.project.")
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    stream = f"project:{project.pk}"
+    first = RealtimeClient(session_key=await db(session_for)(owner))
+    assert (await first.connect())["op"] == "welcome"
+    await first.send({"op": "subscribe", "ref": "s", "stream": stream})
+    await asyncio.sleep(0.2)  # its join now waits in the layer
+
+    other = RealtimeClient(session_key=await db(session_for)(await db(UserFactory)()))
+    started = time.monotonic()
+    assert (await other.connect(timeout=2.5))["op"] == "welcome"  # not behind that join
+    assert time.monotonic() - started < 2.5
+    # The stuck join gives up after GROUP_TIMEOUT: the client is told, and may retry.
+    reply = await first.receive_until("reply", timeout=5)
+    assert (reply["ref"], reply["ok"], reply["error"]["code"]) == ("s", False, "internal_error")
+    assert stream not in get_hub().members
+    assert await first.nothing_more(0.2)  # the socket stays up
+    await first.close()
+    await other.close()
+
+
+async def test_a_connect_whose_user_group_join_is_stuck_closes_with_4500(settings, monkeypatch):
+    from realtime.models import Connection
+
+    settings.REALTIME = {"GROUP_TIMEOUT": 0.5}
+    stuck_group_add(monkeypatch, "rt-ctl.user.")
+    user = await db(UserFactory)()
+    client = RealtimeClient(session_key=await db(session_for)(user))
+    closed = await client.connect(timeout=5)
+    assert closed == {"type": "websocket.close", "code": 4500}
+    assert user.pk not in get_hub().user_listeners
+    assert not await db(Connection.objects.filter(user=user).exists)()  # its row is gone
+
+
+async def test_a_leave_that_comes_while_its_join_waits_for_the_layer_leaves_nothing(monkeypatch):
+    """A socket closed while its subscribe's group_add was still out: the join finishes after
+    the leave began, and must not add the subscriber behind it."""
+    from channels.layers import InMemoryChannelLayer
+
+    gate = asyncio.Event()
+    real_add = InMemoryChannelLayer.group_add
+
+    async def slow(self: Any, group: str, channel: str) -> None:
+        if group == "rt.user.slow-join":
+            await gate.wait()
+        await real_add(self, group, channel)
+
+    monkeypatch.setattr(InMemoryChannelLayer, "group_add", slow)
+
+    class Recording:
+        def deliver(self, message: dict[str, Any]) -> None:
+            pass
+
+        def resync(self) -> None:
+            pass
+
+    hub, stream, subscriber = get_hub(), "user:slow-join", Recording()
+    join = asyncio.create_task(hub.join(stream, subscriber))
+    await asyncio.sleep(0.05)
+    leave = asyncio.create_task(hub.leave(stream, subscriber))
+    await asyncio.sleep(0.05)
+    gate.set()
+    await join
+    await leave
+    assert stream not in hub.members

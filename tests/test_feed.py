@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
 
 import pytest
@@ -256,14 +257,13 @@ async def test_events_pruned_after_the_cursor_was_checked_give_a_reset(monkeypat
     client = await logged_in(owner)
     stream, untouched = f"project:{project.pk}", f"project:{other.pk}"
     row = await db(Stream.objects.get)(name=stream)
-    original = realtime.feed.read_typed_after
+    original = realtime.feed._read_after
 
-    def pruning_read(name, after, limit):
-        if name == stream:
-            Event.objects.filter(stream__name=name, seq__lte=3).delete()
-        return original(name, after, limit)
+    def pruning_read(after, limit):
+        Event.objects.filter(stream__name=stream, seq__lte=3).delete()
+        return original(after, limit)
 
-    monkeypatch.setattr(realtime.feed, "read_typed_after", pruning_read)
+    monkeypatch.setattr(realtime.feed, "_read_after", pruning_read)
     cursor = encode({stream: Position(1, row.epoch), untouched: Position(1, None)})
     response = await client.get(
         "/api/realtime/events/", {"streams": f"{stream},{untouched}", "cursor": cursor}
@@ -361,3 +361,146 @@ async def test_a_long_poll_hands_out_the_version_asked_for(item_v2):
     [event] = (await asyncio.wait_for(poll, 5)).json()["events"]
     assert event["type"] == "v2:item.created"
     assert event["data"]["label"] == "later"
+
+
+async def test_events_pruned_past_the_whole_page_after_the_check_give_a_reset(monkeypatch):
+    """As above, but the read's page (`limit`) falls entirely in the pruned front: no event
+    is read at all, which must not pass for "nothing new"."""
+    import realtime.feed
+    from realtime.models import Event, Stream
+
+    owner, project = await setup_project(items=4)
+    client = await logged_in(owner)
+    stream = f"project:{project.pk}"
+    row = await db(Stream.objects.get)(name=stream)
+    original = realtime.feed._read_after
+
+    def pruning_read(after, limit):
+        Event.objects.filter(stream__name=stream, seq__lte=3).delete()
+        return original(after, limit)
+
+    monkeypatch.setattr(realtime.feed, "_read_after", pruning_read)
+    cursor = encode({stream: Position(1, row.epoch)})
+    body = (
+        await client.get("/api/realtime/events/", {"streams": stream, "cursor": cursor, "limit": 2})
+    ).json()
+    assert body["events"] == []
+    assert body["resets"] == [
+        {"op": "reset", "stream": stream, "epoch": row.epoch, "seq": row.last_seq}
+    ]
+    assert decode(body["cursor"])[stream].seq == row.last_seq
+
+
+def waker_streams():
+    from realtime.api import _Waker
+    from realtime.fanout import get_hub
+
+    return [
+        stream
+        for stream, members in get_hub().members.items()
+        if any(isinstance(member, _Waker) for member in members)
+    ]
+
+
+async def test_a_long_poll_whose_join_fails_answers_503_and_stays_in_no_group(monkeypatch):
+    from realtime.fanout import Hub
+
+    owner, project = await setup_project()
+    client = await logged_in(owner)
+    real_join = Hub.join
+
+    async def failing(self, stream, subscriber):
+        if stream.startswith("project:"):  # the second stream: the first is joined by then
+            raise ConnectionError("the channel layer is down")
+        await real_join(self, stream, subscriber)
+
+    monkeypatch.setattr(Hub, "join", failing)
+    streams = f"user:{owner.pk},project:{project.pk}"
+    response = await client.get("/api/realtime/events/", {"streams": streams, "wait": "1"})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "internal_error"
+    assert response["Retry-After"] == "1"
+    assert waker_streams() == []  # the stream joined first was left again
+
+
+async def test_a_long_poll_cancelled_while_it_joins_stays_in_no_group(monkeypatch):
+    """The client went away (Django cancels the view) while the second stream was joined."""
+    from realtime.fanout import Hub
+
+    owner, project = await setup_project()
+    client = await logged_in(owner)
+    real_join = Hub.join
+    joining = asyncio.Event()
+
+    async def slow(self, stream, subscriber):
+        if stream.startswith("project:"):
+            joining.set()
+            await asyncio.sleep(30)
+        await real_join(self, stream, subscriber)
+
+    monkeypatch.setattr(Hub, "join", slow)
+    streams = f"user:{owner.pk},project:{project.pk}"
+    poll = asyncio.create_task(
+        client.get("/api/realtime/events/", {"streams": streams, "wait": "10"})
+    )
+    await asyncio.wait_for(joining.wait(), 5)
+    assert waker_streams() == [f"user:{owner.pk}"]
+    poll.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await poll
+    for _ in range(50):
+        if not waker_streams():
+            break
+        await asyncio.sleep(0.02)
+    assert waker_streams() == []
+
+
+async def test_a_waiting_long_poll_counts_as_a_poll_connection():
+    from realtime import metrics
+
+    owner, project = await setup_project()
+    client = await logged_in(owner)
+    stream = f"project:{project.pk}"
+    live, connects = metrics.CONNECTIONS.labels("poll"), metrics.CONNECTS.labels("poll")
+    live_before, connects_before = live._value.get(), connects._value.get()
+    await client.get("/api/realtime/events/", {"streams": stream})  # no wait: not counted
+    assert connects._value.get() == connects_before
+
+    poll = asyncio.create_task(
+        client.get("/api/realtime/events/", {"streams": stream, "wait": "5"})
+    )
+    for _ in range(250):
+        if live._value.get() == live_before + 1:
+            break
+        await asyncio.sleep(0.02)
+    assert live._value.get() == live_before + 1  # while it waits
+    assert connects._value.get() == connects_before + 1
+    await db(ItemFactory)(project=project, title="wakes it")
+    response = await poll
+    assert [e["data"]["title"] for e in response.json()["events"]] == ["wakes it"]
+    assert live._value.get() == live_before  # and no longer once it answered
+    assert connects._value.get() == connects_before + 1
+
+
+async def test_feed_reads_take_the_same_queries_for_one_stream_and_for_ten():
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from realtime.feed import read_events, starting_positions
+
+    owner = await db(UserFactory)()
+    projects = [await db(ProjectFactory)(owner=owner) for _ in range(10)]
+    for project in projects:
+        await db(ItemFactory)(project=project)
+    streams = [f"project:{project.pk}" for project in projects]
+
+    def queries(names):
+        with CaptureQueriesContext(connection) as captured:
+            start = starting_positions(names, {name: Position(0, None) for name in names})
+            events, _after, resets = read_events(start.positions, 100)
+        assert len(events) == 2 * len(names)  # each project and its item
+        assert not resets
+        return len(captured)
+
+    one, ten = await db(queries)(streams[:1]), await db(queries)(streams)
+    assert one == ten == 3  # positions, then positions and events

@@ -184,3 +184,102 @@ def test_json_lines_keep_the_stack_a_log_call_asks_for(json_log):
     where_it_happened()
     [line] = json_log()
     assert "where_it_happened" in line["stack"]
+
+
+@pytest.fixture
+def layer_down(monkeypatch):
+    """The channel layer's group_send fails, as a Redis that is down; the backoff it starts
+    is ended afterwards."""
+    from channels.layers import get_channel_layer
+
+    from realtime.publisher import publisher
+
+    async def down(group: str, message: dict[str, Any]) -> None:
+        raise ConnectionError("redis is down")
+
+    monkeypatch.setattr(get_channel_layer(), "group_send", down)
+    yield
+    monkeypatch.undo()
+    publisher.resume()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_publish_names_the_event_its_stream_and_its_correlation_id(json_log, layer_down):
+    from realtime.testing import flush
+
+    with realtime.correlation("c-1"):
+        envelope = realtime.emit("project:7", "v1:report.ready", {"rows": 3})
+    flush()
+    # The publisher's task runs in a context of its own: the id comes from the event itself.
+    [line] = [line for line in json_log() if line["message"].startswith("publish of")]
+    assert line["correlationId"] == "c-1"
+    assert (line["stream"], line["seq"]) == ("project:7", envelope.seq)
+    assert line["eventId"] == str(envelope.event_id)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_relay_publish_names_the_event_and_the_writers_correlation_id(
+    json_log, layer_down
+):
+    from django.core.management import call_command
+
+    from realtime.models import Event
+
+    with realtime.correlation("c-2"):
+        envelope = realtime.emit("project:8", "v1:report.ready", {"rows": 3})
+    from realtime.testing import flush
+
+    flush()
+    Event.objects.filter(event_id=envelope.event_id).update(published_at=None)
+    with pytest.raises(Exception, match="could not be published"):
+        call_command("realtime_relay", "--once", "--grace", "0", verbosity=0)
+    lines = [line for line in json_log() if line["message"].startswith("publish of")]
+    assert lines[-1]["correlationId"] == "c-2"  # the writer's, not the relay pass's
+    assert (lines[-1]["stream"], lines[-1]["seq"]) == ("project:8", envelope.seq)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_a_failed_delivery_names_the_event_and_the_connection(json_log):
+    import asyncio
+
+    from channels.layers import get_channel_layer
+
+    from realtime.fanout import get_hub
+    from realtime.publisher import LAYER_MESSAGE_TYPE
+
+    class Socket:
+        connection_id = "conn-9"
+
+    class Broken:
+        consumer = Socket()
+
+        def deliver(self, message: dict[str, Any]) -> None:
+            raise RuntimeError("boom")
+
+        def resync(self) -> None:
+            pass
+
+    hub = get_hub()
+    stream, subscriber = "project:9", Broken()
+    await hub.join(stream, subscriber)
+    frame = f'{{"op":"event","stream":"{stream}","seq":4,"eventId":"e-4","type":"v1:a.b",'
+    frame += '"timestamp":"2026-12-07T12:00:00.000Z","correlationId":"c-3","data":{}}'
+    message = {"type": LAYER_MESSAGE_TYPE, "stream": stream, "seq": 4, "eventId": "e-4"}
+    try:
+        await get_channel_layer().send(hub.channel, {**message, "frames": {"v1": frame}})
+        for _ in range(250):
+            lines = [line for line in json_log() if line["message"].startswith("delivery")]
+            if lines:
+                break
+            await asyncio.sleep(0.02)
+        [line] = lines
+        assert (line["stream"], line["seq"], line["eventId"]) == (stream, 4, "e-4")
+        assert (line["correlationId"], line["connection"]) == ("c-3", "conn-9")
+    finally:
+        await hub.leave(stream, subscriber)
+
+
+def test_plain_lines_carry_the_event_fields():
+    line = plain_line({"correlationId": "c-1", "stream": "project:1", "seq": 4, "eventId": "e"})
+    assert line.endswith(" subscribed correlationId=c-1 stream=project:1 seq=4 eventId=e")

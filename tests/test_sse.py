@@ -727,6 +727,30 @@ async def test_a_stream_refused_everything_before_it_watched_its_user_ends(monke
     assert member.pk not in fanout.get_hub().user_listeners
 
 
+@pytest.mark.parametrize("stuck", ["join", "watch_user"])
+async def test_a_group_the_layer_cannot_join_ends_the_stream_without_raising(monkeypatch, stuck):
+    from realtime import fanout
+    from realtime.models import Connection
+
+    user = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=user)
+
+    async def refused(self, key, member):
+        raise TimeoutError("the channel layer did not answer")
+
+    monkeypatch.setattr(fanout.Hub, stuck, refused)
+    client = AsyncClient()
+    await client.aforce_login(user)
+    response = await client.get("/realtime/sse/", {"streams": f"project:{project.pk}"})
+    assert response.status_code == 200
+    reader = SSEReader(response)
+    assert await reader.message() == {"retry": "3000"}  # the browser comes back after it
+    with pytest.raises(StopAsyncIteration):
+        await reader.message()
+    assert not fanout.get_hub().members.get(f"project:{project.pk}")
+    assert not await db(Connection.objects.filter(user=user).exists)()
+
+
 async def test_a_method_other_than_get_is_405_with_allow():
     owner = await db(UserFactory)()
     client = AsyncClient()

@@ -11,6 +11,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from realtime.conf import realtime_settings
+from realtime.context import correlation
 from realtime.log import relay_once
 
 
@@ -84,7 +85,12 @@ class Command(BaseCommand):
         while not stop.is_set():
             started = time.monotonic()
             try:
-                result = relay_once(grace=options["grace"], limit=batch, using=options["database"])
+                # A correlation id per pass ties its lines together; a line about one event
+                # carries that event's own id instead (the writer's, from its frame).
+                with correlation():
+                    result = relay_once(
+                        grace=options["grace"], limit=batch, using=options["database"]
+                    )
             except Exception as exc:  # keep running; the database may come back
                 if options["once"]:
                     raise CommandError(f"relay pass failed: {type(exc).__name__}: {exc}") from exc
