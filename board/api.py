@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -14,8 +17,9 @@ from drf_spectacular.utils import (
 )
 from guardian.shortcuts import get_objects_for_user
 from rest_framework import mixins, permissions, viewsets
-from rest_framework.exceptions import NotFound, PermissionDenied
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.request import Request
+from rest_framework.settings import api_settings
 
 from notifications import notify
 from realtime.conditional import ListParent, RealtimeResourceMixin
@@ -32,6 +36,7 @@ from realtime.openapi import (
 from .membership import create_project, readers
 from .models import Item, Project
 from .serializers import (
+    NAME_TAKEN,
     ItemSerializer,
     ItemWriteSerializer,
     ProjectOwnerSerializer,
@@ -161,14 +166,39 @@ class ProjectViewSet(RealtimeResourceMixin, viewsets.ModelViewSet):  # type: ign
         return [f"tenant:{pk}" for pk in sorted(listed.union(own))]  # one query
 
     def perform_create(self, serializer: Any) -> None:
+        # The serializer's organization is one of the user's (MemberOrganizationField).
         organization = serializer.validated_data["organization"]
-        if not organization.members.filter(pk=self.request.user.pk).exists():
-            raise PermissionDenied("You are not a member of that organization.")
-        serializer.instance = create_project(
-            organization=organization,
-            name=serializer.validated_data["name"],
-            owner=self.request.user,
-        )
+        name = serializer.validated_data["name"]
+        with name_in_use_is_400(organization, name):
+            serializer.instance = create_project(
+                organization=organization, name=name, owner=self.request.user
+            )
+
+    def perform_update(self, serializer: Any) -> None:
+        project = serializer.instance
+        name = serializer.validated_data.get("name", project.name)
+        with name_in_use_is_400(project.organization, name, project):
+            serializer.save()
+
+
+@contextmanager
+def name_in_use_is_400(organization: Any, name: str, project: Any = None) -> Iterator[None]:
+    """A name taken by a concurrent write, past the serializer's check, answers as the check.
+
+    Two creates (or renames) with one name both pass the check, and the second's write fails
+    the unique constraint: an IntegrityError, which was a 500.
+    """
+    try:
+        with transaction.atomic():  # a savepoint: the request's transaction stays usable
+            yield
+    except IntegrityError:
+        taken = Project.objects.filter(organization=organization, name=name)
+        if project is not None:
+            taken = taken.exclude(pk=project.pk)
+        if not taken.exists():
+            raise  # another constraint
+        error = {api_settings.NON_FIELD_ERRORS_KEY: [NAME_TAKEN]}
+        raise ValidationError(error, code="unique") from None
 
 
 PROJECT_PK = OpenApiParameter(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models.signals import m2m_changed
+from django.conf import settings
+from django.db.models.signals import m2m_changed, post_delete, pre_delete
 from django.dispatch import receiver
 
 import realtime
@@ -80,6 +81,21 @@ def _project_members_changed(
         projects = list(Project.objects.filter(pk__in=list(pks or ())))
     if projects:
         realtime.emit_instances(projects, "updated")
+
+
+@receiver(pre_delete, sender=settings.AUTH_USER_MODEL, dispatch_uid="board.member_deleting")
+def _member_deleting(sender: Any, instance: Any, **kwargs: Any) -> None:
+    # A deleted user's memberships go by cascade, with no m2m_changed: note the projects,
+    # whose owner's payload (and ETag) must follow, while their rows are still there.
+    instance._board_member_of = list(instance.projects.values_list("pk", flat=True))
+
+
+@receiver(post_delete, sender=settings.AUTH_USER_MODEL, dispatch_uid="board.member_deleted")
+def _member_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+    # After the cascade, in the delete's transaction: the event shows the members left.
+    pks = instance.__dict__.pop("_board_member_of", ())
+    if pks:
+        realtime.emit_instances(list(Project.objects.filter(pk__in=pks)), "updated")
 
 
 @receiver(m2m_changed, sender=Organization.members.through, dispatch_uid="board.org_members")

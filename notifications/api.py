@@ -6,11 +6,12 @@ not found (404): a user can never see, count or change someone else's notificati
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Any
 
-from django.db import transaction
 from django.db.models import Count, Max, QuerySet
+from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -42,7 +43,15 @@ from realtime.openapi import (
 )
 
 from .models import LEVEL_CHOICES, LEVELS, Notification, Preference
-from .service import read_all, represent, set_read, soft_delete, stream_of, unread_count
+from .service import (
+    changing,
+    read_all,
+    represent,
+    set_read,
+    soft_delete,
+    stream_of,
+    unread_count,
+)
 
 
 class RefSerializer(serializers.Serializer):  # type: ignore[type-arg]
@@ -111,14 +120,26 @@ class NewestFirst(CursorPagination):
     def decode_cursor(self, request: Request) -> Any:
         cursor = super().decode_cursor(request)
         # DRF trusts the position it decoded: a forged one reached the query (a 500).
-        if cursor is not None and cursor.position is not None:
-            try:
-                valid = parse_datetime(str(cursor.position)) is not None
-            except ValueError:
-                valid = False
-            if not valid:
-                raise NotFound(self.invalid_cursor_message)
+        position = None if cursor is None else cursor.position
+        if position is not None and not self.position_is_valid(str(position)):
+            raise NotFound(self.invalid_cursor_message)
         return cursor
+
+    @staticmethod
+    def position_is_valid(position: str) -> bool:
+        """Whether a cursor's position is a time the database can take."""
+        try:
+            moment = parse_datetime(position)
+            if moment is None:
+                return False
+            if timezone.is_naive(moment):
+                moment = timezone.make_aware(moment)
+            # The query converts it to UTC (SQLite in Python): 9999-12-31T23:59:59-01:00
+            # parses, then overflows past year 9999 there (an OverflowError, a 500).
+            moment.astimezone(dt.UTC)
+        except (ValueError, OverflowError):
+            return False
+        return True
 
 
 UNREAD = OpenApiParameter(
@@ -256,7 +277,7 @@ class NotificationViewSet(
 
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         """Soft delete: hidden from the user, kept for the admin."""
-        with transaction.atomic(), collect_positions() as written:
+        with changing(request.user), collect_positions() as written:
             instance = self._locked(kwargs[self.lookup_url_kwarg or self.lookup_field])
             self.check_if_match(instance)
             soft_delete(request.user, [instance.pk])
@@ -267,7 +288,8 @@ class NotificationViewSet(
 
         Found and locked in one read: a change committed meanwhile (marked read) either waits
         for this write, or is seen by its If-Match check. A read before the lock would miss a
-        delete committed in between, and the locked read then found nothing (a 500).
+        delete committed in between, and the locked read then found nothing (a 500). Call it
+        in `changing(user)`: the stream before the row, as a read-all takes them.
         """
         try:
             pk = int(pk)
@@ -280,7 +302,7 @@ class NotificationViewSet(
         return instance
 
     def _set_read(self, pk: Any, read: bool) -> Response:
-        with transaction.atomic(), collect_positions() as written:
+        with changing(self.request.user), collect_positions() as written:
             instance = self._locked(pk)
             self.check_if_match(instance)
             set_read(self.request.user, [instance.pk], read=read)

@@ -7,8 +7,8 @@ of a notification (and of every change to the unread count) in order, with repla
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
@@ -227,6 +227,30 @@ def _atomic() -> ExitStack:
     return stack
 
 
+@contextmanager
+def changing(user: Any) -> Iterator[None]:
+    """A transaction that holds the user's stream lock before it reads or locks their rows.
+
+    Every change to a user's notifications takes that lock first, then their rows: a write
+    that locked a row and then asked for the stream deadlocked with a read-all, which holds
+    the stream and waits for the rows (PostgreSQL killed one of them: a 500).
+    """
+    with _atomic():
+        lock_streams([stream_of(user)])
+        yield
+
+
+def _lock_recipients(queryset: Any) -> list[Any]:
+    """Lock the streams of the queryset's recipients, in pk order; their pks, sorted."""
+    user_pks = list(
+        queryset.order_by("recipient_id").values_list("recipient_id", flat=True).distinct()
+    )
+    # All at once, in the streams' order, as notify() takes them: one at a time, in the
+    # recipients' order, could deadlock with a bulk notify holding some of them.
+    lock_streams(stream_of(pk) for pk in user_pks)
+    return user_pks
+
+
 #: A read-all names the notifications it marked, in its event and its answer, up to this many.
 READ_ALL_IDS = 1000
 #: The most ids a `read` or `deleted` event names (and a statement lists); more are more events.
@@ -234,11 +258,15 @@ IDS_PER_EVENT = 1000
 
 
 def _changed(user: Any, type: str, ids: list[int], extra: dict[str, Any]) -> None:
-    """Emit `type` for the user's `ids`, with the unread count after the change."""
-    stream = stream_of(user)
-    lock_streams([stream])  # then count: a notify() racing this one has committed by now
+    """Emit `type` for the user's `ids`, with the unread count after the change.
+
+    The caller holds the user's stream lock (taken before the rows), so the count sees what
+    a notify() racing this one committed.
+    """
     pk = getattr(user, "pk", user)
-    realtime.emit(stream, type, {"ids": ids, **extra, "unread_count": unread_counts([pk])[pk]})
+    realtime.emit(
+        stream_of(user), type, {"ids": ids, **extra, "unread_count": unread_counts([pk])[pk]}
+    )
 
 
 def _batches(ids: Iterable[int]) -> Iterable[list[int]]:
@@ -257,8 +285,11 @@ def set_read(user: Any, ids: Iterable[int], read: bool = True) -> list[int]:
     if ids is None:
         raise TypeError("set_read() needs the ids; read_all() marks every unread one")
     changed: list[int] = []
-    with _atomic():
-        for batch in _batches(ids):
+    batches = list(_batches(ids))
+    if not batches:
+        return changed  # no stream to lock (nor to make)
+    with changing(user):
+        for batch in batches:
             query = Notification.objects.for_user(user).select_for_update()
             query = query.filter(pk__in=batch).filter(read_at__isnull=read)
             marked = sorted(query.values_list("pk", flat=True))
@@ -280,8 +311,7 @@ def read_all(user: Any) -> dict[str, Any]:
     in the stream is read now (a later one comes after it, with its own event).
     """
     stream = stream_of(user)
-    with _atomic():
-        lock_streams([stream])  # notify() and other read changes of this user wait, or are in
+    with changing(user):  # notify() and other read changes of this user wait, or are in
         now = timezone.now()
         count = Notification.objects.for_user(user).unread().update(read_at=now)
         if not count:
@@ -298,8 +328,11 @@ def read_all(user: Any) -> dict[str, Any]:
 def soft_delete(user: Any, ids: Iterable[int]) -> list[int]:
     """Hide the user's notifications; a `v1:notification.deleted` event per `IDS_PER_EVENT`."""
     changed: list[int] = []
-    with _atomic():
-        for batch in _batches(ids):
+    batches = list(_batches(ids))
+    if not batches:
+        return changed
+    with changing(user):
+        for batch in batches:
             query = Notification.objects.for_user(user).filter(pk__in=batch)
             hidden = sorted(query.select_for_update().values_list("pk", flat=True))
             if hidden:
@@ -317,6 +350,8 @@ def delete_by_admin(queryset: Any) -> int:
     """
     deleted = 0
     with _atomic():
+        # Every recipient's stream before any of their rows, as the API's writes take them.
+        _lock_recipients(queryset)
         visible = queryset.visible()
         user_pks = visible.order_by("recipient_id").values_list("recipient_id", flat=True)
         for user_pk in list(user_pks.distinct()):
@@ -339,8 +374,8 @@ def mark_read_by_admin(queryset: Any) -> int:
     selected = queryset.unread()
     total = 0
     with _atomic():
-        user_pks = selected.order_by("recipient_id").values_list("recipient_id", flat=True)
-        for user_pk in list(user_pks.distinct()):
+        # Every recipient's stream before any of their rows, as the API's writes take them.
+        for user_pk in _lock_recipients(selected):
             user = get_user_model()._default_manager.get(pk=user_pk)
             pks = selected.filter(recipient_id=user_pk).values_list("pk", flat=True)
             total += len(set_read(user, list(pks), read=True))

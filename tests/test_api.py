@@ -628,3 +628,111 @@ def test_stale_if_match_on_get_is_412(board):
         assert client.get(url, HTTP_IF_MATCH=etag).status_code == 200
         assert client.get(url, HTTP_IF_MATCH="*").status_code == 200
         assert client.get(url, HTTP_IF_MATCH=etag, HTTP_IF_NONE_MATCH=etag).status_code == 304
+
+
+# -- review: project names, organizations of others, a deleted member ------------------------
+
+
+def org_with(*users):
+    organization = OrganizationFactory()
+    organization.members.add(*users)
+    return organization
+
+
+def test_a_rename_to_a_name_taken_in_the_organization_is_a_400_not_a_500():
+    from board.serializers import NAME_TAKEN
+
+    owner = UserFactory()
+    organization = org_with(owner)
+    ProjectFactory(owner=owner, organization=organization, name="Taken")
+    project = ProjectFactory(owner=owner, organization=organization, name="Mine")
+    ProjectFactory(name="Elsewhere")  # another organization's name is free
+    client = client_for(owner)
+    client.raise_request_exception = False
+    url = f"/api/projects/{project.pk}/"
+    refused = client.patch(url, {"name": "Taken"}, format="json")
+    assert refused.status_code == 400
+    assert refused.json() == {"non_field_errors": [NAME_TAKEN]}
+    project.refresh_from_db()
+    assert project.name == "Mine"
+    assert client.patch(url, {"name": "Mine"}, format="json").status_code == 200  # its own
+    assert client.patch(url, {"name": "Elsewhere"}, format="json").status_code == 200
+
+
+@pytest.mark.parametrize("write", ["create", "rename"])
+def test_a_name_taken_past_the_serializers_check_is_a_400_not_a_500(monkeypatch, write):
+    """A concurrent write took the name after the check (tests/test_api_concurrency.py runs
+    the race on PostgreSQL): the unique constraint's IntegrityError answers as the check."""
+    from rest_framework.validators import UniqueTogetherValidator
+
+    from board.models import Project
+    from board.serializers import NAME_TAKEN
+
+    owner = UserFactory()
+    organization = org_with(owner)
+    ProjectFactory(owner=owner, organization=organization, name="Taken")
+    project = ProjectFactory(owner=owner, organization=organization, name="Mine")
+    monkeypatch.setattr(UniqueTogetherValidator, "__call__", lambda self, attrs, serializer: None)
+    client = client_for(owner)
+    client.raise_request_exception = False
+    if write == "create":
+        response = client.post(
+            "/api/projects/", {"organization": organization.pk, "name": "Taken"}, format="json"
+        )
+    else:
+        response = client.patch(f"/api/projects/{project.pk}/", {"name": "Taken"}, format="json")
+    assert response.status_code == 400
+    assert response.json() == {"non_field_errors": [NAME_TAKEN]}
+    assert Project.objects.filter(organization=organization, name="Taken").count() == 1
+    assert client.get(f"/api/projects/{project.pk}/").json()["name"] == "Mine"
+
+
+def test_an_outsider_cannot_tell_which_project_names_or_organizations_exist():
+    from board.models import Organization
+
+    owner, outsider = UserFactory(), UserFactory()
+    organization = org_with(owner)
+    ProjectFactory(owner=owner, organization=organization, name="Secret")
+    org_with(outsider)  # a member of another one
+    client = client_for(outsider)
+    missing = (Organization.objects.order_by("-pk").values_list("pk", flat=True).first()) + 100
+    answers = [
+        client.post("/api/projects/", {"organization": org, "name": name}, format="json")
+        for org, name in (
+            (organization.pk, "Secret"),  # taken there
+            (organization.pk, "Fresh"),
+            (missing, "Secret"),  # no such organization
+        )
+    ]
+    assert [r.status_code for r in answers] == [403, 403, 403]
+    assert answers[0].json() == answers[1].json() == answers[2].json()
+    assert answers[0].json() == {"detail": "You are not a member of that organization."}
+    # A member still hears that the name is taken.
+    taken = client_for(owner).post(
+        "/api/projects/", {"organization": organization.pk, "name": "Secret"}, format="json"
+    )
+    assert taken.status_code == 400
+
+
+def test_the_owner_sees_a_deleted_member_go_and_gets_no_stale_304():
+    """A deleted user's memberships go by cascade, with no m2m_changed: the project's event
+    (and so its ETag) comes from the user's deletion itself."""
+    owner, bob = UserFactory(), UserFactory()
+    project = ProjectFactory(owner=owner)
+    from guardian.shortcuts import assign_perm
+
+    assign_perm("board.delete_project", owner, project)  # the owner's payload has the members
+    add_member(project, bob)
+    client = client_for(owner)
+    url = f"/api/projects/{project.pk}/"
+    first = client.get(url)
+    assert first.json()["members"] == [bob.pk]
+    before = position(f"project:{project.pk}")
+    bob.delete()
+    after = client.get(url, HTTP_IF_NONE_MATCH=first["ETag"])
+    assert after.status_code == 200
+    assert after.json()["members"] == []
+    assert position(f"project:{project.pk}") == before + 1
+    event = Event.objects.filter(stream__name=f"project:{project.pk}").latest("seq")
+    assert event.type == "v1:project.updated"
+    assert event.variants["v1/owner"]["data"]["members"] == []

@@ -62,18 +62,18 @@ class Hold:
 
 @pytest.fixture
 def hold() -> Iterator[Callable[..., Hold]]:
-    connected: list[tuple[Any, Hold]] = []
+    connected: list[tuple[Any, Hold, Any]] = []
 
-    def connect(*on: Any) -> Hold:
+    def connect(*on: Any, sender: Any = Item) -> Hold:
         receiver = Hold()
         for signal in on:
-            signal.connect(receiver, sender=Item, weak=False)
-            connected.append((signal, receiver))
+            signal.connect(receiver, sender=sender, weak=False)
+            connected.append((signal, receiver, sender))
         return receiver
 
     yield connect
-    for signal, receiver in connected:
-        signal.disconnect(receiver, sender=Item)
+    for signal, receiver, sender in connected:
+        signal.disconnect(receiver, sender=sender)
 
 
 def run_together(*requests: Callable[[], Any]) -> list[Any]:
@@ -187,3 +187,80 @@ def test_if_match_locks_a_row_of_a_distinct_queryset_too(hold, monkeypatch):
     assert held.second_waited
     item.refresh_from_db()
     assert item.title == next(r for r in responses if r.status_code == 200).data["title"]
+
+
+def test_two_creates_of_one_project_name_at_once_are_a_201_and_a_400(hold):
+    """Both pass the serializer's check of the name; the second's insert waits on the first's
+    unique key, then fails it once the first commits: a 400 as the check's, not a 500."""
+    from board.models import Project
+    from board.serializers import NAME_TAKEN
+
+    from .factories import OrganizationFactory
+
+    owner = UserFactory()
+    organization = OrganizationFactory()
+    organization.members.add(owner)
+    held = hold(signals.post_save, sender=Project)  # the first is held after its insert
+
+    def post() -> Any:
+        return client_for(owner).post(
+            "/api/projects/", {"organization": organization.pk, "name": "Twin"}, format="json"
+        )
+
+    responses = run_together(post, post)
+    assert held.second_waited
+    assert sorted(r.status_code for r in responses) == [201, 400]
+    refused = next(r for r in responses if r.status_code == 400)
+    assert refused.json() == {"non_field_errors": [NAME_TAKEN]}
+    assert Project.objects.filter(organization=organization, name="Twin").count() == 1
+
+
+@pytest.mark.parametrize("change", ["read", "delete"])
+def test_a_notification_marked_or_deleted_during_a_read_all_waits_and_does_not_deadlock(
+    monkeypatch, change
+):
+    """The change holds the notification's row when a read-all starts. The read-all takes the
+    user's stream, then waits for that row; the change used to ask for the stream next, and
+    PostgreSQL aborted one of the two (a 500). Both lock the stream first now."""
+    import notifications.api as notifications_api
+    from notifications import notify
+    from realtime.testing import flush
+
+    bob = UserFactory()
+    (note,) = notify(bob, "liked")
+    notify(bob, "commented")
+    flush()
+    name = "set_read" if change == "read" else "soft_delete"
+    real = getattr(notifications_api, name)
+    threads: list[threading.Thread] = []
+    outcome: list[Any] = []
+
+    def read_all() -> None:
+        try:
+            outcome.append(client_for(bob).post("/api/notifications/read-all/").status_code)
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            connection.close()
+
+    def meanwhile(*args: Any, **kwargs: Any) -> Any:
+        # The row is locked (and, fixed, the stream): a read-all starts and has to wait on us.
+        thread = threading.Thread(target=read_all)
+        threads.append(thread)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not someone_waits_on_me():
+            assert time.monotonic() < deadline, "the read-all never waited for this request"
+            time.sleep(0.02)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(notifications_api, name, meanwhile)
+    url = f"/api/notifications/{note.pk}/"
+    client = client_for(bob)
+    client.raise_request_exception = False
+    response = client.post(f"{url}read/") if change == "read" else client.delete(url)
+    (thread,) = threads
+    thread.join(30)
+    flush()
+    assert response.status_code == (200 if change == "read" else 204)
+    assert outcome == [200]

@@ -554,7 +554,17 @@ def test_a_count_carried_by_an_event_counts_a_concurrent_writers_notification(ch
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("position", [b"p=junk", b"p=2026-13-45T99:00:00", b"o=5&p=x"])
+@pytest.mark.parametrize(
+    "position",
+    [
+        b"p=junk",
+        b"p=2026-13-45T99:00:00",
+        b"o=5&p=x",
+        # Valid times that leave Python's range in UTC (SQLite converts there: OverflowError).
+        b"p=9999-12-31T23%3A59%3A59-01%3A00",
+        b"p=0001-01-01T00%3A00%3A00%2B01%3A00",
+    ],
+)
 def test_a_forged_cursor_position_is_a_404_not_a_500(position):
     import base64
 
@@ -1071,3 +1081,60 @@ def test_data_with_dates_decimals_and_uuids_is_stored_as_its_event_carries_it():
     client = Client()
     client.force_login(bob)
     assert client.get(f"/api/notifications/{note.pk}/").json()["data"] == expected
+
+
+@pytest.mark.parametrize(
+    "change", ["set_read", "soft_delete", "delete_by_admin", "mark_read_by_admin"]
+)
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_change_racing_a_read_all_locks_the_stream_before_the_rows(monkeypatch, change):
+    """The change has written its rows and is about to emit; a read-all starts and has to wait.
+    It used to hold the rows and then ask for the stream, which the read-all held while it
+    waited for the rows: PostgreSQL aborted one of them. The stream is taken first now."""
+    import threading
+    import time
+
+    from notifications import service
+
+    from .test_api_concurrency import someone_waits_on_me
+
+    bob = UserFactory()
+    (note,) = notify(bob, "liked")
+    notify(bob, "commented")
+    flush()
+    real_changed = service._changed
+    threads: list[threading.Thread] = []
+    outcome: list[Any] = []
+
+    def read_all_meanwhile() -> None:
+        try:
+            outcome.append(read_all(bob)["count"])
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            connection.close()
+
+    def changed(*args, **kwargs):
+        if not threads:
+            threads.append(threading.Thread(target=read_all_meanwhile))
+            threads[0].start()
+            deadline = time.monotonic() + 10
+            while not someone_waits_on_me():
+                assert time.monotonic() < deadline, "the read-all never waited for the change"
+                time.sleep(0.02)
+        return real_changed(*args, **kwargs)
+
+    monkeypatch.setattr(service, "_changed", changed)
+    selected = Notification.objects.filter(pk=note.pk)
+    {
+        "set_read": lambda: service.set_read(bob, [note.pk]),
+        "soft_delete": lambda: service.soft_delete(bob, [note.pk]),
+        "delete_by_admin": lambda: service.delete_by_admin(selected),
+        "mark_read_by_admin": lambda: service.mark_read_by_admin(selected),
+    }[change]()
+    (thread,) = threads
+    thread.join(30)
+    flush()
+    assert outcome == [1]  # the other one, after the change committed
+    assert not Notification.objects.unread().filter(recipient=bob).exists()
