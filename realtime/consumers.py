@@ -43,11 +43,31 @@ _DUPLICATE_WINDOW = 1024
 _background_tasks: set[asyncio.Task[None]] = set()
 
 
-def _background(coro: Any) -> None:
+def _background(coro: Any) -> asyncio.Task[Any]:
     """Run `coro` in a task the module holds until it ends (the loop keeps a weak reference)."""
     task = asyncio.get_running_loop().create_task(coro)
     _background_tasks.add(task)
     task.add_done_callback(_background_tasks.discard)
+    return task
+
+
+async def release_user(hub: Any, user_pk: Any, listener: Any, connection_id: str) -> None:
+    """Stop watching the user's control messages and delete the connection's row.
+
+    Run as a background task and awaited shielded: a server that cancels the closing
+    connection again and again (daphne does, every second past its close timeout, while a
+    stuck layer makes each leave wait GROUP_TIMEOUT) must not cut this off half way. Left
+    undone, the row would count against the user's connection limit, and the hub would keep
+    the listener and the user's group, for as long as the process runs.
+    """
+    from .connections import close_connection
+
+    try:
+        await hub.unwatch_user(user_pk, listener)
+    except Exception:
+        logger.warning("unwatching the user of %s failed", connection_id, exc_info=True)
+    finally:
+        await _thread(close_connection)(connection_id)
 
 
 _PING = protocol.dumps({"op": "ping"})
@@ -711,9 +731,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         # policy again (about the user as stored now) before replaying, and revoke as a
         # permission change would.
         try:
+            # Taken before the read: a decision begun while it ran (on a newer read) holds.
+            runs = self.authz_runs
             if not await self._reload_user_once():
                 return
-            runs = self.authz_runs
             audience = await self._access(subscription.policy, subscription.stream)
         except asyncio.CancelledError:
             raise
@@ -1106,6 +1127,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         """Read this socket's user again (is_active, is_superuser, …); close if it is gone."""
         from .policies import reload_user
 
+        self._user_reads += 1
+        read = self._user_reads
         user = await _thread(reload_user)(self.user)
         if user is None or not user.is_active:
             await self._close(Close.UNAUTHENTICATED)
@@ -1126,8 +1149,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             code = Close.DISCONNECTED if self.session is not None else Close.UNAUTHENTICATED
             await self._close(code)
             return False
-        self.user = user
+        if read > self._user_read_applied:  # else a read begun later has answered already
+            self.user = user
+            self._user_read_applied = read
         return True
+
+    _user_reads = 0  # reads of the user begun
+    _user_read_applied = 0  # the newest of them whose copy `self.user` is
 
     async def realtime_authz(self, message: dict[str, Any]) -> None:
         """Permissions of this user changed somewhere: decide every subscription again."""
@@ -1196,10 +1224,15 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         hub.remove_connection(self)
         try:
             ending = list(self.subscriptions.items())
-            for stream, subscription in ending:
+            for _stream, subscription in ending:
                 if subscription.task is not None:
                     subscription.task.cancel()
-                await hub.leave(stream, subscription)
+            # At once: with a stuck layer each leave waits up to GROUP_TIMEOUT, and one after
+            # the other they would outlast the server's wait for this coroutine.
+            await asyncio.gather(
+                *(hub.leave(stream, subscription) for stream, subscription in ending),
+                return_exceptions=True,
+            )
             # The hooks of all subscriptions at once: each may wait up to PUBLISH_TIMEOUT for
             # an announcement (presence) when the layer is stuck, and one after the other they
             # would outlast the server's wait for this coroutine and be cut off.
@@ -1224,9 +1257,5 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             # Whatever failed above, the row goes: a row left behind would count against
             # the user's connection limit for as long as this node runs.
             if self.user is not None and registered:
-                from .connections import close_connection
-
-                try:
-                    await hub.unwatch_user(self.user.pk, self)
-                finally:
-                    await _thread(close_connection)(self.connection_id)
+                release = _background(release_user(hub, self.user.pk, self, self.connection_id))
+                await asyncio.shield(release)

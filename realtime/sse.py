@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 import time
@@ -18,7 +17,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from . import metrics
 from .conf import realtime_settings
 from .connections import count_for_user
-from .consumers import Subscription
+from .consumers import Subscription, _background, release_user
 from .cursor import Position, encode
 from .events import frame_field
 from .fanout import get_hub, node_id
@@ -223,8 +222,6 @@ class SSEConnection:
     async def run(
         self, resets: list[dict[str, Any]], limit: int, *, unplaced: bool = False
     ) -> AsyncIterator[str]:
-        from .connections import close_connection
-
         hub = get_hub()
         # The row is written here, not in the view: a generator that never starts (the client
         # left before the response began) runs no `finally`, and would leave it for ever.
@@ -261,7 +258,9 @@ class SSEConnection:
             # missed, before anything of a stream is joined or replayed. As a task, so a
             # message arriving meanwhile queues its decision after this one.
             self.recheck = asyncio.get_running_loop().create_task(self._recheck())
-            await self.recheck
+            if not await self._joined(self.recheck, "decide its streams"):
+                yield f"retry: {RETRY_MS}\n\n"
+                return
             resets = [reset for reset in resets if reset["stream"] in self.subscriptions]
             if self.closed:  # signed out since, or every stream refused (`unsubscribed` queued)
                 yield f"retry: {RETRY_MS}\n\n" + "".join(self.outbox)
@@ -318,17 +317,25 @@ class SSEConnection:
                 await asyncio.wait([opening])
             if counted:
                 metrics.CONNECTIONS.labels("sse").dec()
-            with contextlib.suppress(Exception):
-                for stream, subscription in list(self.subscriptions.items()):
-                    await hub.leave(stream, subscription)
-                await hub.unwatch_user(self.user.pk, self)
-            try:  # whatever failed above: a row left behind counts against the user's limit
-                await _db(close_connection)(self.connection_id)
-            except Exception:
+            # In a task no later cancel cuts off (a browser gone: Django cancels the body,
+            # and the server may cancel again), as a socket's (consumers.release_user).
+            release = _background(self._release(hub))
+            try:
+                await asyncio.shield(release)
+            except Exception:  # whatever failed: a row left behind counts against the limit
                 logger.warning("closing the row of SSE stream %s failed", self.connection_id)
 
-    async def _joined(self, joining: Any) -> bool:
-        """Await a hub join (or watch); False, logged, when the channel layer refused it.
+    async def _release(self, hub: Any) -> None:
+        # The leaves at once: on a stuck layer each may wait GROUP_TIMEOUT.
+        ending = list(self.subscriptions.items())
+        await asyncio.gather(
+            *(hub.leave(stream, subscription) for stream, subscription in ending),
+            return_exceptions=True,
+        )
+        await release_user(hub, self.user.pk, self, self.connection_id)
+
+    async def _joined(self, joining: Any, what: str = "join its groups") -> bool:
+        """Await a hub join (or watch, or the first decision); False, logged, if it failed.
 
         The stream then ends (its `finally` leaves what was joined) and the browser comes
         back after its retry, as from any stream that ended, instead of the body raising.
@@ -337,8 +344,9 @@ class SSEConnection:
             await joining
         except Exception:
             logger.warning(
-                "SSE stream %s could not join its groups; it ends, and the client retries",
+                "SSE stream %s could not %s; it ends, and the client retries",
                 self.connection_id,
+                what,
                 exc_info=True,
                 extra={"connection": self.connection_id},
             )

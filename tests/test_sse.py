@@ -751,6 +751,38 @@ async def test_a_group_the_layer_cannot_join_ends_the_stream_without_raising(mon
     assert not await db(Connection.objects.filter(user=user).exists)()
 
 
+async def test_a_stream_cancelled_again_while_it_leaves_still_releases_its_row(monkeypatch):
+    """Daphne cancels a closing application again every second; a stuck layer makes each
+    leave wait. The row and the user's watch must go all the same."""
+    from realtime import fanout
+    from realtime.models import Connection
+
+    original = fanout.Hub.leave
+
+    async def slow_leave(self, stream, subscriber):
+        await asyncio.sleep(0.5)  # a layer slow to answer the group_discard
+        return await original(self, stream, subscriber)
+
+    monkeypatch.setattr(fanout.Hub, "leave", slow_leave)
+    user = await db(UserFactory)()
+    reader, _ = await open_sse(user, f"user:{user.pk}")
+    assert await db(Connection.objects.filter(user=user).exists)()
+    assert "id" in await reader.message()  # where it starts; then it waits for an event
+    body = asyncio.ensure_future(reader.message(timeout=30))
+    await asyncio.sleep(0.1)
+    body.cancel()  # the browser left: the body is cancelled, and starts leaving
+    await asyncio.sleep(0.1)
+    body.cancel()  # the server's next cancel, while the leave still waits
+    with pytest.raises(asyncio.CancelledError):
+        await body
+    async with asyncio.timeout(5):
+        while await db(Connection.objects.filter(user=user).exists)():
+            await asyncio.sleep(0.05)
+        while user.pk in fanout.get_hub().user_listeners:
+            await asyncio.sleep(0.05)
+    assert not fanout.get_hub().members.get(f"user:{user.pk}")
+
+
 async def test_a_method_other_than_get_is_405_with_allow():
     owner = await db(UserFactory)()
     client = AsyncClient()
