@@ -145,6 +145,10 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
+# REST writes per user ("300/min"; "off" for none): realtime.throttling, check realtime.E024.
+_write_rate = os.environ.get("REALTIME_WRITE_RATE", "300/min").strip()
+WRITE_RATE = None if _write_rate.lower() in {"", "0", "off", "none"} else _write_rate
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
@@ -157,6 +161,10 @@ REST_FRAMEWORK = {
     # with it would succeed as a no-op instead of being refused.
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Every write becomes an event for each subscriber of its streams: a user's writes are
+    # limited (429 with Retry-After), as a socket's publishes are. Reads are not counted.
+    "DEFAULT_THROTTLE_CLASSES": ["realtime.throttling.WriteRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"realtime_writes": WRITE_RATE},
 }
 
 # OpenAPI at /api/schema/, Swagger UI at /api/docs/ (served from drf-spectacular-sidecar, no

@@ -62,6 +62,7 @@ class TicketView(APIView):
     """POST: a single-use ticket for `?ticket=` on `/ws/realtime/`, for clients without cookies."""
 
     permission_classes = [permissions.IsAuthenticated]
+    throttle_writes = False  # a ticket writes no event (realtime.throttling)
 
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         response = Response(

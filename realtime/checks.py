@@ -419,6 +419,28 @@ def _tenant_resolver_problem(resolver: Any) -> str | None:
     return None
 
 
+_RATE = re.compile(r"[0-9]+/[smhd][a-z]*")
+
+
+@checks.register("realtime")
+def check_write_rate(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """The `realtime_writes` throttle rate, which DRF parses on every request, reads included."""
+    from rest_framework.settings import api_settings
+
+    rates = api_settings.DEFAULT_THROTTLE_RATES or {}
+    rate = rates.get("realtime_writes") if isinstance(rates, dict) else None
+    if rate is None or (isinstance(rate, str) and _RATE.fullmatch(rate)):
+        return []
+    return [
+        checks.Error(
+            f'REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["realtime_writes"] is {rate!r}',
+            hint='a number of requests per period, such as "300/min" (s, min, hour, day), '
+            "or None for no limit; DRF would fail every request with it",
+            id="realtime.E024",
+        )
+    ]
+
+
 @checks.register("realtime", checks.Tags.security, deploy=False)
 def check_allowed_hosts(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any

@@ -72,6 +72,14 @@ def _collect_thread_connections(django_db_setup: None, django_db_blocker: Any) -
 
 
 @pytest.fixture(autouse=True)
+def _fresh_cache() -> None:
+    """Empty Django's default cache (DRF's throttle counts live there) before each test."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
+@pytest.fixture(autouse=True)
 def _drain_publisher() -> Iterator[None]:
     """Let each test's publishes finish inside it, so none leaks into the next; then close
     the ack thread's database connection so the test database can be dropped."""

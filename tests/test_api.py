@@ -736,3 +736,52 @@ def test_the_owner_sees_a_deleted_member_go_and_gets_no_stale_304():
     event = Event.objects.filter(stream__name=f"project:{project.pk}").latest("seq")
     assert event.type == "v1:project.updated"
     assert event.variants["v1/owner"]["data"]["members"] == []
+
+
+def test_a_users_writes_are_throttled_and_reads_are_not(board, settings):
+    owner, project, _ = board
+    settings.REST_FRAMEWORK = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {"realtime_writes": "3/min"},
+    }
+    client = client_for(owner)
+    url = f"/api/projects/{project.pk}/items/"
+    answers = [client.post(url, {"title": f"t{n}"}, format="json") for n in range(4)]
+    assert [a.status_code for a in answers] == [201, 201, 201, 429]
+    assert int(answers[-1]["Retry-After"]) > 0
+    assert Item.objects.filter(project=project).count() == 4  # the fixture's and three
+    assert (
+        Event.objects.filter(type="v1:item.created", stream__name=f"project:{project.pk}").count()
+        == 4
+    )
+    for _ in range(5):  # reads (and revalidations) cost nothing
+        assert client.get(url).status_code == 200
+    other = UserFactory()
+    add_member(project, other)
+    assert client_for(other).post(url, {"title": "theirs"}, format="json").status_code == 201
+
+
+def test_write_throttle_off_with_a_none_rate(board, settings):
+    owner, project, _ = board
+    settings.REST_FRAMEWORK = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {"realtime_writes": None},
+    }
+    client = client_for(owner)
+    url = f"/api/projects/{project.pk}/items/"
+    assert all(
+        client.post(url, {"title": f"t{n}"}, format="json").status_code == 201 for n in range(5)
+    )
+
+
+def test_websocket_tickets_spend_no_writes(board, settings):
+    owner, project, _ = board
+    settings.REST_FRAMEWORK = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {"realtime_writes": "2/min"},
+    }
+    client = client_for(owner)
+    assert all(client.post("/api/realtime/tickets/").status_code == 201 for _ in range(4))
+    url = f"/api/projects/{project.pk}/items/"
+    answers = [client.post(url, {"title": f"t{n}"}, format="json").status_code for n in range(3)]
+    assert answers == [201, 201, 429]

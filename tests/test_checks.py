@@ -470,3 +470,26 @@ def test_bad_names_are_reported(settings, key, value):
 def test_good_names_pass(settings):
     settings.REALTIME = {"DEFAULT_VERSION": "v2", "NODE_ID": "web-1", "METRICS_PATH": "/m/x/"}
     assert check_settings() == []
+
+
+@pytest.mark.parametrize("rate", ["", "off", "300", "300/fortnight", 300])
+def test_a_write_rate_drf_cannot_parse_is_reported(settings, rate):
+    from realtime.checks import check_write_rate
+
+    settings.REST_FRAMEWORK = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {"realtime_writes": rate},
+    }
+    (error,) = check_write_rate()
+    assert error.id == "realtime.E024"
+
+
+@pytest.mark.parametrize("rate", ["300/min", "5/s", "1000/hour", "10/day", None])
+def test_a_write_rate_drf_parses_passes(settings, rate):
+    from realtime.checks import check_write_rate
+
+    settings.REST_FRAMEWORK = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {"realtime_writes": rate},
+    }
+    assert check_write_rate() == []
