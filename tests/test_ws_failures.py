@@ -309,3 +309,40 @@ async def test_a_frame_let_over_the_credit_is_followed_by_a_ping_a_pong_can_clea
         await client.send({"op": "pong"})
     assert frame.get("op") == "event", frame  # not closed with 4409 as a slow consumer
     await client.close()
+
+
+async def test_a_socket_cancelled_again_while_it_leaves_still_releases_its_row(monkeypatch):
+    """Daphne cancels a closing application again every second while a stuck layer makes
+    each leave wait: the row and the user's watch must go all the same."""
+    from realtime import fanout
+
+    original = fanout.Hub.leave
+
+    async def slow_leave(self: Any, stream: str, subscriber: Any) -> None:
+        await asyncio.sleep(0.5)  # a layer slow to answer the group_discard
+        await original(self, stream, subscriber)
+
+    original_unwatch = fanout.Hub.unwatch_user
+
+    async def slow_unwatch(self: Any, user_pk: Any, listener: Any) -> None:
+        await asyncio.sleep(0.5)  # the user's group too
+        await original_unwatch(self, user_pk, listener)
+
+    monkeypatch.setattr(fanout.Hub, "leave", slow_leave)
+    monkeypatch.setattr(fanout.Hub, "unwatch_user", slow_unwatch)
+    user, client = await connected()
+    await client.send({"op": "subscribe", "ref": "s", "stream": f"user:{user.pk}"})
+    await client.receive_until("reply")
+    assert await db(rows_of)(user) == 1
+    await client.communicator.send_input({"type": "websocket.disconnect", "code": 1001})
+    await asyncio.sleep(0.1)  # disconnect() is leaving its stream
+    client.communicator.future.cancel()  # the server's cancel, and another while it unwatches
+    await asyncio.sleep(0.2)
+    client.communicator.future.cancel()
+    async with asyncio.timeout(5):
+        while await db(rows_of)(user):
+            await asyncio.sleep(0.05)
+        while user.pk in get_hub().user_listeners:
+            await asyncio.sleep(0.05)
+        while get_hub().members.get(f"user:{user.pk}"):  # left by the finishing disconnect
+            await asyncio.sleep(0.05)
