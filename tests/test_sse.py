@@ -775,10 +775,10 @@ async def test_a_stream_cancelled_again_while_it_leaves_still_releases_its_row(m
     body.cancel()  # the server's next cancel, while the leave still waits
     with pytest.raises(asyncio.CancelledError):
         await body
-    async with asyncio.timeout(5):
-        while await db(Connection.objects.filter(user=user).exists)():
+    async with asyncio.timeout(5):  # released by a background task: nothing to wait on
+        while await db(Connection.objects.filter(user=user).exists)():  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        while user.pk in fanout.get_hub().user_listeners:
+        while user.pk in fanout.get_hub().user_listeners:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     assert not fanout.get_hub().members.get(f"user:{user.pk}")
 
