@@ -19,6 +19,48 @@ REQUIRE_SERVICES = os.environ.get("CI", "").lower() == "true" or os.environ.get(
 ) in {"1", "true", "yes"}
 
 
+def _fast_postgresql_flush() -> None:
+    """Empty PostgreSQL's tables after a transactional test with DELETE, not TRUNCATE.
+
+    Django flushes the database after every `transaction=True` test with one TRUNCATE of
+    every table: about 0.25 s on PostgreSQL here (new files for each table), more than most
+    of those tests take to run, and most of the suite's time on PostgreSQL. The tables hold
+    a few rows each, which DELETE removes in milliseconds. Foreign-key triggers are off for
+    the flush's transaction (`session_replication_role`, as the `postgres` superuser the
+    suite connects as), so any order will do; a reset of sequences still truncates.
+    Content types and permissions stay: post_migrate would only write them again.
+    """
+    from django.db.backends.postgresql.operations import DatabaseOperations
+
+    truncate = DatabaseOperations.sql_flush
+    # What the post_migrate after each flush would write again, the same rows: kept, so it
+    # finds them (their ids stay, as Django's own cache of content types assumes).
+    KEPT = {"django_content_type", "auth_permission"}
+
+    def sql_flush(
+        self: Any,
+        style: Any,
+        tables: Any,
+        *,
+        reset_sequences: bool = False,
+        allow_cascade: bool = False,
+    ) -> list[str]:
+        if reset_sequences or not tables:
+            return truncate(
+                self, style, tables, reset_sequences=reset_sequences, allow_cascade=allow_cascade
+            )
+        return [
+            "SET LOCAL session_replication_role = replica",
+            *(f"DELETE FROM {self.quote_name(table)}" for table in tables if table not in KEPT),
+        ]
+
+    DatabaseOperations.sql_flush = sql_flush  # type: ignore[method-assign]
+
+
+if os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://")):
+    _fast_postgresql_flush()
+
+
 def need(ok: bool, reason: str) -> None:
     """Skip the test when a service is missing; fail instead under CI or REQUIRE_SERVICES."""
     if ok:
