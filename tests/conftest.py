@@ -27,15 +27,13 @@ def _fast_postgresql_flush() -> None:
     of those tests take to run, and most of the suite's time on PostgreSQL. The tables hold
     a few rows each, which DELETE removes in milliseconds. Foreign-key triggers are off for
     the flush's transaction (`session_replication_role`, as the `postgres` superuser the
-    suite connects as), so any order will do; a reset of sequences still truncates.
-    Content types and permissions stay: post_migrate would only write them again.
+    suite connects as), so any order will do; a reset of sequences still truncates. Every
+    table is emptied, content types and permissions too, as TRUNCATE does (a test that resets
+    sequences restarts them at 1 before it runs, which kept rows would then collide with).
     """
     from django.db.backends.postgresql.operations import DatabaseOperations
 
     truncate = DatabaseOperations.sql_flush
-    # What the post_migrate after each flush would write again, the same rows: kept, so it
-    # finds them (their ids stay, as Django's own cache of content types assumes).
-    KEPT = {"django_content_type", "auth_permission"}
 
     def sql_flush(
         self: Any,
@@ -51,7 +49,7 @@ def _fast_postgresql_flush() -> None:
             )
         return [
             "SET LOCAL session_replication_role = replica",
-            *(f"DELETE FROM {self.quote_name(table)}" for table in tables if table not in KEPT),
+            *(f"DELETE FROM {self.quote_name(table)}" for table in tables),
         ]
 
     DatabaseOperations.sql_flush = sql_flush  # type: ignore[method-assign]
