@@ -670,8 +670,9 @@ async def test_access_revoked_while_the_stream_joins_its_streams(monkeypatch):
     await reader.close()
 
 
-async def test_access_revoked_before_the_stream_watches_its_user_is_decided_again(monkeypatch):
-    """The view decides; a revocation's message sent before the body watches the user is lost."""
+async def revoked_before_the_watch(monkeypatch):
+    """A member of a new project, removed from it just before an SSE body watches the user:
+    the removal's realtime.authz message then reaches no one."""
     from realtime import fanout
 
     owner, member = await db(UserFactory)(), await db(UserFactory)()
@@ -681,10 +682,18 @@ async def test_access_revoked_before_the_stream_watches_its_user_is_decided_agai
 
     async def revoked_first(self, user_pk, connection):
         if user_pk == member.pk:
-            await db(remove_member)(project, member)  # its realtime.authz reaches no one yet
+            await db(remove_member)(project, member)
         return await original(self, user_pk, connection)
 
     monkeypatch.setattr(fanout.Hub, "watch_user", revoked_first)
+    return member, project
+
+
+async def test_access_revoked_before_the_stream_watches_its_user_is_decided_again(monkeypatch):
+    """The view decides; a revocation's message sent before the body watches the user is lost."""
+    from realtime import fanout
+
+    member, project = await revoked_before_the_watch(monkeypatch)
     reader, _ = await open_sse(member, f"user:{member.pk},project:{project.pk}")
     gone = await reader.event(timeout=5)
     assert gone["event"] == "unsubscribed"  # before any event of the project
@@ -706,16 +715,7 @@ async def test_access_revoked_before_the_stream_watches_its_user_is_decided_agai
 async def test_a_stream_refused_everything_before_it_watched_its_user_ends(monkeypatch):
     from realtime import fanout
 
-    owner, member = await db(UserFactory)(), await db(UserFactory)()
-    project = await db(ProjectFactory)(owner=owner)
-    await db(add_member)(project, member)
-    original = fanout.Hub.watch_user
-
-    async def revoked_first(self, user_pk, connection):
-        await db(remove_member)(project, member)
-        return await original(self, user_pk, connection)
-
-    monkeypatch.setattr(fanout.Hub, "watch_user", revoked_first)
+    member, project = await revoked_before_the_watch(monkeypatch)
     reader, opened = await open_sse(member, f"project:{project.pk}")
     assert opened["first"] == {"retry": "3000"}
     gone = await reader.message()
