@@ -115,12 +115,19 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     )
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
+# This site's names in a Redis it shares with others (a staging beside a production, the
+# workers of a parallel test run): Redis pub/sub ignores the database number of the URL, so
+# only a prefix of its own keeps another site's events off this one's subscribers.
+REDIS_PREFIX = os.environ.get("REDIS_PREFIX", "").strip()
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
             # redis-py's default 5 s socket timeout would drop idle subscriber sockets.
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None}]},
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": None}],
+                "prefix": f"{REDIS_PREFIX}.asgi" if REDIS_PREFIX else "asgi",
+            },
         }
     }
 else:
@@ -128,7 +135,13 @@ else:
 
 # Presence: shared by every node through Redis when there is one; else in this process.
 PRESENCE = (
-    {"BACKEND": "presence.backends.redis.RedisBackend", "CONFIG": {"url": REDIS_URL}}
+    {
+        "BACKEND": "presence.backends.redis.RedisBackend",
+        "CONFIG": {
+            "url": REDIS_URL,
+            "prefix": f"{REDIS_PREFIX}.presence" if REDIS_PREFIX else "presence",
+        },
+    }
     if REDIS_URL
     else {"BACKEND": "presence.backends.memory.MemoryBackend"}
 )
