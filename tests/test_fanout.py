@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
@@ -579,3 +580,83 @@ async def test_a_leave_that_comes_while_its_join_waits_for_the_layer_leaves_noth
     await join
     await leave
     assert stream not in hub.members
+
+
+@pytest.mark.redis
+async def test_joins_and_leaves_cut_off_behind_a_stuck_publish_leave_pubsub_consistent(settings):
+    """channels-redis' pub/sub layer: a publish stuck on its connection holds its shard's lock,
+    so a join or a leave of a group on that shard waits behind it, and gives up after
+    GROUP_TIMEOUT. Once the lock is free, Redis' subscriptions agree with the hub's table: a
+    stream left and joined again gets its events live, and a failed join leaves no
+    subscription behind."""
+    import redis.asyncio as aioredis
+
+    from realtime.publisher import LAYER_MESSAGE_TYPE
+    from realtime.streams import group_name
+
+    settings.REALTIME = {"GROUP_TIMEOUT": 0.3, "TAIL_CHECK_INTERVAL": 0}
+
+    class Recording:
+        def __init__(self) -> None:
+            self.got: list[dict[str, Any]] = []
+            self.resyncs = 0
+
+        def deliver(self, message: dict[str, Any]) -> None:
+            self.got.append(message)
+
+        def resync(self) -> None:
+            self.resyncs += 1
+
+    hub = get_hub()
+    left, failed = "user:cut-off-leave", "user:cut-off-join"
+    first = Recording()
+    await hub.join(left, first)
+    loop_layer = hub.layer._get_layer()
+    names = {s: loop_layer._get_group_channel_name(group_name(s)) for s in (left, failed)}
+    shards = {loop_layer._get_shard(name) for name in names.values()}
+    for shard in shards:  # as a publish that waits for a dead connection's answer does
+        await shard._lock.acquire()
+    try:
+        await hub.leave(left, first)  # gives up (logged), the subscriber is out of the table
+        with pytest.raises(TimeoutError):
+            await hub.join(failed, Recording())
+    finally:
+        for shard in shards:
+            shard._lock.release()
+    assert left not in hub.members
+    assert failed not in hub.members
+    client = aioredis.from_url(os.environ["REDIS_URL"])
+    try:
+
+        async def subscribed() -> set[str]:
+            found = await client.pubsub_channels("*cut-off*")
+            return {name.decode() for name in found}
+
+        # The failed join's undo runs once the lock is free: nothing of it stays subscribed.
+        await eventually_async(subscribed, lambda found: names[failed] not in found)
+
+        again, joined = Recording(), Recording()
+        await hub.join(left, again)
+        await hub.join(failed, joined)
+        assert {names[left], names[failed]} <= await subscribed()
+        for stream in (left, failed):
+            await hub.layer.group_send(
+                group_name(stream),
+                {"type": LAYER_MESSAGE_TYPE, "stream": stream, "ephemeral": True, "frame": "{}"},
+            )
+        await eventually(lambda: again.got and joined.got)
+        assert [m["stream"] for m in again.got + joined.got] == [left, failed]
+        assert first.got == []
+        await hub.leave(left, again)
+        await hub.leave(failed, joined)
+        await eventually_async(subscribed, lambda found: not found & set(names.values()))
+    finally:
+        await client.aclose()
+
+
+async def eventually_async(read: Any, condition: Any) -> None:
+    for _ in range(250):
+        if condition(await read()):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("not within 5 s")
