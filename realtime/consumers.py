@@ -179,7 +179,9 @@ class Subscription:
         self.overflowed = False
         self.task: asyncio.Task[None] | None = None
         self.contiguous = 0  # every seq up to this one was delivered (or predates the snapshot)
-        self.above: set[int] = set()  # seqs delivered beyond `contiguous`
+        # Seqs delivered beyond `contiguous`: almost always none, so an empty tuple until
+        # one comes (an empty set is 216 bytes, per subscription).
+        self.above: set[int] | tuple[()] = ()
         # A seq the log had committed when the replay began (the position a subscribe read),
         # or None when that is not known (a resync, a cursor): a replay that reads nothing
         # while this is beyond `contiguous` found those events pruned, with no row to say so.
@@ -297,7 +299,7 @@ class Subscription:
         """Count every seq up to `seq` as done, and then each one above that follows on."""
         contiguous = max(self.contiguous, seq)
         above = self.above
-        if above:
+        if isinstance(above, set) and above:
             above.difference_update([s for s in above if s <= contiguous])
             while contiguous + 1 in above:
                 contiguous += 1
@@ -315,6 +317,8 @@ class Subscription:
             else:
                 self.contiguous = seq  # the usual case, once per event and subscriber
         else:
+            if not isinstance(self.above, set):
+                self.above = set()
             self.above.add(seq)
             if len(self.above) > _DUPLICATE_WINDOW and not self.replaying:
                 # A seq has been missing for long (its publish failed; the relay sends it
@@ -337,6 +341,40 @@ def _within_cap(policy: Any, text: str, ref: str | None) -> None:
 
 class RealtimeConsumer(AsyncWebsocketConsumer):
     """Authenticated, per-stream authorized, resumable event delivery over one socket."""
+
+    # One instance per socket, tens of thousands per process: the state every socket sets
+    # lives in slots. (Channels' classes have no slots, so a `__dict__` remains, for the few
+    # attributes that start as class defaults below and for a subclass's own.) Past 30
+    # attributes CPython gives each instance a dict of its own, 1.6 KiB, instead of values
+    # stored in the object (docs/performance.md, idle connections).
+    __slots__ = (
+        "acked",
+        "base_send",
+        "bucket",
+        "channel_layer",
+        "closing",
+        "connection_id",
+        "credit",
+        "drained",
+        "handling",
+        "hub",
+        "last_received",
+        "malformed",
+        "opened_at",
+        "outbox",
+        "pings",
+        "queued",
+        "refusals",
+        "registered",
+        "scope",
+        "session",
+        "session_key",
+        "subscribe_bucket",
+        "subscriptions",
+        "unacked",
+        "user",
+        "writer",
+    )
 
     transport = "websocket"
     authz_due = float("inf")  # when to decide the subscriptions again unprompted
@@ -399,7 +437,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         # `queued` counts every character ever queued; each ping notes it (`pings`), and a
         # pong acknowledges what was queued up to the oldest unanswered ping, not everything.
         self.queued = 0
-        self.pings: collections.deque[int] = collections.deque()
+        # A list, not a deque: it holds 16 at most, and an empty deque costs 760 bytes, a
+        # list 56 (per socket: docs/performance.md, idle connections).
+        self.pings: list[int] = []
         # Read once: enqueue runs for every frame to every subscriber.
         self.credit = int(realtime_settings.MAX_UNACKED_BYTES)
         self.last_received = time.monotonic()
@@ -622,7 +662,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.enqueue(protocol.dumps({"op": "pong", "ref": frame.ref}))
         elif isinstance(frame, protocol.Pong):
             if self.pings:  # pongs answer pings in order: this one, the oldest unanswered
-                self.unacked = min(self.unacked, self.queued - self.pings.popleft())
+                self.unacked = min(self.unacked, self.queued - self.pings.pop(0))
             if self.acked is not None:
                 self.acked.set()
         elif isinstance(frame, protocol.Subscribe):

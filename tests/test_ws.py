@@ -1036,3 +1036,31 @@ async def test_a_socket_refused_by_the_handshakes_sign_in_check_calls_no_hook(mo
         assert counting.calls == []  # no `disconnected` for a `connected` that never ran
     finally:
         hooks.unregister_hooks(counting)
+
+
+async def test_an_idle_subscribed_socket_keeps_its_state_compact():
+    """Tens of thousands of sockets per process (the 40 KiB target, docs/performance.md): a
+    socket's own state is in slots, and what is left in its `__dict__` stays within the 30
+    keys CPython stores in the object itself (past them, a dict of 1.6 KiB per socket)."""
+    import gc
+
+    from realtime.consumers import RealtimeConsumer
+
+    owner = await db(UserFactory)()
+    project = await db(ProjectFactory)(owner=owner)
+    client = RealtimeClient(session_key=await db(session_for)(owner))
+    await client.connect()
+    for ref, stream in (("p", f"project:{project.pk}"), ("u", f"user:{owner.pk}")):
+        await client.send({"op": "subscribe", "ref": ref, "stream": stream})
+        assert (await client.receive_until("reply"))["ok"] is True
+    await client.send({"op": "ping"})
+    await client.receive_until("pong")
+    (consumer,) = [o for o in gc.get_objects() if isinstance(o, RealtimeConsumer)]
+    assert len(consumer.subscriptions) == 2
+    assert len(vars(consumer)) <= 30, sorted(vars(consumer))
+    slots = set(RealtimeConsumer.__slots__)
+    assert not slots & set(vars(consumer))
+    assert {"outbox", "subscriptions", "user", "writer"} <= slots
+    for subscription in consumer.subscriptions.values():
+        assert subscription.above == ()  # no set made (216 bytes) until a seq comes early
+    await client.close()
