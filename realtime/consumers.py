@@ -342,16 +342,27 @@ def _within_cap(policy: Any, text: str, ref: str | None) -> None:
 class RealtimeConsumer(AsyncWebsocketConsumer):
     """Authenticated, per-stream authorized, resumable event delivery over one socket."""
 
-    # One instance per socket, tens of thousands per process: the state every socket sets
-    # lives in slots. (Channels' classes have no slots, so a `__dict__` remains, for the few
-    # attributes that start as class defaults below and for a subclass's own.) Past 30
-    # attributes CPython gives each instance a dict of its own, 1.6 KiB, instead of values
-    # stored in the object (docs/performance.md, idle connections).
+    # One instance per socket, tens of thousands per process: its state lives in slots.
+    # (Channels' classes have no slots, so a `__dict__` remains, for their `groups` and a
+    # subclass's own attributes.) Past 30 attributes in its `__dict__`, CPython gives each
+    # instance a dict of its own, 1.6 KiB, instead of values stored in the object
+    # (docs/performance.md, idle connections).
     __slots__ = (
+        "_reloading",
+        "_subscriptions_dirty",
+        "_subscriptions_writer",
+        "_user_read_applied",
+        "_user_reads",
         "acked",
+        "announced",
+        "auth_hash",
+        "authz_due",
+        "authz_runs",
+        "authz_waiting",
         "base_send",
         "bucket",
         "channel_layer",
+        "close_code",
         "closing",
         "connection_id",
         "credit",
@@ -377,11 +388,20 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     )
 
     transport = "websocket"
-    authz_due = float("inf")  # when to decide the subscriptions again unprompted
-    authz_waiting = False  # a realtime.authz is queued and has not started
-    authz_runs = 0  # realtime.authz decisions started: a resync's older one must not win
-    auth_hash: str | None = None  # the user's session auth hash when last checked
-    announced = False  # the `connected` hooks ran
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.authz_due = float("inf")  # when to decide the subscriptions again unprompted
+        self.authz_waiting = False  # a realtime.authz is queued and has not started
+        self.authz_runs = 0  # realtime.authz decisions started: a resync's older one must not win
+        self.auth_hash: str | None = None  # the user's session auth hash when last checked
+        self.announced = False  # the `connected` hooks ran
+        self.close_code: int | None = None
+        self._reloading: asyncio.Task[bool] | None = None
+        self._user_reads = 0  # reads of the user begun
+        self._user_read_applied = 0  # the newest of them whose copy `self.user` is
+        self._subscriptions_dirty = False
+        self._subscriptions_writer: asyncio.Task[None] | None = None
 
     @property  # type: ignore[override]
     def channel_layer_alias(self) -> str:
@@ -947,8 +967,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if len(self.pings) < 16:
             self.pings.append(self.queued)
 
-    close_code: int | None = None
-
     def _wake_writer(self) -> None:
         writer = self.writer
         batch = self.hub.batch
@@ -1140,8 +1158,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         # second copy per socket would cost idle memory (the 40 KiB per connection budget).
         return None
 
-    _reloading: asyncio.Task[bool] | None = None
-
     async def _reload_user_once(self) -> bool:
         """`_reload_user`, shared by the resyncs that wait for it at the same time.
 
@@ -1194,9 +1210,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self._user_read_applied = read
         return True
 
-    _user_reads = 0  # reads of the user begun
-    _user_read_applied = 0  # the newest of them whose copy `self.user` is
-
     async def realtime_authz(self, message: dict[str, Any]) -> None:
         """Permissions of this user changed somewhere: decide every subscription again."""
         self.authz_runs += 1
@@ -1238,9 +1251,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self._subscriptions_writer = asyncio.get_running_loop().create_task(
                 self._write_subscriptions()
             )
-
-    _subscriptions_dirty = False
-    _subscriptions_writer: asyncio.Task[None] | None = None
 
     async def _write_subscriptions(self) -> None:
         from .connections import set_subscriptions

@@ -1049,13 +1049,18 @@ async def test_an_idle_subscribed_socket_keeps_its_state_compact():
     owner = await db(UserFactory)()
     project = await db(ProjectFactory)(owner=owner)
     client = RealtimeClient(session_key=await db(session_for)(owner))
-    await client.connect()
+    welcome = await client.connect()
     for ref, stream in (("p", f"project:{project.pk}"), ("u", f"user:{owner.pk}")):
         await client.send({"op": "subscribe", "ref": ref, "stream": stream})
         assert (await client.receive_until("reply"))["ok"] is True
     await client.send({"op": "ping"})
     await client.receive_until("pong")
-    (consumer,) = [o for o in gc.get_objects() if isinstance(o, RealtimeConsumer)]
+    (consumer,) = [  # others of earlier tests may not be collected yet
+        o
+        for o in gc.get_objects()
+        if isinstance(o, RealtimeConsumer)
+        and getattr(o, "connection_id", None) == welcome["connectionId"]
+    ]
     assert len(consumer.subscriptions) == 2
     assert len(vars(consumer)) <= 30, sorted(vars(consumer))
     slots = set(RealtimeConsumer.__slots__)
