@@ -24,9 +24,11 @@ run: $(STAMP)
 	@echo "Serving on http://127.0.0.1:8000  (Ctrl-C stops)"
 	DEBUG=1 $(BIN)/daphne -b 127.0.0.1 -p 8000 config.asgi:application
 
-## Run the test suite (SQLite by default; DATABASE_URL and REDIS_URL switch to the services).
+## Run the test suite (SQLite by default; DATABASE_URL and REDIS_URL switch to the services):
+## in parallel (TEST_WORKERS, one per CPU by default; 1 for one process), then the fault
+## tests one at a time (tests/run.py).
 test: $(STAMP) browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python tests/run.py $(PYTEST_ARGS)
 
 ## Debian's Chromium for the browser tests, installed when missing and apt-get may run.
 browser:

@@ -2,7 +2,14 @@
 
 import os
 
-from config.settings import *  # noqa: F403
+# The workers of a parallel run (pytest-xdist, `-n`) share the Redis of REDIS_URL: each gets
+# names of its own there (its daphne children inherit the variable), as the test databases
+# of pytest-django get a suffix of their own. Redis pub/sub ignores the database number.
+_worker = os.environ.get("PYTEST_XDIST_WORKER")
+if _worker and not os.environ.get("REDIS_PREFIX"):
+    os.environ["REDIS_PREFIX"] = f"test-{_worker}"
+
+from config.settings import *  # noqa: E402, F403
 
 # Only tests marked with databases=[..., "other"] touch it: an event log on another alias.
 DATABASES["other"] = {  # noqa: F405
