@@ -5,9 +5,12 @@ import os
 # The workers of a parallel run (pytest-xdist, `-n`) share the Redis of REDIS_URL: each gets
 # names of its own there (its daphne children inherit the variable), as the test databases
 # of pytest-django get a suffix of their own. Redis pub/sub ignores the database number.
+# Appended to a REDIS_PREFIX of the run's own, once (a child that imports these settings
+# again inherits the worker's).
 _worker = os.environ.get("PYTEST_XDIST_WORKER")
-if _worker and not os.environ.get("REDIS_PREFIX"):
-    os.environ["REDIS_PREFIX"] = f"test-{_worker}"
+_prefix = os.environ.get("REDIS_PREFIX", "")
+if _worker and not _prefix.endswith(f"test-{_worker}"):
+    os.environ["REDIS_PREFIX"] = f"{_prefix}.test-{_worker}" if _prefix else f"test-{_worker}"
 
 from config.settings import *  # noqa: E402, F403
 
