@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from typing import Any
 
@@ -30,8 +31,12 @@ def emit(stream: str, count: int) -> None:
 
 
 async def eventually(condition: Any) -> None:
+    """Wait up to 5 s for `condition()` (a value, or an awaitable of one) to be true."""
     for _ in range(250):
-        if condition():
+        met = condition()
+        if inspect.isawaitable(met):
+            met = await met
+        if met:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("not within 5 s")
@@ -632,8 +637,11 @@ async def test_joins_and_leaves_cut_off_behind_a_stuck_publish_leave_pubsub_cons
             found = await client.pubsub_channels("*cut-off*")
             return {name.decode() for name in found}
 
+        async def undone() -> bool:
+            return names[failed] not in await subscribed()
+
         # The failed join's undo runs once the lock is free: nothing of it stays subscribed.
-        await eventually_async(subscribed, lambda found: names[failed] not in found)
+        await eventually(undone)
 
         again, joined = Recording(), Recording()
         await hub.join(left, again)
@@ -649,14 +657,10 @@ async def test_joins_and_leaves_cut_off_behind_a_stuck_publish_leave_pubsub_cons
         assert first.got == []
         await hub.leave(left, again)
         await hub.leave(failed, joined)
-        await eventually_async(subscribed, lambda found: not found & set(names.values()))
+
+        async def all_left() -> bool:
+            return not await subscribed() & set(names.values())
+
+        await eventually(all_left)
     finally:
         await client.aclose()
-
-
-async def eventually_async(read: Any, condition: Any) -> None:
-    for _ in range(250):
-        if condition(await read()):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("not within 5 s")
