@@ -25,7 +25,7 @@ run: $(STAMP)
 	DEBUG=1 $(BIN)/daphne -b 127.0.0.1 -p 8000 config.asgi:application
 
 ## Run the test suite (SQLite by default; DATABASE_URL and REDIS_URL switch to the services):
-## in parallel (TEST_WORKERS, one per CPU by default; 1 for one process), then the fault
+## in parallel (TEST_WORKERS, one per CPU up to 4 by default; 1 for one process), then the fault
 ## tests one at a time (tests/run.py).
 test: $(STAMP) browser
 	$(BIN)/python tests/run.py $(PYTEST_ARGS)

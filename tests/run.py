@@ -1,7 +1,7 @@
 """Run the test suite as `make test` does: in parallel, then the fault tests one at a time.
 
 Most tests wait on sockets, servers and timeouts more than they compute, so they run in
-pytest-xdist workers (`TEST_WORKERS`, `auto` by default: one per CPU), each with its own
+pytest-xdist workers (`TEST_WORKERS`; by default one per CPU, at most 4), each with its own
 test database (pytest-django's suffix) and its own names in a shared Redis (REDIS_PREFIX,
 tests/settings_test.py). The fault tests (`-m fault`, tests/faults/) kill, pause or flood
 servers and time their recovery, and a flood of another test beside them slows that recovery
@@ -40,8 +40,22 @@ def split_marker(args: list[str]) -> tuple[str | None, list[str]]:
     return marker, rest
 
 
+#: Workers when TEST_WORKERS is not set: one per CPU, at most this many. Each worker holds a
+#: few PostgreSQL connections of its own (threads, daphne children), and PostgreSQL's
+#: default `max_connections` is 100.
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers() -> str:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return str(max(1, min(MAX_DEFAULT_WORKERS, cpus)))
+
+
 def main(args: list[str]) -> int:
-    workers = os.environ.get("TEST_WORKERS", "auto").strip() or "auto"
+    workers = os.environ.get("TEST_WORKERS", "").strip() or default_workers()
     marker, args = split_marker(args)
 
     def only(expression: str) -> list[str]:
