@@ -78,6 +78,11 @@ def main(args: list[str]) -> int:
         took = time.monotonic() - started
         print(f"== run {number}/{len(runs)}: exit {status} after {took:.0f} s", flush=True)
         statuses.append(status)
+    return combined(statuses)
+
+
+def combined(statuses: list[int]) -> int:
+    """The first failing run's status; 0 if one passed and the others selected nothing."""
     failed = [s for s in statuses if s not in (0, NO_TESTS)]
     if failed:
         return failed[0]

@@ -42,6 +42,19 @@ async def eventually(condition: Any) -> None:
     raise AssertionError("not within 5 s")
 
 
+class Recording:
+    """A hub subscriber that keeps the messages handed to it."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+
+    def deliver(self, message: dict[str, Any]) -> None:
+        self.got.append(message)
+
+    def resync(self) -> None:
+        pass
+
+
 def deafen(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the layer lose every message, as a link that went silent does: no error."""
 
@@ -464,7 +477,7 @@ async def test_delivery_latency_runs_from_the_events_timestamp_to_its_last_subsc
 
     order: list[str] = []
 
-    class Recording:
+    class Ordered:
         def deliver(self, message: dict[str, Any]) -> None:
             order.append("deliver")
 
@@ -478,7 +491,7 @@ async def test_delivery_latency_runs_from_the_events_timestamp_to_its_last_subsc
     monkeypatch.setattr(metrics, "LATENCY", Histogram())
     hub = get_hub()
     stream = "user:latency"
-    subscribers = [Recording() for _ in range(3)]
+    subscribers = [Ordered() for _ in range(3)]
     for subscriber in subscribers:
         await hub.join(stream, subscriber)
     written = format_timestamp(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=3))
@@ -569,13 +582,6 @@ async def test_a_leave_that_comes_while_its_join_waits_for_the_layer_leaves_noth
 
     monkeypatch.setattr(layer_class, "group_add", slow)
 
-    class Recording:
-        def deliver(self, message: dict[str, Any]) -> None:
-            pass
-
-        def resync(self) -> None:
-            pass
-
     hub, stream, subscriber = get_hub(), "user:slow-join", Recording()
     join = asyncio.create_task(hub.join(stream, subscriber))
     await asyncio.sleep(0.05)
@@ -600,17 +606,6 @@ async def test_joins_and_leaves_cut_off_behind_a_stuck_publish_leave_pubsub_cons
     from realtime.streams import group_name
 
     settings.REALTIME = {"GROUP_TIMEOUT": 0.3, "TAIL_CHECK_INTERVAL": 0}
-
-    class Recording:
-        def __init__(self) -> None:
-            self.got: list[dict[str, Any]] = []
-            self.resyncs = 0
-
-        def deliver(self, message: dict[str, Any]) -> None:
-            self.got.append(message)
-
-        def resync(self) -> None:
-            self.resyncs += 1
 
     hub = get_hub()
     left, failed = "user:cut-off-leave", "user:cut-off-join"

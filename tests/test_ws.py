@@ -1040,8 +1040,8 @@ async def test_a_socket_refused_by_the_handshakes_sign_in_check_calls_no_hook(mo
 
 async def test_an_idle_subscribed_socket_keeps_its_state_compact():
     """Tens of thousands of sockets per process (the 40 KiB target, docs/performance.md): a
-    socket's own state is in slots, and what is left in its `__dict__` stays within the 30
-    keys CPython stores in the object itself (past them, a dict of 1.6 KiB per socket)."""
+    socket's own state is in slots, so its `__dict__` stays far below the 30 keys CPython
+    stores in the object itself (past them, a dict of 1.6 KiB per socket)."""
     import gc
 
     from realtime.consumers import RealtimeConsumer
@@ -1062,10 +1062,9 @@ async def test_an_idle_subscribed_socket_keeps_its_state_compact():
         and getattr(o, "connection_id", None) == welcome["connectionId"]
     ]
     assert len(consumer.subscriptions) == 2
-    assert len(vars(consumer)) <= 30, sorted(vars(consumer))
-    slots = set(RealtimeConsumer.__slots__)
-    assert not slots & set(vars(consumer))
-    assert {"outbox", "subscriptions", "user", "writer"} <= slots
+    # Only Channels' own attribute is left outside the slots: one the consumer sets and its
+    # slots do not name lands here, and 30 of them would cost the dict again.
+    assert set(vars(consumer)) <= {"groups"}, sorted(vars(consumer))
     for subscription in consumer.subscriptions.values():
         assert subscription.above == ()  # no set made (216 bytes) until a seq comes early
     await client.close()
