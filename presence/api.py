@@ -12,6 +12,7 @@ from django.views.decorators.http import require_GET
 
 from realtime import metrics
 from realtime.conditional import etag_matches, make_etag
+from realtime.httpauth import Refused, authenticate, challenge
 from realtime.policies import check_stream, stream_kinds
 from realtime.protocol import Code
 from realtime.streams import parse_stream
@@ -35,12 +36,25 @@ def _error(status: int, detail: str) -> JsonResponse:
     return JsonResponse({"detail": detail}, status=status)
 
 
+def _unauthenticated(request: HttpRequest, detail: str) -> JsonResponse:
+    """As a DRF view answers: `401` with the first authentication class's challenge when it
+    has one, else `403`."""
+    scheme = challenge(request)
+    response = _error(401 if scheme else 403, detail)
+    if scheme:
+        response["WWW-Authenticate"] = scheme
+    return response
+
+
 @require_GET
 async def presence_view(request: HttpRequest, stream: str) -> HttpResponse:
     """The present users of `stream`, oldest first; ETag/304 on the list."""
-    user = await request.auser()
+    try:
+        user, _credentials = await authenticate(request)
+    except Refused as exc:  # a bad token: DRF's answer to it, as the other API views give
+        return _unauthenticated(request, exc.message)
     if not user.is_authenticated or not user.is_active:
-        return _error(403, "Authentication credentials were not provided.")
+        return _unauthenticated(request, "Authentication credentials were not provided.")
     refusal = await database_sync_to_async(_check, thread_sensitive=False)(user, stream)
     if refusal == Code.INVALID_STREAM:
         return _error(400, f"{stream!r} is not a stream name such as 'project:42'.")

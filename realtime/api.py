@@ -33,6 +33,7 @@ from .feed import (
     release_request_connections,
     starting_positions,
 )
+from .httpauth import Refused, authenticate
 from .tickets import issue
 
 logger = logging.getLogger("realtime.api")
@@ -97,11 +98,13 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
         cursor = parse_cursor(request.GET.get("cursor"))
         limit = _number(request, "limit", 100, 1, 500, int)
         wait = _number(request, "wait", 0, 0, 25, float)
-        user = await request.auser()  # type: ignore[attr-defined]
+        user, credentials = await authenticate(request)
         audiences = await _db(authorize)(user, streams)
+    except Refused as exc:
+        return BadRequest("not_authenticated", exc.message, 401).response(request)
     except BadRequest as exc:
-        return exc.response()
-    sign_in = SignIn.of(request, user)
+        return exc.response(request)
+    sign_in = SignIn.of(request, user, credentials)
     start = await _db(starting_positions)(streams, cursor)
     events, after, resets = await _db(read_events)(start.positions, limit, version, audiences)
     resets = [*start.resets, *resets]
@@ -141,7 +144,7 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
                 try:
                     audiences = await _db(sign_in.reauthorize)(user, streams)
                 except BadRequest as exc:
-                    return exc.response()
+                    return exc.response(request)
                 events, after, resets = await _db(read_events)(
                     start.positions, limit, version, audiences
                 )

@@ -286,6 +286,10 @@ def check_settings(
     if resolver_problem:
         errors.append(checks.Error(resolver_problem, id="realtime.E019"))
     errors += [checks.Error(problem, id="realtime.E021") for problem in _bad_names()]
+    errors += [
+        checks.Error(problem, id="realtime.E025")
+        for problem in _authentication_problems(realtime_settings.HTTP_AUTHENTICATION_CLASSES)
+    ]
     if bad_numbers:
         return errors  # the comparisons below need numbers
     if float(realtime_settings.CONNECTION_SWEEP_AFTER) <= 2 * float(realtime_settings.HEARTBEAT):
@@ -417,6 +421,30 @@ def _tenant_resolver_problem(resolver: Any) -> str | None:
     if not callable(resolver):
         return f"REALTIME['TENANT_RESOLVER'] is not callable: {resolver!r}"
     return None
+
+
+def _authentication_problems(classes: Any) -> list[str]:
+    """What is wrong with `HTTP_AUTHENTICATION_CLASSES`: `None`, or a list of DRF
+    authentication classes or dotted paths to them."""
+    if classes is None:
+        return []
+    name = "REALTIME['HTTP_AUTHENTICATION_CLASSES']"
+    if isinstance(classes, str) or not isinstance(classes, list | tuple):
+        return [f"{name} is {classes!r}: use None or a list of DRF authentication classes"]
+    from rest_framework.authentication import BaseAuthentication
+
+    problems = []
+    for entry in classes:
+        found = entry
+        if isinstance(entry, str):
+            try:
+                found = import_string(entry)
+            except ImportError as exc:
+                problems.append(f"{name}: {entry!r} cannot be imported: {exc}")
+                continue
+        if not (isinstance(found, type) and issubclass(found, BaseAuthentication)):
+            problems.append(f"{name}: {entry!r} is not a DRF authentication class")
+    return problems
 
 
 _RATE = re.compile(r"[0-9]+/[smhd][a-z]*")

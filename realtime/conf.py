@@ -80,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
     "REPLAY_BUFFER": 1_000,
     # Single-use WebSocket tickets: lifetime in seconds.
     "TICKET_TTL": 60,
+    "HTTP_AUTHENTICATION_CLASSES": None,
     # A callable (user) -> str | None naming the connection's tenant, or its dotted path.
     "TENANT_RESOLVER": None,
     # Name of this node in Connection rows (hostname:pid by default).

@@ -15,6 +15,7 @@ from django.http import HttpRequest, HttpResponseNotAllowed, JsonResponse
 from . import metrics
 from .cursor import CursorError, Position, decode, encode
 from .events import Envelope, is_valid_version, pick_frame
+from .httpauth import Credentials, challenge
 from .policies import auth_hash, reload_user, same_password, signed_out, stream_access
 from .protocol import Code
 from .replay import StreamPosition, position  # noqa: F401 (position: for callers)
@@ -31,10 +32,17 @@ class BadRequest(Exception):
         self.message = message
         self.status = status
 
-    def response(self) -> JsonResponse:
-        return JsonResponse(
+    def response(self, request: HttpRequest | None = None) -> JsonResponse:
+        """The answer; a `401` to `request` carries the challenge of the first authentication
+        class that has one (`httpauth.challenge`)."""
+        response = JsonResponse(
             {"error": {"code": self.code, "message": self.message}}, status=self.status
         )
+        if self.status == 401 and request is not None:
+            scheme = challenge(request)
+            if scheme:
+                response["WWW-Authenticate"] = scheme
+        return response
 
 
 def method_not_allowed(allowed: Sequence[str]) -> HttpResponseNotAllowed:
@@ -93,31 +101,45 @@ def authorize(user: Any, streams: list[str]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class SignIn:
-    """What a request was authenticated with, to decide again after it waited (a long poll)."""
+    """What a request was authenticated with, to decide again after it waited (a long poll,
+    an SSE stream's re-decisions)."""
 
     session: Any
     session_key: str | None
     auth_hash: str | None
     at: float
+    #: Set when it came with credentials (a token) rather than its session.
+    credentials: Credentials | None = None
 
     @classmethod
-    def of(cls, request: HttpRequest, user: Any) -> SignIn:
+    def of(cls, request: HttpRequest, user: Any, credentials: Credentials | None = None) -> SignIn:
+        if credentials is not None:
+            return cls(None, None, auth_hash(user), time.time(), credentials)
         session = getattr(request, "session", None)
         key = getattr(session, "session_key", None)
         return cls(session, key, auth_hash(user), time.time())
 
+    def still_signed_in(self, user: Any) -> bool:
+        """Whether `user` (as stored now) is still signed in by what the request came with.
+
+        Credentials decide as on a new request: they must still authenticate as this user
+        (a deleted token, an expired JWT: no). A session must still exist, hold this user and
+        the password it was signed in with (Django's session auth hash), as
+        `policies.signed_out` and `same_password` check.
+        """
+        if self.credentials is not None:
+            return self.credentials.still_valid()
+        return same_password(user, self.auth_hash) and not signed_out(
+            self.session, self.session_key, user, self.at
+        )
+
     def reauthorize(self, user: Any, streams: list[str]) -> dict[str, str]:
         """Authorize the user as stored now again for every stream, and return its audiences
-        (as `authorize`); BadRequest (401) when it was deleted or deactivated, its password
-        changed or its session signed out since the request began, as an SSE stream decides
+        (as `authorize`); BadRequest (401) when it was deleted or deactivated, or is no
+        longer signed in (`still_signed_in`), as an SSE stream decides
         (`SSEConnection._recheck`)."""
         fresh = reload_user(user)
-        if (
-            fresh is None
-            or not fresh.is_active
-            or not same_password(fresh, self.auth_hash)
-            or signed_out(self.session, self.session_key, fresh, self.at)
-        ):
+        if fresh is None or not fresh.is_active or not self.still_signed_in(fresh):
             raise BadRequest("not_authenticated", "no longer signed in", 401)
         return authorize(fresh, streams)
 

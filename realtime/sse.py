@@ -23,6 +23,7 @@ from .events import frame_field
 from .fanout import get_hub, node_id
 from .feed import (
     BadRequest,
+    SignIn,
     authorize,
     method_not_allowed,
     parse_cursor,
@@ -31,12 +32,11 @@ from .feed import (
     release_request_connections,
     starting_positions,
 )
+from .httpauth import Refused, authenticate
 from .policies import (
     auth_hash,
     next_recheck,
     reload_user,
-    same_password,
-    signed_out,
     stream_access,
     stream_kinds,
 )
@@ -75,18 +75,16 @@ class SSEConnection:
         *,
         client_version: str = "",
         remote_addr: str = "",
-        session: Any = None,
+        sign_in: SignIn | None = None,
         version: str | None = None,
         audiences: dict[str, str] | None = None,
         started_now: Collection[str] | None = None,
     ) -> None:
         self.connection_id = uuid.uuid4().hex
         self.user = user
-        self.auth_hash = auth_hash(user)
-        # What it was opened with, for the check that it has not been signed out since.
-        self.session = session
-        self.session_key = getattr(session, "session_key", None)
-        self.opened_at = time.time()
+        # What it was opened with (its session or its credentials), for the check that it
+        # has not been signed out since; none given: as a ticket socket (a logout ends it).
+        self.sign_in = sign_in or SignIn(None, None, auth_hash(user), time.time())
         self.client_version = client_version
         self.remote_addr = remote_addr
         self.recheck: asyncio.Task[None] | None = None
@@ -177,14 +175,10 @@ class SSEConnection:
         self.rechecks += 1
         # The user as stored now: this copy is as old as the stream (is_superuser, is_active).
         user = await _db(reload_user)(self.user)
-        if (
-            user is None
-            or not user.is_active
-            or not same_password(user, self.auth_hash)
-            or await _db(signed_out)(self.session, self.session_key, user, self.opened_at)
-        ):
-            # Gone, inactive, its password changed, or logged out (the logout message was
-            # lost): the browser reconnects, and the view decides on its session as it is now.
+        if user is None or not user.is_active or not await _db(self.sign_in.still_signed_in)(user):
+            # Gone, inactive, its password changed, logged out (the logout message was lost)
+            # or its credentials no longer valid (a token deleted): the client reconnects, and
+            # the view decides on its session or credentials as they are then.
             self.closed = True
             self.wakeup.set()
             return
@@ -400,19 +394,23 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         streams = parse_streams(request)
         version = parse_version(request)
         cursor = parse_cursor(request.headers.get("Last-Event-ID") or request.GET.get("cursor"))
-        user = await request.auser()  # type: ignore[attr-defined]
+        user, credentials = await authenticate(request)
         audiences = await _db(authorize)(user, streams)
+    except Refused as exc:
+        return BadRequest("not_authenticated", exc.message, 401).response(request)
     except BadRequest as exc:
         if exc.code == "invalid_cursor":
             # A cursor we cannot read: start now, and say so with a reset per stream.
             cursor = {s: Position(-1, "invalid") for s in parse_streams(request)}
-            user = await request.auser()  # type: ignore[attr-defined]
             try:
+                user, credentials = await authenticate(request)
                 audiences = await _db(authorize)(user, streams)
+            except Refused as refused:
+                return BadRequest("not_authenticated", refused.message, 401).response(request)
             except BadRequest as refused:
-                return refused.response()
+                return refused.response(request)
         else:
-            return exc.response()
+            return exc.response(request)
     start = await _db(starting_positions)(streams, cursor)
     connection = SSEConnection(
         user,
@@ -420,7 +418,7 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         start.positions,
         client_version=request.GET.get("v", ""),
         remote_addr=request.META.get("REMOTE_ADDR") or "",
-        session=getattr(request, "session", None),
+        sign_in=SignIn.of(request, user, credentials),
         version=version,
         audiences=audiences,
         started_now={*start.unplaced, *(reset["stream"] for reset in start.resets)},

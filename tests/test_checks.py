@@ -330,6 +330,26 @@ def test_good_tenant_resolvers_pass(settings, resolver):
     assert check_settings() == []
 
 
+@pytest.mark.parametrize(
+    ("classes", "count"),
+    [
+        (None, 0),
+        (["rest_framework.authentication.TokenAuthentication"], 0),
+        ("rest_framework.authentication.TokenAuthentication", 1),  # a string, not a list
+        (["rest_framework.authentication.Nope"], 1),
+        (["realtime.conf.AppSettings"], 1),  # imports, but is no authentication class
+        ([42, "board.nope.Auth"], 2),
+    ],
+)
+def test_http_authentication_classes_are_checked(settings, classes, count):
+    settings.REALTIME = {"HTTP_AUTHENTICATION_CLASSES": classes}
+    errors = check_settings()
+    assert [e.id for e in errors] == ["realtime.E025"] * count
+    if count:
+        assert "HTTP_AUTHENTICATION_CLASSES" in errors[0].msg
+        assert [e.id for e in checks.run_checks(tags=["realtime"]) if e.id == "realtime.E025"]
+
+
 def test_an_unknown_key_is_reported_by_django_not_raised(settings):
     # Every check of the `realtime` tag runs; none may raise before E010 is shown.
     settings.REALTIME = {"CHANEL_LAYER": "default"}

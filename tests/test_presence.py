@@ -1106,3 +1106,27 @@ async def test_closing_another_tab_does_not_swallow_the_typing_stopped_of_this_o
     assert (await next_event(watcher, "v1:typing.stopped"))["from"]["user"] == alice.pk
     await typing.close()
     await watcher.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rest_list_takes_a_token_as_drf_views_do(fresh_presence, settings):
+    from rest_framework.authtoken.models import Token
+
+    owner = UserFactory()
+    project = ProjectFactory(owner=owner)
+    stream = f"project:{project.pk}"
+    token = Token.objects.create(user=owner)
+    response = Client().get(f"/api/presence/{stream}/", HTTP_AUTHORIZATION=f"Token {token.key}")
+    assert response.status_code == 200, response.content
+    assert response.json()["stream"] == stream
+    # Refused credentials: DRF's answer, 403 while the session is the first class...
+    bad = Client().get(f"/api/presence/{stream}/", HTTP_AUTHORIZATION="Token " + "0" * 40)
+    assert (bad.status_code, bad.json()) == (403, {"detail": "Invalid token."})
+    assert not bad.has_header("WWW-Authenticate")
+    # ...and 401 with the challenge when the token class comes first.
+    settings.REALTIME = {
+        "HTTP_AUTHENTICATION_CLASSES": ["rest_framework.authentication.TokenAuthentication"]
+    }
+    anonymous = Client().get(f"/api/presence/{stream}/")
+    assert anonymous.status_code == 401
+    assert anonymous["WWW-Authenticate"] == "Token"
