@@ -92,14 +92,15 @@ def _by_credentials(request: HttpRequest) -> tuple[Any, Credentials | None]:
     classes = _credential_classes()
     if not classes:
         return AnonymousUser(), None
-    drf_request = Request(request, authenticators=[cls() for cls in classes])
-    for authenticator in drf_request.authenticators:
+    authenticators = [cls() for cls in classes]
+    drf_request = Request(request, authenticators=authenticators)
+    for authenticator in authenticators:
         try:
             result = authenticator.authenticate(drf_request)
         except exceptions.APIException as exc:  # AuthenticationFailed, or a class's own
             raise Refused(str(exc.detail)) from None
         if result is not None:
-            user = result[0]
+            user: Any = result[0]
             scheme = type(authenticator).__name__
             return user, Credentials(authenticator, drf_request, user.pk, scheme)
     return AnonymousUser(), None

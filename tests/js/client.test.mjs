@@ -2860,3 +2860,65 @@ test("on a fallback the socket's presence list is emptied, then read again from 
   assert.deepEqual(c.members("project:1").map((m) => m.user.id), [3]);
   c.close();
 });
+
+// -- ticket clients whose fetch authenticates the HTTP read paths (`httpFallback`) ----------
+
+/** A fetch that adds a token to every request, as an app without cookies wraps its own. */
+function tokenFetch(answer) {
+  const seen = [];
+  const fetch = async (url, init = {}) => {
+    const headers = { ...(init.headers || {}), Authorization: "Token k" };
+    seen.push({ path: new URL(url).pathname, headers });
+    return url === TICKETS ? ticketAnswer() : answer(new URL(url).pathname, url);
+  };
+  return { fetch, seen };
+}
+
+test("a ticket client with httpFallback falls back to SSE, its fetch carrying the credentials", async () => {
+  const { fetch, seen } = tokenFetch((path) => (path === "/realtime/sse/" ? new Promise(() => {}) : feedAnswer({ events: [] })));
+  const { c, timers, sockets, statuses, errors } = client({ fetch, ticketUrl: TICKETS, httpFallback: true, wsAttempts: 2, probeEvery: 1e9 });
+  c.subscribe("project:1", {});
+  c.connect(); await settle();
+  for (let i = 0; i < 2 && c.transport !== "sse"; i++) {
+    sockets.at(-1).fail(); await settle();
+    if (c.transport !== "sse") { await timers.tick(statuses.at(-1).retryIn); await settle(); }
+  }
+  assert.equal(c.transport, "sse");
+  const sse = seen.filter((r) => r.path === "/realtime/sse/");
+  assert.equal(sse.length, 1);
+  assert.equal(sse[0].headers.Authorization, "Token k");
+  assert.deepEqual(errors, []);
+  c.close();
+});
+
+test("a ticket client with httpFallback fills a gap from the feed, not by subscribing again", async () => {
+  const feed = [];
+  const { fetch } = tokenFetch((path, url) => {
+    feed.push(cursorOf(url)["project:1"][0]);
+    return feedAnswer({ events: [event(4), event(5)] });
+  });
+  const { c, timers, sockets, errors } = client({ fetch, ticketUrl: TICKETS, httpFallback: true, gapWait: 1000 });
+  c.connect(); await settle(); sockets[0].open();
+  const seen = [];
+  c.subscribe("project:1", { onEvent: (f) => seen.push(f.seq) });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: false }); await settle();
+  sockets[0].receive(event(6)); // 4 and 5 lost on the way
+  await timers.tick(1000); await settle();
+  assert.deepEqual(feed, [3]);
+  assert.deepEqual(sentOf(sockets[0], "unsubscribe", "project:1"), []);
+  assert.deepEqual(seen, [4, 5, 6]);
+  assert.deepEqual(errors, []);
+  c.close();
+});
+
+test("a ticket client with httpFallback ends on a 401 from the feed: its credentials were refused", async () => {
+  const { fetch } = tokenFetch(() => refused401());
+  const { c, timers, sockets, errors } = client({ fetch, ticketUrl: TICKETS, httpFallback: true, gapWait: 1000 });
+  c.connect(); await settle(); sockets[0].open();
+  c.subscribe("project:1", {});
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: false }); await settle();
+  sockets[0].receive(event(6));
+  await timers.tick(1000); await settle();
+  assert.equal(c.status, STATUS.OFFLINE);
+  assert.deepEqual(errors.map((e) => e.code), ["unauthenticated"]);
+});

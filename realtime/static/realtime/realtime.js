@@ -230,6 +230,10 @@ export class RealtimeClient extends EventTarget {
       feedUrl: options.feedUrl || base + "/api/realtime/events/",
       presenceUrl: options.presenceUrl || base + "/api/presence/", // + <stream>/ (read on a fallback)
       ticketUrl: options.ticketUrl || null, // POST it for ?ticket= (clients without cookies)
+      // A ticket client whose `fetch` sends credentials the server's HTTP read paths accept
+      // (an Authorization header): it falls back to SSE and polling, and fills gaps from the
+      // feed, as a session client does. Without it a ticket client keeps to the WebSocket.
+      httpFallback: options.httpFallback ?? false,
       clientVersion: options.clientVersion || "js-1",
       // The serializer version of logged events (`v2`); null: each event's primary version.
       version: options.version ?? null,
@@ -1008,8 +1012,8 @@ export class RealtimeClient extends EventTarget {
     // WebSocket gets through; only a try that never reached the server hints at a blocked one.
     const fromServer = code >= 4000 && code < 5000;
     if (!wasOpen && !fromServer) this.wsFailures += 1;
-    // SSE and the feed take the Django session only: a ticket client keeps to the WebSocket.
-    if (this.wsFailures >= this.options.wsAttempts && this.fetch && !this.options.ticketUrl) return this._startSSE();
+    // A ticket client without `httpFallback` has nothing SSE and the feed would take.
+    if (this.wsFailures >= this.options.wsAttempts && this.fetch && this._httpReads()) return this._startSSE();
     let delay = backoffDelay(this.attempt, { ...this.options.backoff, random: this.random });
     this.attempt += 1;
     if (code === 4429 || CLIENT_FAULT_CLOSE.has(code)) delay = Math.max(delay, this._limitedDelay());
@@ -1770,9 +1774,9 @@ export class RealtimeClient extends EventTarget {
       state.behind = null;
     } catch (error) {
       if (gone()) return;
-      // The session is gone: as a 4401 close. A ticket client (a follower tab's) has none to
-      // lose: the feed refuses it, and the stream resets.
-      if (error.status === 401 && !this.options.ticketUrl) return this._refused(4401);
+      // The session (or the credentials) is gone: as a 4401 close. A ticket client without
+      // `httpFallback` (a follower tab's) has none to lose: the feed refuses it, and the stream resets.
+      if (error.status === 401 && this._httpReads()) return this._refused(4401);
       state.behind = null;
       const seq = error.seq ?? state.order.seq;
       // Early events past a new position are still good: delivered after the reset, not forgotten.
@@ -1801,13 +1805,22 @@ export class RealtimeClient extends EventTarget {
   }
 
   /**
-   * A ticket client has no session for the event feed (it would answer 401). It fills a gap on
-   * the socket instead: it unsubscribes the stream and subscribes it again from its position,
-   * and the server replays what is missing; the early events held are dropped as duplicates
-   * when they come again. One at a time per stream, until the reply. False: not for this client.
+   * Whether SSE and the event feed authenticate this client: its session, or for a ticket
+   * client the credentials its `fetch` sends (`httpFallback`).
+   */
+  _httpReads() {
+    return !this.options.ticketUrl || this.options.httpFallback;
+  }
+
+  /**
+   * A ticket client without `httpFallback` has nothing the event feed takes (it would answer
+   * 401). It fills a gap on the socket instead: it unsubscribes the stream and subscribes it
+   * again from its position, and the server replays what is missing; the early events held
+   * are dropped as duplicates when they come again. One at a time per stream, until the
+   * reply. False: not for this client.
    */
   _resumeOnSocket(stream, state) {
-    if (!this.options.ticketUrl || this.role === "follower" || this.transport !== "websocket") return false;
+    if (this._httpReads() || this.role === "follower" || this.transport !== "websocket") return false;
     if (!this._canSend() || !state.onServer) return false;
     if (!state.resuming) {
       state.resuming = true;
