@@ -12,7 +12,7 @@ from django.views.decorators.http import require_GET
 
 from realtime import metrics
 from realtime.conditional import etag_matches, make_etag
-from realtime.httpauth import Refused, authenticate, challenge
+from realtime.httpauth import Refused, Unavailable, authenticate, challenge
 from realtime.policies import check_stream, stream_kinds
 from realtime.protocol import Code
 from realtime.streams import parse_stream
@@ -53,6 +53,8 @@ async def presence_view(request: HttpRequest, stream: str) -> HttpResponse:
         user, _credentials = await authenticate(request)
     except Refused as exc:  # a bad token: DRF's answer to it, as the other API views give
         return _unauthenticated(request, exc.message)
+    except Unavailable:  # an authentication class failed (logged): retry, no traceback
+        return _error(503, "Authentication is unavailable; retry later.")
     if not user.is_authenticated or not user.is_active:
         return _unauthenticated(request, "Authentication credentials were not provided.")
     refusal = await database_sync_to_async(_check, thread_sensitive=False)(user, stream)

@@ -33,7 +33,7 @@ from .feed import (
     release_request_connections,
     starting_positions,
 )
-from .httpauth import Refused, authenticate
+from .httpauth import Refused, Unavailable, authenticate
 from .tickets import issue
 
 logger = logging.getLogger("realtime.api")
@@ -102,6 +102,8 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
         audiences = await _db(authorize)(user, streams)
     except Refused as exc:
         return BadRequest("not_authenticated", exc.message, 401).response(request)
+    except Unavailable:
+        return _unavailable("cannot authenticate now; retry")
     except BadRequest as exc:
         return exc.response(request)
     sign_in = SignIn.of(request, user, credentials)
@@ -143,6 +145,8 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
                 # is revoked, or closed by a logout or a password change).
                 try:
                     audiences = await _db(sign_in.reauthorize)(user, streams)
+                except Unavailable:
+                    return _unavailable("cannot authenticate now; retry")
                 except BadRequest as exc:
                     return exc.response(request)
                 events, after, resets = await _db(read_events)(
@@ -176,12 +180,10 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
     return response
 
 
-def _unavailable() -> JsonResponse:
-    """503: the request cannot wait for events now (the channel layer); poll again later."""
-    response = JsonResponse(
-        {"error": {"code": "internal_error", "message": "cannot wait for events now; retry"}},
-        status=503,
-    )
+def _unavailable(message: str = "cannot wait for events now; retry") -> JsonResponse:
+    """503: the request cannot be answered now (the channel layer, or an authentication
+    class that failed); poll again later."""
+    response = JsonResponse({"error": {"code": "internal_error", "message": message}}, status=503)
     response["Retry-After"] = "1"
     response["Cache-Control"] = "no-store"
     return response

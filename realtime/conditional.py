@@ -34,6 +34,7 @@ from rest_framework.response import Response
 from .conf import realtime_settings
 from .context import collect_positions
 from .cursor import header
+from .policies import fits_integer_column
 
 _REPLAYED_HEADERS = ("Location", "ETag", "X-Stream-Position", "Content-Type")
 
@@ -209,7 +210,7 @@ def parent_state(user: Any, model: type[models.Model], pk: Any, streams: list[st
     except Exception:
         return ParentState(False, (), nowhere)
     alias = router.db_for_read(model)
-    if isinstance(pk, int) and not _in_range(connections[alias], model._meta.pk, pk):
+    if isinstance(pk, int) and not fits_integer_column(connections[alias], model._meta.pk, pk):
         return ParentState(False, (), nowhere)  # names no row (and would not bind)
     superuser = bool(getattr(user, "is_superuser", False))
     sql, names = _parent_sql(model, alias, len(streams), superuser)
@@ -232,17 +233,6 @@ def parent_state(user: Any, model: type[models.Model], pk: Any, streams: list[st
         perms=tuple(perms),
         positions={stream: found.get(stream, (0, None)) for stream in streams},
     )
-
-
-def _in_range(connection: Any, field: Any, value: int) -> bool:
-    """Whether `value` fits the integer column of `field` (a relation: of its target)."""
-    while getattr(field, "is_relation", False) and getattr(field, "target_field", None):
-        field = field.target_field  # a multi-table child's or a OneToOne primary key
-    try:
-        low, high = connection.ops.integer_field_range(field.get_internal_type())
-    except KeyError:  # not an integer column the backend knows a range of
-        return True
-    return (low is None or value >= low) and (high is None or value <= high)
 
 
 class ConditionalReadMixin:

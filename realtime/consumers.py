@@ -32,6 +32,7 @@ from .policies import (
     same_password,
     signed_out,
     stream_kinds,
+    streams_access,
 )
 from .protocol import Close, Code, ProtocolError
 from .ratelimit import TokenBucket, user_bucket
@@ -1215,9 +1216,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.authz_runs += 1
         if not await self._reload_user():
             return
-        for stream, subscription in list(self.subscriptions.items()):
-            audience = await self._access(subscription.policy, stream)
-            if audience is not None:
+        current = dict(self.subscriptions)
+        # All of them in one worker thread, the streams of one kind together (a few queries
+        # for a page's hundred project streams, not three each).
+        decided = await _thread(streams_access)(self.user, list(current))
+        for stream, subscription in current.items():
+            refused, audience = decided[stream]
+            if refused is None:
                 subscription.authorized = True
                 subscription.audience = audience or None
                 continue

@@ -16,7 +16,7 @@ from . import metrics
 from .cursor import CursorError, Position, decode, encode
 from .events import Envelope, is_valid_version, pick_frame
 from .httpauth import Credentials, challenge
-from .policies import auth_hash, reload_user, same_password, signed_out, stream_access
+from .policies import auth_hash, reload_user, same_password, signed_out, streams_access
 from .protocol import Code
 from .replay import StreamPosition, position  # noqa: F401 (position: for callers)
 
@@ -88,8 +88,9 @@ def authorize(user: Any, streams: list[str]) -> dict[str, str]:
     if user is None or not user.is_authenticated or not user.is_active:
         raise BadRequest("not_authenticated", "authentication required", 401)
     audiences = {}
+    decided = streams_access(user, streams)  # the streams of one kind together
     for stream in streams:
-        code, audience = stream_access(user, stream)
+        code, audience = decided[stream]
         if code == Code.FORBIDDEN:
             metrics.UNAUTHORIZED.labels("read").inc()
             raise BadRequest(code, f"not allowed: {stream}", 403)

@@ -10,6 +10,7 @@ returns a user wins, `AuthenticationFailed` refuses, and the first class's
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from django.utils.module_loading import import_string
 
 from .conf import realtime_settings
 
+logger = logging.getLogger("realtime.httpauth")
+
 
 class Refused(Exception):
     """Credentials were sent and an authentication class refused them (a bad token)."""
@@ -27,6 +30,23 @@ class Refused(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class Unavailable(Exception):
+    """An authentication class failed with something other than a refusal (its backend is
+    down, a bug): logged, and answered `503` (retry), never a traceback."""
+
+
+def _reason(detail: Any) -> str:
+    """The words of a DRF exception's `detail`: a string, or the first message of a dict or
+    list (simplejwt's `{"detail": ..., "code": ..., "messages": [...]}`)."""
+    while isinstance(detail, dict | list) and detail:
+        detail = (
+            detail.get("detail", next(iter(detail.values())))
+            if isinstance(detail, dict)
+            else detail[0]
+        )
+    return str(detail) if detail else "Authentication failed."
 
 
 @dataclass
@@ -49,6 +69,9 @@ class Credentials:
             result = self.authenticator.authenticate(self.request)
         except exceptions.APIException:
             return False
+        except Exception as exc:
+            logger.exception("%s failed deciding again", self.scheme)
+            raise Unavailable(self.scheme) from exc
         if result is None:
             return False
         user = result[0]
@@ -77,11 +100,19 @@ def challenge(request: HttpRequest) -> str | None:
     """The `WWW-Authenticate` value of a `401`: the first class's, as DRF sends it; none when
     that is the session (a cookie has no challenge scheme, and a browser shown `Basic`
     would pop up its own sign-in dialog)."""
+    from rest_framework.request import Request
+
     classes = authentication_classes()
     if not classes:
         return None
     header = getattr(classes[0](), "authenticate_header", None)
-    value = header(request) if callable(header) else None
+    if not callable(header):
+        return None
+    try:
+        value = header(Request(request))  # DRF's request, as DRF passes it
+    except Exception:
+        logger.exception("%s.authenticate_header failed; no challenge sent", classes[0].__name__)
+        return None
     return str(value) if value else None
 
 
@@ -98,7 +129,10 @@ def _by_credentials(request: HttpRequest) -> tuple[Any, Credentials | None]:
         try:
             result = authenticator.authenticate(drf_request)
         except exceptions.APIException as exc:  # AuthenticationFailed, or a class's own
-            raise Refused(str(exc.detail)) from None
+            raise Refused(_reason(exc.detail)) from None
+        except Exception as exc:
+            logger.exception("%s failed authenticating", type(authenticator).__name__)
+            raise Unavailable(type(authenticator).__name__) from exc
         if result is not None:
             user: Any = result[0]
             scheme = type(authenticator).__name__
@@ -111,7 +145,8 @@ async def authenticate(request: HttpRequest) -> tuple[Any, Credentials | None]:
 
     The session decides when it holds a user; otherwise each configured class that is not
     DRF's `SessionAuthentication` is tried in order. Raises `Refused` when credentials were
-    sent and refused; a request with none is anonymous, for the caller to answer.
+    sent and refused, `Unavailable` when a class failed otherwise; a request with none is
+    anonymous, for the caller to answer.
     """
     user = await request.auser()  # type: ignore[attr-defined]
     if user.is_authenticated:

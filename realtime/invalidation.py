@@ -190,6 +190,12 @@ def _user_deleted(sender: Any, instance: Any, using: str, **kwargs: Any) -> None
     _logout_on_commit(instance.pk, using)
 
 
+def _token_deleted(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
+    # A DRF token deleted (revoked, or regenerated: a new key is a new row): the streams and
+    # held polls it opened decide again now, and end (realtime.httpauth.Credentials).
+    permissions_changed([instance.user_id], using=using)
+
+
 def connect(registry: Any = None) -> None:
     """Wire the signals (called from the app's ready()); `registry` is the app registry to
     find guardian's permission models in (Django's own by default)."""
@@ -219,6 +225,19 @@ def connect(registry: Any = None) -> None:
         _user_deleted, sender=user_model, dispatch_uid="realtime.user_deleted"
     )
     signals.pre_delete.connect(_group_deleted, sender=Group, dispatch_uid="realtime.group_deleted")
+    from django.apps import apps
+
+    if apps.is_installed("rest_framework.authtoken"):
+        from rest_framework.authtoken import models as authtoken
+
+        # The admin deletes through the proxy: its deletions are sent for it, not for Token.
+        for token_model in (authtoken.Token, getattr(authtoken, "TokenProxy", None)):
+            if token_model is not None:
+                signals.post_delete.connect(
+                    _token_deleted,
+                    sender=token_model,
+                    dispatch_uid=f"realtime.token_deleted.{token_model.__name__}",
+                )
     for model, kind in permission_models(registry):
         label = model._meta.label_lower
         signals.pre_save.connect(_perm_row_moving, sender=model, dispatch_uid=f"rt.move.{label}")

@@ -32,13 +32,14 @@ from .feed import (
     release_request_connections,
     starting_positions,
 )
-from .httpauth import Refused, authenticate
+from .httpauth import Refused, Unavailable, authenticate
 from .policies import (
     auth_hash,
     next_recheck,
     reload_user,
     stream_access,
     stream_kinds,
+    streams_access,
 )
 from .protocol import Code
 from .streams import parse_stream
@@ -53,6 +54,14 @@ LIMITED_RETRY_MS = 30_000  # `retry:` of a stream refused over the connection li
 
 def _db(func: Any) -> Any:
     return database_sync_to_async(func, thread_sensitive=False)
+
+
+def _unavailable() -> HttpResponse:
+    """503 with `Retry-After`: an authentication class failed (logged); retry later."""
+    response = BadRequest("internal_error", "cannot authenticate now; retry", 503).response()
+    response["Retry-After"] = "1"
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 def _message(event: str, data: str, event_id: str | None = None) -> str:
@@ -173,6 +182,17 @@ class SSEConnection:
         if self.closed:
             return
         self.rechecks += 1
+        try:
+            await self._decide_again()
+        except Exception:
+            # Whatever failed (the database, an authentication class), a decision that could
+            # not be made must not leave the stream running on the old one: it ends, and the
+            # client reconnects to a view that decides afresh.
+            logger.exception("re-decision of %s failed; ending it", self.connection_id)
+            self.closed = True
+            self.wakeup.set()
+
+    async def _decide_again(self) -> None:
         # The user as stored now: this copy is as old as the stream (is_superuser, is_active).
         user = await _db(reload_user)(self.user)
         if user is None or not user.is_active or not await _db(self.sign_in.still_signed_in)(user):
@@ -184,8 +204,11 @@ class SSEConnection:
             return
         self.user = user
         hub = get_hub()
-        for stream, subscription in list(self.subscriptions.items()):
-            refused, audience = await _db(stream_access)(self.user, stream)
+        decided = await _db(streams_access)(self.user, list(self.subscriptions))
+        for stream, (refused, audience) in decided.items():
+            subscription = self.subscriptions.get(stream)
+            if subscription is None:
+                continue  # ended meanwhile
             if refused is None:
                 subscription.audience = audience or None
                 continue
@@ -398,6 +421,8 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
         audiences = await _db(authorize)(user, streams)
     except Refused as exc:
         return BadRequest("not_authenticated", exc.message, 401).response(request)
+    except Unavailable:
+        return _unavailable()
     except BadRequest as exc:
         if exc.code == "invalid_cursor":
             # A cursor we cannot read: start now, and say so with a reset per stream.
@@ -407,6 +432,8 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
                 audiences = await _db(authorize)(user, streams)
             except Refused as refused:
                 return BadRequest("not_authenticated", refused.message, 401).response(request)
+            except Unavailable:
+                return _unavailable()
             except BadRequest as refused:
                 return refused.response(request)
         else:

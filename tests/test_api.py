@@ -412,7 +412,7 @@ def test_the_range_of_a_relation_primary_key_is_its_targets():
     from django.db.backends.base.operations import BaseDatabaseOperations
 
     from board.models import Project
-    from realtime.conditional import _in_range
+    from realtime.policies import fits_integer_column as _in_range
 
     connection = types.SimpleNamespace(ops=BaseDatabaseOperations(None))
     child_pk = types.SimpleNamespace(

@@ -221,3 +221,37 @@ async def test_a_cleaner_that_fails_or_returns_no_json_is_answered_and_the_socke
         await client.close()
     finally:
         stream_kinds.unregister("careless")
+
+
+async def test_a_permission_change_decides_all_of_a_sockets_streams_together(monkeypatch):
+    from realtime.policies import ObjectPolicy
+
+    reader: Any = await db(UserFactory)()
+    projects = [await db(ProjectFactory)() for _ in range(10)]
+    for project in projects:
+        await db(add_member)(project, reader)
+    client = await client_for(reader)
+    for project in projects:
+        assert (await client.subscribe(f"project:{project.pk}"))["ok"] is True
+    one_by_one: list[str] = []
+    together: list[list[str]] = []
+    original_get, original_many = ObjectPolicy.get_object, ObjectPolicy.access_many
+
+    def get_object(self: Any, key: str) -> Any:
+        one_by_one.append(key)
+        return original_get(self, key)
+
+    def access_many(self: Any, user: Any, kind: str, keys: Any) -> Any:
+        together.append(list(keys))
+        return original_many(self, user, kind, keys)
+
+    monkeypatch.setattr(ObjectPolicy, "get_object", get_object)
+    monkeypatch.setattr(ObjectPolicy, "access_many", access_many)
+    await db(remove_member)(projects[3], reader)
+    gone = {"op": "unsubscribed", "stream": f"project:{projects[3].pk}", "reason": "forbidden"}
+    assert await client.receive_until("unsubscribed", timeout=1.0) == gone
+    assert together == [[str(p.pk) for p in projects]]  # one decision for all ten
+    assert one_by_one == []  # no object read key by key
+    await db(ItemFactory)(project=projects[5], title="still")
+    assert (await item_event(client))["data"]["title"] == "still"
+    await client.close()

@@ -8,7 +8,9 @@ import asyncio
 import pytest
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient
-from rest_framework.authtoken.models import Token
+from rest_framework import exceptions
+from rest_framework.authentication import TokenAuthentication
+from rest_framework.authtoken.models import Token, TokenProxy
 
 from realtime.invalidation import _send
 
@@ -91,7 +93,7 @@ async def test_a_refused_token_is_401_with_the_classes_reason(path, case, reason
     assert error["code"] == "not_authenticated"
     # TokenAuthentication's own words: the header was read, not ignored as unknown.
     assert error["message"] == reason
-    assert token.key not in response.content.decode()
+    assert key not in response.content.decode()  # the credentials sent are not echoed
     # The demo lists the session first: a cookie has no challenge scheme.
     assert not response.has_header("WWW-Authenticate")
 
@@ -147,7 +149,8 @@ async def test_a_long_poll_decides_again_on_its_token_after_the_wait(deleted):
         assert response.json()["events"] == []
 
 
-async def test_an_sse_stream_by_token_lives_while_its_token_does():
+@pytest.mark.parametrize("model", [Token, TokenProxy], ids=["Token", "TokenProxy"])
+async def test_an_sse_stream_by_token_lives_while_its_token_does(model):
     owner, project, token = await owner_with_token()
     reader = await open_sse(token_header(token.key), f"project:{project.pk}")
     await db(ItemFactory)(project=project, title="first")
@@ -159,9 +162,9 @@ async def test_an_sse_stream_by_token_lives_while_its_token_does():
     await db(ItemFactory)(project=project, title="second")
     assert (await reader.event("v1:item.created"))["data"]["data"]["title"] == "second"
 
-    # The token deleted: the next decision ends the stream, as a logged-out session's.
-    await db(Token.objects.filter(key=token.key).delete)()
-    await db(_send)([owner.pk], "realtime.authz")
+    # The token deleted (here or through the admin's proxy): that decides again at once,
+    # and ends the stream, as a logged-out session's.
+    await db(model.objects.filter(key=token.key).delete)()
     with pytest.raises(StopAsyncIteration):
         await reader.event(timeout=3)
 
@@ -189,3 +192,80 @@ async def test_an_sse_stream_by_token_with_a_malformed_cursor_starts_now_with_a_
     reset = await reader.event("reset")
     assert reset["data"]["stream"] == stream
     await reader.close()
+
+
+class Broken(TokenAuthentication):
+    """A class whose backend fails (it raises something other than a refusal)."""
+
+    def authenticate(self, request):
+        if request.META.get("HTTP_AUTHORIZATION"):
+            raise RuntimeError("token store is down")
+        return None
+
+
+class Structured(TokenAuthentication):
+    """Refuses as simplejwt does, with a dict detail; its challenge reads DRF's request."""
+
+    def authenticate(self, request):
+        if request.META.get("HTTP_AUTHORIZATION"):
+            raise exceptions.AuthenticationFailed(
+                {"detail": "Given token not valid", "code": "token_not_valid", "messages": []}
+            )
+        return None
+
+    def authenticate_header(self, request):
+        return f'Bearer realm="{request.query_params.get("realm", "api")}"'
+
+
+@pytest.mark.parametrize("path", [FEED, SSE, "/api/presence/project:1/"])
+async def test_a_class_that_fails_is_503_not_a_traceback(settings, path, caplog):
+    settings.REALTIME = {"HTTP_AUTHENTICATION_CLASSES": [f"{__name__}.Broken"]}
+    response = await TokenClient("k" * 40).get(path, {"streams": "user:1"})
+    assert response.status_code == 503
+    assert "Traceback" not in response.content.decode()
+    assert "token store is down" not in response.content.decode()
+    assert "Broken failed authenticating" in caplog.text
+
+
+async def test_a_structured_refusal_gives_its_words_and_the_challenge_sees_drfs_request(settings):
+    settings.REALTIME = {"HTTP_AUTHENTICATION_CLASSES": [f"{__name__}.Structured"]}
+    refused = await TokenClient("k" * 40).get(FEED, {"streams": "user:1"})
+    assert refused.status_code == 401
+    assert refused.json()["error"]["message"] == "Given token not valid"
+    anonymous = await AsyncClient().get(FEED, {"streams": "user:1", "realm": "feed"})
+    assert anonymous.status_code == 401
+    assert anonymous["WWW-Authenticate"] == 'Bearer realm="feed"'
+
+
+async def test_a_re_decision_that_cannot_be_made_ends_the_stream(monkeypatch, caplog):
+    owner, project, token = await owner_with_token()
+    reader = await open_sse(token_header(token.key), f"project:{project.pk}")
+
+    def down(self, request):
+        raise RuntimeError("token store is down")
+
+    monkeypatch.setattr(TokenAuthentication, "authenticate", down)
+    await db(_send)([owner.pk], "realtime.authz")
+    with pytest.raises(StopAsyncIteration):
+        await reader.event(timeout=3)
+    assert "TokenAuthentication failed deciding again" in caplog.text
+
+
+async def test_a_held_poll_whose_class_fails_after_the_wait_is_503(monkeypatch):
+    _owner, project, token = await owner_with_token()
+    stream = f"project:{project.pk}"
+    client = TokenClient(token.key)
+    start = (await client.get(FEED, {"streams": stream})).json()
+    original = TokenAuthentication.authenticate
+    calls = []
+
+    def fails_the_second_time(self, request):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("token store is down")
+        return original(self, request)
+
+    monkeypatch.setattr(TokenAuthentication, "authenticate", fails_the_second_time)
+    response = await client.get(FEED, {"streams": stream, "cursor": start["cursor"], "wait": "0.3"})
+    assert response.status_code == 503, response.content
+    assert response["Retry-After"] == "1"
