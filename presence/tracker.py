@@ -353,19 +353,21 @@ async def _find_unannounced(
     users: dict[str, set[str]] = {}
     for stream, user, _connection in entries:
         users.setdefault(stream, set()).add(user)
-    complete = True
+    # All streams in one call (one pipeline on Redis): this runs under the loop's lock, which
+    # holds up its joins and leaves, and a node may have thousands of streams.
+    try:
+        members = await backend.members_many(sorted(users))
+    except Exception:
+        logger.warning(
+            "presence members of %d streams not read; retrying", len(users), exc_info=True
+        )
+        return  # still unsure: the next refresh looks again
     for stream, present in users.items():
-        try:
-            members = await backend.members(stream)
-        except Exception:
-            logger.warning("presence members of %s not read; retrying", stream, exc_info=True)
-            complete = False
-            continue
+        found = members.get(stream, {})
         for user in present:
-            if members.get(user) in stamps:
-                state.unannounced[(stream, user)] = members[user]
-    if complete:
-        state.unsure.clear()
+            if found.get(user) in stamps:
+                state.unannounced[(stream, user)] = found[user]
+    state.unsure.clear()
 
 
 async def _settle_leaves(state: _LoopState, backend: PresenceBackend, now: float) -> None:

@@ -1130,3 +1130,52 @@ def test_rest_list_takes_a_token_as_drf_views_do(fresh_presence, settings):
     anonymous = Client().get(f"/api/presence/{stream}/")
     assert anonymous.status_code == 401
     assert anonymous["WWW-Authenticate"] == "Token"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_members_many_reads_what_members_reads_for_every_stream(kind, monkeypatch):
+    backend = make_backend(kind)
+    now = time.time()
+    streams = [f"project:{n}" for n in range(7)]
+    for n, stream in enumerate(streams[:5]):
+        for user in range(n + 1):
+            await backend.join(stream, str(user), f"c{user}", "n1", now + 30, now + user)
+    if kind == "redis":
+        import presence.backends.redis as redis_backend
+
+        monkeypatch.setattr(redis_backend, "_PIPELINE_CHUNK", 3)  # several pipelines
+    many = await backend.members_many(streams)
+    assert list(many) == streams
+    assert many == {stream: await backend.members(stream) for stream in streams}
+    assert many["project:4"] == {str(u): now + u for u in range(5)}
+    assert many["project:6"] == {}
+    await backend.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_the_refresh_after_a_lost_reply_reads_all_its_streams_in_one_call(monkeypatch):
+    from django.utils.module_loading import import_string
+
+    base = import_string(backend_settings()["BACKEND"])  # the class the lossy one derives from
+    calls: list[list[str]] = []
+    original = base.members_many
+
+    async def members_many(self, streams):
+        calls.append(list(streams))
+        return await original(self, streams)
+
+    monkeypatch.setattr(base, "members_many", members_many)
+    async with lossy_room("many") as (alice, stream, watcher):
+        _owner, _p, second = await project_with(alice)
+        LostReplyBackend.lose["join"] = 2
+        socket = await tab(alice)
+        assert (await socket.subscribe(stream))["ok"]
+        assert (await socket.subscribe(second))["ok"]
+        joined = await next_event(watcher, "v1:presence.joined", timeout=3)
+        assert joined["data"]["user"]["username"] == "alice-many"
+        assert calls, "members_many was not asked"
+        assert sorted(calls[0]) == sorted({stream, second})  # both streams, in one call
+        await socket.close()
+        await watcher.close()

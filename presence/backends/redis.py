@@ -66,6 +66,10 @@ return left
 """
 
 
+#: Streams read per pipeline by `members_many`.
+_PIPELINE_CHUNK = 500
+
+
 class RedisBackend(PresenceBackend):
     """CONFIG: `url`, `prefix`, `max_connections` (per event loop, default 20)."""
 
@@ -157,6 +161,19 @@ class RedisBackend(PresenceBackend):
     async def members(self, stream: str) -> dict[str, float]:
         found = await self._client().hgetall(self._keys(stream)[3])
         return {user: float(since) for user, since in found.items()}
+
+    async def members_many(self, streams: list[str]) -> dict[str, dict[str, float]]:
+        client = self._client()
+        members: dict[str, dict[str, float]] = {}
+        for start in range(0, len(streams), _PIPELINE_CHUNK):  # bounded replies
+            chunk = streams[start : start + _PIPELINE_CHUNK]
+            async with client.pipeline(transaction=False) as pipe:
+                for stream in chunk:
+                    pipe.hgetall(self._keys(stream)[3])
+                found = await pipe.execute()
+            for stream, users in zip(chunk, found, strict=True):
+                members[stream] = {user: float(since) for user, since in users.items()}
+        return members
 
     async def expire(self, now: float, limit: int = 1000) -> list[Change]:
         client = self._client()
