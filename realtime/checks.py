@@ -286,10 +286,10 @@ def check_settings(
     if resolver_problem:
         errors.append(checks.Error(resolver_problem, id="realtime.E019"))
     errors += [checks.Error(problem, id="realtime.E021") for problem in _bad_names()]
-    errors += [
-        checks.Error(problem, id="realtime.E025")
-        for problem in _authentication_problems(realtime_settings.HTTP_AUTHENTICATION_CLASSES)
-    ]
+    auth_problems = _authentication_problems(realtime_settings.HTTP_AUTHENTICATION_CLASSES)
+    errors += [checks.Error(problem, id="realtime.E025") for problem in auth_problems]
+    if not auth_problems:
+        errors += _password_classes()
     if bad_numbers:
         return errors  # the comparisons below need numbers
     if float(realtime_settings.CONNECTION_SWEEP_AFTER) <= 2 * float(realtime_settings.HEARTBEAT):
@@ -445,6 +445,30 @@ def _authentication_problems(classes: Any) -> list[str]:
         if not (isinstance(found, type) and issubclass(found, BaseAuthentication)):
             problems.append(f"{name}: {entry!r} is not a DRF authentication class")
     return problems
+
+
+def _password_classes() -> list[checks.CheckMessage]:
+    """W026: a password class among the HTTP read paths' classes (DRF's default list has
+    `BasicAuthentication`): every re-decision of a stream or held poll hashes it again."""
+    from rest_framework.authentication import BasicAuthentication
+
+    from .httpauth import authentication_classes
+
+    found = [c.__name__ for c in authentication_classes() if issubclass(c, BasicAuthentication)]
+    if not found:
+        return []
+    return [
+        checks.Warning(
+            f"{', '.join(found)} authenticates the event feed, SSE and the presence list "
+            "(REALTIME['HTTP_AUTHENTICATION_CLASSES'], or DRF's DEFAULT_AUTHENTICATION_CLASSES "
+            "when it is None): each re-decision of a stream or a held poll checks the password "
+            "again, a deliberately slow hash",
+            hint="List the classes those paths should take, e.g. "
+            "['rest_framework.authentication.SessionAuthentication', "
+            "'rest_framework.authentication.TokenAuthentication'].",
+            id="realtime.W026",
+        )
+    ]
 
 
 _RATE = re.compile(r"[0-9]+/[smhd][a-z]*")

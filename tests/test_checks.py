@@ -350,6 +350,21 @@ def test_http_authentication_classes_are_checked(settings, classes, count):
         assert [e.id for e in checks.run_checks(tags=["realtime"]) if e.id == "realtime.E025"]
 
 
+def test_a_password_class_on_the_read_paths_is_warned_about(settings):
+    settings.REST_FRAMEWORK = {}  # DRF's defaults: the session, and Basic
+    [warning] = check_settings()
+    assert warning.id == "realtime.W026"
+    assert "BasicAuthentication" in warning.msg
+    # Naming the read paths' own classes leaves DRF's defaults to the other views.
+    settings.REALTIME = {
+        "HTTP_AUTHENTICATION_CLASSES": [
+            "rest_framework.authentication.SessionAuthentication",
+            "rest_framework.authentication.TokenAuthentication",
+        ]
+    }
+    assert check_settings() == []
+
+
 def test_an_unknown_key_is_reported_by_django_not_raised(settings):
     # Every check of the `realtime` tag runs; none may raise before E010 is shown.
     settings.REALTIME = {"CHANEL_LAYER": "default"}
