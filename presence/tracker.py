@@ -231,6 +231,8 @@ class PresenceTracker(ConnectionHooks):
                 origin=connection.connection_id,
             )
             await _signal(presence_joined, stream, user_id)
+        if getattr(connection, "transport", "websocket") != "websocket":
+            return None  # an SSE stream has no subscribe reply to carry the list
         listed, total = await member_list(stream, include=user_id)
         return {"presence": listed, "presenceTotal": total}
 

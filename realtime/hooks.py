@@ -1,9 +1,13 @@
-"""Extension points of the WebSocket consumer, for apps built on realtime (presence).
+"""Extension points of connections, for apps built on realtime (presence).
 
-An app registers an object with some of these async methods; the consumer awaits each
+An app registers an object with some of these async methods; a connection awaits each
 registered object's method in registration order. A hook that raises is logged and skipped:
-it can never break a socket. `connection` is the consumer: `connection_id`, `user`,
-`channel_layer`, `subscriptions` (stream -> subscription), `transport`.
+it can never break a connection. `connection` is the WebSocket consumer (`transport ==
+"websocket"`: `connection_id`, `user`, `channel_layer`, `subscriptions` (stream ->
+subscription)) or an SSE stream (`transport == "sse"`: `connection_id`, `user`,
+`subscriptions`). An SSE stream calls `connected`, then `subscribed` for each of its streams
+before its first byte (their return values are not used: it has no reply), `unsubscribed`
+("forbidden" or "disconnect") and `disconnected`; it never calls `publishing`.
 """
 
 from __future__ import annotations

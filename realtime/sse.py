@@ -8,13 +8,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from typing import Any
 
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 
-from . import metrics
+from . import hooks, metrics
 from .conf import realtime_settings
 from .connections import count_for_user
 from .consumers import Subscription, _background, release_user
@@ -118,6 +118,15 @@ class SSEConnection:
         self.outbox: collections.deque[str] = collections.deque()
         self.wakeup = asyncio.Event()
         self.closed = False
+        #: Whether the `connected` hook ran, and the streams the `subscribed` hook ran for
+        #: (presence: the user is present there), so each gets its `unsubscribed` once.
+        self.hooked_connect = False
+        self.hooked: set[str] = set()
+
+    @property
+    def closing(self) -> bool:
+        """As a socket's: ending, so presence stops refreshing its entries."""
+        return self.closed
 
     # The sink Subscription delivers into.
     def send_event(self, stream: str, seq: int, event_type: str, frame: str) -> None:
@@ -215,6 +224,9 @@ class SSEConnection:
             subscription.authorized = False
             del self.subscriptions[stream]
             await hub.leave(stream, subscription)
+            if stream in self.hooked:
+                self.hooked.discard(stream)
+                await hooks.call("unsubscribed", self, stream, subscription.policy, "forbidden")
             frame = {"op": "unsubscribed", "stream": stream, "reason": "forbidden"}
             self.enqueue(_message("unsubscribed", json.dumps(frame)))
         if not self.subscriptions:
@@ -238,7 +250,7 @@ class SSEConnection:
 
     async def run(
         self, resets: list[dict[str, Any]], limit: int, *, unplaced: bool = False
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         hub = get_hub()
         # The row is written here, not in the view: a generator that never starts (the client
         # left before the response began) runs no `finally`, and would leave it for ever.
@@ -290,6 +302,9 @@ class SSEConnection:
                     # Refused while it was being joined (after its decision left the hub):
                     # leave again, or the hub would hold it for as long as the stream runs.
                     await hub.leave(stream, subscription)
+            # Present (the presence app's hooks) before the first byte, as a socket is
+            # before its subscribe reply.
+            await self._hook_subscriptions()
             yield f"retry: {RETRY_MS}\n\n"
             for reset in resets:
                 metrics.RESETS.labels("sse").inc()
@@ -342,6 +357,24 @@ class SSEConnection:
             except Exception:  # whatever failed: a row left behind counts against the limit
                 logger.warning("closing the row of SSE stream %s failed", self.connection_id)
 
+    async def _hook_subscriptions(self) -> None:
+        """The connection hooks a socket calls, for an SSE stream's fixed set of streams: the
+        presence app makes the user present in each (its hooks see `transport == "sse"`)."""
+        if not hooks.registered():
+            return
+        self.hooked_connect = True
+        await hooks.call("connected", self)
+        for stream, subscription in list(self.subscriptions.items()):
+            if self.closed:
+                return
+            if subscription.authorized:
+                # Noted first: a stream cancelled mid-join still gets its `unsubscribed`.
+                self.hooked.add(stream)
+                await hooks.call("subscribed", self, stream, subscription.policy)
+                if self.subscriptions.get(stream) is not subscription and stream not in self.hooked:
+                    # Revoked while the hook ran: its `unsubscribed` may have come first.
+                    await hooks.call("unsubscribed", self, stream, subscription.policy, "forbidden")
+
     async def _release(self, hub: Any) -> None:
         # The leaves at once: on a stuck layer each may wait GROUP_TIMEOUT.
         ending = list(self.subscriptions.items())
@@ -349,6 +382,19 @@ class SSEConnection:
             *(hub.leave(stream, subscription) for stream, subscription in ending),
             return_exceptions=True,
         )
+        # The hooks too (each may wait for an announcement on a stuck layer), bounded.
+        turns = asyncio.Semaphore(32)
+
+        async def unsubscribed(stream: str, subscription: Subscription) -> None:
+            async with turns:
+                await hooks.call("unsubscribed", self, stream, subscription.policy, "disconnect")
+
+        hooked = [(s, sub) for s, sub in ending if s in self.hooked]
+        self.hooked.clear()
+        await asyncio.gather(*(unsubscribed(s, sub) for s, sub in hooked))
+        if self.hooked_connect:
+            self.hooked_connect = False
+            await hooks.call("disconnected", self)
         await release_user(hub, self.user.pk, self, self.connection_id)
 
     async def _joined(self, joining: Any, what: str = "join its groups") -> bool:

@@ -1179,3 +1179,132 @@ async def test_the_refresh_after_a_lost_reply_reads_all_its_streams_in_one_call(
         assert sorted(calls[0]) == sorted({stream, second})  # both streams, in one call
         await socket.close()
         await watcher.close()
+
+
+# -- SSE streams are present as sockets are ---------------------------------------------------
+
+
+class DirectSSE:
+    """An SSE stream run as the server runs it (the test client's wrapper would not close
+    it), read as text."""
+
+    def __init__(self, user, streams: list[str]) -> None:
+        from realtime.cursor import Position
+        from realtime.sse import SSEConnection
+
+        self.connection = SSEConnection(user, streams, {s: Position(0, None) for s in streams})
+        self.body = self.connection.run([], 5)
+        self.text = ""
+
+    async def until(self, needle: str, timeout: float = 5) -> None:  # noqa: ASYNC109
+        async with asyncio.timeout(timeout):
+            while needle not in self.text:
+                self.text += await self.body.__anext__()
+
+    async def close(self) -> None:
+        await self.body.aclose()
+
+
+async def sse_of(user, streams: str) -> DirectSSE:
+    """An SSE stream of `user`, with its first message (retry:) read."""
+    stream = DirectSSE(user, streams.split(","))
+    await stream.until("retry:")
+    return stream
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_an_sse_stream_makes_its_user_present_until_it_ends(fresh_presence, signals):
+    alice = await db(UserFactory)(username="alice-sse")
+    bob = await db(UserFactory)(username="bob-sse")
+    _owner, _project, stream = await project_with(alice, bob)
+    watcher = await tab(bob)
+    await watcher.subscribe(stream)
+    reader = await sse_of(alice, stream)
+    joined = await next_event(watcher, "v1:presence.joined")
+    assert joined["data"]["user"]["username"] == "alice-sse"
+    assert str(alice.pk) in await get_backend().members(stream)
+    # A socket of hers beside the stream is the same member: no second join, and closing
+    # it leaves her present through the stream.
+    socket = await tab(alice)
+    reply = await socket.subscribe(stream)
+    assert [m["user"]["id"] for m in reply["data"]["presence"]] == [bob.pk, alice.pk]
+    await socket.close()
+    assert await no_event(watcher, "v1:presence.")
+    await reader.close()  # the client goes away
+    left = await next_event(watcher, "v1:presence.left")
+    assert left["data"]["user"] == {"id": alice.pk}
+    assert left["data"]["reason"] == "disconnect"
+    assert str(alice.pk) not in await get_backend().members(stream)
+    await watcher.close()
+    a = str(alice.pk)
+    assert [(kind, reason) for kind, _s, user, reason in signals if user == a] == [
+        ("joined", ""),
+        ("left", "disconnect"),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_an_sse_stream_revoked_leaves_presence(fresh_presence):
+    from board.membership import remove_member
+
+    alice, bob = await db(UserFactory)(), await db(UserFactory)()
+    _owner, project, stream = await project_with(alice, bob)
+    watcher = await tab(bob)
+    await watcher.subscribe(stream)
+    reader = await sse_of(alice, f"{stream},user:{alice.pk}")
+    await next_event(watcher, "v1:presence.joined")
+    await db(remove_member)(project, alice)
+    await reader.until(f'"op": "unsubscribed", "stream": "{stream}"')
+    left = await next_event(watcher, "v1:presence.left")
+    assert (left["data"]["user"], left["data"]["reason"]) == ({"id": alice.pk}, "forbidden")
+    await reader.close()
+    assert await no_event(watcher, "v1:presence.")  # her leave was announced once
+    await watcher.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_hooks_see_an_sse_stream_as_a_connection_of_its_transport(fresh_presence):
+    from realtime.hooks import ConnectionHooks, register_hooks, unregister_hooks
+
+    seen: list[tuple[str, str, str]] = []
+
+    class Recorder(ConnectionHooks):
+        async def connected(self, connection):
+            seen.append(("connected", connection.transport, ""))
+
+        async def subscribed(self, connection, stream, policy):
+            seen.append(("subscribed", connection.transport, stream))
+
+        async def unsubscribed(self, connection, stream, policy, reason):
+            seen.append(("unsubscribed", connection.transport, f"{stream} {reason}"))
+
+        async def disconnected(self, connection):
+            seen.append(("disconnected", connection.transport, ""))
+
+    recorder = Recorder()
+    register_hooks(recorder)
+    try:
+        alice = await db(UserFactory)()
+        _owner, _project, stream = await project_with(alice)
+        reader = await sse_of(alice, stream)
+        await eventually_true(lambda: ("subscribed", "sse", stream) in seen)
+        await reader.close()
+        await eventually_true(lambda: seen[-1][0] == "disconnected")
+    finally:
+        unregister_hooks(recorder)
+    assert seen == [
+        ("connected", "sse", ""),
+        ("subscribed", "sse", stream),
+        ("unsubscribed", "sse", f"{stream} disconnect"),
+        ("disconnected", "sse", ""),
+    ]
+
+
+async def eventually_true(test, seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while not test():
+        assert time.monotonic() < deadline, "not within the time"
+        await asyncio.sleep(0.02)
