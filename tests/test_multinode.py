@@ -376,3 +376,75 @@ def test_logout_through_node_a_closes_the_users_sockets_on_node_b(tmp_path):
 
         asyncio.run(scenario())
         assert "Traceback" not in node_a.output() + node_b.output()
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_user_on_sse_through_one_node_is_present_on_the_other_past_the_ttl(tmp_path):
+    """Alice reads over SSE through node A (her network blocks WebSockets); Bob's socket on
+    node B sees her join, sees no leave while her stream lasts longer than the TTL (node A
+    refreshes her entry), and sees her leave once when she goes."""
+    import http.client
+    import time
+    import uuid
+
+    ttl = 3.0
+    owner = UserFactory(username="sse-owner")
+    alice = UserFactory(username="sse-alice")
+    project = ProjectFactory(owner=owner)
+    add_member(project, alice)
+    stream = f"project:{project.pk}"
+    presence = {
+        "CONFIG": {"url": os.environ["REDIS_URL"], "prefix": f"test-{uuid.uuid4().hex}"},
+        "TTL": ttl,
+        "REFRESH_INTERVAL": 1.0,
+        "SWEEP_INTERVAL": 1.0,
+    }
+    env = {
+        "DJANGO_SETTINGS_MODULE": "tests.settings_live",
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": os.environ["REDIS_URL"],
+        "DEBUG": "1",
+        "TEST_PRESENCE": json.dumps(presence),
+    }
+    owner_session, alice_session = session_for(owner), session_for(alice)
+
+    with Daphne(env, tmp_path / "a.log") as node_a, Daphne(env, tmp_path / "b.log") as node_b:
+
+        async def scenario() -> None:
+            async with websockets.connect(
+                f"ws://127.0.0.1:{node_b.port}/ws/realtime/",
+                origin=Origin("http://127.0.0.1"),
+                additional_headers={"Cookie": f"sessionid={owner_session}"},
+            ) as watcher:
+                await next_frame(watcher, "welcome")
+                await watcher.send(json.dumps({"op": "subscribe", "ref": "s", "stream": stream}))
+                assert (await next_frame(watcher, "reply"))["ok"] is True
+                sse = http.client.HTTPConnection("127.0.0.1", node_a.port, timeout=10)
+                await asyncio.to_thread(
+                    sse.request,
+                    "GET",
+                    f"/realtime/sse/?streams={stream}",
+                    headers={"Cookie": f"sessionid={alice_session}"},
+                )
+                response = await asyncio.to_thread(sse.getresponse)
+                assert response.status == 200
+                joined = await next_frame(watcher, "event")
+                assert joined["type"] == "v1:presence.joined", joined
+                assert joined["data"]["user"]["username"] == "sse-alice"
+                # Past the TTL and a sweep: node A keeps her entry fresh.
+                with pytest.raises(TimeoutError):
+                    await next_frame(watcher, "event", timeout=ttl + 2)
+                started = time.monotonic()
+                sse.close()  # she goes: the server notices the disconnect
+                left = await next_frame(watcher, "event", timeout=ttl + 5)
+                assert left["type"] == "v1:presence.left", left
+                assert left["data"]["user"]["id"] == alice.pk
+                assert left["data"]["reason"] == "disconnect"  # not a TTL expiry
+                assert time.monotonic() - started < ttl
+                with pytest.raises(TimeoutError):
+                    await next_frame(watcher, "event", timeout=2)  # once
+
+        asyncio.run(scenario())
+        assert "Traceback" not in node_a.output() + node_b.output()
