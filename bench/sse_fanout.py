@@ -5,8 +5,9 @@ Per system: one daphne process on a free loopback port, one load client process
 view the project, and one writer process (bench/sse_writer.py) saving Items at stepped rates:
 
 - ours: GET /realtime/sse/?streams=project:<pk> of config.asgi (DJANGO_SETTINGS_MODULE=
-  config.settings); the writer saves with config.settings, so the event is logged in the
-  save's transaction and published after commit on the Redis pub/sub channel layer.
+  sse_settings: config.settings with presence off, as django-eventstream has none); the
+  writer saves with config.settings, so the event is logged in the save's transaction and
+  published after commit on the Redis pub/sub channel layer.
 - django-eventstream: GET /events/project/<pk>/ of bench/sse_eventstream_app.py; the writer
   does a plain save and `send_event` (storage in the database, Redis pub/sub to the server).
 
@@ -65,7 +66,8 @@ SYSTEMS = ("ours", "eventstream")
 LABELS = {"ours": "ours (realtime SSE)", "eventstream": "django-eventstream 5.3"}
 #: DJANGO_SETTINGS_MODULE, ASGI application and SSE path (with {pk}) of each system.
 SERVED = {
-    "ours": ("config.settings", "config.asgi:application", "/realtime/sse/?streams=project:{pk}"),
+    # config.settings with presence off (bench/sse_settings.py): eventstream has none.
+    "ours": ("sse_settings", "config.asgi:application", "/realtime/sse/?streams=project:{pk}"),
     "eventstream": (
         "sse_eventstream_settings",
         "sse_eventstream_app:application",
@@ -579,7 +581,8 @@ def main() -> None:
     notes.append(
         f"Redis {redact(redis_url)}; {os.cpu_count()} CPUs shared by daphne, the load client, "
         "the writer, Redis and the database; one daphne process per system, run one after "
-        "the other"
+        "the other; ours with presence off (bench/sse_settings.py), as django-eventstream "
+        "has none"
     )
     outcomes = []
     with (
