@@ -1218,16 +1218,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         current = dict(self.subscriptions)
         # All of them in one worker thread, the streams of one kind together (a few queries
-        # for a page's hundred project streams, not three each).
-        decided = await _thread(streams_access)(self.user, list(current))
+        # for a page's hundred project streams, not three each), each under the policy it
+        # was subscribed under.
+        policies = {stream: subscription.policy for stream, subscription in current.items()}
+        decided = await _thread(streams_access)(self.user, list(current), policies)
         for stream, subscription in current.items():
+            if self.subscriptions.get(stream) is not subscription:
+                continue  # unsubscribed meanwhile (or closed): the decision is not about it
             refused, audience = decided[stream]
             if refused is None:
                 subscription.authorized = True
                 subscription.audience = audience or None
                 continue
-            if self.subscriptions.get(stream) is not subscription:
-                continue  # unsubscribed meanwhile (or closed): nothing of it is left to end
             subscription.authorized = False
             self.subscriptions.pop(stream, None)
             if subscription.task is not None:

@@ -13,7 +13,7 @@ import math
 import random
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -171,36 +171,50 @@ class ObjectPolicy(StreamPolicy):
         `prefetch_perms` (two more), where one `access` per key makes three each. Only for
         a policy that decides as `ObjectPolicy` does (its `check`, `access`, `authorize`
         and `get_object` not overridden) and looks up a unique field; others, and a single
-        key, go key by key."""
+        key, go key by key. So does every key the query does not place on exactly one row:
+        none (missing, malformed, or matched by the database's rules, a case-insensitive
+        collation, and not by Python's), or several (a default manager that joins)."""
         field = self._batch_field()
         if field is None or len(keys) < 2:
             return super().access_many(user, kind, keys)
         permissions = self.get_permissions()
+        decided: dict[str, str | None] = {}
         wanted: dict[Any, list[str]] = {}
+        alone: list[str] = []  # decided by `access`, as one by one would
         for key in keys:
             if not all(p.has_stream_permission(user, kind, key) for p in permissions):
+                decided[key] = None
                 continue
             try:
                 value = field.to_python(key)
-            except Exception:  # not a value of the field ("abc" for an integer pk): no object
+            except Exception:  # not a value of the field ("abc" for an integer pk)
+                alone.append(key)
                 continue
-            if value is not None and _storable(self.model, field, value):
+            if value is None or not _storable(self.model, field, value):
+                alone.append(key)
+            else:
                 wanted.setdefault(value, []).append(key)
-        found: dict[str, Any] = {}
+        rows: dict[Any, list[Any]] = {}
         if wanted:
             lookup = "pk" if self.lookup_field == "pk" else field.name
             for obj in self.model._default_manager.filter(**{f"{lookup}__in": list(wanted)}):
-                for key in wanted.get(getattr(obj, field.attname), ()):
-                    found[key] = obj
+                rows.setdefault(getattr(obj, field.attname), []).append(obj)
+        found: dict[str, Any] = {}
+        for value, named in wanted.items():
+            placed = rows.get(value, [])
+            if len(placed) == 1:  # as `get()` needs: two rows, even of one object, raise
+                found.update(dict.fromkeys(named, placed[0]))
+            else:
+                alone += named
         checker: Any = None
         if found:  # else no checker (for an anonymous user guardian would read its own)
             checker = _fresh_checker(user)
             checker.prefetch_perms(list({id(o): o for o in found.values()}.values()))
         codename = self.permission.split(".", 1)[-1]
-        decided: dict[str, str | None] = {}
-        for key in keys:
-            obj = found.get(key)
-            if obj is None or not checker.has_perm(codename, obj):
+        for key in alone:
+            decided[key] = self.access(user, kind, key)
+        for key, obj in found.items():
+            if not checker.has_perm(codename, obj):
                 decided[key] = None
                 continue
             self._decided.__dict__.update(key=key, user=user, obj=obj, checker=checker)
@@ -208,7 +222,7 @@ class ObjectPolicy(StreamPolicy):
                 decided[key] = self.audience(user, key) or ""
             finally:
                 self._decided.__dict__.clear()
-        return decided
+        return {key: decided[key] for key in keys}
 
     def _batch_field(self) -> Any | None:
         """The model field `lookup_field` names, if `access_many` may batch for this policy."""
@@ -450,36 +464,64 @@ def check_stream(user: Any, stream: str) -> str | None:
     return None if policy.check(user, kind, key) else Code.FORBIDDEN
 
 
-def streams_access(user: Any, streams: Sequence[str]) -> dict[str, tuple[str | None, str | None]]:
+def streams_access(
+    user: Any, streams: Sequence[str], policies: Mapping[str, Any] | None = None
+) -> dict[str, tuple[str | None, str | None]]:
     """`stream_access` of every stream, with the streams of one kind decided together
     (`StreamPolicy.access_many`): a request for 20 project streams costs a few queries, not
     sixty. A batch that raises is decided again stream by stream, so only a stream whose
-    policy raises on its own is refused (and logged)."""
+    policy raises on its own is refused (and logged). `policies` gives a stream's policy
+    where the caller holds it already (a subscription's, as it was subscribed under)."""
     from .protocol import Code
+    from .streams import parse_stream
 
     decided: dict[str, tuple[str | None, str | None]] = {}
-    kinds: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
+    kinds: dict[tuple[str, int], tuple[Any, list[tuple[str, str]]]] = {}
     for stream in streams:
-        code, policy, kind, key = _policy_of(stream)
+        try:
+            if policies is not None and stream in policies:
+                code, policy = None, policies[stream]
+                kind, key = parse_stream(stream)
+            else:
+                code, policy, kind, key = _policy_of(stream)
+        except Exception:  # e.g. a STREAM_POLICIES entry that does not import
+            logger.exception("policy for %s raised; refusing", stream)
+            decided[stream] = (Code.FORBIDDEN, None)
+            continue
         if code is not None:
             decided[stream] = (code, None)
         else:
-            kinds.setdefault(kind, (policy, []))[1].append((stream, key))
-    for kind, (policy, entries) in kinds.items():
+            kinds.setdefault((kind, id(policy)), (policy, []))[1].append((stream, key))
+    for (kind, _id), (policy, entries) in kinds.items():
         if len(entries) == 1:
-            decided[entries[0][0]] = stream_access(user, entries[0][0])
+            stream, key = entries[0]
+            decided[stream] = _decide(user, policy, kind, key, stream)
             continue
         try:
             audiences = policy.access_many(user, kind, [key for _stream, key in entries])
         except Exception:
             logger.warning("deciding %s streams together failed; one by one", kind, exc_info=True)
-            for stream, _key in entries:
-                decided[stream] = stream_access(user, stream)
+            for stream, key in entries:
+                decided[stream] = _decide(user, policy, kind, key, stream)
             continue
         for stream, key in entries:
             audience = audiences.get(key)
             decided[stream] = (Code.FORBIDDEN, None) if audience is None else (None, audience)
     return {stream: decided[stream] for stream in streams}
+
+
+def _decide(
+    user: Any, policy: Any, kind: str, key: str, stream: str
+) -> tuple[str | None, str | None]:
+    """One stream's `policy.access`, as `stream_access` answers it."""
+    from .protocol import Code
+
+    try:
+        audience = policy.access(user, kind, key)
+    except Exception:
+        logger.exception("policy for %s raised; refusing", stream)
+        return Code.FORBIDDEN, None
+    return (Code.FORBIDDEN, None) if audience is None else (None, audience)
 
 
 def stream_access(user: Any, stream: str) -> tuple[str | None, str | None]:
@@ -489,14 +531,7 @@ def stream_access(user: Any, stream: str) -> tuple[str | None, str | None]:
     `StreamPolicy.access` decides it; runs policy queries. A policy that raises is logged
     and refuses, as on a socket.
     """
-    from .protocol import Code
-
     code, policy, kind, key = _policy_of(stream)
     if code is not None:
         return code, None
-    try:
-        audience = policy.access(user, kind, key)
-    except Exception:
-        logger.exception("policy for %s raised; refusing", stream)
-        return Code.FORBIDDEN, None
-    return (Code.FORBIDDEN, None) if audience is None else (None, audience)
+    return _decide(user, policy, kind, key, stream)

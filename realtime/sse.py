@@ -118,10 +118,13 @@ class SSEConnection:
         self.outbox: collections.deque[str] = collections.deque()
         self.wakeup = asyncio.Event()
         self.closed = False
-        #: Whether the `connected` hook ran, and the streams the `subscribed` hook ran for
-        #: (presence: the user is present there), so each gets its `unsubscribed` once.
+        #: Whether the `connected` hook ran, and the subscriptions the `subscribed` hook ran
+        #: for (presence: the user is present there), so each gets its `unsubscribed` once.
+        #: One hook step at a time (`hook_turn`): a revocation during a `subscribed` waits
+        #: for it, so `unsubscribed` never overtakes it.
         self.hooked_connect = False
-        self.hooked: set[str] = set()
+        self.hooked: dict[str, Subscription] = {}
+        self.hook_turn = asyncio.Lock()
 
     @property
     def closing(self) -> bool:
@@ -224,9 +227,9 @@ class SSEConnection:
             subscription.authorized = False
             del self.subscriptions[stream]
             await hub.leave(stream, subscription)
-            if stream in self.hooked:
-                self.hooked.discard(stream)
-                await hooks.call("unsubscribed", self, stream, subscription.policy, "forbidden")
+            # Shielded: a stream that closes meanwhile cancels this decision, and the leave
+            # must still be told (else its presence stays until the TTL runs out).
+            await asyncio.shield(_background(self._unhook(stream, subscription, "forbidden")))
             frame = {"op": "unsubscribed", "stream": stream, "reason": "forbidden"}
             self.enqueue(_message("unsubscribed", json.dumps(frame)))
         if not self.subscriptions:
@@ -365,15 +368,22 @@ class SSEConnection:
         self.hooked_connect = True
         await hooks.call("connected", self)
         for stream, subscription in list(self.subscriptions.items()):
-            if self.closed:
-                return
-            if subscription.authorized:
+            async with self.hook_turn:
+                if self.closed:
+                    return
+                if self.subscriptions.get(stream) is not subscription:
+                    continue  # refused since: there is nothing to be present in
                 # Noted first: a stream cancelled mid-join still gets its `unsubscribed`.
-                self.hooked.add(stream)
+                self.hooked[stream] = subscription
                 await hooks.call("subscribed", self, stream, subscription.policy)
-                if self.subscriptions.get(stream) is not subscription and stream not in self.hooked:
-                    # Revoked while the hook ran: its `unsubscribed` may have come first.
-                    await hooks.call("unsubscribed", self, stream, subscription.policy, "forbidden")
+
+    async def _unhook(self, stream: str, subscription: Subscription, reason: str) -> None:
+        """`unsubscribed` for a subscription `subscribed` was called for, once."""
+        async with self.hook_turn:
+            if self.hooked.get(stream) is not subscription:
+                return
+            del self.hooked[stream]
+            await hooks.call("unsubscribed", self, stream, subscription.policy, reason)
 
     async def _release(self, hub: Any) -> None:
         # The leaves at once: on a stuck layer each may wait GROUP_TIMEOUT.
@@ -382,15 +392,18 @@ class SSEConnection:
             *(hub.leave(stream, subscription) for stream, subscription in ending),
             return_exceptions=True,
         )
-        # The hooks too (each may wait for an announcement on a stuck layer), bounded.
+        # Every subscription still hooked, revoked ones whose decision was cut off included;
+        # after a hook step in flight (the lock), at once (each may wait for an announcement
+        # on a stuck layer), bounded.
         turns = asyncio.Semaphore(32)
 
         async def unsubscribed(stream: str, subscription: Subscription) -> None:
             async with turns:
                 await hooks.call("unsubscribed", self, stream, subscription.policy, "disconnect")
 
-        hooked = [(s, sub) for s, sub in ending if s in self.hooked]
-        self.hooked.clear()
+        async with self.hook_turn:
+            hooked = list(self.hooked.items())
+            self.hooked.clear()
         await asyncio.gather(*(unsubscribed(s, sub) for s, sub in hooked))
         if self.hooked_connect:
             self.hooked_connect = False

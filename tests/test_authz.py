@@ -252,6 +252,10 @@ async def test_a_permission_change_decides_all_of_a_sockets_streams_together(mon
     assert await client.receive_until("unsubscribed", timeout=1.0) == gone
     assert together == [[str(p.pk) for p in projects]]  # one decision for all ten
     assert one_by_one == []  # no object read key by key
-    await db(ItemFactory)(project=projects[5], title="still")
-    assert (await item_event(client))["data"]["title"] == "still"
+    # The nine others are still live, and the revoked one sends nothing more.
+    for n, project in enumerate(projects):
+        await db(ItemFactory)(project=project, title=f"after {n}")
+    titles = {(await item_event(client))["data"]["title"] for _ in range(9)}
+    assert titles == {f"after {n}" for n in range(10) if n != 3}
+    assert await no_item_event(client, 0.5)
     await client.close()

@@ -365,6 +365,17 @@ def test_a_password_class_on_the_read_paths_is_warned_about(settings):
     assert check_settings() == []
 
 
+def test_a_basic_subclass_is_warned_about_and_an_unimportable_drf_default_is_not_raised(settings):
+    settings.REALTIME = {
+        "HTTP_AUTHENTICATION_CLASSES": ["tests.test_http_credentials.Basicish"],
+    }
+    [warning] = check_settings()
+    assert (warning.id, "Basicish" in warning.msg) == ("realtime.W026", True)
+    settings.REALTIME = {}
+    settings.REST_FRAMEWORK = {"DEFAULT_AUTHENTICATION_CLASSES": ["board.nope.Auth"]}
+    assert check_settings() == []  # DRF's own list is DRF's to refuse
+
+
 def test_an_unknown_key_is_reported_by_django_not_raised(settings):
     # Every check of the `realtime` tag runs; none may raise before E010 is shown.
     settings.REALTIME = {"CHANEL_LAYER": "default"}

@@ -9,7 +9,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 from rest_framework import exceptions
-from rest_framework.authentication import TokenAuthentication
+from rest_framework.authentication import BasicAuthentication, TokenAuthentication
 from rest_framework.authtoken.models import Token, TokenProxy
 
 from realtime.invalidation import _send
@@ -192,6 +192,10 @@ async def test_an_sse_stream_by_token_with_a_malformed_cursor_starts_now_with_a_
     reset = await reader.event("reset")
     assert reset["data"]["stream"] == stream
     await reader.close()
+
+
+class Basicish(BasicAuthentication):
+    """A project's own password class (W026 names subclasses too)."""
 
 
 class Broken(TokenAuthentication):

@@ -8,7 +8,7 @@ import logging
 import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
-from django.db import connection
+from django.db import connection, models
 from django.test.utils import CaptureQueriesContext
 from guardian.shortcuts import assign_perm
 
@@ -155,3 +155,87 @@ def test_a_batch_that_raises_is_decided_again_one_by_one_refusing_only_the_raisi
     assert decided == {streams[0]: (None, ""), streams[1]: ("forbidden", None)}
     assert "one by one" in caplog.text
     assert "policy for fragile:13 raised" in caplog.text
+
+
+class ProjectsWithMembers(models.Manager):
+    """A default manager that joins: one row per active member."""
+
+    def get_queryset(self):
+        return super().get_queryset().filter(members__is_active=True)
+
+
+def test_a_key_the_query_places_on_several_rows_is_decided_alone(monkeypatch):
+    from board.models import Project
+
+    manager = ProjectsWithMembers()
+    manager.model = Project
+    manager.name = "with_members"
+    monkeypatch.setitem(Project._meta.__dict__, "default_manager", manager)
+    reader, other = UserFactory(), UserFactory()
+    projects = [ProjectFactory(), ProjectFactory()]
+    for project in projects:
+        add_member(project, reader)
+        add_member(project, other)  # two members: two rows of each project
+    reader = reload_user(reader)
+    streams = [f"project:{p.pk}" for p in projects]
+    together = streams_access(reader, streams)
+    # One by one, `get()` finds two rows: refused (and logged), and so is it together.
+    assert together == one_by_one(reader, streams)
+    assert together == {stream: ("forbidden", None) for stream in streams}
+
+
+def test_a_key_the_query_places_on_no_row_is_decided_alone(registered, monkeypatch):
+    # Missing, or matched by the database's rules and not Python's (a case-insensitive
+    # collation: `Alpha` finds the row `alpha`, which the batch cannot tell is Alpha's): the
+    # batch asks `access` for that key, as one by one does.
+    registered("member", UserByName)
+    reader = UserFactory()
+    seen = UserFactory(username="seen-user")
+    assign_perm("auth.view_user", reader, seen)
+    reader = reload_user(reader)
+    alone: list[str] = []
+    original = ObjectPolicy.access
+
+    def access(self, user, kind, key):
+        alone.append(key)
+        return original(self, user, kind, key)
+
+    monkeypatch.setattr(ObjectPolicy, "access", access)
+    monkeypatch.setattr(
+        UserByName, "_batch_field", lambda self: UserByName.model._meta.get_field("username")
+    )
+    streams = ["member:seen-user", "member:nobody"]
+    assert streams_access(reader, streams) == {
+        "member:seen-user": (None, ""),
+        "member:nobody": ("forbidden", None),
+    }
+    assert alone == ["nobody"]
+
+
+@pytest.mark.parametrize("who", ["inactive", "anonymous"])
+def test_without_permission_classes_the_checker_decides_for_inactive_and_anonymous(registered, who):
+    from django.contrib.auth.models import AnonymousUser
+
+    class Open(ObjectPolicy):
+        permission_classes = []  # guardian alone decides
+        model = get_user_model()
+        permission = "auth.view_user"
+
+    registered("open", Open)
+    reader = UserFactory(is_active=who != "inactive")
+    targets = [UserFactory(), UserFactory()]
+    for target in targets:
+        assign_perm("auth.view_user", reader, target)
+    user = AnonymousUser() if who == "anonymous" else reload_user(reader)
+    streams = [f"open:{t.pk}" for t in targets]
+    together = streams_access(user, streams)
+    assert together == one_by_one(user, streams)
+    assert together == {stream: ("forbidden", None) for stream in streams}
+
+
+def test_a_policy_that_does_not_import_refuses_its_streams_only(settings, caplog):
+    settings.REALTIME = {"STREAM_POLICIES": {"broken": "board.nope.Policy"}}
+    reader = UserFactory()
+    decided = streams_access(reader, ["broken:1", f"user:{reader.pk}"])
+    assert decided == {"broken:1": ("forbidden", None), f"user:{reader.pk}": (None, "")}
+    assert "policy for broken:1 raised" in caplog.text
