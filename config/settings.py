@@ -202,6 +202,13 @@ SPECTACULAR_SETTINGS = {
 
 REALTIME: dict[str, object] = {
     "TENANT_RESOLVER": "board.policies.tenant_of",
+    # With Redis, a user's publish bucket is shared by every node (keys under this site's
+    # prefix: sites, and test workers, sharing a Redis keep their users apart).
+    "PUBLISH_USER_REDIS": (
+        {"url": REDIS_URL, "prefix": f"{REDIS_PREFIX}.rt" if REDIS_PREFIX else "rt"}
+        if REDIS_URL
+        else None
+    ),
 }
 
 LANGUAGE_CODE = "en-us"

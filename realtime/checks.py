@@ -286,6 +286,21 @@ def check_settings(
     if resolver_problem:
         errors.append(checks.Error(resolver_problem, id="realtime.E019"))
     errors += [checks.Error(problem, id="realtime.E021") for problem in _bad_names()]
+    shared = realtime_settings.PUBLISH_USER_REDIS
+    if shared is not None and not (
+        isinstance(shared, dict)
+        and set(shared) <= {"url", "prefix"}
+        and isinstance(shared.get("url"), str)
+        and shared["url"].startswith(("redis://", "rediss://", "unix://"))
+        and isinstance(shared.get("prefix", ""), str)
+    ):
+        errors.append(
+            checks.Error(
+                f"REALTIME['PUBLISH_USER_REDIS'] is {shared!r}: use None, or "
+                "{'url': 'redis://…', 'prefix': '…'} (prefix optional)",
+                id="realtime.E027",
+            )
+        )
     auth_problems = _authentication_problems(realtime_settings.HTTP_AUTHENTICATION_CLASSES)
     errors += [checks.Error(problem, id="realtime.E025") for problem in auth_problems]
     if not auth_problems:

@@ -65,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
     # refusals past ABUSE_LIMIT since the last accepted publish close the socket with 4429.
     "PUBLISH_RATE": 10.0,
     "PUBLISH_BURST": 20,
+    "PUBLISH_USER_REDIS": None,
     # Subscribe frames: token bucket per socket (each subscribe on a presence stream tells
     # every member; unsubscribe is free); the burst lets a page subscribe to all it shows at once.
     "SUBSCRIBE_RATE": 5.0,

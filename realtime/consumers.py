@@ -35,7 +35,7 @@ from .policies import (
     streams_access,
 )
 from .protocol import Close, Code, ProtocolError
-from .ratelimit import TokenBucket, user_bucket
+from .ratelimit import TokenBucket, take_user_token
 from .streams import parse_stream
 
 logger = logging.getLogger("realtime.ws")
@@ -860,7 +860,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         # unlimited, as fast as the socket carried frames, for ever.
         if not self.bucket.take():
             raise ProtocolError(Code.RATE_LIMITED, "too many events; slow down", frame.ref)
-        if not user_bucket(self.user.pk).take():  # type: ignore[union-attr]
+        if not await take_user_token(self.user.pk):  # type: ignore[union-attr]
             self.bucket.give_back()  # refused all the same: it costs this socket nothing
             raise ProtocolError(Code.RATE_LIMITED, "too many events; slow down", frame.ref)
         policy = self._policy(frame.stream, frame.ref)

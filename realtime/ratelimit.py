@@ -1,7 +1,10 @@
-"""Token buckets for client publishes, per socket and per user (per node)."""
+"""Token buckets for client publishes, per socket and per user: the user's on this node, or
+in Redis for all nodes (`REALTIME["PUBLISH_USER_REDIS"]`)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import OrderedDict
 from typing import Any
@@ -11,7 +14,37 @@ from django.dispatch import receiver
 
 from .conf import realtime_settings
 
+logger = logging.getLogger("realtime.ratelimit")
+
 _USERS_KEPT = 10_000
+#: Seconds a shared bucket's take may wait on Redis before this node decides alone.
+_REDIS_TIMEOUT = 1.0
+#: Seconds between two warnings that the shared buckets are out of reach.
+_WARN_EVERY = 60.0
+
+# KEYS[1]: the user's bucket; ARGV: rate, burst. Redis's own clock, so nodes whose clocks
+# differ refill it alike. Returns 1 if a token was taken. The key expires once the bucket
+# would be full again, so idle users cost nothing.
+_TAKE = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local held = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens, stamp = tonumber(held[1]), tonumber(held[2])
+if tokens == nil or stamp == nil then tokens, stamp = burst, now end
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local taken = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  taken = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens),
+  'stamp', string.format('%.6f', now))
+local full = 86400
+if rate > 0 then full = math.max(1, math.ceil((burst - tokens) / rate) + 1) end
+redis.call('EXPIRE', KEYS[1], full)
+return taken
+"""
 
 
 class TokenBucket:
@@ -53,6 +86,69 @@ def user_bucket(user_id: Any) -> TokenBucket:
     else:
         _user_buckets.move_to_end(user_id)
     return bucket
+
+
+class _SharedBuckets:
+    """The users' buckets in Redis, one client per event loop (as the presence backend's)."""
+
+    def __init__(self) -> None:
+        self._clients: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._warned = 0.0
+
+    def _client(self, url: str) -> Any:
+        import redis.asyncio as redis
+
+        loop = asyncio.get_running_loop()
+        entry = self._clients.get(loop)
+        if entry is None or entry[0] != url:
+            for closed in [lp for lp in self._clients if lp.is_closed()]:
+                del self._clients[closed]
+            # A bounded pool that waits for a free connection (within the take's timeout)
+            # instead of failing when many sockets publish at once.
+            pool = redis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=20,
+                timeout=_REDIS_TIMEOUT,
+                socket_timeout=_REDIS_TIMEOUT,
+                socket_connect_timeout=_REDIS_TIMEOUT,
+            )
+            client = redis.Redis(connection_pool=pool)
+            entry = self._clients[loop] = (url, client, client.register_script(_TAKE))
+        return entry[2]
+
+    async def take(self, url: str, prefix: str, user_id: Any) -> bool:
+        """A token of the user's shared bucket; this node's bucket if Redis does not answer
+        in time (the limit then holds per node, as without the setting, and a warning says
+        so at most once a minute)."""
+        key = f"{prefix}:publish:{user_id}"
+        args = [float(realtime_settings.PUBLISH_RATE), int(realtime_settings.PUBLISH_BURST)]
+        try:
+            async with asyncio.timeout(_REDIS_TIMEOUT):
+                return bool(await self._client(url)(keys=[key], args=args))
+        except Exception as exc:
+            now = time.monotonic()
+            if now - self._warned >= _WARN_EVERY:
+                self._warned = now
+                logger.warning(
+                    "shared publish buckets unavailable (%s: %s); limiting per node",
+                    type(exc).__name__,
+                    exc,
+                )
+            return user_bucket(user_id).take()
+
+
+_shared = _SharedBuckets()
+
+
+async def take_user_token(user_id: Any) -> bool:
+    """Whether the user may publish one more event now: their bucket shared by every node
+    when `REALTIME["PUBLISH_USER_REDIS"]` names a Redis (`{"url": ..., "prefix": ...}`),
+    else this node's."""
+    shared = realtime_settings.PUBLISH_USER_REDIS
+    if not shared:
+        return user_bucket(user_id).take()
+    prefix = shared.get("prefix") or realtime_settings.GROUP_PREFIX
+    return await _shared.take(str(shared["url"]), str(prefix), user_id)
 
 
 @receiver(setting_changed)

@@ -539,3 +539,26 @@ def test_a_write_rate_drf_parses_passes(settings, rate):
         "DEFAULT_THROTTLE_RATES": {"realtime_writes": rate},
     }
     assert check_write_rate() == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "redis://127.0.0.1:6379/0",  # a URL alone: the prefix would be guessed
+        {"url": "http://127.0.0.1:6379"},
+        {"url": "redis://x", "prefix": 3},
+        {"url": "redis://x", "db": 1},
+        {"prefix": "rt"},
+    ],
+)
+def test_a_bad_shared_publish_bucket_setting_is_reported(settings, value):
+    settings.REALTIME = {"PUBLISH_USER_REDIS": value}
+    assert [e.id for e in check_settings()] == ["realtime.E027"]
+
+
+@pytest.mark.parametrize(
+    "value", [None, {"url": "redis://127.0.0.1:6379/0"}, {"url": "rediss://h", "prefix": "s"}]
+)
+def test_good_shared_publish_bucket_settings_pass(settings, value):
+    settings.REALTIME = {"PUBLISH_USER_REDIS": value}
+    assert check_settings() == []

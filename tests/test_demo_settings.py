@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHOW = (
     "import json, config.settings as s; "
-    "print(json.dumps([s.CHANNEL_LAYERS['default'], s.PRESENCE, s.WRITE_RATE]))"
+    "print(json.dumps([s.CHANNEL_LAYERS['default'], s.PRESENCE, s.WRITE_RATE, "
+    "s.REALTIME['PUBLISH_USER_REDIS']]))"
 )
 
 
@@ -37,18 +38,22 @@ def demo_settings(**env: str) -> list[Any]:
 
 
 def test_redis_prefix_names_the_layer_and_the_presence_keys_of_this_site():
-    layer, presence, _ = demo_settings(REDIS_URL="redis://127.0.0.1:1/3", REDIS_PREFIX="staging")
+    url = "redis://127.0.0.1:1/3"
+    layer, presence, _, buckets = demo_settings(REDIS_URL=url, REDIS_PREFIX="staging")
     assert layer["BACKEND"] == "channels_redis.pubsub.RedisPubSubChannelLayer"
     assert layer["CONFIG"]["prefix"] == "staging.asgi"
-    assert presence["CONFIG"] == {"url": "redis://127.0.0.1:1/3", "prefix": "staging.presence"}
+    assert presence["CONFIG"] == {"url": url, "prefix": "staging.presence"}
+    assert buckets == {"url": url, "prefix": "staging.rt"}  # the users' publish buckets
 
-    layer, presence, _ = demo_settings(REDIS_URL="redis://127.0.0.1:1/3")
+    layer, presence, _, buckets = demo_settings(REDIS_URL=url)
     assert layer["CONFIG"]["prefix"] == "asgi"  # channels-redis' own default
     assert presence["CONFIG"]["prefix"] == "presence"
+    assert buckets == {"url": url, "prefix": "rt"}
 
-    layer, presence, _ = demo_settings()
+    layer, presence, _, buckets = demo_settings()
     assert layer == {"BACKEND": "channels.layers.InMemoryChannelLayer"}
     assert presence == {"BACKEND": "presence.backends.memory.MemoryBackend"}
+    assert buckets is None  # one process: its own bucket is every node's
 
 
 def test_the_write_rate_is_read_from_the_environment_and_can_be_turned_off():

@@ -448,3 +448,62 @@ def test_a_user_on_sse_through_one_node_is_present_on_the_other_past_the_ttl(tmp
 
         asyncio.run(scenario())
         assert "Traceback" not in node_a.output() + node_b.output()
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_users_sockets_on_two_nodes_share_one_publish_bucket(tmp_path):
+    """Burst 6 per user: three sockets on node A and three on node B publish 4 each; 6 pass
+    in all (each node's own bucket would pass 6 on each)."""
+    import uuid
+
+    owner = UserFactory(username="bucket-owner")
+    project = ProjectFactory(owner=owner)
+    stream = f"project:{project.pk}"
+    session = session_for(owner)
+    realtime = {
+        "PUBLISH_RATE": 0.001,  # nothing comes back during the test
+        "PUBLISH_BURST": 6,
+        "PUBLISH_USER_REDIS": {"url": os.environ["REDIS_URL"], "prefix": uuid.uuid4().hex},
+    }
+    env = {
+        "DJANGO_SETTINGS_MODULE": "tests.settings_live",
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": os.environ["REDIS_URL"],
+        "DEBUG": "1",
+        "TEST_REALTIME": json.dumps(realtime),
+    }
+    with Daphne(env, tmp_path / "a.log") as node_a, Daphne(env, tmp_path / "b.log") as node_b:
+
+        async def scenario() -> list[bool]:
+            sockets = []
+            for node in (node_a, node_a, node_a, node_b, node_b, node_b):
+                socket = await websockets.connect(
+                    f"ws://127.0.0.1:{node.port}/ws/realtime/",
+                    origin=Origin("http://127.0.0.1"),
+                    additional_headers={"Cookie": f"sessionid={session}"},
+                )
+                await next_frame(socket, "welcome")
+                sockets.append(socket)
+            answers = []
+            try:
+                for n in range(4):
+                    for i, socket in enumerate(sockets):
+                        ref = f"p{n}-{i}"
+                        frame = {"op": "publish", "ref": ref, "stream": stream}
+                        frame |= {"type": "v1:typing.started", "data": {}}
+                        await socket.send(json.dumps(frame))
+                        reply = await next_frame(socket, "reply")
+                        assert reply["ref"] == ref
+                        if not reply["ok"]:
+                            assert reply["error"]["code"] == "rate_limited", reply
+                        answers.append(reply["ok"])
+            finally:
+                for socket in sockets:
+                    await socket.close()
+            return answers
+
+        answers = asyncio.run(scenario())
+        assert answers.count(True) == 6, answers  # one bucket: 6 in all, on both nodes
+        assert "Traceback" not in node_a.output() + node_b.output()

@@ -64,3 +64,66 @@ async def test_another_user_has_a_bucket_of_its_own(settings):
     assert again["error"]["code"] == "rate_limited"
     await a.close()
     await b.close()
+
+
+# -- the user's bucket shared by every node (REALTIME["PUBLISH_USER_REDIS"]) -----------------
+
+
+def shared_settings(settings, url: str, burst: int) -> None:
+    import uuid
+
+    settings.REALTIME = {
+        "PUBLISH_RATE": 0.001,  # no token comes back during the test
+        "PUBLISH_BURST": burst,
+        "PUBLISH_USER_REDIS": {"url": url, "prefix": f"test-{uuid.uuid4().hex}"},
+    }
+
+
+def another_node() -> None:
+    """What a second node has: no bucket of this user's, and a Redis client of its own."""
+    from realtime import ratelimit
+
+    ratelimit._user_buckets.clear()
+    ratelimit._shared._clients.clear()
+
+
+async def test_the_users_bucket_is_one_for_every_node_with_redis(settings):
+    import os
+
+    from realtime.ratelimit import take_user_token
+
+    from .conftest import need
+
+    need(bool(os.environ.get("REDIS_URL")), "REDIS_URL is not set")
+    shared_settings(settings, os.environ["REDIS_URL"], burst=5)
+    user = await db(UserFactory)()
+    taken = [await take_user_token(user.pk) for _ in range(3)]
+    another_node()
+    taken += [await take_user_token(user.pk) for _ in range(5)]
+    assert taken == [True] * 5 + [False] * 3  # 5 in all, not 5 on each node
+    other = await db(UserFactory)()
+    assert await take_user_token(other.pk) is True  # a bucket of its own
+
+    # Without the setting each node has its own: 3 + 5 of 8 would pass.
+    settings.REALTIME = {"PUBLISH_RATE": 0.001, "PUBLISH_BURST": 5}
+    alone = [await take_user_token(user.pk) for _ in range(3)]
+    another_node()
+    alone += [await take_user_token(user.pk) for _ in range(5)]
+    assert alone == [True] * 8
+
+
+async def test_a_redis_out_of_reach_limits_per_node_and_says_so_once(settings, caplog):
+    import logging
+
+    from realtime.ratelimit import _shared, take_user_token
+
+    from .conftest import free_port
+
+    shared_settings(settings, f"redis://127.0.0.1:{free_port()}/0", burst=3)  # nothing listens
+    _shared._warned = 0.0
+    user = await db(UserFactory)()
+    with caplog.at_level(logging.WARNING, logger="realtime.ratelimit"):
+        taken = [await take_user_token(user.pk) for _ in range(5)]
+    assert taken == [True, True, True, False, False]  # this node's bucket, burst 3
+    warnings = [r for r in caplog.records if "shared publish buckets unavailable" in r.message]
+    assert len(warnings) == 1
