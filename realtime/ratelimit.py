@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from typing import Any
@@ -21,11 +22,17 @@ _USERS_KEPT = 10_000
 _REDIS_TIMEOUT = 1.0
 #: Seconds between two warnings that the shared buckets are out of reach.
 _WARN_EVERY = 60.0
+#: Seconds this node leaves Redis alone after a take failed (each try may wait 1 s, and a
+#: socket handles one frame at a time: its pings would queue behind stalled publishes).
+_RETRY_AFTER = 5.0
 
 # KEYS[1]: the user's bucket; ARGV: rate, burst. Redis's own clock, so nodes whose clocks
-# differ refill it alike. Returns 1 if a token was taken. The key expires once the bucket
-# would be full again, so idle users cost nothing.
+# differ refill it alike (TIME before a write needs effects replication: the default from
+# Redis 5, asked for on older ones). Returns 1 if a token was taken. The key expires once
+# the bucket would be full again (at most a day: at rate 0 it comes back full after a day),
+# so idle users cost nothing.
 _TAKE = """
+if redis.replicate_commands then redis.replicate_commands() end
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -38,10 +45,10 @@ if tokens >= 1 then
   tokens = tokens - 1
   taken = 1
 end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens),
-  'stamp', string.format('%.6f', now))
 local full = 86400
-if rate > 0 then full = math.max(1, math.ceil((burst - tokens) / rate) + 1) end
+if rate > 0 then full = math.min(86400, math.max(1, math.ceil((burst - tokens) / rate) + 1)) end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
+  'stamp', string.format('%.17g', now))
 redis.call('EXPIRE', KEYS[1], full)
 return taken
 """
@@ -93,7 +100,8 @@ class _SharedBuckets:
 
     def __init__(self) -> None:
         self._clients: dict[asyncio.AbstractEventLoop, Any] = {}
-        self._warned = 0.0
+        self._warned = -math.inf
+        self._resting_until = -math.inf  # Redis failed: per node until then
 
     def _client(self, url: str) -> Any:
         import redis.asyncio as redis
@@ -102,7 +110,9 @@ class _SharedBuckets:
         entry = self._clients.get(loop)
         if entry is None or entry[0] != url:
             for closed in [lp for lp in self._clients if lp.is_closed()]:
-                del self._clients[closed]
+                del self._clients[closed]  # its loop is gone: nothing can close it now
+            if entry is not None:  # the setting changed: let the old client go
+                _close_later(entry[1])
             # A bounded pool that waits for a free connection (within the take's timeout)
             # instead of failing when many sockets publish at once.
             pool = redis.BlockingConnectionPool.from_url(
@@ -117,24 +127,48 @@ class _SharedBuckets:
         return entry[2]
 
     async def take(self, url: str, prefix: str, user_id: Any) -> bool:
-        """A token of the user's shared bucket; this node's bucket if Redis does not answer
-        in time (the limit then holds per node, as without the setting, and a warning says
-        so at most once a minute)."""
+        """A token of the user's bucket on this node and of their shared one.
+
+        The node's is taken first and given back when the shared one refuses, so the node's
+        limit always holds: while Redis answers the shared bucket is the tighter one, and
+        when it fails (no answer within 1 s, or an error) the node's alone decides, for
+        `_RETRY_AFTER` seconds before Redis is asked again; a warning says so at most once
+        a minute.
+        """
+        local = user_bucket(user_id)
+        if not local.take():
+            return False
+        if time.monotonic() < self._resting_until:
+            return True
         key = f"{prefix}:publish:{user_id}"
         args = [float(realtime_settings.PUBLISH_RATE), int(realtime_settings.PUBLISH_BURST)]
         try:
             async with asyncio.timeout(_REDIS_TIMEOUT):
-                return bool(await self._client(url)(keys=[key], args=args))
+                taken = bool(await self._client(url)(keys=[key], args=args))
         except Exception as exc:
             now = time.monotonic()
+            self._resting_until = now + _RETRY_AFTER
             if now - self._warned >= _WARN_EVERY:
                 self._warned = now
                 logger.warning(
-                    "shared publish buckets unavailable (%s: %s); limiting per node",
-                    type(exc).__name__,
+                    "shared publish buckets unavailable (%r); limiting per node for %.0f s",
                     exc,
+                    _RETRY_AFTER,
                 )
-            return user_bucket(user_id).take()
+            return True  # the node's token, taken above
+        if not taken:
+            local.give_back()
+        return taken
+
+
+def _close_later(client: Any) -> None:
+    """Close a client this loop no longer uses, without waiting for it."""
+    task = asyncio.get_running_loop().create_task(client.aclose(close_connection_pool=True))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Task[Any]] = set()
 
 
 _shared = _SharedBuckets()
@@ -156,3 +190,4 @@ def _forget_user_buckets(setting: str, **kwargs: Any) -> None:
     """New `REALTIME` settings (tests): users' buckets are made again with its rate and burst."""
     if setting == "REALTIME":
         _user_buckets.clear()
+        _shared._resting_until = -math.inf

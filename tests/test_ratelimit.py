@@ -87,15 +87,37 @@ def another_node() -> None:
     ratelimit._shared._clients.clear()
 
 
-async def test_the_users_bucket_is_one_for_every_node_with_redis(settings):
+@pytest.fixture
+def redis_url():
+    """The run's Redis; the keys a test made under its prefix are deleted after it."""
     import os
-
-    from realtime.ratelimit import take_user_token
 
     from .conftest import need
 
     need(bool(os.environ.get("REDIS_URL")), "REDIS_URL is not set")
-    shared_settings(settings, os.environ["REDIS_URL"], burst=5)
+    yield os.environ["REDIS_URL"]
+    from asgiref.sync import async_to_sync
+    from django.conf import settings
+
+    shared = (getattr(settings, "REALTIME", {}) or {}).get("PUBLISH_USER_REDIS") or {}
+
+    async def forget() -> None:
+        import redis.asyncio as redis
+
+        if not shared.get("prefix"):
+            return
+        client = redis.Redis.from_url(os.environ["REDIS_URL"])
+        async for key in client.scan_iter(match=f"{shared['prefix']}:publish:*"):
+            await client.delete(key)
+        await client.aclose()
+
+    async_to_sync(forget)()
+
+
+async def test_the_users_bucket_is_one_for_every_node_with_redis(settings, redis_url):
+    from realtime.ratelimit import take_user_token
+
+    shared_settings(settings, redis_url, burst=5)
     user = await db(UserFactory)()
     taken = [await take_user_token(user.pk) for _ in range(3)]
     another_node()
@@ -127,3 +149,42 @@ async def test_a_redis_out_of_reach_limits_per_node_and_says_so_once(settings, c
     assert taken == [True, True, True, False, False]  # this node's bucket, burst 3
     warnings = [r for r in caplog.records if "shared publish buckets unavailable" in r.message]
     assert len(warnings) == 1
+
+
+async def test_a_node_never_passes_its_own_limit_when_redis_goes_away(settings, private_redis):
+    from realtime.ratelimit import take_user_token
+
+    shared_settings(settings, private_redis.url, burst=3)
+    user = await db(UserFactory)()
+    taken = [await take_user_token(user.pk) for _ in range(2)]  # both buckets pay
+    private_redis.stop()
+    taken += [await take_user_token(user.pk) for _ in range(3)]
+    # 3 on this node in all, as without Redis (the node's bucket had been charged too).
+    assert taken == [True, True, True, False, False]
+
+
+async def test_a_stalled_redis_costs_one_wait_then_the_node_decides_alone(settings):
+    import asyncio
+    import time
+
+    from realtime.ratelimit import take_user_token
+
+    accepted: list[object] = []
+
+    async def silent(reader, writer) -> None:  # accepts, reads, never answers
+        accepted.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    shared_settings(settings, f"redis://127.0.0.1:{port}/0", burst=3)
+    user = await db(UserFactory)()
+    started = time.monotonic()
+    taken = [await take_user_token(user.pk) for _ in range(5)]
+    elapsed = time.monotonic() - started
+    server.close()
+    for writer in accepted:
+        writer.close()
+    assert taken == [True, True, True, False, False]  # the node's bucket
+    assert len(accepted) == 1  # only the first take went to Redis; the others rested
+    assert elapsed < 10  # it gave up (about 1 s) instead of waiting on the socket
