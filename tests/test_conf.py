@@ -46,3 +46,21 @@ def test_a_non_dict_setting_is_reported_by_the_checks(settings):
     settings.REALTIME = [("RELAY_BATCH", 3)]
     [error] = check_settings()
     assert error.id == "realtime.E010"
+
+
+def test_every_setting_and_check_is_documented():
+    """The settings table of docs/integration.md has a row for every REALTIME key, and the
+    docs name every check id the apps can report (in full, or as `E041` beside its app)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    table = (root / "docs" / "integration.md").read_text()
+    assert [key for key in DEFAULTS if f"| `{key}` |" not in table] == []
+    docs = "".join(path.read_text() for path in (root / "docs").glob("*.md"))
+    ids = set()
+    for checks in ("realtime/checks.py", "presence/checks.py"):
+        ids |= set(re.findall(r'id="(\w+\.[EW]\d{3})"', (root / checks).read_text()))
+    assert len(ids) > 30  # the pattern found them
+    missing = [i for i in sorted(ids) if i not in docs and f"`{i.split('.')[1]}`" not in docs]
+    assert missing == []
