@@ -1,4 +1,4 @@
-"""Presence on the WebSocket: realtime connection hooks that keep the backend's entries.
+"""Presence on the WebSocket and SSE: realtime connection hooks that keep the backend's entries.
 
 A subscription to a stream whose policy has `presence = True` is an entry (stream, user,
 connection). The backend reports a user's first entry (a join) and last one (a leave); only

@@ -61,10 +61,13 @@ DEFAULTS: dict[str, Any] = {
     "MALFORMED_LIMIT": 10,
     "MAX_SUBSCRIPTIONS": 100,
     "MAX_CONNECTIONS_PER_USER": 20,
-    # Client publishes: token bucket per socket and per user (per node): rate/s and burst;
-    # refusals past ABUSE_LIMIT since the last accepted publish close the socket with 4429.
+    # Client publishes: token bucket per socket and per user (per node, or on every node
+    # with PUBLISH_USER_REDIS): rate/s and burst; refusals past ABUSE_LIMIT since the last
+    # accepted publish close the socket with 4429.
     "PUBLISH_RATE": 10.0,
     "PUBLISH_BURST": 20,
+    # {"url": "redis://…", "prefix": "…"}: the per-user publish bucket in Redis, shared by
+    # every node (the node's bucket is charged too, and decides alone when Redis fails).
     "PUBLISH_USER_REDIS": None,
     # Subscribe frames: token bucket per socket (each subscribe on a presence stream tells
     # every member; unsubscribe is free); the burst lets a page subscribe to all it shows at once.
@@ -81,6 +84,8 @@ DEFAULTS: dict[str, Any] = {
     "REPLAY_BUFFER": 1_000,
     # Single-use WebSocket tickets: lifetime in seconds.
     "TICKET_TTL": 60,
+    # DRF authentication classes the event feed, SSE and the presence list take credentials
+    # by, when there is no signed-in session; None: DRF's DEFAULT_AUTHENTICATION_CLASSES.
     "HTTP_AUTHENTICATION_CLASSES": None,
     # A callable (user) -> str | None naming the connection's tenant, or its dotted path.
     "TENANT_RESOLVER": None,

@@ -22,10 +22,11 @@ class ConnectionHooks:
     """Base class of a hook object; every method is optional."""
 
     async def connected(self, connection: Any) -> None:
-        """The socket was accepted and welcomed."""
+        """The connection (a socket, or an SSE stream) was accepted (a socket: and welcomed)."""
 
     async def subscribed(self, connection: Any, stream: str, policy: Any) -> dict[str, Any] | None:
-        """A subscription was authorized; return extra fields for the subscribe reply's data."""
+        """A subscription was authorized; return extra fields for the subscribe reply's data
+        (ignored for an SSE stream, which has no reply)."""
         return None
 
     async def unsubscribed(self, connection: Any, stream: str, policy: Any, reason: str) -> None:
@@ -38,7 +39,7 @@ class ConnectionHooks:
         return True, data
 
     async def disconnected(self, connection: Any) -> None:
-        """The socket closed (its subscriptions got `unsubscribed` first)."""
+        """The connection closed (its subscriptions got `unsubscribed` first)."""
 
 
 _registered: list[ConnectionHooks] = []
