@@ -80,6 +80,32 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
+def redis_names() -> str:
+    """A key prefix of one test's own in the run's Redis, under the run's names, so that it
+    is deleted with them when the run ends (`pytest_sessionfinish`)."""
+    import uuid
+
+    return f"{os.environ.get('REDIS_PREFIX') or 'test'}.{uuid.uuid4().hex}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Delete the keys this process's tests left in the run's Redis (their names hold the
+    run's tag: tests/settings_test.py), so runs do not pile them up there."""
+    url = os.environ.get("REDIS_URL")
+    prefix = os.environ.get("REDIS_PREFIX", "")
+    if not url or "test-" not in prefix:
+        return
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        for key in client.scan_iter(match=f"{prefix}.*", count=1000):
+            client.delete(key)
+        client.close()
+    except Exception:  # the run's result stands whatever happens here
+        pass
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("redis"):
         url = os.environ.get("REDIS_URL", "")

@@ -1,16 +1,19 @@
 """Settings of the test run: the demo's, and a second database for the tests of `using=`."""
 
 import os
+import uuid
 
-# The workers of a parallel run (pytest-xdist, `-n`) share the Redis of REDIS_URL: each gets
-# names of its own there (its daphne children inherit the variable), as the test databases
-# of pytest-django get a suffix of their own. Redis pub/sub ignores the database number.
-# Appended to a REDIS_PREFIX of the run's own, once (a child that imports these settings
-# again inherits the worker's).
-_worker = os.environ.get("PYTEST_XDIST_WORKER")
-_prefix = os.environ.get("REDIS_PREFIX", "")
-if _worker and not _prefix.endswith(f"test-{_worker}"):
-    os.environ["REDIS_PREFIX"] = f"{_prefix}.test-{_worker}" if _prefix else f"test-{_worker}"
+# Every run, and every worker of a parallel run (pytest-xdist, `-n`), gets names of its own
+# in the Redis of REDIS_URL (its daphne children inherit the variable), as the test databases
+# of pytest-django get a suffix of their own. Redis pub/sub ignores the database number, and
+# keys outlive a run: a user's publish bucket is keyed by pk, and the next run's fresh test
+# database hands out the same pks. After a REDIS_PREFIX of the caller's own; worked out again
+# in each process from what the first one noted (a worker inherits the controller's
+# variables), and the keys are deleted when the run ends (tests/conftest.py).
+_base = os.environ.setdefault("REALTIME_TEST_BASE_PREFIX", os.environ.get("REDIS_PREFIX", ""))
+_run = os.environ.setdefault("REALTIME_TEST_RUN", uuid.uuid4().hex[:8])
+RUN_TAG = f"test-{_run}-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+os.environ["REDIS_PREFIX"] = f"{_base}.{RUN_TAG}" if _base else RUN_TAG
 
 from config.settings import *  # noqa: E402, F403
 

@@ -19,6 +19,7 @@ from websockets.typing import Origin
 from board.membership import add_member, remove_member
 from realtime.testing import session_for
 
+from .conftest import redis_names
 from .factories import ProjectFactory, UserFactory, server_password
 from .live import Browser, Daphne, database_url
 
@@ -118,7 +119,6 @@ def test_users_of_a_killed_node_leave_exactly_once_as_seen_from_the_other_node(t
     """20 users present through node A; A gets SIGKILL; a member on node B sees each of them
     leave once (reason "expired") within TTL + sweep interval, and nothing twice."""
     import time
-    import uuid
 
     ttl, sweep_every = 3.0, 1.0
     owner = UserFactory(username="presence-owner")
@@ -129,7 +129,7 @@ def test_users_of_a_killed_node_leave_exactly_once_as_seen_from_the_other_node(t
     sessions = {user.pk: session_for(user) for user in [owner, *users]}
     stream = f"project:{project.pk}"
     presence = {
-        "CONFIG": {"url": os.environ["REDIS_URL"], "prefix": f"test-{uuid.uuid4().hex}"},
+        "CONFIG": {"url": os.environ["REDIS_URL"], "prefix": redis_names()},
         "TTL": ttl,
         "REFRESH_INTERVAL": 1.0,
         "SWEEP_INTERVAL": sweep_every,
@@ -396,7 +396,6 @@ def test_a_user_on_sse_through_one_node_is_present_on_the_other_past_the_ttl(tmp
     node B sees her join, sees no leave while her stream lasts longer than the TTL (node A
     refreshes her entry), and sees her leave once when she goes."""
     import http.client
-    import uuid
 
     ttl = 3.0
     owner = UserFactory(username="sse-owner")
@@ -405,7 +404,7 @@ def test_a_user_on_sse_through_one_node_is_present_on_the_other_past_the_ttl(tmp
     add_member(project, alice)
     stream = f"project:{project.pk}"
     presence = {
-        "CONFIG": {"url": os.environ["REDIS_URL"], "prefix": f"test-{uuid.uuid4().hex}"},
+        "CONFIG": {"url": os.environ["REDIS_URL"], "prefix": redis_names()},
         "TTL": ttl,
         "REFRESH_INTERVAL": 1.0,
         "SWEEP_INTERVAL": 1.0,
@@ -457,7 +456,6 @@ def test_a_user_on_sse_through_one_node_is_present_on_the_other_past_the_ttl(tmp
 def test_a_users_sockets_on_two_nodes_share_one_publish_bucket(tmp_path):
     """Burst 6 per user: three sockets on node A and three on node B publish 4 each; 6 pass
     in all (each node's own bucket would pass 6 on each)."""
-    import uuid
 
     owner = UserFactory(username="bucket-owner")
     project = ProjectFactory(owner=owner)
@@ -466,7 +464,7 @@ def test_a_users_sockets_on_two_nodes_share_one_publish_bucket(tmp_path):
     realtime = {
         "PUBLISH_RATE": 0.001,  # nothing comes back during the test
         "PUBLISH_BURST": 6,
-        "PUBLISH_USER_REDIS": {"url": os.environ["REDIS_URL"], "prefix": uuid.uuid4().hex},
+        "PUBLISH_USER_REDIS": {"url": os.environ["REDIS_URL"], "prefix": redis_names()},
     }
     env = live_env(realtime=realtime)
     with Daphne(env, tmp_path / "a.log") as node_a, Daphne(env, tmp_path / "b.log") as node_b:

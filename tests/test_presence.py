@@ -22,6 +22,7 @@ from presence.tracker import get_backend, iso, sweep
 from realtime.hooks import ConnectionHooks
 from realtime.testing import RealtimeClient, session_for
 
+from .conftest import redis_names
 from .factories import OrganizationFactory, ProjectFactory, UserFactory
 
 db = sync_to_async
@@ -32,7 +33,7 @@ def backend_settings() -> dict:
     if os.environ.get("REDIS_URL"):
         return {
             "BACKEND": "presence.backends.redis.RedisBackend",
-            "CONFIG": {"url": os.environ["REDIS_URL"], "prefix": f"test-{uuid.uuid4().hex}"},
+            "CONFIG": {"url": os.environ["REDIS_URL"], "prefix": redis_names()},
         }
     return {
         "BACKEND": "presence.backends.memory.MemoryBackend",
@@ -108,7 +109,7 @@ def make_backend(kind: str):
         need(bool(os.environ.get("REDIS_URL")), "REDIS_URL is not set")
         from presence.backends.redis import RedisBackend
 
-        return RedisBackend(url=os.environ["REDIS_URL"], prefix=f"test-{uuid.uuid4().hex}")
+        return RedisBackend(url=os.environ["REDIS_URL"], prefix=redis_names())
     from presence.backends.memory import MemoryBackend
 
     return MemoryBackend()
@@ -166,7 +167,7 @@ async def test_closing_the_redis_backend_closes_its_connections():
     need(bool(os.environ.get("REDIS_URL")), "REDIS_URL is not set")
     from presence.backends.redis import RedisBackend
 
-    backend = RedisBackend(url=os.environ["REDIS_URL"], prefix=f"test-{uuid.uuid4().hex}")
+    backend = RedisBackend(url=os.environ["REDIS_URL"], prefix=redis_names())
     await backend.members("project:1")
     pool = backend._client().connection_pool
     connections = [*pool._available_connections, *pool._in_use_connections]

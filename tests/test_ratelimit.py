@@ -8,6 +8,7 @@ from asgiref.sync import sync_to_async
 from board.membership import add_member
 from realtime.testing import RealtimeClient, session_for
 
+from .conftest import need, redis_names
 from .factories import ProjectFactory, UserFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
@@ -70,12 +71,11 @@ async def test_another_user_has_a_bucket_of_its_own(settings):
 
 
 def shared_settings(settings, url: str, burst: int) -> None:
-    import uuid
 
     settings.REALTIME = {
         "PUBLISH_RATE": 0.001,  # no token comes back during the test
         "PUBLISH_BURST": burst,
-        "PUBLISH_USER_REDIS": {"url": url, "prefix": f"test-{uuid.uuid4().hex}"},
+        "PUBLISH_USER_REDIS": {"url": url, "prefix": redis_names()},
     }
 
 
@@ -89,29 +89,11 @@ def another_node() -> None:
 
 @pytest.fixture
 def redis_url():
-    """The run's Redis; the keys a test made under its prefix are deleted after it."""
+    """The run's Redis (the keys a test makes there go with the run's: tests/conftest.py)."""
     import os
 
-    from .conftest import need
-
     need(bool(os.environ.get("REDIS_URL")), "REDIS_URL is not set")
-    yield os.environ["REDIS_URL"]
-    from asgiref.sync import async_to_sync
-    from django.conf import settings
-
-    shared = (getattr(settings, "REALTIME", {}) or {}).get("PUBLISH_USER_REDIS") or {}
-
-    async def forget() -> None:
-        import redis.asyncio as redis
-
-        if not shared.get("prefix"):
-            return
-        client = redis.Redis.from_url(os.environ["REDIS_URL"])
-        async for key in client.scan_iter(match=f"{shared['prefix']}:publish:*"):
-            await client.delete(key)
-        await client.aclose()
-
-    async_to_sync(forget)()
+    return os.environ["REDIS_URL"]
 
 
 async def test_the_users_bucket_is_one_for_every_node_with_redis(settings, redis_url):
