@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -17,10 +18,17 @@ from .factories import ProjectFactory
 
 
 def redis_layer(url: str) -> dict:
+    """The demo's layer on `url`, under the prefix the demo's settings give it: daphne
+    children of the test inherit REDIS_PREFIX (tests/settings_test.py), and a layer of this
+    process under another prefix would publish where none of them listens."""
+    site = os.environ.get("REDIS_PREFIX", "").strip()
     return {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [{"address": url, "socket_timeout": None}]},
+            "CONFIG": {
+                "hosts": [{"address": url, "socket_timeout": None}],
+                "prefix": f"{site}.asgi" if site else "asgi",
+            },
         }
     }
 
