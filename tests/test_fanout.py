@@ -641,7 +641,12 @@ async def test_joins_and_leaves_cut_off_behind_a_stuck_publish_leave_pubsub_cons
         again, joined = Recording(), Recording()
         await hub.join(left, again)
         await hub.join(failed, joined)
-        assert {names[left], names[failed]} <= await subscribed()
+
+        async def both_subscribed() -> bool:
+            # A join returns once its SUBSCRIBE is sent; Redis lists it once it has run it.
+            return {names[left], names[failed]} <= await subscribed()
+
+        await eventually(both_subscribed)
         for stream in (left, failed):
             await hub.layer.group_send(
                 group_name(stream),
