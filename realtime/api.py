@@ -21,9 +21,9 @@ from .conditional import etag_matches, make_etag
 from .conf import realtime_settings
 from .fanout import get_hub
 from .feed import (
+    Answer,
     BadRequest,
     SignIn,
-    authorize,
     cursor_of,
     method_not_allowed,
     parse_cursor,
@@ -31,9 +31,11 @@ from .feed import (
     parse_version,
     read_events,
     release_request_connections,
+    signed_in,
     starting_positions,
+    unavailable,
 )
-from .httpauth import Refused, Unavailable, authenticate
+from .httpauth import Unavailable
 from .tickets import issue
 
 logger = logging.getLogger("realtime.api")
@@ -98,14 +100,12 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
         cursor = parse_cursor(request.GET.get("cursor"))
         limit = _number(request, "limit", 100, 1, 500, int)
         wait = _number(request, "wait", 0, 0, 25, float)
-        user, credentials = await authenticate(request)
-        audiences = await _db(authorize)(user, streams)
-    except Refused as exc:
-        return BadRequest("not_authenticated", exc.message, 401).response(request)
-    except Unavailable:
-        return _unavailable("cannot authenticate now; retry")
     except BadRequest as exc:
         return exc.response(request)
+    try:
+        user, credentials, audiences = await signed_in(request, streams)
+    except Answer as refused:
+        return refused.response
     sign_in = SignIn.of(request, user, credentials)
     start = await _db(starting_positions)(streams, cursor)
     events, after, resets = await _db(read_events)(start.positions, limit, version, audiences)
@@ -131,7 +131,7 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
                     ",".join(streams),
                     extra={"user": getattr(user, "pk", None)},
                 )
-                return _unavailable()
+                return unavailable("cannot wait for events now; retry")
             # Joined first, then read again: an event committed meanwhile is in one or the other.
             events, after, resets = await _db(read_events)(
                 start.positions, limit, version, audiences
@@ -146,7 +146,7 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
                 try:
                     audiences = await _db(sign_in.reauthorize)(user, streams)
                 except Unavailable:
-                    return _unavailable("cannot authenticate now; retry")
+                    return unavailable("cannot authenticate now; retry")
                 except BadRequest as exc:
                     return exc.response(request)
                 events, after, resets = await _db(read_events)(
@@ -176,15 +176,6 @@ async def event_feed(request: HttpRequest) -> HttpResponse:
         )
         response = HttpResponse(body, content_type="application/json")
     response["ETag"] = etag
-    response["Cache-Control"] = "no-store"
-    return response
-
-
-def _unavailable(message: str = "cannot wait for events now; retry") -> JsonResponse:
-    """503: the request cannot be answered now (the channel layer, or an authentication
-    class that failed); poll again later."""
-    response = JsonResponse({"error": {"code": "internal_error", "message": message}}, status=503)
-    response["Retry-After"] = "1"
     response["Cache-Control"] = "no-store"
     return response
 

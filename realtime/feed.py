@@ -15,7 +15,7 @@ from django.http import HttpRequest, HttpResponseNotAllowed, JsonResponse
 from . import metrics
 from .cursor import CursorError, Position, decode, encode
 from .events import Envelope, is_valid_version, pick_frame
-from .httpauth import Credentials, challenge
+from .httpauth import Credentials, Refused, Unavailable, authenticate, challenge
 from .policies import auth_hash, reload_user, same_password, signed_out, streams_access
 from .protocol import Code
 from .replay import StreamPosition, position  # noqa: F401 (position: for callers)
@@ -43,6 +43,40 @@ class BadRequest(Exception):
             if scheme:
                 response["WWW-Authenticate"] = scheme
         return response
+
+
+def unavailable(message: str) -> JsonResponse:
+    """503 `internal_error` with `Retry-After`: the request cannot be answered now (the
+    channel layer, or an authentication class that failed, logged); retry later."""
+    response = BadRequest("internal_error", message, 503).response()
+    response["Retry-After"] = "1"
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+async def signed_in(request: HttpRequest, streams: list[str]) -> tuple[Any, Any, dict[str, str]]:
+    """(user, credentials, audiences) of a read of `streams` (`httpauth.authenticate`, then
+    `authorize`); raises `Answer` with the response that refuses it otherwise."""
+    from channels.db import database_sync_to_async
+
+    try:
+        user, credentials = await authenticate(request)
+        audiences = await database_sync_to_async(authorize, thread_sensitive=False)(user, streams)
+    except Refused as exc:
+        raise Answer(BadRequest("not_authenticated", exc.message, 401).response(request)) from None
+    except Unavailable:
+        raise Answer(unavailable("cannot authenticate now; retry")) from None
+    except BadRequest as exc:
+        raise Answer(exc.response(request)) from None
+    return user, credentials, audiences
+
+
+class Answer(Exception):
+    """A response that ends a request early (`signed_in`)."""
+
+    def __init__(self, response: JsonResponse) -> None:
+        super().__init__(response.status_code)
+        self.response = response
 
 
 def method_not_allowed(allowed: Sequence[str]) -> HttpResponseNotAllowed:

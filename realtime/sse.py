@@ -22,17 +22,17 @@ from .cursor import Position, encode
 from .events import frame_field
 from .fanout import get_hub, node_id
 from .feed import (
+    Answer,
     BadRequest,
     SignIn,
-    authorize,
     method_not_allowed,
     parse_cursor,
     parse_streams,
     parse_version,
     release_request_connections,
+    signed_in,
     starting_positions,
 )
-from .httpauth import Refused, Unavailable, authenticate
 from .policies import (
     auth_hash,
     next_recheck,
@@ -54,14 +54,6 @@ LIMITED_RETRY_MS = 30_000  # `retry:` of a stream refused over the connection li
 
 def _db(func: Any) -> Any:
     return database_sync_to_async(func, thread_sensitive=False)
-
-
-def _unavailable() -> HttpResponse:
-    """503 with `Retry-After`: an authentication class failed (logged); retry later."""
-    response = BadRequest("internal_error", "cannot authenticate now; retry", 503).response()
-    response["Retry-After"] = "1"
-    response["Cache-Control"] = "no-store"
-    return response
 
 
 def _message(event: str, data: str, event_id: str | None = None) -> str:
@@ -475,28 +467,16 @@ async def sse_view(request: HttpRequest) -> HttpResponse | StreamingHttpResponse
     try:
         streams = parse_streams(request)
         version = parse_version(request)
-        cursor = parse_cursor(request.headers.get("Last-Event-ID") or request.GET.get("cursor"))
-        user, credentials = await authenticate(request)
-        audiences = await _db(authorize)(user, streams)
-    except Refused as exc:
-        return BadRequest("not_authenticated", exc.message, 401).response(request)
-    except Unavailable:
-        return _unavailable()
     except BadRequest as exc:
-        if exc.code == "invalid_cursor":
-            # A cursor we cannot read: start now, and say so with a reset per stream.
-            cursor = {s: Position(-1, "invalid") for s in parse_streams(request)}
-            try:
-                user, credentials = await authenticate(request)
-                audiences = await _db(authorize)(user, streams)
-            except Refused as refused:
-                return BadRequest("not_authenticated", refused.message, 401).response(request)
-            except Unavailable:
-                return _unavailable()
-            except BadRequest as refused:
-                return refused.response(request)
-        else:
-            return exc.response(request)
+        return exc.response(request)
+    try:
+        cursor = parse_cursor(request.headers.get("Last-Event-ID") or request.GET.get("cursor"))
+    except BadRequest:  # a cursor we cannot read: start now, and say so with a reset per stream
+        cursor = {s: Position(-1, "invalid") for s in streams}
+    try:
+        user, credentials, audiences = await signed_in(request, streams)
+    except Answer as refused:
+        return refused.response
     start = await _db(starting_positions)(streams, cursor)
     connection = SSEConnection(
         user,
