@@ -334,7 +334,10 @@ def emit_many(
     size = max(1, batch_size)
     using = using or router.db_for_write(Event)
     counts = Counter(item.stream for item in pending)
-    names = list(counts)
+    # Sorted: missing rows are inserted in one global order, so two writers making the same
+    # new streams wait for each other instead of deadlocking (an INSERT ... ON CONFLICT
+    # waits on another transaction's uncommitted row of the same name).
+    names = sorted(counts)
     with transaction.atomic(using=using, savepoint=False):
         correlation_id = _correlation_id(using)
         rows = _lock_streams(names, size, using)

@@ -33,7 +33,10 @@ class RegistrationError(ValueError):
     """A registration that cannot work; raised at the first save and reported by checks."""
 
 
-Plan = dict[str, dict[str, tuple[str, Any]]]  # stream -> variant key -> (type, data)
+# stream -> events -> variant key -> (type, data). Registrations of other versions are
+# variants of one event; one whose version the stream's event already has (a proxy's own
+# name on its concrete model's stream) is an event of its own.
+Plan = dict[str, list[dict[str, tuple[str, Any]]]]
 
 
 @dataclass
@@ -160,7 +163,11 @@ class Registration:
         """Put the events of `action` on `stream` into `plan`: the payload of this version,
         and one per audience the stream has. `cache` holds the payloads serialized so far
         for this instance (by payload key), so each is serialized once."""
-        by_key = plan.setdefault(stream, {})
+        events = plan.setdefault(stream, [])
+        by_key = next((event for event in events if self.version not in event), None)
+        if by_key is None:
+            by_key = {}
+            events.append(by_key)
         type_ = self.type_for(action)
         if action == "deleted":
             by_key.setdefault(self.version, (type_, self.deleted_data(instance.pk, instance)))
@@ -524,6 +531,7 @@ def _connect(model: Any) -> None:
         signals.post_save.connect(_on_save, sender=cls, dispatch_uid=uid, weak=False)
         signals.post_delete.connect(_on_delete, sender=cls, dispatch_uid=uid, weak=False)
         _wrap_save_base(cls)
+        _wrap_refresh_from_db(cls)
 
 
 def _on_class_prepared(sender: Any, **kwargs: Any) -> None:
@@ -563,6 +571,37 @@ def _wrap_save_base(model: Any) -> None:
 
     save_base._realtime_wrapped = True  # type: ignore[attr-defined]
     model.save_base = save_base
+
+
+def _wrap_refresh_from_db(model: Any) -> None:
+    # `refresh_from_db` loads a second instance and copies its values over: without this,
+    # the instance would keep the values it was loaded with as those of its row, and a move
+    # after the refresh would send its `deleted` to a stream the row has already left.
+    original = model.__dict__.get("refresh_from_db") or model.refresh_from_db
+    if getattr(original, "_realtime_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def refresh_from_db(self: Any, using: Any = None, fields: Any = None, **kwargs: Any) -> Any:
+        result = original(self, using, fields, **kwargs)
+        if realtime_settings.ENABLED and registry.for_model(type(self)):
+            _refreshed(self, fields)
+        return result
+
+    refresh_from_db._realtime_wrapped = True  # type: ignore[attr-defined]
+    model.refresh_from_db = refresh_from_db
+
+
+def _refreshed(instance: Any, fields: Any) -> None:
+    """Record the values a refresh read as what the row holds (pending until commit in a
+    transaction, as a save's)."""
+    alias = instance._state.db
+    if alias is None or instance.pk is None:
+        return
+    values, concrete = instance.__dict__, _attnames(type(instance))
+    names = concrete if fields is None else _attnames_of(type(instance), fields) & set(concrete)
+    read = {name: values[name] for name in names if name in values}
+    _remember(instance, {**(_stored(instance, alias) or {}), **read}, alias)
 
 
 _ATTNAMES: dict[Any, tuple[str, ...]] = {}
@@ -779,7 +818,14 @@ def emit_instances(
     if not instances:
         return 0
     plans = [_plan(instance, action) for instance in instances]
-    return len(_append(plans, using or instances[0]._state.db))
+    written = _append(plans, using or instances[0]._state.db)
+    if action != "deleted":
+        # These rows now hold the instances' values (`bulk_create` leaves no snapshot: its
+        # instances had no pk when made), so a later save that moves one is seen as a move.
+        for instance in instances:
+            alias = using or instance._state.db or router.db_for_write(type(instance))
+            _remember(instance, _snapshot(instance), alias)
+    return len(written)
 
 
 def _raise_problems(reg: Registration) -> None:
@@ -794,9 +840,10 @@ def _append(plans: list[Plan], using: str | None) -> list[Any]:
     default = realtime_settings.DEFAULT_VERSION
     pending = []
     for plan in plans:
-        for stream, by_version in plan.items():
-            primary = default if default in by_version else next(iter(by_version))
-            type_, data = by_version[primary]
-            variants = {v: td for v, td in by_version.items() if v != primary}
-            pending.append(Pending(stream, type_, data, variants))
+        for stream, events in plan.items():
+            for by_version in events:
+                primary = default if default in by_version else next(iter(by_version))
+                type_, data = by_version[primary]
+                variants = {v: td for v, td in by_version.items() if v != primary}
+                pending.append(Pending(stream, type_, data, variants))
     return append(pending, using=using)

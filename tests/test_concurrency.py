@@ -129,3 +129,41 @@ def test_bulk_emits_and_single_emits_on_shared_streams_stay_gapless_without_dead
         )
         assert seqs == list(range(1, stream.last_seq + 1)), stream.name
     assert Event.objects.filter(stream__name__in=streams).count() == 50 + 4 * 10 * 50 + 4 * 50
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_bulk_emits_that_make_the_same_new_streams_in_other_orders_do_not_deadlock():
+    """Two emit_many calls whose streams do not exist yet, given in opposite orders, one row
+    per batch: an INSERT of a name another transaction inserted waits for that transaction,
+    so rows made in the order given would close a cycle. Both commit, in some order."""
+    import realtime
+
+    streams = [f"user:{9500 + i}" for i in range(20)]
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def bulk(order: list[str]) -> None:
+        try:
+            barrier.wait(10)
+            with transaction.atomic():
+                realtime.emit_many(((s, "v1:note.added", {}) for s in order), batch_size=1)
+                time.sleep(0.05)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [
+        threading.Thread(target=bulk, args=(order,)) for order in (streams, streams[::-1])
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors[0]
+    flush()
+    for stream in Stream.objects.filter(name__in=streams):
+        seqs = list(Event.objects.filter(stream=stream).values_list("seq", flat=True))
+        assert sorted(seqs) == [1, 2], stream.name
+    assert Stream.objects.filter(name__in=streams).count() == 20

@@ -94,6 +94,25 @@ def test_a_registered_proxy_adds_its_own_events_to_its_concrete_models():
     assert types(f"project:{project.pk}")[-1] == "v1:item.created"
 
 
+def test_a_registered_proxy_on_its_concrete_models_stream_gets_an_event_of_its_own():
+    """Two registrations of one stream: the concrete model's and the proxy's own name, in the
+    same version. Each is its own event, not one swallowed by the other's."""
+    realtime.register(ArchivedItem, streams="project:{project_id}", name="archived")
+    try:
+        project = ProjectFactory()
+        archived = ArchivedItem.objects.create(project=project, title="a")
+        archived.delete()
+        flush()
+        assert types(f"project:{project.pk}")[1:] == [
+            "v1:item.created",
+            "v1:archived.created",
+            "v1:item.deleted",
+            "v1:archived.deleted",
+        ]
+    finally:
+        registry.unregister(ArchivedItem)
+
+
 # -- moves ---------------------------------------------------------------------------------
 
 
@@ -136,6 +155,69 @@ def test_two_saves_of_one_move_in_one_transaction_move_once():
     flush()
     assert types(f"project:{old.pk}")[1:] == ["v1:item.created", "v1:item.deleted"]
     assert types(f"project:{new.pk}")[1:] == ["v1:item.created", "v1:item.updated"]
+
+
+def test_a_move_after_refresh_from_db_leaves_the_stream_the_row_was_refreshed_in():
+    p1 = ProjectFactory()
+    p2, p3 = (ProjectFactory(organization=p1.organization) for _ in range(2))
+    item = ItemFactory(project=p1)
+    mine, other = Item.objects.get(pk=item.pk), Item.objects.get(pk=item.pk)
+    other.project = p2
+    other.save()  # someone else moves it: deleted on p1, created on p2
+    mine.refresh_from_db()
+    mine.project = p3
+    mine.save()  # from p2, as the refresh read
+    flush()
+    assert types(f"project:{p1.pk}")[1:] == ["v1:item.created", "v1:item.deleted"]
+    assert types(f"project:{p2.pk}")[1:] == ["v1:item.created", "v1:item.deleted"]
+    assert types(f"project:{p3.pk}")[1:] == ["v1:item.created"]
+
+
+def test_a_refresh_of_some_fields_keeps_what_it_did_not_read():
+    p1 = ProjectFactory()
+    p2, p3 = (ProjectFactory(organization=p1.organization) for _ in range(2))
+    item = ItemFactory(project=p1)
+    mine, other = Item.objects.get(pk=item.pk), Item.objects.get(pk=item.pk)
+    other.project = p2
+    other.save()
+    mine.refresh_from_db(fields=["title"])  # the project is not read: still p1 as far as known
+    assert mine.project_id == p1.pk
+    mine.refresh_from_db(fields=["project"])  # by name: its attname is project_id
+    mine.project = p3
+    mine.save()
+    flush()
+    assert types(f"project:{p2.pk}")[-1] == "v1:item.deleted"
+    assert types(f"project:{p1.pk}").count("v1:item.deleted") == 1
+
+
+def test_a_refresh_in_a_rolled_back_transaction_is_forgotten_with_it():
+    p1 = ProjectFactory()
+    p2 = ProjectFactory(organization=p1.organization)
+    item = Item.objects.get(pk=ItemFactory(project=p1).pk)
+    with pytest.raises(Boom), transaction.atomic():
+        Item.objects.filter(pk=item.pk).update(project=p2)  # undone below
+        item.refresh_from_db()
+        assert item.project_id == p2.pk
+        raise Boom
+    item.refresh_from_db()  # back on p1
+    item.title = "renamed"
+    item.save()
+    flush()
+    assert types(f"project:{p1.pk}")[-1] == "v1:item.updated"
+    assert types(f"project:{p2.pk}")[1:] == []
+
+
+def test_a_move_of_a_bulk_created_instance_is_seen():
+    p1 = ProjectFactory()
+    p2 = ProjectFactory(organization=p1.organization)
+    with transaction.atomic():
+        [item] = Item.objects.bulk_create([Item(project=p1, title="bulk")])
+        assert realtime.emit_instances([item], "created") == 1
+    item.project = p2
+    item.save()
+    flush()
+    assert types(f"project:{p1.pk}")[1:] == ["v1:item.created", "v1:item.deleted"]
+    assert types(f"project:{p2.pk}")[1:] == ["v1:item.created"]
 
 
 def test_update_fields_that_leave_the_stream_field_out_move_nothing():
