@@ -194,11 +194,16 @@ def test_a_refresh_in_a_rolled_back_transaction_is_forgotten_with_it():
     p1 = ProjectFactory()
     p2 = ProjectFactory(organization=p1.organization)
     item = Item.objects.get(pk=ItemFactory(project=p1).pk)
-    with pytest.raises(Boom), transaction.atomic():
-        Item.objects.filter(pk=item.pk).update(project=p2)  # undone below
-        item.refresh_from_db()
-        assert item.project_id == p2.pk
-        raise Boom
+
+    def refresh_then_fail() -> None:
+        with transaction.atomic():
+            Item.objects.filter(pk=item.pk).update(project=p2)  # undone below
+            item.refresh_from_db()
+            assert item.project_id == p2.pk
+            raise Boom
+
+    with pytest.raises(Boom):
+        refresh_then_fail()
     item.refresh_from_db()  # back on p1
     item.title = "renamed"
     item.save()
