@@ -154,9 +154,7 @@ def test_bulk_emits_that_make_the_same_new_streams_in_other_orders_do_not_deadlo
         finally:
             connection.close()
 
-    threads = [
-        threading.Thread(target=bulk, args=(order,)) for order in (streams, streams[::-1])
-    ]
+    threads = [threading.Thread(target=bulk, args=(order,)) for order in (streams, streams[::-1])]
     for thread in threads:
         thread.start()
     for thread in threads:
