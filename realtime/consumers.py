@@ -485,9 +485,16 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             if signed_in:
                 self.user = user
                 self.auth_hash = auth_hash(user)  # for a password change later (_reload_user)
-                opened = await _thread(self._open_row)(
-                    (query.get("v") or [""])[0], str(client[0] or ""), limit
-                )
+                version, address = (query.get("v") or [""])[0], str(client[0] or "")
+                writing = _background(_thread(self._open_row)(version, address, limit))
+                try:
+                    opened = await asyncio.shield(writing)
+                except asyncio.CancelledError:
+                    # The server gave up on the handshake while the row was written: the
+                    # thread goes on, and a row it writes must not count against the user's
+                    # limit until the sweep (CONNECTION_SWEEP_AFTER).
+                    _background(self._release_unaccepted_row(writing))
+                    raise
         except Exception:
             # The database failed (a ticket's redeem, the count or the row): accepted and
             # closed with 4500, as a failure after the accept is. Raised from here, it would
@@ -547,6 +554,16 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         )
         self.announced = True  # `disconnected` is called only after `connected`
         await hooks.call("connected", self)
+
+    async def _release_unaccepted_row(self, writing: asyncio.Task[bool]) -> None:
+        from .connections import close_connection
+
+        try:
+            opened = await writing
+        except Exception:
+            return  # nothing written: its transaction rolled back
+        if opened:
+            await _thread(close_connection)(self.connection_id)
 
     def _open_row(self, version: str, addr: str, limit: int) -> bool:
         """Write this socket's Connection row unless the user has `limit` rows already."""
@@ -1222,6 +1239,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         # was subscribed under.
         policies = {stream: subscription.policy for stream, subscription in current.items()}
         decided = await _thread(streams_access)(self.user, list(current), policies)
+        # Every decision takes effect before the first await: a refused stream must not go
+        # on receiving while the leave of another one (a Redis round trip) is awaited.
+        ended = []
         for stream, subscription in current.items():
             if self.subscriptions.get(stream) is not subscription:
                 continue  # unsubscribed meanwhile (or closed): the decision is not about it
@@ -1234,11 +1254,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.subscriptions.pop(stream, None)
             if subscription.task is not None:
                 subscription.task.cancel()
-            await self.hub.leave(stream, subscription)
-            await hooks.call("unsubscribed", self, stream, subscription.policy, "forbidden")
             self.enqueue(
                 protocol.dumps({"op": "unsubscribed", "stream": stream, "reason": Code.FORBIDDEN})
             )
+            ended.append((stream, subscription))
+        for stream, subscription in ended:
+            await self.hub.leave(stream, subscription)
+            await hooks.call("unsubscribed", self, stream, subscription.policy, "forbidden")
         self._save_subscriptions()
 
     async def realtime_logout(self, message: dict[str, Any]) -> None:

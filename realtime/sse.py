@@ -209,6 +209,9 @@ class SSEConnection:
         self.user = user
         hub = get_hub()
         decided = await _db(streams_access)(self.user, list(self.subscriptions))
+        # Every decision takes effect before the first await: a refused stream must not go
+        # on receiving while the leave of another one is awaited.
+        ended = []
         for stream, (refused, audience) in decided.items():
             subscription = self.subscriptions.get(stream)
             if subscription is None:
@@ -218,12 +221,14 @@ class SSEConnection:
                 continue
             subscription.authorized = False
             del self.subscriptions[stream]
+            frame = {"op": "unsubscribed", "stream": stream, "reason": "forbidden"}
+            self.enqueue(_message("unsubscribed", json.dumps(frame)))
+            ended.append((stream, subscription))
+        for stream, subscription in ended:
             await hub.leave(stream, subscription)
             # Shielded: a stream that closes meanwhile cancels this decision, and the leave
             # must still be told (else its presence stays until the TTL runs out).
             await asyncio.shield(_background(self._unhook(stream, subscription, "forbidden")))
-            frame = {"op": "unsubscribed", "stream": stream, "reason": "forbidden"}
-            self.enqueue(_message("unsubscribed", json.dumps(frame)))
         if not self.subscriptions:
             self.closed = True
             self.wakeup.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -258,4 +259,54 @@ async def test_a_permission_change_decides_all_of_a_sockets_streams_together(mon
     titles = {(await item_event(client))["data"]["title"] for _ in range(9)}
     assert titles == {f"after {n}" for n in range(10) if n != 3}
     assert await no_item_event(client, 0.5)
+    await client.close()
+
+
+async def test_streams_revoked_together_stop_together_while_the_first_ones_leave_is_awaited():
+    """Both of a socket's streams are refused in one decision. The leave of the first one
+    awaits (a Redis round trip in production; here a hook that commits an event on the
+    other stream meanwhile): the other stream must not deliver it."""
+    from django.db import transaction
+
+    from realtime import hooks
+    from realtime.testing import flush
+
+    reader: Any = await db(UserFactory)()
+    first, second = await db(ProjectFactory)(), await db(ProjectFactory)()
+    for project in (first, second):
+        await db(add_member)(project, reader)
+    client = await client_for(reader)
+    streams = {f"project:{first.pk}": second, f"project:{second.pk}": first}
+    for stream in streams:
+        assert (await client.subscribe(stream))["ok"] is True
+
+    class SlowLeave(hooks.ConnectionHooks):
+        waited = False
+
+        async def unsubscribed(self, connection: Any, stream: str, policy: Any, reason: str):
+            if reason == "forbidden" and not self.waited:
+                self.waited = True
+                await db(ItemFactory)(project=streams[stream], title="after the decision")
+                await db(flush)()
+                await asyncio.sleep(0.3)
+
+    slow = SlowLeave()
+    hooks.register_hooks(slow)
+    try:
+
+        def revoke_both() -> None:
+            with transaction.atomic():
+                remove_member(first, reader)
+                remove_member(second, reader)
+
+        await db(revoke_both)()
+        frames = []
+        while len([f for f in frames if f.get("op") == "unsubscribed"]) < 2:
+            frames.append(await client.receive(timeout=5))
+        assert await no_item_event(client, 0.5)
+    finally:
+        hooks.unregister_hooks(slow)
+    assert slow.waited
+    titles = [f["data"].get("title") for f in frames if f.get("op") == "event"]
+    assert "after the decision" not in titles
     await client.close()

@@ -854,3 +854,57 @@ async def test_a_malformed_version_is_400_unsupported_version(version):
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "unsupported_version"
     assert response.json()["error"]["message"]
+
+
+async def test_streams_revoked_together_stop_together_while_the_first_ones_leave_is_awaited():
+    """As on a socket: a decision refusing two streams stops both before the first one's
+    leave (and its hooks) is awaited; an event committed meanwhile on the second one is not
+    sent."""
+    from django.db import transaction
+
+    from realtime import hooks
+    from realtime.testing import flush
+
+    member = await db(UserFactory)()
+    first, second = await db(ProjectFactory)(), await db(ProjectFactory)()
+    for project in (first, second):
+        await db(add_member)(project, member)
+    other = {f"project:{first.pk}": second, f"project:{second.pk}": first}
+
+    class SlowLeave(hooks.ConnectionHooks):
+        waited = False
+
+        async def unsubscribed(self, connection, stream, policy, reason):
+            if reason == "forbidden" and not self.waited:
+                self.waited = True
+                await db(ItemFactory)(project=other[stream], title="after the decision")
+                await db(flush)()
+                await asyncio.sleep(0.3)
+
+    slow = SlowLeave()
+    hooks.register_hooks(slow)
+    try:
+        reader, _ = await open_sse(member, ",".join([*other, f"user:{member.pk}"]))
+
+        def revoke_both() -> None:
+            with transaction.atomic():
+                remove_member(first, member)
+                remove_member(second, member)
+
+        await db(revoke_both)()
+        seen = []
+        while len([m for m in seen if m["event"] == "unsubscribed"]) < 2:
+            seen.append(await reader.event(timeout=5))
+        import realtime
+
+        await db(realtime.emit)(f"user:{member.pk}", "v1:note.added", {"last": True})
+        while True:  # everything up to an event sent after the decision
+            seen.append(await reader.event(timeout=5))
+            if seen[-1]["data"].get("stream") == f"user:{member.pk}":
+                break
+        await reader.close()
+    finally:
+        hooks.unregister_hooks(slow)
+    assert slow.waited
+    titles = [m["data"].get("data", {}).get("title") for m in seen]
+    assert "after the decision" not in titles

@@ -77,6 +77,37 @@ async def test_a_layer_error_at_connect_closes_4500_and_leaves_no_row(monkeypatc
     assert await db(rows_of)(user) == 0
 
 
+async def test_a_connect_the_server_gives_up_on_while_its_row_is_written_leaves_no_row(
+    monkeypatch,
+):
+    """The server cancels a handshake that takes too long (daphne past its handshake and
+    close timeouts). The row's thread cannot be stopped: the row it writes is deleted once
+    it is written, and does not hold a place of the user's connection limit."""
+    from realtime.consumers import RealtimeConsumer
+
+    user = await db(UserFactory)()
+    original = RealtimeConsumer._open_row
+    written = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_open_row(self: Any, *args: Any) -> bool:
+        opened = original(self, *args)
+        time.sleep(0.6)  # a busy thread pool or a slow commit: the server gives up meanwhile
+        loop.call_soon_threadsafe(written.set)
+        return opened
+
+    monkeypatch.setattr(RealtimeConsumer, "_open_row", slow_open_row)
+    client = RealtimeClient(session_key=await db(session_for)(user))
+    with pytest.raises(asyncio.TimeoutError):
+        await client.communicator.connect(timeout=0.2)  # cancels the application
+    await asyncio.wait_for(written.wait(), 5)
+    for _ in range(50):
+        if await db(rows_of)(user) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await db(rows_of)(user) == 0
+
+
 async def test_a_subscribe_that_fails_midway_is_undone_and_can_be_retried(monkeypatch):
     user, client = await connected()
     stream = f"user:{user.pk}"
