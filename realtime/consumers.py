@@ -36,7 +36,7 @@ from .policies import (
 )
 from .protocol import Close, Code, ProtocolError
 from .ratelimit import TokenBucket, take_user_token
-from .streams import parse_stream
+from .streams import parse_stream, same_id
 
 logger = logging.getLogger("realtime.ws")
 
@@ -198,7 +198,7 @@ class Subscription:
             if message.get("origin") == self.consumer.connection_id:
                 return
             sender = message.get("originUser")
-            if sender is not None and sender == getattr(self.consumer.user, "pk", None):
+            if same_id(sender, getattr(self.consumer.user, "pk", None)):
                 return
             self.consumer.send_ephemeral(
                 self.stream, message.get("eventType", ""), message["frames"]["*"]

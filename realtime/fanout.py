@@ -232,12 +232,14 @@ class Hub:
         """Send `listener.control(message)` the control messages of one user (raises as join)."""
         from .consumers import user_group
 
-        await self._enter(self.user_listeners, user_id, user_group(user_id), listener)
+        # Keyed by text: a message carries the id as `wire_id` made it, and a caller of
+        # `permissions_changed` may give "7" for 7.
+        await self._enter(self.user_listeners, str(user_id), user_group(user_id), listener)
 
     async def unwatch_user(self, user_id: Any, listener: Any) -> None:
         from .consumers import user_group
 
-        await self._exit(self.user_listeners, user_id, user_group(user_id), listener)
+        await self._exit(self.user_listeners, str(user_id), user_group(user_id), listener)
 
     async def add_connection(self, connection: Ticking) -> None:
         """Include a socket in this loop's heartbeat (and start the hub if it is the first)."""
@@ -263,7 +265,7 @@ class Hub:
                 self._answered()
                 continue
             if message.get("type") != LAYER_MESSAGE_TYPE:
-                for listener in tuple(self.user_listeners.get(message.get("user"), ())):
+                for listener in tuple(self.user_listeners.get(str(message.get("user")), ())):
                     try:
                         listener.control(message)
                     except Exception:

@@ -118,7 +118,7 @@ async def send_ephemeral(
     from .context import get_correlation_id, new_correlation_id
     from .events import dumps, format_timestamp
     from .publisher import LAYER_MESSAGE_TYPE
-    from .streams import group_name
+    from .streams import group_name, wire_id
 
     frame = {
         "op": "event",
@@ -140,7 +140,7 @@ async def send_ephemeral(
         "frames": {"*": dumps(frame)},
     }
     if origin_user is not None:
-        message["originUser"] = origin_user
+        message["originUser"] = wire_id(origin_user)
     layer = get_channel_layer(realtime_settings.CHANNEL_LAYER)
     async with asyncio.timeout(float(realtime_settings.PUBLISH_TIMEOUT)):
         await layer.group_send(group_name(stream), message)

@@ -12,6 +12,7 @@ from django.db import DEFAULT_DB_ALIAS, transaction
 from django.db.models import signals
 
 from .publisher import publisher
+from .streams import wire_id
 
 logger = logging.getLogger("realtime.invalidation")
 
@@ -21,7 +22,9 @@ def _send(user_ids: Iterable[Any], message_type: str) -> None:
 
     for user_id in set(user_ids):
         if user_id is not None:
-            publisher.send_control(user_group(user_id), {"type": message_type, "user": user_id})
+            publisher.send_control(
+                user_group(user_id), {"type": message_type, "user": wire_id(user_id)}
+            )
 
 
 class _Changed(threading.local):
@@ -285,7 +288,7 @@ def disconnect(connections: Iterable[tuple[Any, str]], *, code: int | None = Non
             user_group(user_id),
             {
                 "type": "realtime.disconnect",
-                "user": user_id,
+                "user": wire_id(user_id),
                 "connection": connection_id,
                 "code": code or Close.DISCONNECTED,
             },

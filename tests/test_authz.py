@@ -310,3 +310,26 @@ async def test_streams_revoked_together_stop_together_while_the_first_ones_leave
     titles = [f["data"].get("title") for f in frames if f.get("op") == "event"]
     assert "after the decision" not in titles
     await client.close()
+
+
+async def test_a_decision_asked_for_with_the_users_id_as_text_reaches_the_socket():
+    """`permissions_changed(["7"])` for user 7 (ids as a form or a message carries them):
+    the hub keys its user listeners by text, as messages carry non-integer ids."""
+    import realtime
+    from realtime.testing import flush
+
+    reader: Any = await db(UserFactory)()
+    project = await db(ProjectFactory)()
+    await db(add_member)(project, reader)
+    client = await client_for(reader)
+    stream = f"project:{project.pk}"
+    assert (await client.subscribe(stream))["ok"] is True
+    # Taken away without a signal (a raw delete), then told by hand, with the id as text.
+    from guardian.models import UserObjectPermission
+
+    await db(lambda: UserObjectPermission.objects.filter(user=reader)._raw_delete("default"))()
+    await db(lambda: realtime.permissions_changed([str(reader.pk)]))()
+    await db(flush)()
+    gone = await client.receive_until("unsubscribed", timeout=2.0)
+    assert gone == {"op": "unsubscribed", "stream": stream, "reason": "forbidden"}
+    await client.close()

@@ -564,7 +564,7 @@ async def test_a_connect_whose_user_group_join_is_stuck_closes_with_4500(setting
     client = RealtimeClient(session_key=await db(session_for)(user))
     closed = await client.connect(timeout=5)
     assert closed == {"type": "websocket.close", "code": 4500}
-    assert user.pk not in get_hub().user_listeners
+    assert str(user.pk) not in get_hub().user_listeners
     assert not await db(Connection.objects.filter(user=user).exists)()  # its row is gone
 
 

@@ -250,3 +250,27 @@ def test_a_logout_inside_a_transaction_is_told_after_it_commits():
             assert [m["type"] for _g, m in sent] == []  # a reconnect now would still get in
         flush()
     assert [m["type"] for _g, m in sent] == ["realtime.logout"]
+
+
+def test_control_messages_carry_a_user_id_that_is_not_an_integer_as_text():
+    """channels-redis packs messages with msgpack, which refuses a UUID: a user model whose
+    pk is one must still reach its sockets (decisions, logouts, disconnects)."""
+    import uuid
+
+    import msgpack
+
+    pk = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    with record_group_sends() as sent:
+        invalidation.permissions_changed([pk, 7])
+        flush()
+        invalidation.disconnect([(pk, "c1")])
+        flush()
+    messages = {(m["type"], m["user"]) for _group, m in sent}
+    assert messages == {
+        ("realtime.authz", str(pk)),
+        ("realtime.authz", 7),  # an int stays one: a node of the last release matches it
+        ("realtime.disconnect", str(pk)),
+    }
+    for _group, message in sent:
+        msgpack.packb(message)  # what channels-redis does; raised TypeError for the UUID
+    assert user_group(pk) in {group for group, _m in sent}

@@ -459,7 +459,7 @@ async def test_a_closed_stream_leaves_nothing_running():
     assert await body.__anext__() == "retry: 3000\n\n"
     hub = get_hub()
     assert all(hub.members.get(s) for s in streams)
-    assert owner.pk in hub.user_listeners
+    assert str(owner.pk) in hub.user_listeners
     await db(_send)([owner.pk], "realtime.authz")  # a decision in flight as it closes
     for _ in range(100):
         if connection.recheck is not None:
@@ -470,7 +470,7 @@ async def test_a_closed_stream_leaves_nothing_running():
     await asyncio.sleep(0)
     assert connection.recheck.done()
     assert not any(hub.members.get(s) for s in streams)
-    assert owner.pk not in hub.user_listeners
+    assert str(owner.pk) not in hub.user_listeners
     from realtime.models import Connection
 
     assert not await db(Connection.objects.filter(pk=connection.connection_id).exists)()
@@ -724,7 +724,7 @@ async def test_a_stream_refused_everything_before_it_watched_its_user_ends(monke
     with pytest.raises(StopAsyncIteration):  # nothing left to stream: the body ends
         await reader.message()
     assert not fanout.get_hub().members.get(f"project:{project.pk}")
-    assert member.pk not in fanout.get_hub().user_listeners
+    assert str(member.pk) not in fanout.get_hub().user_listeners
 
 
 @pytest.mark.parametrize("stuck", ["join", "watch_user"])
@@ -778,7 +778,7 @@ async def test_a_stream_cancelled_again_while_it_leaves_still_releases_its_row(m
     async with asyncio.timeout(5):  # released by a background task: nothing to wait on
         while await db(Connection.objects.filter(user=user).exists)():  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        while user.pk in fanout.get_hub().user_listeners:  # noqa: ASYNC110
+        while str(user.pk) in fanout.get_hub().user_listeners:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     assert not fanout.get_hub().members.get(f"user:{user.pk}")
 

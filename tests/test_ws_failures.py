@@ -373,7 +373,7 @@ async def test_a_socket_cancelled_again_while_it_leaves_still_releases_its_row(m
     async with asyncio.timeout(5):  # released by a background task: nothing to wait on
         while await db(rows_of)(user):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        while user.pk in get_hub().user_listeners:  # noqa: ASYNC110
+        while str(user.pk) in get_hub().user_listeners:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         while get_hub().members.get(f"user:{user.pk}"):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
