@@ -5,11 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.db import connections, router
 from django.db.models.signals import m2m_changed, post_delete, pre_delete
 from django.dispatch import receiver
 
 import realtime
-from realtime.policies import ObjectPolicy, TenantPolicy, UserPolicy, stream_policy
+from realtime.policies import (
+    ObjectPolicy,
+    TenantPolicy,
+    UserPolicy,
+    fits_integer_column,
+    stream_policy,
+)
 
 from .models import Organization, Project
 
@@ -36,11 +43,17 @@ class ProjectPolicy(ObjectPolicy):
 
 def is_member(user: Any, key: str) -> bool:
     """Whether `user` belongs to the organization whose pk is `key`."""
-    if not key.isdigit():
+    if not (key.isascii() and key.isdigit()):
         return False
-    return Organization.members.through.objects.filter(
-        organization_id=int(key), user_id=user.pk
-    ).exists()
+    pk = int(key)
+    alias = router.db_for_read(Organization)
+    if not fits_integer_column(connections[alias], Organization._meta.pk, pk):
+        return False  # names no row, and would not bind (SQLite: OverflowError)
+    return (
+        Organization.members.through.objects.using(alias)
+        .filter(organization_id=pk, user_id=user.pk)
+        .exists()
+    )
 
 
 @stream_policy("tenant")

@@ -171,8 +171,9 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     # The API speaks JSON only: a malformed form body parses as an empty form, and a PATCH
-    # with it would succeed as a no-op instead of being refused.
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # with it would succeed as a no-op instead of being refused. DRF's JSONParser, but a
+    # body nested too deep to decode is a 400 (DRF's own answers it with a 500).
+    "DEFAULT_PARSER_CLASSES": ["realtime.parsers.JSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # Every write becomes an event for each subscriber of its streams: a user's writes are
     # limited (429 with Retry-After), as a socket's publishes are. Reads are not counted.

@@ -56,11 +56,13 @@ class IdempotencyMismatch(APIException):
 
 def stream_positions(streams: list[str]) -> dict[str, tuple[int, str | None]]:
     """Current {stream: (seq, epoch)} in one query; read it before the data, so a client
-    resuming from it misses nothing."""
+    resuming from it misses nothing. A stream with no events is `(0, None)`, whether or not
+    its row exists yet (a writer that locks it makes the row, with an epoch): a tag read
+    before that write still names the state the write finds."""
     from .models import Stream
 
     found = {
-        name: (seq, epoch)
+        name: (seq, epoch if seq else None)
         for name, seq, epoch in Stream.objects.filter(name__in=streams).values_list(
             "name", "last_seq", "epoch"
         )
@@ -224,7 +226,9 @@ def parent_state(user: Any, model: type[models.Model], pk: Any, streams: list[st
         cursor.execute(sql, [*streams, *(values[name] for name in names)])
         rows = cursor.fetchall()
     found = {
-        name: (seq, epoch) for kind, name, seq, epoch in rows if kind == "s" and name is not None
+        name: (seq, epoch if seq else None)  # no events: as stream_positions
+        for kind, name, seq, epoch in rows
+        if kind == "s" and name is not None
     }
     active = bool(getattr(user, "is_active", False))
     perms = sorted({name for kind, name, _s, _e in rows if kind == "p"}) if active else []

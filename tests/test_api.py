@@ -785,3 +785,22 @@ def test_websocket_tickets_spend_no_writes(board, settings):
     url = f"/api/projects/{project.pk}/items/"
     answers = [client.post(url, {"title": f"t{n}"}, format="json").status_code for n in range(3)]
     assert answers == [201, 201, 429]
+
+
+def test_a_body_nested_too_deep_to_decode_is_a_400_and_writes_nothing(board):
+    """DRF's JSONParser lets the decoder's RecursionError through (a 500 with a traceback);
+    the demo's parser (realtime.parsers.JSONParser) answers it as any malformed body."""
+    owner, _project, item = board
+    client = client_for(owner)
+    deep = "[" * 100_000
+    events = Event.objects.count()
+    for method, url in (
+        ("post", f"/api/projects/{item.project_id}/items/"),
+        ("patch", f"/api/items/{item.pk}/"),
+        ("post", "/api/projects/"),
+        ("put", "/api/notifications/preferences/"),
+    ):
+        response = getattr(client, method)(url, deep, content_type="application/json")
+        assert response.status_code == 400, (method, url, response.status_code)
+        assert "nested too deeply" in response.json()["detail"]
+    assert Event.objects.count() == events

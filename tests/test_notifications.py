@@ -316,6 +316,23 @@ def test_delete_takes_if_match():
 
 
 @pytest.mark.django_db
+def test_a_fresh_tag_allows_a_write_when_the_users_stream_has_no_row_yet():
+    """A notification made without notify() (an import, a fixture): the user's stream has no
+    row, and the write's lock makes one (with an epoch) before it checks If-Match. The tag
+    read before names a stream with no events either way, so the write is allowed."""
+    from realtime.models import Stream
+
+    bob = UserFactory()
+    note = Notification.objects.create(recipient=bob, verb="imported", created_at=timezone.now())
+    assert not Stream.objects.filter(name=f"user:{bob.pk}").exists()
+    client = client_for(bob)
+    etag = client.get(f"/api/notifications/{note.pk}/")["ETag"]
+    assert client.post(f"/api/notifications/{note.pk}/read/", HTTP_IF_MATCH=etag).status_code == 200
+    etag = client.get(f"/api/notifications/{note.pk}/")["ETag"]
+    assert client.delete(f"/api/notifications/{note.pk}/", HTTP_IF_MATCH=etag).status_code == 204
+
+
+@pytest.mark.django_db
 def test_read_unread_and_the_count_take_preconditions():
     bob = UserFactory()
     (note,) = notify(bob, "liked")

@@ -239,3 +239,21 @@ def test_a_policy_that_does_not_import_refuses_its_streams_only(settings, caplog
     decided = streams_access(reader, ["broken:1", f"user:{reader.pk}"])
     assert decided == {"broken:1": ("forbidden", None), f"user:{reader.pk}": (None, "")}
     assert "policy for broken:1 raised" in caplog.text
+
+
+def test_the_demos_tenant_kind_refuses_a_key_beyond_the_column_without_an_error(caplog):
+    """`tenant:<99999999999999999999>` names no organization: refused as a missing one is,
+    not by a policy that raised (SQLite's OverflowError, logged with a traceback for every
+    request that sends it)."""
+    from board.models import Organization
+
+    reader = UserFactory()
+    mine = Organization.objects.create(name="Mine")
+    mine.members.add(reader)
+    streams = [f"tenant:{mine.pk}", "tenant:99999999999999999999", "tenant:٣", "tenant:-1"]
+    with caplog.at_level(logging.WARNING):
+        together = streams_access(reader, streams)
+        alone = one_by_one(reader, streams)
+    assert [r.getMessage() for r in caplog.records] == []
+    assert together == alone
+    assert {s for s, (code, _a) in together.items() if code is None} == {streams[0]}
