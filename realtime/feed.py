@@ -26,18 +26,22 @@ MAX_STREAMS = 20
 class BadRequest(Exception):
     """A request parameter that cannot be used; answered with 400 and a message."""
 
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
+    def __init__(
+        self, code: str, message: str, status: int = 400, streams: list[str] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
+        self.streams = streams
 
     def response(self, request: HttpRequest | None = None) -> JsonResponse:
         """The answer; a `401` to `request` carries the challenge of the first authentication
         class that has one (`httpauth.challenge`)."""
-        response = JsonResponse(
-            {"error": {"code": self.code, "message": self.message}}, status=self.status
-        )
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.streams is not None:
+            error["streams"] = self.streams
+        response = JsonResponse({"error": error}, status=self.status)
         if self.status == 401 and request is not None:
             scheme = challenge(request)
             if scheme:
@@ -125,12 +129,15 @@ def authorize(user: Any, streams: list[str]) -> dict[str, str]:
     decided = streams_access(user, streams)  # the streams of one kind together
     for stream in streams:
         code, audience = decided[stream]
-        if code == Code.FORBIDDEN:
-            metrics.UNAUTHORIZED.labels("read").inc()
-            raise BadRequest(code, f"not allowed: {stream}", 403)
-        if code is not None:
+        if code is not None and code != Code.FORBIDDEN:
             raise BadRequest(code, f"cannot read {stream!r}: {code}")
         audiences[stream] = audience or ""
+    refused = [stream for stream in streams if decided[stream][0] == Code.FORBIDDEN]
+    if refused:
+        # Every refused stream named, so a client can drop them and ask again for the rest
+        # (refused and missing alike: existence does not leak).
+        metrics.UNAUTHORIZED.labels("read").inc()
+        raise BadRequest(Code.FORBIDDEN, f"not allowed: {', '.join(refused)}", 403, refused)
     return audiences
 
 

@@ -282,6 +282,7 @@ async def test_streams_revoked_together_stop_together_while_the_first_ones_leave
 
     class SlowLeave(hooks.ConnectionHooks):
         waited = False
+        done = asyncio.Event()
 
         async def unsubscribed(self, connection: Any, stream: str, policy: Any, reason: str):
             if reason == "forbidden" and not self.waited:
@@ -289,6 +290,7 @@ async def test_streams_revoked_together_stop_together_while_the_first_ones_leave
                 await db(ItemFactory)(project=streams[stream], title="after the decision")
                 await db(flush)()
                 await asyncio.sleep(0.3)
+                self.done.set()
 
     slow = SlowLeave()
     hooks.register_hooks(slow)
@@ -303,6 +305,7 @@ async def test_streams_revoked_together_stop_together_while_the_first_ones_leave
         frames = []
         while len([f for f in frames if f.get("op") == "unsubscribed"]) < 2:
             frames.append(await client.receive(timeout=5))
+        await asyncio.wait_for(slow.done.wait(), 5)  # the leaves are done
         assert await no_item_event(client, 0.5)
     finally:
         hooks.unregister_hooks(slow)

@@ -246,6 +246,23 @@ async def test_long_poll_decides_again_after_waiting():
     assert response.json()["error"]["code"] == "forbidden"
 
 
+async def test_a_refusal_names_every_refused_stream_so_a_client_can_ask_for_the_rest():
+    me = await db(UserFactory)()
+    other = await db(UserFactory)()
+    client = await logged_in(me)
+    refused = [f"user:{other.pk}", "project:987654"]  # another's and a missing one alike
+    streams = [refused[0], f"user:{me.pk}", refused[1]]
+    response = await client.get("/api/realtime/events/", {"streams": ",".join(streams)})
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "forbidden"
+    assert response.json()["error"]["streams"] == refused
+    rest = await client.get("/api/realtime/events/", {"streams": f"user:{me.pk}"})
+    assert rest.status_code == 200
+    sse = await client.get("/realtime/sse/", {"streams": ",".join(streams)})
+    assert sse.status_code == 403
+    assert sse.json()["error"]["streams"] == refused
+
+
 async def test_events_pruned_after_the_cursor_was_checked_give_a_reset(monkeypatch):
     """`realtime_prune` ran between the cursor's check and the read of the log."""
     import realtime.feed

@@ -873,6 +873,7 @@ async def test_streams_revoked_together_stop_together_while_the_first_ones_leave
 
     class SlowLeave(hooks.ConnectionHooks):
         waited = False
+        done = asyncio.Event()
 
         async def unsubscribed(self, connection, stream, policy, reason):
             if reason == "forbidden" and not self.waited:
@@ -880,6 +881,7 @@ async def test_streams_revoked_together_stop_together_while_the_first_ones_leave
                 await db(ItemFactory)(project=other[stream], title="after the decision")
                 await db(flush)()
                 await asyncio.sleep(0.3)
+                self.done.set()
 
     slow = SlowLeave()
     hooks.register_hooks(slow)
@@ -895,6 +897,7 @@ async def test_streams_revoked_together_stop_together_while_the_first_ones_leave
         seen = []
         while len([m for m in seen if m["event"] == "unsubscribed"]) < 2:
             seen.append(await reader.event(timeout=5))
+        await asyncio.wait_for(slow.done.wait(), 5)  # the leaves are done: nothing is held back
         import realtime
 
         await db(realtime.emit)(f"user:{member.pk}", "v1:note.added", {"last": True})
