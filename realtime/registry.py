@@ -582,8 +582,10 @@ def _wrap_refresh_from_db(model: Any) -> None:
         return
 
     @functools.wraps(original)
-    def refresh_from_db(self: Any, using: Any = None, fields: Any = None, **kwargs: Any) -> Any:
-        result = original(self, using, fields, **kwargs)
+    def refresh_from_db(
+        self: Any, using: Any = None, fields: Any = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        result = original(self, using, fields, *args, **kwargs)
         if realtime_settings.ENABLED and registry.for_model(type(self)):
             _refreshed(self, fields)
         return result

@@ -182,7 +182,7 @@ def test_a_refresh_of_some_fields_keeps_what_it_did_not_read():
     other.save()
     mine.refresh_from_db(fields=["title"])  # the project is not read: still p1 as far as known
     assert mine.project_id == p1.pk
-    mine.refresh_from_db(fields=["project"])  # by name: its attname is project_id
+    mine.refresh_from_db(None, ["project"], Item.objects.all())  # by name; positionally
     mine.project = p3
     mine.save()
     flush()
