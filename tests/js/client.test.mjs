@@ -1631,8 +1631,7 @@ test("a failed ticket request is retried with backoff, never a connect without a
 });
 
 test("an early event dropped with the buffer by a reset is delivered when a resume replays it", async () => {
-  let feedUp = false;
-  const fetch = async () => (feedUp ? feedAnswer({ events: [] }) : { ok: false, status: 503, headers: { get: () => null }, json: async () => ({}) });
+  const fetch = () => new Promise(() => {}); // the gap fill never answers: the reset comes first
   const { c, timers, sockets } = client({ fetch, onReset() {} });
   c.connect();
   await flush();
@@ -1642,7 +1641,7 @@ test("an early event dropped with the buffer by a reset is delivered when a resu
   ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: false });
   await settle();
   sockets[0].receive(event(5)); // 4 lost; 5 waits
-  await timers.tick(1000); // the feed is down: reset at 3, 5 dropped
+  sockets[0].receive({ op: "reset", stream: "project:1", seq: 3, epoch: "e" }); // reset at 3, 5 dropped
   await settle();
   sockets[0].fail();
   await timers.tick(1000);
@@ -2526,7 +2525,8 @@ test("a gap fill whose feed request hangs gives up after feedTimeout instead of 
   await timers.tick(1000); await settle(); // gapWait: the feed is asked
   assert.equal(reads, 1);
   await timers.tick(5000); await settle();
-  assert.deepEqual(resets, [3]); // as any failed fill: the stream resets where it was
+  assert.deepEqual(resets, [4]); // as any fill that fails with no server position: before the events held
+  assert.deepEqual(seen, [5]);
   assert.equal(c.streams.get("project:1").filling, false);
   c.close();
 });
@@ -2930,4 +2930,259 @@ test("a ticket client with httpFallback ends on a 401 from SSE, as a 4401", asyn
   sockets[0].fail(); await settle();
   assert.equal(c.status, STATUS.OFFLINE);
   assert.deepEqual(errors.map((e) => e.code), ["unauthenticated"]);
+});
+
+// -- gap timers after a reset, refusals on a fallback, reads cut by close(), tab hellos -------
+
+test("after a reset or close() and connect(), a new gap still arms its timer and is filled from the feed", async () => {
+  for (const trigger of ["reset", "close"]) {
+    const feed = [];
+    const fetch = async (url) => { feed.push(cursorOf(url)); return feedAnswer({ events: [event(12)] }); };
+    const { c, timers, sockets } = client({ fetch });
+    const seen = [];
+    c.subscribe("project:1", { onEvent: (f) => seen.push(f.seq), onReset() {} });
+    c.connect(); await flush(); sockets[0].open();
+    ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: false }); await settle();
+    sockets[0].receive(event(5)); // 4 is missing: the gap timer is armed
+    let socket = sockets[0];
+    if (trigger === "reset") socket.receive({ op: "reset", stream: "project:1", epoch: "e", seq: 10 });
+    else {
+      c.close(); c.connect(); await flush(); socket = sockets[1]; socket.open();
+      ok(socket, socket.last("subscribe"), { seq: 10, epoch: "e2", recovered: false }); // another epoch: a reset to 10
+    }
+    await settle();
+    socket.receive(event(11)); socket.receive(event(13)); // 12 lost on the way
+    await timers.tick(1000); await settle();
+    assert.deepEqual(seen, [11, 12, 13], trigger);
+    assert.equal(feed.length, 1, trigger);
+    assert.equal(feed[0]["project:1"][0], 11, trigger);
+    c.close();
+  }
+});
+
+/** The server's answer to an SSE or feed request with refused streams (protocol.md, section 14). */
+const forbidden = (streams) => ({
+  ok: false,
+  status: 403,
+  body: null,
+  headers: { get: () => null },
+  json: async () => ({ error: { code: "forbidden", message: "You do not have access.", ...(streams ? { streams } : {}) } }),
+});
+
+/** A fake server that refuses `secret` streams on SSE and the feed, naming them (`named` false: an older server). */
+function refusingServer({ named = true, sse = true } = {}) {
+  const requests = [];
+  const fetch = async (url) => {
+    const u = new URL(url);
+    const streams = (u.searchParams.get("streams") || "").split(",").filter(Boolean);
+    requests.push({ path: u.pathname, streams });
+    const refused = streams.filter((s) => s.startsWith("secret:"));
+    if (refused.length) return forbidden(named ? refused : null);
+    if (u.pathname === "/realtime/sse/") {
+      if (!sse) return { ok: false, status: 502, body: null, headers: { get: () => null } };
+      const chunk = `event: v1:item.updated\ndata: ${JSON.stringify(event(5))}\n\n`;
+      return { ok: true, status: 200, headers: { get: () => null }, body: sseBody(chunk, false) };
+    }
+    return feedAnswer({ events: streams.includes("project:1") ? [event(5)] : [] });
+  };
+  return { fetch, requests };
+}
+
+test("a stream the server refuses on SSE or polling (a 403 naming it) is refused as a forbidden subscribe; the others go on", async () => {
+  for (const sse of [true, false]) {
+    const { fetch, requests } = refusingServer({ sse });
+    const { c, timers, sockets, errors } = client({ fetch, wsAttempts: 1, sseAttempts: 1, probeEvery: 1e9 });
+    const seen = [];
+    c.subscribe("project:1", { since: 4, onEvent: (f) => seen.push(f.seq) });
+    c.connect(); await flush(); sockets[0].fail(); await settle();
+    assert.equal(c.status, sse ? STATUS.SSE : STATUS.POLLING);
+    const secret = c.subscribe("secret:9", { onEvent: () => assert.fail("refused") });
+    await settle(); await timers.tick(1000); await settle();
+    assert.deepEqual(errors.map((e) => [e.code, e.stream]), [["forbidden", "secret:9"]]);
+    assert.deepEqual(seen, [5]);
+    const path = sse ? "/realtime/sse/" : "/api/realtime/events/";
+    const last = requests.filter((r) => r.path === path).at(-1);
+    assert.deepEqual(last.streams, ["project:1"]); // started again at once, without it
+    assert.equal(requests.filter((r) => r.streams.includes("secret:9")).length, 1);
+    assert.equal(c.streams.get("secret:9").refused.code, "forbidden");
+    await assert.rejects(c.subscribe("secret:9", {}).ready, (e) => e.code === "forbidden"); // as after a refused subscribe
+    await secret.ready; // it had resolved on the fallback already
+    c.close();
+  }
+});
+
+test("a 403 naming no streams (an older server) keeps its backoff: no hot loop of requests", async () => {
+  const { fetch, requests } = refusingServer({ named: false });
+  const { c, timers, sockets } = client({ fetch, wsAttempts: 1, probeEvery: 1e9 });
+  c.subscribe("project:1", {}); c.subscribe("secret:9", {});
+  c.connect(); await flush(); sockets[0].fail(); await settle();
+  await timers.tick(60000); await settle();
+  assert.ok(requests.length < 20, `${requests.length} requests in a minute`);
+  assert.equal(c.streams.get("secret:9").refused, null);
+  c.close();
+});
+
+test("a leader on SSE tells the follower tab whose stream a 403 refuses, not its own page", async () => {
+  const { fetch } = refusingServer();
+  const { make, sockets, timers } = tabs({ fetch, wsAttempts: 1, probeEvery: 1e9 });
+  const leader = make().connect();
+  const follower = make().connect();
+  await settle();
+  const leaderErrors = [], followerErrors = [];
+  leader.on("error", (e) => leaderErrors.push(e.code));
+  follower.on("error", (e) => followerErrors.push([e.code, e.stream]));
+  leader.subscribe("project:1", {});
+  sockets[0].fail(); await settle();
+  assert.equal(leader.transport, "sse");
+  follower.subscribe("secret:9", {});
+  await settle(); await timers.tick(10); await settle();
+  assert.deepEqual(followerErrors, [["forbidden", "secret:9"]]);
+  assert.deepEqual(leaderErrors, []);
+  assert.ok(follower.streams.get("secret:9").refused);
+  leader.close(); follower.close();
+});
+
+test("a ticket follower tab whose feed refuses it (401) moves on from the leader's position, not a reset per event", async () => {
+  const fetch = async (url) => (url === TICKETS ? ticketAnswer() : refused401());
+  const { make, sockets, timers } = tabs({ fetch, ticketUrl: TICKETS });
+  const leader = make().connect();
+  const follower = make().connect();
+  await settle();
+  leader.subscribe("project:1", {});
+  sockets[0].open(); await settle();
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 20, epoch: "e", recovered: false }); await settle();
+  const seen = [], resets = [];
+  follower.subscribe("project:1", { since: 15, onEvent: (f) => seen.push(f.seq), onReset: (r) => resets.push(r.seq) });
+  await settle(); await timers.tick(10); await settle();
+  assert.deepEqual(resets, [20]); // 16..20 cannot be read: it goes on from the leader's position
+  for (const seq of [21, 22, 23]) {
+    sockets[0].receive(event(seq)); await settle(); await timers.tick(1500); await settle();
+  }
+  assert.deepEqual(seen, [21, 22, 23]);
+  assert.deepEqual(resets, [20]);
+  leader.close(); follower.close();
+});
+
+test("a gap fill that fails with no server position delivers the early events held, after a reset before them", async () => {
+  const fetch = async () => ({ ok: false, status: 500, headers: { get: () => null }, json: async () => ({}) });
+  const { c, timers, sockets } = client({ fetch });
+  c.connect(); await flush(); sockets[0].open();
+  const seen = [], resets = [];
+  c.subscribe("project:1", { onEvent: (f) => seen.push(f.seq), onReset: (r) => resets.push(r.seq) });
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: true }); await settle();
+  sockets[0].receive(event(6)); sockets[0].receive(event(7)); // 4 and 5 lost
+  await timers.tick(1000); await settle();
+  assert.deepEqual(resets, [5]);
+  assert.deepEqual(seen, [6, 7]);
+  sockets[0].receive(event(8));
+  assert.deepEqual(seen, [6, 7, 8]);
+  c.close();
+});
+
+test("close() aborts a gap fill's hung feed read: after connect() later gaps are filled again", async () => {
+  let hang = true;
+  const reads = [];
+  const fetch = (url, init) => {
+    reads.push(init.signal);
+    return hang ? new Promise(() => {}) : Promise.resolve(feedAnswer({ events: [event(8)] }));
+  };
+  const { c, timers, sockets } = client({ fetch });
+  const seen = [];
+  c.subscribe("project:1", { onEvent: (f) => seen.push(f.seq) });
+  c.connect(); await flush(); sockets[0].open();
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: false }); await settle();
+  sockets[0].receive(event(4)); sockets[0].receive(event(6));
+  await timers.tick(1000); await settle(); // the fill's request hangs (a dead link)
+  c.close(); c.connect(); await flush();
+  assert.equal(reads[0].aborted, true);
+  assert.equal(c.streams.get("project:1").filling, false);
+  hang = false;
+  sockets[1].open();
+  ok(sockets[1], sockets[1].last("subscribe"), { seq: 6, epoch: "e", recovered: true });
+  for (const seq of [5, 6, 7, 9]) sockets[1].receive(event(seq)); // the replay, then 8 lost
+  await timers.tick(1000); await settle();
+  assert.deepEqual(seen, [4, 5, 6, 7, 8, 9]);
+  assert.equal(reads.length, 2);
+  c.close();
+});
+
+test("close() aborts a joining handle's hung feed read: after connect() the handle resets and gets the later events", async () => {
+  const reads = [];
+  const fetch = (url, init) => { reads.push(init.signal); return new Promise(() => {}); };
+  const { c, sockets } = client({ fetch });
+  c.subscribe("project:1", {});
+  c.connect(); await flush(); sockets[0].open();
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 300, epoch: "e", recovered: false }); await settle();
+  const seen = [], resets = [];
+  c.subscribe("project:1", { since: 100, onEvent: (f) => seen.push(f.seq), onReset: (r) => resets.push(r.seq) });
+  await flush();
+  c.close(); c.connect(); await flush();
+  assert.equal(reads[0].aborted, true);
+  sockets[1].open();
+  ok(sockets[1], sockets[1].last("subscribe"), { seq: 300, epoch: "e", recovered: true });
+  for (let seq = 301; seq <= 303; seq++) sockets[1].receive(event(seq));
+  assert.deepEqual(resets, [300]); // what it missed could not be read: it refetches
+  assert.deepEqual(seen, [301, 302, 303]);
+  c.close();
+});
+
+test("a new tab's hello is answered to it alone: the other followers do not subscribe again", async () => {
+  const { make, sockets } = tabs();
+  const leader = make().connect();
+  const follower = make().connect();
+  await settle();
+  sockets[0].open(); await settle();
+  let presence = 0;
+  follower.subscribe("project:1", { onPresence: () => (presence += 1), onReset: () => assert.fail("no reset") });
+  await settle();
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 4, epoch: null, recovered: false, presence: [{ user: { id: 1 }, since: "t" }] });
+  await settle();
+  assert.equal(presence, 1);
+  let forwarded = 0;
+  const hears = leader._leaderHears.bind(leader);
+  leader._leaderHears = (m) => { if (m.kind === "frame" && m.frame.op === "subscribe") forwarded += 1; return hears(m); };
+  const later = [];
+  for (let i = 0; i < 3; i++) { later.push(make().connect()); await settle(); }
+  assert.equal(forwarded, 0);
+  assert.equal(presence, 1);
+  const seen = [];
+  later[2].subscribe("project:1", { onEvent: (f) => seen.push(f.seq) }); // the new tab follows through the leader
+  await settle();
+  sockets[0].receive(event(5)); await settle();
+  assert.deepEqual(seen, [5]);
+  assert.equal(sockets.length, 1);
+  for (const tab of [leader, follower, ...later]) tab.close();
+});
+
+test("a handle joining from past the stream's position gets only the events after its since", async () => {
+  const { c, sockets } = client();
+  const first = [];
+  c.subscribe("project:1", { onEvent: (f) => first.push(f.seq) });
+  c.connect(); await flush(); sockets[0].open();
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 98, epoch: "e", recovered: false }); await settle();
+  const seen = [];
+  c.subscribe("project:1", { since: 100, onEvent: (f) => seen.push(f.seq) }); // a snapshot() read at 100
+  for (const seq of [99, 100, 101, 102]) sockets[0].receive(event(seq));
+  await settle();
+  assert.deepEqual(seen, [101, 102]);
+  assert.deepEqual(first, [99, 100, 101, 102]);
+  c.close();
+});
+
+test("a handler that calls close() stops the frame for the stream's other handlers and event listeners", async () => {
+  const { c, sockets } = client();
+  const calls = [];
+  c.on("event", (f) => { calls.push(["listener 1", f.seq]); if (f.seq === 5) c.close(); });
+  c.on("event", (f) => calls.push(["listener 2", f.seq]));
+  c.subscribe("project:1", { onEvent: (f) => { calls.push(["A", f.seq]); if (f.seq === 4) c.close(); } });
+  c.subscribe("project:1", { onEvent: (f) => calls.push(["B", f.seq]) });
+  c.connect(); await flush(); sockets[0].open();
+  ok(sockets[0], sockets[0].last("subscribe"), { seq: 3, epoch: "e", recovered: false }); await settle();
+  sockets[0].receive(event(4));
+  assert.deepEqual(calls, [["listener 1", 4], ["listener 2", 4], ["A", 4]]);
+  c.connect(); await flush(); sockets[1].open();
+  ok(sockets[1], sockets[1].last("subscribe"), { seq: 5, epoch: "e", recovered: true });
+  sockets[1].receive(event(5));
+  assert.deepEqual(calls.slice(3), [["listener 1", 5]]);
+  c.close();
 });

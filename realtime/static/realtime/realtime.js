@@ -318,6 +318,7 @@ export class RealtimeClient extends EventTarget {
     this.socketGeneration = 0; // a socket opened for an older generation is dropped
     this.probeGeneration = 0; // a probe for a fallback that has stopped is dropped
     this.probeSocket = null; // the probe still connecting, if any
+    this.emitting = null; // the `event` being dispatched, if any (_emitFrame)
     this._onVisibility = () => this._visibilityChanged();
   }
 
@@ -689,8 +690,10 @@ export class RealtimeClient extends EventTarget {
       if (this.goneTabs.delete(tab) && message.kind !== "bye") this._post({ kind: "leader", to: tab });
     }
     if (message.kind === "hello") {
-      this._post({ kind: "leader" });
-      this._post({ kind: "status", detail: { status: this.status, transport: this.transport } });
+      // To the new tab alone: the others follow this leader already, and would subscribe
+      // everything again (a new leader's own announcement, in _lead, is for every tab).
+      this._post({ kind: "leader", to: tab });
+      this._post({ kind: "status", to: tab, detail: { status: this.status, transport: this.transport } });
       return;
     }
     if (message.kind === "probe") {
@@ -792,6 +795,7 @@ export class RealtimeClient extends EventTarget {
   _end() {
     this.closed = true;
     this.ended = true;
+    this._stopFrame();
     this.lockGeneration += 1; // a grant still to come is released at once
     this._abortLockRequest();
     if (this._releaseLeadership) this._releaseLeadership();
@@ -818,12 +822,30 @@ export class RealtimeClient extends EventTarget {
     const waiting = [...this.replies.values()];
     this.replies.clear();
     for (const pending of waiting) pending.reject(closedError());
-    for (const state of this.streams.values()) {
+    for (const [stream, state] of this.streams) {
       state.live = state.onServer = false;
+      state.gapTimer = null; // cleared with the other timers: a later gap arms it again
+      this._stopReads(stream, state);
       this._settleReaders(state, closedError()); // each handle's `ready` still pending
     }
     this.role = "solo";
     this.leaderId = null;
+  }
+
+  /**
+   * Stop the stream's feed reads under way (a gap fill, a joining handle's): their deadlines
+   * went with the other timers, and one that hangs would hold the stream for good. A handle
+   * whose read stops resets at the stream's position before its next event.
+   */
+  _stopReads(stream, state) {
+    if (state.fillAbort) state.fillAbort.abort();
+    state.fillAbort = null;
+    state.filling = false;
+    for (const h of state.handlers) {
+      if (!h.reading) continue;
+      h.reading.abort.abort();
+      Object.assign(h, { reading: null, backlog: null, reset: { stream, seq: state.order.seq, epoch: state.order.epoch } });
+    }
   }
 
   /** Close the socket (and one still connecting) without the reconnect that follows a close. */
@@ -1215,7 +1237,7 @@ export class RealtimeClient extends EventTarget {
   subscribe(stream, { onEvent, onReset, onPresence, since = null, epoch = null } = {}) {
     const existing = this.streams.get(stream);
     const state = this._follow(stream, { since, epoch });
-    const handler = { onEvent, onReset, onPresence, backlog: null, reset: null, reading: null, joining: null };
+    const handler = { onEvent, onReset, onPresence, backlog: null, reset: null, reading: null, joining: null, since: null };
     state.handlers.add(handler); // counted even without callbacks: the page follows the stream
     if (existing && since != null) this._join(stream, state, handler, since, epoch);
     const reader = {};
@@ -1252,8 +1274,13 @@ export class RealtimeClient extends EventTarget {
       handler.joining = { since, epoch };
       return;
     }
-    if (since >= at) return;
     const sameEpoch = !epoch || !state.order.epoch || epoch === state.order.epoch;
+    if (since >= at) {
+      // Ahead of the stream (its snapshot() read later than the socket's delivered): the
+      // events up to `since` are in its data already (_deliver skips them).
+      if (sameEpoch && since > at) handler.since = since;
+      return;
+    }
     const missed = sameEpoch ? state.history.filter((f) => f.seq > since) : [];
     const later = () => this._later(0, () => {
       if (this._delivering(stream, state) && state.handlers.has(handler)) this._catchUp(state, handler);
@@ -1268,9 +1295,10 @@ export class RealtimeClient extends EventTarget {
       return later();
     }
     // Live events wait in the backlog, behind what the feed gives, while it is read.
-    const reading = (handler.reading = {});
+    const reading = (handler.reading = { abort: new AbortController() }); // close() aborts it
     handler.backlog = [];
-    this._readMissed(stream, since, epoch ?? state.order.epoch, at).catch(() => null).then((frames) => {
+    const read = this._readMissed(stream, since, epoch ?? state.order.epoch, at, reading.abort.signal);
+    read.catch(() => null).then((frames) => {
       if (handler.reading !== reading) return; // a reset of the stream came first, and told it
       handler.reading = null;
       if (frames) handler.backlog = frames.concat(handler.backlog);
@@ -1290,11 +1318,11 @@ export class RealtimeClient extends EventTarget {
   }
 
   /** The logged events after `since` up to `to`, read page by page from the feed; throws if it cannot serve them. */
-  async _readMissed(stream, since, epoch, to) {
+  async _readMissed(stream, since, epoch, to, signal) {
     const frames = [];
     let seq = since;
     while (seq < to) {
-      const body = await this._readFeed([stream], { [stream]: [seq, epoch] }, 0);
+      const body = await this._readFeed([stream], { [stream]: [seq, epoch] }, 0, { signal });
       if ((body.resets || []).some((r) => (r.stream || r) === stream)) throw new Error("reset");
       const mine = body.events.filter((f) => f.stream === stream && f.seq > seq && f.seq <= to);
       if (!mine.length || mine[0].seq !== seq + 1) throw new Error("gap");
@@ -1345,6 +1373,8 @@ export class RealtimeClient extends EventTarget {
       ended: new Map(), // user id -> `since` of their newest presence seen to end
       history: [], // the last HISTORY events delivered, in order (see _join)
       gapTimer: null,
+      filling: false, // a gap fill under way (_fillGap); fillAbort stops its read
+      fillAbort: null,
       waiting: [],
     };
     this.streams.set(stream, state);
@@ -1375,6 +1405,7 @@ export class RealtimeClient extends EventTarget {
 
   _drop(stream, state) {
     this.streams.delete(stream);
+    this._stopFrame(stream);
     this._cancel(state.gapTimer);
     this._settleReaders(state, unsubscribedError(stream));
     if (this.role === "follower") {
@@ -1458,15 +1489,20 @@ export class RealtimeClient extends EventTarget {
     const behind = error.code === "already_subscribed" &&
       this.throttle.jobs.some((j) => j.op === "unsubscribe" && j.stream === stream);
     if (error.code === "rate_limited" || behind) return this._jobDone(job, true, behind);
+    this._refuseStream(state, Object.assign(error, { stream }));
+    this._jobDone(job, false);
+  }
+
+  /** The server refused the stream (a subscribe's reply, a fallback's 403): final until it is subscribed again. */
+  _refuseStream(state, error) {
     state.resuming = false;
-    state.refused = Object.assign(error, { stream });
+    state.refused = error;
     if (MALFORMED.has(error.code)) state.malformed = true; // never sent again (see _resubscribe)
     // Only this page's own handles make it this page's error: a stream a leader follows only
     // for other tabs is theirs, and they hear of the refusal from _answerTabs.
-    if (state.handlers.size) this._emit("error", { code: error.code, message: error.message, stream });
+    if (state.handlers.size) this._emit("error", { code: error.code, message: error.message, stream: error.stream });
     this._answerTabs(state, error);
     this._settleReaders(state, error);
-    this._jobDone(job, false);
   }
 
   /** A control frame's answer: a refused one goes back in line, a retry's success sends the next. */
@@ -1610,8 +1646,12 @@ export class RealtimeClient extends EventTarget {
     for (const frame of state.order.pending.values()) this.deduper.forget(frame.eventId);
     state.order.reset(seq, epoch);
     this._cancel(state.gapTimer);
+    state.gapTimer = null; // a later gap arms it again
     state.history = []; // the events before a reset are no base to continue from
-    for (const h of state.handlers) h.backlog = h.reset = h.reading = h.joining = null; // the reset below tells them
+    for (const h of state.handlers) {
+      if (h.reading) h.reading.abort.abort(); // what it reads is no base any more
+      h.backlog = h.reset = h.reading = h.joining = h.since = null; // the reset below tells them
+    }
     const info = { stream, seq, epoch };
     this._emit("reset", info);
     let handled = false;
@@ -1684,10 +1724,15 @@ export class RealtimeClient extends EventTarget {
     if (frame.correlationId && this.pendingCorrelations.has(frame.correlationId)) {
       frame = { ...frame, own: true };
     }
-    this._emit("event", frame);
+    this._emitFrame(frame);
     state.history.push(frame);
     if (state.history.length > HISTORY) state.history.shift();
     for (const h of state.handlers) {
+      if (!this._delivering(frame.stream, state)) return; // a handler closed the client, or dropped the stream
+      if (h.since !== null) {
+        if (frame.seq <= h.since) continue; // in its data already: it joined ahead (_join)
+        h.since = null;
+      }
       if (h.reading) {
         h.backlog.push(frame); // after what the feed is reading for it
         continue;
@@ -1702,8 +1747,31 @@ export class RealtimeClient extends EventTarget {
       if (!isMember(frame.data)) return this._malformed(frame, "a presence diff without a user");
       if (this._presenceChange(frame, state)) this._presence(frame.stream, state);
     }
-    this._emit("event", frame);
-    for (const h of state.handlers) if (h.onEvent) this._call(h.onEvent, frame);
+    this._emitFrame(frame);
+    for (const h of state.handlers) {
+      if (!this._delivering(frame.stream, state)) return;
+      if (h.onEvent) this._call(h.onEvent, frame);
+    }
+  }
+
+  /**
+   * Emit a frame as an `event`. A listener that closes the client, or drops the stream, stops
+   * it for the listeners after it (see _stopFrame), as for the handlers.
+   */
+  _emitFrame(frame) {
+    const event = new CustomEvent("event", { detail: frame });
+    const outer = this.emitting;
+    this.emitting = event;
+    try {
+      this.dispatchEvent(event);
+    } finally {
+      this.emitting = outer;
+    }
+  }
+
+  /** The frame being emitted, if it is of `stream` (any, without one), goes to no more listeners. */
+  _stopFrame(stream) {
+    if (this.emitting && (!stream || this.emitting.detail.stream === stream)) this.emitting.stopImmediatePropagation();
   }
 
   // Diffs sent by other sockets or nodes may arrive out of order (a tab reloaded: its old
@@ -1746,11 +1814,14 @@ export class RealtimeClient extends EventTarget {
     if (!state || state.filling || this._resumeOnSocket(stream, state)) return;
     if (!this.fetch) return;
     state.filling = true;
-    const gone = () => this.closed || this.streams.get(stream) !== state;
+    const abort = (state.fillAbort = new AbortController()); // close() aborts it
+    // Aborted: close() stopped this fill, and a connect() may have followed it at once.
+    const gone = () => this.closed || abort.signal.aborted || this.streams.get(stream) !== state;
     try {
       for (;;) {
         const before = state.order.seq;
-        const body = await this._readFeed([stream], { [stream]: [state.order.seq, state.order.epoch] }, 0);
+        const positions = { [stream]: [state.order.seq, state.order.epoch] };
+        const body = await this._readFeed([stream], positions, 0, { signal: abort.signal });
         if (gone()) return;
         const reset = (body.resets || []).find((r) => (r.stream || r) === stream);
         // The log no longer covers our position: start again from the server's.
@@ -1777,10 +1848,18 @@ export class RealtimeClient extends EventTarget {
       // The session (or the credentials) is gone: as a 4401 close. A ticket client without
       // `httpFallback` (a follower tab's) has none to lose: the feed refuses it, and the stream resets.
       if (error.status === 401 && this._httpReads()) return this._refused(4401);
+      let seq = error.seq;
+      if (seq == null) {
+        // No position from the server (a network error; a feed that refuses this client, as a
+        // ticket client's follower tab): go on from the furthest one known, before the early
+        // events held past it. From where it was, every later event would open the gap again.
+        const known = Math.max(state.behind ?? state.order.seq, state.order.seq);
+        const [first] = [...state.order.pending.keys()].filter((s) => s > known).sort((a, b) => a - b);
+        seq = first === undefined ? known : first - 1;
+      }
       state.behind = null;
-      const seq = error.seq ?? state.order.seq;
       // Early events past a new position are still good: delivered after the reset, not forgotten.
-      const held = error.seq == null ? [] : [...state.order.pending.values()].filter((f) => f.seq > seq);
+      const held = [...state.order.pending.values()].filter((f) => f.seq > seq);
       for (const frame of held) state.order.pending.delete(frame.seq);
       this._reset(stream, seq, error.epoch ?? state.order.epoch);
       held.sort((a, b) => a.seq - b.seq);
@@ -1793,7 +1872,10 @@ export class RealtimeClient extends EventTarget {
         this._deliverAll(state.order.offer(held[i]) || [], state);
       }
     } finally {
-      state.filling = false;
+      if (state.fillAbort === abort) {
+        state.filling = false;
+        state.fillAbort = null;
+      }
     }
     if (!gone() && state.order.hasGap && state.gapTimer == null) {
       // Events that arrived early during the fill, after what it read.
@@ -1850,7 +1932,7 @@ export class RealtimeClient extends EventTarget {
       const init = { credentials: "same-origin", headers, signal: deadline.signal };
       const response = await deadline.race(this.fetch(url.toString(), init));
       if (response.status === 304) return { events: [], resets: [], cursor: null, notModified: true };
-      if (!response.ok) throw Object.assign(new Error(`feed answered ${response.status}`), { status: response.status });
+      if (!response.ok) throw await this._httpError(response, "feed", deadline);
       const body = await deadline.race(response.json());
       body.etag = response.headers.get("ETag");
       return body;
@@ -1986,6 +2068,51 @@ export class RealtimeClient extends EventTarget {
    */
   _fallbackStreams() {
     return Array.from(this.streams).filter(([, state]) => !state.refused).map(([stream]) => stream);
+  }
+
+  /**
+   * A 403 of SSE or the feed names the streams refused (protocol.md, section 14): each is
+   * refused as a `forbidden` subscribe reply would be, and the fallback goes on without them.
+   * False if it names none not refused yet (an older server names none): the 403 is then a
+   * failed try, with its backoff, rather than a restart in a loop.
+   */
+  _fallbackRefused(error) {
+    let refused = false;
+    for (const stream of error.streams || []) {
+      const state = this.streams.get(stream);
+      if (!state || state.refused) continue;
+      refused = true;
+      state.live = state.onServer = false;
+      if (this.role === "leader") {
+        // The tabs answered already (on a fallback, at once) learn it as a revocation; those
+        // still waiting get the refusal as their reply (_refuseStream).
+        const waiting = new Set(state.waiting.map((reply) => reply.tab));
+        const frame = { op: "unsubscribed", stream, reason: "forbidden" };
+        for (const tab of this.tabStreams.get(stream) || []) {
+          if (!waiting.has(tab)) this._post({ kind: "server", to: tab, frame });
+        }
+      }
+      this._refuseStream(state, Object.assign(new Error(error.message), { code: "forbidden", stream }));
+    }
+    return refused;
+  }
+
+  /**
+   * An HTTP error answer of SSE or the feed, with its `status`. A 403's body names the streams
+   * refused (`streams`), and its message is the server's.
+   */
+  async _httpError(response, what, deadline) {
+    const error = Object.assign(new Error(`${what} answered ${response.status}`), { status: response.status });
+    if (response.status !== 403 || typeof response.json !== "function") return error;
+    try {
+      const body = await deadline.race(response.json());
+      const refusal = isObject(body) && isObject(body.error) ? body.error : {};
+      if (typeof refusal.message === "string") error.message = refusal.message;
+      if (Array.isArray(refusal.streams)) error.streams = refusal.streams.filter((s) => typeof s === "string");
+    } catch (_) {
+      /* no JSON: no streams named */
+    }
+    return error;
   }
 
   /**
@@ -2137,7 +2264,7 @@ export class RealtimeClient extends EventTarget {
       }));
       if (!response.ok || !response.body) {
         limited = response.status === 429;
-        throw Object.assign(new Error(`SSE answered ${response.status}`), { status: response.status });
+        throw await this._httpError(response, "SSE", deadline);
       }
       opened = this.sseOpened = true;
       stable = this._later(this.options.stableAfter, () => {
@@ -2185,6 +2312,11 @@ export class RealtimeClient extends EventTarget {
       this._cancel(stable);
       if (controller.signal.aborted || this.closed) return;
       if (error.status === 401) return this._refused(4401); // the session is gone: as a 4401 close
+      if (error.status === 403 && this._fallbackRefused(error)) {
+        // Again at once, without the streams refused (a handler may have restarted it already).
+        if (this.fallbackAbort === controller && !this.closed) this._restartFallback();
+        return;
+      }
       if (error.status === undefined && !opened && !(await this._reachable())) {
         // No HTTP answer at all, not even from the feed: the server is down, rather than the
         // WebSocket and SSE blocked. Keep trying the WebSocket with backoff (its next
@@ -2301,6 +2433,11 @@ export class RealtimeClient extends EventTarget {
       } catch (error) {
         if (controller.signal.aborted || this.closed) return; // stopped meanwhile: not ours any more
         if (error.status === 401) return this._refused(4401); // the session is gone: as a 4401 close
+        if (error.status === 403 && this._fallbackRefused(error)) {
+          // Again at once, without the streams refused (a handler may have restarted it already).
+          if (this.fallbackAbort === controller && !this.closed) this._startPolling();
+          return;
+        }
         failures += 1;
         this._setStatus(STATUS.POLLING, { error: error.message });
       }
