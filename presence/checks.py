@@ -85,6 +85,7 @@ _NUMBERS = (
     ("TYPING_INTERVAL", True, False),
     ("TYPING_EXPIRES_MS", True, False),
     ("MAX_LISTED", True, False),
+    ("BACKEND_TIMEOUT", False, False),
 )
 
 

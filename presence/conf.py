@@ -28,6 +28,11 @@ DEFAULTS: dict[str, Any] = {
     # seconds is forwarded; receivers drop the indicator after `TYPING_EXPIRES_MS`.
     "TYPING_INTERVAL": 1.0,
     "TYPING_EXPIRES_MS": 3000,
+    # Seconds a join or leave may wait for the backend before it counts as failed (five times
+    # this for a refresh of all the node's entries). After a failure the node's joins and
+    # leaves leave the backend alone for 5 s (the refresh and a sweep repair them later), so
+    # a stalled Redis costs one wait, not one per subscribe in a line.
+    "BACKEND_TIMEOUT": 1.0,
 }
 
 presence_settings = AppSettings("PRESENCE", DEFAULTS)

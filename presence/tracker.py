@@ -43,6 +43,15 @@ TYPING_STARTED = "v1:typing.started"
 TYPING_STOPPED = "v1:typing.stopped"
 _TYPING_MEMORY = 10_000
 _UNSURE_MEMORY = 1_000
+#: Seconds a loop's joins and leaves leave the backend alone after one of its calls failed.
+_REST = 5.0
+#: A refresh writes every entry of the loop: it may take this many times BACKEND_TIMEOUT.
+_REFRESH_TIMEOUT_FACTOR = 5.0
+_background_tasks: set[asyncio.Task[Any]] = set()
+
+
+class BackendResting(Exception):
+    """The presence backend failed moments ago: this loop does not ask it again yet."""
 
 
 def _thread(func: Any) -> Any:
@@ -177,6 +186,8 @@ class _LoopState:
     #: When the last refresh wrote every entry (at first, when this state began): no entry
     #: of this loop expires before this plus the TTL.
     written: float = field(default_factory=time.time)
+    #: Until when (monotonic) joins and leaves do not call the backend: one failed.
+    resting_until: float = 0.0
     #: Held while `entries` changes together with the backend, and by a refresh from the
     #: moment it reads `entries` until its writes are done. Without it, a leave landing
     #: while a refresh is on its way is undone by the refresh's write of that entry (the
@@ -215,10 +226,15 @@ class PresenceTracker(ConnectionHooks):
         user_id = str(connection.user.pk)
         now = time.time()
         entry = (stream, user_id, connection.connection_id)
+        backend = get_backend()
         async with state.lock:
             state.entries[entry] = connection
             try:
-                first = await get_backend().join(stream, *entry[1:], _node(), now + _ttl(), now)
+                first = await _call(
+                    state, lambda: backend.join(stream, *entry[1:], _node(), now + _ttl(), now)
+                )
+            except BackendResting:
+                return None  # the next refresh writes it (the failure that began it is logged)
             except Exception:
                 _unsure(state, now)  # the next refresh writes it again, or finds it written
                 raise
@@ -240,22 +256,39 @@ class PresenceTracker(ConnectionHooks):
         if not policy.presence or not presence_settings.ENABLED:
             return
         state = self.state()
-        user_id = str(connection.user.pk)
-        entry = (stream, user_id, connection.connection_id)
+        entry = (stream, str(connection.user.pk), connection.connection_id)
+        # In a task of its own, awaited shielded: a server that cancels the closing socket
+        # (its close timeout) must not cut the leave off between the backend's answer and the
+        # announcement, which nothing would send later.
+        task = asyncio.get_running_loop().create_task(self._leave(state, entry, reason))
+        _background_tasks.add(task)
+        task.add_done_callback(_background_tasks.discard)
+        await asyncio.shield(task)
+
+    async def _leave(self, state: _LoopState, entry: tuple[str, str, str], reason: str) -> None:
+        stream, user_id, connection_id = entry
+        backend = get_backend()
         async with state.lock:
             state.entries.pop(entry, None)
             try:
-                last = await get_backend().leave(stream, user_id, connection.connection_id)
-            except Exception:
+                last = await _call(state, lambda: backend.leave(stream, user_id, connection_id))
+            except BaseException as exc:
                 # It may have run with its reply lost, and then nothing would announce this
                 # leave: the next refresh makes the entry expire, and a sweep announces it.
                 state.leaving[entry] = state.written + _ttl()
+                if isinstance(exc, BackendResting):
+                    return
                 raise
+            since = last if isinstance(last, float) else 0.0  # True: a backend that cannot say
+            if last and _never_announced(state, stream, user_id, since):
+                # Its join's outcome was unknown (or it waited to be announced by a refresh):
+                # nobody was told it joined, so nobody is told it left.
+                state.typing.pop((stream, user_id), None)
+                return
         if last:
             # Only with the user's last connection: another tab may be typing, and its
             # `stopped` must still end the `started` forwarded for it.
             state.typing.pop((stream, user_id), None)
-            since = last if isinstance(last, float) else 0.0  # True: a backend that cannot say
             await announce_left(Change(stream, user_id, since), reason)
 
     async def publishing(
@@ -295,8 +328,8 @@ class PresenceTracker(ConnectionHooks):
 
     async def _refresh(self, state: _LoopState) -> None:
         backend = get_backend()
-        now = time.time()
         async with state.lock:  # no entry joins or leaves while the refresh writes
+            now = time.time()  # after the wait for the lock: the expiries it writes start now
             await _settle_leaves(state, backend, now)
             # A connection that is closing, or whose consumer was cancelled before its
             # leaves ran, is not refreshed: its entries expire after the TTL, and a sweep
@@ -305,7 +338,12 @@ class PresenceTracker(ConnectionHooks):
                 del state.entries[entry]
             entries = sorted(state.entries)
             try:
-                rejoined = await backend.refresh(entries, _node(), now + _ttl(), now)
+                rejoined = await _call(
+                    state,
+                    lambda: backend.refresh(entries, _node(), now + _ttl(), now),
+                    rest=False,  # the refresh is what finds the backend back
+                    factor=_REFRESH_TIMEOUT_FACTOR,
+                )
             except Exception:
                 _unsure(state, now)
                 raise
@@ -341,9 +379,43 @@ class PresenceTracker(ConnectionHooks):
                 logger.warning("presence sweep failed; retrying", exc_info=True)
 
 
+async def _call(state: _LoopState, call: Any, *, rest: bool = True, factor: float = 1.0) -> Any:
+    """Await `call()` on the backend within BACKEND_TIMEOUT (times `factor`). A call that
+    runs out of that time makes the loop's joins and leaves leave the backend alone for
+    `_REST` seconds (an error that comes at once costs no wait, and does not), and a success
+    ends that; with `rest` (joins and leaves: the refresh's calls always try), a call in that
+    time raises `BackendResting` at once.
+
+    Joins and leaves wait for each other (the loop's lock): without a bound, a Redis that
+    stalls (no answer, no refusal) would hold each of them for the client's socket timeout,
+    one after another, and the sockets behind them would stop answering their pings.
+    """
+    if rest and time.monotonic() < state.resting_until:
+        raise BackendResting("the presence backend failed moments ago")
+    try:
+        async with asyncio.timeout(float(presence_settings.BACKEND_TIMEOUT) * factor):
+            result = await call()
+    except TimeoutError:
+        state.resting_until = time.monotonic() + _REST
+        raise
+    state.resting_until = 0.0
+    return result
+
+
 def _unsure(state: _LoopState, now: float) -> None:
     state.unsure.append(now)
     del state.unsure[:-_UNSURE_MEMORY]  # bounded: a backend down for hours adds one a refresh
+
+
+def _never_announced(state: _LoopState, stream: str, user_id: str, since: float) -> bool:
+    """Whether the presence that began at `since` was never announced (and forget it)."""
+    if since and state.unannounced.get((stream, user_id)) == since:
+        del state.unannounced[(stream, user_id)]
+        return True
+    if since and since in state.unsure:
+        state.unsure.remove(since)
+        return True
+    return False
 
 
 async def _find_unannounced(
@@ -358,7 +430,12 @@ async def _find_unannounced(
     # All streams in one call (one pipeline on Redis): this runs under the loop's lock, which
     # holds up its joins and leaves, and a node may have thousands of streams.
     try:
-        members = await backend.members_many(sorted(users))
+        members = await _call(
+            state,
+            lambda: backend.members_many(sorted(users)),
+            rest=False,
+            factor=_REFRESH_TIMEOUT_FACTOR,
+        )
     except Exception:
         logger.warning(
             "presence members of %d streams not read; retrying", len(users), exc_info=True
@@ -381,11 +458,19 @@ async def _settle_leaves(state: _LoopState, backend: PresenceBackend, now: float
             # entry subscribed again is live: either way, nothing is left to settle.
             del state.leaving[entry]
             continue
+        stream, user, connection = entry
         try:
-            await backend.join(*entry, _node(), 0.0, now)
+            # Awaited here, in this turn of the loop: the lambda's names are this entry's.
+            await _call(
+                state,
+                lambda: backend.join(stream, user, connection, _node(), 0.0, now),  # noqa: B023
+                rest=False,
+            )
         except Exception:
+            # The others would most likely wait and fail too, each holding the loop's lock:
+            # the next refresh settles them.
             logger.warning("presence leave of %s not settled; retrying", entry, exc_info=True)
-            continue
+            return
         del state.leaving[entry]
 
 

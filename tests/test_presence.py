@@ -834,6 +834,8 @@ class LostReplyBackend:
     lose: dict[str, int] = {}
     #: Each name here fails that many times before the write instead (Redis unreachable).
     refuse: dict[str, int] = {}
+    #: Each name here answers this many seconds after its write (a slow reply).
+    slow: dict[str, float] = {}
 
     def __new__(cls, base: str, **config):
         from django.utils.module_loading import import_string
@@ -844,6 +846,8 @@ class LostReplyBackend:
                     cls.refuse[name] -= 1
                     raise ConnectionError(f"{name}: not connected")
                 result = await getattr(super(Lossy, self), name)(*args)
+                if cls.slow.get(name):
+                    await asyncio.sleep(cls.slow[name])
                 if cls.lose.get(name, 0) > 0:
                     cls.lose[name] -= 1
                     raise ConnectionError(f"{name}: reply lost")
@@ -864,6 +868,7 @@ class LostReplyBackend:
 def lossy_presence(**lose: int) -> dict:
     LostReplyBackend.lose = dict(lose)
     LostReplyBackend.refuse = {}
+    LostReplyBackend.slow = {}
     base = backend_settings()
     return {
         "BACKEND": "tests.test_presence.LostReplyBackend",
@@ -1412,3 +1417,98 @@ async def test_a_stream_closed_during_a_revocations_hook_still_leaves_presence(f
         "disconnected",
     ]
     assert await get_backend().members(stream) == {}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_a_user_whose_join_was_never_announced_leaves_unannounced_too(signals):
+    """A join whose reply was lost waits for the next refresh to be announced; a user who
+    leaves before it was never said to have joined, so nobody is told they left."""
+    async with lossy_room("brief", REFRESH_INTERVAL=20.0) as (alice, stream, watcher):
+        LostReplyBackend.lose["join"] = 1
+        socket = await tab(alice)
+        assert (await socket.subscribe(stream))["ok"]  # written, not known to be
+        await socket.close()
+        assert str(alice.pk) not in await get_backend().members(stream)
+        assert await no_event(watcher, "v1:presence.", wait=0.6)
+        await watcher.close()
+    assert [entry for entry in signals if entry[2] == str(alice.pk)] == []
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_a_leave_cut_off_by_the_server_before_its_reply_is_still_announced(signals):
+    """The server cancels a closing socket that takes too long (daphne's close timeout)
+    while the backend's answer to its leave is on the way: the leave ran, and is announced."""
+    async with lossy_room("cut") as (alice, stream, watcher):
+        socket = await tab(alice)
+        await socket.subscribe(stream)
+        await next_event(watcher, "v1:presence.joined")
+        LostReplyBackend.slow["leave"] = 0.6
+        await socket.communicator.disconnect(timeout=0.2)  # the application is cancelled
+        left = await next_event(watcher, "v1:presence.left", timeout=5)
+        assert left["data"]["user"]["id"] == alice.pk
+        assert str(alice.pk) not in await get_backend().members(stream)
+        await watcher.close()
+    a = str(alice.pk)
+    assert [(kind, reason) for kind, _s, user, reason in signals if user == a] == [
+        ("joined", ""),
+        ("left", "disconnect"),
+    ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_joins_do_not_wait_in_line_for_a_stalled_redis(private_redis, signals):
+    """Redis stops answering (paused: no refusal, no reply). Each join holds the loop's
+    lock while it waits: without a bound, four subscribes took 5, 10, 15 and 20 s (the
+    client's socket timeout, one after another). With BACKEND_TIMEOUT the first waits that
+    long and the others skip the backend; once Redis answers, the refresh writes them."""
+    import signal
+    import types
+
+    from presence.tracker import tracker
+
+    def connection(user_pk: int, connection_id: str):
+        user = types.SimpleNamespace(pk=user_pk, get_username=lambda: f"u{user_pk}")
+        return types.SimpleNamespace(user=user, connection_id=connection_id, transport="sse")
+
+    policy = types.SimpleNamespace(presence=True)
+    settings = {
+        "BACKEND": "presence.backends.redis.RedisBackend",
+        "CONFIG": {"url": private_redis.url, "prefix": f"t-{uuid.uuid4().hex}"},
+        "TTL": 30.0,
+        "REFRESH_INTERVAL": 0.5,
+        "SWEEP_INTERVAL": 60.0,
+        "BACKEND_TIMEOUT": 0.5,
+    }
+    pid = private_redis.process.pid
+    with override_settings(PRESENCE=settings):
+        stop_tracker()
+        try:
+            await tracker.subscribed(connection(1, "warm"), "project:1", policy)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                began = time.monotonic()
+                finished = []
+
+                async def join(n: int) -> None:
+                    with contextlib.suppress(Exception):  # the first one's failure (logged)
+                        await tracker.subscribed(connection(10 + n, f"c{n}"), "project:2", policy)
+                    finished.append(time.monotonic() - began)
+
+                await asyncio.gather(*(join(n) for n in range(4)))
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            # One bounded wait (0.5 s, and a refresh's 2.5 s at most ahead of it), not four
+            # socket timeouts in a line (20 s).
+            assert max(finished) < 4.5, finished
+            async with asyncio.timeout(10):  # the refresh writes and announces them
+                while len([s for _k, s, _u, _r in signals if s == "project:2"]) < 4:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            assert len(await get_backend().members("project:2")) == 4
+        finally:
+            stop_tracker()
+            await get_backend().close()
+    joined = sorted(user for kind, stream, user, _r in signals if stream == "project:2")
+    assert joined == ["10", "11", "12", "13"]  # each announced once, by the refresh
