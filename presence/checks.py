@@ -21,6 +21,13 @@ def check_backend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
         presence_settings.BACKEND  # noqa: B018  (loads the dict: unknown keys raise)
     except ImproperlyConfigured as exc:
         return [checks.Error(str(exc), id="presence.E007")]
+    if not isinstance(presence_settings.BACKEND, str):
+        return [
+            checks.Error(
+                f"PRESENCE['BACKEND'] must be a dotted path, not {presence_settings.BACKEND!r}",
+                id="presence.E001",
+            )
+        ]
     try:
         backend = import_string(presence_settings.BACKEND)
     except ImportError as exc:
@@ -112,6 +119,9 @@ def _bad_numbers(presence_settings: Any) -> list[str]:
             number = float(value)
         except (TypeError, ValueError):
             bad.append(f"[{name!r}] = {value!r} is not a number")
+            continue
+        except OverflowError:  # an int past any float
+            bad.append(f"[{name!r}] = {value!r} is too large")
             continue
         low = number < 0 or (number == 0 and not zero_ok)
         if isinstance(value, bool) or not math.isfinite(number) or low:

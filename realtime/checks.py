@@ -378,6 +378,13 @@ _NUMBERS: tuple[tuple[str, bool, bool, bool], ...] = (
 )
 
 
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(value)
+    except (TypeError, OverflowError):  # not a number; an int past any float (10**400)
+        return False
+
+
 def _bad_numbers() -> list[str]:
     problems = []
     for name, integer, positive, none_ok in _NUMBERS:
@@ -388,7 +395,7 @@ def _bad_numbers() -> list[str]:
         if (
             isinstance(value, bool)
             or not isinstance(value, allowed)
-            or not math.isfinite(value)
+            or not _finite(value)
             or value < 0
             or (positive and value == 0)
         ):

@@ -616,7 +616,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         headers = dict(self.scope.get("headers") or [])
         origin = headers.get(b"origin", b"").decode("latin-1")
         logger.warning(
-            "websocket refused (%d %s) origin=%r path=%s %s",
+            "websocket refused (%d %s) origin=%r path=%r %s",
             code,
             reason,
             origin,

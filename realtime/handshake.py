@@ -34,10 +34,9 @@ class RealtimeOriginValidator(OriginValidator):
         except ValueError:  # not a URL at all ("http://[", say): refused like a foreign one
             allowed = False
         if not allowed:
-            scope = {
-                **scope,
-                "realtime_origin_refused": origin.decode("latin1") if origin else "none",
-            }
+            # A word, not the header: the consumer logs the origin itself, quoted (`%r`), and a
+            # client's raw header in a log line could forge lines of its own.
+            scope = {**scope, "realtime_origin_refused": "foreign" if origin else "none"}
         return await self.application(scope, receive, send)
 
 

@@ -32,7 +32,9 @@ from typing import Any
 
 from .context import get_correlation_id
 
-_NAMES = r"(ticket|token|access_token|sessionid|csrftoken|csrfmiddlewaretoken|api_key)"
+_NAMES = (
+    r"(ticket|token|access_token|sessionid|csrftoken|csrfmiddlewaretoken|api_key|password|passwd)"
+)
 _SCHEMES = r"(?:bearer|basic|token|digest|negotiate)"
 
 
@@ -47,10 +49,15 @@ _SECRETS: list[tuple[re.Pattern[str], Any]] = [
     # ?ticket=…, &refresh_token=…, sessionid=…, csrftoken=… in URLs, cookies and query strings,
     # and "ticket": "…" or 'HTTP_X_CSRFTOKEN': '…' in JSON and in reprs of dicts (request.GET,
     # request.META). Only letters and digits may come before the name: "_" separates.
+    # Also `ticket = …`, a bytes value (b'…'), and a pair in a tuple's repr, as in parse_qsl()
+    # or ASGI headers: ('ticket', '…'), (b'x-csrftoken', b'…').
     (
         re.compile(
             rf"(?i)(?<![a-z0-9]){_NAMES}"
-            r"([\"']?(?:=|%3D|:\s*)[\"']*)(?!\[)([^&\s;,\"'\[\]]+)"
+            # Possessive: a bytes prefix (a b before a quote) or a quote is the separator's,
+            # never the value's start.
+            r"((?:[\"']?\s*(?:=|%3D|:)\s*(?:b(?=[\"']))?+[\"'(]*+)|(?:[\"']\s*,\s*b?[\"']))"
+            r"(?!\[)([^&\s;,\"'\[\]()]+)"
         ),
         r"\1\2[redacted]",
     ),
@@ -58,7 +65,7 @@ _SECRETS: list[tuple[re.Pattern[str], Any]] = [
     # is kept, the credential after it (or a bare one, whatever follows it) is not.
     (
         re.compile(
-            r"(?i)(?<![a-z0-9])(authorization[\"']?\s*[:=]\s*[\"']?)"
+            r"(?i)(?<![a-z0-9])(authorization(?:[\"']?\s*[:=]\s*[\"']?|[\"']\s*,\s*b?[\"']))"
             rf"((?:{_SCHEMES}\s+)?)(?!\[redacted\])(?!{_SCHEMES}\s)([^\s\"',;]+)"
         ),
         r"\1\2[redacted]",

@@ -267,6 +267,7 @@ def test_a_subscribe_burst_below_the_subscription_limit_is_a_warning():
         ("PUBLISH_RATE", -1),
         ("RETENTION_MAX_EVENTS", -1),
         ("PUBLISH_TIMEOUT", float("inf")),
+        ("HEARTBEAT", 10**400),  # past any float: math.isfinite raised
     ],
 )
 def test_bad_numbers_are_reported_instead_of_raising(settings, key, value):
@@ -386,7 +387,7 @@ def test_an_unknown_key_is_reported_by_django_not_raised(settings):
 # -- presence settings ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("listed", [None, "many", -1])
+@pytest.mark.parametrize("listed", [None, "many", -1, 10**400])
 def test_presence_max_listed_that_is_no_count_is_reported(settings, listed):
     from presence.checks import check_backend
 
@@ -562,3 +563,11 @@ def test_a_bad_shared_publish_bucket_setting_is_reported(settings, value):
 def test_good_shared_publish_bucket_settings_pass(settings, value):
     settings.REALTIME = {"PUBLISH_USER_REDIS": value}
     assert check_settings() == []
+
+
+def test_a_presence_backend_given_as_a_class_is_reported_not_raised(settings):
+    from presence.backends.memory import MemoryBackend
+    from presence.checks import check_backend
+
+    settings.PRESENCE = {"BACKEND": MemoryBackend}
+    assert _ids(check_backend()) == ["presence.E001"]

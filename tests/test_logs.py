@@ -138,6 +138,14 @@ def test_secrets_are_redacted(text):
         ("'HTTP_AUTHORIZATION': 'Token 9944b09199c62bcf'", "9944b09199c62bcf"),
         ("Authorization: sEcReTkEy from 10.0.0.1", "sEcReTkEy"),  # no scheme: all of it
         ("<QueryDict: {'ticket': ['first1', 'second2']}>", "second2"),  # every item
+        ("[('ticket', 'abc.DEF-123:xyz')]", "abc.DEF-123:xyz"),  # parse_qsl(), QueryDict.items()
+        ("{'ticket': b'abc.DEF-123:xyz'}", "abc.DEF-123:xyz"),  # a bytes value
+        ("[(b'authorization', b'Token 9944b09199c62bcf')]", "9944b09199c62bcf"),  # ASGI headers
+        ("[(b'x-csrftoken', b'tok123')]", "tok123"),
+        ("ticket = abc.DEF-123:xyz", "abc.DEF-123:xyz"),
+        ("{'password': 'hunter2hunter2'}", "hunter2hunter2"),
+        ("password=hunter2hunter2", "hunter2hunter2"),
+        ("{'ticket': ('abc.DEF-123:xyz',)}", "abc.DEF-123:xyz"),
     ],
 )
 def test_secrets_are_redacted_in_quoted_and_prefixed_forms(text, secret):
@@ -150,6 +158,8 @@ def test_secrets_are_redacted_in_quoted_and_prefixed_forms(text, secret):
 def test_redaction_leaves_other_words_alone():
     text = "ticket refused for user 7 on project:1 (the token had expired)"
     assert redact(text) == text
+    for text in ("bad ticket, origin='x'", "password changed for alice", "(4401 invalid ticket)"):
+        assert redact(text) == text
 
 
 @pytest.mark.django_db(transaction=True)

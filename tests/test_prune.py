@@ -59,11 +59,24 @@ def test_prune_reports_progress(capsys):
 
 @pytest.mark.parametrize(
     "args",
-    [["--max-age", "-1"], ["--max-age", "nan"], ["--max-events", "-2"], ["--batch", "0"]],
+    [
+        ["--max-age", "-1"],
+        ["--max-age", "nan"],
+        ["--max-events", "-2"],
+        ["--batch", "0"],
+        ["--batch", str(2**63)],  # no DELETE can bind it
+    ],
 )
 def test_prune_rejects_bad_arguments(args):
     with pytest.raises(CommandError):
         call_command("realtime_prune", *args)
+
+
+def test_a_count_past_any_column_keeps_every_event():
+    realtime.emit("user:1", "v1:note.added", {})
+    flush()
+    call_command("realtime_prune", "--max-events", str(2**63), verbosity=0)
+    assert Event.objects.filter(stream__name="user:1").count() == 1
 
 
 def test_a_stream_kinds_retention_overrides_the_default():

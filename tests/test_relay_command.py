@@ -15,10 +15,20 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.mark.parametrize(
-    "args", [["--batch", "0"], ["--grace", "-1"], ["--grace", "nan"], ["--interval", "nan"]]
+    "args",
+    [
+        ["--batch", "0"],
+        ["--batch", str(2**63)],  # no query can take it
+        ["--grace", "-1"],
+        ["--grace", "nan"],
+        ["--grace", "inf"],  # no cutoff can be made from it: every pass would fail
+        ["--grace", "1e300"],
+        ["--interval", "nan"],
+    ],
 )
 def test_bad_arguments_are_refused(args):
-    with pytest.raises(CommandError):
+    # Refused as arguments, before any pass (which would fail on them, in a loop for good).
+    with pytest.raises(CommandError, match=f"^{args[0]} must"):
         call_command("realtime_relay", "--once", *args)
 
 
@@ -113,3 +123,21 @@ def test_realtime_stats_prints_connections_streams_rates_and_backlog():
     assert "3 subscriber(s)" in text
     assert "relay backlog:" in text
     assert "v1:project.created" in text
+
+
+def test_the_callers_signal_handlers_are_back_after_the_command():
+    """call_command() in a process of its own (a scheduler): its SIGINT and SIGTERM handlers
+    work again once the relay returns, rather than setting the finished run's stop event."""
+    import signal
+
+    def mine(*_args) -> None:
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    interrupt = signal.getsignal(signal.SIGINT)
+    try:
+        call_command("realtime_relay", "--once", verbosity=0)
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is interrupt
+    finally:
+        signal.signal(signal.SIGTERM, before)

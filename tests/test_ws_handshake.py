@@ -160,3 +160,23 @@ async def test_a_database_error_during_the_handshake_closes_4500_after_the_accep
     message, _fields = refusal(ws_log)
     assert "4500" in message
     assert await db(Connection.objects.filter(user=user).count)() == 0
+
+
+async def test_a_refused_origin_cannot_forge_a_log_line(ws_log):
+    """The client's Origin header is written quoted: a line break (a NEL, which servers pass
+    in a header; a line feed, through one that does not check) or an escape sequence in it
+    stays inside the one line."""
+    from channels.testing import WebsocketCommunicator
+
+    forged = b"http://evil.example\x85INFO realtime.admin forged\x1b[2J\nERROR forged"
+    communicator = WebsocketCommunicator(
+        websocket_application(), "/ws/realtime/", headers=[(b"origin", forged)]
+    )
+    await communicator.connect()
+    assert (await communicator.receive_output(5))["code"] == 4403
+    await communicator.disconnect()
+    message, _fields = refusal(ws_log)
+    assert message.splitlines() == [message]  # one line, whatever the splitter
+    assert "\x1b" not in message
+    assert "\x85" not in message
+    assert "\\x85" in message  # the origin is shown, quoted

@@ -12,6 +12,9 @@ from django.utils import timezone
 from realtime.conf import realtime_settings
 from realtime.log import prune
 
+#: Rows per DELETE at most: beyond, the statement's bound cannot be bound (2**63) or held.
+MAX_BATCH = 100_000
+
 
 class Command(BaseCommand):
     help = (
@@ -41,10 +44,12 @@ class Command(BaseCommand):
                 max_age = None
         if max_events is not None and max_events < 0:
             raise CommandError("--max-events must not be negative")
+        if max_events is not None and max_events >= 2**53:  # past any column: keep them all
+            max_events = None
         batch = options["batch"]
         batch = realtime_settings.PRUNE_BATCH if batch is None else batch
-        if batch < 1:
-            raise CommandError("--batch must be at least 1")
+        if not 1 <= batch <= MAX_BATCH:
+            raise CommandError(f"--batch must be from 1 to {MAX_BATCH}")
 
         def progress(total: int, label: str) -> None:
             if options["verbosity"] >= 2:

@@ -14,6 +14,10 @@ from realtime.conf import realtime_settings
 from realtime.context import correlation
 from realtime.log import relay_once
 
+#: Bounds of --batch and --grace: beyond them a pass's query or its cutoff cannot be made.
+MAX_BATCH = 100_000
+MAX_GRACE = 365 * 24 * 3600.0
+
 
 class Command(BaseCommand):
     help = (
@@ -62,10 +66,13 @@ class Command(BaseCommand):
         interval = min(max(float(interval), 0.05), 60.0)
         batch = options["batch"]
         batch = realtime_settings.RELAY_BATCH if batch is None else batch
-        if batch < 1:
-            raise CommandError("--batch must be at least 1")
-        if options["grace"] is not None and not options["grace"] >= 0:  # NaN too
-            raise CommandError("--grace must not be negative")
+        if not 1 <= batch <= MAX_BATCH:
+            raise CommandError(f"--batch must be from 1 to {MAX_BATCH}")
+        grace = options["grace"]
+        if grace is not None and not (grace >= 0 and math.isfinite(grace)):  # NaN too
+            raise CommandError("--grace must be a finite number of seconds, not negative")
+        if grace is not None and grace > MAX_GRACE:
+            raise CommandError(f"--grace must be at most {MAX_GRACE:.0f} seconds (a year)")
         if options["max_passes"] is not None and options["max_passes"] < 1:
             raise CommandError("--max-passes must be at least 1")
         from channels.layers import InMemoryChannelLayer, get_channel_layer
@@ -76,9 +83,21 @@ class Command(BaseCommand):
                 "only this process; use a shared layer (Redis) with the relay"
             )
         stop = threading.Event()
+        previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.set())
+                previous[sig] = signal.signal(sig, lambda *_: stop.set())
+        try:
+            self._run(stop, options, interval, batch)
+        finally:
+            # call_command() in a process of its own (a scheduler, a worker): its handlers
+            # again, or SIGTERM and Ctrl-C would only set this finished run's event.
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run(
+        self, stop: threading.Event, options: dict[str, Any], interval: float, batch: int
+    ) -> None:
         passes = 0
         max_passes = 1 if options["once"] else options["max_passes"]
         verbose = options["verbosity"] >= 1
