@@ -188,6 +188,9 @@ class _LoopState:
     written: float = field(default_factory=time.time)
     #: Until when (monotonic) joins and leaves do not call the backend: one failed.
     resting_until: float = 0.0
+    #: Entries whose join did not call the backend (it was resting): the next refresh writes
+    #: them; one that leaves first has nothing there to undo.
+    unwritten: set[tuple[str, str, str]] = field(default_factory=set)
     #: Held while `entries` changes together with the backend, and by a refresh from the
     #: moment it reads `entries` until its writes are done. Without it, a leave landing
     #: while a refresh is on its way is undone by the refresh's write of that entry (the
@@ -234,6 +237,7 @@ class PresenceTracker(ConnectionHooks):
                     state, lambda: backend.join(stream, *entry[1:], _node(), now + _ttl(), now)
                 )
             except BackendResting:
+                state.unwritten.add(entry)
                 return None  # the next refresh writes it (the failure that began it is logged)
             except Exception:
                 _unsure(state, now)  # the next refresh writes it again, or finds it written
@@ -270,6 +274,9 @@ class PresenceTracker(ConnectionHooks):
         backend = get_backend()
         async with state.lock:
             state.entries.pop(entry, None)
+            if entry in state.unwritten:
+                state.unwritten.discard(entry)
+                return  # never written, so never announced: nothing to take back
             try:
                 last = await _call(state, lambda: backend.leave(stream, user_id, connection_id))
             except BaseException as exc:
@@ -336,6 +343,7 @@ class PresenceTracker(ConnectionHooks):
             # announces the leave, instead of it staying present for good.
             for entry in [e for e, conn in state.entries.items() if _gone(conn)]:
                 del state.entries[entry]
+                state.unwritten.discard(entry)
             entries = sorted(state.entries)
             try:
                 rejoined = await _call(
@@ -348,6 +356,7 @@ class PresenceTracker(ConnectionHooks):
                 _unsure(state, now)
                 raise
             state.written = now
+            state.unwritten.difference_update(entries)
             for change in rejoined:  # swept while this node stalled: present again
                 state.unannounced[(change.stream, change.user_id)] = change.since
             if state.unsure:

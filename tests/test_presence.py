@@ -1512,3 +1512,32 @@ async def test_joins_do_not_wait_in_line_for_a_stalled_redis(private_redis, sign
             await get_backend().close()
     joined = sorted(user for kind, stream, user, _r in signals if stream == "project:2")
     assert joined == ["10", "11", "12", "13"]  # each announced once, by the refresh
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_a_join_and_leave_while_the_backend_rests_leave_no_trace(signals):
+    """Both skip the backend (one of its calls just ran out of time): the join was never
+    written nor announced, so the leave has nothing to undo; no `left` comes later either."""
+    import types
+
+    from presence.tracker import tracker
+
+    user = types.SimpleNamespace(pk=41, get_username=lambda: "u41")
+    connection = types.SimpleNamespace(user=user, connection_id="c41", transport="sse")
+    policy = types.SimpleNamespace(presence=True)
+    with override_settings(PRESENCE={**backend_settings(), "SWEEP_INTERVAL": 0.1, "TTL": 1.0}):
+        stop_tracker()
+        try:
+            state = tracker.state()
+            state.resting_until = time.monotonic() + 30  # as after a timeout
+            await tracker.subscribed(connection, "project:41", policy)
+            await tracker.unsubscribed(connection, "project:41", policy, "disconnect")
+            assert state.leaving == {}
+            assert state.unwritten == set()
+            state.resting_until = 0.0
+            await asyncio.sleep(1.0)  # refreshes and sweeps run
+            assert "41" not in await get_backend().members("project:41")
+        finally:
+            stop_tracker()
+    assert [entry for entry in signals if entry[2] == "41"] == []
