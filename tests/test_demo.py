@@ -188,3 +188,28 @@ def test_streams_admin_counts_kept_events_without_scanning_the_whole_log(admin_c
             assert 'JOIN "realtime_event"' not in sql, sql
     ordered = admin_client.get("/admin/realtime/stream/?o=2").content.decode()  # "retained"
     assert ordered.index("tenant:other") < ordered.index("tenant:kept")
+
+
+@pytest.mark.django_db
+def test_the_event_log_admin_reads_a_bounded_part_of_the_log(admin_client, monkeypatch):
+    """Its type filter's choices and its page count read the newest rows only: a DISTINCT
+    or a COUNT(*) over the whole log, at each page, would not finish on a big one."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from realtime.admin import EventAdmin
+
+    monkeypatch.setattr(EventAdmin, "list_per_page", 5)  # the demo's log spans pages
+    call_command("board_demo")
+    with CaptureQueriesContext(connection) as queries:
+        page = admin_client.get("/admin/realtime/event/")
+    assert page.status_code == 200
+    assert b"v1:item.created" in page.content  # a choice of the type filter
+    on_the_log = [q["sql"] for q in queries if 'FROM "realtime_event"' in q["sql"]]
+    assert on_the_log
+    for sql in on_the_log:
+        assert "LIMIT" in sql.upper(), sql
+    filtered = admin_client.get("/admin/realtime/event/?type=v1:item.created")
+    assert filtered.status_code == 200
+    assert b'class="field-type">v1:item.created<' in filtered.content
+    assert b'class="field-type">v1:project.created<' not in filtered.content
