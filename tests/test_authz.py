@@ -262,14 +262,42 @@ async def test_a_permission_change_decides_all_of_a_sockets_streams_together(mon
     await client.close()
 
 
-async def test_streams_revoked_together_stop_together_while_the_first_ones_leave_is_awaited():
-    """Both of a socket's streams are refused in one decision. The leave of the first one
-    awaits (a Redis round trip in production; here a hook that commits an event on the
-    other stream meanwhile): the other stream must not deliver it."""
-    from django.db import transaction
-
+def slow_first_leave(other: dict[str, Any]) -> Any:
+    """Connection hooks whose first `unsubscribed` for a refusal stands in for a slow leave (a
+    Redis round trip in production): meanwhile it commits an item titled "after the decision"
+    on `other[stream]` (a project) and waits 0.3 s, then sets `done`."""
     from realtime import hooks
     from realtime.testing import flush
+
+    class SlowLeave(hooks.ConnectionHooks):
+        waited = False
+        done = asyncio.Event()
+
+        async def unsubscribed(self, connection: Any, stream: str, policy: Any, reason: str):
+            if reason == "forbidden" and not self.waited:
+                self.waited = True
+                await db(ItemFactory)(project=other[stream], title="after the decision")
+                await db(flush)()
+                await asyncio.sleep(0.3)
+                self.done.set()
+
+    return SlowLeave()
+
+
+def remove_from_both(first: Any, second: Any, user: Any) -> None:
+    """Take `user` out of both projects in one transaction: one decision refuses both."""
+    from django.db import transaction
+
+    with transaction.atomic():
+        remove_member(first, user)
+        remove_member(second, user)
+
+
+async def test_streams_revoked_together_stop_together_while_the_first_ones_leave_is_awaited():
+    """Both of a socket's streams are refused in one decision. The leave of the first one
+    awaits (here a hook that commits an event on the other stream meanwhile): the other
+    stream must not deliver it."""
+    from realtime import hooks
 
     reader: Any = await db(UserFactory)()
     first, second = await db(ProjectFactory)(), await db(ProjectFactory)()
@@ -279,29 +307,10 @@ async def test_streams_revoked_together_stop_together_while_the_first_ones_leave
     streams = {f"project:{first.pk}": second, f"project:{second.pk}": first}
     for stream in streams:
         assert (await client.subscribe(stream))["ok"] is True
-
-    class SlowLeave(hooks.ConnectionHooks):
-        waited = False
-        done = asyncio.Event()
-
-        async def unsubscribed(self, connection: Any, stream: str, policy: Any, reason: str):
-            if reason == "forbidden" and not self.waited:
-                self.waited = True
-                await db(ItemFactory)(project=streams[stream], title="after the decision")
-                await db(flush)()
-                await asyncio.sleep(0.3)
-                self.done.set()
-
-    slow = SlowLeave()
+    slow = slow_first_leave(streams)
     hooks.register_hooks(slow)
     try:
-
-        def revoke_both() -> None:
-            with transaction.atomic():
-                remove_member(first, reader)
-                remove_member(second, reader)
-
-        await db(revoke_both)()
+        await db(remove_from_both)(first, second, reader)
         frames = []
         while len([f for f in frames if f.get("op") == "unsubscribed"]) < 2:
             frames.append(await client.receive(timeout=5))

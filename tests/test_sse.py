@@ -860,40 +860,20 @@ async def test_streams_revoked_together_stop_together_while_the_first_ones_leave
     """As on a socket: a decision refusing two streams stops both before the first one's
     leave (and its hooks) is awaited; an event committed meanwhile on the second one is not
     sent."""
-    from django.db import transaction
-
     from realtime import hooks
-    from realtime.testing import flush
+
+    from .test_authz import remove_from_both, slow_first_leave
 
     member = await db(UserFactory)()
     first, second = await db(ProjectFactory)(), await db(ProjectFactory)()
     for project in (first, second):
         await db(add_member)(project, member)
     other = {f"project:{first.pk}": second, f"project:{second.pk}": first}
-
-    class SlowLeave(hooks.ConnectionHooks):
-        waited = False
-        done = asyncio.Event()
-
-        async def unsubscribed(self, connection, stream, policy, reason):
-            if reason == "forbidden" and not self.waited:
-                self.waited = True
-                await db(ItemFactory)(project=other[stream], title="after the decision")
-                await db(flush)()
-                await asyncio.sleep(0.3)
-                self.done.set()
-
-    slow = SlowLeave()
+    slow = slow_first_leave(other)
     hooks.register_hooks(slow)
     try:
         reader, _ = await open_sse(member, ",".join([*other, f"user:{member.pk}"]))
-
-        def revoke_both() -> None:
-            with transaction.atomic():
-                remove_member(first, member)
-                remove_member(second, member)
-
-        await db(revoke_both)()
+        await db(remove_from_both)(first, second, member)
         seen = []
         while len([m for m in seen if m["event"] == "unsubscribed"]) < 2:
             seen.append(await reader.event(timeout=5))
