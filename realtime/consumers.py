@@ -36,7 +36,7 @@ from .policies import (
 )
 from .protocol import Close, Code, ProtocolError
 from .ratelimit import TokenBucket, take_user_token
-from .streams import parse_stream, same_id
+from .streams import parse_stream, wire_id
 
 logger = logging.getLogger("realtime.ws")
 
@@ -170,6 +170,9 @@ class Subscription:
         self.stream = stream
         self.policy = policy
         self.version = version
+        # The user's id as a client event's `originUser` carries it: one comparison per event.
+        pk = getattr(getattr(consumer, "user", None), "pk", None)
+        self.user_wire_id = None if pk is None else wire_id(pk)
         # Whose payload variant it gets (StreamPolicy.audiences); "" or None: the default one.
         # Decided with the authorization, and again whenever that is.
         self.audience = audience or None
@@ -198,7 +201,7 @@ class Subscription:
             if message.get("origin") == self.consumer.connection_id:
                 return
             sender = message.get("originUser")
-            if same_id(sender, getattr(self.consumer.user, "pk", None)):
+            if sender is not None and sender == self.user_wire_id:
                 return
             self.consumer.send_ephemeral(
                 self.stream, message.get("eventType", ""), message["frames"]["*"]

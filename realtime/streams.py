@@ -64,12 +64,7 @@ def group_name(stream: str) -> str:
 def wire_id(pk: object) -> int | str:
     """A user's pk as channel-layer messages carry it: an int as it is, anything else (a
     UUID) as text, which every layer's serializer takes (channels-redis packs with msgpack,
-    which refuses a UUID). Compare received ids with `same_id`."""
+    which refuses a UUID). A received id equals `wire_id` of the same pk."""
     if isinstance(pk, int) and not isinstance(pk, bool):
         return pk
     return str(pk)
-
-
-def same_id(a: object, b: object) -> bool:
-    """Whether two user ids, as given or as carried by a message, name the same user."""
-    return a is not None and b is not None and str(a) == str(b)
