@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from typing import Any
 
 import pytest
 from django.db import connection, transaction
@@ -19,6 +20,27 @@ THREADS = 8
 SAVES = 50
 
 
+def run_threads(calls: list[tuple[Any, tuple[Any, ...]]], timeout: float) -> list[BaseException]:
+    """Run each (function, args) in a thread of its own, each closing its database connection
+    after; wait up to `timeout` for each; return what they raised."""
+    errors: list[BaseException] = []
+
+    def run(function: Any, args: tuple[Any, ...]) -> None:
+        try:
+            function(*args)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=call) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return errors
+
+
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_saves_get_gapless_seqs_in_commit_order():
@@ -29,34 +51,24 @@ def test_concurrent_saves_get_gapless_seqs_in_commit_order():
     flush()
     barrier = threading.Barrier(THREADS)
     observed: list[tuple[int, int, int]] = []  # (my seq, visible max, visible count after base)
-    errors: list[BaseException] = []
     lock = threading.Lock()
 
     def writer(pk: int) -> None:
-        try:
-            rng = random.Random(pk)
-            barrier.wait(10)
-            for n in range(SAVES):
-                with transaction.atomic():
-                    item = Item.objects.get(pk=pk)
-                    item.title = f"save {n}"
-                    item.save()
-                    visible = Event.objects.filter(stream=stream, seq__gt=base)
-                    mine = visible.filter(type="v1:item.updated").order_by("-seq")[0]
-                    row = (mine.seq, max(visible.values_list("seq", flat=True)), visible.count())
-                    time.sleep(rng.random() / 1000)  # hold the lock a little before commit
-                with lock:
-                    observed.append(row)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
+        rng = random.Random(pk)
+        barrier.wait(10)
+        for n in range(SAVES):
+            with transaction.atomic():
+                item = Item.objects.get(pk=pk)
+                item.title = f"save {n}"
+                item.save()
+                visible = Event.objects.filter(stream=stream, seq__gt=base)
+                mine = visible.filter(type="v1:item.updated").order_by("-seq")[0]
+                row = (mine.seq, max(visible.values_list("seq", flat=True)), visible.count())
+                time.sleep(rng.random() / 1000)  # hold the lock a little before commit
+            with lock:
+                observed.append(row)
 
-    threads = [threading.Thread(target=writer, args=(item.pk,)) for item in items]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    errors = run_threads([(writer, (item.pk,)) for item in items], 120)
     assert not errors, errors[0]
     flush()
 
@@ -84,43 +96,24 @@ def test_bulk_emits_and_single_emits_on_shared_streams_stay_gapless_without_dead
     realtime.emit_many((s, "v1:note.added", {}) for s in streams)  # the rows exist
     flush()
     barrier = threading.Barrier(THREADS)
-    errors: list[BaseException] = []
 
     def bulk(n: int) -> None:
-        try:
-            rng = random.Random(n)
-            barrier.wait(10)
-            for _ in range(10):
-                order = streams[:]
-                rng.shuffle(order)
-                with transaction.atomic():
-                    realtime.emit_many(
-                        ((s, "v1:note.added", {"by": n}) for s in order), batch_size=17
-                    )
-                    time.sleep(rng.random() / 500)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
+        rng = random.Random(n)
+        barrier.wait(10)
+        for _ in range(10):
+            order = streams[:]
+            rng.shuffle(order)
+            with transaction.atomic():
+                realtime.emit_many(((s, "v1:note.added", {"by": n}) for s in order), batch_size=17)
+                time.sleep(rng.random() / 500)
 
     def single(n: int) -> None:
-        try:
-            rng = random.Random(n)
-            barrier.wait(10)
-            for _ in range(50):
-                realtime.emit(rng.choice(streams), "v1:note.added", {"by": n})
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
+        rng = random.Random(n)
+        barrier.wait(10)
+        for _ in range(50):
+            realtime.emit(rng.choice(streams), "v1:note.added", {"by": n})
 
-    threads = [
-        threading.Thread(target=bulk if i % 2 else single, args=(i,)) for i in range(THREADS)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    errors = run_threads([(bulk if i % 2 else single, (i,)) for i in range(THREADS)], 120)
     assert not errors, errors[0]
     flush()
     for stream in Stream.objects.filter(name__in=streams):
@@ -141,24 +134,14 @@ def test_bulk_emits_that_make_the_same_new_streams_in_other_orders_do_not_deadlo
 
     streams = [f"user:{9500 + i}" for i in range(20)]
     barrier = threading.Barrier(2)
-    errors: list[BaseException] = []
 
     def bulk(order: list[str]) -> None:
-        try:
-            barrier.wait(10)
-            with transaction.atomic():
-                realtime.emit_many(((s, "v1:note.added", {}) for s in order), batch_size=1)
-                time.sleep(0.05)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
+        barrier.wait(10)
+        with transaction.atomic():
+            realtime.emit_many(((s, "v1:note.added", {}) for s in order), batch_size=1)
+            time.sleep(0.05)
 
-    threads = [threading.Thread(target=bulk, args=(order,)) for order in (streams, streams[::-1])]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    errors = run_threads([(bulk, (order,)) for order in (streams, streams[::-1])], 60)
     assert not errors, errors[0]
     flush()
     for stream in Stream.objects.filter(name__in=streams):

@@ -98,6 +98,12 @@ def signals():
     presence_left.disconnect(left)
 
 
+def told(signals: list[tuple[str, str, str, str]], user: Any) -> list[tuple[str, str]]:
+    """The (kind, reason) of the presence signals about `user` (a user, or its id as text)."""
+    who = user if isinstance(user, str) else str(user.pk)
+    return [(kind, reason) for kind, _stream, user_id, reason in signals if user_id == who]
+
+
 # -- backends -------------------------------------------------------------------------------
 
 
@@ -925,8 +931,7 @@ async def test_a_rejoin_written_by_a_refresh_whose_reply_was_lost_is_announced(s
         await socket.close()
         assert (await next_event(watcher, "v1:presence.left"))["data"]["user"]["id"] == alice.pk
         await watcher.close()
-    a = str(alice.pk)
-    assert [(kind, reason) for kind, _s, user, reason in signals if user == a] == [
+    assert told(signals, alice) == [
         ("joined", ""),
         ("left", "expired"),
         ("joined", ""),
@@ -999,8 +1004,7 @@ async def test_a_leave_that_raised_is_announced_once_and_only_for_the_last_tab(r
         assert await no_event(watcher, "v1:presence.", wait=1.0)  # once
         assert str(alice.pk) not in await get_backend().members(stream)
         await watcher.close()
-    a = str(alice.pk)
-    assert [(kind, reason) for kind, _s, user, reason in signals if user == a] == [
+    assert told(signals, alice) == [
         ("joined", ""),
         ("left", "expired"),
     ]
@@ -1246,8 +1250,7 @@ async def test_an_sse_stream_makes_its_user_present_until_it_ends(fresh_presence
     assert left["data"]["reason"] == "disconnect"
     assert str(alice.pk) not in await get_backend().members(stream)
     await watcher.close()
-    a = str(alice.pk)
-    assert [(kind, reason) for kind, _s, user, reason in signals if user == a] == [
+    assert told(signals, alice) == [
         ("joined", ""),
         ("left", "disconnect"),
     ]
@@ -1432,7 +1435,7 @@ async def test_a_user_whose_join_was_never_announced_leaves_unannounced_too(sign
         assert str(alice.pk) not in await get_backend().members(stream)
         assert await no_event(watcher, "v1:presence.", wait=0.6)
         await watcher.close()
-    assert [entry for entry in signals if entry[2] == str(alice.pk)] == []
+    assert told(signals, alice) == []
 
 
 @pytest.mark.django_db(transaction=True)
@@ -1450,8 +1453,7 @@ async def test_a_leave_cut_off_by_the_server_before_its_reply_is_still_announced
         assert left["data"]["user"]["id"] == alice.pk
         assert str(alice.pk) not in await get_backend().members(stream)
         await watcher.close()
-    a = str(alice.pk)
-    assert [(kind, reason) for kind, _s, user, reason in signals if user == a] == [
+    assert told(signals, alice) == [
         ("joined", ""),
         ("left", "disconnect"),
     ]
@@ -1540,4 +1542,4 @@ async def test_a_join_and_leave_while_the_backend_rests_leave_no_trace(signals):
             assert "41" not in await get_backend().members("project:41")
         finally:
             stop_tracker()
-    assert [entry for entry in signals if entry[2] == "41"] == []
+    assert told(signals, "41") == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from django.db import transaction
 
@@ -157,13 +159,21 @@ def test_two_saves_of_one_move_in_one_transaction_move_once():
     assert types(f"project:{new.pk}")[1:] == ["v1:item.created", "v1:item.updated"]
 
 
-def test_a_move_after_refresh_from_db_leaves_the_stream_the_row_was_refreshed_in():
-    p1 = ProjectFactory()
-    p2, p3 = (ProjectFactory(organization=p1.organization) for _ in range(2))
-    item = ItemFactory(project=p1)
+def moved_by_someone_else() -> tuple[Any, Any, Any, Item]:
+    """Projects p1, p2, p3, and an instance of an item loaded on p1 that another instance then
+    moved to p2 (deleted on p1, created on p2)."""
+    p1: Any = ProjectFactory()
+    others: list[Any] = [ProjectFactory(organization=p1.organization) for _ in range(2)]
+    p2, p3 = others
+    item: Any = ItemFactory(project=p1)
     mine, other = Item.objects.get(pk=item.pk), Item.objects.get(pk=item.pk)
     other.project = p2
-    other.save()  # someone else moves it: deleted on p1, created on p2
+    other.save()
+    return p1, p2, p3, mine
+
+
+def test_a_move_after_refresh_from_db_leaves_the_stream_the_row_was_refreshed_in():
+    p1, p2, p3, mine = moved_by_someone_else()
     mine.refresh_from_db()
     mine.project = p3
     mine.save()  # from p2, as the refresh read
@@ -174,12 +184,7 @@ def test_a_move_after_refresh_from_db_leaves_the_stream_the_row_was_refreshed_in
 
 
 def test_a_refresh_of_some_fields_keeps_what_it_did_not_read():
-    p1 = ProjectFactory()
-    p2, p3 = (ProjectFactory(organization=p1.organization) for _ in range(2))
-    item = ItemFactory(project=p1)
-    mine, other = Item.objects.get(pk=item.pk), Item.objects.get(pk=item.pk)
-    other.project = p2
-    other.save()
+    p1, p2, p3, mine = moved_by_someone_else()
     mine.refresh_from_db(fields=["title"])  # the project is not read: still p1 as far as known
     assert mine.project_id == p1.pk
     mine.refresh_from_db(None, ["project"], Item.objects.all())  # by name; positionally
